@@ -1,0 +1,28 @@
+# Everything runs from the virtualenv at .venv; `make install` builds it from nothing.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test run bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch first, pinned: the machine holds this CPU build on disk; a looser pin pulls CUDA.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q
+
+run: install
+	$(VENV)/bin/python -m runner.main_job
+
+bench: install
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .firetitan

@@ -1,0 +1,156 @@
+"""The event catalogue: every fact the ledger records, with its schema version.
+
+An event is a JSON object with a ``type`` and a payload. Each type has a current
+schema version and a set of required payload fields; an event stored under an
+older version is upcast on read by the registered upcasters, never rewritten.
+
+Intent/outcome pairs (``*Requested`` then the outcome) make a crash between
+"asked" and "done" visible in the log.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "CATALOGUE",
+    "EventType",
+    "NewEvent",
+    "RecordedEvent",
+    "UnknownEventType",
+    "InvalidEvent",
+    "register_upcaster",
+    "upcast",
+    "new_event",
+]
+
+
+class UnknownEventType(ValueError):
+    pass
+
+
+class InvalidEvent(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EventType:
+    name: str
+    version: int
+    required: tuple[str, ...]
+    doc: str = ""
+
+
+def _types(*entries: EventType) -> dict[str, EventType]:
+    return {e.name: e for e in entries}
+
+
+CATALOGUE: dict[str, EventType] = _types(
+    # -- run lifecycle ---------------------------------------------------------
+    EventType("RunStarted", 1, ("spec", "spec_digest", "code_version", "seed", "backend"),
+              "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets"),
+    EventType("RunResumed", 1, ("from_step", "state_path", "superseded", "attempt"),
+              "superseded: [first_version, last_version] of events no longer authoritative, or null"),
+    EventType("Reconnected", 1, ("role", "trainer_job_id", "reused"),
+              "role: policy|reference|deployment; optional deployment_id"),
+    EventType("CleanupApplied", 1, ("trainer", "deployment"),
+              "trainer: deleted|kept; deployment: scaled_to_zero|deleted|kept"),
+    EventType("RunFailed", 1, ("error", "step"), "error text (redacted)"),
+    EventType("RunCompleted", 1, ("final_step", "final_snapshot")),
+    # -- provisioning ----------------------------------------------------------
+    EventType("ProvisionRequested", 1, ("role", "base_model", "shape", "lora_rank"),
+              "role: policy|reference; optional deployment_id, trainer_job_id (reuse)"),
+    EventType("TrainerProvisioned", 1, ("role", "trainer_job_id", "base_model", "shape", "lora_rank", "created")),
+    EventType("DeploymentProvisioned", 1, ("deployment_id", "base_model", "created")),
+    EventType("ReferenceProvisioned", 1, ("trainer_job_id", "created")),
+    # -- training --------------------------------------------------------------
+    EventType("StepCompleted", 1, ("step", "data_cursor", "micro_batches", "metrics", "optimizer")),
+    EventType("StateSaveRequested", 1, ("step", "name", "data_cursor")),
+    EventType("StateSaved", 1, ("step", "name", "path", "data_cursor")),
+    EventType("SnapshotRequested", 1, ("step", "name")),
+    EventType("SnapshotSaved", 1, ("step", "name", "path", "kind", "base_path"),
+              "kind: base|delta; base_path: the base snapshot a delta applies to (null for a base)"),
+    EventType("SyncRequested", 1, ("step", "deployment_id", "snapshot_path")),
+    EventType("WeightsSynced", 1, ("step", "deployment_id", "snapshot_path", "duration_s")),
+    # -- evaluation ------------------------------------------------------------
+    EventType("EvalStarted", 1, ("eval_id", "step", "snapshot_path", "prompt_set_digest", "prompt_count", "sampling")),
+    EventType("SamplesRecorded", 1, ("eval_id", "completions_digest", "server_metrics", "concurrency_window")),
+    EventType("EvalScored", 1, ("eval_id", "step", "snapshot_path", "prompt_set_digest", "score", "metrics")),
+    # -- sweeps (stream id "sweep:<id>") -----------------------------------------
+    EventType("SweepStarted", 1, ("sweep_id", "spec_digest", "grid", "trials"),
+              "trials: [{trial, run_id, params}]"),
+)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event about to be appended. ``event_id`` makes a re-append idempotent."""
+
+    type: str
+    data: Mapping[str, Any]
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    schema_version: int | None = None  # None: the catalogue's current version
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An event as stored: its place in its stream and in the global order."""
+
+    run_id: str
+    version: int
+    position: int
+    event_id: str
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    recorded_at: float  # unix seconds, UTC
+    hash: str
+
+
+def new_event(type: str, event_id: str | None = None, **data: Any) -> NewEvent:
+    """Build a NewEvent, checking the type and its required fields now."""
+    ev = NewEvent(type, data, event_id or uuid.uuid4().hex)
+    validate(ev)
+    return ev
+
+
+def validate(ev: NewEvent) -> None:
+    et = CATALOGUE.get(ev.type)
+    if et is None:
+        raise UnknownEventType(f"unknown event type {ev.type!r}")
+    if ev.schema_version is not None and ev.schema_version != et.version:
+        return  # an older version written by an older tool; upcasting handles it on read
+    missing = [k for k in et.required if k not in ev.data]
+    if missing:
+        raise InvalidEvent(f"{ev.type} is missing {', '.join(missing)}")
+
+
+# -- upcasting -----------------------------------------------------------------
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def register_upcaster(type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register ``fn(data) -> data`` taking ``type`` from ``from_version`` to the next."""
+
+    def deco(fn: Upcaster) -> Upcaster:
+        _UPCASTERS[(type, from_version)] = fn
+        return fn
+
+    return deco
+
+
+def upcast(type: str, version: int, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Bring ``data`` stored at ``version`` up to the catalogue's current version."""
+    et = CATALOGUE.get(type)
+    target = et.version if et else version
+    while version < target:
+        fn = _UPCASTERS.get((type, version))
+        if fn is None:
+            raise InvalidEvent(f"no upcaster for {type} v{version} -> v{version + 1}")
+        data = fn(dict(data))
+        version += 1
+    return version, data
