@@ -5,8 +5,8 @@ Commands live in the modules that own their behaviour and are loaded lazily, so
 
 - ledger commands (``runs``, ``events``, ``verify``, ``blob``, ``db``): firetitan_track.ledger_cli
 - the local service (``local up|down|info``): runner.local.cli
-- the runner (``run``, ``resume``, ``status``, ``rerun``): runner.cli
-- views (``audit``, ``lineage``, ``replay``, ``export``, ``sweep``, ``compare``, ``ui``):
+- the runner (``run``, ``resume``, ``status``, ``rerun``): runner.cli; ``sweep``: runner.sweep
+- views (``audit``, ``lineage``, ``replay``, ``export``, ``compare``, ``ui``):
   firetitan_track.projections.cli
 """
 
@@ -35,7 +35,7 @@ COMMANDS: dict[str, str] = {
     "lineage": "firetitan_track.projections.cli:lineage",
     "replay": "firetitan_track.projections.cli:replay",
     "export": "firetitan_track.projections.cli:export",
-    "sweep": "firetitan_track.projections.cli:sweep",
+    "sweep": "runner.sweep:sweep",
     "compare": "firetitan_track.projections.cli:compare",
     "ui": "firetitan_track.projections.cli:ui",
 }

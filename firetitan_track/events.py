@@ -52,7 +52,7 @@ CATALOGUE: dict[str, EventType] = _types(
     EventType("RunStarted", 1, ("spec", "spec_digest", "code_version", "seed", "backend"),
               "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets"),
     EventType("RunResumed", 1, ("from_step", "state_path", "superseded", "attempt"),
-              "superseded: [first_version, last_version] of events no longer authoritative, or null"),
+              "superseded: the versions of earlier training-history events no longer authoritative"),
     EventType("Reconnected", 1, ("role", "trainer_job_id", "reused"),
               "role: policy|reference|deployment; optional deployment_id"),
     EventType("CleanupApplied", 1, ("trainer", "deployment"),

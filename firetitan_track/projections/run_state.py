@@ -1,0 +1,152 @@
+"""Fold a run's event stream into its current state: the resume plan.
+
+A resume marks the training-history events recorded after the last saved state
+as superseded (``RunResumed.superseded`` lists their versions). Everything that
+reads "the history" of a run goes through :func:`authoritative`, so a resumed
+run reads exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from firetitan_track.events import RecordedEvent
+
+__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "TRAINING_HISTORY"]
+
+# Events that describe the training history (and so can be superseded by a resume).
+TRAINING_HISTORY = frozenset({
+    "StepCompleted", "StateSaveRequested", "StateSaved", "SnapshotRequested", "SnapshotSaved",
+    "SyncRequested", "WeightsSynced", "EvalStarted", "SamplesRecorded", "EvalScored",
+})
+
+
+@dataclass
+class RunState:
+    run_id: str = ""
+    version: int = 0  # events in the stream: the expected version of the next append
+    status: str = "new"  # new | running | failed | completed
+    spec: dict[str, Any] | None = None
+    spec_digest: str | None = None
+    seed: int | None = None
+    backend: str | None = None
+    sweep_id: str | None = None
+    rerun_of: str | None = None
+    prompt_sets: dict[str, str] = field(default_factory=dict)
+    step: int = 0  # last completed step
+    data_cursor: Any = None
+    trainer_job_id: str | None = None
+    reference_job_id: str | None = None
+    deployment_id: str | None = None
+    last_state: dict[str, Any] | None = None  # StateSaved payload (+ "version")
+    last_snapshot: dict[str, Any] | None = None  # SnapshotSaved payload
+    last_sync: dict[str, Any] | None = None
+    last_score: dict[str, Any] | None = None  # EvalScored payload
+    last_metrics: dict[str, Any] | None = None
+    attempts: int = 1
+    error: str | None = None
+    cleanup: dict[str, Any] | None = None
+    open_intent: str | None = None  # an intent whose outcome never arrived (crash between the two)
+
+    @property
+    def resume_step(self) -> int:
+        """The step the last saved state holds: a resume continues after it."""
+        return int(self.last_state["step"]) if self.last_state else 0
+
+
+_OUTCOME_OF = {
+    "ProvisionRequested": ("TrainerProvisioned", "ReferenceProvisioned"),
+    "StateSaveRequested": ("StateSaved",),
+    "SnapshotRequested": ("SnapshotSaved",),
+    "SyncRequested": ("WeightsSynced",),
+    "EvalStarted": ("EvalScored",),
+}
+_INTENT_OF = {o: i for i, outs in _OUTCOME_OF.items() for o in outs}
+
+
+def superseded_versions(events: Iterable[RecordedEvent]) -> set[int]:
+    out: set[int] = set()
+    for ev in events:
+        if ev.type == "RunResumed":
+            out.update(ev.data.get("superseded") or ())
+    return out
+
+
+def authoritative(events: Sequence[RecordedEvent]) -> list[RecordedEvent]:
+    """The events that make up the run's history, superseded ones left out."""
+    dropped = superseded_versions(events)
+    if not dropped:
+        return list(events)
+    return [ev for ev in events if ev.version not in dropped]
+
+
+def fold(events: Sequence[RecordedEvent], run_id: str | None = None) -> RunState:
+    """Rebuild a run's state from its events alone."""
+    st = RunState(run_id=run_id or (events[0].run_id if events else ""))
+    for ev in authoritative(events):
+        _apply(st, ev)
+    st.version = (events[-1].version + 1) if events else 0
+    return st
+
+
+def _apply(st: RunState, ev: RecordedEvent) -> None:
+    t, d = ev.type, ev.data
+    if t in _OUTCOME_OF:
+        st.open_intent = t
+    elif _INTENT_OF.get(t) == st.open_intent:
+        st.open_intent = None
+
+    if t == "StepCompleted":
+        st.step = d["step"]
+        st.data_cursor = d["data_cursor"]
+        st.last_metrics = d["metrics"]
+    elif t == "StateSaved":
+        st.last_state = {**d, "version": ev.version}
+    elif t == "SnapshotSaved":
+        st.last_snapshot = d
+    elif t == "WeightsSynced":
+        st.last_sync = d
+    elif t == "EvalScored":
+        st.last_score = d
+    elif t == "RunStarted":
+        st.status = "running"
+        st.spec = d["spec"]
+        st.spec_digest = d["spec_digest"]
+        st.seed = d["seed"]
+        st.backend = d["backend"]
+        st.sweep_id = d.get("sweep_id")
+        st.rerun_of = d.get("rerun_of")
+        st.prompt_sets = dict(d.get("prompt_sets") or {})
+    elif t == "TrainerProvisioned":
+        if d["role"] == "reference":
+            st.reference_job_id = d["trainer_job_id"]
+        else:
+            st.trainer_job_id = d["trainer_job_id"]
+    elif t == "ReferenceProvisioned":
+        st.reference_job_id = d["trainer_job_id"]
+    elif t == "DeploymentProvisioned":
+        st.deployment_id = d["deployment_id"]
+    elif t == "Reconnected":
+        if d["role"] == "reference":
+            st.reference_job_id = d["trainer_job_id"]
+        elif d["role"] == "deployment":
+            st.deployment_id = d.get("deployment_id") or st.deployment_id
+        else:
+            st.trainer_job_id = d["trainer_job_id"]
+            st.deployment_id = d.get("deployment_id") or st.deployment_id
+    elif t == "RunResumed":
+        st.status = "running"
+        st.attempts = d["attempt"]
+        st.error = None
+        # the superseded events are already left out; roll the cursor back to the state
+        if st.last_state is not None:
+            st.step = st.last_state["step"]
+            st.data_cursor = st.last_state["data_cursor"]
+    elif t == "RunFailed":
+        st.status = "failed"
+        st.error = d["error"]
+    elif t == "RunCompleted":
+        st.status = "completed"
+    elif t == "CleanupApplied":
+        st.cleanup = d
