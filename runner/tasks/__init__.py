@@ -1,0 +1,138 @@
+"""Tasks: where training examples and eval prompts come from, and how answers are graded.
+
+Built-in tasks generate data as a pure function of (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would. JSONL files give the same
+``Example`` shape for your own data and prompt sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["Example", "Task", "TASKS", "DataError", "load_jsonl", "train_batch", "eval_examples", "grade"]
+
+
+class DataError(ValueError):
+    """A data or prompt file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs of the prompt
+    answer: str
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"messages": self.chat(), "answer": self.answer}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Example":
+        return cls(tuple((m["role"], m["content"]) for m in obj["messages"]), obj["answer"])
+
+
+def _user(text: str) -> tuple[tuple[str, str], ...]:
+    return (("user", text),)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make: Callable[[random.Random, int], Example]  # (rng, digits) -> example
+    description: str
+
+
+def _reverse(rng: random.Random, digits: int) -> Example:
+    s = "".join(rng.choice("0123456789") for _ in range(digits))
+    return Example(_user(f"reverse {s}"), s[::-1])
+
+
+def _add(rng: random.Random, digits: int) -> Example:
+    a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+    return Example(_user(f"{a}+{b}"), str(a + b))
+
+
+TASKS: dict[str, Task] = {
+    "reverse": Task("reverse", _reverse, "reverse a digit string: 'reverse 1234' -> '4321'"),
+    "add": Task("add", _add, "add two numbers: '12+34' -> '46'"),
+}
+
+
+def _rng(*parts: Any) -> random.Random:
+    key = ":".join(map(str, parts)).encode()
+    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+
+
+def grade(answer: str, completion: str) -> float:
+    """1.0 when the completion is the answer (surrounding whitespace ignored), else 0.0."""
+    return 1.0 if completion.strip() == answer.strip() else 0.0
+
+
+def train_batch(task: str, data: list[Example] | None, *, seed: int, step: int, size: int,
+                digits: int) -> tuple[list[Example], dict[str, int]]:
+    """The examples of training step ``step`` (1-based) and the data cursor after it.
+
+    Built-in tasks draw from an RNG keyed by (seed, step); a JSONL data set is walked
+    in a per-epoch shuffle keyed by (seed, epoch). Either way the batch is a pure
+    function of (seed, step): nothing about the process that trains it matters.
+    """
+    if data is None:
+        rng = _rng("train", task, seed, step)
+        batch = [TASKS[task].make(rng, digits) for _ in range(size)]
+        return batch, {"step": step, "examples": step * size}
+    batch = []
+    start = (step - 1) * size
+    for i in range(start, start + size):
+        epoch, index = divmod(i, len(data))
+        order = list(range(len(data)))
+        _rng("epoch", seed, epoch).shuffle(order)
+        batch.append(data[order[index]])
+    end_epoch, end_index = divmod(start + size, len(data))
+    return batch, {"step": step, "examples": start + size, "epoch": end_epoch, "index": end_index}
+
+
+def eval_examples(task: str, *, seed: int, count: int, digits: int) -> list[Example]:
+    """The built-in held-out prompt set: its own RNG stream, so it never overlaps training draws."""
+    rng = _rng("eval", task, seed)
+    return [TASKS[task].make(rng, digits) for _ in range(count)]
+
+
+def load_jsonl(path: str | Path, *, what: str = "data file") -> list[Example]:
+    """Read ``{"messages": [...], "answer": ...}`` or ``{"prompt": ..., "answer": ...}`` lines."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: cannot read the {what}: {e}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+        if not isinstance(obj.get("answer"), str):
+            raise DataError(f"{p}:{n}: missing string field 'answer'")
+        if isinstance(obj.get("prompt"), str):
+            out.append(Example(_user(obj["prompt"]), obj["answer"]))
+            continue
+        msgs = obj.get("messages")
+        if not (isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)):
+            raise DataError(f"{p}:{n}: needs 'prompt' (a string) or 'messages' (a list of {{role, content}})")
+        out.append(Example(tuple((m["role"], m["content"]) for m in msgs), obj["answer"]))
+    if not out:
+        raise DataError(f"{p}: the {what} holds no examples")
+    return out

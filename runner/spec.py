@@ -1,0 +1,280 @@
+"""The experiment spec: a TOML file validated into typed sections.
+
+Every error names the file and the dotted key at fault, so a researcher can fix
+the spec without reading this module. The spec is the only input the runner
+needs: a run records it (redacted) and ``rerun`` rebuilds from the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+__all__ = ["Spec", "SpecError", "load_spec", "parse_overrides"]
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "run"
+    seed: int = 0
+    steps: int = 60
+
+
+@dataclass(frozen=True)
+class BackendSection:
+    kind: Literal["local", "fireworks"] = "local"
+    base_url: str = ""  # fireworks: the API URL (default: the SDK's); local: an already running service
+    state_dir: str = ".firetitan/local"  # local: where the embedded service keeps its jobs
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    base_model: str = "accounts/fireworks/models/qwen3-8b"
+    tokenizer: str = ""  # path or name; empty: the local service's tokenizer
+    training_shape: str = "ts-qwen3-8b-policy"
+    lora_rank: int = 0
+    deployment_id: str = "research-serving"
+
+
+@dataclass(frozen=True)
+class CleanupSection:
+    trainer: Literal["delete", "keep"] = "delete"
+    deployment: Literal["scale_to_zero", "delete", "keep"] = "scale_to_zero"
+
+
+@dataclass(frozen=True)
+class RecipeSection:
+    kind: Literal["sft", "grpo"] = "sft"
+    batch_size: int = 16  # examples per micro-batch
+    micro_batches: int = 1  # forward_backward calls accumulated per optimizer step
+    group_size: int = 4  # grpo: rollouts per prompt
+    max_tokens: int = 16  # grpo: rollout length
+    temperature: float = 1.0  # grpo: rollout temperature
+    kl_coef: float = 0.0  # grpo: weight of the KL penalty to a frozen reference
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    name: str = "reverse"  # built-in task (graded); see runner.tasks
+    data: str = ""  # JSONL training data instead of the built-in generator
+    digits: int = 4  # built-in arithmetic tasks: operand length
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    learning_rate: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    save_every: int = 10  # steps between DCP state saves (the resume points)
+    eval_every: int = 10  # steps between snapshot + sync + eval
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    prompts: str = "builtin"  # "builtin" (the task's held-out set) or a JSONL path
+    count: int = 32  # builtin: how many held-out prompts
+
+
+@dataclass(frozen=True)
+class SamplingSection:
+    n: int = 1
+    max_tokens: int = 8
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class ConcurrencySection:
+    mode: Literal["adaptive", "fixed"] = "adaptive"
+    initial: int = 8  # adaptive: starting window; fixed: the window
+    max: int = 64  # adaptive: the largest window
+
+
+@dataclass(frozen=True)
+class Spec:
+    run: RunSection = field(default_factory=RunSection)
+    backend: BackendSection = field(default_factory=BackendSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    cleanup: CleanupSection = field(default_factory=CleanupSection)
+    recipe: RecipeSection = field(default_factory=RecipeSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    concurrency: ConcurrencySection = field(default_factory=ConcurrencySection)
+    source: str = field(default="<spec>", compare=False)  # where it came from, for messages
+    base_dir: str = field(default=".", compare=False)  # relative data paths resolve here
+
+    # -- construction ----------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, source: str = "<spec>", base_dir: str = ".") -> "Spec":
+        sections = {}
+        for key, value in raw.items():
+            f = _fields(cls).get(key)
+            if f is None or key in ("source", "base_dir"):
+                raise SpecError(f"{source}: unknown section [{key}] (known: {', '.join(_section_names())})")
+            if not isinstance(value, Mapping):
+                raise SpecError(f"{source}: [{key}] must be a table, got {_kind(value)}")
+            sections[key] = _build_section(f.type, value, key, source)
+        spec = cls(**sections, source=source, base_dir=base_dir)
+        spec._check(source)
+        return spec
+
+    def _check(self, source: str) -> None:
+        def bad(key: str, why: str) -> SpecError:
+            return SpecError(f"{source}: {key}: {why}")
+
+        positive = {
+            "run.steps": self.run.steps, "recipe.batch_size": self.recipe.batch_size,
+            "recipe.micro_batches": self.recipe.micro_batches, "recipe.group_size": self.recipe.group_size,
+            "recipe.max_tokens": self.recipe.max_tokens, "schedule.save_every": self.schedule.save_every,
+            "schedule.eval_every": self.schedule.eval_every, "eval.count": self.eval.count,
+            "sampling.n": self.sampling.n, "sampling.max_tokens": self.sampling.max_tokens,
+            "concurrency.initial": self.concurrency.initial, "concurrency.max": self.concurrency.max,
+            "task.digits": self.task.digits,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise bad(key, f"must be at least 1, got {value}")
+        if self.optim.learning_rate <= 0:
+            raise bad("optim.learning_rate", f"must be positive, got {self.optim.learning_rate}")
+        if self.model.lora_rank < 0:
+            raise bad("model.lora_rank", f"must be 0 (full-parameter) or positive, got {self.model.lora_rank}")
+        if self.concurrency.initial > self.concurrency.max:
+            raise bad("concurrency.initial", f"{self.concurrency.initial} exceeds concurrency.max {self.concurrency.max}")
+        if self.sampling.temperature < 0:
+            raise bad("sampling.temperature", "must not be negative")
+        for key, path in (("task.data", self.task.data), ("eval.prompts", self.eval.prompts)):
+            if path and path != "builtin" and not self.resolve_path(path).is_file():
+                raise bad(key, f"no such file: {self.resolve_path(path)}")
+        if not self.task.data:
+            from runner.tasks import TASKS
+
+            if self.task.name not in TASKS:
+                raise bad("task.name", f"unknown built-in task {self.task.name!r} (known: {', '.join(sorted(TASKS))})")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Spec":
+        """A copy with dotted keys (``optim.learning_rate``) replaced, validated anew."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if not key:
+                raise SpecError(f"override {dotted!r}: expected SECTION.KEY")
+            raw.setdefault(section, {})[key] = value
+        return Spec.from_dict(raw, source=self.source, base_dir=self.base_dir)
+
+    # -- views -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ("source", "base_dir")}
+
+    def digest(self) -> str:
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, e.g. for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def load_spec(path: str | Path) -> Spec:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such spec file") from None
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read the spec: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{p}: not valid TOML: {e}") from None
+    return Spec.from_dict(raw, source=str(p), base_dir=str(p.parent.resolve()))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict; VALUE is read as TOML (numbers, booleans), else kept as text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"override {item!r}: expected KEY=VALUE")
+        out[key.strip()] = _toml_value(text.strip())
+    return out
+
+
+# -- internals ---------------------------------------------------------------------
+
+
+def _toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def _section_names() -> list[str]:
+    return [n for n in _fields(Spec) if n not in ("source", "base_dir")]
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _build_section(cls: type, raw: Mapping[str, Any], section: str, source: str) -> Any:
+    fields = _fields(cls)
+    values = {}
+    for key, value in raw.items():
+        f = fields.get(key)
+        if f is None:
+            raise SpecError(f"{source}: unknown key {section}.{key} (known in [{section}]: {', '.join(fields)})")
+        values[key] = _coerce(f.type, value, f"{section}.{key}", source)
+    return cls(**values)
+
+
+def _coerce(typ: Any, value: Any, key: str, source: str) -> Any:
+    if typing.get_origin(typ) is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            raise SpecError(f"{source}: {key}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        want = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}[typ]
+        raise SpecError(f"{source}: {key}: expected {want}, got {_kind(value)} {value!r}")
+    return value
