@@ -1,0 +1,26 @@
+"""firetitan-track: an event-sourced ledger of FireTitan training runs.
+
+The public surface is re-exported here; the modules behind it are ledger.py
+(append, read, follow, verify), store.py (SQLite/PostgreSQL), blobs.py, redact.py
+and events.py (the catalogue). Nothing here imports torch or MLflow.
+"""
+
+from firetitan_track.events import NewEvent, RecordedEvent, new_event
+from firetitan_track.ledger import ConcurrencyError, Ledger, Problem, RunInfo, UnknownRun
+from firetitan_track.redact import redact, redact_text
+from firetitan_track.store import LedgerError, SchemaOutOfDate
+
+__all__ = [
+    "Ledger",
+    "LedgerError",
+    "ConcurrencyError",
+    "UnknownRun",
+    "SchemaOutOfDate",
+    "NewEvent",
+    "RecordedEvent",
+    "new_event",
+    "RunInfo",
+    "Problem",
+    "redact",
+    "redact_text",
+]

@@ -1,0 +1,76 @@
+"""Content-addressed blobs: prompt sets, completions, specs.
+
+A blob is stored once under the hex sha256 of its (redacted) bytes; events hold
+that digest. JSON blobs use the canonical encoding below, so equal objects share
+one digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from firetitan_track.redact import redact, redact_bytes
+from firetitan_track.store import LedgerError, Store, blobs
+
+__all__ = ["canonical_json", "sha256_hex", "is_digest", "put_blob", "put_json", "get_blob", "get_json"]
+
+JSON_MEDIA_TYPE = "application/json"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def canonical_json(obj: Any) -> str:
+    """One text per value: sorted keys, no spaces, UTF-8 kept as is."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_digest(value: Any) -> bool:
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
+
+
+def put_blob(store: Store, data: bytes, media_type: str = "application/octet-stream") -> str:
+    """Store ``data`` (secrets masked) once; return its digest."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"put_blob takes bytes, not {type(data).__name__}")
+    data = redact_bytes(bytes(data))
+    digest = sha256_hex(data)
+    stmt = store.insert_ignoring_duplicates(blobs).values(
+        digest=digest, media_type=media_type, size=len(data), data=data)
+    with store.engine.begin() as conn:
+        conn.execute(stmt)
+    return digest
+
+
+def put_json(store: Store, obj: Any) -> str:
+    """Store ``obj`` (secrets masked) as canonical JSON; return its digest."""
+    try:
+        text = canonical_json(redact(obj))
+    except (TypeError, ValueError) as e:
+        raise LedgerError(f"cannot store a JSON blob: {e}") from None
+    return put_blob(store, text.encode(), JSON_MEDIA_TYPE)
+
+
+def get_blob(store: Store, digest: str) -> bytes:
+    with store.engine.connect() as conn:
+        data = read_blob(conn, digest)
+    if data is None:
+        raise LedgerError(f"no blob with digest {digest}")
+    return data
+
+
+def get_json(store: Store, digest: str) -> Any:
+    return json.loads(get_blob(store, digest))
+
+
+def read_blob(conn: Connection, digest: str) -> bytes | None:
+    data = conn.execute(sa.select(blobs.c.data).where(blobs.c.digest == digest)).scalar()
+    return None if data is None else bytes(data)

@@ -1,0 +1,383 @@
+"""The ledger: one append-only, hash-chained stream of events per run.
+
+- ``append`` names the version it expects; a mismatch is a ConcurrencyError, so of
+  two writers on one run exactly one wins. Re-appending events already stored at
+  those versions (same event ids) is acknowledged and writes nothing.
+- Every event gets a global ``position`` in commit order, for followers.
+- ``hash = sha256(prev_hash + canonical JSON of the event)``; ``verify`` recomputes
+  the chain and the digests of referenced blobs.
+- Payloads are redacted before they are hashed and stored; old schema versions are
+  upcast on read, never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import IntegrityError
+
+from firetitan_track import blobs as blob_store
+from firetitan_track.blobs import canonical_json, is_digest, sha256_hex
+from firetitan_track.events import CATALOGUE, InvalidEvent, NewEvent, RecordedEvent, upcast, validate
+from firetitan_track.redact import redact
+from firetitan_track.store import LedgerError, Store, checkpoints, open_store
+from firetitan_track.store import events as event_table
+
+__all__ = ["Ledger", "LedgerError", "ConcurrencyError", "UnknownRun", "RunInfo", "Problem",
+           "GENESIS_HASH", "event_hash"]
+
+GENESIS_HASH = ""  # the prev_hash of version 0
+
+
+class ConcurrencyError(LedgerError):
+    """The stream is not at the version the writer expected: someone else appended."""
+
+    def __init__(self, run_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"run {run_id!r}: expected to append at version {expected}, but the stream "
+                         f"is at version {actual}; read the stream again and retry")
+        self.run_id, self.expected, self.actual = run_id, expected, actual
+
+
+class UnknownRun(LedgerError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run {run_id!r} in the ledger")
+        self.run_id = run_id
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    events: int
+    first_at: float
+    last_at: float
+    last_type: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something ``verify`` found wrong: the run, the first bad version, and why."""
+
+    run_id: str
+    version: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} version {self.version}: {self.reason}"
+
+
+def event_hash(prev_hash: str, run_id: str, version: int, event_id: str, type: str,
+               schema_version: int, data_json: str, recorded_at: float) -> str:
+    """sha256(prev_hash + canonical JSON of the event), with ``data`` as stored.
+
+    The JSON is assembled by hand in sorted-key order so the stored payload text is
+    hashed exactly (no decode/re-encode), equal to canonical_json of the event dict.
+    """
+    body = (f'{{"data":{data_json},"event_id":{json.dumps(event_id, ensure_ascii=False)},'
+            f'"recorded_at":{recorded_at!r},"run_id":{json.dumps(run_id, ensure_ascii=False)},'
+            f'"schema_version":{schema_version},"type":{json.dumps(type, ensure_ascii=False)},'
+            f'"version":{version}}}')
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    event_id: str
+    type: str
+    schema_version: int
+    data_json: str
+
+
+_COLUMNS = (event_table.c.run_id, event_table.c.version, event_table.c.position, event_table.c.event_id, event_table.c.type,
+            event_table.c.schema_version, event_table.c.data, event_table.c.recorded_at, event_table.c.hash)
+_HEAD = (sa.select(event_table.c.version, event_table.c.hash)
+         .where(event_table.c.run_id == sa.bindparam("run_id"))
+         .order_by(event_table.c.version.desc()).limit(1))
+_INSERT = event_table.insert().returning(event_table.c.position, sort_by_parameter_order=True)
+
+
+class Ledger:
+    """An open ledger database. Thread-safe: share one per process."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @classmethod
+    def open(cls, url: str, *, create: bool = True) -> Ledger:
+        """Open by URL (``sqlite:///PATH`` or ``postgresql+psycopg://...``).
+
+        ``create=False`` refuses to create a missing SQLite file (read-only tools).
+        """
+        return cls(open_store(url, create=create))
+
+    @property
+    def engine(self) -> Engine:
+        return self._store.engine
+
+    @property
+    def url(self) -> str:
+        """The URL, password masked."""
+        return self._store.url
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ----------------------------------------------------------------
+
+    def append(self, run_id: str, events: Sequence[NewEvent], expected_version: int) -> list[RecordedEvent]:
+        """Append ``events`` at ``expected_version`` (the count the caller believes stored)."""
+        _check_run_id(run_id)
+        if isinstance(expected_version, bool) or not isinstance(expected_version, int) or expected_version < 0:
+            raise LedgerError(f"expected_version must be an int >= 0, not {expected_version!r}")
+        pending = [_prepare(ev) for ev in events]
+        if not pending:
+            return []
+        if len({p.event_id for p in pending}) != len(pending):
+            raise InvalidEvent(f"run {run_id!r}: the batch repeats an event id")
+        try:
+            with self._store.append_transaction() as conn:
+                head = conn.execute(_HEAD, {"run_id": run_id}).first()
+                actual, prev_hash = (head.version + 1, head.hash) if head else (0, GENESIS_HASH)
+                if actual != expected_version:
+                    stored = _already_stored(conn, run_id, expected_version, pending)
+                    if stored is None:
+                        raise ConcurrencyError(run_id, expected_version, actual)
+                    return stored
+                rows = _chain(run_id, expected_version, prev_hash, pending, time.time())
+                positions = conn.execute(_INSERT, rows).scalars().all()
+        except IntegrityError:
+            raise LedgerError(f"run {run_id!r}: {self._where_ids_are(run_id, pending)}") from None
+        return [_from_row_values(row, pos) for row, pos in zip(rows, positions)]
+
+    def _where_ids_are(self, run_id: str, pending: list[_Pending]) -> str:
+        ids = [p.event_id for p in pending]
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(event_table.c.event_id, event_table.c.version).where(
+                event_table.c.run_id == run_id, event_table.c.event_id.in_(ids))).first()
+        if found is None:
+            return "the append conflicted with a concurrent write; retry"
+        return (f"event id {found.event_id} is already stored at version {found.version}; "
+                "an event is appended once")
+
+    # -- reading ----------------------------------------------------------------
+
+    def read(self, run_id: str, from_version: int = 0) -> list[RecordedEvent]:
+        """The run's events from ``from_version`` on, upcast to current schema versions."""
+        stmt = (sa.select(*_COLUMNS).where(event_table.c.run_id == run_id, event_table.c.version >= from_version)
+                .order_by(event_table.c.version))
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+            if not rows and (from_version <= 0 or _stream_version(conn, run_id) == 0):
+                raise UnknownRun(run_id)
+        return [_from_row(r) for r in rows]
+
+    def stream_version(self, run_id: str) -> int:
+        """How many events the run's stream holds (0 if none)."""
+        with self.engine.connect() as conn:
+            return _stream_version(conn, run_id)
+
+    def follow(self, after_position: int = 0, limit: int = 1000,
+               run_ids: Sequence[str] | None = None) -> list[RecordedEvent]:
+        """Up to ``limit`` events with position > ``after_position``, in position order.
+
+        Calling again with the last position seen never skips an event: positions
+        are assigned in commit order (see store.py).
+        """
+        stmt = sa.select(*_COLUMNS).where(event_table.c.position > after_position)
+        if run_ids is not None:
+            stmt = stmt.where(event_table.c.run_id.in_(list(run_ids)))
+        stmt = stmt.order_by(event_table.c.position).limit(limit)
+        with self.engine.connect() as conn:
+            return [_from_row(r) for r in conn.execute(stmt)]
+
+    def runs(self) -> list[RunInfo]:
+        """Every run in the ledger, oldest first."""
+        summary = (sa.select(event_table.c.run_id, sa.func.count().label("n"),
+                             sa.func.min(event_table.c.recorded_at).label("first_at"),
+                             sa.func.max(event_table.c.recorded_at).label("last_at"),
+                             sa.func.max(event_table.c.version).label("last_version"))
+                   .group_by(event_table.c.run_id).subquery())
+        stmt = (sa.select(summary.c.run_id, summary.c.n, summary.c.first_at, summary.c.last_at,
+                          event_table.c.type)
+                .join(event_table, sa.and_(event_table.c.run_id == summary.c.run_id,
+                                      event_table.c.version == summary.c.last_version))
+                .order_by(summary.c.first_at, summary.c.run_id))
+        with self.engine.connect() as conn:
+            return [RunInfo(r.run_id, r.n, r.first_at, r.last_at, r.type) for r in conn.execute(stmt)]
+
+    # -- blobs and checkpoints --------------------------------------------------
+
+    def put_blob(self, data: bytes, media_type: str = "application/octet-stream") -> str:
+        return blob_store.put_blob(self._store, data, media_type)
+
+    def put_json(self, obj: Any) -> str:
+        return blob_store.put_json(self._store, obj)
+
+    def get_blob(self, digest: str) -> bytes:
+        return blob_store.get_blob(self._store, digest)
+
+    def get_json(self, digest: str) -> Any:
+        return blob_store.get_json(self._store, digest)
+
+    def get_checkpoint(self, name: str) -> int:
+        """A follower's last processed position (0 when it has none)."""
+        with self.engine.connect() as conn:
+            pos = conn.execute(sa.select(checkpoints.c.position).where(checkpoints.c.name == name)).scalar()
+        return pos or 0
+
+    def set_checkpoint(self, name: str, position: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self._store.upsert(checkpoints, "name", {"name": name, "position": position}))
+
+    # -- tamper evidence ----------------------------------------------------------
+
+    def verify(self, run_id: str | None = None) -> list[Problem]:
+        """Recompute every hash chain (or one run's) and every referenced blob digest.
+
+        Returns one Problem per broken run (its first bad version) plus one per
+        altered or missing blob; an empty list means intact.
+        """
+        stmt = sa.select(*_COLUMNS).order_by(event_table.c.run_id, event_table.c.version)
+        if run_id is not None:
+            stmt = stmt.where(event_table.c.run_id == run_id)
+        problems: list[Problem] = []
+        references: dict[str, tuple[str, int, str]] = {}  # digest -> first (run, version, field)
+        with self.engine.connect() as conn:
+            seen_any = False
+            for rid, rows in itertools.groupby(conn.execute(stmt), key=lambda r: r.run_id):
+                seen_any = True
+                problem = _check_chain(rid, rows, references)
+                if problem is not None:
+                    problems.append(problem)
+            if run_id is not None and not seen_any:
+                raise UnknownRun(run_id)
+            problems += _check_blobs(conn, references)
+        return sorted(problems, key=lambda p: (p.run_id, p.version))
+
+
+# -- helpers ----------------------------------------------------------------------
+
+def _check_run_id(run_id: str) -> None:
+    if not isinstance(run_id, str) or not run_id:
+        raise LedgerError(f"a run id is a non-empty string, not {run_id!r}")
+
+
+def _prepare(ev: NewEvent) -> _Pending:
+    """Validate against the catalogue, redact, and encode one event (before any write)."""
+    if not isinstance(ev, NewEvent):
+        raise InvalidEvent(f"append takes NewEvent objects, not {type(ev).__name__}")
+    validate(ev)
+    if not isinstance(ev.event_id, str) or not ev.event_id:
+        raise InvalidEvent(f"{ev.type}: event_id must be a non-empty string")
+    try:
+        data_json = canonical_json(redact(dict(ev.data)))
+    except (TypeError, ValueError) as e:
+        raise InvalidEvent(f"{ev.type}: payload is not JSON: {e}") from None
+    version = ev.schema_version if ev.schema_version is not None else CATALOGUE[ev.type].version
+    return _Pending(ev.event_id, ev.type, version, data_json)
+
+
+def _chain(run_id: str, first_version: int, prev_hash: str, pending: list[_Pending],
+           recorded_at: float) -> list[dict[str, Any]]:
+    rows = []
+    for i, p in enumerate(pending):
+        version = first_version + i
+        prev_hash = event_hash(prev_hash, run_id, version, p.event_id, p.type, p.schema_version,
+                               p.data_json, recorded_at)
+        rows.append({"run_id": run_id, "version": version, "event_id": p.event_id, "type": p.type,
+                     "schema_version": p.schema_version, "data": p.data_json,
+                     "recorded_at": recorded_at, "hash": prev_hash})
+    return rows
+
+
+def _already_stored(conn: Connection, run_id: str, first_version: int,
+                    pending: list[_Pending]) -> list[RecordedEvent] | None:
+    """The stored events if exactly this batch is already at those versions, else None."""
+    stmt = (sa.select(*_COLUMNS)
+            .where(event_table.c.run_id == run_id, event_table.c.version >= first_version,
+                   event_table.c.version < first_version + len(pending))
+            .order_by(event_table.c.version))
+    rows = conn.execute(stmt).all()
+    if [r.event_id for r in rows] != [p.event_id for p in pending]:
+        return None
+    return [_from_row(r) for r in rows]
+
+
+def _stream_version(conn: Connection, run_id: str) -> int:
+    head = conn.execute(_HEAD, {"run_id": run_id}).first()
+    return head.version + 1 if head else 0
+
+
+def _from_row(row: Row) -> RecordedEvent:
+    version, data = upcast(row.type, row.schema_version, json.loads(row.data))
+    return RecordedEvent(row.run_id, row.version, row.position, row.event_id, row.type, version, data,
+                         row.recorded_at, row.hash)
+
+
+def _from_row_values(values: dict[str, Any], position: int) -> RecordedEvent:
+    version, data = upcast(values["type"], values["schema_version"], json.loads(values["data"]))
+    return RecordedEvent(values["run_id"], values["version"], position, values["event_id"],
+                         values["type"], version, data, values["recorded_at"], values["hash"])
+
+
+def _check_chain(run_id: str, rows: Iterable[Row],
+                 references: dict[str, tuple[str, int, str]]) -> Problem | None:
+    problem: Problem | None = None
+    expected, prev_hash = 0, GENESIS_HASH
+    for r in rows:
+        if problem is None:
+            if r.version != expected:
+                problem = Problem(run_id, expected, f"version {expected} is missing "
+                                  f"(the next stored version is {r.version})")
+            elif event_hash(prev_hash, r.run_id, r.version, r.event_id, r.type, r.schema_version,
+                            r.data, r.recorded_at) != r.hash:
+                problem = Problem(run_id, r.version, "hash mismatch: the event was edited, "
+                                  "reordered, or an event before it was removed")
+        expected, prev_hash = r.version + 1, r.hash
+        for field, digest in _digest_fields(r.data):
+            references.setdefault(digest, (run_id, r.version, field))
+    return problem
+
+
+def _digest_fields(data_json: str) -> Iterator[tuple[str, str]]:
+    """(field, digest) for every ``*_digest`` field holding a sha256 digest."""
+    if "_digest" not in data_json:
+        return
+    try:
+        stack = [json.loads(data_json)]
+    except ValueError:
+        return  # an edited payload; the hash check reports it
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k.endswith("_digest") and is_digest(v):
+                    yield k, v
+                elif isinstance(v, (dict, list)):
+                    stack.append(v)
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+
+
+def _check_blobs(conn: Connection, references: dict[str, tuple[str, int, str]]) -> list[Problem]:
+    problems = []
+    for digest, (run_id, version, field) in references.items():
+        data = blob_store.read_blob(conn, digest)
+        if data is None:
+            problems.append(Problem(run_id, version, f"{field} {digest}: the blob is missing"))
+        elif sha256_hex(data) != digest:
+            problems.append(Problem(run_id, version, f"{field} {digest}: the blob's content was "
+                                    "altered (its sha256 no longer matches)"))
+    return problems

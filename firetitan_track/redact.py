@@ -1,0 +1,103 @@
+"""Keep secrets out of everything we write: events, blobs, logs, error texts.
+
+Two rules, applied together:
+
+- a dict entry whose key is named like a credential (``api_key``, ``apiKey``,
+  ``FIREWORKS_API_KEY``, ``access_token``, ``secret``, ``password`` ...) has its
+  value replaced by ``"***"``;
+- the value of ``FIREWORKS_API_KEY`` (and of any other environment variable named
+  like a credential) is replaced wherever it appears inside a string or bytes.
+
+The environment is read on every call, so a key set after import is still caught.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any
+
+__all__ = ["MASK", "is_secret_key", "redact", "redact_text", "redact_bytes", "secret_values"]
+
+MASK = "***"
+
+# Words that make a name a credential on their own, wherever they appear last.
+_SECRET_LAST_WORDS = frozenset({"secret", "secrets", "password", "passwd", "pwd", "passphrase",
+                                "apikey", "credential", "credentials", "authorization"})
+# "token" and "key" alone are ordinary words in this domain (sampled tokens, dict
+# keys, max_tokens), so they count only after one of these qualifiers.
+_TOKEN_QUALIFIERS = frozenset({"access", "refresh", "auth", "bearer", "api", "session", "id",
+                               "secret", "private", "client", "github", "hf", "oauth", "security"})
+_KEY_QUALIFIERS = frozenset({"api", "secret", "private", "access", "signing", "encryption", "auth",
+                             "client", "master"})
+_MIN_SECRET_LEN = 6  # shorter env values would mask ordinary text
+_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+
+
+@functools.lru_cache(maxsize=4096)
+def is_secret_key(name: str) -> bool:
+    """True for names like api_key, apiKey, FIREWORKS_API_KEY, access_token, secret."""
+    words = [w.lower() for w in _WORD_SPLIT.split(name) if w]
+    if not words:
+        return False
+    last, before = words[-1], set(words[:-1])
+    if last in _SECRET_LAST_WORDS:
+        return True
+    if last == "token":
+        return bool(before & _TOKEN_QUALIFIERS)
+    if last == "key":
+        return bool(before & _KEY_QUALIFIERS)
+    return False
+
+
+def secret_values() -> list[str]:
+    """The current values of FIREWORKS_API_KEY and other credential-named env vars."""
+    found = {v for k, v in os.environ.items() if len(v) >= _MIN_SECRET_LEN and is_secret_key(k)}
+    key = os.environ.get("FIREWORKS_API_KEY", "")
+    if key:
+        found.add(key)  # always, whatever its length
+    # longest first, so a secret containing another is masked whole
+    return sorted(found, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with every secret value (and any ``Bearer <token>``) masked."""
+    for s in secret_values() if secrets is None else secrets:
+        if s in text:
+            text = text.replace(s, MASK)
+    if "earer" in text:  # cheap pre-check before the regex
+        text = _BEARER.sub(lambda m: m.group(1) + MASK, text)
+    return text
+
+
+def redact_bytes(data: bytes) -> bytes:
+    """``data`` with every secret value masked (as UTF-8 bytes)."""
+    for s in secret_values():
+        raw = s.encode()
+        if raw in data:
+            data = data.replace(raw, MASK.encode())
+    return data
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a JSON-like value with secret-named entries and secret values masked."""
+    return _redact(obj, secret_values())
+
+
+def _redact(obj: Any, secrets: list[str]) -> Any:
+    if isinstance(obj, str):
+        return redact_text(obj, secrets)
+    if isinstance(obj, dict):
+        return {k: (MASK if isinstance(k, str) and is_secret_key(k) and _has_value(v)
+                    else _redact(v, secrets))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_redact(v, secrets) for v in obj]
+    return obj
+
+
+def _has_value(value: Any) -> bool:
+    """A secret-named field that is null or empty holds nothing to hide; keep it readable."""
+    return value is not None and value != ""

@@ -1,0 +1,349 @@
+"""Where the ledger lives: its tables, opening a database by URL, and schema revisions.
+
+SQLite (the default, a file in WAL mode) and PostgreSQL are both reached through
+SQLAlchemy Core. The one thing the two do differently is how appends are
+serialized, so that insert order equals commit order (a follower reading
+``position > p`` then never skips an event that committed late):
+
+- SQLite: an append runs in ``BEGIN IMMEDIATE``, taking the database's single
+  write lock before it reads the stream head;
+- PostgreSQL: an append takes ``LOCK TABLE events IN EXCLUSIVE MODE`` (readers are
+  not blocked), so positions come from the sequence in commit order.
+
+The schema is owned by the Alembic scripts in ``schema/``; the tables below mirror
+the head revision and are what the code queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.pool import StaticPool
+
+__all__ = [
+    "LedgerError",
+    "SchemaOutOfDate",
+    "HEAD_REVISION",
+    "Store",
+    "open_store",
+    "open_engine_for_url",
+    "revision_status",
+    "mask_url",
+    "sqlite_path",
+    "upgrade_schema",
+    "schema_revision",
+    "metadata",
+    "events",
+    "blobs",
+    "checkpoints",
+]
+
+# The Alembic head this code is written against (tests check it matches schema/).
+HEAD_REVISION = "0001"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+UPGRADE_HINT = "firetitan-track db upgrade"
+
+
+class LedgerError(Exception):
+    """Anything the ledger cannot do, with a message a person can act on."""
+
+
+class SchemaOutOfDate(LedgerError):
+    """The database is at a different schema revision than this code needs."""
+
+
+metadata = sa.MetaData()
+
+events = sa.Table(
+    "events", metadata,
+    # global order for followers; AUTOINCREMENT on SQLite so a position is never reused
+    sa.Column("position", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("event_id", sa.String, nullable=False),
+    sa.Column("type", sa.String, nullable=False),
+    sa.Column("schema_version", sa.Integer, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),  # canonical JSON, exactly the hashed text
+    sa.Column("recorded_at", sa.Double, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.UniqueConstraint("run_id", "version", name="uq_events_run_version"),
+    sa.UniqueConstraint("run_id", "event_id", name="uq_events_run_event_id"),
+    sqlite_autoincrement=True,
+)
+
+blobs = sa.Table(
+    "blobs", metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("media_type", sa.String, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+checkpoints = sa.Table(
+    "checkpoints", metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+)
+
+
+# -- URLs ------------------------------------------------------------------------
+
+def mask_url(url: str | URL) -> str:
+    """The URL as it may appear in a message: password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return str(url)
+
+
+def _parse(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise LedgerError(f"cannot parse ledger URL {url!r}: use sqlite:///PATH or "
+                          "postgresql+psycopg://USER@HOST/DB") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")  # the one driver we ship
+    if backend == "sqlite" and parsed.get_driver_name() in ("pysqlite", ""):
+        return parsed
+    raise LedgerError(f"unsupported ledger URL {mask_url(parsed)}: use sqlite:///PATH or "
+                      "postgresql+psycopg://USER@HOST/DB")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a ``sqlite:///`` URL; None for PostgreSQL or in-memory SQLite."""
+    parsed = _parse(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+# -- engines ---------------------------------------------------------------------
+
+def _sqlite_engine(parsed: URL) -> Engine:
+    in_memory = parsed.database in (None, "", ":memory:")
+    engine = sa.create_engine(
+        parsed, connect_args={"timeout": 30, "check_same_thread": False},
+        **({"poolclass": StaticPool} if in_memory else {}),
+    )
+
+    @sa_event.listens_for(engine, "connect")
+    def _configure(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None  # transactions are begun below, explicitly
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: each commit is fsynced, so an acknowledged append survives power loss.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # appends take the write lock up front, so reading the head and inserting
+        # cannot interleave with another writer (no upgrade deadlock, no busy retry)
+        immediate = conn.get_execution_options().get("ledger_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(parsed: URL) -> Engine:
+    connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": 5}
+    return sa.create_engine(parsed, connect_args=connect_args, pool_size=10, max_overflow=20)
+
+
+@dataclass
+class Store:
+    """An open ledger database: the engine plus the few dialect-specific statements."""
+
+    engine: Engine
+    url: str  # masked, for messages
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    @contextlib.contextmanager
+    def append_transaction(self) -> Iterator[Connection]:
+        """A transaction holding the ledger's append lock until it commits."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn = conn.execution_options(ledger_write=True)
+            with conn.begin():
+                if not self.is_sqlite:
+                    conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
+                yield conn
+
+    def insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert(table).on_conflict_do_nothing()
+
+    def upsert(self, table: sa.Table, key: str, values: dict) -> sa.Insert:
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        stmt = insert(table).values(**values)
+        return stmt.on_conflict_do_update(index_elements=[key],
+                                          set_={k: v for k, v in values.items() if k != key})
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _store_for(parsed: URL) -> Store:
+    engine = _sqlite_engine(parsed) if parsed.get_backend_name() == "sqlite" else _postgres_engine(parsed)
+    return Store(engine, mask_url(parsed))
+
+
+def open_engine_for_url(url: str) -> Engine:
+    """A configured engine for ``url`` with no schema check (Alembic's own entry point)."""
+    return _store_for(_parse(url)).engine
+
+
+def open_store(url: str, create: bool = True) -> Store:
+    """Open the ledger at ``url``.
+
+    A SQLite file is created (with its parent folders) and brought to the head
+    schema on first use; with ``create=False`` a missing file is an error instead.
+    A PostgreSQL ledger must already be at the head revision.
+    """
+    parsed = _parse(url)
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.exists():
+            if not create:
+                raise LedgerError(f"no ledger at {path}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LedgerError(f"cannot create the ledger at {path}: {e.strerror or e}") from None
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise LedgerError(f"cannot write the ledger at {path}: permission denied")
+    store = _store_for(parsed)
+    try:
+        _ensure_schema(store, upgrade=store.is_sqlite)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _ensure_schema(store: Store, upgrade: bool) -> None:
+    try:
+        with store.engine.connect() as conn:
+            current = schema_revision(conn)
+    except DBAPIError as e:
+        raise LedgerError(f"cannot reach the ledger database at {store.url}: {_first_line(e)}") from None
+    if current == HEAD_REVISION:
+        return
+    if current is not None and current not in _known_revisions():
+        raise SchemaOutOfDate(
+            f"the ledger at {store.url} is at schema revision {current}, which this version of "
+            f"firetitan-track does not know (it needs {HEAD_REVISION}); upgrade firetitan-track")
+    if not upgrade:
+        raise SchemaOutOfDate(
+            f"the ledger at {store.url} is at schema revision {current or '(none)'}, "
+            f"this firetitan-track needs {HEAD_REVISION}: run `{UPGRADE_HINT}` "
+            f"(with --ledger {store.url})")
+    _upgrade(store)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- revisions (Alembic) ----------------------------------------------------------
+
+def schema_revision(conn: Connection) -> str | None:
+    """The revision recorded in the database, or None for an empty database."""
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+def _alembic_config():  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    if not (SCHEMA_DIR / "env.py").exists():
+        raise LedgerError(f"the schema scripts are missing (looked in {SCHEMA_DIR}); "
+                          "install firetitan-track from its source tree (pip install -e .)")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(SCHEMA_DIR))
+    return cfg
+
+
+def _known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def _upgrade(store: Store) -> None:
+    from alembic import command
+
+    cfg = _alembic_config()
+    try:
+        with store.engine.connect() as conn:
+            if store.is_sqlite:
+                conn = conn.execution_options(ledger_write=True)  # one creator at a time
+            with conn.begin():
+                if not store.is_sqlite:
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7201)")  # one upgrader at a time
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+    except DBAPIError as e:
+        raise LedgerError(f"cannot upgrade the ledger at {store.url}: {_first_line(e)}") from None
+
+
+def upgrade_schema(url: str) -> tuple[str | None, str]:
+    """Bring the ledger at ``url`` to the head revision; returns (before, after)."""
+    parsed = _parse(url)
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    store = _store_for(parsed)
+    try:
+        before = current_revision(store)
+        if before != HEAD_REVISION:
+            if before is not None and before not in _known_revisions():
+                raise SchemaOutOfDate(f"the ledger at {store.url} is at unknown revision {before}")
+            _upgrade(store)
+        return before, HEAD_REVISION
+    finally:
+        store.close()
+
+
+def current_revision(store: Store) -> str | None:
+    try:
+        with store.engine.connect() as conn:
+            return schema_revision(conn)
+    except DBAPIError as e:
+        raise LedgerError(f"cannot reach the ledger database at {store.url}: {_first_line(e)}") from None
+
+
+def revision_status(url: str) -> tuple[str | None, str]:
+    """(revision in the database, head revision) without changing anything."""
+    parsed = _parse(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise LedgerError(f"no ledger at {path}")
+    store = _store_for(parsed)
+    try:
+        return current_revision(store), HEAD_REVISION
+    finally:
+        store.close()
