@@ -1,0 +1,267 @@
+"""TrackedService: the FireTitan SDK service, with every consequential call recorded.
+
+Wrap a ``FiretitanServiceClient`` and use it as before. Provisioning, DCP saves,
+sampler snapshots, weight syncs, evals and cleanup each append an intent event
+before the SDK call and an outcome event after it, so a crash between the two is
+visible in the ledger. From your own loop::
+
+    from firetitan_track import track
+    service = track(FiretitanServiceClient.from_firetitan_config(...), run_id="my-run")
+
+The SDK is imported lazily: this module stays importable without torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from firetitan_track.events import RecordedEvent, new_event
+from firetitan_track.redact import redact_text
+
+__all__ = ["Recorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track", "adam_params"]
+
+
+class Recorder:
+    """The one event writer of a run: appends at the expected version, so a second
+    writer on the same run fails with ConcurrencyError instead of interleaving."""
+
+    def __init__(self, ledger: Any, run_id: str, version: int | None = None):
+        self.ledger = ledger
+        self.run_id = run_id
+        self.version = ledger.stream_version(run_id) if version is None else version
+        self.step = 0  # the training step the events being recorded belong to
+
+    def record(self, type: str, **data: Any) -> RecordedEvent:
+        (ev,) = self.ledger.append(self.run_id, [new_event(type, **data)], expected_version=self.version)
+        self.version = ev.version + 1
+        return ev
+
+    def put_json(self, obj: Any) -> str:
+        return self.ledger.put_json(obj)
+
+
+def adam_params(params: Any) -> Any:
+    """The SDK's AdamParams from any AdamParams-like object or dict.
+
+    The seed recipe passes Thinking Machines' ``tinker.AdamParams``, which
+    fireworks-ai 1.2.30's optim_step rejects; the fields are the same.
+    """
+    from fireworks.training.sdk import AdamParams
+
+    if isinstance(params, AdamParams):
+        return params
+    if isinstance(params, dict):
+        fields = params
+    elif hasattr(params, "model_dump"):
+        fields = params.model_dump()
+    else:
+        fields = vars(params)
+    return AdamParams(**{k: v for k, v in fields.items() if k in AdamParams.model_fields and v is not None})
+
+
+@dataclass
+class EvalResult:
+    eval_id: str
+    score: float
+    completions: list[dict[str, Any]]
+    prompt_set_digest: str
+
+
+class TrackedTrainingClient:
+    """A FiretitanTrainingClient whose saves are recorded; everything else passes through."""
+
+    def __init__(self, client: Any, recorder: Recorder, *, lora_rank: int):
+        self._client = client
+        self._rec = recorder
+        self._lora_rank = lora_rank
+        self._base_path: str | None = None  # the base the next delta applies to (this session)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    @property
+    def raw(self) -> Any:
+        return self._client
+
+    def optim_step(self, params: Any) -> Any:
+        return self._client.optim_step(adam_params(params))
+
+    def save_state(self, name: str, *, data_cursor: Any = None) -> str:
+        """Save DCP state (weights + optimizer); returns the authoritative path."""
+        step = self._rec.step
+        self._rec.record("StateSaveRequested", step=step, name=name, data_cursor=data_cursor)
+        result = self._client.save_state(name).result()
+        self._rec.record("StateSaved", step=step, name=name, path=result.path, data_cursor=data_cursor)
+        return result.path
+
+    def load_state_with_optimizer(self, path: str) -> Any:
+        return self._client.load_state_with_optimizer(path).result()
+
+    def save_weights_for_sampler(self, name: str) -> str:
+        """Save a sampler snapshot: a full base first in a session, deltas against it after."""
+        kind = "base" if (self._base_path is None or self._lora_rank > 0) else "delta"
+        step = self._rec.step
+        self._rec.record("SnapshotRequested", step=step, name=name)
+        path = self._client.save_weights_for_sampler(name, checkpoint_type=kind).result().path
+        base_path = None if kind == "base" else self._base_path
+        if kind == "base":
+            self._base_path = path
+        self._rec.record("SnapshotSaved", step=step, name=name, path=path, kind=kind, base_path=base_path)
+        return path
+
+
+class TrackedService:
+    """A FiretitanServiceClient whose provisioning, syncs, evals and cleanup are recorded."""
+
+    def __init__(self, service: Any, recorder: Recorder, *, base_model: str, shape: str | None,
+                 lora_rank: int, deployment_id: str | None, reused_trainer_job_id: str | None = None,
+                 reused_deployment_id: str | None = None, cleanup: dict[str, str] | None = None):
+        self._service = service
+        self._rec = recorder
+        self._base_model = base_model
+        self._shape = shape
+        self._lora_rank = lora_rank
+        self._deployment_id = deployment_id
+        self._reused_trainer = reused_trainer_job_id
+        self._reused_deployment = reused_deployment_id
+        self._cleanup = cleanup or {"trainer": "kept", "deployment": "kept"}
+        self._closed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)
+
+    @property
+    def raw(self) -> Any:
+        return self._service
+
+    # -- provisioning ------------------------------------------------------------
+
+    def create_training_client(self, *args: Any, **kwargs: Any) -> TrackedTrainingClient:
+        self._rec.record("ProvisionRequested", role="policy", base_model=self._base_model, shape=self._shape,
+                         lora_rank=self._lora_rank, deployment_id=self._deployment_id,
+                         trainer_job_id=self._reused_trainer)
+        client = self._service.create_training_client(*args, **kwargs)
+        job_id = self._service.trainer_job_id
+        deployment_id = self._service.deployment_id
+        if self._reused_trainer:
+            self._rec.record("Reconnected", role="policy", trainer_job_id=job_id,
+                             reused=job_id == self._reused_trainer, deployment_id=deployment_id)
+        self._rec.record("TrainerProvisioned", role="policy", trainer_job_id=job_id, base_model=self._base_model,
+                         shape=self._shape, lora_rank=self._lora_rank, created=job_id != self._reused_trainer)
+        self._rec.record("DeploymentProvisioned", deployment_id=deployment_id, base_model=self._base_model,
+                         created=deployment_id != self._reused_deployment)
+        return TrackedTrainingClient(client, self._rec, lora_rank=self._lora_rank)
+
+    def create_reference_client(self, *args: Any, **kwargs: Any) -> Any:
+        self._rec.record("ProvisionRequested", role="reference", base_model=self._base_model, shape=self._shape,
+                         lora_rank=0)
+        client = self._service.create_reference_client(*args, **kwargs)
+        job_id = getattr(self._service, "reference_job_id", None) or "shared-policy-trainer"
+        self._rec.record("ReferenceProvisioned", trainer_job_id=job_id, created=True)
+        return client
+
+    # -- weight sync ---------------------------------------------------------------
+
+    def create_deployment_sampler(self, model_path: str | None = None, **kwargs: Any) -> Any:
+        """Hot-load ``model_path`` onto the deployment (recorded as a sync) and return its sampler."""
+        if model_path is None:
+            return self._service.create_deployment_sampler(**kwargs)
+        step = self._rec.step
+        self._rec.record("SyncRequested", step=step, deployment_id=self._service.deployment_id,
+                         snapshot_path=model_path)
+        t0 = time.perf_counter()
+        sampler = self._service.create_deployment_sampler(model_path=model_path, **kwargs)
+        self._rec.record("WeightsSynced", step=step, deployment_id=self._service.deployment_id,
+                         snapshot_path=model_path, duration_s=round(time.perf_counter() - t0, 6))
+        return sampler
+
+    # -- evaluation --------------------------------------------------------------------
+
+    async def evaluate(self, sampler: Any, prompts: Sequence[Any], *, snapshot_path: str | None,
+                       sampling: dict[str, Any], grade: Callable[[Any, str], float],
+                       controller: Any = None, prompt_set_digest: str | None = None) -> EvalResult:
+        """Sample every prompt through the deployment, grade, and record the eval.
+
+        ``prompts`` are objects with ``chat()`` and ``to_json()`` (runner.tasks.Example);
+        the exact prompt set is stored as a blob and the score is tied to it and to
+        ``snapshot_path``.
+        """
+        step = self._rec.step
+        digest = prompt_set_digest or self._rec.put_json([p.to_json() for p in prompts])
+        eval_id = uuid.uuid4().hex[:12]
+        self._rec.record("EvalStarted", eval_id=eval_id, step=step, snapshot_path=snapshot_path,
+                         prompt_set_digest=digest, prompt_count=len(prompts), sampling=dict(sampling))
+
+        async def one(i: int, p: Any) -> list[dict[str, Any]]:
+            outs = await sampler.sample_with_tokens(messages=p.chat(), n=sampling["n"],
+                                                    max_tokens=sampling["max_tokens"],
+                                                    temperature=sampling["temperature"])
+            return [{"prompt": i, "text": c.text, "finish_reason": c.finish_reason,
+                     "completion_len": c.completion_len, "score": grade(p, c.text)} for c in outs]
+
+        groups: list[list[dict[str, Any]]] = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        completions = [c for g in groups for c in g]
+        server = controller.step_completed() if controller is not None and hasattr(controller, "step_completed") else {}
+        window = getattr(controller, "window_size", None)
+        self._rec.record("SamplesRecorded", eval_id=eval_id, completions_digest=self._rec.put_json(completions),
+                         server_metrics={k: float(v) for k, v in (server or {}).items()},
+                         concurrency_window=window)
+        score = sum(c["score"] for c in completions) / max(1, len(completions))
+        self._rec.record("EvalScored", eval_id=eval_id, step=step, snapshot_path=snapshot_path,
+                         prompt_set_digest=digest, score=score,
+                         metrics={"completions": len(completions), "correct": sum(c["score"] for c in completions)})
+        return EvalResult(eval_id, score, completions, digest)
+
+    # -- cleanup --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Apply the cleanup policies (the SDK's close) and record what was done."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._service.close()
+        finally:
+            self._rec.record("CleanupApplied", **self._cleanup)
+
+
+def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = None, spec: dict | None = None,
+          seed: int = 0, backend: str = "fireworks") -> TrackedService:
+    """Record a researcher's own loop: wrap the service, start (or continue) a ledger run."""
+    import hashlib
+    import json
+    import os
+
+    from firetitan_track.ledger import Ledger
+    from firetitan_track.redact import redact
+
+    url = ledger_url or os.environ.get("FIRETITAN_LEDGER") or "sqlite:///.firetitan/ledger.db"
+    ledger = Ledger.open(url)
+    rid = run_id or f"run-{uuid.uuid4().hex[:10]}"
+    rec = Recorder(ledger, rid)
+    cfg = getattr(service, "_managed_config", None)
+    if rec.version == 0:
+        body = redact(spec or {})
+        rec.record("RunStarted", spec=body, spec_digest=hashlib.sha256(
+            json.dumps(body, sort_keys=True).encode()).hexdigest(), code_version=_code_version(),
+            seed=seed, backend=backend)
+    return TrackedService(service, rec, base_model=getattr(cfg, "base_model", ""),
+                          shape=getattr(cfg, "training_shape_id", None), lora_rank=getattr(cfg, "lora_rank", 0),
+                          deployment_id=getattr(cfg, "deployment_id", None))
+
+
+def _code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("firetitan-track")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def error_text(exc: BaseException) -> str:
+    return redact_text(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,133 @@
+"""The runner's commands: ``run``, ``resume``, ``status``, ``rerun``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from firetitan_track.cli import ledger_url
+
+
+def _fail(exc: BaseException) -> click.ClickException:
+    from firetitan_track.redact import redact_text
+
+    return click.ClickException(redact_text(str(exc)))
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from firetitan_track import LedgerError
+    from runner.loop import RunError
+    from runner.spec import SpecError
+
+    return (RunError, SpecError, LedgerError)
+
+
+def _finish(result: Any) -> None:
+    score = "-" if result.last_score is None else f"{result.last_score:.3f}"
+    click.echo(f"run {result.run_id}: {result.status} at step {result.final_step}, last eval score {score}")
+
+
+@click.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--run-id", default=None, help="Name the run (default: the spec's run.name + a random suffix).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override run.steps.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key, e.g. optim.learning_rate=1e-3.")
+@click.option("--export-mlflow", "export_mlflow", is_flag=False, flag_value="default", default=None, metavar="[URI]",
+              help="Export to MLflow as the run goes (default tracking store when no URI is given).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def run(ctx: click.Context, spec_path: str, run_id: str | None, steps: int | None, overrides: tuple[str, ...],
+        export_mlflow: str | None, quiet: bool) -> None:
+    """Run the research loop described by SPEC (a TOML file)."""
+    from runner.loop import run_spec
+    from runner.spec import load_spec, parse_overrides
+
+    try:
+        spec = load_spec(spec_path)
+        if overrides:
+            spec = spec.with_overrides(parse_overrides(list(overrides)))
+        result = run_spec(spec, ledger_url=ledger_url(ctx), run_id=run_id, steps=steps,
+                          export_mlflow=_tracking_uri(export_mlflow), progress=not quiet)
+    except _known_errors() as e:
+        raise _fail(e) from None
+    _finish(result)
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--export-mlflow", "export_mlflow", is_flag=False, flag_value="default", default=None, metavar="[URI]")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def resume(ctx: click.Context, run_id: str, export_mlflow: str | None, quiet: bool) -> None:
+    """Continue RUN_ID from its last saved state, as its ledger records it."""
+    from runner.loop import resume_run
+
+    try:
+        result = resume_run(run_id, ledger_url=ledger_url(ctx), export_mlflow=_tracking_uri(export_mlflow),
+                            progress=not quiet)
+    except _known_errors() as e:
+        raise _fail(e) from None
+    _finish(result)
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--run-id", "new_run_id", default=None, help="Name the new run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def rerun(ctx: click.Context, run_id: str, new_run_id: str | None, quiet: bool) -> None:
+    """Start a new run from RUN_ID's recorded spec and prompt sets, linked to it."""
+    from runner.loop import rerun as do_rerun
+
+    try:
+        result = do_rerun(run_id, ledger_url=ledger_url(ctx), new_run_id=new_run_id, progress=not quiet)
+    except _known_errors() as e:
+        raise _fail(e) from None
+    _finish(result)
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Where RUN_ID stands: status, step, trainer, deployment, last state, snapshot and score."""
+    from firetitan_track import Ledger, LedgerError
+    from firetitan_track.projections.run_state import fold
+
+    try:
+        ledger = Ledger.open(ledger_url(ctx), create=False)
+        st = fold(ledger.read(run_id), run_id)
+    except LedgerError as e:
+        raise _fail(e) from None
+    row = {
+        "run_id": st.run_id, "status": st.status, "step": st.step, "version": st.version,
+        "attempts": st.attempts, "trainer_job_id": st.trainer_job_id, "deployment_id": st.deployment_id,
+        "last_state": st.last_state and {k: st.last_state[k] for k in ("step", "path")},
+        "last_snapshot": st.last_snapshot and {k: st.last_snapshot[k] for k in ("step", "path", "kind")},
+        "last_score": st.last_score and {k: st.last_score[k] for k in ("step", "score", "snapshot_path")},
+        "pending_intent": st.open_intent, "error": st.error,
+    }
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    width = max(map(len, row))
+    for key, value in row.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+def _tracking_uri(flag: str | None) -> str | None:
+    if flag != "default":
+        return flag
+    from firetitan_track.projections.mlflow import DEFAULT_TRACKING_URI
+
+    return DEFAULT_TRACKING_URI
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

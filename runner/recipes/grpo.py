@@ -1,0 +1,78 @@
+"""GRPO-style RL: rollouts through the deployment, group-relative advantages, and a
+custom objective through ``forward_backward_custom`` with an optional KL penalty to a
+frozen reference.
+
+On-policy: each step snapshots the policy and syncs it to the deployment before the
+rollouts, so the ledger shows which weights produced every rollout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from runner.tasks import Example, grade
+
+
+def _datum(full_tokens: list[int], prompt_len: int) -> tuple[Any, torch.Tensor]:
+    from fireworks.training.sdk import Datum, ModelInput, TensorData
+
+    mask = torch.zeros(len(full_tokens) - 1, dtype=torch.float32)
+    mask[prompt_len - 1:] = 1.0
+    d = Datum(
+        model_input=ModelInput.from_ints(full_tokens[:-1]),
+        loss_fn_inputs={"target_tokens": TensorData.from_torch(torch.tensor(full_tokens[1:], dtype=torch.int64)),
+                        "weights": TensorData.from_torch(mask)},
+    )
+    return d, mask
+
+
+def train_step(ctx: Any, batch: list[Example]) -> dict[str, float]:
+    sampler = ctx.sync_policy(f"rollout-{ctx.step}")
+    spec = ctx.spec.recipe
+
+    async def rollouts() -> list[list[Any]]:
+        import asyncio
+
+        return await asyncio.gather(*(sampler.sample_with_tokens(
+            messages=ex.chat(), n=spec.group_size, max_tokens=spec.max_tokens,
+            temperature=spec.temperature) for ex in batch))
+
+    groups = ctx.run_async(rollouts())
+    data, masks, advantages, rewards = [], [], [], []
+    for ex, group in zip(batch, groups):
+        rs = [grade(ex.answer, c.text) for c in group]
+        mean = sum(rs) / max(1, len(rs))
+        for c, r in zip(group, rs):
+            if c.completion_len == 0:
+                continue
+            d, m = _datum(list(c.full_tokens), c.prompt_len)
+            data.append(d)
+            masks.append(m)
+            advantages.append(r - mean)
+            rewards.append(r)
+    if not data:
+        return {"reward": 0.0, "loss": 0.0}
+
+    ref_logprobs = None
+    if ctx.reference is not None and spec.kl_coef > 0:
+        ref_logprobs = [o["logprobs"].to_torch() for o in ctx.reference.forward(data, "cross_entropy").result().loss_fn_outputs]
+    n_tokens = float(sum(m.sum() for m in masks)) or 1.0
+
+    def objective(_data: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        pg = sum(-a * (lp * m).sum() for a, lp, m in zip(advantages, logprobs, masks)) / n_tokens
+        kl = torch.zeros(())
+        if ref_logprobs is not None:
+            kl = sum(((lp - r.detach()) * m).sum() for lp, r, m in zip(logprobs, ref_logprobs, masks)) / n_tokens
+        loss = pg + spec.kl_coef * kl
+        return loss, {"pg_loss": float(pg), "kl": float(kl)}
+
+    out = ctx.policy.forward_backward_custom(data, objective).result()
+    opt = ctx.policy.optim_step(ctx.adam).result()
+    metrics = {"reward": sum(rewards) / len(rewards), "loss": float((out.metrics or {}).get("loss:sum", 0.0)),
+               "rollouts": float(len(data))}
+    metrics.update({k: float(v) for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))})
+    metrics.update({f"optim/{k}": float(v) for k, v in (getattr(opt, "metrics", None) or {}).items()
+                    if isinstance(v, (int, float))})
+    return metrics

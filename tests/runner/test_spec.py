@@ -1,0 +1,119 @@
+"""The spec and input files: every bad input names the file and the key or line, and writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from firetitan_track import Ledger
+from runner.loop import RunError, run_spec
+from runner.spec import Spec, SpecError, load_spec, parse_overrides
+from runner.tasks import DataError, eval_examples, load_jsonl, train_batch
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_examples_parse():
+    for path in EXAMPLES.glob("*.toml"):
+        assert isinstance(load_spec(path), Spec)
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = write(tmp_path, "[optim]\nlearnin_rate = 1e-3\n")
+    with pytest.raises(SpecError, match=r"spec\.toml: unknown key optim\.learnin_rate"):
+        load_spec(p)
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(SpecError, match=r"unknown section \[optimizer\]"):
+        load_spec(write(tmp_path, "[optimizer]\nlr = 1\n"))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(SpecError, match=r"optim\.learning_rate: expected a number, got a string"):
+        load_spec(write(tmp_path, '[optim]\nlearning_rate = "fast"\n'))
+    with pytest.raises(SpecError, match=r"run\.steps: expected an integer, got a boolean"):
+        load_spec(write(tmp_path, "[run]\nsteps = true\n"))
+    with pytest.raises(SpecError, match=r"backend\.kind: must be one of 'local', 'fireworks'"):
+        load_spec(write(tmp_path, '[backend]\nkind = "cloud"\n'))
+
+
+def test_bad_values_are_named(tmp_path):
+    with pytest.raises(SpecError, match=r"run\.steps: must be at least 1"):
+        load_spec(write(tmp_path, "[run]\nsteps = 0\n"))
+    with pytest.raises(SpecError, match=r"task\.name: unknown built-in task 'sort'"):
+        load_spec(write(tmp_path, '[task]\nname = "sort"\n'))
+
+
+def test_missing_prompt_file_is_named(tmp_path):
+    with pytest.raises(SpecError, match=r"eval\.prompts: no such file: .*nope\.jsonl"):
+        load_spec(write(tmp_path, '[eval]\nprompts = "nope.jsonl"\n'))
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(write(tmp_path, "[run\n"))
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "absent.toml")
+
+
+def test_overrides_are_typed_and_validated():
+    spec = load_spec(EXAMPLES / "reverse_sft.toml")
+    changed = spec.with_overrides(parse_overrides(["optim.learning_rate=1e-3", "run.steps=5"]))
+    assert changed.optim.learning_rate == 1e-3 and changed.run.steps == 5
+    assert changed.digest() != spec.digest()
+    with pytest.raises(SpecError, match="unknown key optim.lr"):
+        spec.with_overrides({"optim.lr": 1.0})
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    p = write(tmp_path, '{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": \n', "prompts.jsonl")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: not valid JSON"):
+        load_jsonl(p, what="prompt file")
+    p = write(tmp_path, '{"prompt": "a", "answer": "b"}\n\n{"prompt": "a"}\n', "prompts.jsonl")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:3: missing string field 'answer'"):
+        load_jsonl(p, what="prompt file")
+
+
+def test_builtin_data_is_a_pure_function_of_seed_and_step():
+    a, ca = train_batch("reverse", None, seed=3, step=7, size=8, digits=4)
+    b, cb = train_batch("reverse", None, seed=3, step=7, size=8, digits=4)
+    c, _ = train_batch("reverse", None, seed=3, step=8, size=8, digits=4)
+    assert a == b and ca == cb and a != c
+    assert all(ex.answer == ex.messages[0][1].split()[-1][::-1] for ex in a)
+    held_out = {e.messages for e in eval_examples("reverse", seed=3, count=32, digits=4)}
+    assert not held_out & {e.messages for e in a}
+
+
+def test_jsonl_data_walks_epochs_deterministically(tmp_path):
+    p = write(tmp_path, "".join(json.dumps({"prompt": str(i), "answer": str(i)}) + "\n" for i in range(5)), "d.jsonl")
+    data = load_jsonl(p)
+    seen = [ex.answer for step in (1, 2, 3, 4, 5) for ex in train_batch("x", data, seed=0, step=step, size=2, digits=1)[0]]
+    assert sorted(seen[:5]) == sorted(seen[5:10]) == [str(i) for i in range(5)]  # each epoch covers the set once
+    assert train_batch("x", data, seed=0, step=3, size=2, digits=1) == train_batch("x", data, seed=0, step=3, size=2, digits=1)
+
+
+def test_fireworks_backend_without_api_key_fails_before_anything(tmp_path, monkeypatch):
+    monkeypatch.delenv("FIREWORKS_API_KEY", raising=False)
+    spec = load_spec(write(tmp_path, '[backend]\nkind = "fireworks"\n'))
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with pytest.raises(RunError, match="needs FIREWORKS_API_KEY"):
+        run_spec(spec, ledger_url=url, run_id="r1", progress=False)
+    assert Ledger.open(url).runs() == []
+
+
+def test_malformed_prompt_file_fails_before_anything(tmp_path):
+    write(tmp_path, '{"prompt": "1", "answer": "1"}\nnot json\n', "prompts.jsonl")
+    spec = load_spec(write(tmp_path, '[eval]\nprompts = "prompts.jsonl"\n'))
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with pytest.raises(RunError, match=r"prompts\.jsonl:2: not valid JSON"):
+        run_spec(spec, ledger_url=url, run_id="r1", progress=False)
+    assert Ledger.open(url).runs() == []
