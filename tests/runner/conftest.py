@@ -1,0 +1,64 @@
+"""Fixtures for runner tests: one real local service for the session, a fresh ledger per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HARNESS = Path(__file__).with_name("crash_harness.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def local_url(tmp_path_factory):
+    from runner.local.service import local_service
+
+    with local_service(state_dir=tmp_path_factory.mktemp("local-service")) as info:
+        yield info.base_url
+
+
+@pytest.fixture
+def ledger_url(tmp_path):
+    return f"sqlite:///{tmp_path}/ledger.db"
+
+
+def small_spec(tmp_path: Path, base_url: str, name: str = "small", **sections: dict) -> Path:
+    """A short SFT run on the tiny model: 4 steps, a state every 2, an eval every 2."""
+    body = {
+        "run": {"name": name, "seed": 7, "steps": 4},
+        "backend": {"kind": "local", "base_url": base_url},
+        "model": {"base_model": "local/tiny-qwen3", "training_shape": "ts-local-tiny",
+                  "deployment_id": f"dep-{name}"},
+        "recipe": {"kind": "sft", "batch_size": 8},
+        "task": {"name": "reverse", "digits": 3},
+        "optim": {"learning_rate": 3e-3},
+        "schedule": {"save_every": 2, "eval_every": 2},
+        "eval": {"count": 8},
+        "sampling": {"max_tokens": 5},
+        "concurrency": {"mode": "fixed", "initial": 8, "max": 8},
+    }
+    for key, value in sections.items():
+        body.setdefault(key, {}).update(value)
+    lines = []
+    for section, values in body.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}")
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cli(ledger_url: str, *args: str, crash_at: str | None = None, timeout: float = 300,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the firetitan-track CLI in its own process (optionally SIGKILLed at a chosen point)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("CRASH_AT", None)
+    if crash_at:
+        full_env["CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, str(HARNESS), "--ledger", ledger_url, *args], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=REPO)

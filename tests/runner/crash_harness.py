@@ -1,0 +1,60 @@
+"""Run the firetitan-track CLI and SIGKILL it at a chosen point (test-only).
+
+The kill is real (the process dies without cleanup, exactly as on an OOM kill or a
+lost machine); only the moment is chosen, by wrapping two functions from outside:
+
+    CRASH_AT=event:StateSaved:2   after the 2nd StateSaved event is durable
+    CRASH_AT=midstep:3            inside step 3, after forward_backward, before optim_step
+"""
+
+import os
+import signal
+import sys
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install(point: str) -> None:
+    kind, *rest = point.split(":")
+    if kind == "event":
+        from firetitan_track import tracking
+
+        target, nth = rest[0], int(rest[1])
+        original = tracking.Recorder.record
+        seen = {"n": 0}
+
+        def record(self, type, **data):
+            ev = original(self, type, **data)
+            if type == target:
+                seen["n"] += 1
+                if seen["n"] == nth:
+                    _die()
+            return ev
+
+        tracking.Recorder.record = record
+    elif kind == "midstep":
+        from firetitan_track import tracking
+
+        step = int(rest[0])
+        original = tracking.TrackedTrainingClient.optim_step
+
+        def optim_step(self, params):
+            if self._rec.step == step:
+                _die()
+            return original(self, params)
+
+        tracking.TrackedTrainingClient.optim_step = optim_step
+    else:
+        raise SystemExit(f"bad CRASH_AT {point!r}")
+
+
+if __name__ == "__main__":
+    if os.environ.get("CRASH_AT"):
+        _install(os.environ["CRASH_AT"])
+    from firetitan_track.cli import main
+
+    main(prog_name="firetitan-track")
