@@ -1,0 +1,230 @@
+"""Commands for the ledger's views: audit, lineage, replay, export, compare, ui.
+
+Each opens the ledger named by the root command and prints a view of it; the
+views themselves live in audit.py and mlflow.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from firetitan_track.cli import ledger_url
+from firetitan_track.projections import audit as views
+from firetitan_track.projections.mlflow import (DEFAULT_ARTIFACT_ROOT, DEFAULT_EXPERIMENT,
+                                                DEFAULT_TRACKING_URI)
+
+
+@contextmanager
+def _ledger(ctx: click.Context) -> Iterator[Any]:
+    """The ledger, with its errors and unknown names turned into messages a person can act on."""
+    from firetitan_track import Ledger, LedgerError
+
+    try:
+        ledger = Ledger.open(ledger_url(ctx), create=False)
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield ledger
+    except (LedgerError, views.NotFound) as exc:
+        raise click.ClickException(exc.args[0] if exc.args else str(exc)) from None
+    finally:
+        ledger.close()
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    for line in [headers, [("-" * w) for w in widths], *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def _sampling(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _eval_table(rows: list[views.EvalRow]) -> None:
+    _table(["step", "snapshot", "kind", "prompt set", "prompts", "sampling", "score", "sync s"],
+           [[str(r.step), r.snapshot_path, _fmt(r.snapshot_kind), r.prompt_set_digest[:12],
+             str(r.prompt_count), _sampling(r.sampling), _fmt(r.score), _fmt(r.sync_duration_s, 3)]
+            for r in rows])
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """One row per eval of RUN_ID: the snapshot, prompt set and sampling behind each score."""
+    with _ledger(ctx) as ledger:
+        rows = views.audit(ledger, run_id)
+    if as_json:
+        _echo_json([r.to_dict() for r in rows])
+    elif rows:
+        _eval_table(rows)
+    else:
+        click.echo(f"run {run_id} has no evals yet")
+
+
+@click.command()
+@click.argument("snapshot_path")
+@click.option("--run", "run_id", metavar="RUN_ID", help="Look only in this run (faster on a large ledger).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json: bool) -> None:
+    """Where SNAPSHOT_PATH came from: its run, steps, data cursors, base chain and evals."""
+    with _ledger(ctx) as ledger:
+        found = views.lineage(ledger, snapshot_path, run_id)
+    if as_json:
+        _echo_json(found.to_dict())
+        return
+    snap = found.snapshot
+    click.echo(f"snapshot  {snap['path']}  ({snap['kind']}, step {snap['step']}, name {snap['name']})")
+    click.echo(f"run       {found.run_id}")
+    click.echo(f"steps     {_step_span(found.steps)} from the start")
+    since = found.previous_snapshot or "the start"
+    click.echo(f"          {_step_span(found.since_previous)} since {since}")
+    click.echo("base chain")
+    for link in found.base_chain:
+        click.echo(f"  {link['path']}  ({_fmt(link['kind'])}, step {_fmt(link['step'])})")
+    if found.evals:
+        click.echo("evals")
+        _eval_table(found.evals)
+    else:
+        click.echo("evals     none used this snapshot")
+
+
+def _step_span(steps: list[dict[str, Any]]) -> str:
+    if not steps:
+        return "no steps"
+    first, last = steps[0], steps[-1]
+    return (f"steps {first['step']}..{last['step']} "
+            f"(data cursor {json.dumps(first['data_cursor'])}..{json.dumps(last['data_cursor'])})")
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def replay(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Rebuild RUN_ID's views from its events alone and verify its hash chain.
+
+    Exits 1 when the chain is broken.
+    """
+    from dataclasses import asdict
+
+    with _ledger(ctx) as ledger:
+        result = views.replay(ledger, run_id)
+    if as_json:
+        _echo_json({"run_id": run_id, "events": result.events, "superseded": result.superseded,
+                    "intact": result.intact, "problems": [str(p) for p in result.problems],
+                    "state": asdict(result.state), "evals": [r.to_dict() for r in result.evals]})
+    else:
+        st = result.state
+        click.echo(f"run {run_id}: {result.events} events, {result.superseded} superseded; "
+                   f"chain {'intact' if result.intact else 'BROKEN'}")
+        for p in result.problems:
+            click.echo(f"  {p}")
+        for name in ("status", "step", "data_cursor", "attempts", "trainer_job_id", "deployment_id",
+                     "backend", "sweep_id", "open_intent", "error"):
+            click.echo(f"  {name:15} {_fmt(getattr(st, name))}")
+        click.echo(f"  {'last state':15} {_fmt((st.last_state or {}).get('path'))}")
+        click.echo(f"  {'last snapshot':15} {_fmt((st.last_snapshot or {}).get('path'))}")
+        last = st.last_score or {}
+        click.echo(f"  {'last score':15} {_fmt(last.get('score'))} (step {_fmt(last.get('step'))})")
+        click.echo(f"  {'evals':15} {len(result.evals)}")
+    if not result.intact:
+        ctx.exit(1)
+
+
+@click.group()
+def export() -> None:
+    """Project the ledger into other tools."""
+
+
+@export.command("mlflow")
+@click.argument("run_ids", nargs=-1)
+@click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI",
+              help="MLflow tracking URI (a server's http://... or a sqlite:/// store).")
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
+@click.option("--follow", is_flag=True, help="Keep exporting new events until interrupted.")
+@click.option("--poll", default=1.0, show_default=True, help="Seconds between polls with --follow.")
+@click.option("--no-artifacts", is_flag=True, help="Skip the spec, prompt sets, completions and plot.")
+@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@click.pass_context
+def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: str, experiment: str,
+                  follow: bool, poll: float, no_artifacts: bool, quiet: bool) -> None:
+    """Export RUN_IDS (default: every run) to MLflow, resuming where the last export stopped."""
+    from firetitan_track.projections.mlflow import MlflowExporter, follow_until_signalled
+
+    with _ledger(ctx) as ledger:
+        for run_id in run_ids:
+            if ledger.stream_version(run_id) == 0 and not follow:
+                raise click.ClickException(f"no run {run_id!r} in the ledger")
+        exporter = MlflowExporter(ledger, tracking_uri, experiment=experiment,
+                                  run_ids=list(run_ids) or None, artifacts=not no_artifacts)
+        report = follow_until_signalled(exporter, poll) if follow else exporter.export()
+    if not quiet:
+        rebuilt = f", {len(report.rebuilt)} rebuilt after a resume" if report.rebuilt else ""
+        click.echo(f"exported {report.events} events of {len(report.runs)} runs "
+                   f"({report.metrics} metric points{rebuilt}) to {tracking_uri}, experiment {experiment!r}")
+
+
+@click.command()
+@click.argument("sweep_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def compare(ctx: click.Context, sweep_id: str, as_json: bool) -> None:
+    """Per trial of SWEEP_ID: its params, status, best score and the snapshot behind it."""
+    with _ledger(ctx) as ledger:
+        trials = views.compare_sweep(ledger, sweep_id)
+    if as_json:
+        _echo_json([t.to_dict() for t in trials])
+        return
+    keys = sorted({k for t in trials for k in t.params})
+    ranked = sorted(trials, key=lambda t: (t.best_score is None, -(t.best_score or 0.0), t.trial))
+    _table(["trial", *keys, "status", "step", "best score", "at step", "snapshot", "run"],
+           [[str(t.trial), *(_fmt(t.params.get(k)) for k in keys), t.status, str(t.step),
+             _fmt(t.best_score), _fmt(t.best_step), _fmt(t.best_snapshot), t.run_id] for t in ranked])
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--backend-store-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI")
+def ui(host: str, port: int, backend_store_uri: str) -> None:
+    """Serve the project's MLflow tracking store in the MLflow UI."""
+    if backend_store_uri.startswith("sqlite:///"):
+        Path(backend_store_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    artifacts = Path(DEFAULT_ARTIFACT_ROOT).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+           "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port),
+           "--workers", "1"]
+    click.echo(f"MLflow UI for {backend_store_uri}: http://{host}:{port}  (Ctrl-C to stop)")
+    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": backend_store_uri})
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    if code not in (0, -15, 130):
+        raise click.ClickException(f"mlflow server exited with status {code}")
