@@ -315,7 +315,10 @@ def upgrade_schema(url: str) -> tuple[str | None, str]:
     parsed = _parse(url)
     path = sqlite_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LedgerError(f"cannot create the ledger at {path}: {e.strerror or e}") from None
     store = _store_for(parsed)
     try:
         before = current_revision(store)

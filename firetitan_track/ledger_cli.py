@@ -1,0 +1,139 @@
+"""Ledger commands: ``runs``, ``events``, ``verify``, ``blob`` and ``db upgrade|current``.
+
+Reading commands never create a ledger: on a missing SQLite file they say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+from typing import Iterator
+
+import click
+
+from firetitan_track.cli import ledger_url
+from firetitan_track.ledger import Ledger
+from firetitan_track.store import HEAD_REVISION, UPGRADE_HINT, LedgerError, revision_status, upgrade_schema
+
+
+@contextlib.contextmanager
+def _reading(ctx: click.Context) -> Iterator[Ledger]:
+    """The ledger for a read-only command; every LedgerError becomes a clean CLI error."""
+    with _errors_as_click():
+        ledger = Ledger.open(ledger_url(ctx), create=False)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+
+
+@contextlib.contextmanager
+def _errors_as_click() -> Iterator[None]:
+    try:
+        yield
+    except LedgerError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+                     for line in [header, *rows])
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def runs(ctx: click.Context, as_json: bool) -> None:
+    """List the runs in the ledger."""
+    with _reading(ctx) as ledger:
+        infos = ledger.runs()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
+    elif not infos:
+        click.echo("no runs")
+    else:
+        click.echo(_table(["RUN", "EVENTS", "FIRST (UTC)", "LAST (UTC)", "LAST EVENT"],
+                          [[i.run_id, str(i.events), _when(i.first_at), _when(i.last_at), i.last_type]
+                           for i in infos]))
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the events as a JSON array.")
+@click.pass_context
+def events(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Show a run's events in order."""
+    with _reading(ctx) as ledger:
+        recorded = ledger.read(run_id)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(e) for e in recorded], indent=2, ensure_ascii=False))
+        return
+    rows = []
+    for e in recorded:
+        data = json.dumps(e.data, sort_keys=True, ensure_ascii=False)
+        rows.append([str(e.version), str(e.position), _when(e.recorded_at), e.type,
+                     data if len(data) <= 80 else data[:77] + "..."])
+    click.echo(_table(["VERSION", "POSITION", "RECORDED (UTC)", "TYPE", "DATA"], rows))
+
+
+@click.command()
+@click.argument("run_id", required=False)
+@click.pass_context
+def verify(ctx: click.Context, run_id: str | None) -> None:
+    """Recompute hash chains and blob digests; exit 1 naming the first bad version."""
+    with _reading(ctx) as ledger:
+        problems = ledger.verify(run_id)
+    if not problems:
+        click.echo("intact")
+        return
+    for p in problems:
+        click.echo(f"run {p.run_id}: first bad version {p.version}: {p.reason}")
+    ctx.exit(1)
+
+
+@click.command()
+@click.argument("digest")
+@click.pass_context
+def blob(ctx: click.Context, digest: str) -> None:
+    """Write the blob with DIGEST to stdout, byte for byte."""
+    with _reading(ctx) as ledger:
+        data = ledger.get_blob(digest)
+    out = click.get_binary_stream("stdout")
+    out.write(data)
+    out.flush()
+
+
+@click.group()
+def db() -> None:
+    """The ledger's database schema."""
+
+
+@db.command()
+@click.pass_context
+def upgrade(ctx: click.Context) -> None:
+    """Create the ledger tables, or bring them to the current revision."""
+    with _errors_as_click():
+        before, after = upgrade_schema(ledger_url(ctx))
+    if before == after:
+        click.echo(f"already at head revision {after}")
+    else:
+        click.echo(f"upgraded from {before or '(empty)'} to {after}")
+
+
+@db.command()
+@click.pass_context
+def current(ctx: click.Context) -> None:
+    """Print the ledger's schema revision and whether it is the head."""
+    with _errors_as_click():
+        revision, head = revision_status(ledger_url(ctx))
+    if revision == head:
+        click.echo(f"{revision} (head)")
+    else:
+        click.echo(f"{revision or '(empty)'} (head is {HEAD_REVISION}: run `{UPGRADE_HINT}`)")
