@@ -1,0 +1,62 @@
+"""``firetitan-track local up|info|down``: the local service from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import service
+
+STATE_DIR_OPTION = click.option(
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=service.DEFAULT_STATE_DIR,
+    show_default=True, help="Where the service keeps jobs, checkpoints, snapshots and its pid/port file.")
+
+
+@click.group()
+def local() -> None:
+    """The embedded FireTitan-compatible service on 127.0.0.1 (no API key needed)."""
+
+
+@local.command()
+@STATE_DIR_OPTION
+@click.option("--port", type=int, default=0, show_default=True, help="TCP port (0: any free port).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def up(state_dir: Path, port: int, device: str) -> None:
+    """Start the service in the background and print one JSON line describing it.
+
+    If a service already runs on STATE_DIR it is reused and described.
+    """
+    try:
+        info = service.ensure_running(state_dir, port=port, device=device)
+    except service.ServiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(info.public()))
+
+
+@local.command()
+@STATE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON line `local up` prints.")
+def info(state_dir: Path, as_json: bool) -> None:
+    """Describe the running service (exit code 1 if none runs)."""
+    current = service.running(state_dir)
+    if current is None:
+        click.echo(f"no local service is running on {state_dir}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(current.public()))
+        return
+    for key, value in current.public().items():
+        click.echo(f"{key}: {value}")
+
+
+@local.command()
+@STATE_DIR_OPTION
+def down(state_dir: Path) -> None:
+    """Stop the service running on STATE_DIR (its files stay for the next `up`)."""
+    if service.stop(state_dir):
+        click.echo(f"stopped the local service on {state_dir}")
+    else:
+        click.echo(f"no local service was running on {state_dir}")

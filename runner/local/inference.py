@@ -1,0 +1,481 @@
+"""Deployments: hot load (``/hot_load/v1/models/hot_load``) and completions
+(``/inference/v1/completions``), as the SDK's DeploymentManager and DeploymentSampler use them.
+
+Each deployment with a replica owns one engine ``Sampler`` and one worker thread;
+generation and hot loads run there in arrival order, never on the event loop.
+
+Batching: completion requests go into a per-deployment queue. A batcher task
+takes everything waiting (up to ``MAX_BATCH``) whenever the worker is free and
+generates it as one batch. The time a request waited in that queue is reported
+as ``prefill-queue-duration`` (seconds, as a string, in the final SSE chunk's
+``perf_metrics`` and in the response headers) -- the signal the SDK's
+AdaptiveConcurrencyController grows or shrinks its window on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field as dc_field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from . import catalogue
+from .state import ServiceState, now_rfc3339
+from .trainer_api import engine_model, weights_digest
+from .wire import ApiError, check_token_ids, json_body, json_response
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("runner.local.inference")
+
+MAX_BATCH = 64
+DEPLOYMENT_REF_PREFIX = "accounts/"
+
+
+def _engine():
+    from . import engine
+    return engine
+
+
+@dataclass
+class _Job:
+    request: Any                      # engine GenRequest
+    arrived: float
+    future: asyncio.Future
+    started: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class Completion:
+    """One finished generation plus the timings the SDK reads."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    queue_wait_s: float
+    generation_s: float
+    batch_size: int
+    sampling_logprobs: list[float | None] | None = None
+
+
+class DeploymentRuntime:
+    """A deployment replica: its Sampler, worker thread and request batcher."""
+
+    def __init__(self, deployment_id: str, base_model: str, device: str, seed: int = 0):
+        self.deployment_id = deployment_id
+        self.base_model = base_model
+        self.device = device
+        self.seed = seed
+        self.sampler: Any = None
+        self.identity: str | None = None
+        self.loading_state: dict = {"stage": "idle"}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deploy-{deployment_id}")
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+        self.in_flight = 0
+
+    async def call(self, fn, *args):
+        """Run ``fn(sampler, *args)`` on the worker thread, in order with generation."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._with_sampler, fn, args)
+
+    def _with_sampler(self, fn, args):
+        if self.sampler is None:
+            self.sampler = _engine().Sampler(self.base_model, seed=self.seed, device=self.device)
+        return fn(self.sampler, *args)
+
+    async def hot_load(self, identity: str, path: str) -> None:
+        self.loading_state = {"stage": "loading", "target_snapshot_identity": identity}
+        try:
+            await self.call(lambda sampler: sampler.hot_load(path))
+        except Exception as exc:
+            self.loading_state = {"stage": "error", "target_snapshot_identity": identity,
+                                  "error": f"{type(exc).__name__}: {exc}"}
+            raise
+        self.identity = identity
+        self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
+
+    async def generate(self, request: Any) -> tuple[Any, _Job]:
+        job = _Job(request, time.monotonic(), asyncio.get_running_loop().create_future())
+        self.in_flight += 1
+        try:
+            await self._queue.put(job)
+            return await job.future, job
+        finally:
+            self.in_flight -= 1
+
+    async def _batch_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            started = time.monotonic()
+            for job in batch:
+                job.started, job.batch_size = started, len(batch)
+            try:
+                results = await self.call(self._generate_isolating, [job.request for job in batch])
+            except Exception as exc:  # e.g. the sampler failed to build
+                results = [exc] * len(batch)
+            for job, result in zip(batch, results):
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    @staticmethod
+    def _generate_isolating(sampler: Any, requests: list) -> list:
+        """Generate a batch; if it fails, retry one by one so one bad request fails alone."""
+        try:
+            return list(sampler.generate(requests))
+        except Exception as exc:
+            if len(requests) == 1:
+                return [exc]
+        results: list = []
+        for request in requests:
+            try:
+                results.append(sampler.generate([request])[0])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    async def stop(self) -> None:
+        self._batcher.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.sampler = None
+
+
+class InferencePlane:
+    def __init__(self, state: ServiceState, device: str):
+        self.state = state
+        self.device = device
+        self.runtimes: dict[str, DeploymentRuntime] = {}
+        self._tokenizer: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(catalogue.tokenizer_path())
+        return self._tokenizer
+
+    async def runtime_for(self, deployment_id: str, *, wake: bool) -> DeploymentRuntime:
+        """The deployment's replica, started on demand (a scaled-to-zero one wakes if ``wake``)."""
+        record = self.state.deployments.get(deployment_id)
+        if record is None:
+            raise ApiError(404, f"deployment accounts/{deployment_id} not found")
+        runtime = self.runtimes.get(deployment_id)
+        if runtime is not None:
+            return runtime
+        if record.get("replicaCount", 1) == 0:
+            if not wake:
+                raise ApiError(503, f"deployment {deployment_id} is scaled to zero")
+            # A hot load or a request wakes a scaled-to-zero deployment with one replica.
+            record.update(replicaCount=1, minReplicaCount=max(1, record.get("minReplicaCount", 0)),
+                          maxReplicaCount=max(1, record.get("maxReplicaCount", 0)), updateTime=now_rfc3339())
+            self.state.deployments.put(deployment_id, record)
+        runtime = DeploymentRuntime(deployment_id, record["baseModel"], self.device)
+        self.runtimes[deployment_id] = runtime
+        snapshot = record.get("_snapshot")
+        if snapshot and record.get("currentSnapshotIdentity"):
+            # After a restart or a scale-up, serve what the deployment served before.
+            try:
+                await runtime.hot_load(record["currentSnapshotIdentity"], snapshot["path"])
+            except Exception:
+                log.exception("deployment %s could not restore snapshot %s", deployment_id,
+                              record.get("currentSnapshotIdentity"))
+        return runtime
+
+    async def stop(self, deployment_id: str) -> None:
+        runtime = self.runtimes.pop(deployment_id, None)
+        if runtime is not None:
+            await runtime.stop()
+
+    async def scale_to_zero(self, deployment_id: str) -> None:
+        await self.stop(deployment_id)
+
+    async def stop_all(self) -> None:
+        for deployment_id in list(self.runtimes):
+            await self.stop(deployment_id)
+
+    @staticmethod
+    def _deployment_id(ref: str | None) -> str:
+        if not ref:
+            raise ApiError(400, "missing deployment: set the request's model to accounts/<a>/deployments/<id>")
+        parts = ref.strip("/").split("/")
+        if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments":
+            raise ApiError(404, f"model {ref!r} is not served here: use accounts/<account>/deployments/<id>")
+        return parts[3]
+
+    def _snapshot_for(self, record: dict, identity: str) -> dict:
+        """The sampler snapshot named ``identity``: the attached trainer's first, then any job's."""
+        attached = (record.get("hotLoadTrainerJob") or "").rsplit("/", 1)[-1]
+        job_ids = [attached] if attached else []
+        job_ids += [job["name"].rsplit("/", 1)[-1] for job in self.state.jobs.all()]
+        for job_id in job_ids:
+            row = self.state.checkpoints.find(job_id, identity, "sampler") if job_id else None
+            if row is not None:
+                return row
+        raise ApiError(404, f"snapshot {identity!r} not found: save it with save_weights_for_sampler on the "
+                            "trainer attached to this deployment")
+
+    # -- hot load -----------------------------------------------------------------------
+
+    async def hot_load(self, request: Request) -> Response:
+        deployment_id = self._deployment_id(request.headers.get("fireworks-deployment"))
+        record = self.state.deployments.get(deployment_id)
+        if record is None:
+            raise ApiError(404, f"deployment {deployment_id!r} not found")
+        if request.method == "GET":
+            return json_response(self._hot_load_status(deployment_id, record))
+        body = await json_body(request)
+        identity = body.get("identity")
+        if not isinstance(identity, str) or not identity:
+            raise ApiError(400, "missing identity")
+        snapshot = self._snapshot_for(record, identity)
+        incremental = body.get("incremental_snapshot_metadata")
+        if snapshot["kind"] == "delta" and not snapshot.get("base_path"):
+            raise ApiError(400, f"delta snapshot {identity!r} has no base to apply it to")
+        if incremental is not None and not isinstance(incremental, dict):
+            raise ApiError(400, "incremental_snapshot_metadata must be an object")
+        runtime = await self.runtime_for(deployment_id, wake=True)
+        try:
+            await runtime.hot_load(identity, snapshot["path"])
+        except Exception as exc:
+            raise ApiError(400, f"hot load of {identity!r} failed: {type(exc).__name__}: {exc}") from None
+        record = self.state.deployments.get(deployment_id) or record
+        record.update(currentSnapshotIdentity=identity, updateTime=now_rfc3339(),
+                      _snapshot={"path": snapshot["path"], "kind": snapshot["kind"]})
+        self.state.deployments.put(deployment_id, record)
+        return json_response({"identity": identity, "status": "loaded"})
+
+    def _hot_load_status(self, deployment_id: str, record: dict) -> dict:
+        runtime = self.runtimes.get(deployment_id)
+        if runtime is None:
+            if record.get("replicaCount", 1) == 0:
+                return {"replicas": []}
+            identity, stage = record.get("currentSnapshotIdentity"), {"stage": "idle"}
+        else:
+            identity, stage = runtime.identity, runtime.loading_state
+        return {"replicas": [{
+            "replica_id": f"{deployment_id}-0",
+            "current_snapshot_identity": identity,
+            "readiness": stage.get("stage") != "loading",
+            "loading_state": stage,
+            "loaded_adapters": [],
+        }]}
+
+    # -- completions ---------------------------------------------------------------------
+
+    def _gen_request(self, body: dict, vocab_size: int, max_context: int) -> tuple[Any, list[int]]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompt_ids = list(self.tokenizer().encode(prompt, add_special_tokens=False))
+        elif isinstance(prompt, list):
+            prompt_ids = prompt
+            check_token_ids(prompt_ids, "prompt", vocab_size=vocab_size)
+        else:
+            raise ApiError(400, "prompt must be a list of token ids or a string")
+        if not prompt_ids:
+            raise ApiError(400, "prompt is empty")
+        max_tokens = body.get("max_tokens", 16)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ApiError(400, "max_tokens must be a non-negative integer")
+        if len(prompt_ids) >= max_context:
+            # A completion running into the context end stops there ("length"), as a server would.
+            raise ApiError(400, f"prompt is {len(prompt_ids)} tokens; the model's context length is {max_context}, "
+                                "leaving no room to generate")
+        temperature = body.get("temperature", 1.0)
+        top_p = body.get("top_p", 1.0)
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ApiError(400, f"{name} must be a non-negative number")
+        if not 0 < float(top_p) <= 1:
+            raise ApiError(400, "top_p must be in (0, 1]")
+        top_k = body.get("top_k", 0) or 0
+        if top_k not in (0, -1):
+            raise ApiError(400, "top_k is not supported by the local deployment (use top_p)")
+        if body.get("echo"):
+            raise ApiError(400, "echo is not supported by the local deployment")
+        for unsupported in ("include_routing_matrix", "routing_matrix_format", "top_sampling_logprobs",
+                            "sampling_mask", "images"):
+            if body.get(unsupported):
+                raise ApiError(400, f"{unsupported} is not supported by the local deployment")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ApiError(400, "seed must be an integer")
+        stop = body.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "stop must be a string or a list of strings")
+        request = _engine().GenRequest(prompt_ids=list(prompt_ids), max_tokens=max_tokens,
+                                       temperature=float(temperature), top_p=float(top_p), seed=seed, stop=stop)
+        return request, list(prompt_ids)
+
+    async def completions(self, request: Request) -> Response:
+        body = await json_body(request)
+        deployment_id = self._deployment_id(body.get("model") or request.headers.get("fireworks-deployment"))
+        record = self.state.deployments.get(deployment_id)
+        if record is None:
+            raise ApiError(404, f"deployment {deployment_id!r} not found")
+        card = catalogue.resolve(record["baseModel"])
+        n = body.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BATCH:
+            raise ApiError(400, f"n must be an integer in [1, {MAX_BATCH}]")
+        stream = bool(body.get("stream", False))
+        if stream and n != 1:
+            raise ApiError(400, "streamed completions take n=1 (send n requests)")
+        gen_request, prompt_ids = self._gen_request(body, int(card.config["vocab_size"]), card.max_context_length)
+        runtime = await self.runtime_for(deployment_id, wake=True)
+        received = time.monotonic()
+        outcomes = await asyncio.gather(*(runtime.generate(gen_request) for _ in range(n)), return_exceptions=True)
+        completions = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, (ValueError, _engine().EngineError)):
+                    raise ApiError(400, f"generation failed: {outcome}")
+                raise outcome
+            result, job = outcome
+            completions.append(Completion(
+                prompt_ids=prompt_ids, token_ids=list(result.token_ids), logprobs=[float(x) for x in result.logprobs],
+                finish_reason="length" if result.finish_reason == "length" else "stop",
+                queue_wait_s=job.started - job.arrived, generation_s=time.monotonic() - job.started,
+                batch_size=job.batch_size,
+                sampling_logprobs=self._sampling_logprobs(result, gen_request)))
+        metrics = self._perf_metrics(completions[0], runtime, time.monotonic() - received)
+        headers = {f"fireworks-{key}": value for key, value in metrics.items()}
+        model = body.get("model") or record["name"]
+        if stream:
+            return StreamingResponse(self._sse(completions[0], model, metrics), media_type="text/event-stream",
+                                     headers=headers)
+        return json_response(self._completion_body(completions, model, metrics), headers=headers)
+
+    @staticmethod
+    def _sampling_logprobs(result: Any, request: Any) -> list[float | None]:
+        """Behaviour-policy logprobs (``sampling_logprob``) of the generated tokens.
+
+        The engine reports model logprobs (temperature 1, no top-p). Those *are*
+        the sampling logprobs when sampling uses the full distribution, and are the
+        natural value for greedy decoding; for any other temperature or top-p we
+        do not know them, so they are sent as null rather than silently wrong.
+        """
+        explicit = getattr(result, "sampling_logprobs", None)
+        if explicit is not None:
+            return [float(x) for x in explicit]
+        exact = request.temperature == 0 or (request.temperature == 1.0 and request.top_p == 1.0)
+        return [float(x) if exact else None for x in result.logprobs]
+
+    @staticmethod
+    def _perf_metrics(completion: Completion, runtime: DeploymentRuntime, total_s: float) -> dict[str, str]:
+        return {
+            "prefill-queue-duration": f"{completion.queue_wait_s:.6f}",
+            "generation-queue-duration": "0.0",
+            "num-concurrent-requests": str(max(runtime.in_flight, completion.batch_size)),
+            "batch-size": str(completion.batch_size),
+            "prompt-tokens": str(len(completion.prompt_ids)),
+            "cached-prompt-tokens": "0",
+            "generation-duration": f"{completion.generation_s:.6f}",
+            "server-processing-time": f"{total_s:.6f}",
+            "server-time-to-first-token": f"{total_s:.6f}",
+        }
+
+    def _token_entries(self, completion: Completion) -> tuple[list[dict], list[str]]:
+        """Per generated token: its logprob entry and its text delta."""
+        tokenizer = self.tokenizer()
+        sampling = completion.sampling_logprobs or [None] * len(completion.token_ids)
+        entries, deltas, previous = [], [], ""
+        for i, (token_id, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
+            entries.append({"token": tokenizer.decode([token_id]), "token_id": token_id, "logprob": logprob,
+                            "sampling_logprob": sampling[i]})
+            # Byte-level tokens may split a UTF-8 character: emit text once it decodes cleanly.
+            text = tokenizer.decode(completion.token_ids[: i + 1])
+            if text.startswith(previous) and not text.endswith("\ufffd"):
+                deltas.append(text[len(previous):])
+                previous = text
+            else:
+                deltas.append("")
+        return entries, deltas
+
+    def _choice(self, completion: Completion, index: int = 0) -> dict:
+        entries, _ = self._token_entries(completion)
+        return {
+            "index": index,
+            "text": self.tokenizer().decode(completion.token_ids),
+            "finish_reason": completion.finish_reason,
+            "logprobs": {"content": entries},
+            "raw_output": {"prompt_token_ids": completion.prompt_ids,
+                           "completion_token_ids": completion.token_ids},
+        }
+
+    def _completion_body(self, completions: list[Completion], model: str, metrics: dict) -> dict:
+        completion_tokens = sum(len(c.token_ids) for c in completions)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [self._choice(c, i) for i, c in enumerate(completions)],
+            "usage": {"prompt_tokens": len(completions[0].prompt_ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(completions[0].prompt_ids) + completion_tokens},
+            "perf_metrics": metrics,
+        }
+
+    def _sse(self, completion: Completion, model: str, metrics: dict):
+        """``data: {chunk}`` per token, then the final chunk with finish_reason, raw_output,
+        usage and perf_metrics, then ``data: [DONE]``."""
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        entries, deltas = self._token_entries(completion)
+
+        def chunk(choice: dict, **extra: Any) -> bytes:
+            body = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [choice], **extra}
+            return b"data: " + orjson.dumps(body) + b"\n\n"
+
+        async def events():
+            emitted = ""
+            for entry, delta in zip(entries, deltas):
+                emitted += delta
+                yield chunk({"index": 0, "text": delta, "logprobs": {"content": [entry]}, "finish_reason": None})
+            full_text = self.tokenizer().decode(completion.token_ids)
+            tail = full_text[len(emitted):] if full_text.startswith(emitted) else ""
+            yield chunk(
+                {"index": 0, "text": tail, "finish_reason": completion.finish_reason,
+                 "raw_output": {"prompt_token_ids": completion.prompt_ids,
+                                "completion_token_ids": completion.token_ids}},
+                usage={"prompt_tokens": len(completion.prompt_ids), "completion_tokens": len(completion.token_ids),
+                       "total_tokens": len(completion.prompt_ids) + len(completion.token_ids)},
+                perf_metrics=metrics)
+            yield b"data: [DONE]\n\n"
+
+        return events()
+
+    # -- debug ---------------------------------------------------------------------------
+
+    async def weights_digest(self, request: Request) -> Response:
+        deployment_id = request.path_params["deployment"]
+        runtime = await self.runtime_for(deployment_id, wake=False)
+        digest = await runtime.call(lambda sampler: weights_digest(engine_model(sampler)))
+        digest["identity"] = runtime.identity
+        return json_response(digest)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/hot_load/v1/models/hot_load", self.hot_load, methods=["GET", "POST"]),
+            Route("/inference/v1/completions", self.completions, methods=["POST"]),
+            Route("/local/v1/deployments/{deployment}/weights_digest", self.weights_digest, methods=["GET"]),
+        ]

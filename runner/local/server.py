@@ -1,0 +1,188 @@
+"""The local FireTitan-compatible service: one Starlette app on 127.0.0.1, run by uvicorn.
+
+Where each endpoint lives:
+- ``/v1/accounts/...`` (accounts, training shapes, trainer jobs, deployments,
+  models, checkpoint promotion): ``control_plane.py``
+- ``/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/...`` (sessions, models,
+  forward/backward, optimizer, saves/loads, futures): ``trainer_api.py``
+- ``/hot_load/v1/models/hot_load`` and ``/inference/v1/completions``: ``inference.py``
+- ``/local/v1/...`` (service health and info, debug digests): here and in the planes.
+
+Run it with ``python -m runner.local.server --state-dir DIR [--port N] [--device cpu|cuda]``;
+``runner.local.service`` starts it as a background process and ``firetitan-track local
+up`` does so from the command line. The server writes ``<state-dir>/service.json``
+(pid, port, base URL, default model, tokenizer, training shape) once it listens
+and removes it on a clean shutdown; a lock file keeps a second server off the
+same state dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.routing import Route
+
+from . import catalogue
+from .control_plane import ControlPlane, default_training_shape
+from .inference import InferencePlane
+from .state import ServiceState, read_json, write_json_atomic
+from .trainer_api import TrainerPlane
+from .wire import ApiError, error_response, json_response
+
+log = logging.getLogger("runner.local.server")
+
+INFO_FILE = "service.json"
+LOCK_FILE = "service.lock"
+LOG_FILE = "service.log"
+
+
+def service_info(state_dir: Path, port: int, device: str) -> dict:
+    base_model = catalogue.DEFAULT_BASE_MODEL
+    return {
+        "base_url": f"http://127.0.0.1:{port}",
+        "base_model": base_model,
+        "tokenizer_path": catalogue.tokenizer_path(),
+        "training_shape_id": default_training_shape(base_model),
+        "pid": os.getpid(),
+        "port": port,
+        "device": device,
+        "state_dir": str(Path(state_dir).resolve()),
+        "started_at": time.time(),
+    }
+
+
+def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) -> Starlette:
+    state = ServiceState(state_dir)
+    trainers = TrainerPlane(state, device)
+    inference = InferencePlane(state, device)
+    control = ControlPlane(state, trainers, inference)
+
+    async def healthz(request: Request):
+        return json_response({"status": "ok"})
+
+    async def local_info(request: Request):
+        return json_response(info or {})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        control.restore()
+        # Import torch/transformers in the background now, so the first
+        # create_model does not pay for it while the client waits.
+        threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
+        yield
+        trainers.stop_all()
+        await inference.stop_all()
+
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message)
+
+    async def http_error(request: Request, exc: HTTPException):
+        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    async def unexpected(request: Request, exc: Exception):
+        # A bug must cost one request a 500 with its message, never the server.
+        log.error("%s %s failed:\n%s", request.method, request.url.path, traceback.format_exc())
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    routes = [
+        Route("/local/v1/healthz", healthz, methods=["GET"]),
+        Route("/local/v1/info", local_info, methods=["GET"]),
+        *control.routes(),
+        *trainers.routes(),
+        *inference.routes(),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected})
+    app.state.control, app.state.trainers, app.state.inference = control, trainers, inference
+    return app
+
+
+def _warm_imports() -> None:
+    try:
+        from . import engine  # noqa: F401
+        from transformers import Qwen3ForCausalLM  # noqa: F401
+    except Exception:  # the first request will report it properly
+        log.exception("warming up imports failed")
+
+
+def _take_lock(state_dir: Path):
+    handle = open(state_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        running = read_json(state_dir / INFO_FILE) or {}
+        sys.exit(f"another local service already uses {state_dir} (pid {running.get('pid', '?')}, "
+                 f"{running.get('base_url', 'unknown url')}); stop it with `firetitan-track local down`")
+    return handle
+
+
+def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = "warning") -> None:
+    import uvicorn
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(state_dir)
+    from .model import pick_device
+    pick_device(device)  # fail now, not at the first request, if CUDA is asked for and absent
+
+    # Bind first (port 0 = any free port), so the info file names the real port.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    info = service_info(state_dir, port, device)
+    app = build_app(state_dir, device, info)
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=75,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    server = uvicorn.Server(config)
+    info_path = state_dir / INFO_FILE
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            write_json_atomic(info_path, info)
+            log.warning("local service listening on %s (state dir %s, device %s)", info["base_url"], state_dir, device)
+        await task
+
+    try:
+        asyncio.run(run())
+    finally:
+        current = read_json(info_path)
+        if current and current.get("pid") == os.getpid():
+            info_path.unlink(missing_ok=True)
+        lock.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m runner.local.server", description=__doc__.split("\n")[0])
+    parser.add_argument("--state-dir", default=".firetitan/local", type=Path)
+    parser.add_argument("--port", default=0, type=int)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--log-level", default=os.environ.get("FIRETITAN_LOCAL_LOG_LEVEL", "warning"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM from `local down`: uvicorn turns it into a graceful shutdown.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    serve(args.state_dir, args.port, args.device, args.log_level)
+
+
+if __name__ == "__main__":
+    main()

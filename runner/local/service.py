@@ -1,0 +1,201 @@
+"""Starting, finding and stopping the local service process.
+
+- ``start(state_dir, port, device)``: launch ``python -m runner.local.server`` in
+  the background (its own session, output to ``<state_dir>/service.log``), wait
+  until it answers, return its ``LocalServiceInfo``;
+- ``running(state_dir)``: the info of a live service on that state dir, or None;
+- ``ensure_running(state_dir)``: reuse a live one, else start one;
+- ``stop(state_dir)``: SIGTERM, then SIGKILL after a grace period;
+- ``local_service(...)``: a context manager that starts a service (in a fresh
+  temporary state dir by default), yields its info and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .state import read_json
+
+DEFAULT_STATE_DIR = Path(".firetitan/local")
+INFO_FILE = "service.json"   # written by runner.local.server once it listens
+LOG_FILE = "service.log"
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class LocalServiceInfo:
+    base_url: str
+    base_model: str
+    tokenizer_path: str
+    training_shape_id: str
+    pid: int
+    state_dir: str = ""
+    port: int = 0
+
+    def public(self) -> dict:
+        """The fields `local up` / `local info --json` print."""
+        data = asdict(self)
+        return {key: data[key] for key in ("base_url", "base_model", "tokenizer_path", "training_shape_id", "pid")}
+
+    @classmethod
+    def from_file(cls, data: dict) -> "LocalServiceInfo":
+        return cls(base_url=data["base_url"], base_model=data["base_model"], tokenizer_path=data["tokenizer_path"],
+                   training_shape_id=data["training_shape_id"], pid=int(data["pid"]),
+                   state_dir=data.get("state_dir", ""), port=int(data.get("port", 0)))
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not alive for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_our_server(pid: int) -> bool:
+    """Guard against pid reuse: only signal a process that runs our server module."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"runner.local.server" in f.read()
+    except OSError:
+        return _pid_alive(pid)
+
+
+def _healthy(base_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/local/v1/healthz", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def running(state_dir: Path | str = DEFAULT_STATE_DIR) -> LocalServiceInfo | None:
+    """The live service on ``state_dir``, or None (a stale info file is ignored)."""
+    data = read_json(Path(state_dir) / INFO_FILE)
+    if not data or not _pid_alive(int(data.get("pid", 0))) or not _healthy(data["base_url"]):
+        return None
+    return LocalServiceInfo.from_file(data)
+
+
+def start(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str = "cpu",
+          timeout: float = READY_TIMEOUT_S) -> LocalServiceInfo:
+    """Launch the server in the background and wait until it serves."""
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if running(state_dir) is not None:
+        raise ServiceError(f"a local service is already running on {state_dir}")
+    (state_dir / INFO_FILE).unlink(missing_ok=True)  # stale, from a killed server
+    repo_root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env.get("PYTHONPATH")]))
+    log_file = open(state_dir / LOG_FILE, "ab")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "runner.local.server", "--state-dir", str(state_dir), "--port", str(port),
+             "--device", device],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)  # survives the CLI that started it; `local down` stops it
+    finally:
+        log_file.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exit_code = process.poll()
+        if exit_code is not None:
+            raise ServiceError(f"local service exited with code {exit_code} during start-up; see "
+                               f"{state_dir / LOG_FILE}:\n{_log_tail(state_dir)}")
+        data = read_json(state_dir / INFO_FILE)
+        if data and int(data.get("pid", 0)) == process.pid and _healthy(data["base_url"], timeout=1.0):
+            return LocalServiceInfo.from_file(data)
+        time.sleep(0.05)
+    process.kill()
+    raise ServiceError(f"local service did not become ready within {timeout:.0f}s; see {state_dir / LOG_FILE}")
+
+
+def _log_tail(state_dir: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join((state_dir / LOG_FILE).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def ensure_running(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str = "cpu") -> LocalServiceInfo:
+    """The live service on ``state_dir``, started if there is none."""
+    return running(state_dir) or start(state_dir, port=port, device=device)
+
+
+def stop(state_dir: Path | str = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> bool:
+    """Stop the service on ``state_dir``; True if one was running."""
+    state_dir = Path(state_dir)
+    data = read_json(state_dir / INFO_FILE)
+    if not data:
+        return False
+    pid = int(data.get("pid", 0))
+    if not pid or not _pid_alive(pid) or not _is_our_server(pid):
+        (state_dir / INFO_FILE).unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        while _pid_alive(pid):
+            time.sleep(0.05)
+    (state_dir / INFO_FILE).unlink(missing_ok=True)
+    return True
+
+
+def kill(state_dir: Path | str) -> None:
+    """SIGKILL the service (tests use it to simulate a crash); leaves its files as they are."""
+    data = read_json(Path(state_dir) / INFO_FILE)
+    if data and _pid_alive(int(data["pid"])) and _is_our_server(int(data["pid"])):
+        os.kill(int(data["pid"]), signal.SIGKILL)
+        while _pid_alive(int(data["pid"])):
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def local_service(state_dir: Path | str | None = None, port: int = 0, device: str = "cpu") -> Iterator[LocalServiceInfo]:
+    """Start a local service for the duration of the block and yield its info.
+
+    With no ``state_dir`` it runs in a temporary directory that is removed afterwards.
+    """
+    temporary = state_dir is None
+    directory = Path(tempfile.mkdtemp(prefix="firetitan-local-")) if temporary else Path(state_dir)
+    try:
+        info = start(directory, port=port, device=device)
+        try:
+            yield info
+        finally:
+            stop(directory)
+    finally:
+        if temporary:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience for manual runs
+    print(json.dumps(ensure_running().public()))

@@ -1,0 +1,141 @@
+"""Control-plane records of the local service, kept as JSON files in the state dir.
+
+Layout under ``<state_dir>``::
+
+    control/jobs/<job_id>.json          one trainer job (rlorTrainerJob) each
+    control/deployments/<id>.json       one deployment each
+    control/models/<model_id>.json      models promoted from checkpoints
+    jobs/<job_id>/                      the engine's files for that job (snapshots, DCP states)
+
+Every write goes to a temporary file in the same directory and is renamed over
+the old one, so a crash (``kill -9`` included) leaves either the old record or
+the new one, never half a file. Records are plain dicts in the wire shape the
+SDK reads (camelCase keys), so the control plane can return them as they are.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def now_rfc3339() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class RecordStore:
+    """A directory of JSON records keyed by id; thread-safe, crash-safe writes."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"invalid record id {key!r}")
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        try:
+            return read_json(self._path(key))
+        except ValueError:
+            return None
+
+    def put(self, key: str, record: dict) -> dict:
+        with self._lock:
+            write_json_atomic(self._path(key), record)
+        return record
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            try:
+                self._path(key).unlink()
+            except FileNotFoundError:
+                pass
+
+    def all(self) -> list[dict]:
+        records = []
+        for path in sorted(self.directory.glob("*.json")):
+            record = read_json(path)
+            if record is not None:
+                records.append(record)
+        return records
+
+
+class ServiceState:
+    """All persistent control-plane state of one local service."""
+
+    def __init__(self, state_dir: Path):
+        self.root = Path(state_dir)
+        self.jobs = RecordStore(self.root / "control" / "jobs")
+        self.deployments = RecordStore(self.root / "control" / "deployments")
+        self.models = RecordStore(self.root / "control" / "models")
+        self.checkpoints = CheckpointIndex(self.root / "control" / "checkpoints")
+
+    def job_dir(self, job_id: str) -> Path:
+        path = self.root / "jobs" / job_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class CheckpointIndex:
+    """Per trainer job, the sampler snapshots and DCP states it saved, oldest first.
+
+    One file per job (``control/checkpoints/<job_id>.json``); it outlives the
+    job record's deletion, as the managed service keeps checkpoint rows of a
+    deleted trainer for recovery and promotion.
+    """
+
+    def __init__(self, directory: Path):
+        self._store = RecordStore(directory)
+        self._lock = threading.Lock()
+
+    def list(self, job_id: str) -> list[dict]:
+        record = self._store.get(job_id)
+        return list(record["checkpoints"]) if record else []
+
+    def find(self, job_id: str, checkpoint_id: str, family: str | None = None) -> dict | None:
+        """The row named ``checkpoint_id`` ("sampler" or "state" family, or either)."""
+        for entry in reversed(self.list(job_id)):
+            if entry["id"] == checkpoint_id and family in (None, entry["family"]):
+                return entry
+        return None
+
+    def add(self, job_id: str, entry: dict) -> None:
+        """Add (or replace, when a name is saved again) one checkpoint row."""
+        with self._lock:
+            # Sampler snapshots and DCP states may share a name; each family keeps its own.
+            rows = [row for row in self.list(job_id)
+                    if (row["id"], row["family"]) != (entry["id"], entry["family"])]
+            rows.append(entry)
+            self._store.put(job_id, {"checkpoints": rows})

@@ -1,0 +1,633 @@
+"""The trainer data plane: ``/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/...``.
+
+Every mutating call (create_model, forward, forward_backward, optim_step, the
+saves and loads) is answered at once with ``{"request_id": ...}``; the work runs
+on the job's own worker thread and the client collects the result with
+``retrieve_future``, a long-poll held open until the result is ready (or
+answered ``{"type": "try_again"}`` after a while, so the client polls again).
+
+Ordering: the SDK numbers each model's requests (``seq_id`` 1, 2, ...) and may
+send forward_backward chunks in parallel, so requests can arrive out of order.
+The per-model sequencer releases them to the worker strictly in ``seq_id``
+order; a re-sent ``seq_id`` (a client retry) gets the original request id back
+instead of running twice. One worker thread per trainer means torch work never
+runs on the event loop and requests for one trainer never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import queue
+import re
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Any, Callable
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from . import catalogue
+from .state import ServiceState, now_rfc3339
+from .wire import ApiError, check_token_ids, datum_tokens, decode_tensor, encode_tensor, field, json_body, json_response
+
+log = logging.getLogger("runner.local.trainer")
+
+# Long-poll budget for retrieve_future: well under the SDK's 45 s read timeout.
+LONG_POLL_S = 20.0
+# A request held back waiting for an earlier seq_id fails after this long: the
+# client that skipped a number has already failed its own sequence.
+SEQUENCE_GAP_TIMEOUT_S = 60.0
+# Completed results are kept this long so a retried retrieve_future still finds them.
+RESULT_TTL_S = 600.0
+
+# The loss functions the SDK exposes (types.LossFnType); the engine decides which it runs.
+SDK_LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dapo", "gspo", "dppo", "reinforce")
+CHECKPOINT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+CROSS_JOB_PREFIX = "cross_job://"
+
+
+def _engine():
+    # Lazy: the control plane and the CLI never need torch.
+    from . import engine
+    return engine
+
+
+def supported_loss_fns() -> tuple[str, ...]:
+    return tuple(getattr(_engine(), "SUPPORTED_LOSSES", SDK_LOSS_FNS))
+
+
+@dataclass
+class TrainerSpec:
+    """What a trainer job asks the engine for (from its control-plane record)."""
+
+    job_id: str
+    base_model: str
+    lora_rank: int = 0
+    forward_only: bool = False
+    seed: int = 0
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    op: str
+    fn: Callable[[Any], dict]
+    buffered_at: float = 0.0
+
+
+@dataclass
+class _ModelSequence:
+    """Per model_id: next seq_id to release, requests waiting for their turn."""
+
+    next_seq: int = 1
+    waiting: dict[int, _Pending] = dc_field(default_factory=dict)
+    request_ids: dict[int, str] = dc_field(default_factory=dict)
+
+
+class TrainerRuntime:
+    """One trainer job's engine, worker thread, futures and request ordering."""
+
+    def __init__(self, spec: TrainerSpec, state: ServiceState, device: str, loop: asyncio.AbstractEventLoop):
+        self.spec = spec
+        self.state = state
+        self.device = device
+        self.loop = loop
+        card = catalogue.resolve(spec.base_model)
+        self.vocab_size = int(card.config["vocab_size"])
+        self.max_context = int(card.max_context_length)
+        self.engine_trainer: Any = None
+        self._engine_error: str | None = None
+        self._work: queue.Queue[_Pending | None] = queue.Queue()
+        self._futures: dict[str, asyncio.Future] = {}
+        self._done_at: dict[str, float] = {}
+        self._models: dict[str, _ModelSequence] = {}
+        self._model_counter = itertools.count(1)
+        self._request_counter = itertools.count(1)
+        self._thread = threading.Thread(target=self._run, name=f"trainer-{spec.job_id}", daemon=True)
+        self._thread.start()
+
+    # -- submission (event loop) ------------------------------------------------
+
+    def new_model_id(self) -> str:
+        model_id = f"{self.spec.job_id}.model-{next(self._model_counter)}"
+        self._models[model_id] = _ModelSequence()
+        return model_id
+
+    def has_model(self, model_id: str) -> bool:
+        return model_id in self._models
+
+    def drop_model(self, model_id: str) -> None:
+        self._models.pop(model_id, None)
+
+    def submit(self, op: str, fn: Callable[[Any], dict], *, model_id: str | None = None,
+               seq_id: int | None = None) -> str:
+        """Queue ``fn(engine_trainer)``; returns the request id the client polls."""
+        if model_id is not None and seq_id is not None:
+            seq = self._models.get(model_id)
+            if seq is None:
+                raise ApiError(404, f"unknown model_id {model_id!r} on trainer {self.spec.job_id}; "
+                                    "create a model first (the service may have restarted)")
+            if type(seq_id) is not int or seq_id < 1:
+                raise ApiError(400, f"seq_id must be a positive integer (got {seq_id!r})")
+            if seq_id in seq.request_ids:  # a client retry of a request we already took
+                return seq.request_ids[seq_id]
+            if seq_id < seq.next_seq:
+                raise ApiError(409, f"seq_id {seq_id} for {model_id} was already consumed")
+            pending = self._new_pending(op, fn)
+            seq.request_ids[seq_id] = pending.request_id
+            if seq_id == seq.next_seq:
+                self._release(seq, seq_id, pending)
+            else:
+                pending.buffered_at = time.monotonic()
+                seq.waiting[seq_id] = pending
+                self.loop.call_later(SEQUENCE_GAP_TIMEOUT_S + 0.1, self._expire_gaps, model_id)
+            return pending.request_id
+        pending = self._new_pending(op, fn)
+        self._work.put(pending)
+        return pending.request_id
+
+    def skip_seq(self, model_id: str | None, seq_id: Any) -> None:
+        """A request we rejected with a 4xx still used up its seq_id: let later ones run."""
+        seq = self._models.get(model_id) if model_id else None
+        if seq is None or type(seq_id) is not int or seq_id in seq.request_ids or seq_id < seq.next_seq:
+            return
+        seq.request_ids[seq_id] = ""
+        if seq_id == seq.next_seq:
+            self._release(seq, seq_id, None)
+        else:
+            seq.waiting[seq_id] = _Pending("", "skipped", lambda engine: {})
+
+    def _new_pending(self, op: str, fn: Callable[[Any], dict]) -> _Pending:
+        request_id = f"{self.spec.job_id}-r{next(self._request_counter)}-{uuid.uuid4().hex[:6]}"
+        self._futures[request_id] = self.loop.create_future()
+        self._prune()
+        return _Pending(request_id, op, fn)
+
+    def _release(self, seq: _ModelSequence, seq_id: int, pending: _Pending | None) -> None:
+        if pending is not None and pending.request_id:
+            self._work.put(pending)
+        seq.next_seq = seq_id + 1
+        while seq.next_seq in seq.waiting:
+            queued = seq.waiting.pop(seq.next_seq)
+            if queued.request_id:
+                self._work.put(queued)
+            seq.next_seq += 1
+
+    def _expire_gaps(self, model_id: str) -> None:
+        seq = self._models.get(model_id)
+        if seq is None:
+            return
+        now = time.monotonic()
+        for seq_id, pending in list(seq.waiting.items()):
+            if pending.request_id and now - pending.buffered_at >= SEQUENCE_GAP_TIMEOUT_S:
+                del seq.waiting[seq_id]
+                self._resolve(pending.request_id, {
+                    "error": f"seq_id {seq_id} waited {SEQUENCE_GAP_TIMEOUT_S:.0f}s for seq_id {seq.next_seq}, "
+                             "which never arrived; reconnect and retry",
+                    "category": "user"})
+
+    # -- results (event loop) -----------------------------------------------------
+
+    def _resolve(self, request_id: str, payload: dict) -> None:
+        future = self._futures.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(payload)
+            self._done_at[request_id] = time.monotonic()
+
+    def _prune(self) -> None:
+        if len(self._done_at) < 256:
+            return
+        cutoff = time.monotonic() - RESULT_TTL_S
+        for request_id, done_at in list(self._done_at.items()):
+            if done_at < cutoff:
+                del self._done_at[request_id]
+                self._futures.pop(request_id, None)
+
+    async def wait(self, request_id: str, timeout: float) -> dict | None:
+        """The result payload, or None if it is not ready within ``timeout``."""
+        future = self._futures.get(request_id)
+        if future is None:
+            raise ApiError(404, f"unknown request_id {request_id!r} (results are kept {RESULT_TTL_S:.0f}s; "
+                                "the service may have restarted)")
+        if not future.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(future), timeout)
+            except asyncio.TimeoutError:
+                return None
+        return future.result()
+
+    async def run(self, op: str, fn: Callable[[Any], dict], timeout: float = 600.0) -> dict:
+        """Run ``fn`` on the worker (in order with queued work) and await its payload."""
+        request_id = self.submit(op, fn)
+        payload = await self.wait(request_id, timeout)
+        if payload is None:
+            raise ApiError(503, f"{op} timed out")
+        if "error" in payload:
+            raise ApiError(400 if payload.get("category") == "user" else 500, payload["error"])
+        return payload
+
+    # -- worker thread ------------------------------------------------------------
+
+    def _ensure_engine(self) -> Any:
+        if self.engine_trainer is None and self._engine_error is None:
+            spec = self.spec
+            try:
+                self.engine_trainer = _engine().Trainer(
+                    spec.base_model, state_dir=str(self.state.job_dir(spec.job_id)), seed=spec.seed,
+                    device=self.device, lora_rank=spec.lora_rank, forward_only=spec.forward_only)
+            except Exception as exc:
+                log.exception("trainer %s failed to start", spec.job_id)
+                self._engine_error = f"trainer failed to start: {type(exc).__name__}: {exc}"
+        if self._engine_error is not None:
+            raise RuntimeError(self._engine_error)
+        return self.engine_trainer
+
+    def _run(self) -> None:
+        engine_error = _engine().EngineError
+        while True:
+            item = self._work.get()
+            if item is None:
+                break
+            started = time.perf_counter()
+            try:
+                payload = item.fn(self._ensure_engine())
+            except (ApiError, engine_error, ValueError) as exc:
+                message = exc.message if isinstance(exc, ApiError) else str(exc)
+                payload = {"error": f"{item.op}: {message}", "category": "user"}
+            except Exception as exc:  # never kill the worker: report and carry on
+                log.error("trainer %s: %s failed:\n%s", self.spec.job_id, item.op, traceback.format_exc())
+                payload = {"error": f"{item.op}: internal error: {type(exc).__name__}: {exc}", "category": "server"}
+            log.debug("trainer %s: %s took %.1f ms", self.spec.job_id, item.op, 1e3 * (time.perf_counter() - started))
+            try:
+                self.loop.call_soon_threadsafe(self._resolve, item.request_id, payload)
+            except RuntimeError:  # loop closed: the service is shutting down
+                break
+        self.engine_trainer = None
+
+    def stop(self) -> None:
+        self._work.put(None)
+
+
+# -- request decoding -------------------------------------------------------------
+
+def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[list, str, dict | None]:
+    """(engine Examples, loss_fn, loss_fn_config) from a forward(_backward)_input."""
+    if not isinstance(fb_input, dict):
+        raise ApiError(400, "missing forward_backward_input / forward_input object")
+    loss_fn = fb_input.get("loss_fn")
+    if not isinstance(loss_fn, str):
+        raise ApiError(400, "missing loss_fn")
+    known = supported_loss_fns()
+    if loss_fn not in known:
+        raise ApiError(400, f"unknown loss function {loss_fn!r}; the local trainer supports: {', '.join(known)}")
+    config = fb_input.get("loss_fn_config")
+    if config is not None and not isinstance(config, dict):
+        raise ApiError(400, "loss_fn_config must be an object")
+    data = fb_input.get("data")
+    if not isinstance(data, list) or not data:
+        raise ApiError(400, "data must be a non-empty list of datums")
+    example_cls = _engine().Example
+    examples = []
+    for index, datum in enumerate(data):
+        tokens = datum_tokens(datum, index, vocab_size=runtime.vocab_size, max_context=runtime.max_context)
+        raw_inputs = datum.get("loss_fn_inputs") or {}
+        if not isinstance(raw_inputs, dict):
+            raise ApiError(400, f"data[{index}].loss_fn_inputs must be an object")
+        inputs = {name: decode_tensor(value, name) for name, value in raw_inputs.items()}
+        target = inputs.get("target_tokens")
+        if target is None:
+            raise ApiError(400, f"data[{index}]: loss_fn_inputs.target_tokens is required")
+        check_token_ids(target.reshape(-1).tolist(), f"data[{index}].target_tokens", vocab_size=runtime.vocab_size)
+        for name, tensor in inputs.items():
+            if tensor.dim() == 0 or tensor.shape[0] != len(tokens):
+                raise ApiError(400, f"data[{index}].loss_fn_inputs[{name!r}] has {tuple(tensor.shape)} entries; "
+                                    f"expected one per input token ({len(tokens)})")
+        examples.append(example_cls(tokens=tokens, inputs=inputs))
+    return examples, loss_fn, config
+
+
+def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metric names carry their reduction ("loss:sum"): the SDK splits on ':' to
+    combine chunked results, so a bare name would crash it. Bare names get ':mean'."""
+    out = {}
+    for key, value in metrics.items():
+        name = key if key.count(":") == 1 else f"{key.replace(':', '_')}:mean"
+        out[name] = float(value)
+    return out
+
+
+def forward_payload(result: Any) -> dict:
+    return {
+        "loss_fn_output_type": "TensorData",
+        "loss_fn_outputs": [{"logprobs": encode_tensor(logprobs)} for logprobs in result.logprobs],
+        "metrics": _metrics(result.metrics),
+    }
+
+
+def weights_digest(model: Any) -> dict:
+    """sha256 over every parameter's name, shape, dtype and bytes, in name order."""
+    from .model import weight_dict
+
+    digest = hashlib.sha256()
+    weights = weight_dict(model)
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.numpy().tobytes())
+    return {"sha256": digest.hexdigest(), "tensors": len(weights)}
+
+
+def engine_model(engine_object: Any) -> Any:
+    for attr in ("model", "_model"):
+        model = getattr(engine_object, attr, None)
+        if model is not None:
+            return model
+    raise ApiError(500, f"{type(engine_object).__name__} exposes no model to digest")
+
+
+# -- the plane -----------------------------------------------------------------------
+
+class TrainerPlane:
+    """Running trainer jobs and the HTTP handlers that reach them."""
+
+    def __init__(self, state: ServiceState, device: str):
+        self.state = state
+        self.device = device
+        self.runtimes: dict[str, TrainerRuntime] = {}
+
+    def start(self, spec: TrainerSpec) -> TrainerRuntime:
+        runtime = self.runtimes.get(spec.job_id)
+        if runtime is None:
+            runtime = TrainerRuntime(spec, self.state, self.device, asyncio.get_running_loop())
+            self.runtimes[spec.job_id] = runtime
+        return runtime
+
+    def stop(self, job_id: str) -> None:
+        runtime = self.runtimes.pop(job_id, None)
+        if runtime is not None:
+            runtime.stop()
+
+    def stop_all(self) -> None:
+        for job_id in list(self.runtimes):
+            self.stop(job_id)
+
+    def runtime(self, request: Request) -> TrainerRuntime:
+        job_id = request.path_params["job"]
+        runtime = self.runtimes.get(job_id)
+        if runtime is None:
+            job = self.state.jobs.get(job_id)
+            if job is None:
+                raise ApiError(404, f"trainer job {job_id!r} not found")
+            raise ApiError(404, f"trainer job {job_id!r} is not running (state {job.get('state')}); "
+                                "resume it through the control plane")
+        return runtime
+
+    # -- session endpoints (answered directly) --------------------------------------
+
+    async def healthz(self, request: Request):
+        self.runtime(request)
+        return json_response({"status": "ok"})
+
+    async def client_config(self, request: Request):
+        self.runtime(request)
+        return json_response({"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": True})
+
+    async def create_session(self, request: Request):
+        self.runtime(request)
+        await json_body(request, required=False)
+        return json_response({"type": "create_session", "session_id": f"session-{uuid.uuid4().hex[:12]}"})
+
+    async def session_heartbeat(self, request: Request):
+        self.runtime(request)
+        return json_response({"type": "session_heartbeat"})
+
+    async def telemetry(self, request: Request):
+        # Accepted and dropped: the local service keeps no client telemetry.
+        return json_response({"status": "accepted"})
+
+    async def get_server_capabilities(self, request: Request):
+        self.runtime(request)
+        return json_response({"supported_models": [{"model_name": name} for name in catalogue.BASE_MODELS]})
+
+    async def list_checkpoints(self, request: Request):
+        runtime = self.runtime(request)
+        names = [row["id"] for row in self.state.checkpoints.list(runtime.spec.job_id) if row["family"] == "state"]
+        return json_response({"checkpoints": sorted(names)})
+
+    async def get_info(self, request: Request):
+        runtime = self.runtime(request)
+        body = await json_body(request)
+        model_id = field(body, "model_id", str)
+        return json_response({
+            "type": "get_info", "model_id": model_id, "model_name": runtime.spec.base_model,
+            "is_lora": runtime.spec.lora_rank > 0, "lora_rank": runtime.spec.lora_rank or None,
+            "model_data": {"arch": "Qwen3ForCausalLM", "model_name": runtime.spec.base_model,
+                           "tokenizer_id": catalogue.tokenizer_path()},
+        })
+
+    async def retrieve_future(self, request: Request):
+        runtime = self.runtime(request)
+        body = await json_body(request)
+        request_id = field(body, "request_id", str)
+        payload = await runtime.wait(request_id, LONG_POLL_S)
+        if payload is None:
+            return json_response({"type": "try_again", "request_id": request_id, "queue_state": "active"})
+        return json_response(payload)
+
+    # -- queued operations --------------------------------------------------------------
+
+    async def _queued(self, request: Request, op: str, build: Callable[[TrainerRuntime, dict], Callable[[Any], dict]],
+                      *, sequenced: bool = True):
+        """Validate synchronously (a 4xx now), then queue the work in seq_id order."""
+        runtime = self.runtime(request)
+        body = await json_body(request)
+        model_id = body.get("model_id") if sequenced else None
+        seq_id = body.get("seq_id") if sequenced else None
+        if sequenced:
+            if not isinstance(model_id, str):
+                raise ApiError(400, "missing model_id")
+            if not runtime.has_model(model_id):
+                raise ApiError(404, f"unknown model_id {model_id!r} on trainer {runtime.spec.job_id}; "
+                                    "create a model first (the service may have restarted)")
+        try:
+            work = build(runtime, body)
+        except ApiError:
+            runtime.skip_seq(model_id, seq_id)
+            raise
+        request_id = runtime.submit(op, work, model_id=model_id, seq_id=seq_id)
+        return json_response({"request_id": request_id, "model_id": model_id})
+
+    async def create_model(self, request: Request):
+        runtime = self.runtime(request)
+        body = await json_body(request)
+        base_model = field(body, "base_model", str)
+        if base_model != runtime.spec.base_model:
+            raise ApiError(400, f"trainer {runtime.spec.job_id} serves {runtime.spec.base_model!r}, "
+                                f"not {base_model!r}")
+        if body.get("base_only"):
+            raise ApiError(400, "base-only reference models share a LoRA trainer; this full-parameter trainer "
+                                "cannot serve one (the SDK provisions a separate forward-only reference trainer)")
+        lora = body.get("lora_config") or {}
+        rank = int(lora.get("rank") or 0) if isinstance(lora, dict) else 0
+        if rank != runtime.spec.lora_rank:
+            raise ApiError(400, f"trainer {runtime.spec.job_id} was created with lora_rank="
+                                f"{runtime.spec.lora_rank}, the model asks for {rank}")
+        model_id = runtime.new_model_id()
+
+        def work(trainer: Any) -> dict:
+            # Building the engine (first use) happens before this runs; the model is the trainer's.
+            return {"type": "create_model", "model_id": model_id}
+
+        request_id = runtime.submit("create_model", work)
+        return json_response({"request_id": request_id, "model_id": model_id})
+
+    async def unload_model(self, request: Request):
+        runtime = self.runtime(request)
+        body = await json_body(request)
+        model_id = field(body, "model_id", str)
+
+        def work(trainer: Any) -> dict:
+            return {"type": "unload_model", "model_id": model_id}
+
+        request_id = runtime.submit("unload_model", work)
+        runtime.drop_model(model_id)
+        return json_response({"request_id": request_id, "model_id": model_id})
+
+    async def forward(self, request: Request):
+        def build(runtime: TrainerRuntime, body: dict):
+            examples, loss_fn, config = decode_examples(runtime, body.get("forward_input"))
+            return lambda trainer: forward_payload(trainer.forward(examples, loss_fn, config))
+        return await self._queued(request, "forward", build)
+
+    async def forward_backward(self, request: Request):
+        def build(runtime: TrainerRuntime, body: dict):
+            if runtime.spec.forward_only:
+                raise ApiError(400, f"trainer {runtime.spec.job_id} is forward-only (a frozen reference); "
+                                    "forward_backward is not available")
+            examples, loss_fn, config = decode_examples(runtime, body.get("forward_backward_input"))
+            return lambda trainer: forward_payload(trainer.forward_backward(examples, loss_fn, config))
+        return await self._queued(request, "forward_backward", build)
+
+    async def optim_step(self, request: Request):
+        def build(runtime: TrainerRuntime, body: dict):
+            if runtime.spec.forward_only:
+                raise ApiError(400, f"trainer {runtime.spec.job_id} is forward-only; optim_step is not available")
+            adam = field(body, "adam_params", dict)
+            params = {}
+            for key in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+                if adam.get(key) is not None:
+                    value = adam[key]
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        raise ApiError(400, f"adam_params.{key} must be a number")
+                    params[key] = float(value)
+            normalization = body.get("grad_accumulation_normalization")
+            if normalization is not None and not isinstance(normalization, str):
+                raise ApiError(400, "grad_accumulation_normalization must be a string")
+
+            def work(trainer: Any) -> dict:
+                metrics = trainer.optim_step(params, grad_accumulation_normalization=normalization)
+                return {"type": "optim_step", "metrics": {key: float(value) for key, value in metrics.items()}}
+            return work
+        return await self._queued(request, "optim_step", build)
+
+    async def save_weights_for_sampler(self, request: Request):
+        def build(runtime: TrainerRuntime, body: dict):
+            name = field(body, "path", str)
+            kind = str(body.get("checkpoint_type") or "base").lower()
+            if kind not in ("base", "delta"):
+                raise ApiError(400, f"checkpoint_type {kind!r} is not supported by the local full-parameter "
+                                    "trainer (base or delta)")
+            if not CHECKPOINT_NAME_RE.match(name):
+                raise ApiError(400, f"sampler snapshot name {name!r} must be a DNS label (a-z, 0-9, '-')")
+            job_id = runtime.spec.job_id
+            state = self.state
+
+            def work(trainer: Any) -> dict:
+                saved = trainer.save_sampler_snapshot(name, kind)
+                state.checkpoints.add(job_id, {
+                    "id": name, "family": "sampler", "kind": saved.get("kind", kind), "path": saved["path"],
+                    "base_path": saved.get("base_path"), "createTime": now_rfc3339(),
+                    "step": getattr(trainer, "step", None)})
+                return {"type": "save_weights_for_sampler", "path": name}
+            return work
+        return await self._queued(request, "save_weights_for_sampler", build)
+
+    async def save_weights(self, request: Request):
+        def build(runtime: TrainerRuntime, body: dict):
+            name = field(body, "path", str)
+            if not CHECKPOINT_NAME_RE.match(name):
+                raise ApiError(400, f"checkpoint name {name!r} must be a DNS label (a-z, 0-9, '-')")
+            job_id = runtime.spec.job_id
+            state = self.state
+
+            def work(trainer: Any) -> dict:
+                path = trainer.save_state(name)
+                state.checkpoints.add(job_id, {
+                    "id": name, "family": "state", "kind": "state", "path": str(path),
+                    "createTime": now_rfc3339(), "step": getattr(trainer, "step", None)})
+                return {"type": "save_weights", "path": name}
+            return work
+        return await self._queued(request, "save_weights", build)
+
+    async def load_weights(self, request: Request):
+        def build(runtime: TrainerRuntime, body: dict):
+            ref = field(body, "path", str).strip()
+            with_optimizer = bool(body.get("optimizer", False))
+            source_job, name = runtime.spec.job_id, ref
+            if ref.startswith(CROSS_JOB_PREFIX):
+                source_job, _, name = ref[len(CROSS_JOB_PREFIX):].partition("/")
+            elif "/" in ref:  # "<account>/<job>/<checkpoint>"
+                parts = ref.split("/")
+                source_job, name = parts[-2], parts[-1]
+            row = self.state.checkpoints.find(source_job, name, "state")
+            if row is None:
+                raise ApiError(404, f"no saved state {name!r} on trainer job {source_job!r}")
+            path = row["path"]
+
+            def work(trainer: Any) -> dict:
+                trainer.load_state(path, with_optimizer=with_optimizer)
+                return {"type": "load_weights", "path": ref}
+            return work
+        return await self._queued(request, "load_weights", build)
+
+    async def weights_digest(self, request: Request):
+        """Debug: a digest of the trainer's current weights (compare with a deployment's)."""
+        runtime = self.runtime(request)
+        return json_response(await runtime.run("weights_digest", lambda trainer: weights_digest(engine_model(trainer))))
+
+    def routes(self) -> list[Route]:
+        base = "/training/v1/rlorTrainerJobs/{account}/{job}/api/v1"
+        table = [
+            ("/healthz", self.healthz, ["GET"]),
+            ("/client/config", self.client_config, ["POST"]),
+            ("/create_session", self.create_session, ["POST"]),
+            ("/session_heartbeat", self.session_heartbeat, ["POST"]),
+            ("/telemetry", self.telemetry, ["POST"]),
+            ("/get_server_capabilities", self.get_server_capabilities, ["GET"]),
+            ("/get_info", self.get_info, ["POST"]),
+            ("/create_model", self.create_model, ["POST"]),
+            ("/unload_model", self.unload_model, ["POST"]),
+            ("/forward", self.forward, ["POST"]),
+            ("/forward_backward", self.forward_backward, ["POST"]),
+            ("/optim_step", self.optim_step, ["POST"]),
+            ("/save_weights_for_sampler", self.save_weights_for_sampler, ["POST"]),
+            ("/save_weights", self.save_weights, ["POST"]),
+            ("/load_weights", self.load_weights, ["POST"]),
+            ("/list_checkpoints", self.list_checkpoints, ["GET"]),
+            ("/retrieve_future", self.retrieve_future, ["POST"]),
+            ("/local/weights_digest", self.weights_digest, ["GET"]),
+        ]
+        return [Route(base + path, handler, methods=methods) for path, handler, methods in table]
+
+
+def checkpoint_path(state: ServiceState, job_id: str, name: str, family: str) -> Path | None:
+    row = state.checkpoints.find(job_id, name, family)
+    return Path(row["path"]) if row else None

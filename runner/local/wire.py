@@ -1,0 +1,145 @@
+"""Wire shapes shared by the endpoints: errors, JSON bodies, tensors, datums.
+
+The SDK sends tensors as ``{"data": [...], "dtype": "float32"|"int64", "shape": [...]}``
+(optionally sparse CSR with ``sparse_crow_indices``/``sparse_col_indices``) and
+datums as ``{"model_input": {"chunks": [{"type": "encoded_text", "tokens": [...]}]},
+"loss_fn_inputs": {name: tensor}}``. Decoding validates everything the engine
+would otherwise trip over (vocabulary, context length, shapes), so bad input is a
+400 with a message rather than an exception deep inside torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+_GRPC_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
+                412: "FAILED_PRECONDITION", 500: "INTERNAL", 503: "UNAVAILABLE"}
+
+
+class ApiError(Exception):
+    """An error the client caused (4xx) or should see verbatim; rendered as JSON."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    # orjson: several times faster than the stdlib on the tensor-heavy bodies.
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(status: int, message: str) -> Response:
+    # Google-style error body: the SDK's parse_api_error reads error.message.
+    body = {"error": {"code": status, "message": message, "status": _GRPC_STATUS.get(status, "UNKNOWN")}}
+    return json_response(body, status)
+
+
+async def json_body(request: Request, *, required: bool = True) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "request body must be a JSON object")
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: bool = True, default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"missing field {name!r}")
+        return default
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ApiError(400, f"field {name!r} has the wrong type (got bool)")
+    if not isinstance(value, kind):
+        raise ApiError(400, f"field {name!r} has the wrong type (got {type(value).__name__})")
+    return value
+
+
+# -- tensors -------------------------------------------------------------------
+
+def decode_tensor(obj: Any, name: str):
+    """A wire tensor as a torch tensor (dense), validated."""
+    import torch
+
+    if not isinstance(obj, dict) or "data" not in obj:
+        raise ApiError(400, f"loss_fn_inputs[{name!r}] must be a tensor object with 'data' and 'dtype'")
+    dtype_name = obj.get("dtype")
+    if dtype_name not in ("float32", "int64"):
+        raise ApiError(400, f"loss_fn_inputs[{name!r}]: unsupported dtype {dtype_name!r} (float32 or int64)")
+    dtype = torch.float32 if dtype_name == "float32" else torch.int64
+    data = obj["data"]
+    shape = obj.get("shape")
+    if not isinstance(data, list):
+        raise ApiError(400, f"loss_fn_inputs[{name!r}].data must be a list")
+    try:
+        values = torch.tensor(data, dtype=dtype)
+        if obj.get("sparse_crow_indices") is not None:
+            if shape is None or obj.get("sparse_col_indices") is None:
+                raise ApiError(400, f"loss_fn_inputs[{name!r}]: sparse tensors need shape and sparse_col_indices")
+            crow = torch.tensor(obj["sparse_crow_indices"], dtype=torch.int64)
+            col = torch.tensor(obj["sparse_col_indices"], dtype=torch.int64)
+            return torch.sparse_csr_tensor(crow, col, values, shape).to_dense()
+        if shape is not None:
+            values = values.reshape(shape)
+        return values
+    except ApiError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ApiError(400, f"loss_fn_inputs[{name!r}] is not a valid tensor: {exc}") from None
+
+
+def encode_tensor(tensor) -> dict:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    dtype = "int64" if not tensor.is_floating_point() else "float32"
+    if dtype == "float32" and tensor.dtype != __import__("torch").float32:
+        tensor = tensor.float()
+    return {"data": tensor.reshape(-1).tolist(), "dtype": dtype, "shape": list(tensor.shape)}
+
+
+# -- datums --------------------------------------------------------------------
+
+def datum_tokens(datum: Any, index: int, *, vocab_size: int, max_context: int) -> list[int]:
+    """The flat token list of one datum's model_input, validated."""
+    if not isinstance(datum, dict):
+        raise ApiError(400, f"data[{index}] must be an object")
+    model_input = datum.get("model_input")
+    if not isinstance(model_input, dict) or not isinstance(model_input.get("chunks"), list):
+        raise ApiError(400, f"data[{index}].model_input.chunks must be a list")
+    tokens: list[int] = []
+    for chunk in model_input["chunks"]:
+        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+            kind = chunk.get("type") if isinstance(chunk, dict) else type(chunk).__name__
+            raise ApiError(400, f"data[{index}]: only encoded_text chunks are supported locally (got {kind!r})")
+        chunk_tokens = chunk.get("tokens")
+        if not isinstance(chunk_tokens, list):
+            raise ApiError(400, f"data[{index}]: chunk tokens must be a list of ints")
+        tokens.extend(chunk_tokens)
+    check_token_ids(tokens, f"data[{index}].model_input", vocab_size=vocab_size)
+    if not tokens:
+        raise ApiError(400, f"data[{index}]: model_input is empty")
+    if len(tokens) > max_context:
+        raise ApiError(400, f"data[{index}]: {len(tokens)} tokens exceed the model's context length {max_context}")
+    return tokens
+
+
+def check_token_ids(tokens: list, where: str, *, vocab_size: int) -> None:
+    for token in tokens:
+        if type(token) is not int:
+            raise ApiError(400, f"{where}: token ids must be integers (got {token!r})")
+        if not 0 <= token < vocab_size:
+            raise ApiError(400, f"{where}: token id {token} is outside the vocabulary [0, {vocab_size})")
