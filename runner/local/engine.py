@@ -7,6 +7,10 @@ runs one call at a time per trainer, in the order the requests were sequenced.
 Loss semantics follow Tinker's documented built-in losses: every loss is a SUM
 over tokens (the "loss:sum" metric), and gradients accumulate across
 forward_backward calls until optim_step.
+
+Custom losses need nothing here: the SDK's forward_backward_custom runs
+forward("cross_entropy") and then forward_backward("cross_entropy") with
+weights = -dLoss/dlogprob, both ordinary calls.
 """
 
 from __future__ import annotations
@@ -90,7 +94,10 @@ def _token_losses(loss_fn: str, logp: torch.Tensor, batch: dict[str, torch.Tenso
     high = _config_float(config, "clip_high_threshold", DEFAULT_CLIP[1])
     if not 0 <= low <= high:
         raise EngineError(f"need 0 <= clip_low_threshold <= clip_high_threshold, got {low} and {high}")
-    clipped = ratio.clamp(low, high)
+    # Per-token thresholds, when a datum carries them, override the config's scalars.
+    low = batch.get("clip_low_threshold", torch.tensor(low, device=ratio.device))
+    high = batch.get("clip_high_threshold", torch.tensor(high, device=ratio.device))
+    clipped = torch.minimum(torch.maximum(ratio, low), high)
     clip_fraction = ((ratio < low) | (ratio > high)).float()
     extra = {"clip_fraction": clip_fraction}
     if loss_fn == "ppo":
@@ -279,11 +286,6 @@ class Trainer:
         logp_cpu = logp.detach().to("cpu", torch.float32)
         per_example = [logp_cpu[i, :n].clone() for i, n in enumerate(batch.lengths)]
         return ForwardResult(per_example, metrics)
-
-    def forward_backward_custom_logprobs(self, examples):
-        """Not needed: the SDK runs custom losses client-side as forward("cross_entropy")
-        followed by forward_backward("cross_entropy", weights=-dLoss/dlogprob)."""
-        raise EngineError("custom losses run in the client; the service only sees cross_entropy calls")
 
     # -- optimizer
 

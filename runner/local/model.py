@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .catalogue import ModelCard
+from .catalogue import EngineError, ModelCard
 
 
 def pick_device(device: str = "cpu") -> torch.device:
@@ -12,10 +12,10 @@ def pick_device(device: str = "cpu") -> torch.device:
     not a silent fallback, so a run never reports CPU timings as GPU ones."""
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+            raise EngineError(f"device {device!r} requested but CUDA is not available")
         return torch.device(device)
     if device != "cpu":
-        raise ValueError(f"unknown device {device!r}; expected cpu or cuda")
+        raise EngineError(f"unknown device {device!r}; expected cpu or cuda")
     return torch.device("cpu")
 
 

@@ -418,3 +418,22 @@ def test_stop_strings_and_max_tokens(reversal_run):
     assert stopped.matched_stop == "32"
     assert short.token_ids == list(b"43") and short.finish_reason == "length"
     assert none.token_ids == [] and none.finish_reason == "length"
+
+
+def test_per_token_clip_thresholds_override_the_config(trainer):
+    examples = policy_examples(trainer, n=2)
+    for ex in examples:  # ratio e^1 on every token; clip only the first half of each datum
+        ex.inputs["logprobs"] = ex.inputs["logprobs"] - 1.0
+        n = len(ex.tokens)
+        ex.inputs["clip_low_threshold"] = torch.full((n,), 0.8)
+        ex.inputs["clip_high_threshold"] = torch.tensor([1.2] * (n // 2) + [10.0] * (n - n // 2))
+    result = trainer.forward(examples, "ppo", {"clip_high_threshold": 100.0})
+    halves = sum(len(ex.tokens) // 2 for ex in examples) / sum(len(ex.tokens) for ex in examples)
+    assert result.metrics["clip_fraction:mean"] == pytest.approx(halves)
+
+
+def test_unavailable_device_is_an_engine_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(EngineError, match="CUDA is not available"):
+        Trainer(TINY, state_dir=tmp_path, device="cuda")
