@@ -169,11 +169,13 @@ def export() -> None:
 @click.option("--poll", default=1.0, show_default=True, help="Seconds between polls with --follow.")
 @click.option("--no-artifacts", is_flag=True, help="Skip the spec, prompt sets, completions and plot.")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("--until-stdin-closes", is_flag=True, hidden=True,
+              help="With --follow: stop when stdin closes (how LiveExporter stops its follower).")
 @click.pass_context
 def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: str, experiment: str,
-                  follow: bool, poll: float, no_artifacts: bool, quiet: bool) -> None:
+                  follow: bool, poll: float, no_artifacts: bool, quiet: bool, until_stdin_closes: bool) -> None:
     """Export RUN_IDS (default: every run) to MLflow, resuming where the last export stopped."""
-    from firetitan_track.projections.mlflow import MlflowExporter, follow_until_signalled
+    from firetitan_track.projections.mlflow import MlflowExporter, follow_until_stopped
 
     with _ledger(ctx) as ledger:
         for run_id in run_ids:
@@ -181,7 +183,8 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
                 raise click.ClickException(f"no run {run_id!r} in the ledger")
         exporter = MlflowExporter(ledger, tracking_uri, experiment=experiment,
                                   run_ids=list(run_ids) or None, artifacts=not no_artifacts)
-        report = follow_until_signalled(exporter, poll) if follow else exporter.export()
+        report = (follow_until_stopped(exporter, poll, until_stdin_closes=until_stdin_closes)
+                  if follow else exporter.export())
     if not quiet:
         rebuilt = f", {len(report.rebuilt)} rebuilt after a resume" if report.rebuilt else ""
         click.echo(f"exported {report.events} events of {len(report.runs)} runs "

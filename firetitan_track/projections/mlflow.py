@@ -26,6 +26,8 @@ MLflow is imported lazily: nothing here touches it until an exporter is built.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -319,13 +321,15 @@ class MlflowExporter:
         self._models.pop(run_id, None)
         self._runs.pop(run_id, None)
 
-    def _set_status(self, ml_run: str, status: str, last: RecordedEvent) -> None:
-        if status == "completed":
-            self.client.set_terminated(ml_run, "FINISHED", end_time=_ms(last))
-        elif status == "failed":
-            self.client.set_terminated(ml_run, "FAILED", end_time=_ms(last))
-        else:
+    def _set_status(self, ml_run: str, status: str, last: RecordedEvent | None = None) -> None:
+        ended = {"completed": "FINISHED", "failed": "FAILED"}.get(status)
+        if ended is None:
             self.client.update_run(ml_run, status="RUNNING")
+            return
+        # set_terminated (the one call that records an end time) prints links to stdout;
+        # keep them out of the command's output
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.client.set_terminated(ml_run, ended, end_time=_ms(last) if last else None)
 
     def _log_tags(self, ml_run: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -373,13 +377,13 @@ class MlflowExporter:
         for trial in started.data["trials"]:
             n = self.ledger.stream_version(trial["run_id"])
             statuses.append(fold(self.ledger.read(trial["run_id"])).status if n else "new")
-        parent = self._sweep_parent(sweep_id)
         if all(s == "completed" for s in statuses):
-            self.client.set_terminated(parent, "FINISHED")
+            status = "completed"
         elif "failed" in statuses and not {"running", "new"} & set(statuses):
-            self.client.set_terminated(parent, "FAILED")
+            status = "failed"
         else:
-            self.client.update_run(parent, status="RUNNING")
+            status = "running"
+        self._set_status(self._sweep_parent(sweep_id), status)
 
 
 def _supersedes_shown(stream: list[RecordedEvent], shown: int) -> bool:
@@ -605,10 +609,11 @@ class LiveExporter:
     def start(self) -> LiveExporter:
         cmd = [sys.executable, "-c", "from firetitan_track.cli import main; main()",
                "--ledger", self.ledger_url, "export", "mlflow", "--tracking-uri", self.tracking_uri,
-               "--experiment", self.experiment, "--follow", "--poll", str(self.poll_s), "--quiet",
-               *self.run_ids]
+               "--experiment", self.experiment, "--follow", "--until-stdin-closes",
+               "--poll", str(self.poll_s), "--quiet", *self.run_ids]
         self._log = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+        # stdin is the stop signal: closing it cannot race the child's start-up, a signal can
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log)
         return self
 
     def stop(self, timeout: float = 300.0) -> None:
@@ -616,8 +621,8 @@ class LiveExporter:
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # the follower's cue to flush and exit
+        assert proc.stdin is not None
+        proc.stdin.close()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -636,11 +641,19 @@ class LiveExporter:
         self.stop()
 
 
-def follow_until_signalled(exporter: MlflowExporter, poll_s: float = 1.0) -> ExportReport:
-    """Run ``exporter.follow`` until SIGTERM or SIGINT, then flush and return."""
+def follow_until_stopped(exporter: MlflowExporter, poll_s: float = 1.0, *,
+                         until_stdin_closes: bool = False) -> ExportReport:
+    """Run ``exporter.follow`` until SIGTERM or SIGINT (or stdin's end), then flush and return."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if until_stdin_closes:
+        def wait_for_eof() -> None:
+            while sys.stdin.buffer.read(4096):
+                pass
+            stop.set()
+
+        threading.Thread(target=wait_for_eof, daemon=True).start()
     return exporter.follow(stop, poll_s)
 
 
