@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from firetitan_track.redact import redact, redact_bytes
+from firetitan_track.redact import may_need_redaction, redact, redact_bytes, secret_values
 from firetitan_track.store import LedgerError, Store, blobs
 
 __all__ = ["canonical_json", "sha256_hex", "is_digest", "put_blob", "put_json", "get_blob", "get_json"]
@@ -24,9 +24,12 @@ JSON_MEDIA_TYPE = "application/json"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(obj: Any) -> str:
     """One text per value: sorted keys, no spaces, UTF-8 kept as is."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(obj)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -52,8 +55,11 @@ def put_blob(store: Store, data: bytes, media_type: str = "application/octet-str
 
 def put_json(store: Store, obj: Any) -> str:
     """Store ``obj`` (secrets masked) as canonical JSON; return its digest."""
+    secrets = secret_values()
     try:
-        text = canonical_json(redact(obj))
+        text = canonical_json(obj)
+        if may_need_redaction(text, secrets):
+            text = canonical_json(redact(obj, secrets))
     except (TypeError, ValueError) as e:
         raise LedgerError(f"cannot store a JSON blob: {e}") from None
     return put_blob(store, text.encode(), JSON_MEDIA_TYPE)

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from firetitan_track import blobs as blob_store
 from firetitan_track.blobs import canonical_json, is_digest, sha256_hex
 from firetitan_track.events import CATALOGUE, InvalidEvent, NewEvent, RecordedEvent, upcast, validate
-from firetitan_track.redact import redact
+from firetitan_track.redact import may_need_redaction, redact, secret_values
 from firetitan_track.store import LedgerError, Store, checkpoints, open_store
 from firetitan_track.store import events as event_table
 
@@ -34,6 +34,7 @@ __all__ = ["Ledger", "LedgerError", "ConcurrencyError", "UnknownRun", "RunInfo",
            "GENESIS_HASH", "event_hash"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
+_json_str = json.encoder.encode_basestring  # == json.dumps(s, ensure_ascii=False), in C
 
 
 class ConcurrencyError(LedgerError):
@@ -79,10 +80,9 @@ def event_hash(prev_hash: str, run_id: str, version: int, event_id: str, type: s
     The JSON is assembled by hand in sorted-key order so the stored payload text is
     hashed exactly (no decode/re-encode), equal to canonical_json of the event dict.
     """
-    body = (f'{{"data":{data_json},"event_id":{json.dumps(event_id, ensure_ascii=False)},'
-            f'"recorded_at":{recorded_at!r},"run_id":{json.dumps(run_id, ensure_ascii=False)},'
-            f'"schema_version":{schema_version},"type":{json.dumps(type, ensure_ascii=False)},'
-            f'"version":{version}}}')
+    body = (f'{{"data":{data_json},"event_id":{_json_str(event_id)},'
+            f'"recorded_at":{recorded_at!r},"run_id":{_json_str(run_id)},'
+            f'"schema_version":{schema_version},"type":{_json_str(type)},"version":{version}}}')
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
 
 
@@ -99,7 +99,11 @@ _COLUMNS = (event_table.c.run_id, event_table.c.version, event_table.c.position,
 _HEAD = (sa.select(event_table.c.version, event_table.c.hash)
          .where(event_table.c.run_id == sa.bindparam("run_id"))
          .order_by(event_table.c.version.desc()).limit(1))
-_INSERT = event_table.insert().returning(event_table.c.position, sort_by_parameter_order=True)
+_POSITIONS = (sa.select(event_table.c.position)
+              .where(event_table.c.run_id == sa.bindparam("run_id"),
+                     event_table.c.version >= sa.bindparam("first"),
+                     event_table.c.version < sa.bindparam("end"))
+              .order_by(event_table.c.version))
 
 
 class Ledger:
@@ -141,7 +145,8 @@ class Ledger:
         _check_run_id(run_id)
         if isinstance(expected_version, bool) or not isinstance(expected_version, int) or expected_version < 0:
             raise LedgerError(f"expected_version must be an int >= 0, not {expected_version!r}")
-        pending = [_prepare(ev) for ev in events]
+        secrets = secret_values()
+        pending = [_prepare(ev, secrets) for ev in events]
         if not pending:
             return []
         if len({p.event_id for p in pending}) != len(pending):
@@ -156,10 +161,14 @@ class Ledger:
                         raise ConcurrencyError(run_id, expected_version, actual)
                     return stored
                 rows = _chain(run_id, expected_version, prev_hash, pending, time.time())
-                positions = conn.execute(_INSERT, rows).scalars().all()
+                self._store.insert_many(conn, event_table, rows)
+                # a plain executemany is much faster than INSERT..RETURNING per row;
+                # the positions are read back inside the same locked transaction
+                positions = conn.execute(_POSITIONS, {"run_id": run_id, "first": expected_version,
+                                                      "end": expected_version + len(rows)}).scalars().all()
         except IntegrityError:
             raise LedgerError(f"run {run_id!r}: {self._where_ids_are(run_id, pending)}") from None
-        return [_from_row_values(row, pos) for row, pos in zip(rows, positions)]
+        return _recorded_from_rows(rows, positions)
 
     def _where_ids_are(self, run_id: str, pending: list[_Pending]) -> str:
         ids = [p.event_id for p in pending]
@@ -274,15 +283,18 @@ def _check_run_id(run_id: str) -> None:
         raise LedgerError(f"a run id is a non-empty string, not {run_id!r}")
 
 
-def _prepare(ev: NewEvent) -> _Pending:
+def _prepare(ev: NewEvent, secrets: list[str]) -> _Pending:
     """Validate against the catalogue, redact, and encode one event (before any write)."""
     if not isinstance(ev, NewEvent):
         raise InvalidEvent(f"append takes NewEvent objects, not {type(ev).__name__}")
     validate(ev)
     if not isinstance(ev.event_id, str) or not ev.event_id:
         raise InvalidEvent(f"{ev.type}: event_id must be a non-empty string")
+    data = ev.data if type(ev.data) is dict else dict(ev.data)
     try:
-        data_json = canonical_json(redact(dict(ev.data)))
+        data_json = canonical_json(data)
+        if may_need_redaction(data_json, secrets):
+            data_json = canonical_json(redact(data, secrets))
     except (TypeError, ValueError) as e:
         raise InvalidEvent(f"{ev.type}: payload is not JSON: {e}") from None
     version = ev.schema_version if ev.schema_version is not None else CATALOGUE[ev.type].version
@@ -320,16 +332,32 @@ def _stream_version(conn: Connection, run_id: str) -> int:
     return head.version + 1 if head else 0
 
 
+def _decoded(type: str, schema_version: int, data_json: str) -> tuple[int, dict[str, Any]]:
+    data = json.loads(data_json)
+    current = CATALOGUE.get(type)
+    if current is not None and current.version == schema_version:
+        return schema_version, data  # the common case: nothing to upcast
+    return upcast(type, schema_version, data)
+
+
 def _from_row(row: Row) -> RecordedEvent:
-    version, data = upcast(row.type, row.schema_version, json.loads(row.data))
+    version, data = _decoded(row.type, row.schema_version, row.data)
     return RecordedEvent(row.run_id, row.version, row.position, row.event_id, row.type, version, data,
                          row.recorded_at, row.hash)
 
 
-def _from_row_values(values: dict[str, Any], position: int) -> RecordedEvent:
-    version, data = upcast(values["type"], values["schema_version"], json.loads(values["data"]))
-    return RecordedEvent(values["run_id"], values["version"], position, values["event_id"],
-                         values["type"], version, data, values["recorded_at"], values["hash"])
+def _recorded_from_rows(rows: list[dict[str, Any]], positions: list[int]) -> list[RecordedEvent]:
+    """The RecordedEvents for rows just inserted, their payloads decoded as read() would."""
+    payloads = json.loads(f"[{','.join(r['data'] for r in rows)}]")  # one decode per batch
+    recorded = []
+    for r, position, data in zip(rows, positions, payloads):
+        version = r["schema_version"]
+        current = CATALOGUE.get(r["type"])
+        if current is None or current.version != version:
+            version, data = upcast(r["type"], version, data)
+        recorded.append(RecordedEvent(r["run_id"], r["version"], position, r["event_id"], r["type"],
+                                      version, data, r["recorded_at"], r["hash"]))
+    return recorded
 
 
 def _check_chain(run_id: str, rows: Iterable[Row],

@@ -14,11 +14,13 @@ The environment is read on every call, so a key set after import is still caught
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from typing import Any
 
-__all__ = ["MASK", "is_secret_key", "redact", "redact_text", "redact_bytes", "secret_values"]
+__all__ = ["MASK", "is_secret_key", "redact", "redact_text", "redact_bytes", "secret_values",
+           "may_need_redaction"]
 
 MASK = "***"
 
@@ -34,6 +36,8 @@ _KEY_QUALIFIERS = frozenset({"api", "secret", "private", "access", "signing", "e
 _MIN_SECRET_LEN = 6  # shorter env values would mask ordinary text
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
+# lower-case fragments of every name is_secret_key accepts, and of "Bearer <token>"
+_CREDENTIAL_WORDS = re.compile("key|token|secret|passw|pwd|passphrase|credential|authoriz|bearer")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -52,9 +56,27 @@ def is_secret_key(name: str) -> bool:
     return False
 
 
+_secret_names: tuple[int, tuple[str, ...]] = (-1, ())
+
+
+def _secret_env_names() -> tuple[str, ...]:
+    """Names of credential-like env vars. Scanning the environment costs more than an
+    append, so the names are rescanned only when the number of variables changes;
+    values are always read fresh."""
+    global _secret_names
+    count = len(os.environ)
+    if _secret_names[0] != count:
+        _secret_names = (count, tuple(k for k in os.environ if is_secret_key(k)))
+    return _secret_names[1]
+
+
 def secret_values() -> list[str]:
     """The current values of FIREWORKS_API_KEY and other credential-named env vars."""
-    found = {v for k, v in os.environ.items() if len(v) >= _MIN_SECRET_LEN and is_secret_key(k)}
+    found = set()
+    for name in _secret_env_names():
+        value = os.environ.get(name, "")
+        if len(value) >= _MIN_SECRET_LEN:
+            found.add(value)
     key = os.environ.get("FIREWORKS_API_KEY", "")
     if key:
         found.add(key)  # always, whatever its length
@@ -81,9 +103,30 @@ def redact_bytes(data: bytes) -> bytes:
     return data
 
 
-def redact(obj: Any) -> Any:
-    """A copy of a JSON-like value with secret-named entries and secret values masked."""
-    return _redact(obj, secret_values())
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """A copy of a JSON-like value with secret-named entries and secret values masked.
+
+    ``secrets`` (from ``secret_values()``) saves re-reading the environment per call.
+    """
+    return _redact(obj, secret_values() if secrets is None else secrets)
+
+
+def may_need_redaction(json_text: str, secrets: list[str]) -> bool:
+    """False only when ``json_text`` (a JSON encoding) surely holds nothing to redact.
+
+    A cheap check on the encoded text lets the common payload (step metrics) skip
+    the tree walk: no credential-like word, no secret value, no bearer token.
+    """
+    if _CREDENTIAL_WORDS.search(json_text.lower()):
+        return True
+    return any(_json_escaped(s) in json_text for s in secrets)
+
+
+@functools.lru_cache(maxsize=64)
+def _json_escaped(secret: str) -> str:
+    # a string's JSON encoding escapes char by char, so a secret inside any string
+    # shows up as its own escaped form inside the text
+    return json.dumps(secret, ensure_ascii=False)[1:-1]
 
 
 def _redact(obj: Any, secrets: list[str]) -> Any:
