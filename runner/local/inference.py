@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from . import catalogue
 from .state import ServiceState, now_rfc3339
-from .trainer_api import engine_model, weights_digest
+from .trainer_api import engine_model, load_engine, weights_digest
 from .wire import ApiError, check_token_ids, json_body, json_response
 
 if TYPE_CHECKING:
@@ -42,8 +42,7 @@ DEPLOYMENT_REF_PREFIX = "accounts/"
 
 
 def _engine():
-    from . import engine
-    return engine
+    return load_engine()
 
 
 @dataclass
@@ -168,6 +167,7 @@ class InferencePlane:
 
     def tokenizer(self):
         if self._tokenizer is None:
+            load_engine()  # transformers' first import must not race the warm-up thread
             from transformers import AutoTokenizer
             self._tokenizer = AutoTokenizer.from_pretrained(catalogue.tokenizer_path())
         return self._tokenizer

@@ -41,7 +41,7 @@ from . import catalogue
 from .control_plane import ControlPlane, default_training_shape
 from .inference import InferencePlane
 from .state import ServiceState, read_json, write_json_atomic
-from .trainer_api import TrainerPlane
+from .trainer_api import TrainerPlane, load_engine
 from .wire import ApiError, error_response, json_response
 
 log = logging.getLogger("runner.local.server")
@@ -114,8 +114,7 @@ def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) ->
 
 def _warm_imports() -> None:
     try:
-        from . import engine  # noqa: F401
-        from transformers import Qwen3ForCausalLM  # noqa: F401
+        load_engine()
     except Exception:  # the first request will report it properly
         log.exception("warming up imports failed")
 

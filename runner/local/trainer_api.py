@@ -53,10 +53,25 @@ CHECKPOINT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 CROSS_JOB_PREFIX = "cross_job://"
 
 
-def _engine():
-    # Lazy: the control plane and the CLI never need torch.
-    from . import engine
-    return engine
+_IMPORT_LOCK = threading.Lock()
+_ENGINE: Any = None
+
+
+def load_engine():
+    """The engine module, imported once. Lazy, so the control plane and the CLI never
+    need torch; locked, because transformers' lazy module is not safe to import from
+    two threads at once (a warm-up thread and a trainer's worker)."""
+    global _ENGINE
+    if _ENGINE is None:
+        with _IMPORT_LOCK:
+            if _ENGINE is None:
+                from . import engine
+                from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: F401  (resolve the lazy names here)
+                _ENGINE = engine
+    return _ENGINE
+
+
+_engine = load_engine
 
 
 def supported_loss_fns() -> tuple[str, ...]:
