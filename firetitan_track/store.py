@@ -187,20 +187,20 @@ class Store:
                 yield conn
 
     def insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
-        if self.is_sqlite:
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert
-        return insert(table).on_conflict_do_nothing()
+        return self._dialect_insert(table).on_conflict_do_nothing()
 
     def upsert(self, table: sa.Table, key: str, values: dict) -> sa.Insert:
+        stmt = self._dialect_insert(table).values(**values)
+        return stmt.on_conflict_do_update(index_elements=[key],
+                                          set_={k: v for k, v in values.items() if k != key})
+
+    def _dialect_insert(self, table: sa.Table):  # type: ignore[no-untyped-def]
+        # both dialects spell ON CONFLICT the same way, through their own insert()
         if self.is_sqlite:
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert
-        stmt = insert(table).values(**values)
-        return stmt.on_conflict_do_update(index_elements=[key],
-                                          set_={k: v for k, v in values.items() if k != key})
+        return insert(table)
 
     def insert_many(self, conn: Connection, table: sa.Table, rows: list[dict]) -> None:
         """INSERT ``rows`` (dicts with the same keys) in one driver-level executemany.
@@ -226,6 +226,9 @@ def _store_for(parsed: URL) -> Store:
 
 def open_engine_for_url(url: str) -> Engine:
     """A configured engine for ``url`` with no schema check (Alembic's own entry point)."""
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return _store_for(_parse(url)).engine
 
 
@@ -246,7 +249,7 @@ def open_store(url: str, create: bool = True) -> Store:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise LedgerError(f"cannot create the ledger at {path}: {e.strerror or e}") from None
-        if not os.access(path if path.exists() else path.parent, os.W_OK):
+        if create and not os.access(path if path.exists() else path.parent, os.W_OK):
             raise LedgerError(f"cannot write the ledger at {path}: permission denied")
     store = _store_for(parsed)
     try:

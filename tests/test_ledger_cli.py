@@ -79,7 +79,8 @@ def test_blob_writes_the_exact_bytes(ledger: Ledger, ledger_url: str) -> None:
     assert missing.exit_code != 0 and "0" * 64 in missing.output
 
 
-@pytest.mark.parametrize("command", [["runs"], ["events", "r"], ["verify"], ["blob", "0" * 64], ["db", "current"]])
+@pytest.mark.parametrize("command", [["runs"], ["events", "r"], ["verify"], ["blob", "0" * 64],
+                                     ["db", "current"]])
 def test_reading_a_missing_ledger_says_so_and_creates_nothing(tmp_path: Path, command: list[str]) -> None:
     path = tmp_path / "nowhere" / "ledger.db"
     result = invoke(f"sqlite:///{path}", *command)

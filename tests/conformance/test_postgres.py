@@ -48,8 +48,9 @@ class TestPostgresLedger(LedgerConformance):
     def raw_contents(self, ledger: Ledger) -> bytes:
         # a dump through SQL: every row of every ledger table, as text, plus raw blob bytes
         with ledger.engine.connect() as conn:
-            text = "".join(conn.exec_driver_sql(f"SELECT coalesce(string_agg(t::text, ''), '') FROM {table} t")
-                           .scalar() for table in ("events", "blobs", "checkpoints"))
+            text = "".join(
+                conn.exec_driver_sql(f"SELECT coalesce(string_agg(t::text, ''), '') FROM {table} t").scalar()
+                for table in ("events", "blobs", "checkpoints"))
             raw = b"".join(bytes(r[0]) for r in conn.exec_driver_sql("SELECT data FROM blobs"))
         return text.encode() + raw
 
