@@ -595,10 +595,13 @@ class LiveExporter:
     ``stop()`` asks the follower to flush what is left and waits for it.
     """
 
-    def __init__(self, ledger_url: str, tracking_uri: str = DEFAULT_TRACKING_URI, run_id: str | None = None,
+    def __init__(self, ledger: Any, tracking_uri: str = DEFAULT_TRACKING_URI, run_id: str | None = None,
                  *, run_ids: Iterable[str] = (), experiment: str = DEFAULT_EXPERIMENT,
                  poll_s: float = 1.0) -> None:
-        self.ledger_url = ledger_url
+        """``ledger``: its URL, or an open Ledger (the follower opens its own connection)."""
+        if not isinstance(ledger, str):
+            ledger = ledger.engine.url.render_as_string(hide_password=False)
+        self.ledger_url = ledger
         self.tracking_uri = tracking_uri
         self.run_ids = ([run_id] if run_id else []) + list(run_ids)
         self.experiment = experiment
@@ -608,12 +611,14 @@ class LiveExporter:
 
     def start(self) -> LiveExporter:
         cmd = [sys.executable, "-c", "from firetitan_track.cli import main; main()",
-               "--ledger", self.ledger_url, "export", "mlflow", "--tracking-uri", self.tracking_uri,
+               "export", "mlflow", "--tracking-uri", self.tracking_uri,
                "--experiment", self.experiment, "--follow", "--until-stdin-closes",
                "--poll", str(self.poll_s), "--quiet", *self.run_ids]
         self._log = tempfile.TemporaryFile()
         # stdin is the stop signal: closing it cannot race the child's start-up, a signal can
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log)
+        # the ledger URL travels in the environment, so a password never shows in `ps`
+        env = {**os.environ, "FIRETITAN_LEDGER": self.ledger_url}
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log, env=env)
         return self
 
     def stop(self, timeout: float = 300.0) -> None:
