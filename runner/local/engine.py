@@ -148,6 +148,10 @@ def _make_batch(examples: list[Example], loss_fn: str, vocab_size: int, max_cont
     input_ids = torch.zeros(B, width, dtype=torch.int64)
     mask = torch.zeros(B, width, dtype=torch.float32)
     keys = [k for k in ("target_tokens", *_FLOAT_INPUTS) if any(k in ex.inputs for ex in examples)]
+    for key in keys:  # a zero-padded gap would silently mean e.g. a clip threshold of 0
+        lacking = [i for i, ex in enumerate(examples) if key not in ex.inputs]
+        if lacking and key != "weights":
+            raise EngineError(f"loss_fn_inputs[{key!r}] is given for some datums but not for datum {lacking[0]}")
     padded = {k: torch.zeros(B, width, dtype=torch.int64 if k == "target_tokens" else torch.float32)
               for k in keys}
     for i, ex in enumerate(examples):

@@ -437,3 +437,10 @@ def test_unavailable_device_is_an_engine_error(tmp_path):
         pytest.skip("CUDA is present")
     with pytest.raises(EngineError, match="CUDA is not available"):
         Trainer(TINY, state_dir=tmp_path, device="cuda")
+
+
+def test_optional_inputs_must_cover_every_datum(trainer):
+    examples = policy_examples(trainer, n=2)
+    examples[0].inputs["clip_high_threshold"] = torch.full((len(examples[0].tokens),), 1.5)
+    with pytest.raises(EngineError, match="given for some datums but not for datum 1"):
+        trainer.forward(examples, "ppo")
