@@ -96,14 +96,39 @@ class _Pending:
 
 _COLUMNS = tuple(event_table.c[name] for name in (
     "run_id", "version", "position", "event_id", "type", "schema_version", "data", "recorded_at", "hash"))
+_LAST_VERSION = (sa.select(sa.func.max(event_table.c.version))
+                 .where(event_table.c.run_id == sa.bindparam("run_id")).scalar_subquery())
 _HEAD = (sa.select(event_table.c.version, event_table.c.hash)
-         .where(event_table.c.run_id == sa.bindparam("run_id"))
-         .order_by(event_table.c.version.desc()).limit(1))
+         .where(event_table.c.run_id == sa.bindparam("run_id"), event_table.c.version == _LAST_VERSION))
 _POSITIONS = (sa.select(event_table.c.position)
               .where(event_table.c.run_id == sa.bindparam("run_id"),
                      event_table.c.version >= sa.bindparam("first"),
                      event_table.c.version < sa.bindparam("end"))
               .order_by(event_table.c.version))
+_ROW_KEYS = ("run_id", "version", "event_id", "type", "schema_version", "data", "recorded_at", "hash")
+
+
+@dataclass(frozen=True)
+class _AppendSQL:
+    """The append's statements, compiled once per dialect and run on the DBAPI cursor.
+
+    Per statement, SQLAlchemy's execution machinery costs more than SQLite's own
+    work; a single-event append would pay it three times.
+    """
+
+    head: str
+    insert: str
+    insert_returning: str
+    positions: str
+
+    @classmethod
+    def for_dialect(cls, dialect: sa.Dialect) -> _AppendSQL:
+        def text(stmt: sa.ClauseElement) -> str:
+            return str(stmt.compile(dialect=dialect))
+
+        insert = event_table.insert().values({k: sa.bindparam(k) for k in _ROW_KEYS})
+        return cls(text(_HEAD), text(insert), text(insert.returning(event_table.c.position)),
+                   text(_POSITIONS))
 
 
 class Ledger:
@@ -111,6 +136,8 @@ class Ledger:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._sql = _AppendSQL.for_dialect(store.engine.dialect)
+        self._duplicate_errors = (IntegrityError, store.engine.dialect.loaded_dbapi.IntegrityError)
 
     @classmethod
     def open(cls, url: str, *, create: bool = True) -> Ledger:
@@ -151,22 +178,31 @@ class Ledger:
             return []
         if len({p.event_id for p in pending}) != len(pending):
             raise InvalidEvent(f"run {run_id!r}: the batch repeats an event id")
+        sql = self._sql
         try:
             with self._store.append_transaction() as conn:
-                head = conn.execute(_HEAD, {"run_id": run_id}).first()
-                actual, prev_hash = (head.version + 1, head.hash) if head else (0, GENESIS_HASH)
+                cursor = conn.connection.cursor()
+                cursor.execute(sql.head, {"run_id": run_id})
+                head = cursor.fetchone()
+                actual, prev_hash = (head[0] + 1, head[1]) if head else (0, GENESIS_HASH)
                 if actual != expected_version:
                     stored = _already_stored(conn, run_id, expected_version, pending)
                     if stored is None:
                         raise ConcurrencyError(run_id, expected_version, actual)
                     return stored
                 rows = _chain(run_id, expected_version, prev_hash, pending, time.time())
-                self._store.insert_many(conn, event_table, rows)
-                # a plain executemany is much faster than INSERT..RETURNING per row;
-                # the positions are read back inside the same locked transaction
-                positions = conn.execute(_POSITIONS, {"run_id": run_id, "first": expected_version,
-                                                      "end": expected_version + len(rows)}).scalars().all()
-        except IntegrityError:
+                if len(rows) == 1:
+                    cursor.execute(sql.insert_returning, rows[0])
+                    positions = [cursor.fetchone()[0]]
+                else:
+                    # executemany cannot return rows; the positions are read back
+                    # inside the same locked transaction
+                    cursor.executemany(sql.insert, rows)
+                    cursor.execute(sql.positions, {"run_id": run_id, "first": expected_version,
+                                                   "end": expected_version + len(rows)})
+                    positions = [r[0] for r in cursor.fetchall()]
+                cursor.close()
+        except self._duplicate_errors:
             raise LedgerError(f"run {run_id!r}: {self._where_ids_are(run_id, pending)}") from None
         return _recorded_from_rows(rows, positions)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -134,7 +134,7 @@ def _sqlite_engine(parsed: URL) -> Engine:
     in_memory = parsed.database in (None, "", ":memory:")
     engine = sa.create_engine(
         parsed, connect_args={"timeout": 30, "check_same_thread": False},
-        paramstyle="named",  # dict rows go straight to sqlite3 in insert_many
+        paramstyle="named",  # the ledger's append passes dict rows straight to sqlite3
         **({"poolclass": StaticPool} if in_memory else {}),
     )
 
@@ -169,7 +169,6 @@ class Store:
 
     engine: Engine
     url: str  # masked, for messages
-    _insert_sql: dict[tuple[str, tuple[str, ...]], str] = field(default_factory=dict)
 
     @property
     def is_sqlite(self) -> bool:
@@ -201,19 +200,6 @@ class Store:
         else:
             from sqlalchemy.dialects.postgresql import insert
         return insert(table)
-
-    def insert_many(self, conn: Connection, table: sa.Table, rows: list[dict]) -> None:
-        """INSERT ``rows`` (dicts with the same keys) in one driver-level executemany.
-
-        SQLAlchemy's per-row parameter processing costs about as much as SQLite's
-        insert itself, and these rows are plain str/int/float already.
-        """
-        key = (table.name, tuple(rows[0]))
-        sql = self._insert_sql.get(key)
-        if sql is None:
-            stmt = table.insert().values({name: sa.bindparam(name) for name in key[1]})
-            sql = self._insert_sql[key] = str(stmt.compile(dialect=self.engine.dialect))
-        conn.exec_driver_sql(sql, rows)
 
     def close(self) -> None:
         self.engine.dispose()
