@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -224,6 +225,8 @@ def ui(host: str, port: int, backend_store_uri: str) -> None:
            "--workers", "1"]
     click.echo(f"MLflow UI for {backend_store_uri}: http://{host}:{port}  (Ctrl-C to stop)")
     proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": backend_store_uri})
+    # a SIGTERM to this command must stop the server too, not orphan it
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
         code = proc.wait()
     except KeyboardInterrupt:
