@@ -259,6 +259,7 @@ def sweep(ctx: click.Context, spec_path: str, grid_items: tuple[str, ...], sweep
 def _report_outcome(o: TrialOutcome) -> None:
     score = "-" if o.last_score is None else f"{o.last_score:.3f}"
     detail = f": {o.error}" if o.error else ""
-    click.echo(f"trial {o.trial} ({o.run_id}): {o.action}, {o.status} at step {o.final_step}, "
+    step = "-" if o.final_step is None else o.final_step
+    click.echo(f"trial {o.trial} ({o.run_id}): {o.action}, {o.status} at step {step}, "
                f"last eval score {score}{detail}", err=o.action == "error")
     sys.stdout.flush()
