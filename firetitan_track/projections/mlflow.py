@@ -169,6 +169,7 @@ class MlflowExporter:
         self._streams: dict[str, list[RecordedEvent]] = {}  # ledger stream -> events so far
         self._runs: dict[str, tuple[str, int]] = {}  # ledger run -> (MLflow run id, events shown)
         self._models: dict[str, dict[str, str]] = {}  # ledger run -> snapshot path -> model id
+        self._status: dict[str, str] = {}  # MLflow run -> the status this exporter last set
         self._position = (ledger.get_checkpoint(self.checkpoint) if self.run_ids is None else 0)
 
     @property
@@ -278,7 +279,7 @@ class MlflowExporter:
     # -- one ledger run ---------------------------------------------------------------
 
     def _write_run(self, run_id: str, stream: list[RecordedEvent], report: ExportReport) -> str | None:
-        """Bring the MLflow run up to ``stream``; returns the run's sweep id, if any."""
+        """Bring the MLflow run up to ``stream``; returns its sweep id when its status changed."""
         if run_id in self._runs:
             ml_run, shown = self._runs[run_id]
         else:
@@ -297,14 +298,18 @@ class MlflowExporter:
             ml_run = self._create_run(run_id, stream, state.sweep_id)
         writes = _RunWrites(self, run_id, ml_run, history, shown)
         writes.run()
-        self._set_status(ml_run, state.status, stream[-1])
+        changed = self._status.get(ml_run) != state.status
+        if changed:
+            self._set_status(ml_run, state.status, stream[-1])
+            self._status[ml_run] = state.status
         self._log_tags(ml_run, {**_run_tags(run_id, state, stream), TAG_EVENTS: str(len(stream))})
         self._runs[run_id] = (ml_run, len(stream))
         report.runs.append(run_id)
         report.metrics += writes.metric_count
         if state.status in ("completed", "failed"):
             self._streams.pop(run_id, None)  # a resume re-reads it; keeps a long follower small
-        return state.sweep_id
+        # a sweep's status follows its trials': look again only when one of them changed
+        return state.sweep_id if changed else None
 
     def _create_run(self, run_id: str, stream: list[RecordedEvent], sweep_id: str | None) -> str:
         tags = {TAG_RUN: run_id, TAG_RUN_NAME: run_id}
