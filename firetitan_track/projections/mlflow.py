@@ -195,7 +195,11 @@ class MlflowExporter:
         """Export as events arrive until ``stop`` is set, then flush what is left."""
         report = ExportReport(position=self._position)
         while not stop.is_set():
-            report.add(self.export())
+            try:
+                report.add(self.export())
+            except Exception as exc:  # e.g. the tracking server is down: the ledger keeps it all
+                print(f"mlflow export: {type(exc).__name__}: {exc}; retrying in {poll_s}s",
+                      file=sys.stderr, flush=True)
             stop.wait(poll_s)
         report.add(self.export())
         return report
@@ -626,10 +630,14 @@ class LiveExporter:
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log, env=env)
         return self
 
-    def stop(self, timeout: float = 300.0) -> None:
-        """Flush everything recorded so far to MLflow, then end the follower."""
+    def stop(self, timeout: float = 300.0) -> bool:
+        """Flush everything recorded so far to MLflow and end the follower; False if it failed.
+
+        A failed export never fails the run: the ledger holds every event, and
+        ``firetitan-track export mlflow RUN_ID`` finishes the job later.
+        """
         if self._proc is None:
-            return
+            return True
         proc, self._proc = self._proc, None
         assert proc.stdin is not None
         proc.stdin.close()
@@ -641,8 +649,12 @@ class LiveExporter:
         self._log.seek(0)
         output = self._log.read().decode(errors="replace")
         self._log.close()
-        if proc.returncode != 0:
-            raise RuntimeError(f"the MLflow live export failed (exit {proc.returncode}):\n{output[-2000:]}")
+        if proc.returncode == 0:
+            return True
+        print(f"MLflow live export failed (exit {proc.returncode}); the ledger has everything: run "
+              f"`firetitan-track export mlflow {' '.join(self.run_ids)}` to finish it.\n{output[-2000:]}",
+              file=sys.stderr)
+        return False
 
     def __enter__(self) -> LiveExporter:
         return self.start()

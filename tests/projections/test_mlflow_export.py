@@ -230,3 +230,18 @@ def test_exporter_uses_no_checkpoint_for_a_subset(ledger: Ledger, mlflow_server:
     everything.export()
     assert ledger.get_checkpoint(everything.checkpoint) == ledger.read("r1")[-1].position
 
+
+
+def test_no_api_key_reaches_the_local_tracking_store(ledger: Ledger, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    key = "fw-test-secret-7f3a9c1e5b"
+    monkeypatch.setenv("FIREWORKS_API_KEY", key)
+    monkeypatch.chdir(tmp_path)  # the default store and its artifacts live under .firetitan here
+    spec = {**demo_spec(), "notes": {"text": f"called with {key}"}, "service": {"api_key": key}}
+    write_run(ledger, "r1", steps=2, spec=spec)
+    export_mlflow(ledger)  # the project's default store: sqlite:///.firetitan/mlflow.db
+
+    store = tmp_path / ".firetitan"
+    files = [p for p in store.rglob("*") if p.is_file()]
+    assert (store / "mlflow.db") in files and any(p.name == "eval_score.png" for p in files)
+    for path in files:
+        assert key.encode() not in path.read_bytes(), path
