@@ -216,10 +216,10 @@ def compare(ctx: click.Context, sweep_id: str, as_json: bool) -> None:
 @click.option("--backend-store-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI")
 def ui(host: str, port: int, backend_store_uri: str) -> None:
     """Serve the project's MLflow tracking store in the MLflow UI."""
-    if backend_store_uri.startswith("sqlite:///"):
-        Path(backend_store_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    artifacts = Path(DEFAULT_ARTIFACT_ROOT).resolve()
-    artifacts.mkdir(parents=True, exist_ok=True)
+    from firetitan_track.projections.mlflow import local_artifact_root
+
+    artifacts = local_artifact_root(backend_store_uri) or Path(DEFAULT_ARTIFACT_ROOT).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)  # beside the sqlite file: its folder too
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
            "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port),
            "--workers", "1"]

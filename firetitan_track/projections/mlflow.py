@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 # The project's tracking store: `export` writes here by default and `ui` serves it.
+# A sqlite store keeps its artifacts in "mlartifacts" beside the database file.
 DEFAULT_TRACKING_URI = "sqlite:///.firetitan/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = ".firetitan/mlartifacts"
 DEFAULT_EXPERIMENT = "firetitan-track"
@@ -117,6 +118,17 @@ def _ms(ev: RecordedEvent) -> int:
     return int(round(ev.recorded_at * 1000))
 
 
+def _sqlite_path(tracking_uri: str) -> Path:
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
+def local_artifact_root(tracking_uri: str) -> Path | None:
+    """Where a sqlite tracking store keeps artifacts: ``mlartifacts`` beside the database."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a server or file store decides for itself
+    return (_sqlite_path(tracking_uri).parent / "mlartifacts").resolve()
+
+
 def _checkpoint_name(tracking_uri: str, experiment: str) -> str:
     return f"mlflow:{tracking_uri}#{experiment}"
 
@@ -163,7 +175,7 @@ class MlflowExporter:
         self.artifacts = artifacts
         if tracking_uri.startswith("sqlite:///"):
             # sqlite needs its folder; MLflow won't make it
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            _sqlite_path(tracking_uri).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._experiment_id: str | None = None
         self._streams: dict[str, list[RecordedEvent]] = {}  # ledger stream -> events so far
@@ -240,10 +252,9 @@ class MlflowExporter:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        location = None
-        if not self.tracking_uri.startswith(("http:", "https:", "databricks")):
-            # a local store keeps artifacts beside it, where `firetitan-track ui` serves them
-            location = Path(DEFAULT_ARTIFACT_ROOT).resolve().as_uri()
+        root = local_artifact_root(self.tracking_uri)
+        # a sqlite store keeps artifacts beside it, where `firetitan-track ui` serves them
+        location = root.as_uri() if root else None
         try:
             return self.client.create_experiment(self.experiment, artifact_location=location)
         except MlflowException:  # created meanwhile by another exporter
