@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner.local.inference")
 
 MAX_BATCH = 64
+# Longest the batcher holds a batch for stragglers while under concurrent load.
+BATCH_GATHER_S = 0.02
 DEPLOYMENT_REF_PREFIX = "accounts/"
 
 
@@ -114,11 +116,20 @@ class DeploymentRuntime:
             self.in_flight -= 1
 
     async def _batch_loop(self) -> None:
+        recent_peak = 1.0  # decaying maximum of recent batch sizes: how much load to expect
         while True:
             first = await self._queue.get()
+            if recent_peak > 1:
+                # Under concurrent load the client re-sends a finished batch's requests a
+                # moment apart; wait briefly (until about as many as lately have arrived)
+                # so they share one batch instead of splitting into a big and a small one.
+                deadline = time.monotonic() + BATCH_GATHER_S
+                while self._queue.qsize() + 1 < 0.75 * recent_peak and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
             batch = [first]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            recent_peak = max(float(len(batch)), 0.5 * recent_peak)
             started = time.monotonic()
             for job in batch:
                 job.started, job.batch_size = started, len(batch)
@@ -126,6 +137,8 @@ class DeploymentRuntime:
                 results = await self.call(self._generate_isolating, [job.request for job in batch])
             except Exception as exc:  # e.g. the sampler failed to build
                 results = [exc] * len(batch)
+            log.debug("deployment %s: batch of %d in %.1f ms (oldest waited %.1f ms)", self.deployment_id,
+                      len(batch), 1e3 * (time.monotonic() - started), 1e3 * (started - batch[0].arrived))
             for job, result in zip(batch, results):
                 if job.future.done():
                     continue
@@ -162,6 +175,7 @@ class InferencePlane:
         self.device = device
         self.runtimes: dict[str, DeploymentRuntime] = {}
         self._tokenizer: Any = None
+        self._token_texts: dict[int, str] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -393,21 +407,31 @@ class InferencePlane:
             "server-time-to-first-token": f"{total_s:.6f}",
         }
 
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer().decode([token_id])
+        return text
+
     def _token_entries(self, completion: Completion) -> tuple[list[dict], list[str]]:
-        """Per generated token: its logprob entry and its text delta."""
-        tokenizer = self.tokenizer()
+        """Per generated token: its logprob entry and its text delta (built in O(tokens);
+        this runs on the event loop for every completion)."""
         sampling = completion.sampling_logprobs or [None] * len(completion.token_ids)
-        entries, deltas, previous = [], [], ""
+        entries, deltas, pending = [], [], []
         for i, (token_id, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-            entries.append({"token": tokenizer.decode([token_id]), "token_id": token_id, "logprob": logprob,
+            text = self._token_text(token_id)
+            entries.append({"token": text, "token_id": token_id, "logprob": logprob,
                             "sampling_logprob": sampling[i]})
-            # Byte-level tokens may split a UTF-8 character: emit text once it decodes cleanly.
-            text = tokenizer.decode(completion.token_ids[: i + 1])
-            if text.startswith(previous) and not text.endswith("\ufffd"):
-                deltas.append(text[len(previous):])
-                previous = text
-            else:
-                deltas.append("")
+            # A byte-level token may hold part of a UTF-8 character: hold it back until
+            # the pending tokens decode cleanly together.
+            if pending or text.endswith("\ufffd"):
+                pending.append(token_id)
+                text = self.tokenizer().decode(pending)
+                if text.endswith("\ufffd"):
+                    deltas.append("")
+                    continue
+                pending = []
+            deltas.append(text)
         return entries, deltas
 
     def _choice(self, completion: Completion, index: int = 0) -> dict:

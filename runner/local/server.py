@@ -141,6 +141,10 @@ def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = 
     # Bind first (port 0 = any free port), so the info file names the real port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit this. Without it a response written as headers then
+    # body waits on the client's delayed ACK (~40 ms) under Nagle's algorithm, on
+    # every request of a kept-alive connection -- the future polls' latency floor.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(2048)
     port = sock.getsockname()[1]

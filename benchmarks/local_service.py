@@ -1,0 +1,198 @@
+"""Benchmark of the local service, driven through the unmodified fireworks SDK.
+
+Prints one JSON object:
+
+- ``train_step_ratio_vs_raw_torch``: a train step (``forward_backward`` with the
+  built-in cross_entropy loss + ``optim_step``) through the SDK and the service,
+  divided by the same step in an in-process torch loop (same model config and
+  seed, same 32 x 64-token batch, AdamW with the same hyperparameters), measured
+  in the same run with the two interleaved. Target: <= 1.5.
+- ``sampling_speedup_adaptive_vs_sequential``: wall time of 64 completions sent
+  one at a time, divided by the same 64 (same prompts, seeds and lengths) sent
+  concurrently under the SDK's AdaptiveConcurrencyController, which the
+  deployment batches. Target: >= 4.
+
+Usage: ``python benchmarks/local_service.py [--device cpu|cuda] [--rounds N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BATCH, SEQ_LEN = 32, 64
+LEARNING_RATE = 1e-4
+COMPLETIONS, COMPLETION_TOKENS = 64, 32
+
+
+def make_service(info, **overrides):
+    """A service client configured as the seed configures it."""
+    from fireworks.training.sdk import FiretitanServiceClient
+
+    config = dict(api_key="local", base_url=info.base_url, base_model=info.base_model,
+                  tokenizer_model=info.tokenizer_path, lora_rank=0, training_shape_id=info.training_shape_id,
+                  learning_rate=LEARNING_RATE, replica_count=1, cleanup_trainer_on_close=True,
+                  cleanup_deployment_on_close="delete")
+    config.update(overrides)
+    return FiretitanServiceClient.from_firetitan_config(**config)
+
+
+def make_batch(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(SEQ_LEN + 1)] for _ in range(BATCH)]
+
+
+def sdk_datums(sequences):
+    from fireworks.training import tinker
+
+    return [tinker.Datum(model_input=tinker.ModelInput.from_ints(seq[:-1]),
+                         loss_fn_inputs={"target_tokens": tinker.TensorData(data=seq[1:], dtype="int64",
+                                                                            shape=[SEQ_LEN])})
+            for seq in sequences]
+
+
+class RawTorchLoop:
+    """The same step, written directly against torch: the baseline."""
+
+    def __init__(self, base_model: str, device: str, sequences):
+        import torch
+
+        from runner.local import catalogue
+        from runner.local.model import build_model
+
+        self.torch = torch
+        self.model = build_model(catalogue.resolve(base_model), seed=0, device=device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95),
+                                           eps=1e-12, weight_decay=0.0)
+        data = torch.tensor(sequences, dtype=torch.int64, device=device)
+        self.inputs, self.targets = data[:, :-1], data[:, 1:]
+        self.device = device
+
+    def step(self) -> float:
+        torch = self.torch
+        logits = self.model(input_ids=self.inputs, use_cache=False).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+        loss = -logprobs.sum()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return float(loss.detach())
+
+
+def bench_training(info, device: str, rounds: int, steps_per_round: int) -> dict:
+    from fireworks.training import tinker
+
+    service = make_service(info, deployment_id="bench-train")
+    try:
+        training = service.create_training_client()
+        sequences = make_batch(259)
+        datums = sdk_datums(sequences)
+        adam = tinker.AdamParams(learning_rate=LEARNING_RATE, beta1=0.9, beta2=0.95, eps=1e-12)
+        raw = RawTorchLoop(info.base_model, device, sequences)
+
+        def sdk_step() -> None:
+            training.forward_backward(datums, "cross_entropy").result()
+            training.optim_step(adam).result()
+
+        for _ in range(3):  # warm-up: allocator, autograd graph, connections
+            sdk_step()
+            raw.step()
+        sdk_times, raw_times = [], []
+        for _ in range(rounds):  # interleaved, so machine load hits both alike
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                sdk_step()
+                sdk_times.append(time.perf_counter() - start)
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                raw.step()
+                raw_times.append(time.perf_counter() - start)
+        sdk_ms, raw_ms = 1e3 * statistics.median(sdk_times), 1e3 * statistics.median(raw_times)
+        return {"train_step_ratio_vs_raw_torch": round(sdk_ms / raw_ms, 3),
+                "sdk_train_step_ms": round(sdk_ms, 2), "raw_torch_train_step_ms": round(raw_ms, 2),
+                "train_steps_measured": len(sdk_times)}
+    finally:
+        service.close()
+
+
+def bench_sampling(info, rounds: int = 3) -> dict:
+    from fireworks.training.sdk.concurrency import AdaptiveConcurrencyController
+
+    service = make_service(info, deployment_id="bench-sampling")
+    try:
+        service.create_training_client()
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_path)
+        prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}], tokenize=True,
+                                                    add_generation_prompt=True, return_dict=False))
+        controller = AdaptiveConcurrencyController()
+        sampler = service.create_deployment_sampler(tokenizer=tokenizer, concurrency_controller=controller)
+
+        async def one(seed: int):
+            # Full-distribution sampling with a per-request seed: both runs generate the same tokens.
+            return (await sampler.sample_with_prompt_tokens(prompt, n=1, max_tokens=COMPLETION_TOKENS,
+                                                            temperature=1.0, seed=seed))[0]
+
+        async def sequential():
+            return [await one(seed) for seed in range(COMPLETIONS)]
+
+        async def adaptive():
+            return await asyncio.gather(*(one(seed) for seed in range(COMPLETIONS)))
+
+        asyncio.run(sequential_warmup(one))
+        seq_times, ada_times = [], []
+        for _ in range(rounds):  # interleaved pairs, so machine load hits both alike
+            start = time.perf_counter()
+            seq_results = asyncio.run(sequential())
+            seq_times.append(time.perf_counter() - start)
+            sampler.concurrency_controller = controller = AdaptiveConcurrencyController()  # default, fresh each round
+            start = time.perf_counter()
+            ada_results = asyncio.run(adaptive())
+            ada_times.append(time.perf_counter() - start)
+            assert [c.full_tokens for c in seq_results] == [c.full_tokens for c in ada_results], "runs differ"
+        seq_s, ada_s = statistics.median(seq_times), statistics.median(ada_times)
+        tokens = sum(c.completion_len for c in ada_results)
+        return {"sampling_speedup_adaptive_vs_sequential": round(seq_s / ada_s, 3),
+                "sequential_seconds": round(seq_s, 3), "adaptive_seconds": round(ada_s, 3),
+                "sampling_rounds": rounds, "completions": COMPLETIONS, "completion_tokens_total": tokens,
+                "adaptive_window_after": controller.window_size}
+    finally:
+        service.close()
+
+
+async def sequential_warmup(one) -> None:
+    for seed in range(4):
+        await one(1000 + seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps-per-round", type=int, default=8)
+    args = parser.parse_args()
+    logging.getLogger("fireworks").setLevel(logging.ERROR)
+
+    from runner.local.service import local_service
+
+    with local_service(device=args.device) as info:
+        result = {"device": args.device, "base_model": info.base_model, "batch": [BATCH, SEQ_LEN]}
+        result.update(bench_training(info, args.device, args.rounds, args.steps_per_round))
+        result.update(bench_sampling(info, args.rounds))
+    result["targets"] = {"train_step_ratio_vs_raw_torch": "<= 1.5", "sampling_speedup_adaptive_vs_sequential": ">= 4"}
+    print(json.dumps(result))
+
+if __name__ == "__main__":
+    main()
