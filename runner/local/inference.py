@@ -19,8 +19,8 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field as dc_field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -31,9 +31,6 @@ from . import catalogue
 from .state import ServiceState, now_rfc3339
 from .trainer_api import engine_model, load_engine, weights_digest
 from .wire import ApiError, check_token_ids, json_body, json_response
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("runner.local.inference")
 

@@ -27,7 +27,6 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field as dc_field
-from pathlib import Path
 from typing import Any, Callable
 
 from starlette.requests import Request
@@ -641,8 +640,3 @@ class TrainerPlane:
             ("/local/weights_digest", self.weights_digest, ["GET"]),
         ]
         return [Route(base + path, handler, methods=methods) for path, handler, methods in table]
-
-
-def checkpoint_path(state: ServiceState, job_id: str, name: str, family: str) -> Path | None:
-    row = state.checkpoints.find(job_id, name, family)
-    return Path(row["path"]) if row else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 from fireworks.training import tinker
 from fireworks.training.sdk import APIStatusError, DeploymentManager, TrainerJobManager
@@ -134,3 +133,21 @@ def test_cleanup_policies_are_visible_in_the_control_plane(service_info, provisi
     TrainerJobManager(api_key="local", base_url=service_info.base_url).delete(ids["kept"][0])
     DeploymentManager(api_key="local", base_url=service_info.base_url).delete(ids["kept"][1])
     assert job("kept")["state"] == "JOB_STATE_DELETED" and deployment("kept").status_code == 404
+
+
+def test_an_unexpected_exception_is_a_500_with_its_message_and_the_app_serves_on(tmp_path):
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from runner.local.server import build_app
+
+    async def broken(request):
+        raise KeyError("a bug")
+
+    app = build_app(tmp_path)
+    app.router.routes.append(Route("/local/v1/broken", broken))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.get("/local/v1/broken")
+        assert resp.status_code == 500
+        assert "KeyError" in resp.json()["error"]["message"] and "a bug" in resp.json()["error"]["message"]
+        assert client.get("/local/v1/healthz").json() == {"status": "ok"}
