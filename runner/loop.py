@@ -212,17 +212,18 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
     try:
         endpoint = _endpoint(spec)
         tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or endpoint["tokenizer_path"])
+        shape = _shape_ref(spec.model.training_shape)
         trainer_id = st.trainer_job_id if resuming and _trainer_alive(endpoint, inputs.api_key, st.trainer_job_id) else None
         service = FiretitanServiceClient.from_firetitan_config(
             api_key=inputs.api_key, base_url=endpoint["base_url"], base_model=spec.model.base_model,
             tokenizer_model=spec.model.tokenizer or endpoint["tokenizer_path"], lora_rank=spec.model.lora_rank,
-            training_shape_id=spec.model.training_shape, deployment_id=st.deployment_id or spec.model.deployment_id,
+            training_shape_id=shape, deployment_id=st.deployment_id or spec.model.deployment_id,
             learning_rate=spec.optim.learning_rate, replica_count=1, trainer_job_id=trainer_id,
             cleanup_trainer_on_close=spec.cleanup.trainer == "delete",
             cleanup_deployment_on_close=None if spec.cleanup.deployment == "keep" else spec.cleanup.deployment,
         )
         tracked = TrackedService(
-            service, rec, base_model=spec.model.base_model, shape=spec.model.training_shape,
+            service, rec, base_model=spec.model.base_model, shape=shape,
             lora_rank=spec.model.lora_rank, deployment_id=spec.model.deployment_id,
             reused_trainer_job_id=trainer_id, reused_deployment_id=st.deployment_id,
             cleanup={"trainer": "deleted" if spec.cleanup.trainer == "delete" else "kept",
@@ -277,6 +278,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
         if exporter is not None:
             exporter.stop()
@@ -288,8 +290,15 @@ def _evaluate(ctx: StepContext, inputs: Inputs, rec: Recorder) -> float:
     res = ctx.run_async(ctx.tracked.evaluate(
         sampler, inputs.eval_set, snapshot_path=ctx.last_snapshot,
         sampling={"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature},
-        grade=lambda ex, text: grade(ex.answer, text), controller=ctx.controller))
+        grade=lambda ex, text: grade(ex.answer, _visible(ctx.tokenizer, text)), controller=ctx.controller))
     return res.score
+
+
+def _visible(tokenizer: Any, text: str) -> str:
+    """The completion as a reader sees it: special tokens (the end-of-turn marker) removed."""
+    for special in tokenizer.all_special_tokens:
+        text = text.replace(special, "")
+    return text
 
 
 def _close(tracked: TrackedService | None) -> None:
@@ -311,6 +320,11 @@ def _endpoint(spec: Spec) -> dict[str, str]:
         return {"base_url": spec.backend.base_url, "tokenizer_path": tokenizer_path()}
     info = ensure_running(spec.backend.state_dir, device=spec.backend.device)
     return {"base_url": info.base_url, "tokenizer_path": info.tokenizer_path}
+
+
+def _shape_ref(shape: str) -> str:
+    """The SDK wants a resource name; a bare shape id means one of the public shapes."""
+    return shape if "/" in shape else f"accounts/fireworks/trainingShapes/{shape}"
 
 
 def _trainer_alive(endpoint: dict[str, str], api_key: str, job_id: str | None) -> bool:
