@@ -98,3 +98,20 @@ def test_state_round_trip_changes_nothing(provision, tokenizer, http, sdk_helper
     # Weights-only load resets the optimizer: the first step then differs.
     training.load_state("round-trip").result()
     assert step()[2] != straight[0][2]
+
+
+def test_chunked_requests_sent_in_parallel_run_in_sequence(provision):
+    """Over 1024 datums the SDK splits a call into chunks with consecutive seq_ids and
+    sends them concurrently; the trainer must run them in seq_id order."""
+    service = provision()
+    training = service.create_training_client()
+    data = [tinker.Datum(model_input=tinker.ModelInput.from_ints([i % 250, (i * 7) % 250]),
+                         loss_fn_inputs={"target_tokens": tinker.TensorData(data=[(i * 7) % 250, (i * 3) % 250],
+                                                                            dtype="int64", shape=[2])})
+            for i in range(1100)]
+    forward = training.forward(data, "cross_entropy").result()
+    backward = training.forward_backward(data, "cross_entropy").result()
+    assert len(forward.loss_fn_outputs) == len(backward.loss_fn_outputs) == 1100
+    assert abs(forward.metrics["loss:sum"] - backward.metrics["loss:sum"]) < 1e-3 * forward.metrics["loss:sum"]
+    step = training.optim_step(ADAM).result()
+    assert step.metrics["num_loss_tokens"] == 2200.0  # both chunks' gradients reached the step
