@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml requirements.lock
 test: install
 	$(VENV)/bin/pytest -q
 
+# The main job: a small learning-rate sweep of the demo on the embedded local service,
+# exported to MLflow, ending with the compare table and the command that opens the UI.
+# Running it again finishes only unfinished trials.
 run: install
-	$(VENV)/bin/python -m runner.main_job
+	$(VENV)/bin/firetitan-track sweep examples/reverse_sft.toml --sweep-id demo-lr \
+		--grid optim.learning_rate=1e-3,3e-3
+	$(VENV)/bin/firetitan-track local down
 
 bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -61,14 +61,15 @@ CATALOGUE: dict[str, EventType] = _types(
     EventType("RunCompleted", 1, ("final_step", "final_snapshot")),
     # -- provisioning ----------------------------------------------------------
     EventType("ProvisionRequested", 1, ("role", "base_model", "shape", "lora_rank"),
-              "role: policy|reference; optional deployment_id, trainer_job_id (reuse)"),
+              "role: policy|reference; optional deployment_id, trainer_job_id (reuse), base_url (the service)"),
     EventType("TrainerProvisioned", 1, ("role", "trainer_job_id", "base_model", "shape", "lora_rank", "created")),
     EventType("DeploymentProvisioned", 1, ("deployment_id", "base_model", "created")),
     EventType("ReferenceProvisioned", 1, ("trainer_job_id", "created")),
     # -- training --------------------------------------------------------------
     EventType("StepCompleted", 1, ("step", "data_cursor", "micro_batches", "metrics", "optimizer")),
     EventType("StateSaveRequested", 1, ("step", "name", "data_cursor")),
-    EventType("StateSaved", 1, ("step", "name", "path", "data_cursor")),
+    EventType("StateSaved", 1, ("step", "name", "path", "data_cursor"),
+              "optional trainer_job_id: the job that saved it (a new job loads it by cross-job reference)"),
     EventType("SnapshotRequested", 1, ("step", "name")),
     EventType("SnapshotSaved", 1, ("step", "name", "path", "kind", "base_path"),
               "kind: base|delta; base_path: the base snapshot a delta applies to (null for a base)"),

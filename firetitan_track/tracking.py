@@ -74,8 +74,9 @@ class EvalResult:
 class TrackedTrainingClient:
     """A FiretitanTrainingClient whose saves are recorded; everything else passes through."""
 
-    def __init__(self, client: Any, recorder: Recorder, *, lora_rank: int):
+    def __init__(self, client: Any, recorder: Recorder, *, lora_rank: int, trainer_job_id: str | None = None):
         self._client = client
+        self._job_id = trainer_job_id
         self._rec = recorder
         self._lora_rank = lora_rank
         self._base_path: str | None = None  # the base the next delta applies to (this session)
@@ -95,10 +96,14 @@ class TrackedTrainingClient:
         step = self._rec.step
         self._rec.record("StateSaveRequested", step=step, name=name, data_cursor=data_cursor)
         result = self._client.save_state(name).result()
-        self._rec.record("StateSaved", step=step, name=name, path=result.path, data_cursor=data_cursor)
+        self._rec.record("StateSaved", step=step, name=name, path=result.path, data_cursor=data_cursor,
+                         trainer_job_id=self._job_id)
         return result.path
 
-    def load_state_with_optimizer(self, path: str) -> Any:
+    def load_state_with_optimizer(self, path: str, *, source_job_id: str | None = None) -> Any:
+        """Load DCP state; a state saved by another trainer job is named by a cross-job reference."""
+        if source_job_id and source_job_id != self._job_id:
+            path = self._client.resolve_checkpoint_path(path, source_job_id=source_job_id)
         return self._client.load_state_with_optimizer(path).result()
 
     def save_weights_for_sampler(self, name: str) -> str:
@@ -119,7 +124,8 @@ class TrackedService:
 
     def __init__(self, service: Any, recorder: Recorder, *, base_model: str, shape: str | None,
                  lora_rank: int, deployment_id: str | None, reused_trainer_job_id: str | None = None,
-                 reused_deployment_id: str | None = None, cleanup: dict[str, str] | None = None):
+                 reused_deployment_id: str | None = None, cleanup: dict[str, str] | None = None,
+                 base_url: str | None = None):
         self._service = service
         self._rec = recorder
         self._base_model = base_model
@@ -129,6 +135,7 @@ class TrackedService:
         self._reused_trainer = reused_trainer_job_id
         self._reused_deployment = reused_deployment_id
         self._cleanup = cleanup or {"trainer": "kept", "deployment": "kept"}
+        self._base_url = base_url
         self._closed = False
 
     def __getattr__(self, name: str) -> Any:
@@ -143,7 +150,7 @@ class TrackedService:
     def create_training_client(self, *args: Any, **kwargs: Any) -> TrackedTrainingClient:
         self._rec.record("ProvisionRequested", role="policy", base_model=self._base_model, shape=self._shape,
                          lora_rank=self._lora_rank, deployment_id=self._deployment_id,
-                         trainer_job_id=self._reused_trainer)
+                         trainer_job_id=self._reused_trainer, base_url=self._base_url)
         client = self._service.create_training_client(*args, **kwargs)
         job_id = self._service.trainer_job_id
         deployment_id = self._service.deployment_id
@@ -154,7 +161,7 @@ class TrackedService:
                          shape=self._shape, lora_rank=self._lora_rank, created=job_id != self._reused_trainer)
         self._rec.record("DeploymentProvisioned", deployment_id=deployment_id, base_model=self._base_model,
                          created=deployment_id != self._reused_deployment)
-        return TrackedTrainingClient(client, self._rec, lora_rank=self._lora_rank)
+        return TrackedTrainingClient(client, self._rec, lora_rank=self._lora_rank, trainer_job_id=job_id)
 
     def create_reference_client(self, *args: Any, **kwargs: Any) -> Any:
         self._rec.record("ProvisionRequested", role="reference", base_model=self._base_model, shape=self._shape,

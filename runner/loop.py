@@ -228,7 +228,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             reused_trainer_job_id=trainer_id, reused_deployment_id=st.deployment_id,
             cleanup={"trainer": "deleted" if spec.cleanup.trainer == "delete" else "kept",
                      "deployment": {"scale_to_zero": "scaled_to_zero", "delete": "deleted",
-                                    "keep": "kept"}[spec.cleanup.deployment]})
+                                    "keep": "kept"}[spec.cleanup.deployment]},
+            base_url=endpoint["base_url"])
         rec.step = st.resume_step
         policy = tracked.create_training_client(base_model=spec.model.base_model, lora_rank=spec.model.lora_rank,
                                                 seed=spec.run.seed)
@@ -237,7 +238,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             ctx.reference = tracked.create_reference_client(base_model=spec.model.base_model, lora_rank=0)
 
         if st.last_state is not None:
-            policy.load_state_with_optimizer(st.last_state["path"])
+            policy.load_state_with_optimizer(st.last_state["path"],
+                                             source_job_id=st.last_state.get("trainer_job_id"))
             start = st.resume_step
         else:  # nothing trained yet: the baseline eval, then the state every resume can fall back to
             start = 0

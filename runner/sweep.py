@@ -116,6 +116,14 @@ def plan_sweep(ledger: Any, spec: Any, grid: dict[str, list[Any]], sweep_id: str
     return [Trial(t["trial"], t["run_id"], t["params"]) for t in recorded["trials"]]
 
 
+def trial_spec(spec: Any, trial: Trial) -> Any:
+    """The trial's spec: the grid's values, and a deployment of its own so parallel trials
+    never hot-load each other's weights (unless the grid names the deployment itself)."""
+    params = dict(trial.params)
+    params.setdefault("model.deployment_id", f"{spec.model.deployment_id}-t{trial.trial}")
+    return spec.with_overrides(params)
+
+
 def run_trial(spec: Any, trial: Trial, sweep_id: str, *, ledger_url: str, steps: int | None = None,
               progress: bool = True) -> TrialOutcome:
     """Bring one trial to its end: start it, resume it, or leave it when already completed."""
@@ -138,7 +146,7 @@ def run_trial(spec: Any, trial: Trial, sweep_id: str, *, ledger_url: str, steps:
         if events:
             result = resume_run(trial.run_id, ledger_url=ledger_url, steps=steps, progress=progress)
         else:
-            result = run_spec(spec.with_overrides(trial.params), ledger_url=ledger_url, run_id=trial.run_id,
+            result = run_spec(trial_spec(spec, trial), ledger_url=ledger_url, run_id=trial.run_id,
                               steps=steps, sweep_id=sweep_id, trial_params=trial.params, progress=progress)
     except Exception as exc:  # one failed trial must not stop the others; it stays resumable
         from firetitan_track.redact import redact_text
