@@ -8,6 +8,7 @@ and events.py (the catalogue). Nothing here imports torch or MLflow.
 from firetitan_track.events import NewEvent, RecordedEvent, new_event
 from firetitan_track.ledger import ConcurrencyError, Ledger, Problem, RunInfo, UnknownRun
 from firetitan_track.redact import redact, redact_text
+from firetitan_track.tracking import TrackedService, track
 from firetitan_track.store import LedgerError, SchemaOutOfDate
 
 __all__ = [
@@ -23,4 +24,6 @@ __all__ = [
     "Problem",
     "redact",
     "redact_text",
+    "track",
+    "TrackedService",
 ]

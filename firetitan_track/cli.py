@@ -13,11 +13,9 @@ Commands live in the modules that own their behaviour and are loaded lazily, so
 from __future__ import annotations
 
 import importlib
-import os
 
 import click
 
-DEFAULT_LEDGER_URL = "sqlite:///.firetitan/ledger.db"
 
 # command name -> "module:attribute"
 COMMANDS: dict[str, str] = {
@@ -59,7 +57,9 @@ class LazyGroup(click.Group):
 def ledger_url(ctx: click.Context) -> str:
     """The ledger URL chosen by ``--ledger``, else FIRETITAN_LEDGER, else the default."""
     root = ctx.find_root()
-    return (root.obj or {}).get("ledger_url") or os.environ.get("FIRETITAN_LEDGER") or DEFAULT_LEDGER_URL
+    from firetitan_track.ledger import default_ledger_url
+
+    return (root.obj or {}).get("ledger_url") or default_ledger_url()
 
 
 @click.group(cls=LazyGroup)

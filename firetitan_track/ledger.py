@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -30,11 +31,19 @@ from firetitan_track.redact import may_need_redaction, redact, secret_values
 from firetitan_track.store import LedgerError, Store, checkpoints, open_store
 from firetitan_track.store import events as event_table
 
-__all__ = ["Ledger", "LedgerError", "ConcurrencyError", "UnknownRun", "RunInfo", "Problem",
+__all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "UnknownRun", "RunInfo", "Problem",
            "GENESIS_HASH", "event_hash"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
 _json_str = json.encoder.encode_basestring  # == json.dumps(s, ensure_ascii=False), in C
+
+
+DEFAULT_LEDGER_URL = "sqlite:///.firetitan/ledger.db"  # relative to the current directory
+
+
+def default_ledger_url() -> str:
+    """FIRETITAN_LEDGER when set, else the SQLite file under the current directory."""
+    return os.environ.get("FIRETITAN_LEDGER") or DEFAULT_LEDGER_URL
 
 
 class ConcurrencyError(LedgerError):

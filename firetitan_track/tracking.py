@@ -71,14 +71,51 @@ class EvalResult:
     prompt_set_digest: str
 
 
-class TrackedTrainingClient:
-    """A FiretitanTrainingClient whose saves are recorded; everything else passes through."""
+class Resolved:
+    """An already-finished future: tracked calls wait for the outcome so they can record it,
+    and hand the SDK's result back in the shape the SDK does (``.result().path``)."""
 
-    def __init__(self, client: Any, recorder: Recorder, *, lora_rank: int, trainer_job_id: str | None = None):
+    def __init__(self, value: Any):
+        self._value = value
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._value
+
+
+class _StepFuture:
+    """optim_step's future; in a researcher's own loop its result is recorded as the step."""
+
+    def __init__(self, future: Any, on_result: Callable[[Any], None]):
+        self._future = future
+        self._on_result: Callable[[Any], None] | None = on_result
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = self._future.result(timeout)
+        if self._on_result is not None:
+            on_result, self._on_result = self._on_result, None
+            on_result(value)
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._future, name)
+
+
+class TrackedTrainingClient:
+    """A FiretitanTrainingClient whose saves are recorded; everything else passes through.
+
+    With ``auto_steps`` (a researcher's own loop) every optim_step is recorded as a
+    StepCompleted with the micro-batches accumulated since the previous one; the
+    runner records its steps itself, with the data cursor.
+    """
+
+    def __init__(self, client: Any, recorder: Recorder, *, lora_rank: int, trainer_job_id: str | None = None,
+                 auto_steps: bool = False):
         self._client = client
         self._job_id = trainer_job_id
         self._rec = recorder
         self._lora_rank = lora_rank
+        self._auto_steps = auto_steps
+        self._micro_batches = 0
         self._base_path: str | None = None  # the base the next delta applies to (this session)
 
     def __getattr__(self, name: str) -> Any:
@@ -88,35 +125,79 @@ class TrackedTrainingClient:
     def raw(self) -> Any:
         return self._client
 
-    def optim_step(self, params: Any) -> Any:
-        return self._client.optim_step(adam_params(params))
+    def forward_backward(self, *args: Any, **kwargs: Any) -> Any:
+        self._micro_batches += 1
+        return self._client.forward_backward(*args, **kwargs)
 
-    def save_state(self, name: str, *, data_cursor: Any = None) -> str:
-        """Save DCP state (weights + optimizer); returns the authoritative path."""
+    def forward_backward_custom(self, *args: Any, **kwargs: Any) -> Any:
+        self._micro_batches += 1
+        return self._client.forward_backward_custom(*args, **kwargs)
+
+    def optim_step(self, params: Any, *args: Any, **kwargs: Any) -> Any:
+        adam = adam_params(params)
+        future = self._client.optim_step(adam, *args, **kwargs)
+        micro_batches, self._micro_batches = self._micro_batches, 0
+        if not self._auto_steps:
+            return future
+
+        def record(response: Any) -> None:
+            self._rec.step += 1
+            metrics = {k: float(v) for k, v in (getattr(response, "metrics", None) or {}).items()
+                       if isinstance(v, (int, float))}
+            self._rec.record("StepCompleted", step=self._rec.step, data_cursor=None, micro_batches=micro_batches,
+                             metrics=metrics, optimizer=adam.model_dump(exclude_none=True))
+
+        return _StepFuture(future, record)
+
+    def save_state(self, name: str, *args: Any, data_cursor: Any = None, **kwargs: Any) -> Resolved:
+        """Save DCP state (weights + optimizer), recorded with the step and data cursor."""
         step = self._rec.step
         self._rec.record("StateSaveRequested", step=step, name=name, data_cursor=data_cursor)
-        result = self._client.save_state(name).result()
+        result = self._client.save_state(name, *args, **kwargs).result()
         self._rec.record("StateSaved", step=step, name=name, path=result.path, data_cursor=data_cursor,
                          trainer_job_id=self._job_id)
-        return result.path
+        return Resolved(result)
 
-    def load_state_with_optimizer(self, path: str, *, source_job_id: str | None = None) -> Any:
+    def load_state_with_optimizer(self, path: str, *, source_job_id: str | None = None) -> Resolved:
         """Load DCP state; a state saved by another trainer job is named by a cross-job reference."""
         if source_job_id and source_job_id != self._job_id:
             path = self._client.resolve_checkpoint_path(path, source_job_id=source_job_id)
-        return self._client.load_state_with_optimizer(path).result()
+        return Resolved(self._client.load_state_with_optimizer(path).result())
 
-    def save_weights_for_sampler(self, name: str) -> str:
+    def save_weights_for_sampler(self, name: str, *args: Any, checkpoint_type: str | None = None,
+                                 **kwargs: Any) -> Resolved:
         """Save a sampler snapshot: a full base first in a session, deltas against it after."""
-        kind = "base" if (self._base_path is None or self._lora_rank > 0) else "delta"
+        kind = checkpoint_type or ("base" if (self._base_path is None or self._lora_rank > 0) else "delta")
         step = self._rec.step
         self._rec.record("SnapshotRequested", step=step, name=name)
-        path = self._client.save_weights_for_sampler(name, checkpoint_type=kind).result().path
+        result = self._client.save_weights_for_sampler(name, *args, checkpoint_type=kind, **kwargs).result()
         base_path = None if kind == "base" else self._base_path
         if kind == "base":
-            self._base_path = path
-        self._rec.record("SnapshotSaved", step=step, name=name, path=path, kind=kind, base_path=base_path)
-        return path
+            self._base_path = result.path
+        self._rec.record("SnapshotSaved", step=step, name=name, path=result.path, kind=kind, base_path=base_path)
+        return Resolved(result)
+
+
+class TrackedSampler:
+    """A deployment sampler in a researcher's own loop: its samples are kept until
+    ``TrackedService.log_score`` ties them, with their prompts, to a score."""
+
+    def __init__(self, sampler: Any, pending: list[dict[str, Any]]):
+        self._sampler = sampler
+        self._pending = pending
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sampler, name)
+
+    async def sample_with_tokens(self, messages: list[dict[str, str]], n: int = 1, max_tokens: int = 1024,
+                                 temperature: float = 1.0, **kwargs: Any) -> Any:
+        outs = await self._sampler.sample_with_tokens(messages=messages, n=n, max_tokens=max_tokens,
+                                                      temperature=temperature, **kwargs)
+        self._pending.append({"messages": messages, "sampling": {"n": n, "max_tokens": max_tokens,
+                                                                 "temperature": temperature},
+                              "completions": [{"text": c.text, "finish_reason": c.finish_reason,
+                                               "completion_len": c.completion_len} for c in outs]})
+        return outs
 
 
 class TrackedService:
@@ -124,8 +205,7 @@ class TrackedService:
 
     def __init__(self, service: Any, recorder: Recorder, *, base_model: str, shape: str | None,
                  lora_rank: int, deployment_id: str | None, reused_trainer_job_id: str | None = None,
-                 reused_deployment_id: str | None = None, cleanup: dict[str, str] | None = None,
-                 base_url: str | None = None):
+                 reused_deployment_id: str | None = None, base_url: str | None = None, auto_steps: bool = False):
         self._service = service
         self._rec = recorder
         self._base_model = base_model
@@ -134,8 +214,10 @@ class TrackedService:
         self._deployment_id = deployment_id
         self._reused_trainer = reused_trainer_job_id
         self._reused_deployment = reused_deployment_id
-        self._cleanup = cleanup or {"trainer": "kept", "deployment": "kept"}
         self._base_url = base_url
+        self._auto_steps = auto_steps  # a researcher's own loop: steps and samples recorded as they happen
+        self._pending: list[dict[str, Any]] = []  # own-loop samples awaiting log_score
+        self._synced: str | None = None  # the snapshot the deployment serves
         self._closed = False
 
     def __getattr__(self, name: str) -> Any:
@@ -161,7 +243,8 @@ class TrackedService:
                          shape=self._shape, lora_rank=self._lora_rank, created=job_id != self._reused_trainer)
         self._rec.record("DeploymentProvisioned", deployment_id=deployment_id, base_model=self._base_model,
                          created=deployment_id != self._reused_deployment)
-        return TrackedTrainingClient(client, self._rec, lora_rank=self._lora_rank, trainer_job_id=job_id)
+        return TrackedTrainingClient(client, self._rec, lora_rank=self._lora_rank, trainer_job_id=job_id,
+                                     auto_steps=self._auto_steps)
 
     def create_reference_client(self, *args: Any, **kwargs: Any) -> Any:
         self._rec.record("ProvisionRequested", role="reference", base_model=self._base_model, shape=self._shape,
@@ -176,7 +259,7 @@ class TrackedService:
     def create_deployment_sampler(self, model_path: str | None = None, **kwargs: Any) -> Any:
         """Hot-load ``model_path`` onto the deployment (recorded as a sync) and return its sampler."""
         if model_path is None:
-            return self._service.create_deployment_sampler(**kwargs)
+            return self._own_loop(self._service.create_deployment_sampler(**kwargs))
         step = self._rec.step
         self._rec.record("SyncRequested", step=step, deployment_id=self._service.deployment_id,
                          snapshot_path=model_path)
@@ -184,24 +267,24 @@ class TrackedService:
         sampler = self._service.create_deployment_sampler(model_path=model_path, **kwargs)
         self._rec.record("WeightsSynced", step=step, deployment_id=self._service.deployment_id,
                          snapshot_path=model_path, duration_s=round(time.perf_counter() - t0, 6))
-        return sampler
+        self._synced = model_path
+        return self._own_loop(sampler)
+
+    def _own_loop(self, sampler: Any) -> Any:
+        return TrackedSampler(sampler, self._pending) if self._auto_steps else sampler
 
     # -- evaluation --------------------------------------------------------------------
 
     async def evaluate(self, sampler: Any, prompts: Sequence[Any], *, snapshot_path: str | None,
                        sampling: dict[str, Any], grade: Callable[[Any, str], float],
-                       controller: Any = None, prompt_set_digest: str | None = None) -> EvalResult:
+                       controller: Any = None) -> EvalResult:
         """Sample every prompt through the deployment, grade, and record the eval.
 
         ``prompts`` are objects with ``chat()`` and ``to_json()`` (runner.tasks.Example);
         the exact prompt set is stored as a blob and the score is tied to it and to
         ``snapshot_path``.
         """
-        step = self._rec.step
-        digest = prompt_set_digest or self._rec.put_json([p.to_json() for p in prompts])
-        eval_id = uuid.uuid4().hex[:12]
-        self._rec.record("EvalStarted", eval_id=eval_id, step=step, snapshot_path=snapshot_path,
-                         prompt_set_digest=digest, prompt_count=len(prompts), sampling=dict(sampling))
+        eval_id = self._eval_started([p.to_json() for p in prompts], snapshot_path, sampling)
 
         async def one(i: int, p: Any) -> list[dict[str, Any]]:
             outs = await sampler.sample_with_tokens(messages=p.chat(), n=sampling["n"],
@@ -213,15 +296,36 @@ class TrackedService:
         groups: list[list[dict[str, Any]]] = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         completions = [c for g in groups for c in g]
         server = controller.step_completed() if controller is not None and hasattr(controller, "step_completed") else {}
-        window = getattr(controller, "window_size", None)
-        self._rec.record("SamplesRecorded", eval_id=eval_id, completions_digest=self._rec.put_json(completions),
-                         server_metrics={k: float(v) for k, v in (server or {}).items()},
-                         concurrency_window=window)
         score = sum(c["score"] for c in completions) / max(1, len(completions))
-        self._rec.record("EvalScored", eval_id=eval_id, step=step, snapshot_path=snapshot_path,
-                         prompt_set_digest=digest, score=score,
-                         metrics={"completions": len(completions), "correct": sum(c["score"] for c in completions)})
-        return EvalResult(eval_id, score, completions, digest)
+        self._eval_finished(eval_id, completions, score, server, getattr(controller, "window_size", None),
+                            {"completions": len(completions), "correct": sum(c["score"] for c in completions)})
+        return EvalResult(eval_id, score, completions, self._eval_digest)
+
+    def log_score(self, score: float, metrics: dict[str, float] | None = None) -> str:
+        """Own loop: tie ``score`` to the samples drawn since the last score (their prompts
+        become the eval's prompt set) and to the snapshot the deployment serves."""
+        pending, self._pending[:] = list(self._pending), []
+        sampling = pending[0]["sampling"] if pending else {}
+        eval_id = self._eval_started([{"messages": p["messages"]} for p in pending], self._synced, sampling)
+        completions = [{"prompt": i, **c} for i, p in enumerate(pending) for c in p["completions"]]
+        self._eval_finished(eval_id, completions, float(score), {}, None, dict(metrics or {}))
+        return eval_id
+
+    def _eval_started(self, prompt_set: list[Any], snapshot_path: str | None, sampling: dict[str, Any]) -> str:
+        self._eval_digest = self._rec.put_json(prompt_set)
+        self._eval_snapshot = snapshot_path
+        eval_id = uuid.uuid4().hex[:12]
+        self._rec.record("EvalStarted", eval_id=eval_id, step=self._rec.step, snapshot_path=snapshot_path,
+                         prompt_set_digest=self._eval_digest, prompt_count=len(prompt_set), sampling=dict(sampling))
+        return eval_id
+
+    def _eval_finished(self, eval_id: str, completions: list[dict[str, Any]], score: float,
+                       server_metrics: dict[str, Any], window: Any, metrics: dict[str, Any]) -> None:
+        self._rec.record("SamplesRecorded", eval_id=eval_id, completions_digest=self._rec.put_json(completions),
+                         server_metrics={k: float(v) for k, v in (server_metrics or {}).items()},
+                         concurrency_window=window)
+        self._rec.record("EvalScored", eval_id=eval_id, step=self._rec.step, snapshot_path=self._eval_snapshot,
+                         prompt_set_digest=self._eval_digest, score=score, metrics=metrics)
 
     # -- cleanup --------------------------------------------------------------------------
 
@@ -233,32 +337,42 @@ class TrackedService:
         try:
             self._service.close()
         finally:
-            self._rec.record("CleanupApplied", **self._cleanup)
+            self._rec.record("CleanupApplied", **cleanup_policy(getattr(self._service, "_managed_config", None)))
+
+
+def cleanup_policy(config: Any) -> dict[str, str]:
+    """What the SDK's close does under a provisioning config, in the ledger's words."""
+    trainer = "deleted" if getattr(config, "cleanup_trainer_on_close", False) else "kept"
+    deployment = {"scale_to_zero": "scaled_to_zero", "delete": "deleted"}.get(
+        str(getattr(config, "cleanup_deployment_on_close", None) or ""), "kept")
+    return {"trainer": trainer, "deployment": deployment}
 
 
 def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = None, spec: dict | None = None,
           seed: int = 0, backend: str = "fireworks") -> TrackedService:
     """Record a researcher's own loop: wrap the service, start (or continue) a ledger run."""
+    import dataclasses
     import hashlib
     import json
-    import os
 
-    from firetitan_track.ledger import Ledger
+    from firetitan_track.ledger import Ledger, default_ledger_url
     from firetitan_track.redact import redact
 
-    url = ledger_url or os.environ.get("FIRETITAN_LEDGER") or "sqlite:///.firetitan/ledger.db"
-    ledger = Ledger.open(url)
+    ledger = Ledger.open(ledger_url or default_ledger_url())
     rid = run_id or f"run-{uuid.uuid4().hex[:10]}"
     rec = Recorder(ledger, rid)
     cfg = getattr(service, "_managed_config", None)
     if rec.version == 0:
-        body = redact(spec or {})
+        if spec is None and dataclasses.is_dataclass(cfg):
+            spec = {"provisioning": dataclasses.asdict(cfg)}  # what the service was built from
+        body = redact(json.loads(json.dumps(spec or {}, default=str)))
         rec.record("RunStarted", spec=body, spec_digest=hashlib.sha256(
             json.dumps(body, sort_keys=True).encode()).hexdigest(), code_version=_code_version(),
             seed=seed, backend=backend)
     return TrackedService(service, rec, base_model=getattr(cfg, "base_model", ""),
                           shape=getattr(cfg, "training_shape_id", None), lora_rank=getattr(cfg, "lora_rank", 0),
-                          deployment_id=getattr(cfg, "deployment_id", None))
+                          deployment_id=getattr(cfg, "deployment_id", None), auto_steps=True,
+                          base_url=getattr(service, "_managed_base_url", None))
 
 
 def _code_version() -> str:

@@ -192,7 +192,7 @@ class StepContext:
 
     def sync_policy(self, name: str) -> Any:
         """Snapshot the policy and hot-load it onto the deployment; return its sampler."""
-        self.last_snapshot = self.policy.save_weights_for_sampler(name)
+        self.last_snapshot = self.policy.save_weights_for_sampler(name).result().path
         self.controller = self._controller_factory()
         return self.tracked.create_deployment_sampler(model_path=self.last_snapshot, tokenizer=self.tokenizer,
                                                       concurrency_controller=self.controller)
@@ -226,9 +226,6 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             service, rec, base_model=spec.model.base_model, shape=shape,
             lora_rank=spec.model.lora_rank, deployment_id=spec.model.deployment_id,
             reused_trainer_job_id=trainer_id, reused_deployment_id=st.deployment_id,
-            cleanup={"trainer": "deleted" if spec.cleanup.trainer == "delete" else "kept",
-                     "deployment": {"scale_to_zero": "scaled_to_zero", "delete": "deleted",
-                                    "keep": "kept"}[spec.cleanup.deployment]},
             base_url=endpoint["base_url"])
         rec.step = st.resume_step
         policy = tracked.create_training_client(base_model=spec.model.base_model, lora_rank=spec.model.lora_rank,
@@ -244,7 +241,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         else:  # nothing trained yet: the baseline eval, then the state every resume can fall back to
             start = 0
             result.scores[0] = _evaluate(ctx, inputs, rec)
-            policy.save_state("step-0", data_cursor=None)
+            policy.save_state("step-0", data_cursor=None).result()
 
         from runner.recipes import RECIPES
 
@@ -263,7 +260,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             if step % spec.schedule.eval_every == 0 or last:
                 score = result.scores[step] = _evaluate(ctx, inputs, rec)
             if step % spec.schedule.save_every == 0 or last:
-                policy.save_state(f"step-{step}", data_cursor=cursor)
+                policy.save_state(f"step-{step}", data_cursor=cursor).result()
             _show(progress, metrics, score)
             result.final_step = step
         result.last_score = score

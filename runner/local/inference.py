@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -35,13 +36,26 @@ from .wire import ApiError, check_token_ids, json_body, json_response
 log = logging.getLogger("runner.local.inference")
 
 MAX_BATCH = 64
-# Longest the batcher holds a batch for stragglers while under concurrent load.
+# Longest the batcher holds a batch for the rest of a concurrent load.
 BATCH_GATHER_S = 0.02
 DEPLOYMENT_REF_PREFIX = "accounts/"
 
 
 def _engine():
     return load_engine()
+
+
+def _decode_thread_setup(device: str) -> None:
+    """One intra-op thread for decoding on CPU (this thread only; trainers keep theirs).
+
+    Decoding a small model is thousands of tiny ops, where an OpenMP pool only adds
+    synchronisation; on a shared, loaded CPU its threads then wait on each other and
+    the same batch took anywhere from 57 ms to 1.1 s (2 threads) instead of a steady
+    65 ms (1 thread). ``FIRETITAN_LOCAL_DECODE_THREADS`` overrides.
+    """
+    if device == "cpu":
+        import torch
+        torch.set_num_threads(max(1, int(os.environ.get("FIRETITAN_LOCAL_DECODE_THREADS", "1"))))
 
 
 @dataclass
@@ -78,10 +92,12 @@ class DeploymentRuntime:
         self.sampler: Any = None
         self.identity: str | None = None
         self.loading_state: dict = {"stage": "idle"}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deploy-{deployment_id}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deploy-{deployment_id}",
+                                            initializer=_decode_thread_setup, initargs=(device,))
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
         self.in_flight = 0
+        self._load_peak = 0.0  # decaying maximum of requests in flight: the load to expect
 
     async def call(self, fn, *args):
         """Run ``fn(sampler, *args)`` on the worker thread, in order with generation."""
@@ -106,6 +122,7 @@ class DeploymentRuntime:
     async def generate(self, request: Any) -> tuple[Any, _Job]:
         job = _Job(request, time.monotonic(), asyncio.get_running_loop().create_future())
         self.in_flight += 1
+        self._load_peak = max(self._load_peak, float(self.in_flight))
         try:
             await self._queue.put(job)
             return await job.future, job
@@ -113,20 +130,20 @@ class DeploymentRuntime:
             self.in_flight -= 1
 
     async def _batch_loop(self) -> None:
-        recent_peak = 1.0  # decaying maximum of recent batch sizes: how much load to expect
         while True:
             first = await self._queue.get()
-            if recent_peak > 1:
-                # Under concurrent load the client re-sends a finished batch's requests a
-                # moment apart; wait briefly (until about as many as lately have arrived)
-                # so they share one batch instead of splitting into a big and a small one.
-                deadline = time.monotonic() + BATCH_GATHER_S
-                while self._queue.qsize() + 1 < 0.75 * recent_peak and time.monotonic() < deadline:
-                    await asyncio.sleep(0.001)
+            # Without continuous batching, concurrent clients can settle into two groups
+            # that alternate (each arriving while the other's batch runs). So when
+            # recently more requests were in flight than are queued now, wait briefly
+            # for the others (a finished batch's clients sending their next request)
+            # and run them together.
+            deadline = time.monotonic() + BATCH_GATHER_S
+            while (self._queue.qsize() + 1 < 0.75 * self._load_peak and time.monotonic() < deadline):
+                await asyncio.sleep(0.001)
             batch = [first]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            recent_peak = max(float(len(batch)), 0.5 * recent_peak)
+            self._load_peak = max(float(self.in_flight), 0.7 * self._load_peak)  # decays when load drops
             started = time.monotonic()
             for job in batch:
                 job.started, job.batch_size = started, len(batch)
@@ -456,11 +473,18 @@ class InferencePlane:
         }
 
     def _sse(self, completion: Completion, model: str, metrics: dict):
-        """``data: {chunk}`` per token, then the final chunk with finish_reason, raw_output,
-        usage and perf_metrics, then ``data: [DONE]``."""
+        """The SSE stream: ``data: {chunk}`` with the generated text and its token
+        logprobs, then the final chunk with finish_reason, raw_output, usage and
+        perf_metrics, then ``data: [DONE]``.
+
+        The engine generates a completion whole, so it goes out as one content chunk
+        rather than one per token: the client parses JSON per chunk, and per-token
+        chunks cost it more time than the generation itself under concurrent load.
+        """
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        entries, deltas = self._token_entries(completion)
+        entries, _ = self._token_entries(completion)
+        text = self.tokenizer().decode(completion.token_ids)
 
         def chunk(choice: dict, **extra: Any) -> bytes:
             body = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
@@ -468,14 +492,10 @@ class InferencePlane:
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
         async def events():
-            emitted = ""
-            for entry, delta in zip(entries, deltas):
-                emitted += delta
-                yield chunk({"index": 0, "text": delta, "logprobs": {"content": [entry]}, "finish_reason": None})
-            full_text = self.tokenizer().decode(completion.token_ids)
-            tail = full_text[len(emitted):] if full_text.startswith(emitted) else ""
+            if entries:
+                yield chunk({"index": 0, "text": text, "logprobs": {"content": entries}, "finish_reason": None})
             yield chunk(
-                {"index": 0, "text": tail, "finish_reason": completion.finish_reason,
+                {"index": 0, "text": "", "finish_reason": completion.finish_reason,
                  "raw_output": {"prompt_token_ids": completion.prompt_ids,
                                 "completion_token_ids": completion.token_ids}},
                 usage={"prompt_tokens": len(completion.prompt_ids), "completion_tokens": len(completion.token_ids),

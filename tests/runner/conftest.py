@@ -14,11 +14,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def local_url(tmp_path_factory):
+def local_state_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("local-service")
+
+
+@pytest.fixture(scope="session")
+def local_info(local_state_dir):
     from runner.local.service import local_service
 
-    with local_service(state_dir=tmp_path_factory.mktemp("local-service")) as info:
-        yield info.base_url
+    with local_service(state_dir=local_state_dir) as info:
+        yield info
+
+
+@pytest.fixture(scope="session")
+def local_url(local_info):
+    return local_info.base_url
 
 
 @pytest.fixture
