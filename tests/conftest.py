@@ -1,13 +1,18 @@
-"""Fixtures any test may use: a fresh SQLite ledger in a temporary folder."""
+"""Fixtures any test may use: a fresh SQLite ledger, and (session-wide, started on first
+use) one real local service and one real ``mlflow server`` over HTTP."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from firetitan_track import Ledger
+from firetitan_track.projections.mlflow import wait_for_http
 
 
 @pytest.fixture
@@ -21,3 +26,51 @@ def ledger(ledger_url: str) -> Iterator[Ledger]:
     led = Ledger.open(ledger_url)
     yield led
     led.close()
+
+
+@pytest.fixture(scope="session")
+def local_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("local-service")
+
+
+@pytest.fixture(scope="session")
+def local_info(local_state_dir: Path):  # type: ignore[no-untyped-def]
+    """A real local service (its own process) for the whole session."""
+    from runner.local.service import local_service
+
+    with local_service(state_dir=local_state_dir) as info:
+        yield info
+
+
+@pytest.fixture(scope="session")
+def local_url(local_info) -> str:  # type: ignore[no-untyped-def]
+    return local_info.base_url
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tracking URI of an ``mlflow server`` with a sqlite store in a temporary folder."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", timeout=120)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
+    yield url
+    proc.terminate()
+    proc.wait(30)
+    log.close()

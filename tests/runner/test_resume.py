@@ -13,7 +13,7 @@ import pytest
 from firetitan_track import Ledger
 from firetitan_track.projections.run_state import authoritative, fold
 
-from .conftest import HARNESS, REPO, cli, small_spec
+from tests.helpers import HARNESS, REPO, cli, small_spec
 
 # Where the runner dies. Steps run 1..4; states at 0, 2, 4; evals at 0, 2, 4.
 CRASH_POINTS = [

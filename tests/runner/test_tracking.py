@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from firetitan_track import Ledger, track
 from firetitan_track.projections.run_state import fold
 
-from .conftest import cli, small_spec
+from tests.helpers import cli, small_spec
 
 
 def sft_datum(tokenizer, question: str, answer: str) -> Datum:

@@ -1,4 +1,4 @@
-"""Fixtures for runner tests: one real local service for the session, a fresh ledger per test."""
+"""Helpers for tests that drive the runner: a small spec, and the CLI in its own process."""
 
 from __future__ import annotations
 
@@ -7,33 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-HARNESS = Path(__file__).with_name("crash_harness.py")
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def local_state_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("local-service")
-
-
-@pytest.fixture(scope="session")
-def local_info(local_state_dir):
-    from runner.local.service import local_service
-
-    with local_service(state_dir=local_state_dir) as info:
-        yield info
-
-
-@pytest.fixture(scope="session")
-def local_url(local_info):
-    return local_info.base_url
-
-
-@pytest.fixture
-def ledger_url(tmp_path):
-    return f"sqlite:///{tmp_path}/ledger.db"
+HARNESS = Path(__file__).resolve().parent / "runner" / "crash_harness.py"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def small_spec(tmp_path: Path, base_url: str, name: str = "small", **sections: dict) -> Path:
