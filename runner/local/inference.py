@@ -37,7 +37,7 @@ log = logging.getLogger("runner.local.inference")
 
 MAX_BATCH = 64
 # Longest the batcher holds a batch for the rest of a concurrent load.
-BATCH_GATHER_S = 0.02
+BATCH_GATHER_S = 0.05
 DEPLOYMENT_REF_PREFIX = "accounts/"
 
 
@@ -130,6 +130,7 @@ class DeploymentRuntime:
             self.in_flight -= 1
 
     async def _batch_loop(self) -> None:
+        last_generation_s = 0.0
         while True:
             first = await self._queue.get()
             # Without continuous batching, concurrent clients can settle into two groups
@@ -137,7 +138,9 @@ class DeploymentRuntime:
             # recently more requests were in flight than are queued now, wait briefly
             # for the others (a finished batch's clients sending their next request)
             # and run them together.
-            deadline = time.monotonic() + BATCH_GATHER_S
+            # Waiting up to about half a batch's generation time pays for itself when
+            # the others arrive; the wait is cut short as soon as they have.
+            deadline = time.monotonic() + min(BATCH_GATHER_S, 0.6 * last_generation_s)
             while (self._queue.qsize() + 1 < 0.75 * self._load_peak and time.monotonic() < deadline):
                 await asyncio.sleep(0.001)
             batch = [first]
@@ -151,8 +154,9 @@ class DeploymentRuntime:
                 results = await self.call(self._generate_isolating, [job.request for job in batch])
             except Exception as exc:  # e.g. the sampler failed to build
                 results = [exc] * len(batch)
+            last_generation_s = time.monotonic() - started
             log.debug("deployment %s: batch of %d in %.1f ms (oldest waited %.1f ms)", self.deployment_id,
-                      len(batch), 1e3 * (time.monotonic() - started), 1e3 * (started - batch[0].arrived))
+                      len(batch), 1e3 * last_generation_s, 1e3 * (started - batch[0].arrived))
             for job, result in zip(batch, results):
                 if job.future.done():
                     continue
