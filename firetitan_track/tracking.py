@@ -27,18 +27,39 @@ __all__ = ["Recorder", "TrackedService", "TrackedTrainingClient", "EvalResult", 
 
 class Recorder:
     """The one event writer of a run: appends at the expected version, so a second
-    writer on the same run fails with ConcurrencyError instead of interleaving."""
+    writer on the same run fails with ConcurrencyError instead of interleaving.
 
-    def __init__(self, ledger: Any, run_id: str, version: int | None = None):
+    ``defer=True`` lets an event wait (at most ``max_delay_s``) to be written in one
+    transaction with the next one. Only StepCompleted uses it: a resume redoes every
+    step after the last saved state, so a step lost in a crash is redone either way,
+    while each intent and outcome is durable before the call that follows it.
+    """
+
+    def __init__(self, ledger: Any, run_id: str, version: int | None = None, *, max_delay_s: float = 1.0):
         self.ledger = ledger
         self.run_id = run_id
         self.version = ledger.stream_version(run_id) if version is None else version
         self.step = 0  # the training step the events being recorded belong to
+        self.max_delay_s = max_delay_s
+        self._pending: list[Any] = []
+        self._pending_since = 0.0
 
-    def record(self, type: str, **data: Any) -> RecordedEvent:
-        (ev,) = self.ledger.append(self.run_id, [new_event(type, **data)], expected_version=self.version)
-        self.version = ev.version + 1
-        return ev
+    def record(self, type: str, *, defer: bool = False, **data: Any) -> RecordedEvent | None:
+        """Append one event (with any deferred ones before it); None while it is deferred."""
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(new_event(type, **data))
+        if defer and time.monotonic() - self._pending_since < self.max_delay_s:
+            return None
+        return self.flush()[-1]
+
+    def flush(self) -> list[RecordedEvent]:
+        if not self._pending:
+            return []
+        events = self.ledger.append(self.run_id, self._pending, expected_version=self.version)
+        self._pending = []
+        self.version = events[-1].version + 1
+        return events
 
     def put_json(self, obj: Any) -> str:
         return self.ledger.put_json(obj)
@@ -144,7 +165,8 @@ class TrackedTrainingClient:
             self._rec.step += 1
             metrics = {k: float(v) for k, v in (getattr(response, "metrics", None) or {}).items()
                        if isinstance(v, (int, float))}
-            self._rec.record("StepCompleted", step=self._rec.step, data_cursor=None, micro_batches=micro_batches,
+            self._rec.record("StepCompleted", defer=True, step=self._rec.step, data_cursor=None,
+                             micro_batches=micro_batches,
                              metrics=metrics, optimizer=adam.model_dump(exclude_none=True))
 
         return _StepFuture(future, record)

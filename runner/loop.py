@@ -254,7 +254,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
                                         size=spec.recipe.batch_size * spec.recipe.micro_batches,
                                         digits=spec.task.digits)
             metrics = recipe.train_step(ctx, batch)
-            rec.record("StepCompleted", step=step, data_cursor=cursor, micro_batches=spec.recipe.micro_batches,
+            rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor, micro_batches=spec.recipe.micro_batches,
                        metrics=metrics, optimizer=dataclasses.asdict(spec.optim))
             last = step == spec.run.steps
             if step % spec.schedule.eval_every == 0 or last:

@@ -27,14 +27,15 @@ def _mlflow_run(client: MlflowClient, experiment: str, ledger_run_id: str):
 def test_resumed_run_exports_exactly_its_authoritative_history(local_url, mlflow_server, ledger_url, tmp_path):
     experiment = "e2e-resume"
     spec = small_spec(tmp_path, local_url, name="e2e")
-    # Killed after step 3 (the last state is step 2): step 3 will be superseded.
+    # Killed once step 4's snapshot is saved (the last state is step 2): steps 3 and 4,
+    # already exported below, will be superseded by the resume.
     assert cli(ledger_url, "run", str(spec), "--run-id", "e2e", "--quiet",
-               crash_at="event:StepCompleted:3").returncode == -signal.SIGKILL
+               crash_at="event:SnapshotSaved:3").returncode == -signal.SIGKILL
     export = ["export", "mlflow", "e2e", "--tracking-uri", mlflow_server, "--experiment", experiment, "--quiet"]
     assert cli(ledger_url, *export).returncode == 0
     client = MlflowClient(tracking_uri=mlflow_server)
     before = _mlflow_run(client, experiment, "e2e")
-    assert [m.step for m in client.get_metric_history(before.info.run_id, "train/loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(before.info.run_id, "train/loss")] == [1, 2, 3, 4]
 
     resumed = cli(ledger_url, "resume", "e2e", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

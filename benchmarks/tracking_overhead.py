@@ -1,0 +1,164 @@
+"""What recording costs, and how fast a crashed run is back to training.
+
+Prints one JSON object:
+
+- ``tracked_vs_bare_wall_ratio``: one research loop (SFT steps on the demo model,
+  a snapshot + hot load + eval every 5 steps, a DCP save every 10) run through
+  ``track(service)`` against the same loop on the bare SDK, on the same local
+  service, timed from the first step to the last (provisioning builds models and
+  costs the same either way); rounds are interleaved and the median of the
+  per-round ratios is reported. Target: <= 1.03.
+- ``resume_to_next_step_s``: a demo run is SIGKILLed after a step; the wall time
+  from launching ``firetitan-track resume`` to the next StepCompleted being
+  durable (process start, imports, reconnect, state load, one step).
+  ``resume_in_process_s`` is the part after the RunResumed event.
+
+Usage: ``python benchmarks/tracking_overhead.py [--rounds N] [--steps N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
+SHAPE = "accounts/fireworks/trainingShapes/ts-qwen3-8b-policy"
+
+
+def one_loop(info, ledger_url: str | None, steps: int, tag: str) -> float:
+    """The seed's loop; with ``ledger_url`` the service is wrapped by ``track`` (the only difference)."""
+    import torch
+    from fireworks.training.sdk import AdamParams, Datum, FiretitanServiceClient, ModelInput, TensorData
+    from fireworks.training.sdk.concurrency import AdaptiveConcurrencyController
+    from transformers import AutoTokenizer
+
+    from firetitan_track import track
+    from runner.tasks import eval_examples, train_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_path)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def datum(ex):
+        prompt = tokenizer.apply_chat_template(ex.chat(), add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+        full = list(prompt) + tokenizer.encode(ex.answer) + [im_end]
+        w = torch.zeros(len(full) - 1)
+        w[len(prompt) - 1:] = 1.0
+        return Datum(model_input=ModelInput.from_ints(full[:-1]),
+                     loss_fn_inputs={"target_tokens": TensorData.from_torch(torch.tensor(full[1:])),
+                                     "weights": TensorData.from_torch(w)})
+
+    evals = eval_examples("reverse", seed=0, count=16, digits=4)
+    service = FiretitanServiceClient.from_firetitan_config(
+        api_key="local", base_url=info.base_url, base_model=BASE_MODEL, tokenizer_model=info.tokenizer_path,
+        lora_rank=0, training_shape_id=SHAPE, deployment_id=f"bench-{tag}", learning_rate=1e-3, replica_count=1,
+        cleanup_trainer_on_close=True, cleanup_deployment_on_close="delete")
+    if ledger_url:
+        service = track(service, run_id=f"bench-{tag}", ledger_url=ledger_url)
+    training = service.create_training_client()
+    start = time.perf_counter()  # provisioning builds models: the same either way, and noisy
+    for step in range(1, steps + 1):
+        batch, _ = train_batch("reverse", None, seed=0, step=step, size=16, digits=4)
+        training.forward_backward([datum(ex) for ex in batch], "cross_entropy").result()
+        training.optim_step(AdamParams(learning_rate=1e-3)).result()
+        if step % 5 == 0:
+            saved = training.save_weights_for_sampler(f"s{step}").result()
+            sampler = service.create_deployment_sampler(model_path=saved.path, tokenizer=tokenizer,
+                                                        concurrency_controller=AdaptiveConcurrencyController())
+
+            async def sample_all():
+                return await asyncio.gather(*(sampler.sample_with_tokens(
+                    messages=ex.chat(), n=1, max_tokens=8, temperature=0.0) for ex in evals))
+
+            outs = asyncio.run(sample_all())
+            score = sum(o[0].text.startswith(ex.answer) for ex, o in zip(evals, outs)) / len(evals)
+            if ledger_url:
+                service.log_score(score)
+        if step % 10 == 0:
+            training.save_state(f"state-{step}").result()
+    elapsed = time.perf_counter() - start
+    service.close()
+    return elapsed
+
+
+def overhead(info, rounds: int, steps: int, tmp: Path) -> dict:
+    ledger_url = f"sqlite:///{tmp / 'bench-ledger.db'}"
+    one_loop(info, None, 5, "warm")  # model build and first-touch costs out of the timings
+    ratios, bare_s, tracked_s = [], [], []
+    for r in range(rounds):
+        # alternate which goes first, so drift in the machine's load favours neither
+        order = [("bare", None), ("tracked", ledger_url)] if r % 2 == 0 else [("tracked", ledger_url), ("bare", None)]
+        times = {name: one_loop(info, url, steps, f"{name}-{r}") for name, url in order}
+        bare_s.append(times["bare"])
+        tracked_s.append(times["tracked"])
+        ratios.append(times["tracked"] / times["bare"])
+    return {"tracked_vs_bare_wall_ratio": round(statistics.median(ratios), 4),
+            "tracked_vs_bare_ratios": [round(x, 4) for x in ratios],
+            "bare_loop_s_median": round(statistics.median(bare_s), 3),
+            "tracked_loop_s_median": round(statistics.median(tracked_s), 3),
+            "loop_steps": steps}
+
+
+def resume_latency(info, tmp: Path) -> dict:
+    from firetitan_track import Ledger
+
+    ledger_url = f"sqlite:///{tmp / 'resume-ledger.db'}"
+    spec = tmp / "resume.toml"
+    spec.write_text((REPO / "examples" / "reverse_sft.toml").read_text().replace(
+        '[backend]\nkind = "local"', f'[backend]\nkind = "local"\nbase_url = "{info.base_url}"'))
+    harness = REPO / "tests" / "runner" / "crash_harness.py"
+    env = {**os.environ, "CRASH_AT": "event:StepCompleted:12"}
+    subprocess.run([sys.executable, str(harness), "--ledger", ledger_url, "run", str(spec), "--run-id", "r",
+                    "--quiet"], env=env, cwd=REPO, capture_output=True)
+    env.pop("CRASH_AT")
+    launched = time.time()
+    proc = subprocess.Popen([sys.executable, str(harness), "--ledger", ledger_url, "resume", "r", "--quiet"],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = Ledger.open(ledger_url)
+    resumed_at = first_step_at = None
+    while first_step_at is None and proc.poll() is None:
+        resumed_at = None  # each poll reads the stream from the start
+        for ev in ledger.read("r"):
+            if ev.type == "RunResumed":
+                resumed_at = ev.recorded_at
+            elif ev.type == "StepCompleted" and resumed_at is not None:
+                first_step_at = ev.recorded_at
+                break
+        time.sleep(0.01)
+    proc.wait()
+    if first_step_at is None:
+        raise RuntimeError("resume never completed a step")
+    return {"resume_to_next_step_s": round(first_step_at - launched, 3),
+            "resume_in_process_s": round(first_step_at - resumed_at, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+
+    from runner.local.service import local_service
+
+    with tempfile.TemporaryDirectory() as tmp, local_service() as info:
+        result = overhead(info, args.rounds, args.steps, Path(tmp))
+        result.update(resume_latency(info, Path(tmp)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
