@@ -46,6 +46,9 @@ def put_blob(store: Store, data: bytes, media_type: str = "application/octet-str
         raise TypeError(f"put_blob takes bytes, not {type(data).__name__}")
     data = redact_bytes(bytes(data))
     digest = sha256_hex(data)
+    with store.engine.connect() as conn:  # a stored blob needs no write transaction (and no fsync)
+        if conn.execute(sa.select(blobs.c.size).where(blobs.c.digest == digest)).first() is not None:
+            return digest
     stmt = store.insert_ignoring_duplicates(blobs).values(
         digest=digest, media_type=media_type, size=len(data), data=data)
     with store.engine.begin() as conn:
