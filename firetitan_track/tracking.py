@@ -227,7 +227,8 @@ class TrackedService:
 
     def __init__(self, service: Any, recorder: Recorder, *, base_model: str, shape: str | None,
                  lora_rank: int, deployment_id: str | None, reused_trainer_job_id: str | None = None,
-                 reused_deployment_id: str | None = None, base_url: str | None = None, auto_steps: bool = False):
+                 reused_deployment_id: str | None = None, base_url: str | None = None, auto_steps: bool = False,
+                 owns_reattached: bool = False):
         self._service = service
         self._rec = recorder
         self._base_model = base_model
@@ -237,6 +238,7 @@ class TrackedService:
         self._reused_trainer = reused_trainer_job_id
         self._reused_deployment = reused_deployment_id
         self._base_url = base_url
+        self._owns_reattached = owns_reattached
         self._auto_steps = auto_steps  # a researcher's own loop: steps and samples recorded as they happen
         self._pending: list[dict[str, Any]] = []  # own-loop samples awaiting log_score
         self._synced: str | None = None  # the snapshot the deployment serves
@@ -352,22 +354,55 @@ class TrackedService:
     # -- cleanup --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Apply the cleanup policies (the SDK's close) and record what was done."""
+        """Apply the cleanup policies and record what was actually done.
+
+        The SDK's close cleans up only what this session created. A run that reattached
+        to its own trainer or deployment (``owns_reattached``: the runner after a
+        resume) applies the same policy to those too, so a finished run leaves what
+        its spec says however many attempts it took.
+        """
         if self._closed:
             return
         self._closed = True
+        handle = getattr(self._service, "_managed_handle", None)
+        wanted = cleanup_policy(getattr(self._service, "_managed_config", None))
+        done = {"trainer": "kept", "deployment": "kept"}
+        error = None
         try:
+            if handle is not None:  # what the SDK's close will do
+                done = cleanup_policy(handle)
             self._service.close()
+            if handle is not None and self._owns_reattached:
+                done = _clean_reattached(handle, wanted, done)
+        except Exception as exc:  # recorded, then raised: the run's failure names it too
+            error = redact_text(f"{type(exc).__name__}: {exc}")
+            raise
         finally:
-            self._rec.record("CleanupApplied", **cleanup_policy(getattr(self._service, "_managed_config", None)))
+            self._rec.record("CleanupApplied", **done, **({"error": error} if error else {}))
 
 
 def cleanup_policy(config: Any) -> dict[str, str]:
-    """What the SDK's close does under a provisioning config, in the ledger's words."""
+    """A provisioning config's (or the SDK handle's) cleanup flags, in the ledger's words."""
     trainer = "deleted" if getattr(config, "cleanup_trainer_on_close", False) else "kept"
     deployment = {"scale_to_zero": "scaled_to_zero", "delete": "deleted"}.get(
         str(getattr(config, "cleanup_deployment_on_close", None) or ""), "kept")
     return {"trainer": trainer, "deployment": deployment}
+
+
+def _clean_reattached(handle: Any, wanted: dict[str, str], done: dict[str, str]) -> dict[str, str]:
+    done = dict(done)
+    if wanted["trainer"] == "deleted" and done["trainer"] == "kept" and handle.trainer_manager is not None:
+        handle.trainer_manager.delete(handle.trainer_endpoint.job_id)
+        done["trainer"] = "deleted"
+    deployment = getattr(handle, "deployment", None)
+    if wanted["deployment"] != "kept" and done["deployment"] == "kept" and deployment is not None \
+            and handle.deployment_manager is not None:
+        if wanted["deployment"] == "scaled_to_zero":
+            handle.deployment_manager.scale_to_zero(deployment.deployment_id)
+        else:
+            handle.deployment_manager.delete(deployment.deployment_id)
+        done["deployment"] = wanted["deployment"]
+    return done
 
 
 def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = None, spec: dict | None = None,

@@ -226,7 +226,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             service, rec, base_model=spec.model.base_model, shape=shape,
             lora_rank=spec.model.lora_rank, deployment_id=spec.model.deployment_id,
             reused_trainer_job_id=trainer_id, reused_deployment_id=st.deployment_id,
-            base_url=endpoint["base_url"])
+            base_url=endpoint["base_url"], owns_reattached=True)
         rec.step = st.resume_step
         policy = tracked.create_training_client(base_model=spec.model.base_model, lora_rank=spec.model.lora_rank,
                                                 seed=spec.run.seed)

@@ -67,8 +67,14 @@ def reference(local_url, tmp_path_factory):
     return spec, h
 
 
+def trainer_state(base_url: str, job_id: str) -> str:
+    from fireworks.training.sdk import TrainerJobManager
+
+    return str(TrainerJobManager(api_key="local", base_url=base_url).get(job_id).get("state", ""))
+
+
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_resume_after_sigkill_reproduces_the_uninterrupted_history(point, reference, ledger_url, tmp_path):
+def test_resume_after_sigkill_reproduces_the_uninterrupted_history(point, reference, ledger_url, local_url):
     spec, expected = reference
     crashed = cli(ledger_url, "run", str(spec), "--run-id", "r", "--quiet", crash_at=point)
     assert crashed.returncode == -signal.SIGKILL, (point, crashed.stderr[-2000:])
@@ -85,6 +91,10 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_history(point, refere
     assert len(resumes) == 1
     superseded = set(resumes[0].data["superseded"])
     assert all(ev.version not in superseded for ev in events if ev.type in ("RunStarted", "RunResumed"))
+    # The spec's cleanup applies to the run's trainer even when the resume reattached to it.
+    assert events[-2].type == "CleanupApplied"
+    assert events[-2].data == {"trainer": "deleted", "deployment": "scaled_to_zero"}
+    assert trainer_state(local_url, fold(events).trainer_job_id) == "JOB_STATE_DELETED"
 
 
 def test_two_resumers_exactly_one_proceeds(reference, ledger_url):
@@ -126,10 +136,7 @@ def test_sigterm_cleans_up_records_failure_and_resumes(reference, ledger_url, lo
     assert cleanup == {"trainer": "deleted", "deployment": "scaled_to_zero"}
     trainer = fold(events).trainer_job_id
 
-    from fireworks.training.sdk import TrainerJobManager
-
-    gone = TrainerJobManager(api_key="local", base_url=local_url).get(trainer)
-    assert "DELET" in str(gone.get("state", "")).upper()
+    assert trainer_state(local_url, trainer) == "JOB_STATE_DELETED"
 
     resumed = cli(ledger_url, "resume", "r", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
