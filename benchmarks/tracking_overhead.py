@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys

@@ -12,7 +12,9 @@ Commands live in the modules that own their behaviour and are loaded lazily, so
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from typing import Any, Iterator
 
 import click
 
@@ -60,6 +62,32 @@ def ledger_url(ctx: click.Context) -> str:
     from firetitan_track.ledger import default_ledger_url
 
     return (root.obj or {}).get("ledger_url") or default_ledger_url()
+
+
+@contextlib.contextmanager
+def reading_ledger(ctx: click.Context, *errors: type[BaseException]) -> Iterator[Any]:
+    """The ledger for a command that only reads: it never creates one (a missing SQLite
+    file is an error saying so), and a LedgerError, or any of ``errors``, becomes a
+    message and a non-zero exit."""
+    from firetitan_track.ledger import Ledger
+    from firetitan_track.store import LedgerError
+
+    try:
+        ledger = Ledger.open(ledger_url(ctx), create=False)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+    except (LedgerError, *errors) as exc:
+        raise click.ClickException(exc.args[0] if exc.args else str(exc)) from None
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Rows under headers, in left-aligned columns."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in [headers, ["-" * w for w in widths], *rows])
 
 
 @click.group(cls=LazyGroup)

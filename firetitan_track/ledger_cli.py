@@ -13,20 +13,8 @@ from typing import Iterator
 
 import click
 
-from firetitan_track.cli import ledger_url
-from firetitan_track.ledger import Ledger
+from firetitan_track.cli import ledger_url, reading_ledger, table
 from firetitan_track.store import HEAD_REVISION, UPGRADE_HINT, LedgerError, revision_status, upgrade_schema
-
-
-@contextlib.contextmanager
-def _reading(ctx: click.Context) -> Iterator[Ledger]:
-    """The ledger for a read-only command; every LedgerError becomes a clean CLI error."""
-    with _errors_as_click():
-        ledger = Ledger.open(ledger_url(ctx), create=False)
-        try:
-            yield ledger
-        finally:
-            ledger.close()
 
 
 @contextlib.contextmanager
@@ -41,25 +29,19 @@ def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
-                     for line in [header, *rows])
-
-
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def runs(ctx: click.Context, as_json: bool) -> None:
     """List the runs in the ledger."""
-    with _reading(ctx) as ledger:
+    with reading_ledger(ctx) as ledger:
         infos = ledger.runs()
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
     elif not infos:
         click.echo("no runs")
     else:
-        click.echo(_table(["RUN", "EVENTS", "FIRST (UTC)", "LAST (UTC)", "LAST EVENT"],
+        click.echo(table(["RUN", "EVENTS", "FIRST (UTC)", "LAST (UTC)", "LAST EVENT"],
                           [[i.run_id, str(i.events), _when(i.first_at), _when(i.last_at), i.last_type]
                            for i in infos]))
 
@@ -70,7 +52,7 @@ def runs(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def events(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """Show a run's events in order."""
-    with _reading(ctx) as ledger:
+    with reading_ledger(ctx) as ledger:
         recorded = ledger.read(run_id)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(e) for e in recorded], indent=2, ensure_ascii=False))
@@ -80,7 +62,7 @@ def events(ctx: click.Context, run_id: str, as_json: bool) -> None:
         data = json.dumps(e.data, sort_keys=True, ensure_ascii=False)
         rows.append([str(e.version), str(e.position), _when(e.recorded_at), e.type,
                      data if len(data) <= 80 else data[:77] + "..."])
-    click.echo(_table(["VERSION", "POSITION", "RECORDED (UTC)", "TYPE", "DATA"], rows))
+    click.echo(table(["VERSION", "POSITION", "RECORDED (UTC)", "TYPE", "DATA"], rows))
 
 
 @click.command()
@@ -88,7 +70,7 @@ def events(ctx: click.Context, run_id: str, as_json: bool) -> None:
 @click.pass_context
 def verify(ctx: click.Context, run_id: str | None) -> None:
     """Recompute hash chains and blob digests; exit 1 naming the first bad version."""
-    with _reading(ctx) as ledger:
+    with reading_ledger(ctx) as ledger:
         problems = ledger.verify(run_id)
     if not problems:
         click.echo("intact")
@@ -103,7 +85,7 @@ def verify(ctx: click.Context, run_id: str | None) -> None:
 @click.pass_context
 def blob(ctx: click.Context, digest: str) -> None:
     """Write the blob with DIGEST to stdout, byte for byte."""
-    with _reading(ctx) as ledger:
+    with reading_ledger(ctx) as ledger:
         data = ledger.get_blob(digest)
     out = click.get_binary_stream("stdout")
     out.write(data)

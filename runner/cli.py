@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from firetitan_track.cli import ledger_url
+from firetitan_track.cli import ledger_url, reading_ledger
 
 
 def _fail(exc: BaseException) -> click.ClickException:
@@ -95,14 +95,10 @@ def rerun(ctx: click.Context, run_id: str, new_run_id: str | None, quiet: bool) 
 @click.pass_context
 def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """Where RUN_ID stands: status, step, trainer, deployment, last state, snapshot and score."""
-    from firetitan_track import Ledger, LedgerError
     from firetitan_track.projections.run_state import fold
 
-    try:
-        ledger = Ledger.open(ledger_url(ctx), create=False)
+    with reading_ledger(ctx) as ledger:
         st = fold(ledger.read(run_id), run_id)
-    except LedgerError as e:
-        raise _fail(e) from None
     row = {
         "run_id": st.run_id, "status": st.status, "step": st.step, "version": st.version,
         "attempts": st.attempts, "trainer_job_id": st.trainer_job_id, "deployment_id": st.deployment_id,

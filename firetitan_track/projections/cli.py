@@ -11,33 +11,15 @@ import os
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
-from firetitan_track.cli import ledger_url
+from firetitan_track.cli import reading_ledger, table
 from firetitan_track.projections import audit as views
 from firetitan_track.projections.mlflow import (DEFAULT_ARTIFACT_ROOT, DEFAULT_EXPERIMENT,
                                                 DEFAULT_TRACKING_URI)
-
-
-@contextmanager
-def _ledger(ctx: click.Context) -> Iterator[Any]:
-    """The ledger, with its errors and unknown names turned into messages a person can act on."""
-    from firetitan_track import Ledger, LedgerError
-
-    try:
-        ledger = Ledger.open(ledger_url(ctx), create=False)
-    except LedgerError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
-        yield ledger
-    except (LedgerError, views.NotFound) as exc:
-        raise click.ClickException(exc.args[0] if exc.args else str(exc)) from None
-    finally:
-        ledger.close()
 
 
 def _echo_json(obj: Any) -> None:
@@ -52,21 +34,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    for line in [headers, [("-" * w) for w in widths], *rows]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-
-
 def _sampling(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 
 def _eval_table(rows: list[views.EvalRow]) -> None:
-    _table(["step", "snapshot", "kind", "prompt set", "prompts", "sampling", "score", "sync s"],
-           [[str(r.step), r.snapshot_path, _fmt(r.snapshot_kind), r.prompt_set_digest[:12],
-             str(r.prompt_count), _sampling(r.sampling), _fmt(r.score), _fmt(r.sync_duration_s, 3)]
-            for r in rows])
+    click.echo(table(["step", "snapshot", "kind", "prompt set", "prompts", "sampling", "score", "sync s"],
+                     [[str(r.step), r.snapshot_path, _fmt(r.snapshot_kind), r.prompt_set_digest[:12],
+                       str(r.prompt_count), _sampling(r.sampling), _fmt(r.score), _fmt(r.sync_duration_s, 3)]
+                      for r in rows]))
 
 
 @click.command()
@@ -75,7 +51,7 @@ def _eval_table(rows: list[views.EvalRow]) -> None:
 @click.pass_context
 def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """One row per eval of RUN_ID: the snapshot, prompt set and sampling behind each score."""
-    with _ledger(ctx) as ledger:
+    with reading_ledger(ctx, views.NotFound) as ledger:
         rows = views.audit(ledger, run_id)
     if as_json:
         _echo_json([r.to_dict() for r in rows])
@@ -92,7 +68,7 @@ def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
 @click.pass_context
 def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json: bool) -> None:
     """Where SNAPSHOT_PATH came from: its run, steps, data cursors, base chain and evals."""
-    with _ledger(ctx) as ledger:
+    with reading_ledger(ctx, views.NotFound) as ledger:
         found = views.lineage(ledger, snapshot_path, run_id)
     if as_json:
         _echo_json(found.to_dict())
@@ -132,7 +108,7 @@ def replay(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """
     from dataclasses import asdict
 
-    with _ledger(ctx) as ledger:
+    with reading_ledger(ctx, views.NotFound) as ledger:
         result = views.replay(ledger, run_id)
     if as_json:
         _echo_json({"run_id": run_id, "events": result.events, "superseded": result.superseded,
@@ -178,7 +154,7 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
     """Export RUN_IDS (default: every run) to MLflow, resuming where the last export stopped."""
     from firetitan_track.projections.mlflow import MlflowExporter, follow_until_stopped
 
-    with _ledger(ctx) as ledger:
+    with reading_ledger(ctx, views.NotFound) as ledger:
         for run_id in run_ids:
             if ledger.stream_version(run_id) == 0 and not follow:
                 raise click.ClickException(f"no run {run_id!r} in the ledger")
@@ -198,16 +174,16 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
 @click.pass_context
 def compare(ctx: click.Context, sweep_id: str, as_json: bool) -> None:
     """Per trial of SWEEP_ID: its params, status, best score and the snapshot behind it."""
-    with _ledger(ctx) as ledger:
+    with reading_ledger(ctx, views.NotFound) as ledger:
         trials = views.compare_sweep(ledger, sweep_id)
     if as_json:
         _echo_json([t.to_dict() for t in trials])
         return
     keys = sorted({k for t in trials for k in t.params})
     ranked = sorted(trials, key=lambda t: (t.best_score is None, -(t.best_score or 0.0), t.trial))
-    _table(["trial", *keys, "status", "step", "best score", "at step", "snapshot", "run"],
-           [[str(t.trial), *(_fmt(t.params.get(k)) for k in keys), t.status, str(t.step),
-             _fmt(t.best_score), _fmt(t.best_step), _fmt(t.best_snapshot), t.run_id] for t in ranked])
+    click.echo(table(["trial", *keys, "status", "step", "best score", "at step", "snapshot", "run"],
+                     [[str(t.trial), *(_fmt(t.params.get(k)) for k in keys), t.status, str(t.step),
+                       _fmt(t.best_score), _fmt(t.best_step), _fmt(t.best_snapshot), t.run_id] for t in ranked]))
 
 
 @click.command()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import tinker  # Thinking Machines' tinker, as the seed imports it
