@@ -1,0 +1,115 @@
+"""The recipes and the runner's commands, end to end on the local service."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from firetitan_track import Ledger
+from firetitan_track.cli import main
+from firetitan_track.projections.run_state import fold
+from tests.helpers import HARNESS, REPO, cli, small_spec
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_demo_lifts_the_eval_score_from_about_zero_to_at_least_0_9(local_url, ledger_url, tmp_path):
+    """examples/reverse_sft.toml as shipped (only pointed at this session's service)."""
+    spec = tmp_path / "demo.toml"
+    spec.write_text((EXAMPLES / "reverse_sft.toml").read_text().replace(
+        '[backend]\nkind = "local"', f'[backend]\nkind = "local"\nbase_url = "{local_url}"'))
+    proc = cli(ledger_url, "run", str(spec), "--run-id", "demo", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = {ev.data["step"]: ev.data["score"] for ev in Ledger.open(ledger_url).read("demo")
+              if ev.type == "EvalScored"}
+    assert scores[0] <= 0.1
+    assert scores[max(scores)] >= 0.9
+
+
+def test_grpo_with_kl_to_a_reference_records_rollout_snapshots(local_url, ledger_url, tmp_path):
+    spec = small_spec(tmp_path, local_url, name="grpo", run={"steps": 2},
+                      recipe={"kind": "grpo", "batch_size": 4, "group_size": 3, "max_tokens": 4, "kl_coef": 0.1},
+                      task={"name": "add", "digits": 1})
+    proc = cli(ledger_url, "run", str(spec), "--run-id", "g", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = Ledger.open(ledger_url).read("g")
+    types = [ev.type for ev in events]
+    assert "ReferenceProvisioned" in types
+    steps = [ev.data for ev in events if ev.type == "StepCompleted"]
+    assert [s["step"] for s in steps] == [1, 2]
+    for s in steps:
+        assert 0.0 <= s["metrics"]["reward"] <= 1.0 and "kl" in s["metrics"] and s["metrics"]["rollouts"] > 0
+    # on-policy: each step's rollouts came from a snapshot of that step's weights, synced first
+    rollout_syncs = [ev.data for ev in events if ev.type == "WeightsSynced" and ev.data["snapshot_path"].startswith("rollout-")]
+    assert [d["step"] for d in rollout_syncs] == [1, 2]
+    assert fold(events).status == "completed"
+
+
+def test_rerun_reproduces_a_run_from_its_record(local_url, ledger_url, tmp_path):
+    spec = small_spec(tmp_path, local_url, name="orig", run={"steps": 2})
+    assert cli(ledger_url, "run", str(spec), "--run-id", "orig", "--quiet").returncode == 0
+    spec.unlink()  # the record alone is enough
+    proc = cli(ledger_url, "rerun", "orig", "--run-id", "again", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ledger = Ledger.open(ledger_url)
+    first, second = ledger.read("orig"), ledger.read("again")
+    assert second[0].data["rerun_of"] == "orig"
+    assert second[0].data["spec_digest"] == first[0].data["spec_digest"]
+    assert second[0].data["prompt_sets"] == first[0].data["prompt_sets"]
+
+    def scores(events):
+        return [(e.data["step"], e.data["prompt_set_digest"], e.data["score"]) for e in events if e.type == "EvalScored"]
+
+    assert scores(second) == scores(first)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_cleans_up_records_failure_and_leaves_a_resumable_run(sig, local_url, ledger_url, tmp_path):
+    spec = small_spec(tmp_path, local_url, name=f"int{int(sig)}", run={"steps": 40}, schedule={"eval_every": 1})
+    proc = subprocess.Popen([sys.executable, str(HARNESS), "--ledger", ledger_url, "run", str(spec), "--run-id", "i",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if any(ev.type == "StepCompleted" for ev in Ledger.open(ledger_url).read("i")):
+                break
+        except Exception:
+            pass
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) != 0
+    events = Ledger.open(ledger_url).read("i")
+    assert [ev.type for ev in events][-2:] == ["CleanupApplied", "RunFailed"]
+    assert events[-2].data == {"trainer": "deleted", "deployment": "scaled_to_zero"}
+    assert fold(events).status == "failed"
+    resumed = cli(ledger_url, "resume", "i", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert fold(Ledger.open(ledger_url).read("i")).status == "completed"
+
+
+def test_bad_spec_exits_non_zero_naming_the_key_and_writes_nothing(ledger_url, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlearning_rate = \"fast\"\n")
+    result = CliRunner().invoke(main, ["--ledger", ledger_url, "run", str(bad)])
+    assert result.exit_code == 1
+    assert "bad.toml: optim.learning_rate: expected a number" in result.output
+    assert not Path(ledger_url.removeprefix("sqlite:///")).exists()
+
+
+def test_status_json_reports_where_a_run_stands(local_url, ledger_url, tmp_path):
+    spec = small_spec(tmp_path, local_url, name="st", run={"steps": 2})
+    assert cli(ledger_url, "run", str(spec), "--run-id", "st", "--quiet").returncode == 0
+    result = CliRunner().invoke(main, ["--ledger", ledger_url, "status", "st", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)
+    assert (row["status"], row["step"], row["deployment_id"]) == ("completed", 2, "dep-st")
+    assert row["last_state"]["step"] == 2 and row["last_score"]["step"] == 2 and row["trainer_job_id"]
+    missing = CliRunner().invoke(main, ["--ledger", ledger_url, "status", "nope"])
+    assert missing.exit_code == 1 and "no run 'nope'" in missing.output
