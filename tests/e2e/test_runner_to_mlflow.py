@@ -90,3 +90,35 @@ def test_sweep_nests_trials_compares_and_never_repeats_a_finished_trial(local_ur
     assert len(client.search_runs([exp_id])) == 3
     for row in rows:
         assert sum(ev.type == "RunStarted" for ev in Ledger.open(ledger_url).read(row["run_id"])) == 1
+
+
+def test_ui_serves_the_tracking_store_the_export_wrote(local_url, ledger_url, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from firetitan_track.projections.mlflow import wait_for_http
+    from tests.helpers import HARNESS, REPO
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = small_spec(tmp_path, local_url, name="ui", run={"steps": 2})
+    assert cli(ledger_url, "run", str(spec), "--run-id", "ui", "--quiet", "--export-mlflow", store).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(HARNESS), "ui", "--port", str(port), "--backend-store-uri", store],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        run = _mlflow_run(client, "firetitan-track", "ui")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert page.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) is not None
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # the server went with the command
