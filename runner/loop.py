@@ -15,7 +15,7 @@ import dataclasses
 import os
 import signal
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from firetitan_track import ConcurrencyError, Ledger
@@ -43,7 +43,6 @@ class RunResult:
     status: str
     final_step: int
     last_score: float | None
-    scores: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -240,30 +239,28 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             start = st.resume_step
         else:  # nothing trained yet: the baseline eval, then the state every resume can fall back to
             start = 0
-            result.scores[0] = _evaluate(ctx, inputs, rec)
+            result.last_score = _evaluate(ctx, inputs)
             policy.save_state("step-0", data_cursor=None).result()
 
         from runner.recipes import RECIPES
 
         recipe = RECIPES[spec.recipe.kind]
-        cursor = st.data_cursor
-        score = result.last_score if st.last_score is None else st.last_score["score"]
         for step in _progress(range(start + 1, spec.run.steps + 1), progress, start, spec.run.steps):
             rec.step = ctx.step = step
             batch, cursor = train_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
                                         size=spec.recipe.batch_size * spec.recipe.micro_batches,
                                         digits=spec.task.digits)
             metrics = recipe.train_step(ctx, batch)
-            rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor, micro_batches=spec.recipe.micro_batches,
-                       metrics=metrics, optimizer=dataclasses.asdict(spec.optim))
+            rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor,
+                       micro_batches=spec.recipe.micro_batches, metrics=metrics,
+                       optimizer=dataclasses.asdict(spec.optim))
             last = step == spec.run.steps
             if step % spec.schedule.eval_every == 0 or last:
-                score = result.scores[step] = _evaluate(ctx, inputs, rec)
+                result.last_score = _evaluate(ctx, inputs)
             if step % spec.schedule.save_every == 0 or last:
                 policy.save_state(f"step-{step}", data_cursor=cursor).result()
-            _show(progress, metrics, score)
+            _show(progress, metrics, result.last_score)
             result.final_step = step
-        result.last_score = score
         result.status = "completed"
         _close(tracked)
         rec.record("RunCompleted", final_step=spec.run.steps, final_snapshot=ctx.last_snapshot)
@@ -272,7 +269,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         try:
             _close(tracked)
         finally:
-            rec.record("RunFailed", error=error_text(exc) or type(exc).__name__, step=rec.step)
+            rec.record("RunFailed", error=error_text(exc), step=rec.step)
         raise
     finally:
         if old_term is not None:
@@ -283,7 +280,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             exporter.stop()
 
 
-def _evaluate(ctx: StepContext, inputs: Inputs, rec: Recorder) -> float:
+def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
     sampler = ctx.sync_policy(f"eval-{ctx.step}")
     s = inputs.spec.sampling
     res = ctx.run_async(ctx.tracked.evaluate(
