@@ -218,6 +218,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             tokenizer_model=spec.model.tokenizer or endpoint["tokenizer_path"], lora_rank=spec.model.lora_rank,
             training_shape_id=shape, deployment_id=st.deployment_id or spec.model.deployment_id,
             learning_rate=spec.optim.learning_rate, replica_count=1, trainer_job_id=trainer_id,
+            gradient_accumulation_steps=None,  # the SDK's default (1) only logs a deprecation; micro-batches are ours
             cleanup_trainer_on_close=spec.cleanup.trainer == "delete",
             cleanup_deployment_on_close=None if spec.cleanup.deployment == "keep" else spec.cleanup.deployment,
         )
