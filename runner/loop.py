@@ -213,10 +213,12 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or endpoint["tokenizer_path"])
         shape = _shape_ref(spec.model.training_shape)
         trainer_id = st.trainer_job_id if resuming and _trainer_alive(endpoint, inputs.api_key, st.trainer_job_id) else None
+        deployment_id = st.deployment_id or spec.model.deployment_id
+        existing_deployment = deployment_id if _deployment_exists(endpoint, inputs.api_key, deployment_id) else None
         service = FiretitanServiceClient.from_firetitan_config(
             api_key=inputs.api_key, base_url=endpoint["base_url"], base_model=spec.model.base_model,
             tokenizer_model=spec.model.tokenizer or endpoint["tokenizer_path"], lora_rank=spec.model.lora_rank,
-            training_shape_id=shape, deployment_id=st.deployment_id or spec.model.deployment_id,
+            training_shape_id=shape, deployment_id=deployment_id,
             learning_rate=spec.optim.learning_rate, replica_count=1, trainer_job_id=trainer_id,
             gradient_accumulation_steps=None,  # the SDK's default (1) only logs a deprecation; micro-batches are ours
             cleanup_trainer_on_close=spec.cleanup.trainer == "delete",
@@ -225,7 +227,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         tracked = TrackedService(
             service, rec, base_model=spec.model.base_model, shape=shape,
             lora_rank=spec.model.lora_rank, deployment_id=spec.model.deployment_id,
-            reused_trainer_job_id=trainer_id, reused_deployment_id=st.deployment_id,
+            reused_trainer_job_id=trainer_id, reused_deployment_id=existing_deployment,
             base_url=endpoint["base_url"], owns_reattached=True)
         rec.step = st.resume_step
         policy = tracked.create_training_client(base_model=spec.model.base_model, lora_rank=spec.model.lora_rank,
@@ -336,6 +338,16 @@ def _trainer_alive(endpoint: dict[str, str], api_key: str, job_id: str | None) -
         return False
     state = str(job.get("state", "")) if isinstance(job, dict) else ""
     return state not in ("", "JOB_STATE_DELETED", "JOB_STATE_DELETING", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
+
+
+def _deployment_exists(endpoint: dict[str, str], api_key: str, deployment_id: str) -> bool:
+    """Whether provisioning will reattach to this deployment (an earlier attempt's, or another run's)."""
+    from fireworks.training.sdk import DeploymentManager
+
+    try:
+        return DeploymentManager(api_key=api_key, base_url=endpoint["base_url"]).get(deployment_id) is not None
+    except Exception:
+        return False
 
 
 def _controller(spec: Spec) -> Any:

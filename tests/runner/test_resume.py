@@ -91,6 +91,8 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_history(point, refere
     assert len(resumes) == 1
     superseded = set(resumes[0].data["superseded"])
     assert all(ev.version not in superseded for ev in events if ev.type in ("RunStarted", "RunResumed"))
+    after_resume = [ev for ev in events if ev.version > resumes[0].version]
+    assert next(ev for ev in after_resume if ev.type == "DeploymentProvisioned").data["created"] is False
     # The spec's cleanup applies to the run's trainer even when the resume reattached to it.
     assert events[-2].type == "CleanupApplied"
     assert events[-2].data == {"trainer": "deleted", "deployment": "scaled_to_zero"}

@@ -59,6 +59,7 @@ def test_seed_loop_with_two_added_lines_is_recorded(local_info, ledger_url):
     events = ledger.read("seed")
     types = [ev.type for ev in events]
     assert types[:4] == ["RunStarted", "ProvisionRequested", "TrainerProvisioned", "DeploymentProvisioned"]
+    assert events[2].data["created"] is True and events[3].data["created"] is True
     steps = [ev.data for ev in events if ev.type == "StepCompleted"]
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert all(s["micro_batches"] == 1 and s["metrics"]["grad_norm"] > 0 for s in steps)
