@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from .state import read_json
 DEFAULT_STATE_DIR = Path(".firetitan/local")
 INFO_FILE = "service.json"   # written by runner.local.server once it listens
 LOG_FILE = "service.log"
+START_LOCK_FILE = "start.lock"  # serializes ensure_running across processes
 READY_TIMEOUT_S = 60.0
 
 
@@ -143,8 +145,16 @@ def _log_tail(state_dir: Path, lines: int = 20) -> str:
 
 
 def ensure_running(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str = "cpu") -> LocalServiceInfo:
-    """The live service on ``state_dir``, started if there is none."""
-    return running(state_dir) or start(state_dir, port=port, device=device)
+    """The live service on ``state_dir``, started if there is none.
+
+    Safe to call from several processes at once (sweep workers, parallel runs): a
+    lock on the state dir makes the first start the service and the others use it.
+    """
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / START_LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        return running(state_dir) or start(state_dir, port=port, device=device)
 
 
 def stop(state_dir: Path | str = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> bool:
