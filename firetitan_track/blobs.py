@@ -56,13 +56,16 @@ def put_blob(store: Store, data: bytes, media_type: str = "application/octet-str
     return digest
 
 
+def redacted_json(obj: Any, secrets: list[str]) -> str:
+    """``obj`` as canonical JSON with secrets masked (the redaction walk only when needed)."""
+    text = canonical_json(obj)
+    return canonical_json(redact(obj, secrets)) if may_need_redaction(text, secrets) else text
+
+
 def put_json(store: Store, obj: Any) -> str:
     """Store ``obj`` (secrets masked) as canonical JSON; return its digest."""
-    secrets = secret_values()
     try:
-        text = canonical_json(obj)
-        if may_need_redaction(text, secrets):
-            text = canonical_json(redact(obj, secrets))
+        text = redacted_json(obj, secret_values())
     except (TypeError, ValueError) as e:
         raise LedgerError(f"cannot store a JSON blob: {e}") from None
     return put_blob(store, text.encode(), JSON_MEDIA_TYPE)

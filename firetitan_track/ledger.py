@@ -25,9 +25,9 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 
 from firetitan_track import blobs as blob_store
-from firetitan_track.blobs import canonical_json, is_digest, sha256_hex
+from firetitan_track.blobs import is_digest, redacted_json, sha256_hex
 from firetitan_track.events import CATALOGUE, InvalidEvent, NewEvent, RecordedEvent, upcast, validate
-from firetitan_track.redact import may_need_redaction, redact, secret_values
+from firetitan_track.redact import secret_values
 from firetitan_track.store import LedgerError, Store, checkpoints, open_store
 from firetitan_track.store import events as event_table
 
@@ -339,9 +339,7 @@ def _prepare(ev: NewEvent, secrets: list[str]) -> _Pending:
         raise InvalidEvent(f"{ev.type}: event_id must be a non-empty string")
     data = ev.data if type(ev.data) is dict else dict(ev.data)
     try:
-        data_json = canonical_json(data)
-        if may_need_redaction(data_json, secrets):
-            data_json = canonical_json(redact(data, secrets))
+        data_json = redacted_json(data, secrets)
     except (TypeError, ValueError) as e:
         raise InvalidEvent(f"{ev.type}: payload is not JSON: {e}") from None
     version = ev.schema_version if ev.schema_version is not None else CATALOGUE[ev.type].version

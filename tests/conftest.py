@@ -6,19 +6,42 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from firetitan_track import Ledger
 from firetitan_track.projections.mlflow import wait_for_http
+from tests.helpers import POSTGRES_URL
 
 
 @pytest.fixture
 def ledger_url(tmp_path: Path) -> str:
     """A URL for a ledger that does not exist yet (created on first open)."""
     return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture
+def postgres_admin() -> Iterator[Any]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(POSTGRES_URL)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def empty_schema_url(postgres_admin: Any) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a new, empty schema, dropped afterwards."""
+    schema = f"ft_test_{uuid.uuid4().hex[:12]}"
+    with postgres_admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+    with postgres_admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture

@@ -7,8 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HARNESS = Path(__file__).resolve().parent / "runner" / "crash_harness.py"
 REPO = Path(__file__).resolve().parents[1]
+
+POSTGRES_URL = os.environ.get("FIRETITAN_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL, reason="FIRETITAN_TEST_POSTGRES_URL is not set (e.g. "
+                             "postgresql+psycopg://postgres@127.0.0.1:5432/test); PostgreSQL tests skipped")
 
 
 def small_spec(tmp_path: Path, base_url: str, name: str = "small", **sections: dict) -> Path:

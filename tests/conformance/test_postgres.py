@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-from typing import Iterator
-
 import pytest
 import sqlalchemy as sa
 
 from firetitan_track import Ledger, SchemaOutOfDate
 from firetitan_track.store import upgrade_schema
 from tests.conformance.base import LedgerConformance
+from tests.helpers import needs_postgres
 
-POSTGRES_URL = os.environ.get("FIRETITAN_TEST_POSTGRES_URL")
-
-pytestmark = pytest.mark.skipif(
-    not POSTGRES_URL, reason="FIRETITAN_TEST_POSTGRES_URL is not set (e.g. "
-                             "postgresql+psycopg://postgres@127.0.0.1:5432/test); PostgreSQL suite skipped")
-
-
-@pytest.fixture(scope="module")
-def admin() -> Iterator[sa.Engine]:
-    engine = sa.create_engine(POSTGRES_URL)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def empty_schema_url(admin: sa.Engine) -> Iterator[str]:
-    """A URL whose search_path is a new, empty schema, dropped afterwards."""
-    schema = f"ft_test_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+pytestmark = needs_postgres
 
 
 class TestPostgresLedger(LedgerConformance):
@@ -55,11 +29,11 @@ class TestPostgresLedger(LedgerConformance):
         return text.encode() + raw
 
     def test_a_database_behind_the_head_is_refused_with_the_upgrade_command(self, empty_schema_url: str,
-                                                                          admin: sa.Engine) -> None:
+                                                                          postgres_admin: sa.Engine) -> None:
         with pytest.raises(SchemaOutOfDate, match="firetitan-track db upgrade"):
             Ledger.open(empty_schema_url)
         schema = empty_schema_url.rsplit("%3D", 1)[1]
-        with admin.connect() as conn:
+        with postgres_admin.connect() as conn:
             tables = conn.execute(sa.text("SELECT count(*) FROM information_schema.tables "
                                           "WHERE table_schema = :s"), {"s": schema}).scalar()
         assert tables == 0, "opening a stale ledger wrote to it"
