@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import signal
 import uuid
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from runner.spec import Spec
 from runner.tasks import DataError, Example, eval_examples, grade, load_jsonl, train_batch
 
 __all__ = ["RunResult", "RunError", "run_spec", "resume_run", "rerun"]
+
+
+# Run ids travel into MLflow filters, file names and URLs: keep them plain.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class RunError(RuntimeError):
@@ -65,9 +71,11 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
     """Start a new run of ``spec`` and drive it to the end."""
     if steps is not None:
         spec = spec.with_overrides({"run.steps": steps})
+    run_id = run_id or f"{_RUN_ID_UNSAFE.sub('-', spec.run.name)}-{uuid.uuid4().hex[:8]}"
+    if not _RUN_ID.fullmatch(run_id):
+        raise RunError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
     inputs = inputs or _read_inputs(spec)
     ledger = Ledger.open(ledger_url)
-    run_id = run_id or f"{spec.run.name}-{uuid.uuid4().hex[:8]}"
     if ledger.stream_version(run_id) > 0:
         raise RunError(f"run {run_id} already exists in the ledger: use `firetitan-track resume {run_id}`")
     with _lease(ledger_url, run_id):

@@ -103,6 +103,13 @@ def test_bad_spec_exits_non_zero_naming_the_key_and_writes_nothing(ledger_url, t
     assert not Path(ledger_url.removeprefix("sqlite:///")).exists()
 
 
+def test_a_bad_run_id_is_refused_before_anything_is_written(ledger_url, tmp_path):
+    spec = small_spec(tmp_path, "http://127.0.0.1:9", name="bad")
+    result = CliRunner().invoke(main, ["--ledger", ledger_url, "run", str(spec), "--run-id", "my run'1"])
+    assert result.exit_code == 1 and "run id \"my run'1\"" in result.output
+    assert not Path(ledger_url.removeprefix("sqlite:///")).exists()
+
+
 def test_status_json_reports_where_a_run_stands(local_url, ledger_url, tmp_path):
     spec = small_spec(tmp_path, local_url, name="st", run={"steps": 2})
     assert cli(ledger_url, "run", str(spec), "--run-id", "st", "--quiet").returncode == 0
