@@ -24,7 +24,7 @@ test: install
 run: install
 	$(VENV)/bin/firetitan-track sweep examples/reverse_sft.toml --sweep-id demo-lr \
 		--grid optim.learning_rate=1e-3,3e-3
-	$(VENV)/bin/firetitan-track local down
+	@$(VENV)/bin/firetitan-track local down >/dev/null  # the service this job started; the UI needs none
 
 bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
