@@ -56,7 +56,7 @@ CATALOGUE: dict[str, EventType] = _types(
     EventType("Reconnected", 1, ("role", "trainer_job_id", "reused"),
               "role: policy|reference|deployment; optional deployment_id"),
     EventType("CleanupApplied", 1, ("trainer", "deployment"),
-              "trainer: deleted|kept; deployment: scaled_to_zero|deleted|kept"),
+              "trainer: deleted|kept; deployment: scaled_to_zero|deleted|kept (what was done); optional error"),
     EventType("RunFailed", 1, ("error", "step"), "error text (redacted)"),
     EventType("RunCompleted", 1, ("final_step", "final_snapshot")),
     # -- provisioning ----------------------------------------------------------
@@ -66,7 +66,8 @@ CATALOGUE: dict[str, EventType] = _types(
     EventType("DeploymentProvisioned", 1, ("deployment_id", "base_model", "created")),
     EventType("ReferenceProvisioned", 1, ("trainer_job_id", "created")),
     # -- training --------------------------------------------------------------
-    EventType("StepCompleted", 1, ("step", "data_cursor", "micro_batches", "metrics", "optimizer")),
+    EventType("StepCompleted", 1, ("step", "data_cursor", "micro_batches", "metrics", "optimizer"),
+              "may be written with the next event (a step after the last saved state is redone on resume)"),
     EventType("StateSaveRequested", 1, ("step", "name", "data_cursor")),
     EventType("StateSaved", 1, ("step", "name", "path", "data_cursor"),
               "optional trainer_job_id: the job that saved it (a new job loads it by cross-job reference)"),
