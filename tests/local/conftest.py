@@ -1,6 +1,6 @@
 """Fixtures for driving the real fireworks SDK against a real local service process.
 
-One service (a subprocess on a temporary state dir) is shared by the session;
+One service (a subprocess on a temporary state dir) is shared by the whole session;
 tests that need their own (restart, CLI) start one themselves. Each test uses
 its own trainer job and deployment id, so tests do not see each other's state.
 """
@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from runner.local.service import LocalServiceInfo, local_service
+from runner.local.service import LocalServiceInfo
 
 logging.getLogger("fireworks").setLevel(logging.WARNING)
 
@@ -24,9 +24,9 @@ _deployment_counter = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def service_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServiceInfo]:
-    with local_service(tmp_path_factory.mktemp("local-service")) as info:
-        yield info
+def service_info(local_info: LocalServiceInfo) -> LocalServiceInfo:
+    """The session's one local service (tests/conftest.py)."""
+    return local_info
 
 
 @pytest.fixture(scope="session")
