@@ -243,6 +243,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         ctx = StepContext(spec, tracked, policy, tokenizer, loop, lambda: _controller(spec))
         if spec.recipe.kind == "grpo" and spec.recipe.kl_coef > 0:
             ctx.reference = tracked.create_reference_client(base_model=spec.model.base_model, lora_rank=0)
+            if st.reference_job_id and spec.cleanup.trainer == "delete":
+                _retire_reference(endpoint, inputs.api_key, st.reference_job_id, rec)
 
         if st.last_state is not None:
             policy.load_state_with_optimizer(st.last_state["path"],
@@ -356,6 +358,17 @@ def _deployment_exists(endpoint: dict[str, str], api_key: str, deployment_id: st
         return DeploymentManager(api_key=api_key, base_url=endpoint["base_url"]).get(deployment_id) is not None
     except Exception:
         return False
+
+
+def _retire_reference(endpoint: dict[str, str], api_key: str, job_id: str, rec: Recorder) -> None:
+    """A crashed attempt's frozen reference trainer: the SDK that made it died before its
+    close, and the resumed run has a new one, so the spec's cleanup applies to it now."""
+    if not _trainer_alive(endpoint, api_key, job_id):
+        return
+    from fireworks.training.sdk import TrainerJobManager
+
+    TrainerJobManager(api_key=api_key, base_url=endpoint["base_url"]).delete(job_id)
+    rec.record("CleanupApplied", trainer="deleted", deployment="kept", role="reference", trainer_job_id=job_id)
 
 
 def _controller(spec: Spec) -> Any:

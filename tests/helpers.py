@@ -54,3 +54,10 @@ def cli(ledger_url: str, *args: str, crash_at: str | None = None, timeout: float
         full_env["CRASH_AT"] = crash_at
     return subprocess.run([sys.executable, str(HARNESS), "--ledger", ledger_url, *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def trainer_state(base_url: str, job_id: str) -> str:
+    """A trainer job's state as the service's control plane reports it."""
+    from fireworks.training.sdk import TrainerJobManager
+
+    return str(TrainerJobManager(api_key="local", base_url=base_url).get(job_id).get("state", ""))

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from firetitan_track import Ledger
 from firetitan_track.cli import main
 from firetitan_track.projections.run_state import fold
-from tests.helpers import HARNESS, REPO, cli, small_spec
+from tests.helpers import HARNESS, REPO, cli, small_spec, trainer_state
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -50,6 +50,23 @@ def test_grpo_with_kl_to_a_reference_records_rollout_snapshots(local_url, ledger
     rollout_syncs = [ev.data for ev in events if ev.type == "WeightsSynced" and ev.data["snapshot_path"].startswith("rollout-")]
     assert [d["step"] for d in rollout_syncs] == [1, 2]
     assert fold(events).status == "completed"
+
+
+def test_resumed_grpo_retires_the_crashed_attempts_reference_trainer(local_url, ledger_url, tmp_path):
+    spec = small_spec(tmp_path, local_url, name="grpo-crash", run={"steps": 2},
+                      recipe={"kind": "grpo", "batch_size": 2, "group_size": 2, "max_tokens": 3, "kl_coef": 0.1},
+                      task={"name": "add", "digits": 1})
+    crashed = cli(ledger_url, "run", str(spec), "--run-id", "gc", "--quiet", crash_at="event:SnapshotSaved:2")
+    assert crashed.returncode == -signal.SIGKILL
+    old_reference = fold(Ledger.open(ledger_url).read("gc")).reference_job_id
+    assert old_reference and trainer_state(local_url, old_reference) == "JOB_STATE_RUNNING"
+    assert cli(ledger_url, "resume", "gc", "--quiet").returncode == 0
+    events = Ledger.open(ledger_url).read("gc")
+    assert trainer_state(local_url, old_reference) == "JOB_STATE_DELETED"
+    retired = [ev.data for ev in events if ev.type == "CleanupApplied" and ev.data.get("role") == "reference"]
+    assert retired == [{"trainer": "deleted", "deployment": "kept", "role": "reference", "trainer_job_id": old_reference}]
+    new_reference = fold(events).reference_job_id
+    assert new_reference != old_reference and trainer_state(local_url, new_reference) == "JOB_STATE_DELETED"
 
 
 def test_rerun_reproduces_a_run_from_its_record(local_url, ledger_url, tmp_path):

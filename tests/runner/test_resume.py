@@ -13,7 +13,7 @@ import pytest
 from firetitan_track import Ledger
 from firetitan_track.projections.run_state import authoritative, fold
 
-from tests.helpers import HARNESS, REPO, cli, small_spec
+from tests.helpers import HARNESS, REPO, cli, small_spec, trainer_state
 
 # Where the runner dies. Steps run 1..4; states at 0, 2, 4; evals at 0, 2, 4.
 CRASH_POINTS = [
@@ -65,12 +65,6 @@ def reference(local_url, tmp_path_factory):
     assert [e[1] for e in h if e[0] == "step"] == [1, 2, 3, 4]
     assert [e[1] for e in h if e[0] == "eval"] == [0, 2, 4]
     return spec, h
-
-
-def trainer_state(base_url: str, job_id: str) -> str:
-    from fireworks.training.sdk import TrainerJobManager
-
-    return str(TrainerJobManager(api_key="local", base_url=base_url).get(job_id).get("state", ""))
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
