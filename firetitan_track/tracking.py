@@ -56,10 +56,30 @@ class Recorder:
     def flush(self) -> list[RecordedEvent]:
         if not self._pending:
             return []
-        events = self.ledger.append(self.run_id, self._pending, expected_version=self.version)
+        from firetitan_track.ledger import ConcurrencyError
+
+        try:
+            events = self.ledger.append(self.run_id, self._pending, expected_version=self.version)
+        except ConcurrencyError:
+            # An interrupt (Ctrl-C, SIGTERM) can land after a commit but before we saw it:
+            # those events are ours, by id, and stand in the stream already.
+            stored = self._own_events_already_stored()
+            if stored is None:
+                raise  # another writer: this one must stop
+            events = stored + (self.ledger.append(self.run_id, self._pending, expected_version=self.version)
+                               if self._pending else [])
         self._pending = []
         self.version = events[-1].version + 1
         return events
+
+    def _own_events_already_stored(self) -> list[RecordedEvent] | None:
+        stored = self.ledger.read(self.run_id, from_version=self.version)
+        ids = [ev.event_id for ev in stored]
+        if not ids or ids != [ev.event_id for ev in self._pending[:len(ids)]]:
+            return None
+        self._pending = self._pending[len(ids):]
+        self.version += len(ids)
+        return stored
 
     def put_json(self, obj: Any) -> str:
         return self.ledger.put_json(obj)

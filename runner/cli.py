@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
 from firetitan_track.cli import ledger_url, reading_ledger
 
 
-def _fail(exc: BaseException) -> click.ClickException:
-    from firetitan_track.redact import redact_text
-
-    return click.ClickException(redact_text(str(exc)))
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
+@contextlib.contextmanager
+def _reporting() -> Iterator[None]:
+    """Bad input and known failures as a message and exit 1; an interrupted run as exit 130
+    with the command that continues it."""
     from firetitan_track import LedgerError
-    from runner.loop import RunError
+    from firetitan_track.redact import redact_text
+    from runner.loop import RunError, RunInterrupted
     from runner.spec import SpecError
 
-    return (RunError, SpecError, LedgerError)
+    try:
+        yield
+    except (RunError, SpecError, LedgerError) as e:
+        raise click.ClickException(redact_text(str(e))) from None
+    except RunInterrupted as e:
+        click.echo(f"{e}; its cleanup is done. Continue it with: firetitan-track resume {e.run_id}", err=True)
+        sys.exit(130)
 
 
 def _finish(result: Any) -> None:
@@ -45,14 +50,12 @@ def run(ctx: click.Context, spec_path: str, run_id: str | None, steps: int | Non
     from runner.loop import run_spec
     from runner.spec import load_spec, parse_overrides
 
-    try:
+    with _reporting():
         spec = load_spec(spec_path)
         if overrides:
             spec = spec.with_overrides(parse_overrides(list(overrides)))
         result = run_spec(spec, ledger_url=ledger_url(ctx), run_id=run_id, steps=steps,
                           export_mlflow=_tracking_uri(export_mlflow), progress=not quiet)
-    except _known_errors() as e:
-        raise _fail(e) from None
     _finish(result)
 
 
@@ -65,11 +68,9 @@ def resume(ctx: click.Context, run_id: str, export_mlflow: str | None, quiet: bo
     """Continue RUN_ID from its last saved state, as its ledger records it."""
     from runner.loop import resume_run
 
-    try:
+    with _reporting():
         result = resume_run(run_id, ledger_url=ledger_url(ctx), export_mlflow=_tracking_uri(export_mlflow),
                             progress=not quiet)
-    except _known_errors() as e:
-        raise _fail(e) from None
     _finish(result)
 
 
@@ -82,10 +83,8 @@ def rerun(ctx: click.Context, run_id: str, new_run_id: str | None, quiet: bool) 
     """Start a new run from RUN_ID's recorded spec and prompt sets, linked to it."""
     from runner.loop import rerun as do_rerun
 
-    try:
+    with _reporting():
         result = do_rerun(run_id, ledger_url=ledger_url(ctx), new_run_id=new_run_id, progress=not quiet)
-    except _known_errors() as e:
-        raise _fail(e) from None
     _finish(result)
 
 

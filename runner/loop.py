@@ -27,7 +27,7 @@ from runner.lease import RunLease
 from runner.spec import Spec
 from runner.tasks import DataError, Example, eval_examples, grade, load_jsonl, train_batch
 
-__all__ = ["RunResult", "RunError", "run_spec", "resume_run", "rerun"]
+__all__ = ["RunResult", "RunError", "RunInterrupted", "run_spec", "resume_run", "rerun"]
 
 
 # Run ids travel into MLflow filters, file names and URLs: keep them plain.
@@ -41,6 +41,25 @@ class RunError(RuntimeError):
 
 class Terminated(BaseException):
     """SIGTERM, turned into an exception so cleanup runs as it does for SIGINT."""
+
+
+class RunInterrupted(BaseException):
+    """A run stopped by Ctrl-C or SIGTERM, after its cleanup and RunFailed were recorded."""
+
+    def __init__(self, run_id: str, reason: str):
+        super().__init__(f"run {run_id} stopped: {reason}")
+        self.run_id = run_id
+        self.reason = reason
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that matters inside an exception group (the SDK's async task groups
+    wrap a Ctrl-C or SIGTERM that lands while they run): an interrupt if there is one,
+    else the first leaf."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = [root_cause(e) for e in exc.exceptions]
+    return next((e for e in leaves if isinstance(e, (KeyboardInterrupt, Terminated))), leaves[0])
 
 
 @dataclass
@@ -215,7 +234,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
     loop = asyncio.new_event_loop()
     tracked: TrackedService | None = None
     result = RunResult(rec.run_id, "failed", st.step, st.last_score["score"] if st.last_score else None)
-    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+    stop = _StopSignals() if _main_thread() else None
     try:
         endpoint = _endpoint(spec)
         tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or endpoint["tokenizer_path"])
@@ -259,6 +278,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
 
         recipe = RECIPES[spec.recipe.kind]
         for step in _progress(range(start + 1, spec.run.steps + 1), progress, start, spec.run.steps):
+            if stop is not None:
+                stop.check()
             rec.step = ctx.step = step
             batch, cursor = train_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
                                         size=spec.recipe.batch_size * spec.recipe.micro_batches,
@@ -279,18 +300,42 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         rec.record("RunCompleted", final_step=spec.run.steps, final_snapshot=ctx.last_snapshot)
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
+        # a signal can surface as another exception (the SDK's cleanup of the call it cut short)
+        cause = stop.requested if stop is not None and stop.requested is not None else root_cause(exc)
         try:
             _close(tracked)
         finally:
-            rec.record("RunFailed", error=error_text(exc), step=rec.step)
+            rec.record("RunFailed", error=error_text(cause), step=rec.step)
+        if isinstance(cause, (KeyboardInterrupt, Terminated)):
+            raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)") from None
+        exc.add_note(f"run {rec.run_id} is recorded as failed; after fixing the cause, continue it with "
+                     f"`firetitan-track resume {rec.run_id}`")
         raise
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+        if stop is not None:
+            stop.restore()
+        _close_loop(loop)
         if exporter is not None:
             exporter.stop()
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the run's event loop. A Ctrl-C or SIGTERM that landed inside a task leaves the
+    task's siblings pending; running them out would raise the interrupt a second time, past
+    the cleanup already recorded, so they are cancelled and that echo is dropped."""
+    async def drain(tasks: set[asyncio.Task[Any]]) -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(drain(pending))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except (KeyboardInterrupt, Terminated):
+        pass
+    finally:
+        loop.close()
 
 
 def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
@@ -422,8 +467,26 @@ def _show(enabled: bool, metrics: dict[str, float], score: float | None) -> None
                          score="-" if score is None else f"{score:.2f}", refresh=False)
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated("terminated by SIGTERM")
+class _StopSignals:
+    """Ctrl-C and SIGTERM stop the run through its cleanup path. The handler raises where
+    the signal lands; Python drops an exception raised inside a finalizer, so the request
+    is also remembered and checked again at every step."""
+
+    def __init__(self) -> None:
+        self.requested: BaseException | None = None
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = Terminated("terminated by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
+        raise self.requested
+
+    def check(self) -> None:
+        if self.requested is not None:
+            raise self.requested
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def _main_thread() -> bool:

@@ -45,13 +45,15 @@ def small_spec(tmp_path: Path, base_url: str, name: str = "small", **sections: d
     return path
 
 
-def cli(ledger_url: str, *args: str, crash_at: str | None = None, timeout: float = 300,
-        env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the firetitan-track CLI in its own process (optionally SIGKILLed at a chosen point)."""
+def cli(ledger_url: str, *args: str, crash_at: str | None = None, crash_signal: str = "KILL",
+        timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the firetitan-track CLI in its own process (optionally signalled, SIGKILL by
+    default, at a chosen point: see tests/runner/crash_harness.py)."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("CRASH_AT", None)
     if crash_at:
         full_env["CRASH_AT"] = crash_at
+        full_env["CRASH_SIGNAL"] = crash_signal
     return subprocess.run([sys.executable, str(HARNESS), "--ledger", ledger_url, *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=REPO)
 

@@ -3,8 +3,10 @@
 The kill is real (the process dies without cleanup, exactly as on an OOM kill or a
 lost machine); only the moment is chosen, by wrapping two functions from outside:
 
-    CRASH_AT=event:StateSaved:2   after the 2nd StateSaved event is durable
+    CRASH_AT=event:StateSaved:2   after the 2nd StateSaved event is recorded
     CRASH_AT=midstep:3            inside step 3, after forward_backward, before optim_step
+
+CRASH_SIGNAL=TERM sends a real SIGTERM instead, at the same point.
 """
 
 import os
@@ -15,7 +17,7 @@ import sys
 def _die() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("CRASH_SIGNAL", "KILL")))
 
 
 def _install(point: str) -> None:

@@ -101,9 +101,12 @@ def test_interrupt_cleans_up_records_failure_and_leaves_a_resumable_run(sig, loc
             pass
         time.sleep(0.1)
     proc.send_signal(sig)
-    assert proc.wait(timeout=120) != 0
+    code, err = proc.wait(timeout=120), proc.stderr.read()
+    assert code == 130, (err[-3000:], [(e.type, e.data) for e in Ledger.open(ledger_url).read("i")][-5:])
+    assert "Continue it with: firetitan-track resume i" in err
     events = Ledger.open(ledger_url).read("i")
-    assert [ev.type for ev in events][-2:] == ["CleanupApplied", "RunFailed"]
+    assert [ev.type for ev in events][-2:] == ["CleanupApplied", "RunFailed"], [(e.type, e.data) for e in events[-4:]]
+    assert ("SIGTERM" if sig == signal.SIGTERM else "KeyboardInterrupt") in events[-1].data["error"]
     assert events[-2].data == {"trainer": "deleted", "deployment": "scaled_to_zero"}
     assert fold(events).status == "failed"
     resumed = cli(ledger_url, "resume", "i", "--quiet")

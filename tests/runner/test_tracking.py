@@ -94,3 +94,27 @@ def test_api_key_never_reaches_ledger_blobs_logs_or_service_log(local_url, local
     service_files = b"".join(p.read_bytes() for p in Path(local_state_dir).rglob("*.log"))
     assert secret.encode() not in service_files
     assert Ledger.open(ledger_url).read("s")[-1].type == "RunCompleted"  # the run used the key throughout
+
+
+def test_recorder_recognises_its_own_events_committed_before_an_interrupt(ledger_url):
+    """A Ctrl-C between the ledger's commit and the recorder seeing it must not turn the
+    recorder's next write into a false conflict; a real second writer still is one."""
+    import pytest
+
+    from firetitan_track import ConcurrencyError
+    from firetitan_track.tracking import Recorder
+
+    ledger = Ledger.open(ledger_url)
+    rec = Recorder(ledger, "r", version=0)
+    rec.record("RunFailed", error="x", step=0)
+    rec.record("StepCompleted", defer=True, step=1, data_cursor=None, micro_batches=1, metrics={}, optimizer={})
+    # the commit happens, then the interrupt: the recorder never learns its new version
+    ledger.append("r", list(rec._pending), expected_version=rec.version)
+    rec.record("CleanupApplied", trainer="kept", deployment="kept")
+    assert [ev.type for ev in ledger.read("r")] == ["RunFailed", "StepCompleted", "CleanupApplied"]
+    assert rec.version == 3
+
+    other = Recorder(ledger, "r", version=3)
+    other.record("RunCompleted", final_step=1, final_snapshot=None)
+    with pytest.raises(ConcurrencyError):
+        rec.record("RunCompleted", final_step=1, final_snapshot=None)
