@@ -6,7 +6,7 @@ and events.py (the catalogue). Nothing here imports torch or MLflow.
 """
 
 from firetitan_track.events import NewEvent, RecordedEvent, new_event
-from firetitan_track.ledger import ConcurrencyError, Ledger, Problem, RunInfo, UnknownRun
+from firetitan_track.ledger import ConcurrencyError, Ledger, Problem, RunInfo, NotFound
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import TrackedService, track
 from firetitan_track.store import LedgerError, SchemaOutOfDate
@@ -15,7 +15,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "ConcurrencyError",
-    "UnknownRun",
+    "NotFound",
     "SchemaOutOfDate",
     "NewEvent",
     "RecordedEvent",

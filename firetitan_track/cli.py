@@ -1,85 +1,54 @@
-"""The ``firetitan-track`` command.
+"""The ledger's commands (``runs``, ``events``, ``verify``, ``blob``, ``db upgrade|current``)
+and the click helpers every command shares: the ledger URL, a reading ledger, the one
+error adapter and the table renderer.
 
-Commands live in the modules that own their behaviour and are loaded lazily, so
-``firetitan-track runs`` never imports torch or MLflow:
-
-- ledger commands (``runs``, ``events``, ``verify``, ``blob``, ``db``): firetitan_track.ledger_cli
-- the local service (``local up|down|info``): runner.local.cli
-- the runner (``run``, ``resume``, ``status``, ``rerun``): runner.cli; ``sweep``: runner.sweep
-- views (``audit``, ``lineage``, ``replay``, ``export``, ``compare``, ``ui``):
-  firetitan_track.projections.cli
+The command root (``firetitan-track``) lives above this package, in ``runner.cli``,
+and registers these commands from there. Reading commands never create a ledger: on
+a missing SQLite file they say so.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-from typing import Any, Iterator
+import dataclasses
+import datetime as dt
+import json
+from typing import Iterator
 
 import click
 
-
-# command name -> "module:attribute"
-COMMANDS: dict[str, str] = {
-    "runs": "firetitan_track.ledger_cli:runs",
-    "events": "firetitan_track.ledger_cli:events",
-    "verify": "firetitan_track.ledger_cli:verify",
-    "blob": "firetitan_track.ledger_cli:blob",
-    "db": "firetitan_track.ledger_cli:db",
-    "local": "runner.local.cli:local",
-    "run": "runner.cli:run",
-    "resume": "runner.cli:resume",
-    "status": "runner.cli:status",
-    "rerun": "runner.cli:rerun",
-    "audit": "firetitan_track.projections.cli:audit",
-    "lineage": "firetitan_track.projections.cli:lineage",
-    "replay": "firetitan_track.projections.cli:replay",
-    "export": "firetitan_track.projections.cli:export",
-    "sweep": "runner.sweep:sweep",
-    "compare": "firetitan_track.projections.cli:compare",
-    "ui": "firetitan_track.projections.cli:ui",
-}
-
-
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        cmd = super().get_command(ctx, name)
-        if cmd is not None or name not in COMMANDS:
-            return cmd
-        module, attr = COMMANDS[name].split(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
-            return None  # not built yet: click reports "No such command"
+from firetitan_track.errors import UserError
+from firetitan_track.ledger import Ledger, default_ledger_url
+from firetitan_track.redact import redact_text
+from firetitan_track.store import HEAD_REVISION, UPGRADE_HINT, revision_status, upgrade_schema
 
 
 def ledger_url(ctx: click.Context) -> str:
     """The ledger URL chosen by ``--ledger``, else FIRETITAN_LEDGER, else the default."""
     root = ctx.find_root()
-    from firetitan_track.ledger import default_ledger_url
-
     return (root.obj or {}).get("ledger_url") or default_ledger_url()
 
 
 @contextlib.contextmanager
-def reading_ledger(ctx: click.Context, *errors: type[BaseException]) -> Iterator[Any]:
-    """The ledger for a command that only reads: it never creates one (a missing SQLite
-    file is an error saying so), and a LedgerError, or any of ``errors``, becomes a
-    message and a non-zero exit."""
-    from firetitan_track.ledger import Ledger
-    from firetitan_track.store import LedgerError
-
+def user_errors() -> Iterator[None]:
+    """The one adapter from the project's errors to the command line: a UserError
+    becomes its message (secrets redacted) and exit status 1."""
     try:
+        yield
+    except UserError as exc:
+        raise click.ClickException(redact_text(str(exc))) from None
+
+
+@contextlib.contextmanager
+def reading_ledger(ctx: click.Context) -> Iterator[Ledger]:
+    """The ledger for a command that only reads: it never creates one (a missing SQLite
+    file is an error saying so), and a UserError becomes a message and exit status 1."""
+    with user_errors():
         ledger = Ledger.open(ledger_url(ctx), create=False)
         try:
             yield ledger
         finally:
             ledger.close()
-    except (LedgerError, *errors) as exc:
-        raise click.ClickException(exc.args[0] if exc.args else str(exc)) from None
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -90,13 +59,97 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
                      for line in [headers, ["-" * w for w in widths], *rows])
 
 
-@click.group(cls=LazyGroup)
-@click.option("--ledger", "ledger", metavar="URL", default=None,
-              help="Ledger URL (sqlite:///PATH or postgresql+psycopg://...). "
-                   "Default: $FIRETITAN_LEDGER, else sqlite:///.firetitan/ledger.db")
-@click.version_option(package_name="firetitan-track")
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
-def main(ctx: click.Context, ledger: str | None) -> None:
-    """Run FireTitan research loops and keep an auditable record of them."""
-    ctx.ensure_object(dict)
-    ctx.obj["ledger_url"] = ledger
+def runs(ctx: click.Context, as_json: bool) -> None:
+    """List the runs in the ledger."""
+    with reading_ledger(ctx) as ledger:
+        infos = ledger.runs()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
+    elif not infos:
+        click.echo("no runs")
+    else:
+        click.echo(table(["RUN", "EVENTS", "FIRST (UTC)", "LAST (UTC)", "LAST EVENT"],
+                          [[i.run_id, str(i.events), _when(i.first_at), _when(i.last_at), i.last_type]
+                           for i in infos]))
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the events as a JSON array.")
+@click.pass_context
+def events(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Show a run's events in order."""
+    with reading_ledger(ctx) as ledger:
+        recorded = ledger.read(run_id)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(e) for e in recorded], indent=2, ensure_ascii=False))
+        return
+    rows = []
+    for e in recorded:
+        data = json.dumps(e.data, sort_keys=True, ensure_ascii=False)
+        rows.append([str(e.version), str(e.position), _when(e.recorded_at), e.type,
+                     data if len(data) <= 80 else data[:77] + "..."])
+    click.echo(table(["VERSION", "POSITION", "RECORDED (UTC)", "TYPE", "DATA"], rows))
+
+
+@click.command()
+@click.argument("run_id", required=False)
+@click.pass_context
+def verify(ctx: click.Context, run_id: str | None) -> None:
+    """Recompute hash chains and blob digests; exit 1 naming the first bad version."""
+    with reading_ledger(ctx) as ledger:
+        problems = ledger.verify(run_id)
+    if not problems:
+        click.echo("intact")
+        return
+    for p in problems:
+        click.echo(f"run {p.run_id}: first bad version {p.version}: {p.reason}")
+    ctx.exit(1)
+
+
+@click.command()
+@click.argument("digest")
+@click.pass_context
+def blob(ctx: click.Context, digest: str) -> None:
+    """Write the blob with DIGEST to stdout, byte for byte."""
+    with reading_ledger(ctx) as ledger:
+        data = ledger.get_blob(digest)
+    out = click.get_binary_stream("stdout")
+    out.write(data)
+    out.flush()
+
+
+@click.group()
+def db() -> None:
+    """The ledger's database schema."""
+
+
+@db.command()
+@click.pass_context
+def upgrade(ctx: click.Context) -> None:
+    """Create the ledger tables, or bring them to the current revision."""
+    with user_errors():
+        before, after = upgrade_schema(ledger_url(ctx))
+    if before == after:
+        click.echo(f"already at head revision {after}")
+    else:
+        click.echo(f"upgraded from {before or '(empty)'} to {after}")
+
+
+@db.command()
+@click.pass_context
+def current(ctx: click.Context) -> None:
+    """Print the ledger's schema revision and whether it is the head."""
+    with user_errors():
+        revision, head = revision_status(ledger_url(ctx))
+    if revision == head:
+        click.echo(f"{revision} (head)")
+    else:
+        click.echo(f"{revision or '(empty)'} (head is {HEAD_REVISION}: run `{UPGRADE_HINT}`)")

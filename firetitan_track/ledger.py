@@ -31,7 +31,7 @@ from firetitan_track.redact import secret_values
 from firetitan_track.store import LedgerError, Store, checkpoints, open_store
 from firetitan_track.store import events as event_table
 
-__all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "UnknownRun", "RunInfo", "Problem",
+__all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "NotFound", "RunInfo", "Problem",
            "GENESIS_HASH", "event_hash"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
@@ -55,10 +55,12 @@ class ConcurrencyError(LedgerError):
         self.run_id, self.expected, self.actual = run_id, expected, actual
 
 
-class UnknownRun(LedgerError):
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"no run {run_id!r} in the ledger")
-        self.run_id = run_id
+class NotFound(LedgerError, LookupError):
+    """A run, snapshot, sweep or blob the ledger does not hold; the message names it."""
+
+
+def unknown_run(run_id: str) -> NotFound:
+    return NotFound(f"no run {run_id!r} in the ledger")
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,7 @@ class Ledger:
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
             if not rows and (from_version <= 0 or _stream_version(conn, run_id) == 0):
-                raise UnknownRun(run_id)
+                raise unknown_run(run_id)
         return [_from_row(r) for r in rows]
 
     def stream_version(self, run_id: str) -> int:
@@ -318,7 +320,7 @@ class Ledger:
                 if problem is not None:
                     problems.append(problem)
             if run_id is not None and not seen_any:
-                raise UnknownRun(run_id)
+                raise unknown_run(run_id)
             problems += _check_blobs(conn, references)
         return sorted(problems, key=lambda p: (p.run_id, p.version))
 

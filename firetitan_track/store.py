@@ -28,6 +28,8 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
 
+from firetitan_track.errors import UserError
+
 __all__ = [
     "LedgerError",
     "SchemaOutOfDate",
@@ -52,7 +54,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 UPGRADE_HINT = "firetitan-track db upgrade"
 
 
-class LedgerError(Exception):
+class LedgerError(UserError):
     """Anything the ledger cannot do, with a message a person can act on."""
 
 

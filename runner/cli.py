@@ -1,30 +1,88 @@
-"""The runner's commands: ``run``, ``resume``, ``status``, ``rerun``."""
+"""The ``firetitan-track`` command: its root, and the runner's own commands.
+
+The root sits here, above both packages it serves. Commands live in the modules that
+own their behaviour and are loaded when named, so ``firetitan-track runs`` never
+imports torch or MLflow:
+
+- the ledger (``runs``, ``events``, ``verify``, ``blob``, ``db``): firetitan_track.cli
+- its views (``audit``, ``lineage``, ``replay``, ``export``, ``compare``, ``ui``):
+  firetitan_track.projections.cli
+- the runner (``run``, ``resume``, ``status``, ``rerun``): this module; ``sweep``: runner.sweep
+- the local service (``local up|down|info``): runner.local.cli
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import sys
 from typing import Any, Iterator
 
 import click
 
-from firetitan_track.cli import ledger_url, reading_ledger
+from firetitan_track.cli import ledger_url, reading_ledger, user_errors
+
+# command name -> "module:attribute"
+COMMANDS: dict[str, str] = {
+    "runs": "firetitan_track.cli:runs",
+    "events": "firetitan_track.cli:events",
+    "verify": "firetitan_track.cli:verify",
+    "blob": "firetitan_track.cli:blob",
+    "db": "firetitan_track.cli:db",
+    "audit": "firetitan_track.projections.cli:audit",
+    "lineage": "firetitan_track.projections.cli:lineage",
+    "replay": "firetitan_track.projections.cli:replay",
+    "export": "firetitan_track.projections.cli:export",
+    "compare": "firetitan_track.projections.cli:compare",
+    "ui": "firetitan_track.projections.cli:ui",
+    "run": "runner.cli:run",
+    "resume": "runner.cli:resume",
+    "status": "runner.cli:status",
+    "rerun": "runner.cli:rerun",
+    "sweep": "runner.sweep:sweep",
+    "local": "runner.local.cli:local",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command runs. A module that fails to
+    import (a missing dependency) raises its ImportError instead of hiding as
+    "No such command"."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None or name not in COMMANDS:
+            return cmd
+        module, attr = COMMANDS[name].split(":")
+        command: click.Command = getattr(importlib.import_module(module), attr)
+        return command
+
+
+@click.group(cls=LazyGroup)
+@click.option("--ledger", "ledger", metavar="URL", default=None,
+              help="Ledger URL (sqlite:///PATH or postgresql+psycopg://...). "
+                   "Default: $FIRETITAN_LEDGER, else sqlite:///.firetitan/ledger.db")
+@click.version_option(package_name="firetitan-track")
+@click.pass_context
+def main(ctx: click.Context, ledger: str | None) -> None:
+    """Run FireTitan research loops and keep an auditable record of them."""
+    ctx.ensure_object(dict)
+    ctx.obj["ledger_url"] = ledger
 
 
 @contextlib.contextmanager
 def _reporting() -> Iterator[None]:
     """Bad input and known failures as a message and exit 1; an interrupted run as exit 130
     with the command that continues it."""
-    from firetitan_track import LedgerError
-    from firetitan_track.redact import redact_text
-    from runner.loop import RunError, RunInterrupted
-    from runner.spec import SpecError
+    from runner.loop import RunInterrupted
 
     try:
-        yield
-    except (RunError, SpecError, LedgerError) as e:
-        raise click.ClickException(redact_text(str(e))) from None
+        with user_errors():
+            yield
     except RunInterrupted as e:
         click.echo(f"{e}; its cleanup is done. Continue it with: firetitan-track resume {e.run_id}", err=True)
         sys.exit(130)
@@ -125,4 +183,4 @@ def _tracking_uri(flag: str | None) -> str | None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run())
+    main()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from firetitan_track import ConcurrencyError, Ledger
+from firetitan_track.errors import UserError
 from firetitan_track.projections.run_state import TRAINING_HISTORY, RunState, authoritative, fold
 from firetitan_track.redact import redact
 from firetitan_track.tracking import Recorder, TrackedService, error_text
@@ -35,7 +36,7 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
@@ -116,7 +117,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
     """Continue a run from its last saved state, as recorded in the ledger."""
     ledger = Ledger.open(ledger_url)
     with _lease(ledger_url, run_id):
-        events = ledger.read(run_id)  # UnknownRun names the run
+        events = ledger.read(run_id)  # NotFound names the run
         st = fold(events, run_id)
         if st.status == "completed":
             raise RunError(f"run {run_id} already completed at step {st.step}; nothing to resume")

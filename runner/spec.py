@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from firetitan_track.errors import UserError
+
 __all__ = ["Spec", "SpecError", "load_spec", "parse_overrides"]
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec that cannot run; the message names the file and the key."""
 
 

@@ -24,13 +24,14 @@ from typing import Any, Sequence
 
 import click
 
-from firetitan_track.cli import ledger_url
+from firetitan_track.cli import ledger_url, user_errors
+from firetitan_track.errors import UserError
 
 __all__ = ["Trial", "TrialOutcome", "SweepError", "parse_grid", "expand_grid", "default_sweep_id",
            "plan_sweep", "run_trial", "run_sweep", "sweep"]
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep that cannot run as asked; the message says what to change."""
 
 
@@ -237,20 +238,17 @@ def sweep(ctx: click.Context, spec_path: str, grid_items: tuple[str, ...], sweep
 
     Running the same command again finishes only the unfinished trials.
     """
-    from firetitan_track import LedgerError
     from firetitan_track.projections.mlflow import DEFAULT_TRACKING_URI
-    from runner.spec import SpecError, load_spec
+    from runner.spec import load_spec
 
     url = ledger_url(ctx)
-    try:
+    with user_errors():
         spec = load_spec(spec_path)
         grid = parse_grid(grid_items)
         sweep_id, outcomes = run_sweep(
             spec, grid, ledger_url=url, sweep_id=sweep_id, workers=workers, steps=steps,
             tracking_uri=None if no_mlflow else (tracking_uri or DEFAULT_TRACKING_URI), experiment=experiment,
             progress=not quiet and workers == 1, on_outcome=_report_outcome)
-    except (SweepError, SpecError, LedgerError) as exc:
-        raise click.ClickException(str(exc)) from None
 
     from firetitan_track.projections.cli import compare
 

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from firetitan_track import Ledger, new_event
-from firetitan_track.cli import main
+from runner.cli import main
 from firetitan_track.store import HEAD_REVISION
 
 

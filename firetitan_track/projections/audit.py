@@ -15,17 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from firetitan_track.events import RecordedEvent
-from firetitan_track.ledger import UnknownRun
+from firetitan_track.ledger import NotFound, unknown_run
 from firetitan_track.projections.run_state import RunState, authoritative, fold
 
 __all__ = [
     "EvalRow", "Lineage", "Replay", "TrialSummary", "NotFound",
     "eval_rows", "audit", "lineage", "replay", "compare_sweep", "read_run", "sweep_stream",
 ]
-
-
-class NotFound(LookupError):
-    """An unknown run id, snapshot path or sweep id."""
 
 
 @dataclass
@@ -54,12 +50,9 @@ def sweep_stream(sweep_id: str) -> str:
 
 def read_run(ledger: Any, run_id: str) -> list[RecordedEvent]:
     """A run's whole stream; NotFound when the ledger holds no such run."""
-    try:
-        events = ledger.read(run_id)
-    except UnknownRun as exc:
-        raise NotFound(f"no run {run_id!r} in the ledger") from exc
+    events = ledger.read(run_id)
     if not events:
-        raise NotFound(f"no run {run_id!r} in the ledger")
+        raise unknown_run(run_id)
     return events
 
 
@@ -236,5 +229,5 @@ def compare_sweep(ledger: Any, sweep_id: str) -> list[TrialSummary]:
 def _has_stream(ledger: Any, stream: str) -> bool:
     try:
         return ledger.stream_version(stream) > 0
-    except UnknownRun:
+    except NotFound:
         return False

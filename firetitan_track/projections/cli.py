@@ -51,7 +51,7 @@ def _eval_table(rows: list[views.EvalRow]) -> None:
 @click.pass_context
 def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """One row per eval of RUN_ID: the snapshot, prompt set and sampling behind each score."""
-    with reading_ledger(ctx, views.NotFound) as ledger:
+    with reading_ledger(ctx) as ledger:
         rows = views.audit(ledger, run_id)
     if as_json:
         _echo_json([r.to_dict() for r in rows])
@@ -68,7 +68,7 @@ def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
 @click.pass_context
 def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json: bool) -> None:
     """Where SNAPSHOT_PATH came from: its run, steps, data cursors, base chain and evals."""
-    with reading_ledger(ctx, views.NotFound) as ledger:
+    with reading_ledger(ctx) as ledger:
         found = views.lineage(ledger, snapshot_path, run_id)
     if as_json:
         _echo_json(found.to_dict())
@@ -108,7 +108,7 @@ def replay(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """
     from dataclasses import asdict
 
-    with reading_ledger(ctx, views.NotFound) as ledger:
+    with reading_ledger(ctx) as ledger:
         result = views.replay(ledger, run_id)
     if as_json:
         _echo_json({"run_id": run_id, "events": result.events, "superseded": result.superseded,
@@ -154,7 +154,7 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
     """Export RUN_IDS (default: every run) to MLflow, resuming where the last export stopped."""
     from firetitan_track.projections.mlflow import MlflowExporter, follow_until_stopped
 
-    with reading_ledger(ctx, views.NotFound) as ledger:
+    with reading_ledger(ctx) as ledger:
         for run_id in run_ids:
             if ledger.stream_version(run_id) == 0 and not follow:
                 raise click.ClickException(f"no run {run_id!r} in the ledger")
@@ -174,7 +174,7 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
 @click.pass_context
 def compare(ctx: click.Context, sweep_id: str, as_json: bool) -> None:
     """Per trial of SWEEP_ID: its params, status, best score and the snapshot behind it."""
-    with reading_ledger(ctx, views.NotFound) as ledger:
+    with reading_ledger(ctx) as ledger:
         trials = views.compare_sweep(ledger, sweep_id)
     if as_json:
         _echo_json([t.to_dict() for t in trials])

@@ -384,11 +384,11 @@ class MlflowExporter:
 
     def _update_sweep_status(self, sweep_id: str) -> None:
         """A sweep is finished when every trial is, failed when one failed and none runs."""
-        from firetitan_track.ledger import UnknownRun
+        from firetitan_track.ledger import NotFound
 
         try:
             sweep = self.ledger.read(f"sweep:{sweep_id}")
-        except UnknownRun:  # a trial exported before its sweep was recorded
+        except NotFound:  # a trial exported before its sweep was recorded
             return
         started = next((ev for ev in sweep if ev.type == "SweepStarted"), None)
         if started is None:
@@ -630,7 +630,7 @@ class LiveExporter:
         self._log: Any = None
 
     def start(self) -> LiveExporter:
-        cmd = [sys.executable, "-c", "from firetitan_track.cli import main; main()",
+        cmd = [sys.executable, "-c", "from runner.cli import main; main()",
                "export", "mlflow", "--tracking-uri", self.tracking_uri,
                "--experiment", self.experiment, "--follow", "--until-stdin-closes",
                "--poll", str(self.poll_s), "--quiet", *self.run_ids]

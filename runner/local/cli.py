@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from firetitan_track.cli import user_errors
+
 from . import service
 
 STATE_DIR_OPTION = click.option(
@@ -29,10 +31,8 @@ def up(state_dir: Path, port: int, device: str) -> None:
 
     If a service already runs on STATE_DIR it is reused and described.
     """
-    try:
+    with user_errors():
         info = service.ensure_running(state_dir, port=port, device=device)
-    except service.ServiceError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(info.public()))
 
 

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from firetitan_track.errors import UserError
+
 from .state import read_json
 
 DEFAULT_STATE_DIR = Path(".firetitan/local")
@@ -59,8 +61,8 @@ class LocalServiceInfo:
                    state_dir=data.get("state_dir", ""), port=int(data.get("port", 0)))
 
 
-class ServiceError(RuntimeError):
-    pass
+class ServiceError(UserError, RuntimeError):
+    """The service cannot start or be reached; the message says why."""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from firetitan_track.errors import UserError
+
 __all__ = ["Example", "Task", "TASKS", "DataError", "load_jsonl", "train_batch", "eval_examples", "grade"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data or prompt file that cannot be used; the message names the file and line."""
 
 

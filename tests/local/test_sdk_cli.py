@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 from fireworks.training.sdk import TrainerJobManager
 
-from firetitan_track.cli import main
+from runner.cli import main
 
 
 def test_local_up_info_down(tmp_path):

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from firetitan_track import Ledger
-from firetitan_track.cli import main
+from runner.cli import main
 from firetitan_track.projections.audit import audit, lineage, replay
 from tests.projections.streams import PROMPTS, SAMPLING, RunWriter, write_run
 

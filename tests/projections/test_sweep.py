@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import runner.loop
 from firetitan_track import Ledger
-from firetitan_track.cli import main
+from runner.cli import main
 from firetitan_track.projections.audit import compare_sweep
 from runner.sweep import (SweepError, default_sweep_id, expand_grid, parse_grid, plan_sweep,
                           trial_run_id)

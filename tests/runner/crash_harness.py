@@ -57,6 +57,6 @@ def _install(point: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("CRASH_AT"):
         _install(os.environ["CRASH_AT"])
-    from firetitan_track.cli import main
+    from runner.cli import main
 
     main(prog_name="firetitan-track")

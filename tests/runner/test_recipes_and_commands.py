@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from firetitan_track import Ledger
-from firetitan_track.cli import main
+from runner.cli import main
 from firetitan_track.projections.run_state import fold
 from tests.helpers import HARNESS, REPO, cli, small_spec, trainer_state
 
