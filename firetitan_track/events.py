@@ -64,7 +64,9 @@ CATALOGUE: dict[str, EventType] = _types(
               "role: policy|reference; optional deployment_id, trainer_job_id (reuse), base_url (the service)"),
     EventType("TrainerProvisioned", 1, ("role", "trainer_job_id", "base_model", "shape", "lora_rank", "created")),
     EventType("DeploymentProvisioned", 1, ("deployment_id", "base_model", "created")),
-    EventType("ReferenceProvisioned", 1, ("trainer_job_id", "created")),
+    EventType("ReferenceProvisioned", 1, ("trainer_job_id", "created"),
+              "optional shared_with_policy: true when the reference is the policy's own session with "
+              "adapters disabled (trainer_job_id is then the policy's job)"),
     # -- training --------------------------------------------------------------
     EventType("StepCompleted", 1, ("step", "data_cursor", "micro_batches", "metrics", "optimizer"),
               "may be written with the next event (a step after the last saved state is redone on resume)"),

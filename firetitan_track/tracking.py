@@ -294,8 +294,15 @@ class TrackedService:
         self._rec.record("ProvisionRequested", role="reference", base_model=self._base_model, shape=self._shape,
                          lora_rank=0)
         client = self._service.create_reference_client(*args, **kwargs)
-        job_id = getattr(self._service, "reference_job_id", None) or "shared-policy-trainer"
-        self._rec.record("ReferenceProvisioned", trainer_job_id=job_id, created=True)
+        # The SDK names a separate reference trainer; None means the reference reuses the
+        # policy's session with its adapters disabled (a LoRA policy): no job of its own.
+        job_id = self._service.reference_job_id
+        if job_id is None:
+            self._rec.record("ReferenceProvisioned", trainer_job_id=self._service.trainer_job_id,
+                             shared_with_policy=True, created=False)
+        else:
+            self._rec.record("ReferenceProvisioned", trainer_job_id=job_id, shared_with_policy=False,
+                             created=True)
         return client
 
     # -- weight sync ---------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 from firetitan_track.events import RecordedEvent
 
-__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "TRAINING_HISTORY"]
+__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY"]
 
 # Events that describe the training history (and so can be superseded by a resume).
 TRAINING_HISTORY = frozenset({
@@ -81,6 +81,16 @@ def authoritative(events: Sequence[RecordedEvent]) -> list[RecordedEvent]:
     return [ev for ev in events if ev.version not in dropped]
 
 
+def to_supersede(events: Sequence[RecordedEvent]) -> list[int]:
+    """The versions a resume marks superseded: every training-history event of the
+    authoritative history recorded after the last saved state (all of them when no
+    state was saved)."""
+    history = authoritative(events)
+    states = [ev.version for ev in history if ev.type == "StateSaved"]
+    cut = states[-1] if states else -1
+    return [ev.version for ev in history if ev.version > cut and ev.type in TRAINING_HISTORY]
+
+
 def fold(events: Sequence[RecordedEvent], run_id: str | None = None) -> RunState:
     """Rebuild a run's state from its events alone."""
     st = RunState(run_id=run_id or (events[0].run_id if events else ""))
@@ -124,7 +134,8 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
         else:
             st.trainer_job_id = d["trainer_job_id"]
     elif t == "ReferenceProvisioned":
-        st.reference_job_id = d["trainer_job_id"]
+        # a reference that shares the policy's session has no trainer of its own to retire
+        st.reference_job_id = None if d.get("shared_with_policy") else d["trainer_job_id"]
     elif t == "DeploymentProvisioned":
         st.deployment_id = d["deployment_id"]
     elif t == "Reconnected":
