@@ -6,7 +6,13 @@ Two rules, applied together:
   ``FIREWORKS_API_KEY``, ``access_token``, ``secret``, ``password`` ...) has its
   value replaced by ``"***"``;
 - the value of ``FIREWORKS_API_KEY`` (and of any other environment variable named
-  like a credential) is replaced wherever it appears inside a string or bytes.
+  like a key, token, password or secret) is replaced wherever it appears inside a
+  string or bytes.
+
+Paths are never secrets: ``PWD`` is the working directory, not a password, and a
+credential-named variable whose value is a path (``GOOGLE_APPLICATION_CREDENTIALS``)
+names where a secret lives, not the secret. Masking them would rewrite the user's
+own file names in the record (a state dir recorded as ``***/svc``).
 
 The environment is read on every call, so a key set after import is still caught.
 """
@@ -20,12 +26,13 @@ import re
 from typing import Any
 
 __all__ = ["MASK", "is_secret_key", "redact", "redact_text", "redact_bytes", "secret_values",
-           "may_need_redaction"]
+           "may_need_redaction", "count_masked"]
 
 MASK = "***"
 
 # Words that make a name a credential on their own, wherever they appear last.
-_SECRET_LAST_WORDS = frozenset({"secret", "secrets", "password", "passwd", "pwd", "passphrase",
+# ("pwd" is not one: it is the shell's working directory far more often than a password.)
+_SECRET_LAST_WORDS = frozenset({"secret", "secrets", "password", "passwd", "passphrase",
                                 "apikey", "credential", "credentials", "authorization"})
 # "token" and "key" alone are ordinary words in this domain (sampled tokens, dict
 # keys, max_tokens), so they count only after one of these qualifiers.
@@ -37,7 +44,7 @@ _MIN_SECRET_LEN = 6  # shorter env values would mask ordinary text
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
 # lower-case fragments of every name is_secret_key accepts, and of "Bearer <token>"
-_CREDENTIAL_WORDS = re.compile("key|token|secret|passw|pwd|passphrase|credential|authoriz|bearer")
+_CREDENTIAL_WORDS = re.compile("key|token|secret|passw|passphrase|credential|authoriz|bearer")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -56,18 +63,11 @@ def is_secret_key(name: str) -> bool:
     return False
 
 
-_secret_names: tuple[int, tuple[str, ...]] = (-1, ())
-
-
-def _secret_env_names() -> tuple[str, ...]:
-    """Names of credential-like env vars. Scanning the environment costs more than an
-    append, so the names are rescanned only when the number of variables changes;
-    values are always read fresh."""
-    global _secret_names
-    count = len(os.environ)
-    if _secret_names[0] != count:
-        _secret_names = (count, tuple(k for k in os.environ if is_secret_key(k)))
-    return _secret_names[1]
+def _secret_env_names() -> list[str]:
+    """Names of credential-like env vars, scanned on every call (a few microseconds with
+    is_secret_key cached): a cache keyed on the number of variables missed a variable
+    replaced by another."""
+    return [k for k in os.environ if is_secret_key(k)]
 
 
 def secret_values() -> list[str]:
@@ -75,13 +75,42 @@ def secret_values() -> list[str]:
     found = set()
     for name in _secret_env_names():
         value = os.environ.get(name, "")
-        if len(value) >= _MIN_SECRET_LEN:
+        if len(value) >= _MIN_SECRET_LEN and not _is_path(value):
             found.add(value)
     key = os.environ.get("FIREWORKS_API_KEY", "")
     if key:
         found.add(key)  # always, whatever its length
     # longest first, so a secret containing another is masked whole
     return sorted(found, key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_path(value: str) -> bool:
+    """A value that names a file or folder (absolute, home-relative, or existing)."""
+    if value.startswith(("/", "~", "./", "../")) or (len(value) > 2 and value[1:3] in (":\\", ":/")):
+        return True
+    try:
+        return os.path.exists(value)
+    except (OSError, ValueError):
+        return False
+
+
+def count_masked(obj: Any, secrets: list[str] | None = None) -> int:
+    """How many strings (and secret-named entries) ``redact`` would change in ``obj``.
+
+    Redaction also applies to training and eval data (a key pasted into a prompt);
+    the run records this count so a rerun from the stored, masked data can say its
+    data differ from what the original run saw.
+    """
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(obj, str):
+        return int(redact_text(obj, secrets) != obj)
+    if isinstance(obj, dict):
+        return sum(1 if isinstance(k, str) and is_secret_key(k) and _has_value(v) else count_masked(v, secrets)
+                   for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return sum(count_masked(v, secrets) for v in obj)
+    return 0
 
 
 def redact_text(text: str, secrets: list[str] | None = None) -> str:

@@ -82,3 +82,43 @@ def test_a_secret_with_json_special_characters_is_still_found(monkeypatch: pytes
     text = json.dumps({"note": f"uses {odd}"})
     assert may_need_redaction(text, secret_values())
     assert redact({"note": f"uses {odd}"}) == {"note": f"uses {MASK}"}
+
+
+def test_the_working_directory_is_not_a_secret(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # the shell exports PWD; a spec path under it was once recorded as "***/svc"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("OLDPWD", str(tmp_path.parent))
+    assert not is_secret_key("PWD") and not is_secret_key("OLDPWD")
+    spec = {"backend": {"state_dir": f"{tmp_path}/svc"}}
+    assert redact(spec) == spec
+    assert redact_text(f"{tmp_path}/specs/run.toml: bad key") == f"{tmp_path}/specs/run.toml: bad key"
+
+
+def test_a_credential_named_variable_holding_a_path_is_not_masked(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path) -> None:
+    # it says where a secret lives; the file name itself is not the secret
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "creds.json"))
+    monkeypatch.setenv("MY_SECRET_FILE_TOKEN_PATH_API_KEY", "relative/dir/that/exists")
+    (tmp_path / "relative/dir/that/exists").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert all("creds.json" not in s and "relative/" not in s for s in secret_values())
+    assert redact_text(f"read {tmp_path}/creds.json") == f"read {tmp_path}/creds.json"
+
+
+@pytest.mark.parametrize("name", ["DB_PASSWORD", "HF_TOKEN", "OPENAI_API_KEY", "CLIENT_SECRET", "GITHUB_TOKEN"])
+def test_values_of_key_token_password_and_secret_variables_are_masked(name: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(name, "s3cr3t-v4lue-xyz")
+    assert redact_text("x s3cr3t-v4lue-xyz y") == f"x {MASK} y"
+
+
+def test_count_masked_says_how_much_of_the_data_redaction_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from firetitan_track.redact import count_masked
+
+    monkeypatch.setenv("FIREWORKS_API_KEY", KEY)
+    data = [{"messages": [{"role": "user", "content": f"my key is {KEY}"}], "answer": "ok"},
+            {"messages": [{"role": "user", "content": "reverse 1234"}], "answer": "4321"},
+            {"prompt": "p", "answer": f"{KEY}!"}]
+    assert count_masked(data) == 2
+    assert count_masked(redact(data)) == 0
