@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 from firetitan_track.events import RecordedEvent, new_event
 from firetitan_track.redact import redact_text
 
-__all__ = ["Recorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track", "adam_params"]
+__all__ = ["Recorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track", "adam_params",
+           "code_version", "error_text"]
 
 
 class Recorder:
@@ -451,7 +452,7 @@ def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = N
             spec = {"provisioning": dataclasses.asdict(cfg)}  # what the service was built from
         body = redact(json.loads(json.dumps(spec or {}, default=str)))
         rec.record("RunStarted", spec=body, spec_digest=hashlib.sha256(
-            json.dumps(body, sort_keys=True).encode()).hexdigest(), code_version=_code_version(),
+            json.dumps(body, sort_keys=True).encode()).hexdigest(), code_version=code_version(),
             seed=seed, backend=backend)
     return TrackedService(service, rec, base_model=getattr(cfg, "base_model", ""),
                           shape=getattr(cfg, "training_shape_id", None), lora_rank=getattr(cfg, "lora_rank", 0),
@@ -459,7 +460,8 @@ def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = N
                           base_url=getattr(service, "_managed_base_url", None))
 
 
-def _code_version() -> str:
+def code_version() -> str:
+    """The installed firetitan-track version, recorded in RunStarted."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -470,3 +472,6 @@ def _code_version() -> str:
 
 def error_text(exc: BaseException) -> str:
     return redact_text(f"{type(exc).__name__}: {exc}")
+
+
+_code_version = code_version  # the earlier private name
