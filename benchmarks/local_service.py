@@ -189,7 +189,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("fireworks").setLevel(logging.ERROR)
 
-    from runner.local.service import local_service
+    from runner.local.supervisor import local_service
 
     with local_service(device=args.device) as info:
         result = {"device": args.device, "base_model": info.base_model, "batch": [BATCH, SEQ_LEN]}

@@ -156,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
 
-    from runner.local.service import local_service
+    from runner.local.supervisor import local_service
 
     with tempfile.TemporaryDirectory() as tmp, local_service() as info:
         result = overhead(info, args.rounds, args.steps, Path(tmp))

@@ -6,6 +6,9 @@ consequential call is recorded through TrackedService. A run can be resumed
 from its ledger alone: the last StateSaved gives the step, the DCP path and the
 data cursor; the events recorded after it are marked superseded and redone, so
 the authoritative history equals that of an uninterrupted run.
+
+Provisioning and reconnection live in runner.provision, signals in
+runner.interrupts, what a step does in runner.recipes.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from typing import Any, Iterator
 
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
-from firetitan_track.projections.run_state import TRAINING_HISTORY, RunState, authoritative, fold
+from firetitan_track.projections.run_state import RunState, fold, to_supersede
 from firetitan_track.redact import redact
-from firetitan_track.tracking import Recorder, TrackedService, error_text
+from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
+from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loop, is_interrupt
 from runner.lease import RunLease
+from runner.provision import connect
+from runner.recipes import RECIPES, StepContext
 from runner.spec import Spec
 from runner.tasks import DataError, Example, eval_examples, grade, load_jsonl, train_batch
 
@@ -38,29 +44,6 @@ _RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 class RunError(UserError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, turned into an exception so cleanup runs as it does for SIGINT."""
-
-
-class RunInterrupted(BaseException):
-    """A run stopped by Ctrl-C or SIGTERM, after its cleanup and RunFailed were recorded."""
-
-    def __init__(self, run_id: str, reason: str):
-        super().__init__(f"run {run_id} stopped: {reason}")
-        self.run_id = run_id
-        self.reason = reason
-
-
-def root_cause(exc: BaseException) -> BaseException:
-    """The exception that matters inside an exception group (the SDK's async task groups
-    wrap a Ctrl-C or SIGTERM that lands while they run): an interrupt if there is one,
-    else the first leaf."""
-    if not isinstance(exc, BaseExceptionGroup):
-        return exc
-    leaves = [root_cause(e) for e in exc.exceptions]
-    return next((e for e in leaves if isinstance(e, (KeyboardInterrupt, Terminated))), leaves[0])
 
 
 @dataclass
@@ -104,8 +87,8 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
         if inputs.train_data is not None:
             prompt_sets["train"] = ledger.put_json([e.to_json() for e in inputs.train_data])
         try:
-            rec.record("RunStarted", spec=redact(spec.to_dict()), spec_digest=spec.digest(),
-                       code_version=_code_version(), seed=spec.run.seed, backend=spec.backend.kind,
+            rec.record("RunStarted", spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
+                       code_version=code_version(), seed=spec.run.seed, backend=spec.backend.kind,
                        sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets)
         except ConcurrencyError:
             raise RunError(f"run {run_id} was started by another process at the same time") from None
@@ -127,14 +110,11 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
         if steps is not None:
             spec = spec.with_overrides({"run.steps": steps})
         inputs = _recorded_inputs(ledger, spec, st)
-        cut = st.last_state["version"] if st.last_state else -1
-        superseded = [ev.version for ev in authoritative(events)
-                      if ev.version > cut and ev.type in TRAINING_HISTORY]
         rec = Recorder(ledger, run_id, version=st.version)
         try:
             rec.record("RunResumed", from_step=st.resume_step,
                        state_path=st.last_state["path"] if st.last_state else None,
-                       superseded=superseded, attempt=st.attempts + 1)
+                       superseded=to_supersede(events), attempt=st.attempts + 1)
         except ConcurrencyError:
             raise RunError(f"run {run_id} is being resumed by another process; this one stops") from None
         st = fold(ledger.read(run_id), run_id)
@@ -173,7 +153,7 @@ def _read_inputs(spec: Spec) -> Inputs:
     return Inputs(spec, evals, train, api_key)
 
 
-def _recorded_inputs(ledger: Any, spec: Spec, st: RunState) -> Inputs:
+def _recorded_inputs(ledger: Ledger, spec: Spec, st: RunState) -> Inputs:
     """The prompt sets exactly as the run recorded them (files may have changed since)."""
     evals = [Example.from_json(o) for o in ledger.get_json(st.prompt_sets["eval"])]
     train = [Example.from_json(o) for o in ledger.get_json(st.prompt_sets["train"])] if "train" in st.prompt_sets else None
@@ -194,77 +174,22 @@ def _api_key(spec: Spec) -> str:
 # -- the loop -------------------------------------------------------------------------------------
 
 
-class StepContext:
-    """What a recipe's train_step may use."""
-
-    def __init__(self, spec: Spec, tracked: TrackedService, policy: Any, tokenizer: Any, loop: asyncio.AbstractEventLoop,
-                 controller_factory: Any):
-        from firetitan_track.tracking import adam_params
-
-        self.spec = spec
-        self.tracked = tracked
-        self.policy = policy
-        self.reference = None
-        self.tokenizer = tokenizer
-        self.micro_batches = spec.recipe.micro_batches
-        self.adam = adam_params(dataclasses.asdict(spec.optim))
-        self.step = 0
-        self._loop = loop
-        self._controller_factory = controller_factory
-        self.controller = controller_factory()
-        self.last_snapshot: str | None = None
-
-    def run_async(self, coro: Any) -> Any:
-        return self._loop.run_until_complete(coro)
-
-    def sync_policy(self, name: str) -> Any:
-        """Snapshot the policy and hot-load it onto the deployment; return its sampler."""
-        self.last_snapshot = self.policy.save_weights_for_sampler(name).result().path
-        self.controller = self._controller_factory()
-        return self.tracked.create_deployment_sampler(model_path=self.last_snapshot, tokenizer=self.tokenizer,
-                                                      concurrency_controller=self.controller)
-
-
 def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | None, progress: bool) -> RunResult:
-    from fireworks.training.sdk import FiretitanServiceClient
-    from transformers import AutoTokenizer
-
     spec = inputs.spec
-    resuming = st.resume_step > 0 or st.attempts > 1
+    recipe = RECIPES[spec.recipe.kind]
     exporter = _start_exporter(rec, export_mlflow)
     loop = asyncio.new_event_loop()
     tracked: TrackedService | None = None
     result = RunResult(rec.run_id, "failed", st.step, st.last_score["score"] if st.last_score else None)
-    stop = _StopSignals() if _main_thread() else None
+    stop = StopSignals()
     try:
-        endpoint = _endpoint(spec)
-        tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or endpoint["tokenizer_path"])
-        shape = _shape_ref(spec.model.training_shape)
-        trainer_id = st.trainer_job_id if resuming and _trainer_alive(endpoint, inputs.api_key, st.trainer_job_id) else None
-        deployment_id = st.deployment_id or spec.model.deployment_id
-        existing_deployment = deployment_id if _deployment_exists(endpoint, inputs.api_key, deployment_id) else None
-        service = FiretitanServiceClient.from_firetitan_config(
-            api_key=inputs.api_key, base_url=endpoint["base_url"], base_model=spec.model.base_model,
-            tokenizer_model=spec.model.tokenizer or endpoint["tokenizer_path"], lora_rank=spec.model.lora_rank,
-            training_shape_id=shape, deployment_id=deployment_id,
-            learning_rate=spec.optim.learning_rate, replica_count=1, trainer_job_id=trainer_id,
-            gradient_accumulation_steps=None,  # the SDK's default (1) only logs a deprecation; micro-batches are ours
-            cleanup_trainer_on_close=spec.cleanup.trainer == "delete",
-            cleanup_deployment_on_close=None if spec.cleanup.deployment == "keep" else spec.cleanup.deployment,
-        )
-        tracked = TrackedService(
-            service, rec, base_model=spec.model.base_model, shape=shape,
-            lora_rank=spec.model.lora_rank, deployment_id=spec.model.deployment_id,
-            reused_trainer_job_id=trainer_id, reused_deployment_id=existing_deployment,
-            base_url=endpoint["base_url"], owns_reattached=True)
         rec.step = st.resume_step
-        policy = tracked.create_training_client(base_model=spec.model.base_model, lora_rank=spec.model.lora_rank,
-                                                seed=spec.run.seed)
-        ctx = StepContext(spec, tracked, policy, tokenizer, loop, lambda: _controller(spec))
-        if spec.recipe.kind == "grpo" and spec.recipe.kl_coef > 0:
-            ctx.reference = tracked.create_reference_client(base_model=spec.model.base_model, lora_rank=0)
-            if st.reference_job_id and spec.cleanup.trainer == "delete":
-                _retire_reference(endpoint, inputs.api_key, st.reference_job_id, rec)
+        session = connect(spec, st, rec, inputs.api_key, needs_reference=recipe.needs_reference(spec))
+        tracked, policy = session.tracked, session.policy
+        ctx = StepContext(spec, tracked, policy, session.reference, session.tokenizer,
+                          adam=adam_params(dataclasses.asdict(spec.optim)), loop=loop,
+                          new_controller=lambda: _controller(spec))
+        ctx.controller = ctx.new_controller()
 
         if st.last_state is not None:
             policy.load_state_with_optimizer(st.last_state["path"],
@@ -275,12 +200,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             result.last_score = _evaluate(ctx, inputs)
             policy.save_state("step-0", data_cursor=None).result()
 
-        from runner.recipes import RECIPES
-
-        recipe = RECIPES[spec.recipe.kind]
         for step in _progress(range(start + 1, spec.run.steps + 1), progress, start, spec.run.steps):
-            if stop is not None:
-                stop.check()
+            stop.check()
             rec.step = ctx.step = step
             batch, cursor = train_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
                                         size=spec.recipe.batch_size * spec.recipe.micro_batches,
@@ -301,42 +222,22 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         rec.record("RunCompleted", final_step=spec.run.steps, final_snapshot=ctx.last_snapshot)
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
-        # a signal can surface as another exception (the SDK's cleanup of the call it cut short)
-        cause = stop.requested if stop is not None and stop.requested is not None else root_cause(exc)
+        cause = stop.cause(exc)
         try:
             _close(tracked)
         finally:
             rec.record("RunFailed", error=error_text(cause), step=rec.step)
-        if isinstance(cause, (KeyboardInterrupt, Terminated)):
-            raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)") from None
+        if is_interrupt(cause):
+            raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)",
+                                 signal.SIGTERM if isinstance(cause, Terminated) else signal.SIGINT) from None
         exc.add_note(f"run {rec.run_id} is recorded as failed; after fixing the cause, continue it with "
                      f"`firetitan-track resume {rec.run_id}`")
         raise
     finally:
-        if stop is not None:
-            stop.restore()
-        _close_loop(loop)
+        stop.restore()
+        close_loop(loop)
         if exporter is not None:
             exporter.stop()
-
-
-def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Close the run's event loop. A Ctrl-C or SIGTERM that landed inside a task leaves the
-    task's siblings pending; running them out would raise the interrupt a second time, past
-    the cleanup already recorded, so they are cancelled and that echo is dropped."""
-    async def drain(tasks: set[asyncio.Task[Any]]) -> None:
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    try:
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(drain(pending))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    except (KeyboardInterrupt, Terminated):
-        pass
-    finally:
-        loop.close()
 
 
 def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
@@ -362,59 +263,6 @@ def _close(tracked: TrackedService | None) -> None:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-def _endpoint(spec: Spec) -> dict[str, str]:
-    if spec.backend.kind == "fireworks":
-        return {"base_url": spec.backend.base_url or None, "tokenizer_path": spec.model.tokenizer}
-    from runner.local.service import ensure_running
-
-    if spec.backend.base_url:
-        from runner.local.catalogue import tokenizer_path
-
-        return {"base_url": spec.backend.base_url, "tokenizer_path": tokenizer_path()}
-    info = ensure_running(spec.backend.state_dir, device=spec.backend.device)
-    return {"base_url": info.base_url, "tokenizer_path": info.tokenizer_path}
-
-
-def _shape_ref(shape: str) -> str:
-    """The SDK wants a resource name; a bare shape id means one of the public shapes."""
-    return shape if "/" in shape else f"accounts/fireworks/trainingShapes/{shape}"
-
-
-def _trainer_alive(endpoint: dict[str, str], api_key: str, job_id: str | None) -> bool:
-    """Whether the recorded trainer job can be reconnected to (else provision anew and load the state)."""
-    if not job_id:
-        return False
-    from fireworks.training.sdk import TrainerJobManager
-
-    try:
-        job = TrainerJobManager(api_key=api_key, base_url=endpoint["base_url"]).get(job_id)
-    except Exception:
-        return False
-    state = str(job.get("state", "")) if isinstance(job, dict) else ""
-    return state not in ("", "JOB_STATE_DELETED", "JOB_STATE_DELETING", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
-
-
-def _deployment_exists(endpoint: dict[str, str], api_key: str, deployment_id: str) -> bool:
-    """Whether provisioning will reattach to this deployment (an earlier attempt's, or another run's)."""
-    from fireworks.training.sdk import DeploymentManager
-
-    try:
-        return DeploymentManager(api_key=api_key, base_url=endpoint["base_url"]).get(deployment_id) is not None
-    except Exception:
-        return False
-
-
-def _retire_reference(endpoint: dict[str, str], api_key: str, job_id: str, rec: Recorder) -> None:
-    """A crashed attempt's frozen reference trainer: the SDK that made it died before its
-    close, and the resumed run has a new one, so the spec's cleanup applies to it now."""
-    if not _trainer_alive(endpoint, api_key, job_id):
-        return
-    from fireworks.training.sdk import TrainerJobManager
-
-    TrainerJobManager(api_key=api_key, base_url=endpoint["base_url"]).delete(job_id)
-    rec.record("CleanupApplied", trainer="deleted", deployment="kept", role="reference", trainer_job_id=job_id)
 
 
 def _controller(spec: Spec) -> Any:
@@ -466,37 +314,3 @@ def _show(enabled: bool, metrics: dict[str, float], score: float | None) -> None
     if enabled and _bar is not None:
         _bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                          score="-" if score is None else f"{score:.2f}", refresh=False)
-
-
-class _StopSignals:
-    """Ctrl-C and SIGTERM stop the run through its cleanup path. The handler raises where
-    the signal lands; Python drops an exception raised inside a finalizer, so the request
-    is also remembered and checked again at every step."""
-
-    def __init__(self) -> None:
-        self.requested: BaseException | None = None
-        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = Terminated("terminated by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
-        raise self.requested
-
-    def check(self) -> None:
-        if self.requested is not None:
-            raise self.requested
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _code_version() -> str:
-    from firetitan_track.tracking import _code_version as v
-
-    return v()

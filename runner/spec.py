@@ -8,8 +8,6 @@ needs: a run records it (redacted) and ``rerun`` rebuilds from the record.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from firetitan_track.errors import UserError
+
+from runner.local.state import DEFAULT_STATE_DIR
 
 __all__ = ["Spec", "SpecError", "load_spec", "parse_overrides"]
 
@@ -36,7 +36,7 @@ class RunSection:
 class BackendSection:
     kind: Literal["local", "fireworks"] = "local"
     base_url: str = ""  # fireworks: the API URL (default: the SDK's); local: an already running service
-    state_dir: str = ".firetitan/local"  # local: where the embedded service keeps its jobs
+    state_dir: str = str(DEFAULT_STATE_DIR)  # local: where the embedded service keeps its jobs
     device: Literal["cpu", "cuda"] = "cpu"
 
 
@@ -191,12 +191,11 @@ class Spec:
                 if f.name not in ("source", "base_dir")}
 
     def digest(self) -> str:
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()
+        """The digest of the spec as a run records it (redacted canonical JSON): the blob
+        RunStarted's ``spec_digest`` names."""
+        from firetitan_track.blobs import json_digest
 
-    def flat(self) -> dict[str, Any]:
-        """Dotted keys to values, e.g. for MLflow params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        return json_digest(self.to_dict())
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()

@@ -59,7 +59,7 @@ def local_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def local_info(local_state_dir: Path):  # type: ignore[no-untyped-def]
     """A real local service (its own process) for the whole session."""
-    from runner.local.service import local_service
+    from runner.local.supervisor import local_service
 
     with local_service(state_dir=local_state_dir) as info:
         yield info

@@ -10,10 +10,11 @@ import click
 
 from firetitan_track.cli import user_errors
 
-from . import service
+from . import supervisor
+from .state import DEFAULT_STATE_DIR
 
 STATE_DIR_OPTION = click.option(
-    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=service.DEFAULT_STATE_DIR,
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
     show_default=True, help="Where the service keeps jobs, checkpoints, snapshots and its pid/port file.")
 
 
@@ -32,7 +33,7 @@ def up(state_dir: Path, port: int, device: str) -> None:
     If a service already runs on STATE_DIR it is reused and described.
     """
     with user_errors():
-        info = service.ensure_running(state_dir, port=port, device=device)
+        info = supervisor.ensure_running(state_dir, port=port, device=device)
     click.echo(json.dumps(info.public()))
 
 
@@ -41,7 +42,7 @@ def up(state_dir: Path, port: int, device: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON line `local up` prints.")
 def info(state_dir: Path, as_json: bool) -> None:
     """Describe the running service (exit code 1 if none runs)."""
-    current = service.running(state_dir)
+    current = supervisor.running(state_dir)
     if current is None:
         click.echo(f"no local service is running on {state_dir}", err=True)
         sys.exit(1)
@@ -56,7 +57,7 @@ def info(state_dir: Path, as_json: bool) -> None:
 @STATE_DIR_OPTION
 def down(state_dir: Path) -> None:
     """Stop the service running on STATE_DIR (its files stay for the next `up`)."""
-    if service.stop(state_dir):
+    if supervisor.stop(state_dir):
         click.echo(f"stopped the local service on {state_dir}")
     else:
         click.echo(f"no local service was running on {state_dir}")

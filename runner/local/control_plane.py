@@ -30,12 +30,12 @@ from starlette.routing import Route
 
 from . import catalogue
 from .state import ServiceState, now_rfc3339
-from .trainer_api import TrainerSpec
+from .trainer_plane import TrainerSpec
 from .wire import ApiError, field, json_body, json_response
 
 if TYPE_CHECKING:
-    from .inference import InferencePlane
-    from .trainer_api import TrainerPlane
+    from .inference_plane import InferencePlane
+    from .trainer_plane import TrainerPlane
 
 ACCOUNT_ID = "local"
 # Base models and training shapes are public resources of this account, as on the managed service.

@@ -15,6 +15,7 @@ weights = -dLoss/dlogprob, both ordinary calls.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import shutil
@@ -29,7 +30,7 @@ from .catalogue import EngineError, resolve
 
 __all__ = [
     "EngineError", "Example", "ForwardResult", "Trainer", "Sampler", "GenRequest", "GenResult",
-    "SUPPORTED_LOSSES",
+    "SUPPORTED_LOSSES", "weights_digest",
 ]
 
 
@@ -428,3 +429,16 @@ def _write_atomically(path: Path, write: Callable[[Path], None], replace: bool =
 
 
 from .sampler import GenRequest, GenResult, Sampler  # noqa: E402  (re-exported; sampler imports EngineError)
+
+
+def weights_digest(model: torch.nn.Module) -> dict:
+    """sha256 over every parameter's name, shape, dtype and bytes, in name order: the
+    debug endpoints compare a trainer's weights with a deployment's through it."""
+    digest = hashlib.sha256()
+    weights = model_io.weight_dict(model)
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.numpy().tobytes())
+    return {"sha256": digest.hexdigest(), "tensors": len(weights)}

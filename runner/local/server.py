@@ -4,12 +4,12 @@ Where each endpoint lives:
 - ``/v1/accounts/...`` (accounts, training shapes, trainer jobs, deployments,
   models, checkpoint promotion): ``control_plane.py``
 - ``/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/...`` (sessions, models,
-  forward/backward, optimizer, saves/loads, futures): ``trainer_api.py``
-- ``/hot_load/v1/models/hot_load`` and ``/inference/v1/completions``: ``inference.py``
+  forward/backward, optimizer, saves/loads, futures): ``trainer_plane.py``
+- ``/hot_load/v1/models/hot_load`` and ``/inference/v1/completions``: ``inference_plane.py``
 - ``/local/v1/...`` (service health and info, debug digests): here and in the planes.
 
 Run it with ``python -m runner.local.server --state-dir DIR [--port N] [--device cpu|cuda]``;
-``runner.local.service`` starts it as a background process and ``firetitan-track local
+``runner.local.supervisor`` starts it as a background process and ``firetitan-track local
 up`` does so from the command line. The server writes ``<state-dir>/service.json``
 (pid, port, base URL, default model, tokenizer, training shape) once it listens
 and removes it on a clean shutdown; a lock file keeps a second server off the
@@ -38,17 +38,14 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from . import catalogue
+from . import load_engine
 from .control_plane import ControlPlane, default_training_shape
-from .inference import InferencePlane
-from .state import ServiceState, read_json, write_json_atomic
-from .trainer_api import TrainerPlane, load_engine
+from .inference_plane import InferencePlane
+from .state import DEFAULT_STATE_DIR, INFO_FILE, LOCK_FILE, ServiceState, read_json, write_json_atomic
+from .trainer_plane import TrainerPlane
 from .wire import ApiError, error_response, json_response
 
 log = logging.getLogger("runner.local.server")
-
-INFO_FILE = "service.json"
-LOCK_FILE = "service.lock"
-LOG_FILE = "service.log"
 
 
 def service_info(state_dir: Path, port: int, device: str) -> dict:
@@ -176,7 +173,7 @@ def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runner.local.server", description=__doc__.split("\n")[0])
-    parser.add_argument("--state-dir", default=".firetitan/local", type=Path)
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, type=Path)
     parser.add_argument("--port", default=0, type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--log-level", default=os.environ.get("FIRETITAN_LOCAL_LOG_LEVEL", "warning"))

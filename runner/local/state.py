@@ -6,6 +6,9 @@ Layout under ``<state_dir>``::
     control/deployments/<id>.json       one deployment each
     control/models/<model_id>.json      models promoted from checkpoints
     jobs/<job_id>/                      the engine's files for that job (snapshots, DCP states)
+    service.json                        the running server's pid, port and base URL (INFO_FILE)
+    service.log                         its output (LOG_FILE)
+    service.lock, start.lock            one server per state dir; one start at a time
 
 Every write goes to a temporary file in the same directory and is renamed over
 the old one, so a crash (``kill -9`` included) leaves either the old record or
@@ -22,6 +25,13 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+# The state dir's well-known files, named here once for the server, the supervisor and the CLI.
+DEFAULT_STATE_DIR = Path(".firetitan/local")
+INFO_FILE = "service.json"      # written by the server once it listens, removed on a clean exit
+LOG_FILE = "service.log"        # the background server's stdout and stderr
+LOCK_FILE = "service.lock"      # held by the server: a second one on the same dir refuses to start
+START_LOCK_FILE = "start.lock"  # serializes ensure_running across processes
 
 
 def now_rfc3339() -> str:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from runner.local.service import LocalServiceInfo
+from runner.local.supervisor import LocalServiceInfo
 
 logging.getLogger("fireworks").setLevel(logging.WARNING)
 

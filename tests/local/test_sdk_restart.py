@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from fireworks.training import tinker
-from runner.local import service as local_service
+from runner.local import supervisor as local_service
 
 ADAM = tinker.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
 
@@ -20,7 +20,7 @@ import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import conftest as helpers
 from fireworks.training import tinker
-from runner.local.service import LocalServiceInfo
+from runner.local.supervisor import LocalServiceInfo
 from transformers import AutoTokenizer
 
 info = LocalServiceInfo(**json.loads(sys.argv[2]))

@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runner.local import service
+from runner.local import supervisor as service
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_concurrent_ensure_running_starts_exactly_one_service(tmp_path):
-    code = ("import sys; from runner.local.service import ensure_running; "
+    code = ("import sys; from runner.local.supervisor import ensure_running; "
             "print(ensure_running(sys.argv[1]).pid)")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               cwd=REPO) for _ in range(3)]

@@ -28,12 +28,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from . import catalogue
+from . import catalogue, load_engine
 from .state import ServiceState, now_rfc3339
-from .trainer_api import engine_model, load_engine, weights_digest
 from .wire import ApiError, check_token_ids, json_body, json_response
 
-log = logging.getLogger("runner.local.inference")
+log = logging.getLogger("runner.local.inference_plane")
 
 MAX_BATCH = 64
 # Longest the batcher holds a batch for the rest of a concurrent load.
@@ -514,7 +513,7 @@ class InferencePlane:
     async def weights_digest(self, request: Request) -> Response:
         deployment_id = request.path_params["deployment"]
         runtime = await self.runtime_for(deployment_id, wake=False)
-        digest = await runtime.call(lambda sampler: weights_digest(engine_model(sampler)))
+        digest = await runtime.call(lambda sampler: load_engine().weights_digest(sampler.model))
         digest["identity"] = runtime.identity
         return json_response(digest)
 

@@ -1,4 +1,4 @@
-"""Starting, finding and stopping the local service process.
+"""The local service's process supervisor: starting, finding and stopping the server process.
 
 - ``start(state_dir, port, device)``: launch ``python -m runner.local.server`` in
   the background (its own session, output to ``<state_dir>/service.log``), wait
@@ -30,12 +30,8 @@ from typing import Iterator
 
 from firetitan_track.errors import UserError
 
-from .state import read_json
+from .state import DEFAULT_STATE_DIR, INFO_FILE, LOG_FILE, START_LOCK_FILE, read_json
 
-DEFAULT_STATE_DIR = Path(".firetitan/local")
-INFO_FILE = "service.json"   # written by runner.local.server once it listens
-LOG_FILE = "service.log"
-START_LOCK_FILE = "start.lock"  # serializes ensure_running across processes
 READY_TIMEOUT_S = 60.0
 
 

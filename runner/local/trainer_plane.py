@@ -17,7 +17,6 @@ runs on the event loop and requests for one trainer never overlap.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import queue
@@ -32,7 +31,7 @@ from typing import Any, Callable
 from starlette.requests import Request
 from starlette.routing import Route
 
-from . import catalogue
+from . import catalogue, load_engine
 from .state import ServiceState, now_rfc3339
 from .wire import ApiError, check_token_ids, datum_tokens, decode_tensor, encode_tensor, field, json_body, json_response
 
@@ -50,24 +49,6 @@ RESULT_TTL_S = 600.0
 SDK_LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dapo", "gspo", "dppo", "reinforce")
 CHECKPOINT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 CROSS_JOB_PREFIX = "cross_job://"
-
-
-_IMPORT_LOCK = threading.Lock()
-_ENGINE: Any = None
-
-
-def load_engine():
-    """The engine module, imported once. Lazy, so the control plane and the CLI never
-    need torch; locked, because transformers' lazy module is not safe to import from
-    two threads at once (a warm-up thread and a trainer's worker)."""
-    global _ENGINE
-    if _ENGINE is None:
-        with _IMPORT_LOCK:
-            if _ENGINE is None:
-                from . import engine
-                from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: F401  (resolve the lazy names here)
-                _ENGINE = engine
-    return _ENGINE
 
 
 _engine = load_engine
@@ -345,28 +326,6 @@ def forward_payload(result: Any) -> dict:
     }
 
 
-def weights_digest(model: Any) -> dict:
-    """sha256 over every parameter's name, shape, dtype and bytes, in name order."""
-    from .model import weight_dict
-
-    digest = hashlib.sha256()
-    weights = weight_dict(model)
-    for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
-        digest.update(tensor.numpy().tobytes())
-    return {"sha256": digest.hexdigest(), "tensors": len(weights)}
-
-
-def engine_model(engine_object: Any) -> Any:
-    for attr in ("model", "_model"):
-        model = getattr(engine_object, attr, None)
-        if model is not None:
-            return model
-    raise ApiError(500, f"{type(engine_object).__name__} exposes no model to digest")
-
-
 # -- the plane -----------------------------------------------------------------------
 
 class TrainerPlane:
@@ -615,7 +574,7 @@ class TrainerPlane:
     async def weights_digest(self, request: Request):
         """Debug: a digest of the trainer's current weights (compare with a deployment's)."""
         runtime = self.runtime(request)
-        return json_response(await runtime.run("weights_digest", lambda trainer: weights_digest(engine_model(trainer))))
+        return json_response(await runtime.run("weights_digest", lambda trainer: _engine().weights_digest(trainer.model)))
 
     def routes(self) -> list[Route]:
         base = "/training/v1/rlorTrainerJobs/{account}/{job}/api/v1"
