@@ -46,6 +46,7 @@ class ModelSection:
     tokenizer: str = ""  # path or name; empty: the local service's tokenizer
     training_shape: str = "ts-qwen3-8b-policy"
     lora_rank: int = 0
+    init_from: str = ""  # "RUN_ID" or "RUN_ID@STEP": start from that run's saved state (its last, or at STEP)
     deployment_id: str = "research-serving"
 
 
@@ -57,13 +58,14 @@ class CleanupSection:
 
 @dataclass(frozen=True)
 class RecipeSection:
-    kind: Literal["sft", "grpo"] = "sft"
+    kind: Literal["sft", "grpo", "dpo", "orpo"] = "sft"
     batch_size: int = 16  # examples per micro-batch
     micro_batches: int = 1  # forward_backward calls accumulated per optimizer step
     group_size: int = 4  # grpo: rollouts per prompt
     max_tokens: int = 16  # grpo: rollout length
     temperature: float = 1.0  # grpo: rollout temperature
     kl_coef: float = 0.0  # grpo: weight of the KL penalty to a frozen reference
+    beta: float = 0.1  # dpo: scale of the implicit reward; orpo: weight of the odds-ratio term
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,11 @@ class Spec:
                 raise bad(key, f"must be at least 1, got {value}")
         if self.optim.learning_rate <= 0:
             raise bad("optim.learning_rate", f"must be positive, got {self.optim.learning_rate}")
+        if self.recipe.beta <= 0:
+            raise bad("recipe.beta", f"must be positive, got {self.recipe.beta}")
+        run_id, at, step = self.model.init_from.partition("@")
+        if self.model.init_from and (not run_id or (at and not step.isdigit())):
+            raise bad("model.init_from", f"expected \"RUN_ID\" or \"RUN_ID@STEP\", got {self.model.init_from!r}")
         if self.model.lora_rank < 0:
             raise bad("model.lora_rank", f"must be 0 (full-parameter) or positive, got {self.model.lora_rank}")
         if self.concurrency.initial > self.concurrency.max:
