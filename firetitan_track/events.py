@@ -50,7 +50,8 @@ def _types(*entries: EventType) -> dict[str, EventType]:
 CATALOGUE: dict[str, EventType] = _types(
     # -- run lifecycle ---------------------------------------------------------
     EventType("RunStarted", 1, ("spec", "spec_digest", "code_version", "seed", "backend"),
-              "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets"),
+              "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets, "
+              "init_from (a chained run's upstream: run_id, status, state_path, step, trainer_job_id)"),
     EventType("RunResumed", 1, ("from_step", "state_path", "superseded", "attempt"),
               "superseded: the versions of earlier training-history events no longer authoritative"),
     EventType("Reconnected", 1, ("role", "trainer_job_id", "reused"),
@@ -82,6 +83,16 @@ CATALOGUE: dict[str, EventType] = _types(
     EventType("EvalStarted", 1, ("eval_id", "step", "snapshot_path", "prompt_set_digest", "prompt_count", "sampling")),
     EventType("SamplesRecorded", 1, ("eval_id", "completions_digest", "server_metrics", "concurrency_window")),
     EventType("EvalScored", 1, ("eval_id", "step", "snapshot_path", "prompt_set_digest", "score", "metrics")),
+    # -- promotion (in the run's stream; never superseded) -------------------------
+    EventType("PromotionRequested", 1, ("snapshot_path", "model_id", "eval_id", "score"),
+              "the snapshot, the model id asked for, and the eval that justified it (eval_id and score "
+              "are null when a never-evaluated snapshot is promoted with --force); optional trainer_job_id, "
+              "checkpoint_id, forced"),
+    EventType("ModelPromoted", 1, ("request_id", "snapshot_path", "model_id", "model"),
+              "request_id: the PromotionRequested event's id; model: the promoted model's resource name; "
+              "optional eval_id, score, recovered (resolved after a crash between request and outcome)"),
+    EventType("PromotionFailed", 1, ("request_id", "snapshot_path", "model_id", "error"),
+              "the promotion did not happen (error redacted); a new request may follow"),
     # -- sweeps (stream id "sweep:<id>") -----------------------------------------
     EventType("SweepStarted", 1, ("sweep_id", "spec_digest", "grid", "trials"),
               "trials: [{trial, run_id, params}]"),
