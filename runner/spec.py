@@ -8,6 +8,7 @@ needs: a run records it (redacted) and ``rerun`` rebuilds from the record.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,11 @@ from firetitan_track.errors import UserError
 
 from runner.local.state import DEFAULT_STATE_DIR
 
-__all__ = ["Spec", "SpecError", "load_spec", "parse_overrides"]
+from runner.tasks import DEFAULT_EVAL_COUNT
+
+__all__ = ["Spec", "SpecError", "load_spec", "parse_overrides", "MAX_EVAL_COUNT"]
+
+MAX_EVAL_COUNT = 10_000  # every eval samples each prompt through the deployment
 
 
 class SpecError(UserError, ValueError):
@@ -94,7 +99,7 @@ class ScheduleSection:
 @dataclass(frozen=True)
 class EvalSection:
     prompts: str = "builtin"  # "builtin" (the task's held-out set) or a JSONL path
-    count: int = 32  # builtin: how many held-out prompts
+    count: int = 0  # how many prompts: 0 = the whole JSONL file, or DEFAULT_EVAL_COUNT built-in ones
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ class Spec:
             "run.steps": self.run.steps, "recipe.batch_size": self.recipe.batch_size,
             "recipe.micro_batches": self.recipe.micro_batches, "recipe.group_size": self.recipe.group_size,
             "recipe.max_tokens": self.recipe.max_tokens, "schedule.save_every": self.schedule.save_every,
-            "schedule.eval_every": self.schedule.eval_every, "eval.count": self.eval.count,
+            "schedule.eval_every": self.schedule.eval_every,
             "sampling.n": self.sampling.n, "sampling.max_tokens": self.sampling.max_tokens,
             "concurrency.initial": self.concurrency.initial, "concurrency.max": self.concurrency.max,
             "task.digits": self.task.digits,
@@ -159,8 +164,26 @@ class Spec:
         for key, value in positive.items():
             if value < 1:
                 raise bad(key, f"must be at least 1, got {value}")
-        if self.optim.learning_rate <= 0:
-            raise bad("optim.learning_rate", f"must be positive, got {self.optim.learning_rate}")
+        for section, values in self.to_dict().items():  # TOML spells nan and inf; neither trains anything
+            for key, value in values.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise bad(f"{section}.{key}", f"must be a finite number, got {value}")
+        o = self.optim
+        if o.learning_rate <= 0:
+            raise bad("optim.learning_rate", f"must be positive, got {o.learning_rate}")
+        for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+            if not 0 <= value < 1:
+                raise bad(key, f"must be in [0, 1), got {value}")
+        if o.eps <= 0:
+            raise bad("optim.eps", f"must be positive, got {o.eps}")
+        for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip_norm", o.grad_clip_norm),
+                           ("recipe.temperature", self.recipe.temperature), ("recipe.kl_coef", self.recipe.kl_coef),
+                           ("sampling.temperature", self.sampling.temperature)):
+            if value < 0:
+                raise bad(key, f"must not be negative, got {value}")
+        if not 0 <= self.eval.count <= MAX_EVAL_COUNT:
+            raise bad("eval.count", f"must be 0 (the whole prompt file, or {DEFAULT_EVAL_COUNT} built-in prompts) "
+                                    f"to {MAX_EVAL_COUNT}, got {self.eval.count}")
         if self.recipe.beta <= 0:
             raise bad("recipe.beta", f"must be positive, got {self.recipe.beta}")
         run_id, at, step = self.model.init_from.partition("@")
@@ -170,8 +193,6 @@ class Spec:
             raise bad("model.lora_rank", f"must be 0 (full-parameter) or positive, got {self.model.lora_rank}")
         if self.concurrency.initial > self.concurrency.max:
             raise bad("concurrency.initial", f"{self.concurrency.initial} exceeds concurrency.max {self.concurrency.max}")
-        if self.sampling.temperature < 0:
-            raise bad("sampling.temperature", "must not be negative")
         for key, path in (("task.data", self.task.data), ("eval.prompts", self.eval.prompts)):
             if path and path != "builtin" and not self.resolve_path(path).is_file():
                 raise bad(key, f"no such file: {self.resolve_path(path)}")
@@ -215,8 +236,14 @@ def load_spec(path: str | Path) -> Spec:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{p}: no such spec file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{p}: is a folder, not a spec file") from None
     except OSError as e:
         raise SpecError(f"{p}: cannot read the spec: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise SpecError(f"{p}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "save the spec as UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -12,11 +12,18 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from firetitan_track.errors import UserError
 
-__all__ = ["Example", "Task", "TASKS", "DataError", "load_jsonl", "train_batch", "eval_examples", "grade"]
+__all__ = ["Example", "Task", "TASKS", "DataError", "load_jsonl", "jsonl_objects", "eval_prompts", "train_batch",
+           "eval_examples", "grade", "MAX_LINE_BYTES", "DEFAULT_EVAL_COUNT"]
+
+DEFAULT_EVAL_COUNT = 32  # built-in held-out prompts when eval.count is 0
+
+# A longer line is no prompt a model here can take (a 128k-token context is ~0.5 MB of
+# text); refusing it at read time keeps it out of the ledger and away from the model.
+MAX_LINE_BYTES = 1_000_000
 
 
 class DataError(UserError, ValueError):
@@ -100,30 +107,62 @@ def train_batch(task: str, data: list[Example] | None, *, seed: int, step: int, 
 
 
 def eval_examples(task: str, *, seed: int, count: int, digits: int) -> list[Example]:
-    """The built-in held-out prompt set: its own RNG stream, so it never overlaps training draws."""
+    """The built-in held-out prompt set (``count`` 0: DEFAULT_EVAL_COUNT prompts): its own
+    RNG stream, so it never overlaps training draws."""
     rng = _rng("eval", task, seed)
-    return [TASKS[task].make(rng, digits) for _ in range(count)]
+    return [TASKS[task].make(rng, digits) for _ in range(count or DEFAULT_EVAL_COUNT)]
+
+
+def eval_prompts(task: str, prompts_path: str | Path | None, *, seed: int, count: int,
+                 digits: int) -> list[Example]:
+    """The eval prompt set: ``count`` built-in held-out prompts (0: DEFAULT_EVAL_COUNT), or the
+    first ``count`` prompts of a JSONL file (0: all of them)."""
+    if prompts_path is None:
+        return eval_examples(task, seed=seed, count=count, digits=digits)
+    examples = load_jsonl(prompts_path, what="prompt file")
+    if count > len(examples):
+        raise DataError(f"{prompts_path}: eval.count = {count}, but the prompt file holds {len(examples)} prompts")
+    return examples[:count] if count else examples
+
+
+def jsonl_objects(path: str | Path, *, what: str = "data file",
+                  max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; errors name the file and line.
+
+    A line is measured before it is decoded, so an oversized one is refused without
+    reading it into a string."""
+    p = Path(path)
+    try:
+        f = p.open("rb")
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such {what}") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read the {what}: {e.strerror or e}") from None
+    with f:
+        for n, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), 1):
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise DataError(f"{p}:{n}: line longer than {max_line_bytes} bytes; "
+                                "no prompt that long fits a model's context")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
 
 
 def load_jsonl(path: str | Path, *, what: str = "data file") -> list[Example]:
     """Read ``{"messages": [...], "answer": ...}`` or ``{"prompt": ..., "answer": ...}`` lines."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{p}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: cannot read the {what}: {e}") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+    for n, obj in jsonl_objects(p, what=what):
         if not isinstance(obj.get("answer"), str):
             raise DataError(f"{p}:{n}: missing string field 'answer'")
         if isinstance(obj.get("prompt"), str):

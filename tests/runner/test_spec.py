@@ -117,3 +117,73 @@ def test_malformed_prompt_file_fails_before_anything(tmp_path):
     with pytest.raises(RunError, match=r"prompts\.jsonl:2: not valid JSON"):
         run_spec(spec, ledger_url=url, run_id="r1", progress=False)
     assert Ledger.open(url).runs() == []
+
+
+@pytest.mark.parametrize("line, key", [
+    ("[optim]\nlearning_rate = nan\n", "optim.learning_rate: must be a finite number"),
+    ("[optim]\nlearning_rate = inf\n", "optim.learning_rate: must be a finite number"),
+    ("[optim]\neps = -1.0\n", "optim.eps: must be positive"),
+    ("[optim]\neps = 0\n", "optim.eps: must be positive"),
+    ("[optim]\nbeta1 = 1.0\n", r"optim.beta1: must be in \[0, 1\)"),
+    ("[optim]\nbeta2 = -0.1\n", r"optim.beta2: must be in \[0, 1\)"),
+    ("[optim]\ngrad_clip_norm = -1.0\n", "optim.grad_clip_norm: must not be negative"),
+    ("[optim]\nweight_decay = -0.5\n", "optim.weight_decay: must not be negative"),
+    ("[recipe]\nkl_coef = -inf\n", "recipe.kl_coef: must be a finite number"),
+    ("[sampling]\ntemperature = nan\n", "sampling.temperature: must be a finite number"),
+    ("[eval]\ncount = 100000000\n", "eval.count: must be 0 .* to 10000, got 100000000"),
+    ("[eval]\ncount = -1\n", "eval.count: must be 0"),
+])
+def test_values_no_run_can_use_are_refused_naming_the_key(tmp_path, line, key):
+    with pytest.raises(SpecError, match=rf"spec\.toml: {key}"):
+        load_spec(write(tmp_path, line))
+
+
+def test_a_spec_that_is_not_utf8_is_named(tmp_path):
+    p = tmp_path / "spec.toml"
+    p.write_bytes(b'[run]\nname = "caf\xe9"\n')  # Latin-1
+    with pytest.raises(SpecError, match=r"spec\.toml:2: not UTF-8 text \(byte 0xe9"):
+        load_spec(p)
+
+
+def test_overrides_cannot_sneak_in_a_non_finite_value():
+    spec = load_spec(EXAMPLES / "reverse_sft.toml")
+    with pytest.raises(SpecError, match="optim.learning_rate: must be a finite number"):
+        spec.with_overrides(parse_overrides(["optim.learning_rate=nan"]))
+
+
+def test_an_oversized_jsonl_line_is_refused_at_read_time(tmp_path):
+    import runner.tasks as tasks
+
+    p = tmp_path / "data.jsonl"
+    p.write_text('{"prompt": "ok", "answer": "1"}\n' + json.dumps({"prompt": "x" * 5000, "answer": "1"}) + "\n")
+    with pytest.raises(DataError, match=r"data\.jsonl:2: line longer than 1000 bytes"):
+        list(tasks.jsonl_objects(p, max_line_bytes=1000))
+    exact = tmp_path / "exact.jsonl"  # a line of exactly the limit (plus its newline) is fine
+    line = json.dumps({"prompt": "", "answer": "1"})
+    exact.write_text(line + "\n")
+    assert [o for _, o in tasks.jsonl_objects(exact, max_line_bytes=len(line))] == [json.loads(line)]
+    big = tmp_path / "big.jsonl"  # what the runner reads: the default limit applies
+    big.write_text('{"prompt": "ok", "answer": "1"}\n' + json.dumps({"prompt": "7" * (tasks.MAX_LINE_BYTES + 1),
+                                                                     "answer": "1"}) + "\n")
+    with pytest.raises(DataError, match=rf"big\.jsonl:2: line longer than {tasks.MAX_LINE_BYTES} bytes"):
+        load_jsonl(big)
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "\xff", "answer": "b"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8"):
+        load_jsonl(p)
+
+
+def test_eval_count_applies_to_prompt_files_and_bounds_builtin_sets(tmp_path):
+    from runner.tasks import eval_prompts
+
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": str(i), "answer": str(i)}) + "\n" for i in range(5)))
+    assert [e.answer for e in eval_prompts("reverse", p, seed=0, count=3, digits=4)] == ["0", "1", "2"]
+    assert len(eval_prompts("reverse", p, seed=0, count=0, digits=4)) == 5
+    with pytest.raises(DataError, match=r"eval\.count = 6, but the prompt file holds 5 prompts"):
+        eval_prompts("reverse", p, seed=0, count=6, digits=4)
+    assert len(eval_prompts("reverse", None, seed=0, count=0, digits=4)) == 32
+    assert len(eval_prompts("reverse", None, seed=0, count=7, digits=4)) == 7
