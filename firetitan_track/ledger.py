@@ -29,10 +29,11 @@ from firetitan_track.blobs import is_digest, redacted_json, sha256_hex
 from firetitan_track.events import CATALOGUE, InvalidEvent, NewEvent, RecordedEvent, upcast, validate
 from firetitan_track.redact import secret_values
 from firetitan_track.store import LedgerError, Store, checkpoints, open_store
+from firetitan_track.store import blobs as blob_table
 from firetitan_track.store import events as event_table
 
 __all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "NotFound", "RunInfo", "Problem",
-           "GENESIS_HASH", "event_hash"]
+           "GENESIS_HASH", "event_hash", "check_chain"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
 _json_str = json.encoder.encode_basestring  # == json.dumps(s, ensure_ascii=False), in C
@@ -298,6 +299,71 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(self._store.upsert(checkpoints, "name", {"name": name, "position": position}))
 
+    # -- copying runs between ledgers (bundles) -------------------------------------
+
+    def stored_rows(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's events exactly as stored (``data`` is the hashed payload text), for
+        carrying them to another ledger; NotFound when there is no such run."""
+        stmt = sa.select(*_COLUMNS).where(event_table.c.run_id == run_id).order_by(event_table.c.version)
+        with self.engine.connect() as conn:
+            rows = [{k: getattr(r, k) for k in _ROW_KEYS} for r in conn.execute(stmt)]
+        if not rows:
+            raise unknown_run(run_id)
+        return rows
+
+    def import_rows(self, streams: dict[str, list[dict[str, Any]]],
+                    blobs: Iterable[tuple[str, str, bytes]] = ()) -> dict[str, int]:
+        """Write streams recorded elsewhere as they are, with the blobs they reference, in one
+        transaction: event ids, versions, payload text, times and hashes unchanged (so
+        ``verify`` passes here), positions this ledger's own.
+
+        ``streams`` maps a run id to its rows (``stored_rows`` of the source), an intact chain
+        from version 0; ``blobs`` are (digest, media type, bytes). A stream this ledger holds
+        must share its history (its stored versions hash alike), and only the versions it lacks
+        are written; otherwise LedgerError, and nothing at all is written. Returns the number
+        of events written per stream.
+        """
+        incoming: dict[str, list[Any]] = {}
+        for run_id, rows in streams.items():
+            _check_run_id(run_id)
+            ns = [_RowView(r) for r in rows]
+            if any(r.run_id != run_id for r in ns):
+                raise LedgerError(f"run {run_id!r}: an imported row names another run")
+            problem = check_chain(run_id, ns, {})
+            if problem is not None:
+                raise LedgerError(f"cannot import {problem}")
+            incoming[run_id] = ns
+        blob_rows = []
+        for digest, media_type, data in blobs:
+            if sha256_hex(data) != digest:
+                raise LedgerError(f"cannot import blob {digest}: its content does not hash to it")
+            blob_rows.append({"digest": digest, "media_type": media_type, "size": len(data), "data": data})
+        written: dict[str, int] = {}
+        stmt = sa.select(*_COLUMNS).order_by(event_table.c.version)
+        try:
+            with self._store.append_transaction() as conn:
+                new_rows: list[dict[str, Any]] = []
+                for run_id, rows in incoming.items():
+                    held = conn.execute(stmt.where(event_table.c.run_id == run_id)).all()
+                    problem = check_chain(run_id, held, {})
+                    if problem is not None:
+                        raise LedgerError(f"run {run_id!r} here is damaged ({problem}); nothing was imported")
+                    for mine, theirs in zip(held, rows):
+                        if mine.hash != theirs.hash:
+                            raise LedgerError(
+                                f"run {run_id!r} already exists in {self.url} with a different history "
+                                f"(version {mine.version} differs); nothing was imported")
+                    new_rows += [{k: getattr(r, k) for k in _ROW_KEYS} for r in rows[len(held):]]
+                    written[run_id] = max(0, len(rows) - len(held))
+                if blob_rows:
+                    conn.execute(self._store.insert_ignoring_duplicates(blob_table), blob_rows)
+                if new_rows:
+                    conn.execute(event_table.insert(), new_rows)
+        except self._duplicate_errors:
+            raise LedgerError("the import conflicted with a concurrent write; nothing was imported, "
+                              "retry") from None
+        return written
+
     # -- tamper evidence ----------------------------------------------------------
 
     def verify(self, run_id: str | None = None) -> list[Problem]:
@@ -316,7 +382,7 @@ class Ledger:
             seen_any = False
             for rid, rows in itertools.groupby(conn.execute(stmt), key=lambda r: r.run_id):
                 seen_any = True
-                problem = _check_chain(rid, rows, references)
+                problem = check_chain(rid, rows, references)
                 if problem is not None:
                     problems.append(problem)
             if run_id is not None and not seen_any:
@@ -326,6 +392,21 @@ class Ledger:
 
 
 # -- helpers ----------------------------------------------------------------------
+
+class _RowView:
+    """A row given as a dict, read by attribute like a database row."""
+
+    __slots__ = tuple(_ROW_KEYS)
+    _TYPES = {"version": int, "schema_version": int, "recorded_at": float}  # else str
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        for k in _ROW_KEYS:
+            value = row.get(k)
+            if type(value) is not self._TYPES.get(k, str):
+                raise LedgerError(f"an imported event's {k} is {value!r}, not a "
+                                  f"{self._TYPES.get(k, str).__name__}")
+            setattr(self, k, value)
+
 
 def _check_run_id(run_id: str) -> None:
     if not isinstance(run_id, str) or not run_id:
@@ -407,7 +488,7 @@ def _recorded_from_rows(rows: list[dict[str, Any]], positions: list[int]) -> lis
     return recorded
 
 
-def _check_chain(run_id: str, rows: Iterable[Row],
+def check_chain(run_id: str, rows: Iterable[Row],
                  references: dict[str, tuple[str, int, str]]) -> Problem | None:
     problem: Problem | None = None
     expected, prev_hash = 0, GENESIS_HASH
