@@ -4,13 +4,18 @@ Plain data only (no torch import), so the control plane can answer listings
 without loading a model. Every name maps to a *small* Qwen3-architecture config
 that runs on a CPU: the managed service's model names are accepted so that
 unmodified recipe code runs, but the weights are a seeded random init, not the
-real checkpoint. See docs/local_models.md.
+real checkpoint, unless `local up --model-dir` maps the name to a checkpoint on
+disk (`load_model_dir`, `register`). See docs/local_models.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from firetitan_track.errors import UserError
 
 # Byte tokenizer: ids 0..255 are bytes, then <|endoftext|>, <|im_start|>, <|im_end|>.
 VOCAB_SIZE = 259
@@ -28,9 +33,19 @@ def tokenizer_path() -> str:
 @dataclass(frozen=True)
 class ModelCard:
     name: str
-    config: dict            # keyword arguments for transformers.Qwen3Config
+    config: dict            # keyword arguments for transformers.Qwen3Config, or a checkpoint's config.json
     max_context_length: int
     description: str
+    # A Hugging Face checkpoint directory (config, safetensors, tokenizer) whose weights
+    # this model loads; None for the seeded stand-ins. See `load_model_dir`.
+    weights_dir: str | None = None
+    eos_token_ids: tuple[int, ...] = EOS_TOKEN_IDS
+    pad_token_id: int = ENDOFTEXT_ID
+
+    @property
+    def tokenizer_dir(self) -> str:
+        """The tokenizer that goes with these weights: the checkpoint's own, else the shipped one."""
+        return self.weights_dir or tokenizer_path()
 
 
 @dataclass(frozen=True)
@@ -131,3 +146,101 @@ TRAINING_SHAPES: dict[str, ShapeCard] = {
         ShapeCard("ts-local-tiny", "local/tiny-qwen3", 512, False, "policy"),
     )
 }
+
+
+# --- real checkpoints --------------------------------------------------------------
+# `local up --model-dir [NAME=]DIR` serves a Hugging Face checkpoint (config.json,
+# *.safetensors, the tokenizer) under NAME: its weights instead of a seeded init, its
+# tokenizer instead of the shipped one. NAME may be a managed name (the stand-in of
+# that name is replaced) or any accounts/<a>/models/<id>; by default it is
+# accounts/local/models/<the directory's name>.
+
+# Causal LMs whose transformers classes take the same generation arguments
+# (attention mask, position ids, a KV cache, logits_to_keep) as Qwen3's.
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+MODEL_NAME_RE = re.compile(r"^accounts/[a-z0-9][a-z0-9-]*/models/[A-Za-z0-9][A-Za-z0-9._-]*$")
+LOCAL_MODELS_ACCOUNT = "local"
+
+
+class ModelDirError(UserError, EngineError):
+    """A checkpoint directory the service cannot serve; the message names the directory and the field."""
+
+
+def parse_model_dir(value: str) -> tuple[str | None, str]:
+    """``NAME=DIR`` (NAME starting with ``accounts/``) or a bare ``DIR``."""
+    name, sep, directory = value.partition("=")
+    if sep and name.startswith("accounts/"):
+        return name, directory
+    return None, value
+
+
+def _token_ids(value) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def load_model_dir(directory: str | Path, name: str | None = None) -> ModelCard:
+    """The card of the checkpoint in ``directory``, checked without loading any weights."""
+    path = Path(directory).expanduser().resolve()
+    where = f"--model-dir {directory}"
+    if not path.is_dir():
+        raise ModelDirError(f"{where}: no such directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelDirError(f"{where}: no config.json (a Hugging Face checkpoint directory holds config.json, "
+                            "the *.safetensors weights and the tokenizer files)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{config_file}: not readable as JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{config_file}: expected a JSON object")
+    architectures = config.get("architectures")
+    if not (isinstance(architectures, list) and len(architectures) == 1
+            and architectures[0] in SUPPORTED_ARCHITECTURES):
+        raise ModelDirError(f"{config_file}: architectures is {architectures!r}; the local service serves "
+                            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    for key in ("vocab_size", "max_position_embeddings"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelDirError(f"{config_file}: {key} must be a positive integer, got {value!r}")
+    if not any(path.glob("*.safetensors")):
+        raise ModelDirError(f"{where}: no *.safetensors weights (write them with model.save_pretrained(DIR))")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        raise ModelDirError(f"{where}: no tokenizer (tokenizer.json or tokenizer_config.json); save it beside "
+                            "the weights with tokenizer.save_pretrained(DIR)")
+    name = name or f"accounts/{LOCAL_MODELS_ACCOUNT}/models/{path.name}"
+    if not MODEL_NAME_RE.match(name):
+        raise ModelDirError(f"--model-dir {name}={directory}: the model name must be accounts/<account>/models/<id> "
+                            "(id: letters, digits, '.', '_', '-')")
+    eos = _token_ids(config.get("eos_token_id"))
+    try:
+        eos += _token_ids(json.loads((path / "generation_config.json").read_text()).get("eos_token_id"))
+    except (OSError, ValueError, AttributeError):
+        pass  # generation_config.json is optional
+    eos = list(dict.fromkeys(eos))
+    pad = config.get("pad_token_id")
+    pad = pad if isinstance(pad, int) and not isinstance(pad, bool) else (eos[0] if eos else 0)
+    return ModelCard(name, config, int(config["max_position_embeddings"]),
+                     f"{architectures[0]} checkpoint in {path}", weights_dir=str(path),
+                     eos_token_ids=tuple(eos), pad_token_id=pad)
+
+
+def register(card: ModelCard) -> None:
+    """Serve ``card`` under its name (replacing a stand-in of that name), with training
+    shapes: the stand-in's own, or a policy and a reference shape made for it."""
+    BASE_MODELS[card.name] = card
+    shapes = [shape for shape in TRAINING_SHAPES.values() if shape.base_model == card.name]
+    for shape in shapes:
+        TRAINING_SHAPES[shape.shape_id] = replace(shape, max_context_length=card.max_context_length)
+    if shapes:
+        return
+    slug = re.sub(r"[^a-z0-9]+", "-", card.name.rsplit("/", 1)[-1].lower()).strip("-") or "model"
+    for template in TRAINING_SHAPES.copy().values():
+        if template.base_model == DEFAULT_BASE_MODEL:
+            shape_id = f"ts-{slug}-{template.trainer_mode}"
+            TRAINING_SHAPES[shape_id] = replace(template, shape_id=shape_id, base_model=card.name,
+                                                max_context_length=card.max_context_length)
