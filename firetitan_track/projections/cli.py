@@ -1,7 +1,7 @@
 """Commands for the ledger's views: audit, lineage, replay, export, compare, ui.
 
 Each opens the ledger named by the root command and prints a view of it; the
-views themselves live in audit.py and mlflow.py.
+views themselves live beside this module, one module per view.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ from typing import Any
 import click
 
 from firetitan_track.cli import reading_ledger, table
-from firetitan_track.projections import audit as views
-from firetitan_track.projections.mlflow import (DEFAULT_ARTIFACT_ROOT, DEFAULT_EXPERIMENT,
-                                                DEFAULT_TRACKING_URI)
+from firetitan_track.projections.audit import EvalRow
+from firetitan_track.projections.audit import audit as audit_view
+from firetitan_track.projections.compare import compare_sweep
+from firetitan_track.projections.lineage import lineage as lineage_view
+from firetitan_track.projections.mlflow.store import (DEFAULT_ARTIFACT_ROOT, DEFAULT_EXPERIMENT,
+                                                      DEFAULT_TRACKING_URI, local_artifact_root)
+from firetitan_track.projections.replay import replay as replay_view
 
 
 def _echo_json(obj: Any) -> None:
@@ -38,7 +42,7 @@ def _sampling(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 
-def _eval_table(rows: list[views.EvalRow]) -> None:
+def _eval_table(rows: list[EvalRow]) -> None:
     click.echo(table(["step", "snapshot", "kind", "prompt set", "prompts", "sampling", "score", "sync s"],
                      [[str(r.step), r.snapshot_path, _fmt(r.snapshot_kind), r.prompt_set_digest[:12],
                        str(r.prompt_count), _sampling(r.sampling), _fmt(r.score), _fmt(r.sync_duration_s, 3)]
@@ -52,7 +56,7 @@ def _eval_table(rows: list[views.EvalRow]) -> None:
 def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """One row per eval of RUN_ID: the snapshot, prompt set and sampling behind each score."""
     with reading_ledger(ctx) as ledger:
-        rows = views.audit(ledger, run_id)
+        rows = audit_view(ledger, run_id)
     if as_json:
         _echo_json([r.to_dict() for r in rows])
     elif rows:
@@ -69,7 +73,7 @@ def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
 def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json: bool) -> None:
     """Where SNAPSHOT_PATH came from: its run, steps, data cursors, base chain and evals."""
     with reading_ledger(ctx) as ledger:
-        found = views.lineage(ledger, snapshot_path, run_id)
+        found = lineage_view(ledger, snapshot_path, run_id)
     if as_json:
         _echo_json(found.to_dict())
         return
@@ -109,7 +113,7 @@ def replay(ctx: click.Context, run_id: str, as_json: bool) -> None:
     from dataclasses import asdict
 
     with reading_ledger(ctx) as ledger:
-        result = views.replay(ledger, run_id)
+        result = replay_view(ledger, run_id)
     if as_json:
         _echo_json({"run_id": run_id, "events": result.events, "superseded": result.superseded,
                     "intact": result.intact, "problems": [str(p) for p in result.problems],
@@ -146,11 +150,9 @@ def export() -> None:
 @click.option("--poll", default=1.0, show_default=True, help="Seconds between polls with --follow.")
 @click.option("--no-artifacts", is_flag=True, help="Skip the spec, prompt sets, completions and plot.")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
-@click.option("--until-stdin-closes", is_flag=True, hidden=True,
-              help="With --follow: stop when stdin closes (how LiveExporter stops its follower).")
 @click.pass_context
 def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: str, experiment: str,
-                  follow: bool, poll: float, no_artifacts: bool, quiet: bool, until_stdin_closes: bool) -> None:
+                  follow: bool, poll: float, no_artifacts: bool, quiet: bool) -> None:
     """Export RUN_IDS (default: every run) to MLflow, resuming where the last export stopped."""
     from firetitan_track.projections.mlflow import MlflowExporter, follow_until_stopped
 
@@ -160,8 +162,7 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
                 raise click.ClickException(f"no run {run_id!r} in the ledger")
         exporter = MlflowExporter(ledger, tracking_uri, experiment=experiment,
                                   run_ids=list(run_ids) or None, artifacts=not no_artifacts)
-        report = (follow_until_stopped(exporter, poll, until_stdin_closes=until_stdin_closes)
-                  if follow else exporter.export())
+        report = follow_until_stopped(exporter, poll) if follow else exporter.export()
     if not quiet:
         rebuilt = f", {len(report.rebuilt)} rebuilt after a resume" if report.rebuilt else ""
         click.echo(f"exported {report.events} events of {len(report.runs)} runs "
@@ -175,7 +176,7 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
 def compare(ctx: click.Context, sweep_id: str, as_json: bool) -> None:
     """Per trial of SWEEP_ID: its params, status, best score and the snapshot behind it."""
     with reading_ledger(ctx) as ledger:
-        trials = views.compare_sweep(ledger, sweep_id)
+        trials = compare_sweep(ledger, sweep_id)
     if as_json:
         _echo_json([t.to_dict() for t in trials])
         return
@@ -192,8 +193,6 @@ def compare(ctx: click.Context, sweep_id: str, as_json: bool) -> None:
 @click.option("--backend-store-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI")
 def ui(host: str, port: int, backend_store_uri: str) -> None:
     """Serve the project's MLflow tracking store in the MLflow UI."""
-    from firetitan_track.projections.mlflow import local_artifact_root
-
     artifacts = local_artifact_root(backend_store_uri) or Path(DEFAULT_ARTIFACT_ROOT).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)  # beside the sqlite file: its folder too
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,

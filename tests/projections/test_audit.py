@@ -8,8 +8,10 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from firetitan_track import Ledger
+from firetitan_track.projections.audit import audit
+from firetitan_track.projections.lineage import lineage
+from firetitan_track.projections.replay import replay
 from runner.cli import main
-from firetitan_track.projections.audit import audit, lineage, replay
 from tests.projections.streams import PROMPTS, SAMPLING, RunWriter, write_run
 
 

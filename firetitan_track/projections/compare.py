@@ -1,0 +1,67 @@
+"""The sweep comparison view: per trial of a sweep, its params, status and best score.
+
+A trial's status is whatever its run's fold says (run_state.py), so a new status
+there shows here and in the MLflow export without a change in this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from firetitan_track.ledger import Ledger, NotFound
+from firetitan_track.projections.audit import eval_rows
+from firetitan_track.projections.run_state import fold
+
+__all__ = ["TrialSummary", "compare_sweep", "sweep_stream", "SWEEP_STREAM_PREFIX"]
+
+SWEEP_STREAM_PREFIX = "sweep:"
+
+
+def sweep_stream(sweep_id: str) -> str:
+    """The ledger stream that records a sweep."""
+    return f"{SWEEP_STREAM_PREFIX}{sweep_id}"
+
+
+@dataclass
+class TrialSummary:
+    trial: int
+    run_id: str
+    params: dict[str, Any]
+    status: str  # as the run's fold says (running, completed, failed, ...), or new: never started
+    step: int
+    best_score: float | None
+    best_step: int | None
+    best_snapshot: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_sweep(ledger: Ledger, sweep_id: str) -> list[TrialSummary]:
+    """Per trial: its params, status, and its best score with the snapshot that produced it."""
+    events = ledger.read(sweep_stream(sweep_id)) if _has_stream(ledger, sweep_stream(sweep_id)) else []
+    started = [ev for ev in events if ev.type == "SweepStarted"]
+    if not started:
+        raise NotFound(f"no sweep {sweep_id!r} in the ledger")
+    out = []
+    for trial in started[0].data["trials"]:
+        run_events = ledger.read(trial["run_id"]) if _has_stream(ledger, trial["run_id"]) else []
+        st = fold(run_events, trial["run_id"])
+        scored = [r for r in eval_rows(run_events) if r.score is not None]
+        # the earliest step wins a tie: the cheapest snapshot that reached the score
+        best = max(scored, key=lambda r: (r.score, -r.step), default=None)
+        out.append(TrialSummary(
+            trial=trial["trial"], run_id=trial["run_id"], params=dict(trial["params"]),
+            status=st.status, step=st.step,
+            best_score=best.score if best else None, best_step=best.step if best else None,
+            best_snapshot=best.snapshot_path if best else None,
+        ))
+    return out
+
+
+def _has_stream(ledger: Ledger, stream: str) -> bool:
+    try:
+        return ledger.stream_version(stream) > 0
+    except NotFound:
+        return False

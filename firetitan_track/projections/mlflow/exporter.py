@@ -1,0 +1,338 @@
+"""The MLflow exporter: a follower of the ledger that projects each run into MLflow.
+
+One MLflow run per ledger run (found again by its ``ledger_run_id`` tag, never
+created twice), nested under one parent run per sweep. What one pass writes into
+one MLflow run is in run_export.py.
+
+Progress is kept in two places. The follower's global position is a ledger
+checkpoint (``mlflow:<tracking uri>#<experiment>``), so ``export`` resumes where
+it stopped. Each MLflow run also carries ``ledger_events``: how much of its
+ledger stream it already shows, written last, so a crash mid-export only
+repeats idempotent writes, and a follower of a few runs needs no checkpoint.
+
+Superseded steps. MLflow's metric history is append-only and has no delete
+call, while a resume supersedes events that may already be exported. When that
+happens the exporter deletes the MLflow run (and its LoggedModels) and writes
+the run's authoritative history into a fresh MLflow run. This is exact (no
+superseded point survives in the active run) and simple; the old run stays in
+MLflow's trash until ``mlflow gc``. Resumes that supersede nothing already
+exported (the common case for a one-shot export) cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from firetitan_track.events import RecordedEvent
+from firetitan_track.ledger import Ledger, NotFound
+from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, sweep_stream
+from firetitan_track.projections.mlflow.keys import (MAX_PARAMS_PER_CALL, MAX_TAGS_PER_CALL, TAG_EVENTS,
+                                                     TAG_PARENT, TAG_RUN, TAG_RUN_NAME, TAG_SWEEP_PARENT,
+                                                     mlflow_key, ms, param_value, quote)
+from firetitan_track.projections.mlflow.run_export import RunExport
+from firetitan_track.projections.mlflow.store import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI,
+                                                      checkpoint_name, local_artifact_root, sqlite_path)
+from firetitan_track.projections.run_state import RunState, authoritative, fold
+
+@dataclass
+class ExportReport:
+    position: int = 0  # the last global position handled
+    events: int = 0  # events read from the ledger
+    runs: list[str] = field(default_factory=list)  # ledger runs written to
+    metrics: int = 0  # metric points sent
+    rebuilt: list[str] = field(default_factory=list)  # runs rewritten after a resume
+
+    def add(self, other: ExportReport) -> None:
+        self.position = max(self.position, other.position)
+        self.events += other.events
+        self.runs += [r for r in other.runs if r not in self.runs]
+        self.metrics += other.metrics
+        self.rebuilt += other.rebuilt
+
+
+class MlflowExporter:
+    """Projects ledger runs into an MLflow tracking store.
+
+    ``run_ids=None`` follows every run (position stored as a ledger checkpoint);
+    a list follows only those streams (``sweep:<id>`` streams included).
+    """
+
+    def __init__(self, ledger: Ledger, tracking_uri: str = DEFAULT_TRACKING_URI, *,
+                 experiment: str = DEFAULT_EXPERIMENT, run_ids: Sequence[str] | None = None,
+                 artifacts: bool = True) -> None:
+        from mlflow import MlflowClient
+
+        self.ledger = ledger
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_ids = list(run_ids) if run_ids is not None else None
+        self.artifacts = artifacts
+        if tracking_uri.startswith("sqlite:///"):
+            # sqlite needs its folder; MLflow won't make it
+            sqlite_path(tracking_uri).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._experiment_id: str | None = None
+        self._streams: dict[str, list[RecordedEvent]] = {}  # ledger stream -> events so far
+        self._runs: dict[str, tuple[str, int]] = {}  # ledger run -> (MLflow run id, events shown)
+        self._models: dict[str, dict[str, str]] = {}  # ledger run -> snapshot path -> model id
+        self._status: dict[str, str] = {}  # MLflow run -> the status this exporter last set
+        self._position = (ledger.get_checkpoint(self.checkpoint) if self.run_ids is None else 0)
+
+    @property
+    def checkpoint(self) -> str:
+        return checkpoint_name(self.tracking_uri, self.experiment)
+
+    # -- the follower -------------------------------------------------------------
+
+    def export(self, batch: int = 5000) -> ExportReport:
+        """Catch up with the ledger: write every event after the stored position."""
+        report = ExportReport(position=self._position)
+        while True:
+            events = self.ledger.follow(self._position, limit=batch, run_ids=self.run_ids)
+            if not events:
+                return report
+            report.add(self._apply(events))
+            self._position = events[-1].position
+            report.position = self._position
+            if self.run_ids is None:
+                self.ledger.set_checkpoint(self.checkpoint, self._position)
+
+    def follow(self, stop: threading.Event, poll_s: float = 1.0) -> ExportReport:
+        """Export as events arrive until ``stop`` is set, then flush what is left."""
+        report = ExportReport(position=self._position)
+        while not stop.is_set():
+            try:
+                report.add(self.export())
+            except Exception as exc:  # e.g. the tracking server is down: the ledger keeps it all
+                print(f"mlflow export: {type(exc).__name__}: {exc}; retrying in {poll_s}s",
+                      file=sys.stderr, flush=True)
+            stop.wait(poll_s)
+        report.add(self.export())
+        return report
+
+    def _apply(self, events: list[RecordedEvent]) -> ExportReport:
+        report = ExportReport(events=len(events))
+        touched: dict[str, None] = {}  # streams in first-touched order
+        for ev in events:
+            touched.setdefault(ev.run_id)
+            stream = self._streams.get(ev.run_id)
+            if stream is not None and ev.version == len(stream):
+                stream.append(ev)  # (a stream not cached yet is read whole below)
+        sweeps: set[str] = set()
+        for stream_id in touched:
+            if stream_id not in self._streams:
+                self._streams[stream_id] = self.ledger.read(stream_id)
+            if stream_id.startswith(SWEEP_STREAM_PREFIX):
+                self._write_sweep(stream_id.removeprefix(SWEEP_STREAM_PREFIX), self._streams[stream_id])
+                continue
+            sweep_id = self._write_run(stream_id, self._streams[stream_id], report)
+            if sweep_id:
+                sweeps.add(sweep_id)
+        for sweep_id in sweeps:
+            self._update_sweep_status(sweep_id)
+        return report
+
+    # -- MLflow lookups -------------------------------------------------------------
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._get_or_create_experiment()
+        return self._experiment_id
+
+    def _get_or_create_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        root = local_artifact_root(self.tracking_uri)
+        # a sqlite store keeps artifacts beside it, where `firetitan-track ui` serves them
+        location = root.as_uri() if root else None
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=location)
+        except MlflowException:  # created meanwhile by another exporter
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _find_run(self, tag: str, value: str) -> str | None:
+        found = self.client.search_runs([self.experiment_id], f"tags.{tag} = {quote(value)}",
+                                        max_results=1, order_by=["attributes.start_time DESC"])
+        return found[0].info.run_id if found else None
+
+    def mlflow_run_id(self, ledger_run_id: str) -> str | None:
+        """The active MLflow run that shows this ledger run, if any."""
+        return self._find_run(TAG_RUN, ledger_run_id)
+
+    def sweep_run_id(self, sweep_id: str) -> str | None:
+        return self._find_run(TAG_SWEEP_PARENT, sweep_id)
+
+    def models_of(self, run_id: str) -> dict[str, str]:
+        if run_id not in self._models:
+            models: dict[str, str] = {}
+            token = None
+            while True:
+                page = self.client.search_logged_models(
+                    [self.experiment_id], filter_string=f"tags.{TAG_RUN} = {quote(run_id)}",
+                    page_token=token)
+                for m in page:
+                    models[m.tags.get("snapshot_path", "")] = m.model_id
+                token = page.token
+                if not token:
+                    break
+            self._models[run_id] = models
+        return self._models[run_id]
+
+    # -- one ledger run ---------------------------------------------------------------
+
+    def _write_run(self, run_id: str, stream: list[RecordedEvent], report: ExportReport) -> str | None:
+        """Bring the MLflow run up to ``stream``; returns its sweep id when its status changed."""
+        if run_id in self._runs:
+            ml_run, shown = self._runs[run_id]
+        else:
+            ml_run = self.mlflow_run_id(run_id)
+            shown = int(self.client.get_run(ml_run).data.tags.get(TAG_EVENTS, 0)) if ml_run else 0
+        if shown >= len(stream):
+            return None
+        if ml_run is not None and _supersedes_shown(stream, shown):
+            self._delete(run_id, ml_run)
+            ml_run, shown = None, 0
+            report.rebuilt.append(run_id)
+
+        history = authoritative(stream)
+        state = fold(stream, run_id)
+        if ml_run is None:
+            ml_run = self._create_run(run_id, stream, state.sweep_id)
+        writes = RunExport(self, run_id, ml_run, history, shown)
+        writes.run()
+        changed = self._status.get(ml_run) != state.status
+        if changed:
+            self._set_status(ml_run, state.status, stream[-1])
+            self._status[ml_run] = state.status
+        self._log_tags(ml_run, {**_run_tags(run_id, state, stream), TAG_EVENTS: str(len(stream))})
+        self._runs[run_id] = (ml_run, len(stream))
+        report.runs.append(run_id)
+        report.metrics += writes.metric_count
+        if state.status in ("completed", "failed"):
+            self._streams.pop(run_id, None)  # a resume re-reads it; keeps a long follower small
+        # a sweep's status follows its trials': look again only when one of them changed
+        return state.sweep_id if changed else None
+
+    def _create_run(self, run_id: str, stream: list[RecordedEvent], sweep_id: str | None) -> str:
+        tags = {TAG_RUN: run_id, TAG_RUN_NAME: run_id}
+        if sweep_id:
+            tags[TAG_PARENT] = self._sweep_parent(sweep_id)
+        run = self.client.create_run(self.experiment_id, start_time=ms(stream[0]), tags=tags)
+        self._models[run_id] = {}
+        return run.info.run_id
+
+    def _delete(self, run_id: str, ml_run: str) -> None:
+        for model_id in self.models_of(run_id).values():
+            self.client.delete_logged_model(model_id)
+        self.client.delete_run(ml_run)
+        self._models.pop(run_id, None)
+        self._runs.pop(run_id, None)
+
+    def _set_status(self, ml_run: str, status: str, last: RecordedEvent | None = None) -> None:
+        ended = {"completed": "FINISHED", "failed": "FAILED"}.get(status)
+        if ended is None:
+            self.client.update_run(ml_run, status="RUNNING")
+            return
+        # set_terminated (the one call that records an end time) prints links to stdout;
+        # keep them out of the command's output
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.client.set_terminated(ml_run, ended, end_time=ms(last) if last else None)
+
+    def _log_tags(self, ml_run: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_TAGS_PER_CALL):
+            self.client.log_batch(ml_run, tags=items[i:i + MAX_TAGS_PER_CALL])
+
+    # -- sweeps ---------------------------------------------------------------------
+
+    def _sweep_parent(self, sweep_id: str) -> str:
+        found = self.sweep_run_id(sweep_id)
+        if found:
+            return found
+        run = self.client.create_run(self.experiment_id, tags={
+            TAG_SWEEP_PARENT: sweep_id, TAG_RUN_NAME: f"sweep {sweep_id}", "sweep_id": sweep_id})
+        return run.info.run_id
+
+    def _write_sweep(self, sweep_id: str, stream: list[RecordedEvent]) -> None:
+        from mlflow.entities import Param
+
+        parent = self._sweep_parent(sweep_id)
+        started = next((ev for ev in stream if ev.type == "SweepStarted"), None)
+        if started is None:
+            return
+        params = [Param(mlflow_key(f"grid.{k}"), param_value(v)) for k, v in started.data["grid"].items()]
+        params.append(Param("trials", str(len(started.data["trials"]))))
+        for i in range(0, len(params), MAX_PARAMS_PER_CALL):
+            self.client.log_batch(parent, params=params[i:i + MAX_PARAMS_PER_CALL])
+        self._log_tags(parent, {"spec_digest": started.data["spec_digest"], TAG_EVENTS: str(len(stream))})
+        self._update_sweep_status(sweep_id)
+
+    def _update_sweep_status(self, sweep_id: str) -> None:
+        """A sweep is finished when every trial is, failed when one failed and none runs."""
+        try:
+            sweep = self.ledger.read(sweep_stream(sweep_id))
+        except NotFound:  # a trial exported before its sweep was recorded
+            return
+        started = next((ev for ev in sweep if ev.type == "SweepStarted"), None)
+        if started is None:
+            return
+        statuses = []
+        for trial in started.data["trials"]:
+            n = self.ledger.stream_version(trial["run_id"])
+            statuses.append(fold(self.ledger.read(trial["run_id"])).status if n else "new")
+        if all(s == "completed" for s in statuses):
+            status = "completed"
+        elif "failed" in statuses and not {"running", "new"} & set(statuses):
+            status = "failed"
+        else:
+            status = "running"
+        self._set_status(self._sweep_parent(sweep_id), status)
+
+
+def _supersedes_shown(stream: list[RecordedEvent], shown: int) -> bool:
+    """True when a resume not yet exported supersedes events the MLflow run already shows."""
+    return any(ev.type == "RunResumed" and any(v < shown for v in ev.data.get("superseded") or ())
+               for ev in stream[shown:])
+
+
+def _run_tags(run_id: str, state: RunState, stream: list[RecordedEvent]) -> dict[str, str]:
+    started = next((ev.data for ev in stream if ev.type == "RunStarted"), {})
+    tags = {
+        TAG_RUN: run_id,
+        "trainer_job_id": state.trainer_job_id,
+        "reference_job_id": state.reference_job_id,
+        "deployment_id": state.deployment_id,
+        "backend": state.backend,
+        "code_version": started.get("code_version"),
+        "sweep_id": state.sweep_id,
+        "rerun_of": state.rerun_of,
+        "spec_digest": state.spec_digest,
+        "seed": state.seed,
+        "ledger_status": state.status,
+        "attempts": state.attempts,
+    }
+    if started.get("trial_params"):
+        tags["trial_params"] = json.dumps(started["trial_params"], sort_keys=True)
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def export_mlflow(ledger: Ledger, tracking_uri: str = DEFAULT_TRACKING_URI, run_ids: Sequence[str] | None = None,
+                  *, experiment: str = DEFAULT_EXPERIMENT, artifacts: bool = True) -> ExportReport:
+    """Export everything new (or only ``run_ids``) to MLflow and return what was written."""
+    return MlflowExporter(ledger, tracking_uri, experiment=experiment, run_ids=run_ids,
+                          artifacts=artifacts).export()

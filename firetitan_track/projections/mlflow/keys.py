@@ -1,0 +1,82 @@
+"""How ledger values become MLflow names and values: keys, tags, limits, timestamps."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from firetitan_track.events import RecordedEvent
+
+# MLflow's log_batch limits (mlflow.utils.validation)
+MAX_METRICS_PER_CALL = 1000
+MAX_PARAMS_PER_CALL = 100
+MAX_TAGS_PER_CALL = 100
+MAX_PARAM_VALUE = 6000
+MAX_KEY_LENGTH = 250
+MAX_DATASET_DIGEST = 36  # MLflow keeps a dataset digest in 36 characters
+
+TAG_RUN = "ledger_run_id"
+TAG_EVENTS = "ledger_events"  # how many events of the stream this MLflow run shows
+TAG_SWEEP_PARENT = "ledger_sweep"  # on a sweep's parent run: the sweep id
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+PROMPTS_DATASET = "eval_prompts"
+SNAPSHOT_MODEL_TYPE = "sampler-snapshot"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys: {"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+_BAD_KEY_CHARS = re.compile(r"[^\w./\- :]")
+
+
+def mlflow_key(name: str) -> str:
+    """A valid MLflow metric/param key (letters, digits, _ - . / : and spaces)."""
+    return _BAD_KEY_CHARS.sub("_", name)[:MAX_KEY_LENGTH]
+
+
+def param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:MAX_PARAM_VALUE]
+
+
+def numbers(values: Any, prefix: str) -> dict[str, float]:
+    """The numeric leaves of a metrics payload, under ``prefix/``."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return {prefix: float(values)}
+    if not isinstance(values, dict):
+        return {}
+    out: dict[str, float] = {}
+    for k, v in flatten(values).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[mlflow_key(f"{prefix}/{k}")] = float(v)
+    return out
+
+
+def ms(ev: RecordedEvent) -> int:
+    """An event's own time in MLflow's unit (ms): the same event always gives the same point."""
+    return int(round(ev.recorded_at * 1000))
+
+
+def quote(value: str) -> str:
+    """A string literal for an MLflow filter (its parser takes no escapes, so refuse quotes)."""
+    if "'" in value:
+        raise ValueError(f"cannot search MLflow for a value containing a quote: {value!r}")
+    return f"'{value}'"
+
+
+def model_name(name: str, step: int) -> str:
+    # LoggedModel names may not hold / : . % " '
+    return re.sub(r"[/:.%\"']", "-", name or f"step-{step}") or f"step-{step}"

@@ -1,0 +1,185 @@
+"""What one export pass writes into one MLflow run, in an order that makes a crash harmless.
+
+Params come from the recorded (already redacted) spec; metrics carry the step and
+the original ``recorded_at`` of their event, so writing the same event twice adds
+nothing; a LoggedModel per sampler snapshot holds the eval metrics measured on it,
+and the eval prompt set is the run's dataset input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from firetitan_track.events import RecordedEvent
+from firetitan_track.projections.audit import eval_rows
+from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_METRICS_PER_CALL,
+                                                     MAX_PARAMS_PER_CALL, PROMPTS_DATASET, SNAPSHOT_MODEL_TYPE,
+                                                     TAG_RUN, flatten, mlflow_key, model_name, ms, numbers,
+                                                     param_value)
+from firetitan_track.redact import redact
+
+if TYPE_CHECKING:
+    from firetitan_track.projections.mlflow.exporter import MlflowExporter
+
+
+class RunExport:
+    """One MLflow run brought up to its ledger stream: models, datasets, params, metrics, artifacts."""
+
+    def __init__(self, exporter: MlflowExporter, run_id: str, ml_run: str,
+                 history: list[RecordedEvent], shown: int) -> None:
+        self.exporter = exporter
+        self.client = exporter.client
+        self.run_id = run_id
+        self.ml_run = ml_run
+        self.history = history  # the authoritative stream, for context
+        self.new = [ev for ev in history if ev.version >= shown]  # what this pass must show
+        # prompt sets the MLflow run already holds (logged and uploaded by an earlier pass)
+        self.known_prompts = {ev.data["prompt_set_digest"] for ev in history
+                              if ev.type == "EvalStarted" and ev.version < shown}
+        self.metric_count = 0
+
+    def run(self) -> None:
+        models = self._logged_models()
+        datasets = self._datasets()
+        self._params()
+        self._metrics(models, datasets)
+        if self.exporter.artifacts:
+            self._artifacts()
+
+    def _params(self) -> None:
+        from mlflow.entities import Param
+
+        started = next((ev for ev in self.new if ev.type == "RunStarted"), None)
+        if started is None:
+            return
+        # the ledger stored the spec redacted; redact again so no key can reach MLflow
+        spec = redact(started.data["spec"])
+        params = [Param(mlflow_key(k), param_value(v)) for k, v in sorted(flatten(spec).items())]
+        for i in range(0, len(params), MAX_PARAMS_PER_CALL):
+            self.client.log_batch(self.ml_run, params=params[i:i + MAX_PARAMS_PER_CALL])
+
+    def _logged_models(self) -> dict[str, str]:
+        """A LoggedModel per sampler snapshot (found again by path); path -> model id."""
+        from mlflow.entities import LoggedModelOutput
+
+        models = self.exporter.models_of(self.run_id)
+        outputs = []
+        for ev in self.new:
+            if ev.type != "SnapshotSaved" or ev.data["path"] in models:
+                continue
+            d = ev.data
+            info = {"snapshot_path": d["path"], "kind": d["kind"], "base_path": d["base_path"] or "",
+                    "step": str(d["step"]), "snapshot_name": d["name"]}
+            model = self.client.create_logged_model(
+                self.exporter.experiment_id, name=model_name(d["name"], d["step"]), source_run_id=self.ml_run,
+                tags={TAG_RUN: self.run_id, **info}, params=info, model_type=SNAPSHOT_MODEL_TYPE)
+            self.client.finalize_logged_model(model.model_id, "READY")
+            models[d["path"]] = model.model_id
+            outputs.append(LoggedModelOutput(model.model_id, int(d["step"])))
+        if outputs:
+            self.client.log_outputs(self.ml_run, outputs)
+        return models
+
+    def _datasets(self) -> dict[str, str]:
+        """Log each prompt set first used in this pass; ledger digest -> MLflow digest."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        used = {ev.data["prompt_set_digest"]: ev.data["prompt_count"]
+                for ev in self.history if ev.type == "EvalStarted"}
+        fresh = {ev.data["prompt_set_digest"] for ev in self.new if ev.type == "EvalStarted"} - self.known_prompts
+        inputs = []
+        for digest in fresh:
+            # MLflow holds 36 characters of a digest: a prefix of the ledger's sha256,
+            # with the whole digest in the source so the two can be matched exactly
+            dataset = Dataset(
+                name=PROMPTS_DATASET, digest=digest[:MAX_DATASET_DIGEST], source_type="firetitan-ledger",
+                source=json.dumps({"uri": f"ledger-blob:{digest}"}),
+                profile=json.dumps({"num_rows": used[digest]}))
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "eval"),
+                                                      InputTag("ledger_digest", digest)]))
+        if inputs:
+            self.client.log_inputs(self.ml_run, datasets=inputs)
+        return {d: d[:MAX_DATASET_DIGEST] for d in used}
+
+    def _metrics(self, models: dict[str, str], datasets: dict[str, str]) -> None:
+        from mlflow.entities import Metric
+
+        eval_steps = {ev.data["eval_id"]: ev.data["step"] for ev in self.history if ev.type == "EvalStarted"}
+        points: list[Metric] = []
+        for ev in self.new:
+            d, ts = ev.data, ms(ev)
+            if ev.type == "StepCompleted":
+                for key, value in {**numbers(d["metrics"], "train"),
+                                   **numbers(d["optimizer"], "optim")}.items():
+                    points.append(Metric(key, value, ts, int(d["step"])))
+            elif ev.type == "WeightsSynced":
+                points.append(Metric("sync/duration_s", float(d["duration_s"]), ts, int(d["step"])))
+            elif ev.type == "SamplesRecorded" and d["eval_id"] in eval_steps:
+                step = int(eval_steps[d["eval_id"]])
+                for key, value in {**numbers(d["server_metrics"], "eval/server"),
+                                   **numbers(d["concurrency_window"], "eval/concurrency_window")}.items():
+                    points.append(Metric(key, value, ts, step))
+            elif ev.type == "EvalScored":
+                link = {"model_id": models.get(d["snapshot_path"])}
+                if d["prompt_set_digest"] in datasets:
+                    link.update(dataset_name=PROMPTS_DATASET, dataset_digest=datasets[d["prompt_set_digest"]])
+                for key, value in {"eval/score": float(d["score"]), **numbers(d["metrics"], "eval")}.items():
+                    points.append(Metric(key, value, ts, int(d["step"]), **link))
+        for i in range(0, len(points), MAX_METRICS_PER_CALL):
+            self.client.log_batch(self.ml_run, metrics=points[i:i + MAX_METRICS_PER_CALL])
+        self.metric_count = len(points)
+
+    def _artifacts(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="firetitan-mlflow-") as tmp:
+            files: list[tuple[Path, str | None]] = []
+            prompts = set(self.known_prompts)
+            for ev in self.new:
+                if ev.type == "RunStarted":
+                    files.append((_write_json(tmp, "spec.json", redact(ev.data["spec"])), None))
+                elif ev.type == "EvalStarted" and ev.data["prompt_set_digest"] not in prompts:
+                    digest = ev.data["prompt_set_digest"]
+                    prompts.add(digest)
+                    files.append((_write_json(tmp, f"{digest}.json", self._blob(digest)), "prompts"))
+                elif ev.type == "SamplesRecorded":
+                    body = self._blob(ev.data["completions_digest"])
+                    files.append((_write_json(tmp, f"{ev.data['eval_id']}.json", body), "completions"))
+            if any(ev.type == "EvalScored" for ev in self.new):
+                files.append((_plot_scores(self.history, Path(tmp) / "eval_score.png"), None))
+            for path, folder in files:
+                self.client.log_artifact(self.ml_run, str(path), folder)
+
+    def _blob(self, digest: str) -> Any:
+        return redact(self.exporter.ledger.get_json(digest))
+
+
+def _write_json(folder: str, name: str, obj: Any) -> Path:
+    path = Path(folder) / name
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    return path
+
+
+def _plot_scores(history: list[RecordedEvent], out: Path) -> Path:
+    """Eval score against step, each point labelled with the snapshot it was measured on."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in eval_rows(history) if r.score is not None]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot([r.step for r in rows], [r.score for r in rows], marker="o")
+    for r in rows:
+        ax.annotate(os.path.basename(r.snapshot_path.rstrip("/")) or r.snapshot_path, (r.step, r.score),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, rotation=20)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval score")
+    ax.set_title("eval score by sampler snapshot")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
