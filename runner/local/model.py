@@ -19,8 +19,17 @@ def pick_device(device: str = "cpu") -> torch.device:
     return torch.device("cpu")
 
 
+def serving_dtype(device: torch.device) -> torch.dtype:
+    """What a deployment computes in: bfloat16 on a GPU that supports it (as served
+    models are), float32 elsewhere. Trainers and snapshots stay float32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def build_model(card: ModelCard, seed: int, device: str = "cpu"):
-    """A float32 Qwen3ForCausalLM with weights fixed by (card, seed).
+    """A float32 causal LM: the checkpoint's weights for a card with a ``weights_dir``,
+    else a Qwen3ForCausalLM with weights fixed by (card, seed).
 
     The init runs on CPU under a forked RNG seeded with `seed`, so it is the same
     on every machine and leaves the caller's global RNG untouched; the model is
@@ -28,6 +37,15 @@ def build_model(card: ModelCard, seed: int, device: str = "cpu"):
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    if card.weights_dir:
+        from transformers import AutoModelForCausalLM
+
+        # local_files_only: the service never downloads; the directory is the whole model.
+        model = AutoModelForCausalLM.from_pretrained(card.weights_dir, dtype=torch.float32, attn_implementation="sdpa",
+                                                     local_files_only=True)
+        model.to(device=pick_device(device))
+        model.eval()
+        return model
     config = Qwen3Config(**card.config)
     # sdpa: fast on CPU and CUDA, and honours the padding masks generation uses.
     config._attn_implementation = "sdpa"
