@@ -221,6 +221,45 @@ def test_live_exporter_flushes_on_stop(ledger_url: str, mlflow_server: str, clie
     ledger.close()
 
 
+def test_live_exporter_ends_with_a_run_killed_outright(ledger_url: str, mlflow_server: str, client,
+                                                     experiment: str) -> None:
+    """A SIGKILLed training process cannot call stop(): its follower still flushes and exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ledger = Ledger.open(ledger_url)
+    w = RunWriter(ledger, "killed")
+    w.start()
+    w.train(1, 3)
+    script = ("import sys, time\n"
+              "from firetitan_track.projections.mlflow import LiveExporter\n"
+              "live = LiveExporter(sys.argv[1], sys.argv[2], 'killed', experiment=sys.argv[3], poll_s=0.2).start()\n"
+              "print(live._proc.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, ledger_url, mlflow_server, experiment],
+                              stdout=subprocess.PIPE, text=True)
+    follower = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(follower, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(follower, signal.SIGKILL)
+        raise AssertionError("the follower outlived its killed run")
+    [run] = _active_runs(client, experiment, "killed")  # it flushed what was recorded before it went
+    assert _history(client, run.info.run_id, "train/loss") == _expected(
+        ledger, "killed", "StepCompleted", lambda d: d["metrics"]["loss"])
+    ledger.close()
+
+
 def test_exporter_uses_no_checkpoint_for_a_subset(ledger: Ledger, mlflow_server: str, experiment: str) -> None:
     write_run(ledger, "r1", steps=2)
     exporter = MlflowExporter(ledger, mlflow_server, experiment=experiment, run_ids=["r1"])
