@@ -12,17 +12,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from firetitan_track import blobs as blob_store
 from firetitan_track.blobs import is_digest, redacted_json, sha256_hex
@@ -32,10 +35,12 @@ from firetitan_track.store import LedgerError, Store, checkpoints, open_store
 from firetitan_track.store import blobs as blob_table
 from firetitan_track.store import events as event_table
 
-__all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "NotFound", "RunInfo", "Problem",
+__all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "NotFound",
+           "CorruptLedger", "StoreFailure", "RunInfo", "Problem",
            "GENESIS_HASH", "event_hash", "check_chain"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
+_HEX_PREFIX = re.compile(r"[0-9a-f]{6,63}")  # a digest prefix worth looking up
 _json_str = json.encoder.encode_basestring  # == json.dumps(s, ensure_ascii=False), in C
 
 
@@ -58,6 +63,14 @@ class ConcurrencyError(LedgerError):
 
 class NotFound(LedgerError, LookupError):
     """A run, snapshot, sweep or blob the ledger does not hold; the message names it."""
+
+
+class CorruptLedger(LedgerError):
+    """A stored event that cannot be decoded: the database was edited or damaged."""
+
+
+class StoreFailure(LedgerError):
+    """The database refused a read or write (disk full, I/O error, read-only, gone)."""
 
 
 def unknown_run(run_id: str) -> NotFound:
@@ -216,7 +229,21 @@ class Ledger:
                 cursor.close()
         except self._duplicate_errors:
             raise LedgerError(f"run {run_id!r}: {self._where_ids_are(run_id, pending)}") from None
+        except DBAPIError as e:
+            raise StoreFailure(f"cannot write to the ledger at {self.url}: {_first_line(e)}; nothing of this "
+                               "write was stored (check the disk has space and the file is writable)") from None
         return _recorded_from_rows(rows, positions)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read's database errors and damaged payloads as messages naming this ledger."""
+        try:
+            yield
+        except CorruptLedger as e:
+            raise CorruptLedger(f"the ledger at {self.url} is damaged: {e}; run `firetitan-track verify` "
+                                "to find every damaged event") from None
+        except DBAPIError as e:
+            raise StoreFailure(f"cannot read the ledger at {self.url}: {_first_line(e)}") from None
 
     def _where_ids_are(self, run_id: str, pending: list[_Pending]) -> str:
         ids = [p.event_id for p in pending]
@@ -235,15 +262,15 @@ class Ledger:
         stmt = (sa.select(*_COLUMNS)
                 .where(event_table.c.run_id == run_id, event_table.c.version >= from_version)
                 .order_by(event_table.c.version))
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
             if not rows and (from_version <= 0 or _stream_version(conn, run_id) == 0):
                 raise unknown_run(run_id)
-        return [_from_row(r) for r in rows]
+            return [_from_row(r) for r in rows]
 
     def stream_version(self, run_id: str) -> int:
         """How many events the run's stream holds (0 if none)."""
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             return _stream_version(conn, run_id)
 
     def follow(self, after_position: int = 0, limit: int = 1000,
@@ -257,7 +284,7 @@ class Ledger:
         if run_ids is not None:
             stmt = stmt.where(event_table.c.run_id.in_(list(run_ids)))
         stmt = stmt.order_by(event_table.c.position).limit(limit)
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             return [_from_row(r) for r in conn.execute(stmt)]
 
     def runs(self) -> list[RunInfo]:
@@ -272,7 +299,7 @@ class Ledger:
                 .join(event_table, sa.and_(event_table.c.run_id == summary.c.run_id,
                                       event_table.c.version == summary.c.last_version))
                 .order_by(summary.c.first_at, summary.c.run_id))
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             return [RunInfo(r.run_id, r.n, r.first_at, r.last_at, r.type) for r in conn.execute(stmt)]
 
     # -- blobs and checkpoints --------------------------------------------------
@@ -284,10 +311,33 @@ class Ledger:
         return blob_store.put_json(self._store, obj)
 
     def get_blob(self, digest: str) -> bytes:
-        return blob_store.get_blob(self._store, digest)
+        """The blob with ``digest``: the full sha256, or a prefix of it (``audit`` prints 12
+        characters) that names exactly one blob."""
+        with self._reading():
+            return blob_store.get_blob(self._store, self._full_digest(digest))
+
+    def _full_digest(self, digest: str) -> str:
+        if is_digest(digest) or not _HEX_PREFIX.fullmatch(digest):
+            return digest
+        from firetitan_track.store import blobs as blob_table
+
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(blob_table.c.digest).where(blob_table.c.digest.startswith(digest))
+                                 .order_by(blob_table.c.digest).limit(2)).scalars().all()
+        if not found:
+            raise NotFound(f"no blob whose digest starts with {digest}")
+        if len(found) > 1:
+            raise LedgerError(f"digest prefix {digest} names more than one blob ({found[0][:16]}..., "
+                              f"{found[1][:16]}...); give more characters")
+        return found[0]
 
     def get_json(self, digest: str) -> Any:
-        return blob_store.get_json(self._store, digest)
+        data = self.get_blob(digest)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise CorruptLedger(f"the ledger at {self.url} is damaged: blob {digest} is not valid JSON; "
+                                "run `firetitan-track verify` to find every damaged event and blob") from None
 
     def get_checkpoint(self, name: str) -> int:
         """A follower's last processed position (0 when it has none)."""
@@ -425,8 +475,35 @@ def _prepare(ev: NewEvent, secrets: list[str]) -> _Pending:
         data_json = redacted_json(data, secrets)
     except (TypeError, ValueError) as e:
         raise InvalidEvent(f"{ev.type}: payload is not JSON: {e}") from None
+    if ("NaN" in data_json or "Infinity" in data_json) and (where := _non_finite(data)) is not None:
+        # Python's JSON writes them, but they are not JSON: every reader after us would choke
+        raise InvalidEvent(f"{ev.type}: {where} is {_non_finite_value(data, where)}, "
+                           "not a finite number; the ledger stores only finite numbers")
     version = ev.schema_version if ev.schema_version is not None else CATALOGUE[ev.type].version
     return _Pending(ev.event_id, ev.type, version, data_json)
+
+
+def _non_finite(node: Any, path: str = "") -> str | None:
+    """The dotted path of the first non-finite float in a JSON-like value, or None."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return path or "the payload"
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _non_finite_value(data: Any, where: str) -> str:
+    for key in where.split("."):
+        data = data[int(key)] if isinstance(data, (list, tuple)) else data[key]
+    return str(data)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _chain(run_id: str, first_version: int, prev_hash: str, pending: list[_Pending],
@@ -469,7 +546,11 @@ def _decoded(type: str, schema_version: int, data_json: str) -> tuple[int, dict[
 
 
 def _from_row(row: Row) -> RecordedEvent:
-    version, data = _decoded(row.type, row.schema_version, row.data)
+    try:
+        version, data = _decoded(row.type, row.schema_version, row.data)
+    except json.JSONDecodeError:
+        raise CorruptLedger(f"run {row.run_id} version {row.version} ({row.type}) holds a payload that is "
+                            "not valid JSON") from None
     return RecordedEvent(row.run_id, row.version, row.position, row.event_id, row.type, version, data,
                          row.recorded_at, row.hash)
 

@@ -230,9 +230,10 @@ def open_store(url: str, create: bool = True) -> Store:
     parsed = _parse(url)
     path = sqlite_path(url)
     if path is not None:
+        if not create and (not path.exists() or path.stat().st_size == 0):
+            # an empty file is no ledger either, and a reading command must not make it one
+            raise LedgerError(f"no ledger at {path}" + (" (the file is empty)" if path.exists() else ""))
         if not path.exists():
-            if not create:
-                raise LedgerError(f"no ledger at {path}")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -241,7 +242,7 @@ def open_store(url: str, create: bool = True) -> Store:
             raise LedgerError(f"cannot write the ledger at {path}: permission denied")
     store = _store_for(parsed)
     try:
-        _ensure_schema(store, upgrade=store.is_sqlite)
+        _ensure_schema(store, upgrade=store.is_sqlite and create)  # reading changes nothing
     except BaseException:
         store.close()
         raise
