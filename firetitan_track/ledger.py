@@ -205,7 +205,7 @@ class Ledger:
             raise InvalidEvent(f"run {run_id!r}: the batch repeats an event id")
         sql = self._sql
         try:
-            with self._store.append_transaction() as conn:
+            with self._store.append_transaction(run_id) as conn:
                 cursor = conn.connection.cursor()
                 cursor.execute(sql.head, {"run_id": run_id})
                 head = cursor.fetchone()
@@ -216,6 +216,7 @@ class Ledger:
                         raise ConcurrencyError(run_id, expected_version, actual)
                     return stored
                 rows = _chain(run_id, expected_version, prev_hash, pending, time.time())
+                self._store.take_commit_order(conn)
                 if len(rows) == 1:
                     cursor.execute(sql.insert_returning, rows[0])
                     positions = [cursor.fetchone()[0]]
@@ -228,11 +229,28 @@ class Ledger:
                     positions = [r[0] for r in cursor.fetchall()]
                 cursor.close()
         except self._duplicate_errors:
-            raise LedgerError(f"run {run_id!r}: {self._where_ids_are(run_id, pending)}") from None
+            # the head was read before the commit-order lock (store.py): a writer that
+            # committed meanwhile shows up here, on the unique index
+            return self._after_conflict(run_id, expected_version, pending)
         except DBAPIError as e:
             raise StoreFailure(f"cannot write to the ledger at {self.url}: {_first_line(e)}; nothing of this "
                                "write was stored (check the disk has space and the file is writable)") from None
         return _recorded_from_rows(rows, positions)
+
+    def _after_conflict(self, run_id: str, expected_version: int, pending: list[_Pending]) -> list[RecordedEvent]:
+        with self.engine.connect() as conn:
+            stored = _already_stored(conn, run_id, expected_version, pending)
+            actual = _stream_version(conn, run_id)
+        if stored is not None:
+            return stored
+        if actual != expected_version:
+            raise ConcurrencyError(run_id, expected_version, actual)
+        raise LedgerError(f"run {run_id!r}: {self._where_ids_are(run_id, pending)}")
+
+    def fence(self, run_id: str, token: int | None) -> None:
+        """Appends to ``run_id`` through this ledger must hold lease token ``token``
+        (runner/lease.py; checked inside each append's transaction); None stops checking."""
+        self._store.fence(run_id, token)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
@@ -408,6 +426,7 @@ class Ledger:
                 if blob_rows:
                     conn.execute(self._store.insert_ignoring_duplicates(blob_table), blob_rows)
                 if new_rows:
+                    self._store.take_commit_order(conn)
                     conn.execute(event_table.insert(), new_rows)
         except self._duplicate_errors:
             raise LedgerError("the import conflicted with a concurrent write; nothing was imported, "

@@ -7,8 +7,19 @@ serialized, so that insert order equals commit order (a follower reading
 
 - SQLite: an append runs in ``BEGIN IMMEDIATE``, taking the database's single
   write lock before it reads the stream head;
-- PostgreSQL: an append takes ``LOCK TABLE events IN EXCLUSIVE MODE`` (readers are
-  not blocked), so positions come from the sequence in commit order.
+- PostgreSQL: an append reads the stream head and prepares its rows unlocked, then
+  takes a transaction-level advisory lock (the *commit-order lock*) just before its
+  insert and holds it to the end of its commit. Positions are drawn from the
+  sequence while the lock is held and the lock is released only after the commit is
+  visible, so positions become visible in increasing order. Two appends to one
+  stream still race on the ``(run_id, version)`` unique index: the loser's insert
+  waits for the winner's commit and fails, as a ConcurrencyError. The lock spans
+  only the insert and the commit, where ``LOCK TABLE events IN EXCLUSIVE MODE``
+  (the mechanism before it) spanned the whole append, head read included.
+
+An append to a run whose writer holds a lease in the database (runner/lease.py)
+also checks the lease's fencing token inside its transaction: a writer whose lease
+was taken over stops with LeaseLost instead of writing.
 
 The schema is owned by the Alembic scripts in ``schema/``; the tables below mirror
 the head revision and are what the code queries.
@@ -32,6 +43,7 @@ from firetitan_track.errors import UserError
 
 __all__ = [
     "LedgerError",
+    "LeaseLost",
     "SchemaOutOfDate",
     "HEAD_REVISION",
     "Store",
@@ -46,10 +58,11 @@ __all__ = [
     "events",
     "blobs",
     "checkpoints",
+    "run_leases",
 ]
 
 # The Alembic head this code is written against (tests check it matches schema/).
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 UPGRADE_HINT = "firetitan-track db upgrade"
 
@@ -60,6 +73,15 @@ class LedgerError(UserError):
 
 class SchemaOutOfDate(LedgerError):
     """The database is at a different schema revision than this code needs."""
+
+
+class LeaseLost(LedgerError):
+    """This process's lease on a run was taken over by another writer: it must stop."""
+
+    def __init__(self, run_id: str, detail: str = "") -> None:
+        super().__init__(f"run {run_id}: this process lost its lease on the run to another writer"
+                         f"{detail}; it stops without writing more (the other writer continues the run)")
+        self.run_id = run_id
 
 
 metadata = sa.MetaData()
@@ -95,6 +117,22 @@ checkpoints = sa.Table(
     sa.Column("name", sa.String, primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=False),
 )
+
+# One writer per run across machines (PostgreSQL; runner/lease.py). A row is never
+# deleted, so a run's fencing token only ever grows and an old holder can never
+# match a later one's.
+run_leases = sa.Table(
+    "run_leases", metadata,
+    sa.Column("run_id", sa.String, primary_key=True),
+    sa.Column("token", sa.BigInteger, nullable=False),  # the fencing token, +1 per takeover
+    sa.Column("holder", sa.String, nullable=False),  # host:pid, for messages
+    sa.Column("expires_at", sa.Double, nullable=False),  # the database's clock, unix seconds
+)
+
+# The key of the commit-order lock (pg_advisory_xact_lock). Advisory locks are
+# database-wide: ledgers in several schemas of one database share it (correct, slower).
+COMMIT_ORDER_LOCK = 7202
+_FENCE_SQL = "SELECT token FROM run_leases WHERE run_id = %(run_id)s FOR SHARE"
 
 
 # -- URLs ------------------------------------------------------------------------
@@ -176,16 +214,39 @@ class Store:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
+    def __post_init__(self) -> None:
+        self._fences: dict[str, int] = {}  # run -> the lease token its appends must hold
+
+    def fence(self, run_id: str, token: int | None) -> None:
+        """Appends to ``run_id`` through this store must find lease token ``token`` (None: stop checking)."""
+        if token is None:
+            self._fences.pop(run_id, None)
+        else:
+            self._fences[run_id] = token
+
     @contextlib.contextmanager
-    def append_transaction(self) -> Iterator[Connection]:
-        """A transaction holding the ledger's append lock until it commits."""
+    def append_transaction(self, run_id: str | None = None) -> Iterator[Connection]:
+        """A transaction for one append to ``run_id``. On SQLite it holds the database's
+        write lock from the start; on PostgreSQL the caller takes the commit-order lock
+        with :meth:`take_commit_order` just before it inserts. A fenced run's lease token
+        is checked first (FOR SHARE: a takeover waits until this append commits)."""
+        token = self._fences.get(run_id) if run_id is not None else None
         with self.engine.connect() as conn:
             if self.is_sqlite:
                 conn = conn.execution_options(ledger_write=True)
             with conn.begin():
-                if not self.is_sqlite:
-                    conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
+                if token is not None and not self.is_sqlite:
+                    held = conn.exec_driver_sql(_FENCE_SQL, {"run_id": run_id}).scalar()
+                    if held != token:
+                        raise LeaseLost(run_id or "", f" (its token is {held}, this process held {token})")
                 yield conn
+
+    def take_commit_order(self, conn: Connection) -> None:
+        """Called in an append transaction right before it inserts events: from here to the
+        end of its commit, no other append inserts (PostgreSQL; SQLite's BEGIN IMMEDIATE
+        already serializes the whole append)."""
+        if not self.is_sqlite:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK})")
 
     def insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
         return self._dialect_insert(table).on_conflict_do_nothing()
