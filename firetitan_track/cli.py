@@ -101,9 +101,16 @@ def events(ctx: click.Context, run_id: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("run_id", required=False)
+@click.option("--bundle", "bundle_path", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Check a bundle file instead, offline (no ledger is opened).")
 @click.pass_context
-def verify(ctx: click.Context, run_id: str | None) -> None:
+def verify(ctx: click.Context, run_id: str | None, bundle_path: str | None) -> None:
     """Recompute hash chains and blob digests; exit 1 naming the first bad version."""
+    if bundle_path is not None:
+        if run_id is not None:
+            raise click.UsageError("give a RUN_ID or --bundle FILE, not both")
+        _verify_bundle(ctx, bundle_path)
+        return
     with reading_ledger(ctx) as ledger:
         problems = ledger.verify(run_id)
     if not problems:
@@ -111,6 +118,19 @@ def verify(ctx: click.Context, run_id: str | None) -> None:
         return
     for p in problems:
         click.echo(f"run {p.run_id}: first bad version {p.version}: {p.reason}")
+    ctx.exit(1)
+
+
+def _verify_bundle(ctx: click.Context, path: str) -> None:
+    from firetitan_track.bundle import read_bundle
+
+    with user_errors():
+        found = read_bundle(path)
+    if found.intact:
+        click.echo(f"intact: {path}: {len(found.streams)} streams, {found.events} events, {len(found.blobs)} blobs")
+        return
+    for p in found.problems:
+        click.echo(f"bundle {path}: {p}")
     ctx.exit(1)
 
 
@@ -153,3 +173,38 @@ def current(ctx: click.Context) -> None:
         click.echo(f"{revision} (head)")
     else:
         click.echo(f"{revision or '(empty)'} (head is {HEAD_REVISION}: run `{UPGRADE_HINT}`)")
+
+
+@click.command()
+@click.argument("run_ids", nargs=-1)
+@click.option("--sweep", "sweep_ids", multiple=True, metavar="ID", help="Add a sweep's stream and its trials' runs.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="The bundle to write (a .tar.gz).")
+@click.pass_context
+def bundle(ctx: click.Context, run_ids: tuple[str, ...], sweep_ids: tuple[str, ...], out: str) -> None:
+    """Write RUN_IDS (and --sweep's runs) with every blob they reference to one verifiable file."""
+    from firetitan_track.bundle import write_bundle
+
+    with reading_ledger(ctx) as ledger:
+        written = write_bundle(ledger, out, run_ids, sweep_ids)
+    click.echo(f"wrote {out}: {len(written.streams)} streams ({', '.join(written.streams)}), "
+               f"{written.events} events, {written.blobs} blobs, {written.size} bytes, sha256 {written.sha256}")
+
+
+@click.command("import")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+@click.pass_context
+def import_(ctx: click.Context, path: str) -> None:
+    """Add a bundle's runs to the ledger, after verifying it; importing again adds nothing."""
+    from firetitan_track.bundle import import_bundle, importable_bundle
+
+    with user_errors():
+        found = importable_bundle(path)  # before the ledger is opened: a bad file creates nothing
+        with Ledger.open(ledger_url(ctx)) as ledger:
+            report = import_bundle(ledger, found)
+    for stream, n in report.written.items():
+        click.echo(f"{stream}: {n} events imported" if n else f"{stream}: already here")
+    if report.events:
+        click.echo(f"imported {report.events} events (with the {report.blobs} blobs they reference) from {path}")
+    else:
+        click.echo(f"nothing new: every run in {path} is already here")
