@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "verify": "firetitan_track.cli:verify",
     "blob": "firetitan_track.cli:blob",
     "db": "firetitan_track.cli:db",
+    "bundle": "firetitan_track.cli:bundle",
+    "import": "firetitan_track.cli:import_",
     "audit": "firetitan_track.projections.cli:audit",
     "lineage": "firetitan_track.projections.cli:lineage",
     "replay": "firetitan_track.projections.cli:replay",
