@@ -163,7 +163,7 @@ def write_bundle(ledger: Ledger, out: str | os.PathLike[str], run_ids: Sequence[
 
 
 def _stream_names(ledger: Ledger, run_ids: Sequence[str], sweep_ids: Sequence[str]) -> list[str]:
-    from firetitan_track.projections.audit import sweep_stream
+    from firetitan_track.projections.compare import sweep_stream
 
     names = list(dict.fromkeys(run_ids))
     for sweep_id in sweep_ids:
