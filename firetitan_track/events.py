@@ -93,9 +93,18 @@ CATALOGUE: dict[str, EventType] = _types(
               "optional eval_id, score, recovered (resolved after a crash between request and outcome)"),
     EventType("PromotionFailed", 1, ("request_id", "snapshot_path", "model_id", "error"),
               "the promotion did not happen (error redacted); a new request may follow"),
-    # -- sweeps (stream id "sweep:<id>") -----------------------------------------
+    EventType("TrialPruned", 1, ("step", "score", "reason"),
+              "a sweep trial stopped early by the sweep's pruner, after its cleanup: the eval step and "
+              "score it was judged on; the run is finished (status pruned)"),
+    # -- sweeps (stream id "sweep:<id>", see projections/compare.py) ---------------
     EventType("SweepStarted", 1, ("sweep_id", "spec_digest", "grid", "trials"),
-              "trials: [{trial, run_id, params}]"),
+              "trials: [{trial, run_id, params}] planned at the start ([] when trials are assigned as "
+              "the sweep goes); grid: a grid search's values ({} otherwise); optional search "
+              "(grid|random|tpe), space ({key: distribution text}), n_trials, prune (median|none), "
+              "overrides (--set, for every trial)"),
+    EventType("TrialAssigned", 1, ("trial", "run_id", "params", "optuna_trial"),
+              "a worker took the sweep's next trial: its index, its run, the sampled params and the "
+              "Optuna trial number they came from"),
 )
 
 

@@ -26,7 +26,7 @@ TRAINING_HISTORY = frozenset({
 class RunState:
     run_id: str = ""
     version: int = 0  # events in the stream: the expected version of the next append
-    status: str = "new"  # new | running | failed | completed
+    status: str = "new"  # new | running | failed | completed | pruned
     spec: dict[str, Any] | None = None
     spec_digest: str | None = None
     seed: int | None = None
@@ -159,5 +159,7 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
         st.error = d["error"]
     elif t == "RunCompleted":
         st.status = "completed"
+    elif t == "TrialPruned":
+        st.status = "pruned"
     elif t == "CleanupApplied":
         st.cleanup = d
