@@ -1,18 +1,27 @@
-"""The deployment's copy of the model: hot loads of trainer snapshots, batched generation."""
+"""The deployment's copy of the model: hot loads of trainer snapshots, batched generation.
+
+Every generated token carries two logprobs. ``logprobs`` are the model's own
+(temperature 1, the whole vocabulary): what a trainer's forward pass computes for
+the same tokens. ``sampling_logprobs`` are those of the distribution the token
+was actually drawn from -- the logits divided by the temperature, cut to the
+``top_k`` most likely tokens, then to the ``top_p`` nucleus, renormalised -- the
+behaviour policy that an importance-sampling loss divides by. Greedy decoding
+(temperature 0) draws from a distribution with all its mass on the argmax, so
+its sampling logprob is 0.
+"""
 
 from __future__ import annotations
 
 import inspect
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import model as model_io
-from .catalogue import EOS_TOKEN_IDS, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, EngineError, resolve
-
-_SPECIAL_TEXT = {"<|endoftext|>": ENDOFTEXT_ID, "<|im_start|>": IM_START_ID, "<|im_end|>": IM_END_ID}
+from .catalogue import EngineError, ModelCard, resolve
 
 
 @dataclass
@@ -21,35 +30,45 @@ class GenRequest:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0                    # 0 (or -1): no top-k cut
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+
+    @property
+    def filtered(self) -> bool:
+        """Whether top-k or top-p cuts the distribution (rather than the temperature alone)."""
+        return self.top_k > 0 or self.top_p < 1.0
 
 
 @dataclass
 class GenResult:
-    token_ids: list[int]       # completion only; includes the eos token or the stop string's bytes
-    logprobs: list[float]      # model logprob (temperature 1, no top-p) of each completion token
+    token_ids: list[int]       # completion only; includes the eos token or the stop string's tokens
+    logprobs: list[float]      # model logprob (temperature 1, whole vocabulary) of each completion token
     finish_reason: str         # "stop" | "length"
-    matched_stop: str | None = None   # the stop string that ended it, if any (its bytes end token_ids)
-
-
-def _stop_sequences(stop: list[str]) -> list[tuple[str, list[int]]]:
-    """Stop strings as token-id sequences. The tokenizer maps byte b to id b, so a
-    string's ids are its UTF-8 bytes; a special token's text is its single id."""
-    return [(s, [_SPECIAL_TEXT[s]] if s in _SPECIAL_TEXT else list(s.encode("utf-8"))) for s in stop if s]
+    matched_stop: str | None = None   # the stop string that ended it, if any (its tokens end token_ids)
+    sampling_logprobs: list[float] = field(default_factory=list)  # under the distribution drawn from
+    # Timings (time.monotonic()): the batch's prefill forward pass, when this request's
+    # first token was chosen (None if it generated none) and when it finished.
+    prefill_s: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float = 0.0
 
 
 class _Row:
     """Decoding state of one request inside a batch."""
 
-    def __init__(self, request: GenRequest, budget: int):
+    def __init__(self, request: GenRequest, budget: int, eos_ids: frozenset[int], stop_window: int):
         self.request = request
         self.budget = budget
-        self.stops = _stop_sequences(request.stop)
+        self.eos_ids = eos_ids
+        self.stop_window = stop_window
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.sampling_logprobs: list[float] = []
         self.finish_reason: str | None = "length" if budget == 0 else None
         self.matched_stop: str | None = None
+        self.first_token_at: float | None = None
+        self.finished_at = time.monotonic()
         self.generator = None
         if request.temperature > 0:
             # Sampling runs on CPU with one generator per request, so a seed gives the same
@@ -58,57 +77,101 @@ class _Row:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.generator.manual_seed(int(seed))
 
-    def choose(self, logits: torch.Tensor) -> int:
-        req = self.request
-        if self.generator is None:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.to("cpu", torch.float32) / req.temperature, dim=-1)
-        if req.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            before = sorted_probs.cumsum(0) - sorted_probs   # mass of strictly more likely tokens
-            sorted_probs[before >= req.top_p] = 0.0          # always keeps the top token
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def push(self, token: int, logprob: float) -> None:
+    def push(self, token: int, logprob: float, sampling_logprob: float, now: float, decode) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = now
         self.tokens.append(token)
         self.logprobs.append(logprob)
-        if token in EOS_TOKEN_IDS:
+        self.sampling_logprobs.append(sampling_logprob)
+        if token in self.eos_ids:
             self.finish_reason = "stop"
-            return
-        for text, ids in self.stops:
-            if len(self.tokens) >= len(ids) and self.tokens[-len(ids):] == ids:
-                self.finish_reason, self.matched_stop = "stop", text
-                return
-        if len(self.tokens) >= self.budget:
+        elif self.request.stop:
+            # Stops are matched on text, as a server matches them: the tail of the
+            # completion, a token longer than the longest stop string, holds any match
+            # the newest token completed (each token is at least one byte of text).
+            tail = decode(self.tokens[-self.stop_window:])
+            for text in self.request.stop:
+                if text and text in tail:
+                    self.finish_reason, self.matched_stop = "stop", text
+                    break
+        if self.finish_reason is None and len(self.tokens) >= self.budget:
             self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self.finished_at = now
 
-    def result(self) -> GenResult:
-        return GenResult(self.tokens, self.logprobs, self.finish_reason or "length", self.matched_stop)
+    def result(self, prefill_s: float) -> GenResult:
+        return GenResult(self.tokens, self.logprobs, self.finish_reason or "length", self.matched_stop,
+                         self.sampling_logprobs, prefill_s, self.first_token_at, self.finished_at)
+
+
+def _draw(rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, float]]:
+    """Each row's next token and its sampling logprob, from the last position's logits [B, V].
+
+    Greedy rows take the argmax. Sampled rows draw from softmax(logits / temperature)
+    with the tokens outside top_k, then outside the top_p nucleus (tokens whose more
+    likely ones already hold top_p of the mass; the most likely always stays), set to
+    -inf. The draw is in vocabulary order from each row's own generator.
+    """
+    picks: list[tuple[int, float]] = [(int(t), 0.0) for t in torch.argmax(logits, dim=-1).tolist()]
+    sampled = [i for i, r in enumerate(rows) if r.generator is not None and r.finish_reason is None]
+    if not sampled:
+        return picks
+    scaled = logits[sampled].to("cpu", torch.float32)
+    scaled /= torch.tensor([[rows[i].request.temperature] for i in sampled])
+    cut = [j for j, i in enumerate(sampled) if rows[i].request.filtered]
+    if cut:
+        vocab = scaled.shape[-1]
+        part, order = scaled[cut].sort(dim=-1, descending=True, stable=True)
+        ranks = torch.arange(vocab)
+        top_k = torch.tensor([[rows[sampled[j]].request.top_k if rows[sampled[j]].request.top_k > 0 else vocab]
+                              for j in cut])
+        drop = ranks >= top_k
+        probs = torch.softmax(part.masked_fill(drop, float("-inf")), dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely kept tokens
+        drop |= before >= torch.tensor([[rows[sampled[j]].request.top_p] for j in cut])
+        drop[:, 0] = False
+        scaled[cut] = scaled[cut].masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
+    log_probs = torch.log_softmax(scaled, dim=-1)
+    probs = log_probs.exp()
+    for j, i in enumerate(sampled):
+        token = int(torch.multinomial(probs[j], 1, generator=rows[i].generator))
+        picks[i] = (token, float(log_probs[j, token]))
+    return picks
 
 
 class Sampler:
-    """Serves completions from the base init or from a hot-loaded trainer snapshot."""
+    """Serves completions from the base weights or from a hot-loaded trainer snapshot."""
 
     def __init__(self, base_model: str, *, seed: int = 0, device: str = "cpu"):
-        self.card = resolve(base_model)
+        self.card: ModelCard = resolve(base_model)
         self.base_model = base_model
         self.model = model_io.build_model(self.card, seed, device)
         self.model.requires_grad_(False)
         self.device = next(self.model.parameters()).device
+        self.dtype = model_io.serving_dtype(self.device)
+        self.model.to(self.dtype)
         self.vocab_size = self.card.config["vocab_size"]
         self.max_context_length = self.card.max_context_length
+        self.eos_ids = frozenset(self.card.eos_token_ids)
         self.identity: str | None = None
+        self._tokenizer = None
         # transformers 5.2x renamed the KV-cache argument and output field from
         # past_key_values to cache; accept either so a client's older pin still works.
         forward_params = inspect.signature(type(self.model).forward).parameters
         self._cache_name = "cache" if "cache" in forward_params else "past_key_values"
 
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of ``token_ids`` with special tokens spelled out (what stop strings match)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(self.card.tokenizer_dir)
+        return self._tokenizer.decode(token_ids, skip_special_tokens=False)
+
     # -- weights
 
     def hot_load(self, snapshot_path: str) -> None:
         weights = read_snapshot(snapshot_path, self.base_model)
-        model_io.load_weight_dict(self.model, {k: v.to(self.device) for k, v in weights.items()})
+        model_io.load_weight_dict(self.model, {k: v.to(self.device, self.dtype) for k, v in weights.items()})
         self.identity = str(snapshot_path)
 
     # -- generation
@@ -116,15 +179,14 @@ class Sampler:
     @torch.no_grad()
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         """Decode all requests together: left-padded prompts, one forward pass per step."""
-        rows = [_Row(req, self._budget(i, req)) for i, req in enumerate(requests)]
+        rows = [self._row(i, req) for i, req in enumerate(requests)]
         if not rows:
             return []
         live = [r for r in rows if r.finish_reason is None]
-        if live:
-            self._decode(live)
-        return [r.result() for r in rows]
+        prefill_s = self._decode(live) if live else 0.0
+        return [r.result(prefill_s) for r in rows]
 
-    def _budget(self, index: int, req: GenRequest) -> int:
+    def _row(self, index: int, req: GenRequest) -> _Row:
         where = f"request {index}"
         if not req.prompt_ids:
             raise EngineError(f"{where}: empty prompt")
@@ -143,12 +205,17 @@ class Sampler:
             raise EngineError(f"{where}: temperature must be >= 0, got {req.temperature}")
         if not 0 < req.top_p <= 1:
             raise EngineError(f"{where}: top_p must be in (0, 1], got {req.top_p}")
+        if req.top_k < -1:
+            raise EngineError(f"{where}: top_k must be >= 0 (0 or -1: no limit), got {req.top_k}")
         # The completion is cut at the context end ("length"), as a server would.
-        return min(req.max_tokens, self.max_context_length - len(req.prompt_ids))
+        budget = min(req.max_tokens, self.max_context_length - len(req.prompt_ids))
+        stop_window = 1 + max((len(text.encode("utf-8")) for text in req.stop), default=0)
+        return _Row(req, budget, self.eos_ids, stop_window)
 
-    def _decode(self, rows: list[_Row]) -> None:
+    def _decode(self, rows: list[_Row]) -> float:
+        """Generate until every row finishes; returns the prefill forward pass's duration."""
         width = max(len(r.request.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), width), ENDOFTEXT_ID, dtype=torch.int64)
+        input_ids = torch.full((len(rows), width), self.card.pad_token_id, dtype=torch.int64)
         mask = torch.zeros(len(rows), width, dtype=torch.int64)
         for i, r in enumerate(rows):
             n = len(r.request.prompt_ids)
@@ -157,25 +224,31 @@ class Sampler:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = None
-        for _ in range(max(r.budget for r in rows)):
+        prefill_s = 0.0
+        for step in range(max(r.budget for r in rows)):
+            started = time.monotonic()
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1, **{self._cache_name: cache})
             cache = getattr(out, self._cache_name)
             logits = out.logits[:, -1].float()
             logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            if step == 0:
+                prefill_s = time.monotonic() - started
+            picks = _draw(rows, logits)
+            now = time.monotonic()
             next_ids = []
-            for i, r in enumerate(rows):
+            for i, (r, (token, sampling_logprob)) in enumerate(zip(rows, picks)):
                 if r.finish_reason is None:
-                    token = r.choose(logits[i])
-                    r.push(token, float(logprobs[i, token]))
+                    r.push(token, float(logprobs[i, token]), sampling_logprob, now, self.decode)
                 else:
-                    token = ENDOFTEXT_ID  # finished rows ride along; their outputs are ignored
+                    token = self.card.pad_token_id  # finished rows ride along; their outputs are ignored
                 next_ids.append(token)
             if all(r.finish_reason is not None for r in rows):
-                return
+                break
             input_ids = torch.tensor(next_ids, dtype=torch.int64, device=self.device).unsqueeze(1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
+        return prefill_s
 
 
 def read_snapshot(snapshot_path: str, base_model: str) -> dict[str, torch.Tensor]:
