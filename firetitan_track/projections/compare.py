@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.audit import eval_rows
 from firetitan_track.projections.run_state import fold
 
-__all__ = ["TrialSummary", "compare_sweep", "sweep_stream", "SWEEP_STREAM_PREFIX"]
+__all__ = ["TrialSummary", "compare_sweep", "sweep_stream", "sweep_trials", "SWEEP_STREAM_PREFIX"]
 
 SWEEP_STREAM_PREFIX = "sweep:"
 
@@ -21,6 +22,18 @@ SWEEP_STREAM_PREFIX = "sweep:"
 def sweep_stream(sweep_id: str) -> str:
     """The ledger stream that records a sweep."""
     return f"{SWEEP_STREAM_PREFIX}{sweep_id}"
+
+
+def sweep_trials(events: list[RecordedEvent]) -> list[dict[str, Any]]:
+    """A sweep stream's trials, ``{trial, run_id, params}`` in trial order: those its
+    SweepStarted planned, then those its workers were assigned as it went."""
+    trials = {}
+    for ev in events:
+        if ev.type == "SweepStarted":
+            trials.update({t["trial"]: t for t in ev.data["trials"]})
+        elif ev.type == "TrialAssigned":
+            trials[ev.data["trial"]] = {k: ev.data[k] for k in ("trial", "run_id", "params")}
+    return [trials[k] for k in sorted(trials)]
 
 
 @dataclass
@@ -45,7 +58,7 @@ def compare_sweep(ledger: Ledger, sweep_id: str) -> list[TrialSummary]:
     if not started:
         raise NotFound(f"no sweep {sweep_id!r} in the ledger")
     out = []
-    for trial in started[0].data["trials"]:
+    for trial in sweep_trials(events):
         run_events = ledger.read(trial["run_id"]) if _has_stream(ledger, trial["run_id"]) else []
         st = fold(run_events, trial["run_id"])
         scored = [r for r in eval_rows(run_events) if r.score is not None]

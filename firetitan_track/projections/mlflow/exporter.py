@@ -31,7 +31,7 @@ from typing import Sequence
 
 from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, NotFound
-from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, sweep_stream
+from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, sweep_stream, sweep_trials
 from firetitan_track.projections.mlflow.keys import (MAX_PARAMS_PER_CALL, MAX_TAGS_PER_CALL, TAG_EVENTS,
                                                      TAG_PARENT, TAG_RUN, TAG_RUN_NAME, TAG_SWEEP_PARENT,
                                                      mlflow_key, ms, param_value, quote)
@@ -242,7 +242,7 @@ class MlflowExporter:
         self._runs.pop(run_id, None)
 
     def _set_status(self, ml_run: str, status: str, last: RecordedEvent | None = None) -> None:
-        ended = {"completed": "FINISHED", "failed": "FAILED"}.get(status)
+        ended = {"completed": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}.get(status)
         if ended is None:
             self.client.update_run(ml_run, status="RUNNING")
             return
@@ -276,7 +276,10 @@ class MlflowExporter:
         if started is None:
             return
         params = [Param(mlflow_key(f"grid.{k}"), param_value(v)) for k, v in started.data["grid"].items()]
-        params.append(Param("trials", str(len(started.data["trials"]))))
+        params += [Param(mlflow_key(f"space.{k}"), param_value(v)) for k, v in (started.data.get("space") or {}).items()
+                   if k not in started.data["grid"]]
+        params.append(Param("trials", str(started.data.get("n_trials", len(started.data["trials"])))))
+        params += [Param(k, str(started.data[k])) for k in ("search", "prune") if started.data.get(k)]
         for i in range(0, len(params), MAX_PARAMS_PER_CALL):
             self.client.log_batch(parent, params=params[i:i + MAX_PARAMS_PER_CALL])
         self._log_tags(parent, {"spec_digest": started.data["spec_digest"], TAG_EVENTS: str(len(stream))})
@@ -292,10 +295,12 @@ class MlflowExporter:
         if started is None:
             return
         statuses = []
-        for trial in started.data["trials"]:
+        for trial in sweep_trials(sweep):
             n = self.ledger.stream_version(trial["run_id"])
             statuses.append(fold(self.ledger.read(trial["run_id"])).status if n else "new")
-        if all(s == "completed" for s in statuses):
+        # trials a sweep has not assigned yet are still to come
+        statuses += ["new"] * (started.data.get("n_trials", len(statuses)) - len(statuses))
+        if all(s in ("completed", "pruned") for s in statuses):
             status = "completed"
         elif "failed" in statuses and not {"running", "new"} & set(statuses):
             status = "failed"
