@@ -18,7 +18,8 @@ from sqlalchemy.engine import Connection
 from firetitan_track.redact import may_need_redaction, redact, redact_bytes, secret_values
 from firetitan_track.store import LedgerError, Store, blobs
 
-__all__ = ["canonical_json", "sha256_hex", "is_digest", "put_blob", "put_json", "get_blob", "get_json"]
+__all__ = ["canonical_json", "sha256_hex", "is_digest", "put_blob", "put_json", "json_digest", "get_blob",
+           "get_json"]
 
 JSON_MEDIA_TYPE = "application/json"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -62,13 +63,22 @@ def redacted_json(obj: Any, secrets: list[str]) -> str:
     return canonical_json(redact(obj, secrets)) if may_need_redaction(text, secrets) else text
 
 
-def put_json(store: Store, obj: Any) -> str:
-    """Store ``obj`` (secrets masked) as canonical JSON; return its digest."""
+def _json_bytes(obj: Any) -> bytes:
     try:
-        text = redacted_json(obj, secret_values())
+        return redacted_json(obj, secret_values()).encode()
     except (TypeError, ValueError) as e:
         raise LedgerError(f"cannot store a JSON blob: {e}") from None
-    return put_blob(store, text.encode(), JSON_MEDIA_TYPE)
+
+
+def put_json(store: Store, obj: Any) -> str:
+    """Store ``obj`` (secrets masked) as canonical JSON; return its digest."""
+    return put_blob(store, _json_bytes(obj), JSON_MEDIA_TYPE)
+
+
+def json_digest(obj: Any) -> str:
+    """The digest ``put_json`` gives ``obj``, without storing it: every JSON digest the
+    ledger records (spec, prompt sets, completions) is the digest of a blob."""
+    return sha256_hex(redact_bytes(_json_bytes(obj)))
 
 
 def get_blob(store: Store, digest: str) -> bytes:

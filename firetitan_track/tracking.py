@@ -437,7 +437,6 @@ def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = N
           seed: int = 0, backend: str = "fireworks") -> TrackedService:
     """Record a researcher's own loop: wrap the service, start (or continue) a ledger run."""
     import dataclasses
-    import hashlib
     import json
 
     from firetitan_track.ledger import Ledger, default_ledger_url
@@ -451,8 +450,7 @@ def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = N
         if spec is None and dataclasses.is_dataclass(cfg):
             spec = {"provisioning": dataclasses.asdict(cfg)}  # what the service was built from
         body = redact(json.loads(json.dumps(spec or {}, default=str)))
-        rec.record("RunStarted", spec=body, spec_digest=hashlib.sha256(
-            json.dumps(body, sort_keys=True).encode()).hexdigest(), code_version=code_version(),
+        rec.record("RunStarted", spec=body, spec_digest=rec.put_json(body), code_version=code_version(),
             seed=seed, backend=backend)
     return TrackedService(service, rec, base_model=getattr(cfg, "base_model", ""),
                           shape=getattr(cfg, "training_shape_id", None), lora_rank=getattr(cfg, "lora_rank", 0),

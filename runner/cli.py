@@ -80,14 +80,14 @@ def main(ctx: click.Context, ledger: str | None) -> None:
 def _reporting() -> Iterator[None]:
     """Bad input and known failures as a message and exit 1; an interrupted run as exit 130
     with the command that continues it."""
-    from runner.loop import RunInterrupted
+    from runner.interrupts import RunInterrupted
 
     try:
         with user_errors():
             yield
     except RunInterrupted as e:
         click.echo(f"{e}; its cleanup is done. Continue it with: firetitan-track resume {e.run_id}", err=True)
-        sys.exit(130)
+        sys.exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
 
 
 def _finish(result: Any) -> None:

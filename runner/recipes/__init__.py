@@ -1,7 +1,9 @@
-"""Recipes: what one training step does. Each exposes ``train_step(ctx, batch) -> metrics``."""
+"""Recipes: what one training step does. Each is a module with ``needs_reference(spec)``
+and ``train_step(ctx, batch) -> metrics`` (see runner.recipes.base)."""
 
 from runner.recipes import grpo, sft
+from runner.recipes.base import Recipe, StepContext
 
-RECIPES = {"sft": sft, "grpo": grpo}
+RECIPES: dict[str, Recipe] = {"sft": sft, "grpo": grpo}
 
-__all__ = ["RECIPES"]
+__all__ = ["RECIPES", "Recipe", "StepContext"]

@@ -12,23 +12,17 @@ from typing import Any
 
 import torch
 
+from runner.recipes.base import StepContext, optim_metrics, weighted_datum, weights_of
+from runner.spec import Spec
 from runner.tasks import Example, grade
 
 
-def _datum(full_tokens: list[int], prompt_len: int) -> tuple[Any, torch.Tensor]:
-    from fireworks.training.sdk import Datum, ModelInput, TensorData
-
-    mask = torch.zeros(len(full_tokens) - 1, dtype=torch.float32)
-    mask[prompt_len - 1:] = 1.0
-    d = Datum(
-        model_input=ModelInput.from_ints(full_tokens[:-1]),
-        loss_fn_inputs={"target_tokens": TensorData.from_torch(torch.tensor(full_tokens[1:], dtype=torch.int64)),
-                        "weights": TensorData.from_torch(mask)},
-    )
-    return d, mask
+def needs_reference(spec: Spec) -> bool:
+    """A frozen reference only when the objective has a KL term."""
+    return spec.recipe.kl_coef > 0
 
 
-def train_step(ctx: Any, batch: list[Example]) -> dict[str, float]:
+def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     sampler = ctx.sync_policy(f"rollout-{ctx.step}")
     spec = ctx.spec.recipe
 
@@ -47,16 +41,16 @@ def train_step(ctx: Any, batch: list[Example]) -> dict[str, float]:
         for c, r in zip(group, rs):
             if c.completion_len == 0:
                 continue
-            d, m = _datum(list(c.full_tokens), c.prompt_len)
+            d = weighted_datum(list(c.full_tokens), c.prompt_len)
             data.append(d)
-            masks.append(m)
+            masks.append(weights_of(d))
             advantages.append(r - mean)
             rewards.append(r)
     if not data:
         return {"reward": 0.0, "loss": 0.0}
 
     ref_logprobs = None
-    if ctx.reference is not None and spec.kl_coef > 0:
+    if ctx.reference is not None:
         ref_logprobs = [o["logprobs"].to_torch() for o in ctx.reference.forward(data, "cross_entropy").result().loss_fn_outputs]
     n_tokens = float(sum(m.sum() for m in masks)) or 1.0
 
@@ -73,6 +67,5 @@ def train_step(ctx: Any, batch: list[Example]) -> dict[str, float]:
     metrics = {"reward": sum(rewards) / len(rewards), "loss": float((out.metrics or {}).get("loss:sum", 0.0)),
                "rollouts": float(len(data))}
     metrics.update({k: float(v) for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))})
-    metrics.update({f"optim/{k}": float(v) for k, v in (getattr(opt, "metrics", None) or {}).items()
-                    if isinstance(v, (int, float))})
+    metrics.update(optim_metrics(opt))
     return metrics

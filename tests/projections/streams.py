@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from firetitan_track import Ledger, RecordedEvent, new_event
-from firetitan_track.projections.run_state import TRAINING_HISTORY
+from firetitan_track.projections.run_state import fold, to_supersede
 
 PROMPTS = [{"messages": [{"role": "user", "content": f"reverse {i}{i + 1}{i + 2}"}],
             "answer": f"{i + 2}{i + 1}{i}"} for i in range(5)]
@@ -92,10 +92,9 @@ class RunWriter:
     def resume(self) -> list[int]:
         """Supersede the training history after the last saved state; returns those versions."""
         events = self.ledger.read(self.run_id)
-        last_state = max(ev.version for ev in events if ev.type == "StateSaved")
-        state = next(ev for ev in events if ev.version == last_state)
-        dropped = [ev.version for ev in events if ev.version > last_state and ev.type in TRAINING_HISTORY]
-        self.emit("RunResumed", from_step=state.data["step"], state_path=state.data["path"],
+        state = fold(events).last_state
+        dropped = to_supersede(events)
+        self.emit("RunResumed", from_step=state["step"], state_path=state["path"],
                   superseded=dropped, attempt=2)
         # snapshots taken after the state are gone; the next one re-derives from the same base
         return dropped

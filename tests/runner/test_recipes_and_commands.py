@@ -102,7 +102,7 @@ def test_interrupt_cleans_up_records_failure_and_leaves_a_resumable_run(sig, loc
         time.sleep(0.1)
     proc.send_signal(sig)
     code, err = proc.wait(timeout=120), proc.stderr.read()
-    assert code == 130, (err[-3000:], [(e.type, e.data) for e in Ledger.open(ledger_url).read("i")][-5:])
+    assert code == 128 + int(sig), (err[-3000:], [(e.type, e.data) for e in Ledger.open(ledger_url).read("i")][-5:])
     assert "Continue it with: firetitan-track resume i" in err
     events = Ledger.open(ledger_url).read("i")
     assert [ev.type for ev in events][-2:] == ["CleanupApplied", "RunFailed"], [(e.type, e.data) for e in events[-4:]]

@@ -1,0 +1,126 @@
+"""Provisioning and reconnection: from a spec and a run's record to a tracked service.
+
+A new run provisions a trainer and a deployment. A resumed run first asks the backend
+whether the recorded trainer job and deployment still exist: it reattaches to what
+does and provisions anew what does not (the state is then loaded by a cross-job
+reference). Only the SDK's "not found" answer counts as gone; an auth error or a
+network failure propagates, so a blip never silently provisions a second trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from firetitan_track.projections.run_state import RunState
+from firetitan_track.tracking import Recorder, TrackedService
+from runner.spec import Spec
+
+__all__ = ["Endpoint", "Session", "endpoint", "shape_ref", "connect"]
+
+# Job states from which a trainer cannot be reconnected to.
+_GONE_STATES = frozenset({"", "JOB_STATE_DELETED", "JOB_STATE_DELETING", "JOB_STATE_FAILED",
+                          "JOB_STATE_CANCELLED"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str | None  # None: the SDK's default (the managed service)
+    tokenizer_path: str
+
+
+@dataclass
+class Session:
+    """What a run drives: the tracked service, the policy (and reference) clients, the tokenizer."""
+
+    tracked: TrackedService
+    policy: Any
+    reference: Any
+    tokenizer: Any
+    endpoint: Endpoint
+
+
+def endpoint(spec: Spec) -> Endpoint:
+    """Where the run's service is: the managed API, a given base_url, or the embedded
+    local service (started when none runs on the spec's state dir)."""
+    if spec.backend.kind == "fireworks":
+        return Endpoint(spec.backend.base_url or None, spec.model.tokenizer)
+    from runner.local.catalogue import tokenizer_path
+
+    if spec.backend.base_url:
+        return Endpoint(spec.backend.base_url, spec.model.tokenizer or tokenizer_path())
+    from runner.local.supervisor import ensure_running
+
+    info = ensure_running(spec.backend.state_dir, device=spec.backend.device)
+    return Endpoint(info.base_url, spec.model.tokenizer or info.tokenizer_path)
+
+
+def shape_ref(shape: str) -> str:
+    """The SDK wants a resource name; a bare shape id means one of the public shapes."""
+    return shape if "/" in shape else f"accounts/fireworks/trainingShapes/{shape}"
+
+
+def connect(spec: Spec, st: RunState, rec: Recorder, api_key: str, *, needs_reference: bool) -> Session:
+    """Provision (or, on a resume, reattach to) the run's trainer, deployment and reference."""
+    from fireworks.training.sdk import FiretitanServiceClient
+    from transformers import AutoTokenizer
+
+    where = endpoint(spec)
+    tokenizer = AutoTokenizer.from_pretrained(where.tokenizer_path)
+    shape = shape_ref(spec.model.training_shape)
+    resuming = st.resume_step > 0 or st.attempts > 1
+    trainer_id = st.trainer_job_id if resuming and _trainer_alive(where, api_key, st.trainer_job_id) else None
+    deployment_id = st.deployment_id or spec.model.deployment_id
+    existing_deployment = deployment_id if _deployment_exists(where, api_key, deployment_id) else None
+    service = FiretitanServiceClient.from_firetitan_config(
+        api_key=api_key, base_url=where.base_url, base_model=spec.model.base_model,
+        tokenizer_model=where.tokenizer_path, lora_rank=spec.model.lora_rank,
+        training_shape_id=shape, deployment_id=deployment_id,
+        learning_rate=spec.optim.learning_rate, replica_count=1, trainer_job_id=trainer_id,
+        gradient_accumulation_steps=None,  # the SDK's default (1) only logs a deprecation; micro-batches are ours
+        cleanup_trainer_on_close=spec.cleanup.trainer == "delete",
+        cleanup_deployment_on_close=None if spec.cleanup.deployment == "keep" else spec.cleanup.deployment,
+    )
+    tracked = TrackedService(
+        service, rec, base_model=spec.model.base_model, shape=shape,
+        lora_rank=spec.model.lora_rank, deployment_id=spec.model.deployment_id,
+        reused_trainer_job_id=trainer_id, reused_deployment_id=existing_deployment,
+        base_url=where.base_url, owns_reattached=True)
+    session = Session(tracked, None, None, tokenizer, where)
+    session.policy = tracked.create_training_client(base_model=spec.model.base_model,
+                                                    lora_rank=spec.model.lora_rank, seed=spec.run.seed)
+    if needs_reference:
+        session.reference = tracked.create_reference_client(lora_rank=spec.model.lora_rank)
+        if st.reference_job_id and spec.cleanup.trainer == "delete":
+            _retire_reference(where, api_key, st.reference_job_id, rec)
+    return session
+
+
+def _trainer_alive(where: Endpoint, api_key: str, job_id: str | None) -> bool:
+    """Whether the recorded trainer job can be reconnected to (else provision anew and load the state)."""
+    if not job_id:
+        return False
+    from fireworks.training.sdk import TrainerJobManager
+
+    job = TrainerJobManager(api_key=api_key, base_url=where.base_url).try_get(job_id)  # None: not found
+    return job is not None and str(job.get("state", "")) not in _GONE_STATES
+
+
+def _deployment_exists(where: Endpoint, api_key: str, deployment_id: str | None) -> bool:
+    """Whether provisioning will reattach to this deployment (an earlier attempt's, or another run's)."""
+    if not deployment_id:
+        return False
+    from fireworks.training.sdk import DeploymentManager
+
+    return DeploymentManager(api_key=api_key, base_url=where.base_url).get(deployment_id) is not None
+
+
+def _retire_reference(where: Endpoint, api_key: str, job_id: str, rec: Recorder) -> None:
+    """A crashed attempt's frozen reference trainer: the SDK that made it died before its
+    close, and the resumed run has a new one, so the spec's cleanup applies to it now."""
+    if not _trainer_alive(where, api_key, job_id):
+        return
+    from fireworks.training.sdk import TrainerJobManager
+
+    TrainerJobManager(api_key=api_key, base_url=where.base_url).delete(job_id)
+    rec.record("CleanupApplied", trainer="deleted", deployment="kept", role="reference", trainer_job_id=job_id)

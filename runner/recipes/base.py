@@ -1,0 +1,100 @@
+"""What every recipe shares: the context a training step runs in, the recipe interface,
+and the datum builders (token sequences weighted on the part that is learned).
+
+A recipe is a module with ``needs_reference(spec) -> bool`` (whether the run must
+provision a frozen reference client) and ``train_step(ctx, batch) -> metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from firetitan_track.tracking import TrackedService
+from runner.spec import Spec
+from runner.tasks import Example
+
+__all__ = ["Recipe", "StepContext", "weighted_datum", "answer_datum", "chunks", "optim_metrics"]
+
+
+@dataclass
+class StepContext:
+    """What a recipe's train_step may use."""
+
+    spec: Spec
+    tracked: TrackedService
+    policy: Any  # the tracked training client
+    reference: Any  # a frozen reference client, when the recipe asked for one
+    tokenizer: Any
+    adam: Any  # the SDK's AdamParams for every optim_step
+    loop: asyncio.AbstractEventLoop
+    new_controller: Callable[[], Any]  # a fresh concurrency controller per sync
+    step: int = 0
+    last_snapshot: str | None = None
+    controller: Any = field(default=None)
+
+    @property
+    def micro_batches(self) -> int:
+        return self.spec.recipe.micro_batches
+
+    def run_async(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def sync_policy(self, name: str) -> Any:
+        """Snapshot the policy and hot-load it onto the deployment; return its sampler."""
+        self.last_snapshot = self.policy.save_weights_for_sampler(name).result().path
+        self.controller = self.new_controller()
+        return self.tracked.create_deployment_sampler(model_path=self.last_snapshot, tokenizer=self.tokenizer,
+                                                      concurrency_controller=self.controller)
+
+
+class Recipe(Protocol):
+    def needs_reference(self, spec: Spec) -> bool: ...
+
+    def train_step(self, ctx: StepContext, batch: list[Example]) -> dict[str, float]: ...
+
+
+def weighted_datum(tokens: Sequence[int], first_learned: int) -> Any:
+    """A next-token datum over ``tokens``: targets are the tokens shifted by one, weighted
+    1 from the target at index ``first_learned`` on (the prompt before it is context)."""
+    from fireworks.training.sdk import Datum, ModelInput, TensorData
+
+    weights = torch.zeros(len(tokens) - 1, dtype=torch.float32)
+    weights[first_learned - 1:] = 1.0
+    return Datum(
+        model_input=ModelInput.from_ints(list(tokens[:-1])),
+        loss_fn_inputs={"target_tokens": TensorData.from_torch(torch.tensor(list(tokens[1:]), dtype=torch.int64)),
+                        "weights": TensorData.from_torch(weights)},
+    )
+
+
+def prompt_tokens(tokenizer: Any, example: Example) -> list[int]:
+    """The example's chat, rendered with the generation prompt, as token ids."""
+    return list(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
+def answer_datum(tokenizer: Any, example: Example, answer: str | None = None) -> Any:
+    """Prompt (chat template) + answer + end-of-turn, weighted on the answer only."""
+    prompt = prompt_tokens(tokenizer, example)
+    completion = tokenizer.encode(example.answer if answer is None else answer, add_special_tokens=False)
+    return weighted_datum(prompt + completion + [tokenizer.convert_tokens_to_ids("<|im_end|>")], len(prompt))
+
+
+def weights_of(datum: Any) -> torch.Tensor:
+    return datum.loss_fn_inputs["weights"].to_torch()
+
+
+def chunks(items: list[Any], parts: int) -> list[list[Any]]:
+    """``items`` in ``parts`` consecutive micro-batches (the last takes the remainder)."""
+    per = len(items) // parts
+    return [items[i * per:(i + 1) * per] if i < parts - 1 else items[i * per:] for i in range(parts)]
+
+
+def optim_metrics(result: Any) -> dict[str, float]:
+    """The optimizer step's numeric metrics, under ``optim/``."""
+    return {f"optim/{k}": float(v) for k, v in (getattr(result, "metrics", None) or {}).items()
+            if isinstance(v, (int, float))}
