@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "replay": "firetitan_track.projections.cli:replay",
     "export": "firetitan_track.projections.cli:export",
     "compare": "firetitan_track.projections.cli:compare",
+    "diff": "firetitan_track.projections.cli:diff",
     "ui": "firetitan_track.projections.cli:ui",
     "run": "runner.cli:run",
     "resume": "runner.cli:resume",

@@ -209,3 +209,21 @@ def ui(host: str, port: int, backend_store_uri: str) -> None:
         code = proc.wait()
     if code not in (0, -15, 130):
         raise click.ClickException(f"mlflow server exited with status {code}")
+
+
+@click.command()
+@click.argument("run_a", metavar="A")
+@click.argument("run_b", metavar="B")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def diff(ctx: click.Context, run_a: str, run_b: str, as_json: bool) -> None:
+    """How run B differs from run A: spec, prompt sets, code version, the first step their
+    training differs, and scores."""
+    from firetitan_track.projections.diff import diff_runs, report
+
+    with reading_ledger(ctx) as ledger:
+        found = diff_runs(ledger, run_a, run_b)
+    if as_json:
+        _echo_json(found.to_dict())
+    else:
+        click.echo(report(found))

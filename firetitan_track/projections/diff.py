@@ -1,0 +1,247 @@
+"""The diff view: how two runs differ, and the first step at which their training parts.
+
+Built from each run's authoritative history, like every view:
+
+- ``spec``: every flattened spec key whose values differ, with both values;
+- ``prompt_sets``: per named set (eval, train) whether the digests match, and how many
+  examples differ (same index, different content, plus any only one set has);
+- ``code_version``: both, and whether they match;
+- ``first_divergent_step``: the first step whose StepCompleted differs in its data (data
+  cursor, micro-batches), its optimizer settings or its loss (``divergence`` names the
+  fields); a step only one run has counts too;
+- ``scores``: per eval step in either run, both scores and the gap (b - a).
+
+Losses are compared to a relative 1e-6: a rerun on a GPU backend need not reproduce the
+last bits of a float, and a real difference in data or settings moves a loss far more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from firetitan_track.errors import UserError
+from firetitan_track.events import RecordedEvent
+from firetitan_track.ledger import Ledger, LedgerError
+from firetitan_track.projections.audit import eval_rows, read_run
+from firetitan_track.projections.mlflow.keys import flatten
+from firetitan_track.projections.run_state import authoritative
+
+__all__ = ["RunDiff", "PromptSetDiff", "ScoreDiff", "diff_runs", "report", "LOSS_REL_TOL"]
+
+LOSS_REL_TOL = 1e-6
+
+
+@dataclass
+class PromptSetDiff:
+    same: bool
+    a: str | None  # digest; None when the run has no such set
+    b: str | None
+    examples_a: int | None  # None when the blob is not in the ledger
+    examples_b: int | None
+    differing_examples: int | None
+
+
+@dataclass
+class ScoreDiff:
+    step: int
+    a: float | None
+    b: float | None
+    gap: float | None  # b - a, when both scored
+
+
+@dataclass
+class RunDiff:
+    a: str
+    b: str
+    spec: dict[str, dict[str, Any]]  # differing key -> {"a": ..., "b": ...}
+    prompt_sets: dict[str, PromptSetDiff]
+    code_version: dict[str, Any]  # {"same", "a", "b"}
+    first_divergent_step: int | None
+    divergence: dict[str, dict[str, Any]] = field(default_factory=dict)  # at that step: field -> {"a", "b"}
+    scores: list[ScoreDiff] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return (not self.spec and all(p.same for p in self.prompt_sets.values()) and self.code_version["same"]
+                and self.first_divergent_step is None and all(s.gap == 0 for s in self.scores))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "identical": self.identical, "spec": self.spec,
+                "prompt_sets": {k: asdict(v) for k, v in self.prompt_sets.items()},
+                "code_version": self.code_version, "first_divergent_step": self.first_divergent_step,
+                "divergence": self.divergence, "scores": [asdict(s) for s in self.scores]}
+
+
+class NotATrainingRun(UserError):
+    """A stream with no RunStarted (a sweep's stream, say): there is nothing to diff."""
+
+
+def diff_runs(ledger: Ledger, run_a: str, run_b: str) -> RunDiff:
+    """How ``run_b`` differs from ``run_a``; NotFound names an unknown run."""
+    events_a, events_b = authoritative(read_run(ledger, run_a)), authoritative(read_run(ledger, run_b))
+    start_a, start_b = _started(run_a, events_a), _started(run_b, events_b)
+    step, fields = _first_divergence(events_a, events_b)
+    return RunDiff(
+        a=run_a, b=run_b,
+        spec=_differing(flatten(start_a.get("spec") or {}), flatten(start_b.get("spec") or {})),
+        prompt_sets=_prompt_sets(ledger, start_a.get("prompt_sets") or {}, start_b.get("prompt_sets") or {}),
+        code_version={"same": start_a.get("code_version") == start_b.get("code_version"),
+                      "a": start_a.get("code_version"), "b": start_b.get("code_version")},
+        first_divergent_step=step, divergence=fields, scores=_scores(events_a, events_b),
+    )
+
+
+def _started(run_id: str, events: list[RecordedEvent]) -> dict[str, Any]:
+    for ev in events:
+        if ev.type == "RunStarted":
+            return ev.data
+    raise NotATrainingRun(f"{run_id} is not a training run (its stream has no RunStarted event)")
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: {"a": a.get(k), "b": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+# -- prompt sets -------------------------------------------------------------------------
+
+
+def _prompt_sets(ledger: Ledger, sets_a: dict[str, str], sets_b: dict[str, str]) -> dict[str, PromptSetDiff]:
+    out = {}
+    for name in sorted(sets_a.keys() | sets_b.keys()):
+        da, db = sets_a.get(name), sets_b.get(name)
+        xa, xb = _examples(ledger, da), _examples(ledger, db)
+        differing = None
+        if da == db:
+            differing = 0
+        elif xa is not None and xb is not None:
+            differing = sum(x != y for x, y in zip(xa, xb)) + abs(len(xa) - len(xb))
+        out[name] = PromptSetDiff(same=da == db, a=da, b=db, examples_a=None if xa is None else len(xa),
+                                  examples_b=None if xb is None else len(xb), differing_examples=differing)
+    return out
+
+
+def _examples(ledger: Ledger, digest: str | None) -> list[Any] | None:
+    if digest is None:
+        return []
+    try:
+        examples = ledger.get_json(digest)
+    except LedgerError:  # NotFound included: a digest whose blob this ledger lacks
+        return None
+    return examples if isinstance(examples, list) else None
+
+
+# -- training ----------------------------------------------------------------------------
+
+
+def _steps(events: list[RecordedEvent]) -> dict[int, dict[str, Any]]:
+    return {ev.data["step"]: ev.data for ev in events if ev.type == "StepCompleted"}
+
+
+def _first_divergence(events_a: list[RecordedEvent],
+                      events_b: list[RecordedEvent]) -> tuple[int | None, dict[str, dict[str, Any]]]:
+    steps_a, steps_b = _steps(events_a), _steps(events_b)
+    for step in sorted(steps_a.keys() | steps_b.keys()):
+        a, b = steps_a.get(step), steps_b.get(step)
+        if a is None or b is None:
+            return step, {"present": {"a": a is not None, "b": b is not None}}
+        fields = _step_differences(a, b)
+        if fields:
+            return step, fields
+    return None, {}
+
+
+def _step_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in ("data_cursor", "micro_batches"):
+        if a.get(name) != b.get(name):
+            out[name] = {"a": a.get(name), "b": b.get(name)}
+    for k, v in _differing(flatten(a.get("optimizer") or {}), flatten(b.get("optimizer") or {})).items():
+        out[f"optimizer.{k}"] = v
+    losses_a, losses_b = _losses(a), _losses(b)
+    for k in sorted(losses_a.keys() | losses_b.keys()):
+        x, y = losses_a.get(k), losses_b.get(k)
+        if x is None or y is None or not math.isclose(x, y, rel_tol=LOSS_REL_TOL):
+            out[f"metrics.{k}"] = {"a": x, "b": y}
+    return out
+
+
+def _losses(step: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in flatten(step.get("metrics") or {}).items()
+            if "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# -- scores ------------------------------------------------------------------------------
+
+
+def _scores(events_a: list[RecordedEvent], events_b: list[RecordedEvent]) -> list[ScoreDiff]:
+    def by_step(events: list[RecordedEvent]) -> dict[int, float]:
+        return {r.step: r.score for r in eval_rows(events) if r.score is not None}
+
+    a, b = by_step(events_a), by_step(events_b)
+    return [ScoreDiff(step, a.get(step), b.get(step),
+                      b[step] - a[step] if step in a and step in b else None)
+            for step in sorted(a.keys() | b.keys())]
+
+
+# -- the human report --------------------------------------------------------------------
+
+
+def report(d: RunDiff) -> str:
+    """A few lines a person reads in ten seconds."""
+    if d.identical:
+        evals = f"{len(d.scores)} evals" if d.scores else "no evals"
+        return (f"{d.a} and {d.b} do not differ: same spec, prompt sets, code version, "
+                f"training and scores ({evals})")
+    lines = [f"{d.a} -> {d.b}"]
+    spec = [f"{k}: {_v(v['a'])} -> {_v(v['b'])}" for k, v in d.spec.items()]
+    lines += _block("spec", spec[:6] + ([f"... {len(spec) - 6} more"] if len(spec) > 6 else []) or ["same"])
+    sets = []
+    for name, p in d.prompt_sets.items():
+        if p.same:
+            sets.append(f"{name}: same ({(p.a or '-')[:12]}, {_v(p.examples_a)} examples)")
+        else:
+            sets.append(f"{name}: {(p.a or 'none')[:12]} -> {(p.b or 'none')[:12]}, "
+                        f"{_v(p.differing_examples)} of {_v(p.examples_a)}/{_v(p.examples_b)} examples differ")
+    lines += _block("prompt sets", sets or ["none"])
+    cv = d.code_version
+    lines += _block("code version", [f"same ({cv['a']})" if cv["same"] else f"{cv['a']} -> {cv['b']}"])
+    if d.first_divergent_step is None:
+        training = ["same at every step"]
+    else:
+        what = ", ".join(f"{k} {_v(v['a'])} -> {_v(v['b'])}" for k, v in d.divergence.items())
+        training = [f"first differs at step {d.first_divergent_step}: {what}"]
+    lines += _block("training", training)
+    lines += _block("scores", [_scores_line(d.scores)])
+    return "\n".join(lines)
+
+
+def _block(title: str, items: list[str]) -> list[str]:
+    return [f"{title:13} {item}" if i == 0 else f"{'':13} {item}" for i, item in enumerate(items)]
+
+
+def _scores_line(scores: list[ScoreDiff]) -> str:
+    if not scores:
+        return "no evals"
+    differing = [s for s in scores if s.gap != 0]
+    last = scores[-1]
+    tail = f"last, step {last.step}: {_v(last.a)} vs {_v(last.b)}{_gap(last)}"
+    if not differing:
+        return f"same at all {len(scores)} evals ({tail})"
+    known = [s for s in differing if s.gap is not None]
+    widest = max(known, key=lambda s: abs(s.gap or 0.0), default=None)
+    most = f"; largest gap at step {widest.step}: {_v(widest.a)} vs {_v(widest.b)}{_gap(widest)}" if widest else ""
+    return f"{len(differing)} of {len(scores)} evals differ{most}; {tail}"
+
+
+def _gap(s: ScoreDiff) -> str:
+    return f" ({s.gap:+.4g})" if s.gap else ""
+
+
+def _v(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
