@@ -57,7 +57,8 @@ CATALOGUE: dict[str, EventType] = _types(
     EventType("Reconnected", 1, ("role", "trainer_job_id", "reused"),
               "role: policy|reference|deployment; optional deployment_id"),
     EventType("CleanupApplied", 1, ("trainer", "deployment"),
-              "trainer: deleted|kept; deployment: scaled_to_zero|deleted|kept (what was done); optional error"),
+              "trainer: deleted|kept; deployment: scaled_to_zero|deleted|kept, as the service confirmed "
+              "them; failed (still there after the attempt) or unknown (not confirmed); optional error: why"),
     EventType("RunFailed", 1, ("error", "step"), "error text (redacted)"),
     EventType("RunCompleted", 1, ("final_step", "final_snapshot")),
     # -- provisioning ----------------------------------------------------------
