@@ -9,7 +9,13 @@ takes everything waiting (up to ``MAX_BATCH``) whenever the worker is free and
 generates it as one batch. The time a request waited in that queue is reported
 as ``prefill-queue-duration`` (seconds, as a string, in the final SSE chunk's
 ``perf_metrics`` and in the response headers) -- the signal the SDK's
-AdaptiveConcurrencyController grows or shrinks its window on.
+AdaptiveConcurrencyController grows or shrinks its window on. Every other timing
+there is measured for the request too (``_perf_metrics``); what nothing here
+measures is left out rather than filled in.
+
+Each token's ``logprob`` is the model's; its ``sampling_logprob`` is that of the
+distribution it was drawn from (temperature, top_k, top_p), which the SDK's
+Tinker-shaped ``sample()`` returns (see ``sampler.py``).
 """
 
 from __future__ import annotations
@@ -68,16 +74,19 @@ class _Job:
 
 @dataclass
 class Completion:
-    """One finished generation plus the timings the SDK reads."""
+    """One finished generation plus the timings the SDK reads (time.monotonic() instants)."""
 
     prompt_ids: list[int]
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float]              # the model's, at temperature 1 ("logprob")
+    sampling_logprobs: list[float]     # the distribution each token was drawn from ("sampling_logprob")
     finish_reason: str
-    queue_wait_s: float
-    generation_s: float
+    arrived: float                     # entered the deployment's queue
+    started: float                     # its batch began (prefill)
+    prefill_s: float
+    first_token_at: float | None       # None when it generated nothing (max_tokens 0)
+    finished_at: float
     batch_size: int
-    sampling_logprobs: list[float | None] | None = None
 
 
 class DeploymentRuntime:
@@ -191,17 +200,19 @@ class InferencePlane:
         self.state = state
         self.device = device
         self.runtimes: dict[str, DeploymentRuntime] = {}
-        self._tokenizer: Any = None
-        self._token_texts: dict[int, str] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._token_texts: dict[tuple[str, int], str] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def tokenizer(self):
-        if self._tokenizer is None:
+    def tokenizer(self, card: catalogue.ModelCard):
+        """The tokenizer of the model a deployment serves (a checkpoint's own, else the shipped one)."""
+        tokenizer = self._tokenizers.get(card.tokenizer_dir)
+        if tokenizer is None:
             load_engine()  # transformers' first import must not race the warm-up thread
             from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(catalogue.tokenizer_path())
-        return self._tokenizer
+            tokenizer = self._tokenizers[card.tokenizer_dir] = AutoTokenizer.from_pretrained(card.tokenizer_dir)
+        return tokenizer
 
     async def runtime_for(self, deployment_id: str, *, wake: bool) -> DeploymentRuntime:
         """The deployment's replica, started on demand (a scaled-to-zero one wakes if ``wake``)."""
@@ -311,10 +322,11 @@ class InferencePlane:
 
     # -- completions ---------------------------------------------------------------------
 
-    def _gen_request(self, body: dict, vocab_size: int, max_context: int) -> tuple[Any, list[int]]:
+    def _gen_request(self, body: dict, card: catalogue.ModelCard) -> tuple[Any, list[int]]:
+        vocab_size, max_context = int(card.config["vocab_size"]), card.max_context_length
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            prompt_ids = list(self.tokenizer().encode(prompt, add_special_tokens=False))
+            prompt_ids = list(self.tokenizer(card).encode(prompt, add_special_tokens=False))
         elif isinstance(prompt, list):
             prompt_ids = prompt
             check_token_ids(prompt_ids, "prompt", vocab_size=vocab_size)
@@ -336,9 +348,11 @@ class InferencePlane:
                 raise ApiError(400, f"{name} must be a non-negative number")
         if not 0 < float(top_p) <= 1:
             raise ApiError(400, "top_p must be in (0, 1]")
-        top_k = body.get("top_k", 0) or 0
-        if top_k not in (0, -1):
-            raise ApiError(400, "top_k is not supported by the local deployment (use top_p)")
+        top_k = body.get("top_k", 0)
+        if top_k is None:
+            top_k = 0
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+            raise ApiError(400, "top_k must be an integer >= 0 (0 or -1: no limit)")
         if body.get("echo"):
             raise ApiError(400, "echo is not supported by the local deployment")
         for unsupported in ("include_routing_matrix", "routing_matrix_format", "top_sampling_logprobs",
@@ -354,10 +368,12 @@ class InferencePlane:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ApiError(400, "stop must be a string or a list of strings")
         request = _engine().GenRequest(prompt_ids=list(prompt_ids), max_tokens=max_tokens,
-                                       temperature=float(temperature), top_p=float(top_p), seed=seed, stop=stop)
+                                       temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
+                                       seed=seed, stop=stop)
         return request, list(prompt_ids)
 
     async def completions(self, request: Request) -> Response:
+        received = time.monotonic()
         body = await json_body(request)
         deployment_id = self._deployment_id(body.get("model") or request.headers.get("fireworks-deployment"))
         record = self.state.deployments.get(deployment_id)
@@ -370,9 +386,8 @@ class InferencePlane:
         stream = bool(body.get("stream", False))
         if stream and n != 1:
             raise ApiError(400, "streamed completions take n=1 (send n requests)")
-        gen_request, prompt_ids = self._gen_request(body, int(card.config["vocab_size"]), card.max_context_length)
+        gen_request, prompt_ids = self._gen_request(body, card)
         runtime = await self.runtime_for(deployment_id, wake=True)
-        received = time.monotonic()
         outcomes = await asyncio.gather(*(runtime.generate(gen_request) for _ in range(n)), return_exceptions=True)
         completions = []
         for outcome in outcomes:
@@ -383,67 +398,62 @@ class InferencePlane:
             result, job = outcome
             completions.append(Completion(
                 prompt_ids=prompt_ids, token_ids=list(result.token_ids), logprobs=[float(x) for x in result.logprobs],
+                sampling_logprobs=[float(x) for x in result.sampling_logprobs],
                 finish_reason="length" if result.finish_reason == "length" else "stop",
-                queue_wait_s=job.started - job.arrived, generation_s=time.monotonic() - job.started,
-                batch_size=job.batch_size,
-                sampling_logprobs=self._sampling_logprobs(result, gen_request)))
-        metrics = self._perf_metrics(completions[0], runtime, time.monotonic() - received)
+                arrived=job.arrived, started=job.started, prefill_s=result.prefill_s,
+                first_token_at=result.first_token_at, finished_at=result.finished_at, batch_size=job.batch_size))
+        metrics = self._perf_metrics(completions[0], runtime, received)
         headers = {f"fireworks-{key}": value for key, value in metrics.items()}
         model = body.get("model") or record["name"]
+        tokenizer = self.tokenizer(card)
         if stream:
-            return StreamingResponse(self._sse(completions[0], model, metrics), media_type="text/event-stream",
-                                     headers=headers)
-        return json_response(self._completion_body(completions, model, metrics), headers=headers)
+            return StreamingResponse(self._sse(completions[0], model, metrics, tokenizer),
+                                     media_type="text/event-stream", headers=headers)
+        return json_response(self._completion_body(completions, model, metrics, tokenizer), headers=headers)
 
     @staticmethod
-    def _sampling_logprobs(result: Any, request: Any) -> list[float | None]:
-        """Behaviour-policy logprobs (``sampling_logprob``) of the generated tokens.
+    def _perf_metrics(completion: Completion, runtime: DeploymentRuntime, received: float) -> dict[str, str]:
+        """Server timings, each measured for this request (seconds, as strings).
 
-        The engine reports model logprobs (temperature 1, no top-p). Those *are*
-        the sampling logprobs when sampling uses the full distribution, and are the
-        natural value for greedy decoding; for any other temperature or top-p we
-        do not know them, so they are sent as null rather than silently wrong.
+        Left out because nothing here measures them: ``generation-queue-duration``
+        (prefill and decoding run in one batch, with no queue between them) and
+        ``cached-prompt-tokens`` (the deployment keeps no prompt cache).
         """
-        explicit = getattr(result, "sampling_logprobs", None)
-        if explicit is not None:
-            return [float(x) for x in explicit]
-        exact = request.temperature == 0 or (request.temperature == 1.0 and request.top_p == 1.0)
-        return [float(x) if exact else None for x in result.logprobs]
-
-    @staticmethod
-    def _perf_metrics(completion: Completion, runtime: DeploymentRuntime, total_s: float) -> dict[str, str]:
-        return {
-            "prefill-queue-duration": f"{completion.queue_wait_s:.6f}",
-            "generation-queue-duration": "0.0",
+        metrics = {
+            # Waiting for the worker: the queue the batcher drains, before the batch's prefill.
+            "prefill-queue-duration": f"{completion.started - completion.arrived:.6f}",
+            "prefill-duration": f"{completion.prefill_s:.6f}",
             "num-concurrent-requests": str(max(runtime.in_flight, completion.batch_size)),
             "batch-size": str(completion.batch_size),
             "prompt-tokens": str(len(completion.prompt_ids)),
-            "cached-prompt-tokens": "0",
-            "generation-duration": f"{completion.generation_s:.6f}",
-            "server-processing-time": f"{total_s:.6f}",
-            "server-time-to-first-token": f"{total_s:.6f}",
+            "server-processing-time": f"{time.monotonic() - received:.6f}",
         }
+        if completion.first_token_at is not None:
+            metrics["server-time-to-first-token"] = f"{completion.first_token_at - received:.6f}"
+            metrics["generation-duration"] = f"{completion.finished_at - completion.first_token_at:.6f}"
+        return metrics
 
-    def _token_text(self, token_id: int) -> str:
-        text = self._token_texts.get(token_id)
+    def _token_text(self, tokenizer: Any, token_id: int) -> str:
+        key = (tokenizer.name_or_path, token_id)
+        text = self._token_texts.get(key)
         if text is None:
-            text = self._token_texts[token_id] = self.tokenizer().decode([token_id])
+            text = self._token_texts[key] = tokenizer.decode([token_id])
         return text
 
-    def _token_entries(self, completion: Completion) -> tuple[list[dict], list[str]]:
+    def _token_entries(self, completion: Completion, tokenizer: Any) -> tuple[list[dict], list[str]]:
         """Per generated token: its logprob entry and its text delta (built in O(tokens);
         this runs on the event loop for every completion)."""
-        sampling = completion.sampling_logprobs or [None] * len(completion.token_ids)
         entries, deltas, pending = [], [], []
-        for i, (token_id, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-            text = self._token_text(token_id)
+        for token_id, logprob, sampling_logprob in zip(completion.token_ids, completion.logprobs,
+                                                        completion.sampling_logprobs):
+            text = self._token_text(tokenizer, token_id)
             entries.append({"token": text, "token_id": token_id, "logprob": logprob,
-                            "sampling_logprob": sampling[i]})
+                            "sampling_logprob": sampling_logprob})
             # A byte-level token may hold part of a UTF-8 character: hold it back until
             # the pending tokens decode cleanly together.
             if pending or text.endswith("\ufffd"):
                 pending.append(token_id)
-                text = self.tokenizer().decode(pending)
+                text = tokenizer.decode(pending)
                 if text.endswith("\ufffd"):
                     deltas.append("")
                     continue
@@ -451,31 +461,31 @@ class InferencePlane:
             deltas.append(text)
         return entries, deltas
 
-    def _choice(self, completion: Completion, index: int = 0) -> dict:
-        entries, _ = self._token_entries(completion)
+    def _choice(self, completion: Completion, tokenizer: Any, index: int = 0) -> dict:
+        entries, _ = self._token_entries(completion, tokenizer)
         return {
             "index": index,
-            "text": self.tokenizer().decode(completion.token_ids),
+            "text": tokenizer.decode(completion.token_ids),
             "finish_reason": completion.finish_reason,
             "logprobs": {"content": entries},
             "raw_output": {"prompt_token_ids": completion.prompt_ids,
                            "completion_token_ids": completion.token_ids},
         }
 
-    def _completion_body(self, completions: list[Completion], model: str, metrics: dict) -> dict:
+    def _completion_body(self, completions: list[Completion], model: str, metrics: dict, tokenizer: Any) -> dict:
         completion_tokens = sum(len(c.token_ids) for c in completions)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [self._choice(c, i) for i, c in enumerate(completions)],
+            "choices": [self._choice(c, tokenizer, i) for i, c in enumerate(completions)],
             "usage": {"prompt_tokens": len(completions[0].prompt_ids), "completion_tokens": completion_tokens,
                       "total_tokens": len(completions[0].prompt_ids) + completion_tokens},
             "perf_metrics": metrics,
         }
 
-    def _sse(self, completion: Completion, model: str, metrics: dict):
+    def _sse(self, completion: Completion, model: str, metrics: dict, tokenizer: Any):
         """The SSE stream: ``data: {chunk}`` with the generated text and its token
         logprobs, then the final chunk with finish_reason, raw_output, usage and
         perf_metrics, then ``data: [DONE]``.
@@ -486,8 +496,8 @@ class InferencePlane:
         """
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        entries, _ = self._token_entries(completion)
-        text = self.tokenizer().decode(completion.token_ids)
+        entries, _ = self._token_entries(completion, tokenizer)
+        text = tokenizer.decode(completion.token_ids)
 
         def chunk(choice: dict, **extra: Any) -> bytes:
             body = {"id": completion_id, "object": "text_completion", "created": created, "model": model,

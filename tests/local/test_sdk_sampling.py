@@ -1,6 +1,7 @@
 """The deployment as the SDK's DeploymentSampler sees it: the SSE wire shape, greedy
-and seeded sampling, stop and max_tokens, batching of concurrent requests, and the
-prefill-queue signal that makes the AdaptiveConcurrencyController move its window."""
+and seeded sampling, stop and max_tokens, batching of concurrent requests, the
+prefill-queue signal that makes the AdaptiveConcurrencyController move its window,
+and server metrics that are each measured (or absent), never constants."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_streamed_completion_wire_shape(deployment, http):
     assert float(final["perf_metrics"]["prefill-queue-duration"]) >= 0.0
     token_entries = [entry for chunk in chunks[:-1] for entry in chunk["choices"][0]["logprobs"]["content"]]
     assert [entry["token_id"] for entry in token_entries] == completion_ids
-    assert all(entry["logprob"] <= 0.0 and entry["sampling_logprob"] == entry["logprob"] for entry in token_entries)
+    # Greedy: the model's logprob, and 0 for the distribution sampled from (all its mass on the argmax).
+    assert all(entry["logprob"] <= 0.0 and entry["sampling_logprob"] == 0.0 for entry in token_entries)
     # The non-streamed form carries the same content in one body.
     plain = http.post("/inference/v1/completions", json={**body, "stream": False}).json()
     assert plain["choices"][0]["raw_output"]["completion_token_ids"] == completion_ids
@@ -116,3 +118,30 @@ def test_adaptive_controller_window_grows_and_shrinks(deployment, tokenizer):
     shrunk = controller.window_size
     assert grown > start, (start, grown)
     assert shrunk < grown, (grown, shrunk)
+
+
+def test_server_metrics_are_measured_or_absent(deployment, tokenizer):
+    """Each perf_metrics figure is this request's own measurement: the timings fit
+    together (queue + prefill <= time to first token <= processing time), vary with
+    the load, and what nothing measures (a generation queue, a prompt cache) is absent."""
+    sampler = _sampler(deployment, tokenizer, AdaptiveConcurrencyController(initial_window=16, adjustment_interval=0))
+
+    async def burst():
+        return await asyncio.gather(
+            sampler.sample_with_prompt_tokens([104, 105], n=12, max_tokens=6, temperature=1.0),
+            sampler.sample_with_prompt_tokens([104, 105, 106], n=1, max_tokens=1, temperature=1.0))
+
+    many, [one] = asyncio.run(burst())
+    metrics = sampler.drain_metrics()
+    assert len(metrics) == 13
+    for m in metrics:
+        assert m.generation_queue_duration is None and m.cached_prompt_tokens is None
+        assert m.prompt_tokens in (2, 3)
+        assert 0 <= m.prefill_queue_duration <= m.server_ttft <= m.server_processing_time
+        assert m.prefill_duration > 0 and m.generation_duration >= 0
+        assert m.server_ttft + m.generation_duration <= m.server_processing_time + 1e-6
+    single = next(m for m in metrics if m.prompt_tokens == 3)
+    assert single.generation_duration == 0.0  # its one token came out of the prefill
+    # Measured per request: under a burst the requests did not all wait or start alike.
+    assert len({m.server_ttft for m in metrics}) > 1
+    assert len({m.prefill_queue_duration for m in metrics}) > 1
