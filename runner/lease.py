@@ -66,6 +66,10 @@ class Lease:
     def check(self) -> None:
         """Raise LeaseLost when another writer has taken the run over."""
 
+    def attach(self, ledger: Ledger) -> None:
+        """Fence ``ledger``'s appends to the run with this lease too (the lease may have
+        been taken through another Ledger object, e.g. by a sweep worker)."""
+
     def release(self) -> None:
         raise NotImplementedError
 
@@ -171,9 +175,14 @@ class _RowLease(Lease):
         self._renewed = time.monotonic()  # the last renewal the database confirmed
         self._lost: str | None = None
         self._stop = threading.Event()
-        ledger.fence(run_id, token)
+        self._fenced: list[Ledger] = []
+        self.attach(ledger)
         self._thread = threading.Thread(target=self._renew_until_stopped, name=f"lease-{run_id}", daemon=True)
         self._thread.start()
+
+    def attach(self, ledger: Ledger) -> None:
+        ledger.fence(self.run_id, self.token)
+        self._fenced.append(ledger)
 
     @classmethod
     def try_acquire(cls, ledger: Ledger, run_id: str, ttl_s: float) -> tuple[Lease | None, str]:
@@ -219,7 +228,8 @@ class _RowLease(Lease):
         if self._stop.is_set():
             return
         self._stop.set()
-        self._ledger.fence(self.run_id, None)
+        for ledger in self._fenced:
+            ledger.fence(self.run_id, None)
         if self._lost is None:
             try:
                 with self._ledger.engine.begin() as conn:
@@ -228,31 +238,3 @@ class _RowLease(Lease):
                 pass  # the lease then ends by itself at its expiry
 
 
-
-class RunLease:
-    """The lease by ledger URL (kept until the loop passes its own Ledger to :func:`acquire`,
-    which also fences that ledger's appends)."""
-
-    def __init__(self, ledger_url: str, run_id: str):
-        self._ledger = Ledger.open(ledger_url)
-        self._run_id = run_id
-        self._lease: Lease | None = None
-        self._holder = ""
-
-    def acquire(self) -> bool:
-        self._lease, self._holder = try_acquire(self._ledger, self._run_id)
-        return self._lease is not None
-
-    def holder(self) -> str | None:
-        return self._holder or None
-
-    def release(self) -> None:
-        if self._lease is not None:
-            self._lease.release()
-            self._lease = None
-
-    def __enter__(self) -> RunLease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

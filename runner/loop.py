@@ -20,7 +20,7 @@ import re
 import signal
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
@@ -28,7 +28,7 @@ from firetitan_track.projections.run_state import RunState, fold, to_supersede
 from firetitan_track.redact import redact
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loop, is_interrupt
-from runner.lease import RunLease
+from runner.lease import Lease, LeaseLost, acquire
 from runner.provision import connect
 from runner.recipes import RECIPES, StepContext
 from runner.spec import Spec
@@ -44,6 +44,25 @@ _RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 class RunError(UserError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+def check_run_id(run_id: str) -> None:
+    """Refuse a run id that would not travel safely (MLflow filters, file names, URLs)."""
+    if not _RUN_ID.fullmatch(run_id):
+        raise RunError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+class StopEarly(Exception):
+    """Raised by the loop when ``on_eval`` asks it to stop (a sweep's pruner): the run
+    cleans up and records TrialPruned, finished rather than failed."""
+
+    def __init__(self, reason: str, step: int, score: float) -> None:
+        super().__init__(reason)
+        self.reason, self.step, self.score = reason, step, score
+
+
+# Called after each eval of the loop with (step, score); a reason returned stops the run early.
+OnEval = Callable[[int, float], "str | None"]
 
 
 @dataclass
@@ -70,18 +89,17 @@ class Inputs:
 def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: int | None = None,
              sweep_id: str | None = None, trial_params: dict[str, Any] | None = None,
              export_mlflow: str | None = None, progress: bool = True, rerun_of: str | None = None,
-             inputs: Inputs | None = None) -> RunResult:
+             inputs: Inputs | None = None, lease: Lease | None = None, on_eval: OnEval | None = None) -> RunResult:
     """Start a new run of ``spec`` and drive it to the end."""
     if steps is not None:
         spec = spec.with_overrides({"run.steps": steps})
     run_id = run_id or f"{_RUN_ID_UNSAFE.sub('-', spec.run.name)}-{uuid.uuid4().hex[:8]}"
-    if not _RUN_ID.fullmatch(run_id):
-        raise RunError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    check_run_id(run_id)
     inputs = inputs or _read_inputs(spec)
     ledger = Ledger.open(ledger_url)
     if ledger.stream_version(run_id) > 0:
         raise RunError(f"run {run_id} already exists in the ledger: use `firetitan-track resume {run_id}`")
-    with _lease(ledger_url, run_id):
+    with _lease(ledger, run_id, lease) as lease:
         rec = Recorder(ledger, run_id, version=0)
         prompt_sets = {"eval": ledger.put_json([e.to_json() for e in inputs.eval_set])}
         if inputs.train_data is not None:
@@ -92,18 +110,19 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
                        sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets)
         except ConcurrencyError:
             raise RunError(f"run {run_id} was started by another process at the same time") from None
-        return _drive(rec, inputs, RunState(run_id=run_id, version=rec.version), export_mlflow, progress)
+        return _drive(rec, inputs, RunState(run_id=run_id, version=rec.version), export_mlflow, progress,
+                      lease, on_eval)
 
 
 def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None, progress: bool = True,
-               steps: int | None = None) -> RunResult:
+               steps: int | None = None, lease: Lease | None = None, on_eval: OnEval | None = None) -> RunResult:
     """Continue a run from its last saved state, as recorded in the ledger."""
     ledger = Ledger.open(ledger_url)
-    with _lease(ledger_url, run_id):
+    with _lease(ledger, run_id, lease) as lease:
         events = ledger.read(run_id)  # NotFound names the run
         st = fold(events, run_id)
-        if st.status == "completed":
-            raise RunError(f"run {run_id} already completed at step {st.step}; nothing to resume")
+        if st.status in ("completed", "pruned"):
+            raise RunError(f"run {run_id} already {st.status} at step {st.step}; nothing to resume")
         if st.spec is None:
             raise RunError(f"run {run_id} has no RunStarted event; it cannot be resumed")
         spec = Spec.from_dict(st.spec, source=f"run {run_id}")
@@ -118,7 +137,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
         except ConcurrencyError:
             raise RunError(f"run {run_id} is being resumed by another process; this one stops") from None
         st = fold(ledger.read(run_id), run_id)
-        return _drive(rec, inputs, st, export_mlflow, progress)
+        return _drive(rec, inputs, st, export_mlflow, progress, lease, on_eval)
 
 
 def rerun(run_id: str, *, ledger_url: str, new_run_id: str | None = None, progress: bool = True,
@@ -174,7 +193,8 @@ def _api_key(spec: Spec) -> str:
 # -- the loop -------------------------------------------------------------------------------------
 
 
-def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | None, progress: bool) -> RunResult:
+def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | None, progress: bool,
+           lease: Lease, on_eval: OnEval | None = None) -> RunResult:
     spec = inputs.spec
     recipe = RECIPES[spec.recipe.kind]
     exporter = _start_exporter(rec, export_mlflow)
@@ -202,6 +222,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
 
         for step in _progress(range(start + 1, spec.run.steps + 1), progress, start, spec.run.steps):
             stop.check()
+            lease.check()  # a writer whose lease was taken over stops before it trains or writes again
             rec.step = ctx.step = step
             batch, cursor = train_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
                                         size=spec.recipe.batch_size * spec.recipe.micro_batches,
@@ -213,6 +234,9 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             last = step == spec.run.steps
             if step % spec.schedule.eval_every == 0 or last:
                 result.last_score = _evaluate(ctx, inputs)
+                reason = on_eval(step, result.last_score) if on_eval is not None else None
+                if reason:
+                    raise StopEarly(reason, step, result.last_score)
             if step % spec.schedule.save_every == 0 or last:
                 policy.save_state(f"step-{step}", data_cursor=cursor).result()
             _show(progress, metrics, result.last_score)
@@ -223,10 +247,20 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
         cause = stop.cause(exc)
+        if isinstance(cause, LeaseLost):
+            # another writer drives the run now: the trainer and deployment are its own,
+            # and the ledger takes nothing more from this process
+            raise RunError(str(cause)) from None
         try:
             _close(tracked)
         finally:
-            rec.record("RunFailed", error=error_text(cause), step=rec.step)
+            if isinstance(cause, StopEarly):
+                rec.record("TrialPruned", step=cause.step, score=cause.score, reason=cause.reason)
+            else:
+                rec.record("RunFailed", error=error_text(cause), step=rec.step)
+        if isinstance(cause, StopEarly):
+            result.status = "pruned"
+            return result
         if is_interrupt(cause):
             raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)",
                                  signal.SIGTERM if isinstance(cause, Terminated) else signal.SIGINT) from None
@@ -284,12 +318,12 @@ def _start_exporter(rec: Recorder, tracking_uri: str | None) -> Any:
     return exporter
 
 
-def _lease(ledger_url: str, run_id: str) -> RunLease:
-    lease = RunLease(ledger_url, run_id)
-    if not lease.acquire():
-        raise RunError(f"run {run_id} is being written by another process (pid {lease.holder() or '?'}); "
-                       "only one writer may drive a run at a time")
-    return lease
+def _lease(ledger: Ledger, run_id: str, given: Lease | None) -> Lease:
+    """The run's lease (one a sweep worker already took, or a new one), fencing ``ledger``'s appends."""
+    if given is None:
+        return acquire(ledger, run_id)
+    given.attach(ledger)
+    return given
 
 
 _bar: Any = None

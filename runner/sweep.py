@@ -1,38 +1,48 @@
-"""Sweeps: a grid of spec overrides, each trial a ledger run linked to the sweep.
+"""Sweeps on Optuna: each trial a ledger run linked to the sweep, on as many machines as join.
 
-The sweep is recorded in its own stream (``sweep:<id>``) by one ``SweepStarted``
-event listing every trial and the run id it will use. Trial run ids follow from
-the sweep id, and the default sweep id from the spec and grid, so running the
-same ``sweep`` command again finds the same runs: finished trials are left
-alone, crashed or interrupted ones are resumed from their last saved state, and
-trials never started are started.
+``sweep SPEC --search grid|random|tpe --trials N --param KEY=DIST ...`` records the
+sweep once in its own stream (``SweepStarted``: the spec, search, space, N, pruner),
+then works: a worker takes the sweep's lock (a lease on the sweep's stream), and
+either picks up a trial whose worker died (its run unfinished and its run lease
+free: it is resumed from its ledger state, not restarted) or, while fewer than N
+trials exist, asks the Optuna study for the next params and records them
+(``TrialAssigned``). Taking work under the lock is what makes it N trials in all,
+none twice, however many machines run the same command with the same
+``--sweep-id``. Each trial runs with its own run lease, is told to the study when
+it ends, and may be pruned by the median rule on its eval scores (``TrialPruned``).
 
-With MLflow export on, one follower in this process writes the sweep's parent
-run and its nested trial runs as they go (one writer, however many workers).
+Running the same command again finishes only unfinished trials. Compare and the
+MLflow parent/children read the ledger, never the study.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 
+from firetitan_track import ConcurrencyError, Ledger, new_event
 from firetitan_track.cli import ledger_url, user_errors
 from firetitan_track.errors import UserError
+from firetitan_track.projections.compare import sweep_stream, sweep_trials
+from firetitan_track.projections.run_state import fold
+from runner.lease import Lease, LeaseHeld, acquire, try_acquire
+from runner.search import (DISTRIBUTIONS, PRUNERS, SEARCHES, Dist, SweepError, grid_size, open_study,
+                           parse_grid, parse_params)
+from runner.spec import Spec
 
-__all__ = ["Trial", "TrialOutcome", "SweepError", "parse_grid", "expand_grid", "default_sweep_id",
-           "plan_sweep", "run_trial", "run_sweep", "sweep"]
+__all__ = ["Trial", "TrialOutcome", "SweepError", "SweepPlan", "plan_sweep", "record_sweep", "work",
+           "run_sweep", "trial_run_id", "default_sweep_id", "sweep"]
 
-
-class SweepError(UserError, ValueError):
-    """A sweep that cannot run as asked; the message says what to change."""
+FINISHED = ("completed", "pruned")
+_LOCK_WAIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -40,190 +50,367 @@ class Trial:
     trial: int
     run_id: str
     params: dict[str, Any]
+    optuna_trial: int | None = None  # None for a trial planned before sweeps ran on Optuna
 
 
 @dataclass(frozen=True)
 class TrialOutcome:
     trial: int
     run_id: str
-    action: str  # started | resumed | skipped (already completed) | error
+    action: str  # started | resumed | error
     status: str  # the run's status afterwards
     final_step: int | None = None
     last_score: float | None = None
     error: str | None = None
 
 
-def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
-    """``KEY=V1,V2`` strings to {KEY: [V1, V2]}; values read as TOML (numbers, booleans), else text."""
-    from runner.spec import parse_overrides
+@dataclass(frozen=True)
+class SweepPlan:
+    """What defines a sweep: the same command with the same --sweep-id must give the same plan."""
 
-    grid: dict[str, list[Any]] = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip()
-        if not sep or not key or not values.strip():
-            raise SweepError(f"--grid {item!r}: expected KEY=V1,V2,...")
-        if key in grid:
-            raise SweepError(f"--grid {key} is given twice; list all its values in one --grid")
-        grid[key] = [parse_overrides([f"{key}={v}"])[key] for v in values.split(",") if v.strip()]
-    if not grid:
-        raise SweepError("a sweep needs at least one --grid KEY=V1,V2")
-    return grid
+    sweep_id: str
+    search: str
+    space: dict[str, Dist]
+    n_trials: int
+    prune: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
 
+    def definition(self) -> dict[str, Any]:
+        """The recorded fields that must match when another worker joins."""
+        return {"search": self.search, "space": {k: d.text() for k, d in self.space.items()},
+                "n_trials": self.n_trials, "prune": self.prune}
 
-def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination, the first key varying slowest."""
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def default_sweep_id(spec: Any, grid: dict[str, list[Any]]) -> str:
-    """The same spec and grid give the same id, so repeating a sweep command resumes it."""
-    h = hashlib.sha256(f"{spec.digest()}|{_canonical(grid)}".encode()).hexdigest()[:8]
-    return f"{spec.run.name}-sweep-{h}"
+    def distributions(self) -> dict[str, Any]:
+        return {k: d.optuna() for k, d in self.space.items()}
 
 
 def trial_run_id(sweep_id: str, trial: int) -> str:
     return f"{sweep_id}-t{trial}"
 
 
-def plan_sweep(ledger: Any, spec: Any, grid: dict[str, list[Any]], sweep_id: str) -> list[Trial]:
-    """Record the sweep (once) and return its trials; refuse a sweep id used for another grid."""
-    from firetitan_track import ConcurrencyError, new_event
-    from firetitan_track.projections.audit import sweep_stream
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def default_sweep_id(spec: Spec, definition: dict[str, Any]) -> str:
+    """The same spec and search give the same id, so repeating a sweep command resumes it."""
+    h = hashlib.sha256(f"{spec.digest()}|{_canonical(definition)}".encode()).hexdigest()[:8]
+    return f"{spec.run.name}-sweep-{h}"
+
+
+def plan_sweep(spec: Spec, *, grid_items: Sequence[str] = (), param_items: Sequence[str] = (),
+               search: str | None = None, trials: int | None = None, prune: str = "none",
+               set_items: Sequence[str] = (), sweep_id: str | None = None) -> tuple[Spec, SweepPlan]:
+    """Check everything the command was given, against the spec, before anything is written.
+    Returns the spec with ``--set`` applied and the sweep's plan."""
+    from runner.loop import check_run_id
+    from runner.spec import parse_overrides
+
+    overrides = parse_overrides(list(set_items)) if set_items else {}
+    spec = spec.with_overrides(overrides) if overrides else spec
+    if grid_items and search not in (None, "grid"):
+        raise SweepError(f"--grid means --search grid; use --param KEY=choice:A,B for --search {search}")
+    search = search or ("grid" if grid_items else None)
+    if search is None:
+        raise SweepError("say what to search: --grid KEY=V1,V2, or --search grid|random|tpe with --param KEY=DIST")
+    space = parse_grid(grid_items)
+    for key, dist in parse_params(param_items).items():
+        if key in space:
+            raise SweepError(f"{key} is given by both --grid and --param")
+        space[key] = dist
+    if not space:
+        raise SweepError(f"a sweep needs at least one --param KEY=DIST (DIST one of "
+                         f"{', '.join(DISTRIBUTIONS)}) or --grid KEY=V1,V2")
+    for key, dist in space.items():
+        for value in dist.examples():  # a key the spec lacks, or a value it refuses, fails now
+            spec.with_overrides({key: value})
+    if search == "grid":
+        not_finite = [k for k, d in space.items() if d.kind != "choice"]
+        if not_finite:
+            raise SweepError(f"--search grid needs a finite list of values: give {', '.join(not_finite)} "
+                             "as --grid KEY=V1,V2 or --param KEY=choice:V1,V2")
+        size = grid_size(space)
+        if trials is not None and trials > size:
+            raise SweepError(f"--trials {trials}: the grid has only {size} points")
+        trials = trials or size
+    elif trials is None:
+        raise SweepError(f"--search {search} needs --trials N")
+    if trials < 1:
+        raise SweepError(f"--trials {trials}: a sweep needs at least one trial")
+    plan = SweepPlan("", search, space, trials, prune, overrides, spec.run.seed)
+    sweep_id = sweep_id or default_sweep_id(spec, plan.definition())
+    try:
+        check_run_id(trial_run_id(sweep_id, trials - 1))
+    except UserError as e:
+        raise SweepError(f"--sweep-id {sweep_id!r}: its trial runs would be named like "
+                         f"{trial_run_id(sweep_id, trials - 1)!r}, and {e}") from None
+    return spec, SweepPlan(sweep_id, search, space, trials, prune, overrides, spec.run.seed)
+
+
+def record_sweep(ledger: Ledger, spec: Spec, plan: SweepPlan) -> None:
+    """Record the sweep (once); refuse a sweep id already used for another spec or search."""
     from firetitan_track.redact import redact
 
-    for params in expand_grid(grid):
-        spec.with_overrides(params)  # a bad key or value fails now, before anything is written
-    trials = [Trial(i, trial_run_id(sweep_id, i), params) for i, params in enumerate(expand_grid(grid))]
-    spec_digest = ledger.put_json(redact(spec.to_dict()))
-    stream = sweep_stream(sweep_id)
+    stream = sweep_stream(plan.sweep_id)
+    spec_digest = spec.digest()
+    mine = {"spec_digest": spec_digest, **plan.definition()}
     if ledger.stream_version(stream) == 0:
-        event = new_event("SweepStarted", sweep_id=sweep_id, spec_digest=spec_digest, grid=grid,
-                          trials=[asdict(t) for t in trials])
+        ledger.put_json(redact(spec.to_dict()))  # the digest names a blob `blob` can show
+        grid = ({k: list(d.choices) for k, d in plan.space.items()} if plan.search == "grid" else {})
+        event = new_event("SweepStarted", sweep_id=plan.sweep_id, grid=grid, trials=[],
+                          overrides=plan.overrides, **mine)
         try:
             ledger.append(stream, [event], expected_version=0)
-            return trials
+            return
         except ConcurrencyError:
-            pass  # recorded meanwhile by another process: check it matches below
+            pass  # recorded meanwhile by another worker: check it matches below
     recorded = next(ev for ev in ledger.read(stream) if ev.type == "SweepStarted").data
-    if recorded["spec_digest"] != spec_digest or _canonical(recorded["grid"]) != _canonical(grid):
-        raise SweepError(f"sweep {sweep_id} was started with another spec or grid; "
-                         "use another --sweep-id (or none, to derive one from the spec and grid)")
-    return [Trial(t["trial"], t["run_id"], t["params"]) for t in recorded["trials"]]
+    theirs = {"spec_digest": recorded["spec_digest"], "search": recorded.get("search", "grid"),
+              "space": recorded.get("space") or {k: Dist("choice", choices=tuple(v)).text()
+                                                  for k, v in recorded["grid"].items()},
+              "n_trials": recorded.get("n_trials", len(recorded["trials"])), "prune": recorded.get("prune", "none")}
+    if _canonical(theirs) != _canonical(mine):
+        differ = [k for k in mine if _canonical(mine[k]) != _canonical(theirs[k])]
+        raise SweepError(f"sweep {plan.sweep_id} was started with another {' and '.join(differ)} "
+                         f"({'; '.join(f'{k}: {theirs[k]}' for k in differ if k != 'spec_digest')}); "
+                         "use another --sweep-id (or none, to derive one from the spec and search)")
 
 
-def trial_spec(spec: Any, trial: Trial) -> Any:
-    """The trial's spec: the grid's values, and a deployment of its own so parallel trials
-    never hot-load each other's weights (unless the grid names the deployment itself)."""
+# -- working on a sweep ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    trial: Trial
+    lease: Lease
+    resume: bool
+
+
+def work(spec: Spec, plan: SweepPlan, *, ledger_url: str, steps: int | None = None, progress: bool = True,
+         on_outcome: Callable[[TrialOutcome], None] | None = None) -> list[TrialOutcome]:
+    """Take and run the sweep's trials until none is left to take."""
+    ledger = Ledger.open(ledger_url)
+    study = open_study(ledger_url, plan.sweep_id, plan.search, plan.space, plan.seed, plan.prune)
+    tried: set[int] = set()  # a trial that failed here is left for the next command (or another worker)
+    outcomes: list[TrialOutcome] = []
+    try:
+        while (job := _next_job(ledger, study, plan, tried)) is not None:
+            tried.add(job.trial.trial)
+            outcomes.append(_run_job(spec, plan, job, study, ledger_url=ledger_url, steps=steps, progress=progress))
+            if on_outcome is not None:
+                on_outcome(outcomes[-1])
+        _settle_study(ledger, study, plan)
+    finally:
+        ledger.close()
+    return outcomes
+
+
+def _next_job(ledger: Ledger, study: Any, plan: SweepPlan, tried: set[int]) -> _Job | None:
+    stream = sweep_stream(plan.sweep_id)
+    with _sweep_lock(ledger, plan.sweep_id):
+        events = ledger.read(stream)
+        trials = _trials(events)
+        for t in trials:  # first, an unfinished trial no worker drives (its worker died)
+            if t.trial in tried or _status(ledger, t.run_id) in FINISHED:
+                continue
+            lease, _ = try_acquire(ledger, t.run_id)
+            if lease is not None:
+                return _Job(t, lease, resume=ledger.stream_version(t.run_id) > 0)
+        if len(trials) >= plan.n_trials:
+            return None
+        asked = study.ask(plan.distributions())
+        trial = Trial(len(trials), trial_run_id(plan.sweep_id, len(trials)), dict(asked.params), asked.number)
+        lease = acquire(ledger, trial.run_id)
+        try:
+            ledger.append(stream, [new_event("TrialAssigned", trial=trial.trial, run_id=trial.run_id,
+                                             params=trial.params, optuna_trial=trial.optuna_trial)],
+                          expected_version=len(events))
+        except BaseException:
+            lease.release()
+            raise
+        return _Job(trial, lease, resume=False)
+
+
+class _sweep_lock:
+    """The sweep's lock: a lease on its stream, waited for (workers hold it for a moment)."""
+
+    def __init__(self, ledger: Ledger, sweep_id: str) -> None:
+        self.ledger, self.stream = ledger, sweep_stream(sweep_id)
+        self.lease: Lease | None = None
+
+    def __enter__(self) -> None:
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while True:
+            self.lease, holder = try_acquire(self.ledger, self.stream)
+            if self.lease is not None:
+                return
+            if time.monotonic() > deadline:
+                raise SweepError(f"the sweep's lock has been held by {holder} for {_LOCK_WAIT_S:.0f}s; "
+                                 "is a worker stuck?")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
+
+def _trials(events: list[Any]) -> list[Trial]:
+    numbers = {ev.data["trial"]: ev.data["optuna_trial"] for ev in events if ev.type == "TrialAssigned"}
+    return [Trial(t["trial"], t["run_id"], t["params"], numbers.get(t["trial"])) for t in sweep_trials(events)]
+
+
+def _status(ledger: Ledger, run_id: str) -> str:
+    return fold(ledger.read(run_id), run_id).status if ledger.stream_version(run_id) else "new"
+
+
+def trial_spec(spec: Spec, trial: Trial) -> Spec:
+    """The trial's spec: its params, and a deployment of its own so parallel trials never
+    hot-load each other's weights (unless the search names the deployment itself)."""
     params = dict(trial.params)
     params.setdefault("model.deployment_id", f"{spec.model.deployment_id}-t{trial.trial}")
     return spec.with_overrides(params)
 
 
-def run_trial(spec: Any, trial: Trial, sweep_id: str, *, ledger_url: str, steps: int | None = None,
-              progress: bool = True) -> TrialOutcome:
-    """Bring one trial to its end: start it, resume it, or leave it when already completed."""
-    from firetitan_track import Ledger, LedgerError
-    from firetitan_track.projections.run_state import fold
-    from runner.loop import RunError, resume_run, run_spec
+def _run_job(spec: Spec, plan: SweepPlan, job: _Job, study: Any, *, ledger_url: str, steps: int | None,
+             progress: bool) -> TrialOutcome:
+    """Bring one trial to its end (start it or resume it), then tell the study."""
+    import runner.loop as loop
+    from firetitan_track import LedgerError
+    from firetitan_track.redact import redact_text
     from runner.spec import SpecError
 
-    ledger = Ledger.open(ledger_url)
+    t = job.trial
+    on_eval = _pruning(study, t) if plan.prune != "none" else None
     try:
-        events = ledger.read(trial.run_id) if ledger.stream_version(trial.run_id) else []
-    finally:
-        ledger.close()
-    state = fold(events, trial.run_id)
-    if state.status == "completed":
-        score = state.last_score["score"] if state.last_score else None
-        return TrialOutcome(trial.trial, trial.run_id, "skipped", "completed", state.step, score)
-    action = "resumed" if events else "started"
-    try:
-        if events:
-            result = resume_run(trial.run_id, ledger_url=ledger_url, steps=steps, progress=progress)
+        if job.resume:
+            result = loop.resume_run(t.run_id, ledger_url=ledger_url, steps=steps, progress=progress,
+                                     lease=job.lease, on_eval=on_eval)
         else:
-            result = run_spec(trial_spec(spec, trial), ledger_url=ledger_url, run_id=trial.run_id,
-                              steps=steps, sweep_id=sweep_id, trial_params=trial.params, progress=progress)
+            result = loop.run_spec(trial_spec(spec, t), ledger_url=ledger_url, run_id=t.run_id, steps=steps,
+                                   sweep_id=plan.sweep_id, trial_params=t.params, progress=progress,
+                                   lease=job.lease, on_eval=on_eval)
     except Exception as exc:  # one failed trial must not stop the others; it stays resumable
-        from firetitan_track.redact import redact_text
-
-        known = isinstance(exc, (RunError, SpecError, LedgerError))
+        known = isinstance(exc, (loop.RunError, SpecError, LedgerError, LeaseHeld))
         why = str(exc) if known else f"{type(exc).__name__}: {exc}"
-        return TrialOutcome(trial.trial, trial.run_id, "error", "failed", error=redact_text(why))
-    return TrialOutcome(trial.trial, trial.run_id, action, result.status, result.final_step, result.last_score)
+        return TrialOutcome(t.trial, t.run_id, "error", "failed", error=redact_text(why))
+    finally:
+        job.lease.release()  # (the run released it already when it ended normally)
+    _tell(study, t, result.status, result.last_score)
+    return TrialOutcome(t.trial, t.run_id, "resumed" if job.resume else "started", result.status,
+                        result.final_step, result.last_score)
 
 
-def run_sweep(spec: Any, grid: dict[str, list[Any]], *, ledger_url: str, sweep_id: str | None = None,
-              workers: int = 1, tracking_uri: str | None = None, steps: int | None = None,
-              experiment: str | None = None, progress: bool = True,
-              on_outcome: Any = None) -> tuple[str, list[TrialOutcome]]:
-    """Run every unfinished trial (``workers`` at a time, each in its own process)."""
-    from firetitan_track import Ledger
+def _pruning(study: Any, t: Trial) -> Callable[[int, float], str | None] | None:
+    """The loop's eval hook: report the score to the study; a reason to stop when the median rule prunes."""
+    if t.optuna_trial is None:
+        return None
+    import optuna
 
-    sweep_id = sweep_id or default_sweep_id(spec, grid)
+    frozen = study.get_trials(deepcopy=False)
+    match = [ft for ft in frozen if ft.number == t.optuna_trial]
+    if not match or match[0].state != optuna.trial.TrialState.RUNNING:
+        return None
+    trial = optuna.trial.Trial(study, match[0]._trial_id)
+
+    def on_eval(step: int, score: float) -> str | None:
+        if step in trial.storage.get_trial(trial._trial_id).intermediate_values:
+            return None  # reported by an earlier attempt (a resumed trial redoes its steps)
+        trial.report(score, step)
+        if trial.should_prune():
+            return f"pruned at step {step}: eval score {score:.3f} is below the median of earlier trials"
+        return None
+
+    return on_eval
+
+
+def _tell(study: Any, t: Trial, status: str, score: float | None) -> None:
+    import optuna
+
+    if t.optuna_trial is None or status not in FINISHED:
+        return  # an unfinished trial stays running in the study until a worker finishes it
+    state = optuna.trial.TrialState.PRUNED if status == "pruned" or score is None else optuna.trial.TrialState.COMPLETE
+    try:
+        study.tell(t.optuna_trial, score if state == optuna.trial.TrialState.COMPLETE else None, state=state,
+                   skip_if_finished=True)
+    except (ValueError, RuntimeError):
+        pass  # told meanwhile by another worker
+
+
+def _settle_study(ledger: Ledger, study: Any, plan: SweepPlan) -> None:
+    """Tell the study about trials the ledger shows finished but a worker died before telling
+    (the ledger is the source of truth)."""
+    import optuna
+
+    running = {ft.number for ft in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    for t in _trials(ledger.read(sweep_stream(plan.sweep_id))):
+        if t.optuna_trial in running:
+            events = ledger.read(t.run_id) if ledger.stream_version(t.run_id) else []
+            st = fold(events, t.run_id)
+            if st.status in FINISHED:
+                _tell(study, t, st.status, st.last_score["score"] if st.last_score else None)
+
+
+def run_sweep(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int = 1, tracking_uri: str | None = None,
+              steps: int | None = None, experiment: str | None = None, progress: bool = True,
+              on_outcome: Callable[[TrialOutcome], None] | None = None) -> list[TrialOutcome]:
+    """Record the sweep, then work on it with ``workers`` processes (this one when 1)."""
     ledger = Ledger.open(ledger_url)
     try:
-        trials = plan_sweep(ledger, spec, grid, sweep_id)
+        record_sweep(ledger, spec, plan)
     finally:
         ledger.close()
-
-    exporter = _start_export(ledger_url, tracking_uri, experiment, sweep_id, trials)
+    exporter = _start_export(ledger_url, tracking_uri, experiment, plan)
     outcomes: list[TrialOutcome] = []
     try:
         if workers <= 1:
-            for t in trials:
-                outcomes.append(run_trial(spec, t, sweep_id, ledger_url=ledger_url, steps=steps, progress=progress))
-                if on_outcome:
-                    on_outcome(outcomes[-1])
+            outcomes = work(spec, plan, ledger_url=ledger_url, steps=steps, progress=progress, on_outcome=on_outcome)
         else:
-            # spawn, not fork: each trial starts clean (no inherited engines, threads or event loops)
+            # spawn, not fork: each worker starts clean (no inherited engines, threads or event loops)
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(run_trial, spec, t, sweep_id, ledger_url=ledger_url, steps=steps,
-                                       progress=False) for t in trials]
-                for fut, t in _completed(futures, trials):
-                    try:
-                        outcomes.append(fut.result())
-                    except Exception as exc:  # a crashed worker: the trial stays resumable
-                        outcomes.append(TrialOutcome(t.trial, t.run_id, "error", "failed", error=str(exc)))
-                    if on_outcome:
-                        on_outcome(outcomes[-1])
+                futures = [pool.submit(work, spec, plan, ledger_url=ledger_url, steps=steps, progress=False)
+                           for _ in range(workers)]
+                for fut in futures:
+                    for o in fut.result():
+                        outcomes.append(o)
+                        if on_outcome is not None:
+                            on_outcome(o)
     finally:
         if exporter is not None:
             exporter.stop()
-    return sweep_id, sorted(outcomes, key=lambda o: o.trial)
+    return sorted(outcomes, key=lambda o: o.trial)
 
 
-def _completed(futures: list[Any], trials: list[Trial]) -> Any:
-    trial_of = dict(zip(futures, trials))
-    for fut in as_completed(futures):
-        yield fut, trial_of[fut]
-
-
-def _start_export(ledger_url: str, tracking_uri: str | None, experiment: str | None, sweep_id: str,
-                  trials: list[Trial]) -> Any:
+def _start_export(ledger_url: str, tracking_uri: str | None, experiment: str | None, plan: SweepPlan) -> Any:
     if not tracking_uri:
         return None
-    from firetitan_track.projections.audit import sweep_stream
     from firetitan_track.projections.mlflow import DEFAULT_EXPERIMENT, LiveExporter
 
-    # one follower for the whole sweep (one MLflow writer however many workers): the parent
-    # run from the sweep's stream, the nested trial runs from theirs
-    return LiveExporter(ledger_url, tracking_uri, sweep_stream(sweep_id), run_ids=[t.run_id for t in trials],
+    # one follower for this command (one MLflow writer however many workers): the parent run
+    # from the sweep's stream, the nested trial runs from theirs (their ids are known up front)
+    runs = [sweep_stream(plan.sweep_id)] + [trial_run_id(plan.sweep_id, k) for k in range(plan.n_trials)]
+    return LiveExporter(ledger_url, tracking_uri, runs[0], run_ids=runs[1:],
                         experiment=experiment or DEFAULT_EXPERIMENT).start()
 
 
 @click.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--search", type=click.Choice(SEARCHES), default=None,
+              help="Optuna's sampler: grid, random or tpe (default: grid when --grid is given).")
+@click.option("--trials", type=int, default=None, metavar="N",
+              help="Trials in all, over every worker and machine (grid: default every point).")
+@click.option("--param", "param_items", multiple=True, metavar="KEY=DIST",
+              help="A spec key and how to search it: log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH or choice:A,B,C.")
 @click.option("--grid", "grid_items", multiple=True, metavar="KEY=V1,V2",
-              help="A spec key and its values, e.g. optim.learning_rate=1e-3,3e-3 (repeat for more keys).")
-@click.option("--sweep-id", default=None, help="Name the sweep (default: derived from the spec and grid).")
+              help="A spec key and its values, e.g. optim.learning_rate=1e-3,3e-3 (means --search grid).")
+@click.option("--prune", type=click.Choice(PRUNERS), default="none", show_default=True,
+              help="Stop a trial early when its eval score is below the median of earlier trials at that step.")
+@click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", help="Override a spec key for every trial.")
+@click.option("--sweep-id", default=None,
+              help="Name the sweep (default: derived from the spec and search). The same command with the "
+                   "same id on other machines joins the sweep.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Trials run at once, each in its own process.")
+              help="Worker processes on this machine, each running one trial at a time.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override run.steps for every trial.")
 @click.option("--tracking-uri", default=None, metavar="URI",
               help="MLflow tracking URI (default: the project's store, .firetitan/mlflow.db).")
@@ -231,35 +418,54 @@ def _start_export(ledger_url: str, tracking_uri: str | None, experiment: str | N
 @click.option("--no-mlflow", is_flag=True, help="Record in the ledger only; export later with `export mlflow`.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def sweep(ctx: click.Context, spec_path: str, grid_items: tuple[str, ...], sweep_id: str | None, workers: int,
+def sweep(ctx: click.Context, spec_path: str, search: str | None, trials: int | None, param_items: tuple[str, ...],
+          grid_items: tuple[str, ...], prune: str, set_items: tuple[str, ...], sweep_id: str | None, workers: int,
           steps: int | None, tracking_uri: str | None, experiment: str | None, no_mlflow: bool,
           quiet: bool) -> None:
-    """Run SPEC once per combination of --grid values, each trial a run linked to the sweep.
+    """Run SPEC over a search space, each trial a ledger run linked to the sweep.
 
-    Running the same command again finishes only the unfinished trials.
+    Running the same command again (or on another machine, with the same --sweep-id)
+    joins the sweep: it finishes unfinished trials and runs new ones until there are N.
     """
+    from firetitan_track.projections.cli import compare
     from firetitan_track.projections.mlflow import DEFAULT_TRACKING_URI
     from runner.spec import load_spec
 
     url = ledger_url(ctx)
     with user_errors():
-        spec = load_spec(spec_path)
-        grid = parse_grid(grid_items)
-        sweep_id, outcomes = run_sweep(
-            spec, grid, ledger_url=url, sweep_id=sweep_id, workers=workers, steps=steps,
-            tracking_uri=None if no_mlflow else (tracking_uri or DEFAULT_TRACKING_URI), experiment=experiment,
-            progress=not quiet and workers == 1, on_outcome=_report_outcome)
+        spec, plan = plan_sweep(load_spec(spec_path), grid_items=grid_items, param_items=param_items,
+                                search=search, trials=trials, prune=prune, set_items=set_items, sweep_id=sweep_id)
+        run_sweep(spec, plan, ledger_url=url, workers=workers, steps=steps,
+                  tracking_uri=None if no_mlflow else (tracking_uri or DEFAULT_TRACKING_URI), experiment=experiment,
+                  progress=not quiet and workers == 1, on_outcome=_report_outcome)
 
-    from firetitan_track.projections.cli import compare
-
-    click.echo(f"\nsweep {sweep_id}:")
-    ctx.invoke(compare, sweep_id=sweep_id, as_json=False)
+    click.echo(f"\nsweep {plan.sweep_id}:")
+    ctx.invoke(compare, sweep_id=plan.sweep_id, as_json=False)
     if not no_mlflow:
         click.echo(f"\nopen it in MLflow: firetitan-track ui   (tracking store {tracking_uri or DEFAULT_TRACKING_URI})")
-    failed = [o for o in outcomes if o.status != "completed"]
-    if failed:
-        raise click.ClickException(f"{len(failed)} of {len(outcomes)} trials did not complete; "
-                                   "run the same command again to resume them")
+    with user_errors():
+        _check_finished(url, plan)
+
+
+def _check_finished(url: str, plan: SweepPlan) -> None:
+    """Exit 1 when a trial is unfinished and no worker drives it (failed, or never started)."""
+    with Ledger.open(url) as ledger:
+        trials = _trials(ledger.read(sweep_stream(plan.sweep_id)))
+        elsewhere, stuck = [], []
+        for t in trials:
+            if _status(ledger, t.run_id) in FINISHED:
+                continue
+            lease, _ = try_acquire(ledger, t.run_id)
+            if lease is None:
+                elsewhere.append(t.run_id)
+            else:
+                lease.release()
+                stuck.append(t.run_id)
+    if elsewhere:
+        click.echo(f"{len(elsewhere)} trial(s) still running on other workers: {', '.join(elsewhere)}")
+    if stuck:
+        raise SweepError(f"{len(stuck)} of {plan.n_trials} trials did not complete ({', '.join(stuck)}); "
+                         "run the same command again to resume them")
 
 
 def _report_outcome(o: TrialOutcome) -> None:

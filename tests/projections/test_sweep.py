@@ -17,8 +17,8 @@ import runner.loop
 from firetitan_track import Ledger
 from runner.cli import main
 from firetitan_track.projections.audit import compare_sweep
-from runner.sweep import (SweepError, default_sweep_id, expand_grid, parse_grid, plan_sweep,
-                          trial_run_id)
+from runner.search import grid_points, parse_grid, parse_params
+from runner.sweep import SweepError, plan_sweep, trial_run_id
 from tests.projections.streams import RunWriter
 
 SPEC = Path(__file__).parents[2] / "examples" / "reverse_sft.toml"
@@ -72,30 +72,71 @@ def _sweep(ledger_url: str, *args: str) -> Any:
                                      "--grid", "optim.learning_rate=1e-3,3e-3", "--sweep-id", "lr", *args])
 
 
-def test_grid_parsing_and_expansion() -> None:
+def test_grid_and_param_parsing() -> None:
     grid = parse_grid(["optim.learning_rate=1e-3,3e-3", "recipe.batch_size=8,16", "task.name=reverse"])
-    assert grid == {"optim.learning_rate": [1e-3, 3e-3], "recipe.batch_size": [8, 16], "task.name": ["reverse"]}
-    combos = expand_grid(grid)
+    assert {k: d.choices for k, d in grid.items()} == {
+        "optim.learning_rate": (1e-3, 3e-3), "recipe.batch_size": (8, 16), "task.name": ("reverse",)}
+    combos = grid_points(grid)
     assert len(combos) == 4
     assert combos[1] == {"optim.learning_rate": 1e-3, "recipe.batch_size": 16, "task.name": "reverse"}
-    for bad in (["optim.learning_rate"], ["=1,2"], ["a=1", "a=2"], []):
+    for bad in (["optim.learning_rate"], ["=1,2"], ["a=1", "a=2"], ["a=,,"]):
         with pytest.raises(SweepError):
             parse_grid(bad)
+    space = parse_params(["optim.learning_rate=log:1e-4:1e-2", "recipe.batch_size=int:4:16",
+                          "optim.beta1=float:0.8:0.95", "task.name=choice:reverse,add"])
+    assert [d.text() for d in space.values()] == ["log:0.0001:0.01", "int:4:16", "float:0.8:0.95",
+                                                  "choice:reverse,add"]
 
 
-def test_the_sweep_id_and_trial_runs_follow_from_the_spec_and_grid(ledger: Ledger) -> None:
+def test_the_sweep_id_follows_from_the_spec_and_search() -> None:
     from runner.spec import load_spec
 
     spec = load_spec(SPEC)
-    grid = {"optim.learning_rate": [1e-3, 3e-3]}
-    assert default_sweep_id(spec, grid) == default_sweep_id(load_spec(SPEC), dict(grid))
-    assert default_sweep_id(spec, grid) != default_sweep_id(spec, {"optim.learning_rate": [1e-3]})
-    first = plan_sweep(ledger, spec, grid, "s")
-    assert [t.run_id for t in first] == [trial_run_id("s", 0), trial_run_id("s", 1)]
-    assert plan_sweep(ledger, spec, grid, "s") == first  # recorded once, found again
-    assert ledger.stream_version("sweep:s") == 1
-    with pytest.raises(SweepError, match="another spec or grid"):
-        plan_sweep(ledger, spec, {"optim.learning_rate": [1e-2]}, "s")
+    _, a = plan_sweep(spec, grid_items=["optim.learning_rate=1e-3,3e-3"])
+    _, b = plan_sweep(load_spec(SPEC), grid_items=["optim.learning_rate=1e-3,3e-3"])
+    _, c = plan_sweep(spec, grid_items=["optim.learning_rate=1e-3"])
+    _, d = plan_sweep(spec, search="tpe", trials=2, param_items=["optim.learning_rate=log:1e-4:1e-2"])
+    assert a.sweep_id == b.sweep_id and len({a.sweep_id, c.sweep_id, d.sweep_id}) == 3
+    assert (a.search, a.n_trials, d.search, d.n_trials) == ("grid", 2, "tpe", 2)
+    assert trial_run_id("s", 3) == "s-t3"
+
+
+BAD_INPUTS = [
+    (["--search", "tpe", "--trials", "2", "--param", "optim.learning_rate=beta:1:2"], "unknown distribution 'beta'"),
+    (["--search", "tpe", "--trials", "2", "--param", "optim.learning_rate=log:1e-2:1e-4"], "must be below HIGH"),
+    (["--search", "random", "--trials", "2", "--param", "recipe.batch_size=int:8:8"], "must be below HIGH"),
+    (["--search", "tpe", "--trials", "2", "--param", "optim.nope=float:0.1:0.2"], "optim.nope"),
+    (["--grid", "optim.learning_rate=,,"], "no values"),
+    (["--grid", "optim.learning_rate=1e-3", "--sweep-id", "bad id/with slash"], "--sweep-id"),
+    (["--search", "tpe", "--param", "optim.learning_rate=log:1e-4:1e-2"], "needs --trials"),
+    (["--search", "grid", "--param", "optim.learning_rate=log:1e-4:1e-2"], "finite list of values"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path, fake: FakeRunner, args: list[str],
+                                                         message: str) -> None:
+    db = tmp_path / "ledger.db"
+    result = CliRunner().invoke(main, ["--ledger", f"sqlite:///{db}", "sweep", str(SPEC), "--no-mlflow", *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Error:" in result.output
+    assert "run the same command again" not in result.output
+    assert not db.exists() and fake.calls == []
+
+
+def test_a_sweep_id_reused_with_another_search_space_is_refused(ledger_url: str, fake: FakeRunner) -> None:
+    assert _sweep(ledger_url, "--no-mlflow", "--quiet").exit_code == 0
+    ledger = Ledger.open(ledger_url)
+    before = ledger.stream_version("sweep:lr")
+    calls = len(fake.calls)
+    other = CliRunner().invoke(main, ["--ledger", ledger_url, "sweep", str(SPEC), "--no-mlflow", "--sweep-id", "lr",
+                                      "--grid", "optim.learning_rate=1e-2,3e-2"])
+    assert other.exit_code == 1 and "sweep lr was started with another space" in other.output, other.output
+    tpe = CliRunner().invoke(main, ["--ledger", ledger_url, "sweep", str(SPEC), "--no-mlflow", "--sweep-id", "lr",
+                                    "--search", "tpe", "--trials", "2", "--param", "optim.learning_rate=log:1e-4:1e-2"])
+    assert tpe.exit_code == 1 and "another search and space" in tpe.output, tpe.output
+    assert ledger.stream_version("sweep:lr") == before and len(fake.calls) == calls
+    ledger.close()
 
 
 def test_a_bad_grid_key_fails_before_anything_is_written(ledger_url: str, fake: FakeRunner) -> None:
@@ -109,7 +150,7 @@ def test_rerunning_a_sweep_resumes_only_unfinished_trials(ledger_url: str, fake:
     fake.crash = {"lr-t1"}
     first = _sweep(ledger_url, "--no-mlflow", "--quiet")
     assert first.exit_code == 1, first.output
-    assert "1 of 2 trials did not complete" in first.output
+    assert "1 of 2 trials did not complete (lr-t1)" in first.output
     assert fake.calls == [("start", "lr-t0"), ("start", "lr-t1")]
 
     second = _sweep(ledger_url, "--no-mlflow", "--quiet")
@@ -119,12 +160,12 @@ def test_rerunning_a_sweep_resumes_only_unfinished_trials(ledger_url: str, fake:
     assert third.exit_code == 0 and fake.calls[3:] == []
 
     ledger = Ledger.open(ledger_url)
-    trials = compare_sweep(ledger, "lr")
+    trials = sorted(compare_sweep(ledger, "lr"), key=lambda t: t.params["optim.learning_rate"])
     assert [(t.params["optim.learning_rate"], t.status, t.step) for t in trials] == [
         (1e-3, "completed", 4), (3e-3, "completed", 4)]
     best = trials[1]
     assert (best.best_score, best.best_step, best.best_snapshot) == (
-        pytest.approx(1.2), 4, "snapshots/lr-t1/sampler-4")
+        pytest.approx(1.2), 4, f"snapshots/{best.run_id}/sampler-4")
     ledger.close()
 
 
@@ -134,7 +175,7 @@ def test_compare_command(ledger_url: str, fake: FakeRunner) -> None:
     assert table.exit_code == 0
     lines = table.output.splitlines()
     assert lines[0].split()[:2] == ["trial", "optim.learning_rate"]
-    assert lines[2].split()[:2] == ["1", "0.003"]  # the best trial first
+    assert lines[2].split()[1] == "0.003"  # the best trial first
     missing = CliRunner().invoke(main, ["--ledger", ledger_url, "compare", "nope"])
     assert missing.exit_code == 1 and "no sweep 'nope'" in missing.output
 
