@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import sys
 from typing import Iterator
 
 import click
@@ -141,9 +142,9 @@ def blob(ctx: click.Context, digest: str) -> None:
     """Write the blob with DIGEST to stdout, byte for byte."""
     with reading_ledger(ctx) as ledger:
         data = ledger.get_blob(digest)
-    out = click.get_binary_stream("stdout")
-    out.write(data)
-    out.flush()
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 @click.group()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from firetitan_track.events import RecordedEvent, new_event
+from firetitan_track.ledger import Ledger
 from firetitan_track.redact import redact_text
 
 __all__ = ["Recorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track", "adam_params",
@@ -36,7 +37,7 @@ class Recorder:
     while each intent and outcome is durable before the call that follows it.
     """
 
-    def __init__(self, ledger: Any, run_id: str, version: int | None = None, *, max_delay_s: float = 1.0):
+    def __init__(self, ledger: Ledger, run_id: str, version: int | None = None, *, max_delay_s: float = 1.0):
         self.ledger = ledger
         self.run_id = run_id
         self.version = ledger.stream_version(run_id) if version is None else version
@@ -264,6 +265,7 @@ class TrackedService:
         self._pending: list[dict[str, Any]] = []  # own-loop samples awaiting log_score
         self._synced: str | None = None  # the snapshot the deployment serves
         self._closed = False
+        self.cleanup: dict[str, str] = {}  # what close() recorded
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._service, name)
@@ -381,32 +383,127 @@ class TrackedService:
 
     # -- cleanup --------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Apply the cleanup policies and record what was actually done.
+    def close(self, *, backend_lost: str | None = None) -> dict[str, str]:
+        """Apply the cleanup policies and record what was confirmed done.
 
         The SDK's close cleans up only what this session created. A run that reattached
         to its own trainer or deployment (``owns_reattached``: the runner after a
         resume) applies the same policy to those too, so a finished run leaves what
         its spec says however many attempts it took.
+
+        The SDK's delete and scale-to-zero log a failure and carry on, so each action
+        is confirmed by asking the service afterwards: ``failed`` when the resource is
+        still there, ``unknown`` when the service cannot say. ``backend_lost`` (the
+        service stopped answering) skips the attempt: each SDK call would retry for
+        minutes, and nothing could be confirmed. Returns what was recorded.
         """
         if self._closed:
-            return
+            return self.cleanup
         self._closed = True
         handle = getattr(self._service, "_managed_handle", None)
         wanted = cleanup_policy(getattr(self._service, "_managed_config", None))
         done = {"trainer": "kept", "deployment": "kept"}
-        error = None
+        errors: list[str] = []
         try:
+            if backend_lost is not None:
+                done = {k: "kept" if v == "kept" else "unknown" for k, v in wanted.items()}
+                errors.append(f"not attempted: {backend_lost}")
+                return done
             if handle is not None:  # what the SDK's close will do
                 done = cleanup_policy(handle)
-            self._service.close()
-            if handle is not None and self._owns_reattached:
-                done = _clean_reattached(handle, wanted, done)
-        except Exception as exc:  # recorded, then raised: the run's failure names it too
-            error = redact_text(f"{type(exc).__name__}: {exc}")
-            raise
+
+            def attempt() -> dict[str, str]:
+                self._service.close()
+                if handle is not None and self._owns_reattached:
+                    return _clean_reattached(handle, wanted, done)
+                return done
+
+            try:
+                done = _bounded(attempt, CLEANUP_TIMEOUT_S)
+            except BaseException as exc:  # recorded, then raised: the run's failure names it too
+                errors.append(redact_text(f"{type(exc).__name__}: {exc}") if isinstance(exc, Exception)
+                              else "interrupted while cleaning up")
+                # whatever was attempted may or may not have happened
+                attempted = {k: done[k] if done[k] != "kept" or not self._owns_reattached else wanted[k]
+                             for k in done}
+                if isinstance(exc, Exception) and not isinstance(exc, TimeoutError) and handle is not None:
+                    done, unconfirmed = _confirmed(handle, attempted)  # the service still answers: ask it
+                    errors += unconfirmed
+                else:
+                    done = {k: "kept" if v == "kept" else "unknown" for k, v in attempted.items()}
+                raise
+            if handle is not None:
+                done, unconfirmed = _confirmed(handle, done)
+                errors += unconfirmed
+            return done
         finally:
-            self._rec.record("CleanupApplied", **done, **({"error": error} if error else {}))
+            self.cleanup = done
+            self._rec.record("CleanupApplied", **done, **({"error": "; ".join(errors)} if errors else {}))
+
+
+CLEANUP_TIMEOUT_S = 60.0  # the SDK's own calls retry for up to 5 minutes each
+CONFIRM_TIMEOUT_S = 20.0
+_GONE_JOB_STATES = ("JOB_STATE_DELETED", "JOB_STATE_DELETING")
+
+
+def _bounded(fn: Callable[[], Any], timeout_s: float) -> Any:
+    """``fn()`` in a daemon thread, given up on (TimeoutError) after ``timeout_s``: a call
+    to a service that stopped answering must not hold the run's stop for minutes."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="firetitan-cleanup", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer from the service within {timeout_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _confirmed(handle: Any, done: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """``done`` as the service confirms it: an action whose resource is still there is
+    ``failed``; one the service cannot confirm is ``unknown``. Also the reasons."""
+    out, why = dict(done), []
+    job_id = getattr(getattr(handle, "trainer_endpoint", None), "job_id", None)
+    if done["trainer"] == "deleted" and job_id and handle.trainer_manager is not None:
+        try:
+            job = _bounded(lambda: handle.trainer_manager.try_get(job_id), CONFIRM_TIMEOUT_S)
+            state = str(job.get("state", "")) if isinstance(job, dict) else ""
+            if job is not None and state not in _GONE_JOB_STATES:
+                out["trainer"] = "failed"
+                why.append(f"trainer {job_id} is still {state or 'there'} after its delete")
+        except Exception as exc:
+            out["trainer"] = "unknown"
+            why.append(redact_text(f"trainer {job_id} delete unconfirmed: {type(exc).__name__}: {exc}"))
+    deployment = getattr(handle, "deployment", None)
+    if done["deployment"] in ("scaled_to_zero", "deleted") and deployment is not None \
+            and handle.deployment_manager is not None:
+        dep_id = deployment.deployment_id
+        try:
+            # the raw record: DeploymentInfo does not carry the replica counts
+            record = _bounded(lambda: handle.deployment_manager._get_deployment(dep_id), CONFIRM_TIMEOUT_S)
+            if record is None:
+                out["deployment"] = "deleted"
+            elif int(record.get("maxReplicaCount", 1) or 0) == 0:
+                out["deployment"] = "scaled_to_zero"
+            else:
+                out["deployment"] = "failed"
+                why.append(f"deployment {dep_id} still allows {record.get('maxReplicaCount')} replica(s) "
+                           f"after its {done['deployment'].replace('_', ' ')}")
+        except Exception as exc:
+            out["deployment"] = "unknown"
+            why.append(redact_text(f"deployment {dep_id} {done['deployment']} unconfirmed: "
+                                   f"{type(exc).__name__}: {exc}"))
+    return out, why
 
 
 def cleanup_policy(config: Any) -> dict[str, str]:
