@@ -26,14 +26,25 @@ def local() -> None:
 @local.command()
 @STATE_DIR_OPTION
 @click.option("--port", type=int, default=0, show_default=True, help="TCP port (0: any free port).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-def up(state_dir: Path, port: int, device: str) -> None:
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the GPU (deployments in bfloat16 where it supports it); an error if there is none.")
+@click.option("--model-dir", "model_dirs", multiple=True, metavar="[NAME=]DIR",
+              help="Serve the Hugging Face checkpoint in DIR (config.json, *.safetensors, tokenizer) instead of a "
+                   "seeded stand-in, as NAME (accounts/<a>/models/<id>; default accounts/local/models/<DIR's "
+                   "name>). Repeatable; the first is the default base model. Remembered by the state dir.")
+def up(state_dir: Path, port: int, device: str, model_dirs: tuple[str, ...]) -> None:
     """Start the service in the background and print one JSON line describing it.
 
     If a service already runs on STATE_DIR it is reused and described.
     """
+    from . import catalogue
+
     with user_errors():
-        info = supervisor.ensure_running(state_dir, port=port, device=device)
+        checked = {}
+        for value in model_dirs:  # checked here, so a bad directory starts nothing
+            name, directory = catalogue.parse_model_dir(value)
+            checked[catalogue.load_model_dir(directory, name).name] = directory
+        info = supervisor.ensure_running(state_dir, port=port, device=device, model_dirs=checked)
     click.echo(json.dumps(info.public()))
 
 

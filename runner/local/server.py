@@ -8,7 +8,8 @@ Where each endpoint lives:
 - ``/hot_load/v1/models/hot_load`` and ``/inference/v1/completions``: ``inference_plane.py``
 - ``/local/v1/...`` (service health and info, debug digests): here and in the planes.
 
-Run it with ``python -m runner.local.server --state-dir DIR [--port N] [--device cpu|cuda]``;
+Run it with ``python -m runner.local.server --state-dir DIR [--port N] [--device cpu|cuda]
+[--model-dir [NAME=]DIR ...]``;
 ``runner.local.supervisor`` starts it as a background process and ``firetitan-track local
 up`` does so from the command line. The server writes ``<state-dir>/service.json``
 (pid, port, base URL, default model, tokenizer, training shape) once it listens
@@ -48,13 +49,39 @@ from .wire import ApiError, error_response, json_response
 log = logging.getLogger("runner.local.server")
 
 
-def service_info(state_dir: Path, port: int, device: str) -> dict:
-    base_model = catalogue.DEFAULT_BASE_MODEL
+# The checkpoint directories a state dir's service serves ({model name: directory}):
+# kept so that a restart (`local up` again, or a runner starting the service) still
+# knows the base models of the jobs it restores.
+MODEL_DIRS_FILE = "model_dirs.json"
+
+
+def register_model_dirs(state_dir: Path, model_dirs: dict[str, str]) -> str | None:
+    """Serve the checkpoints remembered for ``state_dir`` and those in ``model_dirs``
+    (which win); remember them all. Returns the model to report as the default."""
+    remembered = read_json(state_dir / MODEL_DIRS_FILE) or {}
+    served = {}
+    for name, directory in {**remembered, **model_dirs}.items():
+        try:
+            catalogue.register(catalogue.load_model_dir(directory, name))
+        except catalogue.ModelDirError as exc:
+            if name in model_dirs:
+                raise
+            log.warning("no longer serving %s: %s", name, exc)  # e.g. the directory was removed
+            continue
+        served[name] = str(directory)
+    if served != remembered:
+        write_json_atomic(state_dir / MODEL_DIRS_FILE, served)
+    return next(iter(model_dirs), None) or next(iter(served), None)
+
+
+def service_info(state_dir: Path, port: int, device: str, base_model: str | None = None) -> dict:
+    base_model = base_model or catalogue.DEFAULT_BASE_MODEL
     return {
         "base_url": f"http://127.0.0.1:{port}",
         "base_model": base_model,
-        "tokenizer_path": catalogue.tokenizer_path(),
+        "tokenizer_path": catalogue.resolve(base_model).tokenizer_dir,
         "training_shape_id": default_training_shape(base_model),
+        "model_dirs": {name: card.weights_dir for name, card in catalogue.BASE_MODELS.items() if card.weights_dir},
         "pid": os.getpid(),
         "port": port,
         "device": device,
@@ -127,13 +154,18 @@ def _take_lock(state_dir: Path):
     return handle
 
 
-def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = "warning") -> None:
+def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = "warning",
+          model_dirs: dict[str, str] | None = None) -> None:
     import uvicorn
 
     state_dir.mkdir(parents=True, exist_ok=True)
     lock = _take_lock(state_dir)
     from .model import pick_device
     pick_device(device)  # fail now, not at the first request, if CUDA is asked for and absent
+    try:
+        base_model = register_model_dirs(state_dir, model_dirs or {})
+    except catalogue.ModelDirError as exc:
+        sys.exit(str(exc))
 
     # Bind first (port 0 = any free port), so the info file names the real port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -145,7 +177,7 @@ def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = 
     sock.bind(("127.0.0.1", port))
     sock.listen(2048)
     port = sock.getsockname()[1]
-    info = service_info(state_dir, port, device)
+    info = service_info(state_dir, port, device, base_model)
     app = build_app(state_dir, device, info)
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=75,
@@ -177,11 +209,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", default=0, type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--log-level", default=os.environ.get("FIRETITAN_LOCAL_LOG_LEVEL", "warning"))
+    parser.add_argument("--model-dir", action="append", default=[], metavar="[NAME=]DIR",
+                        help="serve the Hugging Face checkpoint in DIR as NAME (repeatable; the first is the default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM from `local down`: uvicorn turns it into a graceful shutdown.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    serve(args.state_dir, args.port, args.device, args.log_level)
+    model_dirs = {}
+    for value in args.model_dir:
+        name, directory = catalogue.parse_model_dir(value)
+        try:
+            model_dirs[name or catalogue.load_model_dir(directory).name] = directory
+        except catalogue.ModelDirError as exc:
+            sys.exit(str(exc))
+    serve(args.state_dir, args.port, args.device, args.log_level, model_dirs)
 
 
 if __name__ == "__main__":

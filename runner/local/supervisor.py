@@ -102,8 +102,9 @@ def running(state_dir: Path | str = DEFAULT_STATE_DIR) -> LocalServiceInfo | Non
 
 
 def start(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str = "cpu",
-          timeout: float = READY_TIMEOUT_S) -> LocalServiceInfo:
-    """Launch the server in the background and wait until it serves."""
+          timeout: float = READY_TIMEOUT_S, model_dirs: dict[str, str] | None = None) -> LocalServiceInfo:
+    """Launch the server in the background and wait until it serves (``model_dirs``:
+    {model name: checkpoint directory} to serve, the first as the default model)."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     if running(state_dir) is not None:
@@ -116,7 +117,9 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str 
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "runner.local.server", "--state-dir", str(state_dir), "--port", str(port),
-             "--device", device],
+             "--device", device,
+             *(arg for name, directory in (model_dirs or {}).items()
+               for arg in ("--model-dir", f"{name}={Path(directory).expanduser().resolve()}"))],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)  # survives the CLI that started it; `local down` stops it
     finally:
@@ -142,8 +145,10 @@ def _log_tail(state_dir: Path, lines: int = 20) -> str:
         return ""
 
 
-def ensure_running(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str = "cpu") -> LocalServiceInfo:
-    """The live service on ``state_dir``, started if there is none.
+def ensure_running(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str = "cpu",
+                   model_dirs: dict[str, str] | None = None) -> LocalServiceInfo:
+    """The live service on ``state_dir``, started if there is none. A live one that
+    does not serve every checkpoint in ``model_dirs`` is an error (it cannot take one on).
 
     Safe to call from several processes at once (sweep workers, parallel runs): a
     lock on the state dir makes the first start the service and the others use it.
@@ -152,7 +157,16 @@ def ensure_running(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, dev
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / START_LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        return running(state_dir) or start(state_dir, port=port, device=device)
+        current = running(state_dir)
+        if current is None:
+            return start(state_dir, port=port, device=device, model_dirs=model_dirs)
+        served = (read_json(state_dir / INFO_FILE) or {}).get("model_dirs") or {}
+        for name, directory in (model_dirs or {}).items():
+            if served.get(name) != str(Path(directory).expanduser().resolve()):
+                raise ServiceError(f"the local service on {state_dir} (pid {current.pid}) does not serve "
+                                   f"--model-dir {name}={directory}; stop it with `firetitan-track local down` "
+                                   "and start it again with the checkpoint")
+        return current
 
 
 def stop(state_dir: Path | str = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> bool:
@@ -187,7 +201,8 @@ def kill(state_dir: Path | str) -> None:
 
 
 @contextlib.contextmanager
-def local_service(state_dir: Path | str | None = None, port: int = 0, device: str = "cpu") -> Iterator[LocalServiceInfo]:
+def local_service(state_dir: Path | str | None = None, port: int = 0, device: str = "cpu",
+                  model_dirs: dict[str, str] | None = None) -> Iterator[LocalServiceInfo]:
     """Start a local service for the duration of the block and yield its info.
 
     With no ``state_dir`` it runs in a temporary directory that is removed afterwards.
@@ -195,7 +210,7 @@ def local_service(state_dir: Path | str | None = None, port: int = 0, device: st
     temporary = state_dir is None
     directory = Path(tempfile.mkdtemp(prefix="firetitan-local-")) if temporary else Path(state_dir)
     try:
-        info = start(directory, port=port, device=device)
+        info = start(directory, port=port, device=device, model_dirs=model_dirs)
         try:
             yield info
         finally:
