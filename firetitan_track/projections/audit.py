@@ -33,6 +33,7 @@ class EvalRow:
     sync_duration_s: float | None = None
     completions_digest: str | None = None
     scored_at: float | None = None  # unix seconds of the EvalScored event
+    promoted_as: list[str] = field(default_factory=list)  # model ids promoted from this row's snapshot
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +52,7 @@ def eval_rows(events: Sequence[RecordedEvent]) -> list[EvalRow]:
     rows: dict[str, EvalRow] = {}
     kinds: dict[str, str] = {}  # snapshot path -> base|delta
     synced: dict[str, float] = {}  # snapshot path -> duration of its latest sync
+    promoted: dict[str, list[str]] = {}  # snapshot path -> model ids promoted from it
     for ev in authoritative(events):
         d = ev.data
         if ev.type == "SnapshotSaved":
@@ -72,7 +74,16 @@ def eval_rows(events: Sequence[RecordedEvent]) -> list[EvalRow]:
             row.score = float(d["score"])
             row.metrics = dict(d.get("metrics") or {})
             row.scored_at = ev.recorded_at
+        elif ev.type == "ModelPromoted":
+            promoted.setdefault(d["snapshot_path"], []).append(d["model_id"])
+    for row in rows.values():
+        row.promoted_as = list(promoted.get(row.snapshot_path, []))
     return list(rows.values())
+
+
+def upstream(events: Sequence[RecordedEvent]) -> dict[str, Any] | None:
+    """A chained run's upstream (RunStarted.init_from: run, state, step), None for a run from scratch."""
+    return next((ev.data.get("init_from") for ev in events if ev.type == "RunStarted"), None)
 
 
 def audit(ledger: Ledger, run_id: str) -> list[EvalRow]:

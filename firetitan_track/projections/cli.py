@@ -19,6 +19,7 @@ import click
 from firetitan_track.cli import reading_ledger, table
 from firetitan_track.projections.audit import EvalRow
 from firetitan_track.projections.audit import audit as audit_view
+from firetitan_track.projections.audit import upstream as upstream_of
 from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.lineage import lineage as lineage_view
 from firetitan_track.projections.mlflow.store import (DEFAULT_ARTIFACT_ROOT, DEFAULT_EXPERIMENT,
@@ -43,10 +44,19 @@ def _sampling(params: dict[str, Any]) -> str:
 
 
 def _eval_table(rows: list[EvalRow]) -> None:
-    click.echo(table(["step", "snapshot", "kind", "prompt set", "prompts", "sampling", "score", "sync s"],
+    click.echo(table(["step", "snapshot", "kind", "prompt set", "prompts", "sampling", "score", "sync s",
+                      "promoted as"],
                      [[str(r.step), r.snapshot_path, _fmt(r.snapshot_kind), r.prompt_set_digest[:12],
-                       str(r.prompt_count), _sampling(r.sampling), _fmt(r.score), _fmt(r.sync_duration_s, 3)]
+                       str(r.prompt_count), _sampling(r.sampling), _fmt(r.score), _fmt(r.sync_duration_s, 3),
+                       ", ".join(r.promoted_as) or "-"]
                       for r in rows]))
+
+
+def _upstream_line(up: dict[str, Any] | None) -> str:
+    """Where a chained run started (empty for a run from scratch)."""
+    if not up:
+        return ""
+    return f"started from run {up['run_id']} at step {up['step']} (state {up['state_path']})"
 
 
 @click.command()
@@ -57,9 +67,13 @@ def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """One row per eval of RUN_ID: the snapshot, prompt set and sampling behind each score."""
     with reading_ledger(ctx) as ledger:
         rows = audit_view(ledger, run_id)
+        started_from = _upstream_line(upstream_of(ledger.read(run_id)))
     if as_json:
         _echo_json([r.to_dict() for r in rows])
-    elif rows:
+        return
+    if started_from:
+        click.echo(started_from)
+    if rows:
         _eval_table(rows)
     else:
         click.echo(f"run {run_id} has no evals yet")
@@ -80,6 +94,8 @@ def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json:
     snap = found.snapshot
     click.echo(f"snapshot  {snap['path']}  ({snap['kind']}, step {snap['step']}, name {snap['name']})")
     click.echo(f"run       {found.run_id}")
+    if found.upstream:
+        click.echo(f"          {_upstream_line(found.upstream)}")
     click.echo(f"steps     {_step_span(found.steps)} from the start")
     since = found.previous_snapshot or "the start"
     click.echo(f"          {_step_span(found.since_previous)} since {since}")

@@ -7,7 +7,7 @@ from typing import Any
 
 from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, NotFound
-from firetitan_track.projections.audit import EvalRow, eval_rows, read_run
+from firetitan_track.projections.audit import EvalRow, eval_rows, read_run, upstream
 from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX
 from firetitan_track.projections.run_state import authoritative
 
@@ -23,6 +23,7 @@ class Lineage:
     previous_snapshot: str | None
     base_chain: list[dict[str, Any]]  # this snapshot, then the base it applies to, ... down to a base
     evals: list[EvalRow]
+    upstream: dict[str, Any] | None = None  # a chained run's start: the upstream run, its state and step
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -65,7 +66,7 @@ def _lineage_in(run_id: str, events: list[RecordedEvent], path: str) -> Lineage:
         run_id=run_id, snapshot=target, steps=made_by,
         since_previous=made_by[since_previous_from:], previous_snapshot=previous,
         base_chain=_base_chain(target, snapshots),
-        evals=[r for r in eval_rows(events) if r.snapshot_path == path],
+        evals=[r for r in eval_rows(events) if r.snapshot_path == path], upstream=upstream(events),
     )
 
 

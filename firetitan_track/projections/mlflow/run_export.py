@@ -47,6 +47,7 @@ class RunExport:
         datasets = self._datasets()
         self._params()
         self._metrics(models, datasets)
+        self._tag_promotions(models)
         if self.exporter.artifacts:
             self._artifacts()
 
@@ -83,6 +84,14 @@ class RunExport:
         if outputs:
             self.client.log_outputs(self.ml_run, outputs)
         return models
+
+    def _tag_promotions(self, models: dict[str, str]) -> None:
+        """Tag a snapshot's LoggedModel with every model id promoted from it (``promoted_as``)."""
+        fresh = {ev.data["snapshot_path"] for ev in self.new if ev.type == "ModelPromoted"}
+        for path in fresh & set(models):
+            ids = [ev.data["model_id"] for ev in self.history
+                   if ev.type == "ModelPromoted" and ev.data["snapshot_path"] == path]
+            self.client.set_logged_model_tags(models[path], {"promoted_as": ",".join(ids)})
 
     def _datasets(self) -> dict[str, str]:
         """Log each prompt set first used in this pass; ledger digest -> MLflow digest."""
