@@ -49,18 +49,18 @@ from .wire import ApiError, error_response, json_response
 log = logging.getLogger("runner.local.server")
 
 
-# The checkpoint directories a state dir's service serves ({model name: directory}):
-# kept so that a restart (`local up` again, or a runner starting the service) still
-# knows the base models of the jobs it restores.
+# The checkpoint directories a state dir's service serves, as [[model name, directory],
+# ...] with the default model first: kept so that a restart (`local up` again, or a
+# runner starting the service) still knows the base models of the jobs it restores.
 MODEL_DIRS_FILE = "model_dirs.json"
 
 
 def register_model_dirs(state_dir: Path, model_dirs: dict[str, str]) -> str | None:
-    """Serve the checkpoints remembered for ``state_dir`` and those in ``model_dirs``
-    (which win); remember them all. Returns the model to report as the default."""
-    remembered = read_json(state_dir / MODEL_DIRS_FILE) or {}
+    """Serve the checkpoints in ``model_dirs`` and those remembered for ``state_dir``
+    (``model_dirs`` win); remember them all. Returns the model to report as the default."""
+    remembered = dict(read_json(state_dir / MODEL_DIRS_FILE) or [])
     served = {}
-    for name, directory in {**remembered, **model_dirs}.items():
+    for name, directory in {**model_dirs, **{k: v for k, v in remembered.items() if k not in model_dirs}}.items():
         try:
             catalogue.register(catalogue.load_model_dir(directory, name))
         except catalogue.ModelDirError as exc:
@@ -69,9 +69,9 @@ def register_model_dirs(state_dir: Path, model_dirs: dict[str, str]) -> str | No
             log.warning("no longer serving %s: %s", name, exc)  # e.g. the directory was removed
             continue
         served[name] = str(directory)
-    if served != remembered:
-        write_json_atomic(state_dir / MODEL_DIRS_FILE, served)
-    return next(iter(model_dirs), None) or next(iter(served), None)
+    if list(served.items()) != list(remembered.items()):
+        write_json_atomic(state_dir / MODEL_DIRS_FILE, [list(pair) for pair in served.items()])
+    return next(iter(served), None)
 
 
 def service_info(state_dir: Path, port: int, device: str, base_model: str | None = None) -> dict:

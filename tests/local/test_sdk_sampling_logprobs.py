@@ -64,7 +64,7 @@ def snapshot_client(service_info, sdk_helpers):
 
 
 @pytest.mark.parametrize("temperature, top_p, top_k", [
-    (0.7, 0.9, 20), (1.3, 1.0, 5), (1.0, 0.8, -1), (1.0, 1.0, -1), (0.0, 1.0, -1)])
+    (0.7, 0.9, 20), (1.3, 1.0, 5), (1.0, 0.8, -1), (1.0, 1.0, -1)])
 def test_sample_returns_the_logprobs_of_the_distribution_sampled_from(
         snapshot_client, service_info, sdk_helpers, tokenizer, temperature, top_p, top_k):
     from fireworks.training import tinker
