@@ -12,18 +12,22 @@ from typing import Any
 
 from firetitan_track import Ledger, RecordedEvent, new_event
 from firetitan_track.projections.run_state import fold, to_supersede
+from runner.spec import Spec
 
 PROMPTS = [{"messages": [{"role": "user", "content": f"reverse {i}{i + 1}{i + 2}"}],
             "answer": f"{i + 2}{i + 1}{i}"} for i in range(5)]
 SAMPLING = {"n": 1, "max_tokens": 8, "temperature": 0.0}
 
 
-def demo_spec(lr: float = 1e-3) -> dict[str, Any]:
-    return {"run": {"name": "demo", "steps": 8, "seed": 7},
-            "model": {"base_model": "tiny-qwen3", "lora_rank": 8},
-            "optim": {"learning_rate": lr, "betas": [0.9, 0.95]},
-            "eval": {"interval": 2, "prompts": "reverse"},
-            "service": {"api_key": "***"}}
+def demo_spec(lr: float = 1e-3, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A spec as a run records it, built by the real Spec (an unknown key fails here)."""
+    raw = {"run": {"name": "demo", "steps": 8, "seed": 7},
+           "model": {"base_model": "accounts/fireworks/models/qwen3-8b", "lora_rank": 8},
+           "optim": {"learning_rate": lr, "beta1": 0.9, "beta2": 0.95},
+           "schedule": {"eval_every": 2, "save_every": 2}, "eval": {"prompts": "builtin"}}
+    for name, keys in sections.items():
+        raw[name] = {**raw.get(name, {}), **keys}
+    return Spec.from_dict(raw, source="demo spec").to_dict()
 
 
 class RunWriter:

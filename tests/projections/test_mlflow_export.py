@@ -37,7 +37,7 @@ def test_export_projects_a_run(ledger: Ledger, mlflow_server: str, client, exper
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.learning_rate"] == "0.001"
     assert run.data.params["model.lora_rank"] == "8"
-    assert run.data.params["service.api_key"] == "***"
+    assert run.data.params["schedule.eval_every"] == "2"
     tags = run.data.tags
     assert (tags["trainer_job_id"], tags["deployment_id"], tags["backend"], tags["code_version"]) == (
         "job-r1", "dep-r1", "local", "abc123")
@@ -275,7 +275,7 @@ def test_no_api_key_reaches_the_local_tracking_store(ledger: Ledger, tmp_path, m
     key = "fw-test-secret-7f3a9c1e5b"
     monkeypatch.setenv("FIREWORKS_API_KEY", key)
     monkeypatch.chdir(tmp_path)  # the default store and its artifacts live under .firetitan here
-    spec = {**demo_spec(), "notes": {"text": f"called with {key}"}, "service": {"api_key": key}}
+    spec = demo_spec(run={"name": f"called with {key}"}, backend={"base_url": f"http://x/?key={key}"})
     write_run(ledger, "r1", steps=2, spec=spec)
     export_mlflow(ledger)  # the project's default store: sqlite:///.firetitan/mlflow.db
 
