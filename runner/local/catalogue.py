@@ -56,9 +56,10 @@ class ShapeCard:
     base_model: str
     max_context_length: int
     supports_lora: bool
-    trainer_mode: str                  # "policy" (trainable) | "reference" (forward-only)
+    trainer_mode: str                  # "policy" | "lora" (LORA_TRAINER) | "reference" (forward-only)
     versions: tuple[str, ...] = ("v1",)
     accelerator: str = "CPU"
+    max_lora_rank: int = 0             # the largest trainingConfig.loraRank a LoRA shape takes
 
     @property
     def latest_version(self) -> str:
@@ -144,8 +145,15 @@ TRAINING_SHAPES: dict[str, ShapeCard] = {
         ShapeCard("ts-qwen3-0p6b-policy", "accounts/fireworks/models/qwen3-0p6b", 512, False, "policy"),
         ShapeCard("ts-qwen3-4b-policy", "accounts/fireworks/models/qwen3-4b", 512, False, "policy"),
         ShapeCard("ts-local-tiny", "local/tiny-qwen3", 512, False, "policy"),
+        # LoRA shapes (trainerMode LORA_TRAINER, as the SDK's supports_lora reads it).
+        ShapeCard("ts-qwen3-8b-lora", "accounts/fireworks/models/qwen3-8b", 512, True, "lora", max_lora_rank=64),
+        ShapeCard("ts-qwen3-0p6b-lora", "accounts/fireworks/models/qwen3-0p6b", 512, True, "lora", max_lora_rank=64),
+        ShapeCard("ts-qwen3-4b-lora", "accounts/fireworks/models/qwen3-4b", 512, True, "lora", max_lora_rank=64),
+        ShapeCard("ts-local-tiny-lora", "local/tiny-qwen3", 512, True, "lora", max_lora_rank=64),
     )
 }
+# Without a shape (the SDK's manual path) a LoRA trainer still takes at most this rank.
+MAX_LORA_RANK = 64
 
 
 # --- real checkpoints --------------------------------------------------------------

@@ -22,7 +22,7 @@ State machine the SDK polls for:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -45,7 +45,8 @@ RESUMABLE_STATES = {"JOB_STATE_PAUSED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED
 RESOURCE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SHAPE_REF_RE = re.compile(r"^accounts/([^/]+)/trainingShapes/([^/]+)(?:/versions/([^/]+))?$")
 TRAINER_MODES = {"policy": "POLICY_TRAINER", "reference": "FORWARD_ONLY", "lora": "LORA_TRAINER"}
-CHECKPOINT_TYPES = {"base": "CHECKPOINT_TYPE_INFERENCE_BASE", "delta": "CHECKPOINT_TYPE_INFERENCE_ARC_V2",
+CHECKPOINT_TYPES = {"base": "CHECKPOINT_TYPE_INFERENCE_BASE", "merged_base": "CHECKPOINT_TYPE_INFERENCE_BASE",
+                    "delta": "CHECKPOINT_TYPE_INFERENCE_ARC_V2", "adapter": "CHECKPOINT_TYPE_INFERENCE_LORA",
                     "state": "CHECKPOINT_TYPE_TRAINING"}
 
 
@@ -241,10 +242,8 @@ class ControlPlane:
         lora_rank = config.get("loraRank") or 0
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
             raise ApiError(400, "trainingConfig.loraRank must be a non-negative integer")
-        if lora_rank:
-            raise ApiError(400, f"loraRank={lora_rank}: the local service trains full parameters only "
-                                "(lora_rank=0)")
         forward_only = bool(body.get("forwardOnly"))
+        max_rank = catalogue.MAX_LORA_RANK
         max_context = card.max_context_length
         shape_version = None
         shape_ref = request.query_params.get("trainingShape")
@@ -253,7 +252,15 @@ class ControlPlane:
             max_context = min(max_context, shape.max_context_length)
             forward_only = forward_only or shape.trainer_mode == "reference"
             if lora_rank and not shape.supports_lora:
-                raise ApiError(400, f"training shape {shape_ref!r} does not support LoRA (loraRank={lora_rank})")
+                lora_shapes = [shape_name(s.shape_id) for s in catalogue.TRAINING_SHAPES.values()
+                               if s.supports_lora and s.base_model == base_model]
+                raise ApiError(400, f"trainingConfig.loraRank={lora_rank}: training shape {shape_ref!r} is a "
+                                    f"{TRAINER_MODES[shape.trainer_mode]} shape without LoRA; LoRA shapes for "
+                                    f"{base_model}: {', '.join(lora_shapes) or 'none'}")
+            max_rank = shape.max_lora_rank or max_rank
+        if lora_rank > max_rank:
+            raise ApiError(400, f"trainingConfig.loraRank={lora_rank} exceeds the largest rank "
+                                f"{'the training shape' if shape_ref else 'the local trainer'} allows ({max_rank})")
         requested_context = config.get("maxContextLength")
         if requested_context is not None:
             if isinstance(requested_context, bool) or not isinstance(requested_context, int) or requested_context <= 0:
@@ -363,6 +370,8 @@ class ControlPlane:
         model_id = match.group(1)
         if self.state.models.get(model_id) is not None or f"accounts/{account}/models/{model_id}" in catalogue.BASE_MODELS:
             raise ApiError(409, f"model {output_model} already exists")
+        job_base = self._job(job_id)["trainingConfig"]["baseModel"]
+        source = f"accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints/{checkpoint_id}"
         model = {
             "name": output_model,
             "displayName": model_id,
@@ -370,10 +379,17 @@ class ControlPlane:
             "state": "READY",
             "createTime": now_rfc3339(),
             "baseModel": base_model,
-            "sourceCheckpoint": f"accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints/{checkpoint_id}",
+            "sourceCheckpoint": source,
+            "sourceSnapshot": {"checkpoint": source, "snapshot": checkpoint_id, "checkpointType":
+                               CHECKPOINT_TYPES.get(row["kind"], "CHECKPOINT_TYPE_UNSPECIFIED"),
+                               "step": row.get("step"), "trainerBaseModel": job_base},
             "baseModelDetails": {"moe": False, "checkpointFormat": "LOCAL_SNAPSHOT"},
-            "_snapshot": {"path": row["path"], "kind": row["kind"], "base_path": row.get("base_path")},
+            "_snapshot": {"path": row["path"], "kind": row["kind"], "base_path": row.get("base_path"),
+                          "base_model": job_base},
         }
+        if row["kind"] == "adapter":  # a LoRA adapter promotes to a PEFT add-on of its base
+            model["kind"] = "HF_PEFT_ADDON"
+            model["peftDetails"] = {"baseModel": job_base, "r": row.get("loraRank")}
         self.state.models.put(model_id, model)
         return json_response({"model": public(model)})
 
@@ -389,7 +405,7 @@ class ControlPlane:
                 "state": "READY", "contextLength": card.max_context_length, "public": True,
                 "baseModelDetails": {"moe": False, "modelType": "qwen3", "checkpointFormat": "HUGGINGFACE",
                                      "worldSize": 1, "tunable": True},
-                "tuneable": True, "supportsLora": False,
+                "tuneable": True, "supportsLora": True,
             })
         if account == ACCOUNT_ID:
             model = self.state.models.get(model_id)
@@ -416,8 +432,10 @@ class ControlPlane:
             raise ApiError(409, f"deployment accounts/{account}/deployments/{deployment_id} already exists")
         body = await json_body(request)
         base_model = field(body, "baseModel", str)
+        promoted = self._promoted_model(base_model)
+        serving_base = promoted["_snapshot"]["base_model"] if promoted else base_model
         try:
-            catalogue.resolve(base_model)
+            catalogue.resolve(serving_base)
         except catalogue.UnknownModel as exc:
             raise ApiError(400, str(exc)) from None
         trainer_job = body.get("hotLoadTrainerJob")
@@ -443,8 +461,17 @@ class ControlPlane:
             "maxReplicaCount": replicas[1],
             "replicaCount": min(max(replicas[0], 1), replicas[1]),
         }
+        if promoted:
+            # Serve the promoted snapshot from the start, on the model it was trained from.
+            snapshot = promoted["_snapshot"]
+            record.update(currentSnapshotIdentity=base_model, _servingBaseModel=serving_base,
+                          _snapshot={"path": snapshot["path"], "kind": snapshot["kind"]})
         self.state.deployments.put(deployment_id, record)
         return json_response(public(record))
+
+    def _promoted_model(self, name: str) -> dict | None:
+        match = re.match(rf"^accounts/{ACCOUNT_ID}/models/([^/]+)$", name)
+        return self.state.models.get(match.group(1)) if match else None
 
     @staticmethod
     def _replica_counts(body: dict, *, default_min: int, default_max: int) -> tuple[int, int]:
@@ -524,7 +551,3 @@ class ControlPlane:
             Route(a + "/deployments", self.list_deployments, methods=["GET"]),
             Route(a + "/deployments/{deployment}", self.deployment, methods=["GET", "PATCH", "DELETE"]),
         ]
-
-
-def job_id_of(trainer_job_name: Any) -> str | None:
-    return str(trainer_job_name).rsplit("/", 1)[-1] if trainer_job_name else None

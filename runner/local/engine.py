@@ -16,10 +16,11 @@ weights = -dLoss/dlogprob, both ordinary calls.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-import re
 import shutil
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +30,8 @@ from . import model as model_io
 from .catalogue import EngineError, resolve
 
 __all__ = [
-    "EngineError", "Example", "ForwardResult", "Trainer", "Sampler", "GenRequest", "GenResult",
-    "SUPPORTED_LOSSES", "weights_digest",
+    "EngineError", "Example", "ForwardResult", "LoraSettings", "Trainer", "Sampler", "GenRequest", "GenResult",
+    "SUPPORTED_LOSSES", "adam_params", "check_loss_fn", "weights_digest",
 ]
 
 
@@ -109,10 +110,10 @@ def _token_losses(loss_fn: str, logp: torch.Tensor, batch: dict[str, torch.Tenso
     raise AssertionError(loss_fn)
 
 
-def _check_loss_fn(loss_fn: str) -> None:
+def check_loss_fn(loss_fn: str) -> None:
     if loss_fn not in LOSS_INPUTS:
-        raise EngineError(f"loss function {loss_fn!r} is not supported by the local service; "
-                          f"supported: {', '.join(SUPPORTED_LOSSES)}")
+        raise EngineError(f"unknown loss function {loss_fn!r}: the local trainer supports "
+                          f"{', '.join(SUPPORTED_LOSSES)}")
 
 
 # --- batching ----------------------------------------------------------------------
@@ -202,37 +203,118 @@ def _target_logprobs(model, batch: _Batch) -> torch.Tensor:
 
 # --- the trainer ---------------------------------------------------------------------
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12,
                   "weight_decay": 0.0, "grad_clip_norm": 0.0}
 GRAD_NORMALIZATIONS = ("none", "num_loss_tokens", "num_sequences")
-STATE_FORMAT = "firetitan-local-state/1"
+LEGACY_STATE_FORMAT = "firetitan-local-state/1"  # model.safetensors + optimizer.pt (torch.save)
+STATE_FORMAT = "firetitan-local-state/2"         # torch.distributed.checkpoint: model and optimizer
 SNAPSHOT_FORMAT = "firetitan-local-snapshot/1"
+SNAPSHOT_KINDS = ("base", "delta", "merged_base")
+# LoRA wraps every linear layer of a Qwen3 block; train_* pick which (the SDK's LoraConfig flags).
+_LORA_TARGETS = {"train_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                 "train_mlp": ("gate_proj", "up_proj", "down_proj"),
+                 "train_unembed": ("lm_head",)}
 
 
-def _check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise EngineError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "
-                          "(at most 200, not starting with a dot)")
-    return name
+def adam_params(adam: dict) -> dict[str, float]:
+    """``adam_params`` of an optim_step request, validated, with defaults filled in."""
+    if not isinstance(adam, dict):
+        raise EngineError("adam_params must be an object")
+    unknown = set(adam) - set(_ADAM_DEFAULTS) - {"emit_grad_norm_metrics"}
+    if unknown:
+        raise EngineError(f"unknown adam_params {sorted(unknown)}; expected {sorted(_ADAM_DEFAULTS)}")
+    hp = {}
+    for key, default in _ADAM_DEFAULTS.items():
+        value = adam.get(key)
+        value = default if value is None else value
+        if isinstance(value, bool):
+            raise EngineError(f"adam_params.{key} must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise EngineError(f"adam_params.{key} must be a number, got {value!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise EngineError(f"adam_params.{key} must be a finite number >= 0, got {value}")
+        hp[key] = value
+    for key in ("beta1", "beta2"):
+        if hp[key] >= 1:
+            raise EngineError(f"adam_params.{key} must be below 1, got {hp[key]}")
+    return hp
+
+
+def grad_normalization(mode: object) -> str:
+    """``grad_accumulation_normalization`` of an optim_step request, validated."""
+    if mode is None:
+        return "none"
+    if not isinstance(mode, str) or mode.lower() not in GRAD_NORMALIZATIONS:
+        raise EngineError(f"unknown grad_accumulation_normalization {mode!r}; expected one of "
+                          f"{', '.join(GRAD_NORMALIZATIONS)}")
+    return mode.lower()
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """A LoRA trainer's adapters: the SDK's ``LoraConfig`` (rank, alpha, seed, train_*)."""
+
+    rank: int
+    alpha: int | None = None       # None: the backend default, 2 * rank
+    seed: int | None = None        # adapter init; None: the trainer's seed
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+    @property
+    def effective_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else 2 * self.rank
+
+    @property
+    def scale(self) -> float:
+        return self.effective_alpha / self.rank
+
+    def targets(self) -> list[str]:
+        return [name for flag, names in _LORA_TARGETS.items() if getattr(self, flag) for name in names]
+
+
+def _lora_model(base: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.nn.Module:
+    """``base`` wrapped by peft: frozen base weights, trainable adapters (A kaiming, B zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    if lora.rank < 1:
+        raise EngineError(f"lora rank must be >= 1, got {lora.rank}")
+    if not lora.targets():
+        raise EngineError("LoRA with train_attn, train_mlp and train_unembed all false has nothing to train")
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, target_modules=lora.targets(),
+                        lora_dropout=0.0, bias="none", init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]):  # the adapter init is fixed by its seed, as the base's is
+        torch.manual_seed(seed if lora.seed is None else lora.seed)
+        return get_peft_model(base, config)
+
+
+def _base_name(peft_name: str) -> str:
+    """A peft parameter name as the plain model names it (what snapshots and deployments use)."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 class Trainer:
-    """A trainable (or forward-only) copy of a catalogue model."""
+    """A trainable (or forward-only) copy of a catalogue model, full-parameter or LoRA.
+
+    Names of snapshots and states are validated where requests arrive (the trainer
+    plane, through ``state.check_name``); the trainer takes them as given.
+    """
 
     def __init__(self, base_model: str, *, state_dir: Path, seed: int = 0, device: str = "cpu",
-                 lora_rank: int = 0, forward_only: bool = False):
+                 lora: LoraSettings | None = None, forward_only: bool = False):
         self.card = resolve(base_model)  # UnknownModel is an EngineError
-        if lora_rank:
-            # Every shape in the catalogue is full-parameter; see docs/local_models.md.
-            raise EngineError(f"lora_rank={lora_rank}: the local service trains full parameters only; "
-                              "use lora_rank=0")
         self.base_model = base_model
         self.seed = seed
-        self.lora_rank = 0
+        self.lora = lora
         self.forward_only = forward_only
         self.state_dir = Path(state_dir)
-        self.model = model_io.build_model(self.card, seed, device)
+        if lora is None:
+            self.model = model_io.build_model(self.card, seed, device)
+        else:  # wrapped on CPU, so the adapter init is the same on every device
+            self.model = _lora_model(model_io.build_model(self.card, seed, "cpu"), lora, seed)
+            self.model.to(model_io.pick_device(device))
         self.device = next(self.model.parameters()).device
         self.vocab_size = self.card.config["vocab_size"]
         self.max_context_length = self.card.max_context_length
@@ -243,20 +325,53 @@ class Trainer:
         self._reset_accumulation()
         self._base_snapshot: tuple[str, dict[str, torch.Tensor]] | None = None
 
+    @property
+    def lora_rank(self) -> int:
+        return self.lora.rank if self.lora else 0
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def _new_optimizer(self) -> torch.optim.AdamW:
-        # Hyperparameters are placeholders: optim_step sets them from each request.
-        return torch.optim.AdamW(self.model.parameters(), lr=0.0, betas=(0.9, 0.95), eps=1e-12,
-                                 weight_decay=0.0)
+        # Only what trains has moments: under LoRA, the adapters. Hyperparameters are
+        # placeholders: optim_step sets them from each request.
+        return torch.optim.AdamW(self._trainable(), lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
 
     def _reset_accumulation(self) -> None:
         self._loss_tokens = 0
         self._loss_sequences = 0
 
+    def optimizer_state_bytes(self) -> int:
+        """Bytes the optimizer's moments take (the LoRA saving the benchmark reports)."""
+        if self.optimizer is None:
+            return 0
+        return sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                   for t in state.values() if isinstance(t, torch.Tensor))
+
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """The weights a deployment serves for this trainer, by plain model names:
+        its own weights, or under LoRA the base with the adapters merged in."""
+        if self.lora is None:
+            return model_io.weight_dict(self.model)
+        from peft import get_peft_model_state_dict
+
+        base = {_base_name(name): p.detach() for name, p in self.model.named_parameters() if "lora_" not in name}
+        adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        return model_io.merge_lora(base, adapter, self.lora.scale)
+
     # -- passes
 
     def forward(self, examples: list[Example], loss_fn: str = "cross_entropy",
-                loss_fn_config: dict | None = None) -> ForwardResult:
+                loss_fn_config: dict | None = None, *, base_only: bool = False) -> ForwardResult:
+        """Logprobs and loss without gradients. ``base_only`` on a LoRA trainer runs the
+        frozen base with the adapters disabled (the seed's shared-session reference)."""
+        if base_only and self.lora is None:
+            raise EngineError("base_only forwards need a LoRA trainer (adapters to disable); this trainer "
+                              "trains full parameters, so its base is gone after the first step")
         with torch.no_grad():
+            if base_only:
+                with self.model.disable_adapter():
+                    return self._run(examples, loss_fn, loss_fn_config, backward=False)
             return self._run(examples, loss_fn, loss_fn_config, backward=False)
 
     def forward_backward(self, examples: list[Example], loss_fn: str = "cross_entropy",
@@ -266,7 +381,7 @@ class Trainer:
         return self._run(examples, loss_fn, loss_fn_config, backward=True)
 
     def _run(self, examples, loss_fn, loss_fn_config, *, backward: bool) -> ForwardResult:
-        _check_loss_fn(loss_fn)
+        check_loss_fn(loss_fn)
         config = dict(loss_fn_config or {})
         batch = _make_batch(examples, loss_fn, self.vocab_size, self.max_context_length, self.device)
         logp = _target_logprobs(self.model, batch)
@@ -297,9 +412,10 @@ class Trainer:
     def optim_step(self, adam: dict, grad_accumulation_normalization: str | None = None) -> dict[str, float]:
         if self.forward_only:
             raise EngineError("this trainer is forward-only (a reference model); optim_step is not allowed")
-        hp = self._adam_params(adam)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        self._normalise_grads(params, grad_accumulation_normalization)
+        hp = adam_params(adam)
+        mode = grad_normalization(grad_accumulation_normalization)
+        params = [p for p in self._trainable() if p.grad is not None]
+        self._normalise_grads(params, mode)
         grads = [p.grad for p in params]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         if hp["grad_clip_norm"] > 0 and grads:
@@ -318,32 +434,7 @@ class Trainer:
         self._reset_accumulation()
         return metrics
 
-    @staticmethod
-    def _adam_params(adam: dict) -> dict[str, float]:
-        unknown = set(adam) - set(_ADAM_DEFAULTS) - {"emit_grad_norm_metrics"}
-        if unknown:
-            raise EngineError(f"unknown adam_params {sorted(unknown)}; expected {sorted(_ADAM_DEFAULTS)}")
-        hp = {}
-        for key, default in _ADAM_DEFAULTS.items():
-            value = adam.get(key)
-            value = default if value is None else value
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise EngineError(f"adam_params.{key} must be a number, got {value!r}") from None
-            if not math.isfinite(value) or value < 0:
-                raise EngineError(f"adam_params.{key} must be a finite number >= 0, got {value}")
-            hp[key] = value
-        for key in ("beta1", "beta2"):
-            if hp[key] >= 1:
-                raise EngineError(f"adam_params.{key} must be below 1, got {hp[key]}")
-        return hp
-
-    def _normalise_grads(self, params, mode: str | None) -> None:
-        mode = (mode or "none").lower()
-        if mode not in GRAD_NORMALIZATIONS:
-            raise EngineError(f"unknown grad_accumulation_normalization {mode!r}; expected one of "
-                              f"{', '.join(GRAD_NORMALIZATIONS)}")
+    def _normalise_grads(self, params, mode: str) -> None:
         divisor = {"none": 1, "num_loss_tokens": self._loss_tokens,
                    "num_sequences": self._loss_sequences}[mode]
         if divisor > 1:
@@ -354,55 +445,153 @@ class Trainer:
     # -- sampler snapshots
 
     def save_sampler_snapshot(self, name: str, kind: str) -> dict:
-        _check_name(name, "snapshot")
-        if kind not in ("base", "delta"):
-            raise EngineError(f"snapshot kind must be 'base' or 'delta', got {kind!r}")
+        """Write what a deployment loads. Full-parameter: "base" (float32 weights) or
+        "delta" (XOR against the last base). LoRA: "base" is the adapter alone (a PEFT
+        directory, kind "adapter"), "merged_base" the base with the adapter folded in."""
+        if kind not in SNAPSHOT_KINDS:
+            raise EngineError(f"snapshot kind must be one of {', '.join(SNAPSHOT_KINDS)}, got {kind!r}")
+        if self.lora is None and kind == "merged_base":
+            raise EngineError("checkpoint_type 'merged_base' folds a LoRA adapter into the base; this trainer "
+                              "trains full parameters (use 'base' or 'delta')")
+        if self.lora is not None and kind == "delta":
+            raise EngineError("checkpoint_type 'delta' is for full-parameter training; a LoRA trainer saves "
+                              "standalone adapters ('base') or 'merged_base'")
         path = self.state_dir / "snapshots" / name
         if path.exists():
-            raise EngineError(f"snapshot {name!r} already exists")
-        weights = {k: v.to("cpu", copy=True) for k, v in model_io.weight_dict(self.model).items()}
+            raise EngineError(f"snapshot {name!r} already exists on this trainer; save under a new name")
         meta = {"format": SNAPSHOT_FORMAT, "kind": kind, "base_model": self.base_model, "step": self.step,
                 "base_path": None}
-        if kind == "base":
+        if self.lora is not None and kind == "base":
+            meta.update(kind="adapter", base_seed=self.seed, lora=asdict(self.lora), scale=self.lora.scale)
+            _write_atomically(path, lambda tmp: self._write_adapter(tmp, meta))
+            return {"path": str(path), "kind": "adapter", "base_path": None}
+        weights = {k: v.to("cpu", copy=True) for k, v in self.effective_weights().items()}
+        if kind in ("base", "merged_base"):
+            meta["kind"] = "base"  # a merged base is a plain full checkpoint to a deployment
             _write_atomically(path, lambda tmp: model_io.save_weights(tmp, weights, meta))
             self._base_snapshot = (str(path), weights)
-        else:
-            if self._base_snapshot is None:
-                raise EngineError("a delta snapshot needs a base snapshot first; save kind='base' once")
-            base_path, base_weights = self._base_snapshot
-            meta["base_path"] = base_path
-            delta = model_io.xor_delta(weights, base_weights)
-            _write_atomically(path, lambda tmp: model_io.save_weights(tmp, delta, meta))
+            return {"path": str(path), "kind": kind, "base_path": None}
+        if self._base_snapshot is None:
+            raise EngineError("a delta snapshot needs a base snapshot first; save kind='base' once")
+        base_path, base_weights = self._base_snapshot
+        meta["base_path"] = base_path
+        delta = model_io.xor_delta(weights, base_weights)
+        _write_atomically(path, lambda tmp: model_io.save_weights(tmp, delta, meta))
         return {"path": str(path), "kind": kind, "base_path": meta["base_path"]}
 
-    # -- training state ("DCP" checkpoints)
+    def _write_adapter(self, directory: Path, meta: dict) -> None:
+        """A PEFT adapter directory (adapter_model.safetensors, adapter_config.json) plus our meta."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter.items()},
+                  str(directory / model_io.ADAPTER_FILE))
+        config = self.model.peft_config["default"].to_dict()
+        config.update(base_model_name_or_path=self.base_model, target_modules=sorted(config["target_modules"]))
+        (directory / model_io.ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True,
+                                                                         default=str) + "\n")
+        (directory / model_io.META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    # -- training state (DCP checkpoints)
+
+    def _state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # Under LoRA only the adapters are state: the base is fixed by (model, seed).
+        # strict=False lets the adapters load into a model whose base is not in the
+        # state; dcp.load still fails on any adapter tensor missing from the checkpoint.
+        lora = self.lora is not None
+        return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+    def _state_meta(self) -> dict:
+        return {"format": STATE_FORMAT, "base_model": self.base_model, "seed": self.seed, "step": self.step,
+                "lora_rank": self.lora_rank, "lora": asdict(self.lora) if self.lora else None}
 
     def save_state(self, name: str) -> str:
-        _check_name(name, "checkpoint")
+        """Model and optimizer state dicts through torch.distributed.checkpoint, as the
+        managed trainer writes them; one process here, so no process group."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
         if self.forward_only:
             raise EngineError("this trainer is forward-only (a reference model); it has no state to save")
         path = self.state_dir / "checkpoints" / name
-        meta = {"format": STATE_FORMAT, "base_model": self.base_model, "seed": self.seed, "step": self.step,
-                "lora_rank": self.lora_rank}
+        meta = self._state_meta()
+        if self.optimizer.state:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._state_options())
+            state = {"model": model_state, "optimizer": optim_state}
+        else:
+            # No step yet, so no moments. (get_state_dict would take a zero-gradient step to
+            # create some, which changes how the next real step is bias-corrected.)
+            state = {"model": get_model_state_dict(self.model, options=self._state_options())}
+        meta["optimizer"] = "optimizer" in state
 
         def write(tmp: Path) -> None:
-            model_io.save_weights(tmp, model_io.weight_dict(self.model), meta)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            with _single_process_dcp():
+                dcp.save(state, checkpoint_id=str(tmp))
+            (tmp / model_io.META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
         _write_atomically(path, write, replace=True)
         return str(path)
 
     def load_state(self, path: str, with_optimizer: bool = True) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                             set_model_state_dict, set_state_dict)
+
         path = Path(path)
         try:
             meta = model_io.read_meta(path)
         except (OSError, ValueError):
             raise EngineError(f"no training state at {str(path)!r}") from None
-        if meta.get("format") != STATE_FORMAT:
-            raise EngineError(f"{str(path)!r} is not a training state (format {meta.get('format')!r})")
+        if meta.get("format") not in (STATE_FORMAT, LEGACY_STATE_FORMAT):
+            raise EngineError(f"{str(path)!r} is not a training state this service reads (format "
+                              f"{meta.get('format')!r}; expected {STATE_FORMAT!r})")
         if meta["base_model"] != self.base_model:
             raise EngineError(f"state at {str(path)!r} is for {meta['base_model']!r}, "
                               f"this trainer runs {self.base_model!r}")
+        saved_rank = int(meta.get("lora_rank") or 0)
+        if saved_rank != self.lora_rank:
+            raise EngineError(f"lora rank mismatch: the state at {str(path)!r} was saved with lora_rank="
+                              f"{saved_rank}, this trainer has lora_rank={self.lora_rank} (trainingConfig.loraRank)")
+        if meta["format"] == LEGACY_STATE_FORMAT:
+            self._load_legacy_state(path, with_optimizer)
+        else:
+            if self.lora is not None and int(meta.get("seed", self.seed)) != self.seed:
+                self._rebuild_base(int(meta["seed"]))  # adapters are only meaningful on their own base
+            options = self._state_options()
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer = self._new_optimizer()
+            try:
+                with _single_process_dcp():
+                    if with_optimizer and self.optimizer is not None and meta.get("optimizer", True):
+                        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
+                        state = {"model": model_state, "optimizer": optim_state}
+                        dcp.load(state, checkpoint_id=str(path))
+                        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                                       optim_state_dict=state["optimizer"], options=options)
+                    else:
+                        state = {"model": get_model_state_dict(self.model, options=options)}
+                        dcp.load(state, checkpoint_id=str(path))
+                        set_model_state_dict(self.model, state["model"], options=options)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise EngineError(f"state at {str(path)!r} does not fit this trainer: {exc}") from None
+        self.step = int(meta["step"])
+        self._reset_accumulation()
+
+    @torch.no_grad()
+    def _rebuild_base(self, seed: int) -> None:
+        """Under LoRA: replace the frozen base weights with the init of ``seed``."""
+        base = model_io.weight_dict(model_io.build_model(self.card, seed, "cpu"))
+        for name, param in self.model.named_parameters():
+            if "lora_" not in name:
+                param.copy_(base[_base_name(name)])
+        self.seed = seed
+
+    def _load_legacy_state(self, path: Path, with_optimizer: bool) -> None:
+        """States written before DCP (model.safetensors + optimizer.pt): full-parameter only."""
         model_io.load_weight_dict(self.model, model_io.load_weights(path))
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -410,8 +599,15 @@ class Trainer:
             if with_optimizer:
                 self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
                                                           weights_only=True))
-        self.step = int(meta["step"])
-        self._reset_accumulation()
+
+
+class _single_process_dcp(warnings.catch_warnings):
+    """DCP warns that it runs without a process group; here that is the design, not a slip."""
+
+    def __enter__(self):
+        super().__enter__()
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        return self
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None], replace: bool = False) -> None:
@@ -431,11 +627,12 @@ def _write_atomically(path: Path, write: Callable[[Path], None], replace: bool =
 from .sampler import GenRequest, GenResult, Sampler  # noqa: E402  (re-exported; sampler imports EngineError)
 
 
-def weights_digest(model: torch.nn.Module) -> dict:
-    """sha256 over every parameter's name, shape, dtype and bytes, in name order: the
+def weights_digest(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict:
+    """sha256 over every tensor's name, shape, dtype and bytes, in name order: the
     debug endpoints compare a trainer's weights with a deployment's through it."""
     digest = hashlib.sha256()
-    weights = model_io.weight_dict(model)
+    if isinstance(weights, torch.nn.Module):
+        weights = model_io.weight_dict(weights)
     for name in sorted(weights):
         tensor = weights[name].detach().cpu().contiguous()
         digest.update(name.encode())

@@ -35,7 +35,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import catalogue, load_engine
-from .state import ServiceState, now_rfc3339
+from .state import ServiceState, now_rfc3339, serving_base_model
 from .wire import ApiError, check_token_ids, json_body, json_response
 
 log = logging.getLogger("runner.local.inference_plane")
@@ -229,7 +229,7 @@ class InferencePlane:
             record.update(replicaCount=1, minReplicaCount=max(1, record.get("minReplicaCount", 0)),
                           maxReplicaCount=max(1, record.get("maxReplicaCount", 0)), updateTime=now_rfc3339())
             self.state.deployments.put(deployment_id, record)
-        runtime = DeploymentRuntime(deployment_id, record["baseModel"], self.device)
+        runtime = DeploymentRuntime(deployment_id, serving_base_model(record), self.device)
         self.runtimes[deployment_id] = runtime
         snapshot = record.get("_snapshot")
         if snapshot and record.get("currentSnapshotIdentity"):
@@ -288,6 +288,11 @@ class InferencePlane:
         if not isinstance(identity, str) or not identity:
             raise ApiError(400, "missing identity")
         snapshot = self._snapshot_for(record, identity)
+        trainer_rank = self.state.attached_lora_rank(record)
+        if snapshot["kind"] == "adapter" and trainer_rank == 0:
+            raise ApiError(400, f"snapshot {identity!r} is a LoRA adapter (rank {snapshot.get('loraRank')}); deployment "
+                                f"{deployment_id} serves the full-parameter trainer {record['hotLoadTrainerJob']}: hot "
+                                "load adapters into a deployment attached to their LoRA trainer")
         incremental = body.get("incremental_snapshot_metadata")
         if snapshot["kind"] == "delta" and not snapshot.get("base_path"):
             raise ApiError(400, f"delta snapshot {identity!r} has no base to apply it to")
@@ -379,7 +384,7 @@ class InferencePlane:
         record = self.state.deployments.get(deployment_id)
         if record is None:
             raise ApiError(404, f"deployment {deployment_id!r} not found")
-        card = catalogue.resolve(record["baseModel"])
+        card = catalogue.resolve(serving_base_model(record))
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BATCH:
             raise ApiError(400, f"n must be an integer in [1, {MAX_BATCH}]")

@@ -87,6 +87,9 @@ def load_weight_dict(model, weights: dict[str, torch.Tensor]) -> None:
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
+# A LoRA sampler snapshot is a PEFT adapter directory (these two files) plus META_FILE.
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 def save_weights(directory, weights: dict[str, torch.Tensor], meta: dict) -> None:
@@ -128,3 +131,39 @@ def apply_xor_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor
     if set(base) != set(delta):
         raise ValueError("delta and base snapshot hold different tensors")
     return {name: (base[name].view(torch.int32) ^ delta[name]).view(torch.float32) for name in base}
+
+
+# --- LoRA adapters ----------------------------------------------------------------
+# peft names an adapter tensor "base_model.model.<module>.lora_A.weight" (A: [r, in],
+# B: [out, r]); the plain model's weight is "<module>.weight" ([out, in]).
+
+@torch.no_grad()
+def merge_lora(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
+               scale: float) -> dict[str, torch.Tensor]:
+    """``base`` with each adapted weight W replaced by W + scale * B @ A (on CPU, so a
+    trainer and a deployment that merge the same tensors get the same bits)."""
+    merged = {name: tensor.to("cpu") for name, tensor in base.items()}
+    for key, a in adapter.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        b = adapter.get(f"{module}.lora_B.weight")
+        name = f"{module.removeprefix('base_model.model.')}.weight"
+        if b is None or name not in merged:
+            raise ValueError(f"adapter tensor {key!r} has no matching lora_B or base weight {name!r}")
+        merged[name] = merged[name] + scale * (b.to("cpu", torch.float32) @ a.to("cpu", torch.float32))
+    return merged
+
+
+def adapter_snapshot_weights(directory, meta: dict) -> dict[str, torch.Tensor]:
+    """Full float32 weights of a LoRA sampler snapshot: the base it was trained on
+    (rebuilt from the catalogue and the trainer's seed) with the adapter merged in."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .catalogue import resolve
+
+    base = weight_dict(build_model(resolve(meta["base_model"]), int(meta.get("base_seed", 0)), "cpu"))
+    adapter = load_file(str(Path(directory) / ADAPTER_FILE))
+    return merge_lora(base, adapter, float(meta["scale"]))

@@ -252,17 +252,20 @@ class Sampler:
 
 
 def read_snapshot(snapshot_path: str, base_model: str) -> dict[str, torch.Tensor]:
-    """Full float32 weights of a snapshot: a base as saved, a delta XOR-ed onto its base."""
+    """Full float32 weights of a snapshot: a base as saved, a delta XOR-ed onto its base,
+    a LoRA adapter merged into the base it was trained on."""
     path = Path(snapshot_path)
     try:
         meta = model_io.read_meta(path)
     except (OSError, ValueError):
         raise EngineError(f"no sampler snapshot at {snapshot_path!r}") from None
-    if meta.get("kind") not in ("base", "delta"):
+    if meta.get("kind") not in ("base", "delta", "adapter"):
         raise EngineError(f"{snapshot_path!r} is not a sampler snapshot")
     if meta.get("base_model") != base_model:
         raise EngineError(f"snapshot {snapshot_path!r} is for {meta.get('base_model')!r}, "
                           f"this deployment serves {base_model!r}")
+    if meta["kind"] == "adapter":
+        return model_io.adapter_snapshot_weights(path, meta)
     weights = model_io.load_weights(path)
     if meta["kind"] == "base":
         return weights

@@ -19,12 +19,16 @@ SDK reads (camelCase keys), so the control plane can return them as they are.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from .catalogue import EngineError
 
 # The state dir's well-known files, named here once for the server, the supervisor and the CLI.
 DEFAULT_STATE_DIR = Path(".firetitan/local")
@@ -32,6 +36,55 @@ INFO_FILE = "service.json"      # written by the server once it listens, removed
 LOG_FILE = "service.log"        # the background server's stdout and stderr
 LOCK_FILE = "service.lock"      # held by the server: a second one on the same dir refuses to start
 START_LOCK_FILE = "start.lock"  # serializes ensure_running across processes
+
+
+# Snapshot, state and checkpoint names: what the managed service accepts (both cases,
+# digits, '.', '_', '-'; the seed's own are "step_00000"). Each becomes one directory
+# in the state dir, so nothing else: no separator can escape it, no leading '.' can
+# meet our temporary siblings (".<name>.tmp"), and 200 characters leave room for the
+# SDK's session suffix under the file system's 255.
+NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
+NAME_RULE = "letters, digits, '.', '_' and '-', at most 200 characters, not starting with '.'"
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+CROSS_JOB_PREFIX = "cross_job://"
+
+
+class BadName(EngineError):
+    """A snapshot, state or checkpoint name the state dir cannot hold; the message says why."""
+
+
+def check_name(name: object, what: str) -> str:
+    """``name`` if it is a valid snapshot/state/checkpoint name, else BadName naming the rule."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise BadName(f"{what} name {name!r} is refused: names are {NAME_RULE}, so that each stays one "
+                      "directory inside the state dir")
+    return name
+
+
+def state_ref(job_id: str, name: str) -> str:
+    """The path save_state answers for a state: one the SDK's load_state accepts.
+
+    The SDK checks load paths as DNS labels, so a name that is one is its own path;
+    any other (``step_00000``) gets a cross-job reference to a DNS-safe alias that
+    is unique to it (a digest of the exact name), which ``find`` resolves.
+    """
+    if DNS_LABEL_RE.match(name):
+        return name
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:48] or "state"
+    return f"{CROSS_JOB_PREFIX}{job_id}/{label}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def split_state_ref(ref: str, current_job: str) -> tuple[str, str]:
+    """(job id, name or alias) of a load path: a bare name, ``cross_job://<job>/<name>``
+    or ``<account>/<job>/<name>``."""
+    ref = ref.strip()
+    if ref.startswith(CROSS_JOB_PREFIX):
+        job_id, _, name = ref[len(CROSS_JOB_PREFIX):].partition("/")
+        return job_id, name
+    if "/" in ref:
+        parts = ref.split("/")
+        return parts[-2], parts[-1]
+    return current_job, ref
 
 
 def now_rfc3339() -> str:
@@ -60,6 +113,12 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+def serving_base_model(deployment: dict) -> str:
+    """The catalogue model a deployment runs: its base model, or for a deployment of a
+    promoted model, the base that model was trained from."""
+    return deployment.get("_servingBaseModel") or deployment["baseModel"]
 
 
 class RecordStore:
@@ -112,6 +171,13 @@ class ServiceState:
         self.models = RecordStore(self.root / "control" / "models")
         self.checkpoints = CheckpointIndex(self.root / "control" / "checkpoints")
 
+    def attached_lora_rank(self, deployment: dict) -> int | None:
+        """The LoRA rank of the trainer a deployment hot-loads from (0: full-parameter), or
+        None when it has none attached."""
+        attached = (deployment.get("hotLoadTrainerJob") or "").rsplit("/", 1)[-1]
+        job = self.jobs.get(attached) if attached else None
+        return int(job["trainingConfig"].get("loraRank") or 0) if job else None
+
     def job_dir(self, job_id: str) -> Path:
         path = self.root / "jobs" / job_id
         path.mkdir(parents=True, exist_ok=True)
@@ -135,9 +201,11 @@ class CheckpointIndex:
         return list(record["checkpoints"]) if record else []
 
     def find(self, job_id: str, checkpoint_id: str, family: str | None = None) -> dict | None:
-        """The row named ``checkpoint_id`` ("sampler" or "state" family, or either)."""
+        """The row named ``checkpoint_id`` ("sampler" or "state" family, or either); a
+        state is also found by the path save_state answered for it (``state_ref``)."""
         for entry in reversed(self.list(job_id)):
-            if entry["id"] == checkpoint_id and family in (None, entry["family"]):
+            names = (entry["id"], entry.get("ref", "").rpartition("/")[2])
+            if checkpoint_id in names and family in (None, entry["family"]):
                 return entry
         return None
 

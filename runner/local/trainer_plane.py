@@ -20,19 +20,20 @@ import asyncio
 import itertools
 import logging
 import queue
-import re
 import threading
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field as dc_field
+from pathlib import Path
 from typing import Any, Callable
 
 from starlette.requests import Request
 from starlette.routing import Route
 
 from . import catalogue, load_engine
-from .state import ServiceState, now_rfc3339
+from .catalogue import EngineError
+from .state import ServiceState, check_name, now_rfc3339, read_json, split_state_ref, state_ref
 from .wire import ApiError, check_token_ids, datum_tokens, decode_tensor, encode_tensor, field, json_body, json_response
 
 log = logging.getLogger("runner.local.trainer")
@@ -45,17 +46,7 @@ SEQUENCE_GAP_TIMEOUT_S = 60.0
 # Completed results are kept this long so a retried retrieve_future still finds them.
 RESULT_TTL_S = 600.0
 
-# The loss functions the SDK exposes (types.LossFnType); the engine decides which it runs.
-SDK_LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dapo", "gspo", "dppo", "reinforce")
-CHECKPOINT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-CROSS_JOB_PREFIX = "cross_job://"
-
-
 _engine = load_engine
-
-
-def supported_loss_fns() -> tuple[str, ...]:
-    return tuple(getattr(_engine(), "SUPPORTED_LOSSES", SDK_LOSS_FNS))
 
 
 @dataclass
@@ -84,6 +75,7 @@ class _ModelSequence:
     next_seq: int = 1
     waiting: dict[int, _Pending] = dc_field(default_factory=dict)
     request_ids: dict[int, str] = dc_field(default_factory=dict)
+    base_only: bool = False  # a LoRA trainer's frozen-base reference model (adapters disabled)
 
 
 class TrainerRuntime:
@@ -98,6 +90,7 @@ class TrainerRuntime:
         self.vocab_size = int(card.config["vocab_size"])
         self.max_context = int(card.max_context_length)
         self.engine_trainer: Any = None
+        self.lora: Any = None  # the policy model's engine.LoraSettings, from its create_model
         self._engine_error: str | None = None
         self._work: queue.Queue[_Pending | None] = queue.Queue()
         self._futures: dict[str, asyncio.Future] = {}
@@ -110,13 +103,17 @@ class TrainerRuntime:
 
     # -- submission (event loop) ------------------------------------------------
 
-    def new_model_id(self) -> str:
+    def new_model_id(self, *, base_only: bool = False) -> str:
         model_id = f"{self.spec.job_id}.model-{next(self._model_counter)}"
-        self._models[model_id] = _ModelSequence()
+        self._models[model_id] = _ModelSequence(base_only=base_only)
         return model_id
 
     def has_model(self, model_id: str) -> bool:
         return model_id in self._models
+
+    def is_base_only(self, model_id: str) -> bool:
+        seq = self._models.get(model_id)
+        return seq is not None and seq.base_only
 
     def drop_model(self, model_id: str) -> None:
         self._models.pop(model_id, None)
@@ -233,10 +230,13 @@ class TrainerRuntime:
     def _ensure_engine(self) -> Any:
         if self.engine_trainer is None and self._engine_error is None:
             spec = self.spec
+            lora = None
+            if spec.lora_rank:
+                lora = self.lora or _engine().LoraSettings(rank=spec.lora_rank)
             try:
                 self.engine_trainer = _engine().Trainer(
                     spec.base_model, state_dir=str(self.state.job_dir(spec.job_id)), seed=spec.seed,
-                    device=self.device, lora_rank=spec.lora_rank, forward_only=spec.forward_only)
+                    device=self.device, lora=lora, forward_only=spec.forward_only)
             except Exception as exc:
                 log.exception("trainer %s failed to start", spec.job_id)
                 self._engine_error = f"trainer failed to start: {type(exc).__name__}: {exc}"
@@ -266,6 +266,18 @@ class TrainerRuntime:
                 break
         self.engine_trainer = None
 
+    def configure_lora(self, trainer: Any, lora: Any) -> Any:
+        """On the worker: the engine for the policy model's LoRA settings. An engine built
+        before them (a reference's create_model came first) is rebuilt while untrained."""
+        self.lora = lora
+        if trainer.lora == lora:
+            return trainer
+        if trainer.step > 0:
+            raise EngineError(f"trainer {self.spec.job_id} already trains adapters {trainer.lora}; "
+                              f"a model asking for {lora} needs its own trainer job")
+        self.engine_trainer = None
+        return self._ensure_engine()
+
     def stop(self) -> None:
         self._work.put(None)
 
@@ -279,9 +291,7 @@ def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[list, str, 
     loss_fn = fb_input.get("loss_fn")
     if not isinstance(loss_fn, str):
         raise ApiError(400, "missing loss_fn")
-    known = supported_loss_fns()
-    if loss_fn not in known:
-        raise ApiError(400, f"unknown loss function {loss_fn!r}; the local trainer supports: {', '.join(known)}")
+    _engine().check_loss_fn(loss_fn)
     config = fb_input.get("loss_fn_config")
     if config is not None and not isinstance(config, dict):
         raise ApiError(400, "loss_fn_config must be an object")
@@ -401,7 +411,8 @@ class TrainerPlane:
         model_id = field(body, "model_id", str)
         return json_response({
             "type": "get_info", "model_id": model_id, "model_name": runtime.spec.base_model,
-            "is_lora": runtime.spec.lora_rank > 0, "lora_rank": runtime.spec.lora_rank or None,
+            "is_lora": runtime.spec.lora_rank > 0 and not runtime.is_base_only(model_id),
+            "lora_rank": (runtime.spec.lora_rank or None) if not runtime.is_base_only(model_id) else None,
             "model_data": {"arch": "Qwen3ForCausalLM", "model_name": runtime.spec.base_model,
                            "tokenizer_id": catalogue.tokenizer_path()},
         })
@@ -431,7 +442,13 @@ class TrainerPlane:
                 raise ApiError(404, f"unknown model_id {model_id!r} on trainer {runtime.spec.job_id}; "
                                     "create a model first (the service may have restarted)")
         try:
+            if sequenced and runtime.is_base_only(model_id) and op != "forward":
+                raise ApiError(400, f"model {model_id} is a frozen base-only reference (the policy trainer with "
+                                    f"its adapters disabled); {op} is not available on it")
             work = build(runtime, body)
+        except EngineError as exc:  # a field the engine's validators refused: a 400 now
+            runtime.skip_seq(model_id, seq_id)
+            raise ApiError(400, f"{op}: {exc}") from None
         except ApiError:
             runtime.skip_seq(model_id, seq_id)
             raise
@@ -442,21 +459,23 @@ class TrainerPlane:
         runtime = self.runtime(request)
         body = await json_body(request)
         base_model = field(body, "base_model", str)
+        job_id, job_rank = runtime.spec.job_id, runtime.spec.lora_rank
         if base_model != runtime.spec.base_model:
-            raise ApiError(400, f"trainer {runtime.spec.job_id} serves {runtime.spec.base_model!r}, "
-                                f"not {base_model!r}")
+            raise ApiError(400, f"trainer {job_id} serves {runtime.spec.base_model!r}, not {base_model!r}")
         if body.get("base_only"):
-            raise ApiError(400, "base-only reference models share a LoRA trainer; this full-parameter trainer "
-                                "cannot serve one (the SDK provisions a separate forward-only reference trainer)")
-        lora = body.get("lora_config") or {}
-        rank = int(lora.get("rank") or 0) if isinstance(lora, dict) else 0
-        if rank != runtime.spec.lora_rank:
-            raise ApiError(400, f"trainer {runtime.spec.job_id} was created with lora_rank="
-                                f"{runtime.spec.lora_rank}, the model asks for {rank}")
+            if not job_rank:
+                raise ApiError(400, "base-only reference models share a LoRA trainer; this full-parameter trainer "
+                                    "cannot serve one (the SDK provisions a separate forward-only reference trainer)")
+            model_id = runtime.new_model_id(base_only=True)
+            request_id = runtime.submit("create_model", lambda trainer: {"type": "create_model", "model_id": model_id})
+            return json_response({"request_id": request_id, "model_id": model_id})
+        lora = lora_settings(body.get("lora_config"), job_rank, job_id)
         model_id = runtime.new_model_id()
 
         def work(trainer: Any) -> dict:
-            # Building the engine (first use) happens before this runs; the model is the trainer's.
+            # The engine is built (first use) before this runs; the model is the trainer's.
+            if lora is not None:
+                runtime.configure_lora(trainer, lora)
             return {"type": "create_model", "model_id": model_id}
 
         request_id = runtime.submit("create_model", work)
@@ -477,7 +496,8 @@ class TrainerPlane:
     async def forward(self, request: Request):
         def build(runtime: TrainerRuntime, body: dict):
             examples, loss_fn, config = decode_examples(runtime, body.get("forward_input"))
-            return lambda trainer: forward_payload(trainer.forward(examples, loss_fn, config))
+            base_only = runtime.is_base_only(body["model_id"])
+            return lambda trainer: forward_payload(trainer.forward(examples, loss_fn, config, base_only=base_only))
         return await self._queued(request, "forward", build)
 
     async def forward_backward(self, request: Request):
@@ -493,17 +513,9 @@ class TrainerPlane:
         def build(runtime: TrainerRuntime, body: dict):
             if runtime.spec.forward_only:
                 raise ApiError(400, f"trainer {runtime.spec.job_id} is forward-only; optim_step is not available")
-            adam = field(body, "adam_params", dict)
-            params = {}
-            for key in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
-                if adam.get(key) is not None:
-                    value = adam[key]
-                    if isinstance(value, bool) or not isinstance(value, (int, float)):
-                        raise ApiError(400, f"adam_params.{key} must be a number")
-                    params[key] = float(value)
-            normalization = body.get("grad_accumulation_normalization")
-            if normalization is not None and not isinstance(normalization, str):
-                raise ApiError(400, "grad_accumulation_normalization must be a string")
+            # Validated here, by the engine's own rules, so a bad value is a 400 at once.
+            params = _engine().adam_params(field(body, "adam_params", dict))
+            normalization = _engine().grad_normalization(body.get("grad_accumulation_normalization"))
 
             def work(trainer: Any) -> dict:
                 metrics = trainer.optim_step(params, grad_accumulation_normalization=normalization)
@@ -513,57 +525,53 @@ class TrainerPlane:
 
     async def save_weights_for_sampler(self, request: Request):
         def build(runtime: TrainerRuntime, body: dict):
-            name = field(body, "path", str)
-            kind = str(body.get("checkpoint_type") or "base").lower()
-            if kind not in ("base", "delta"):
-                raise ApiError(400, f"checkpoint_type {kind!r} is not supported by the local full-parameter "
-                                    "trainer (base or delta)")
-            if not CHECKPOINT_NAME_RE.match(name):
-                raise ApiError(400, f"sampler snapshot name {name!r} must be a DNS label (a-z, 0-9, '-')")
+            name = check_name(field(body, "path", str), "sampler snapshot")
+            kind = body.get("checkpoint_type") or "base"
+            if not isinstance(kind, str):
+                raise ApiError(400, "checkpoint_type must be a string")
+            kind = kind.lower()
             job_id = runtime.spec.job_id
             state = self.state
 
             def work(trainer: Any) -> dict:
                 saved = trainer.save_sampler_snapshot(name, kind)
                 state.checkpoints.add(job_id, {
-                    "id": name, "family": "sampler", "kind": saved.get("kind", kind), "path": saved["path"],
+                    "id": name, "family": "sampler", "kind": saved["kind"], "path": saved["path"],
                     "base_path": saved.get("base_path"), "createTime": now_rfc3339(),
-                    "step": getattr(trainer, "step", None)})
+                    "step": trainer.step, "loraRank": trainer.lora_rank})
                 return {"type": "save_weights_for_sampler", "path": name}
             return work
         return await self._queued(request, "save_weights_for_sampler", build)
 
     async def save_weights(self, request: Request):
         def build(runtime: TrainerRuntime, body: dict):
-            name = field(body, "path", str)
-            if not CHECKPOINT_NAME_RE.match(name):
-                raise ApiError(400, f"checkpoint name {name!r} must be a DNS label (a-z, 0-9, '-')")
+            name = check_name(field(body, "path", str), "checkpoint")
             job_id = runtime.spec.job_id
             state = self.state
+            ref = state_ref(job_id, name)
 
             def work(trainer: Any) -> dict:
                 path = trainer.save_state(name)
                 state.checkpoints.add(job_id, {
-                    "id": name, "family": "state", "kind": "state", "path": str(path),
-                    "createTime": now_rfc3339(), "step": getattr(trainer, "step", None)})
-                return {"type": "save_weights", "path": name}
+                    "id": name, "family": "state", "kind": "state", "path": str(path), "ref": ref,
+                    "createTime": now_rfc3339(), "step": trainer.step, "loraRank": trainer.lora_rank})
+                return {"type": "save_weights", "path": ref}
             return work
         return await self._queued(request, "save_weights", build)
 
+    def saved_state(self, ref: str, current_job: str) -> dict:
+        """The checkpoint row a load path names (see state.split_state_ref), or a 404."""
+        source_job, name = split_state_ref(ref, current_job)
+        row = self.state.checkpoints.find(source_job, name, "state")
+        if row is None:
+            raise ApiError(404, f"no saved state {name!r} on trainer job {source_job!r}")
+        return row
+
     async def load_weights(self, request: Request):
         def build(runtime: TrainerRuntime, body: dict):
-            ref = field(body, "path", str).strip()
+            ref = field(body, "path", str)
             with_optimizer = bool(body.get("optimizer", False))
-            source_job, name = runtime.spec.job_id, ref
-            if ref.startswith(CROSS_JOB_PREFIX):
-                source_job, _, name = ref[len(CROSS_JOB_PREFIX):].partition("/")
-            elif "/" in ref:  # "<account>/<job>/<checkpoint>"
-                parts = ref.split("/")
-                source_job, name = parts[-2], parts[-1]
-            row = self.state.checkpoints.find(source_job, name, "state")
-            if row is None:
-                raise ApiError(404, f"no saved state {name!r} on trainer job {source_job!r}")
-            path = row["path"]
+            path = self.saved_state(ref, runtime.spec.job_id)["path"]
 
             def work(trainer: Any) -> dict:
                 trainer.load_state(path, with_optimizer=with_optimizer)
@@ -571,10 +579,35 @@ class TrainerPlane:
             return work
         return await self._queued(request, "load_weights", build)
 
+    async def weights_info(self, request: Request):
+        """What a saved state needs to be trained on: the SDK's create_training_client_from_state."""
+        runtime = self.runtime(request)
+        row = self.saved_state(field(await json_body(request), "tinker_path", str), runtime.spec.job_id)
+        meta = read_json(Path(row["path"]) / "meta.json") or {}
+        lora = meta.get("lora") or {}
+        rank = int(meta.get("lora_rank") or 0)
+        return json_response({
+            "base_model": meta.get("base_model", runtime.spec.base_model), "is_lora": rank > 0,
+            "lora_rank": rank or None, "train_unembed": lora.get("train_unembed"),
+            "train_mlp": lora.get("train_mlp"), "train_attn": lora.get("train_attn")})
+
     async def weights_digest(self, request: Request):
         """Debug: a digest of the trainer's current weights (compare with a deployment's)."""
         runtime = self.runtime(request)
-        return json_response(await runtime.run("weights_digest", lambda trainer: _engine().weights_digest(trainer.model)))
+        return json_response(await runtime.run("weights_digest", lambda trainer: _engine().weights_digest(trainer.effective_weights())))
+
+    async def optimizer_info(self, request: Request):
+        """Debug: what the trainer trains and what its optimizer holds (LoRA: adapters only)."""
+        runtime = self.runtime(request)
+
+        def describe(trainer: Any) -> dict:
+            params = list(trainer.model.parameters())
+            held = [p for group in (trainer.optimizer.param_groups if trainer.optimizer else []) for p in group["params"]]
+            return {"parameters": sum(p.numel() for p in params),
+                    "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+                    "optimizer_parameters": sum(p.numel() for p in held),
+                    "optimizer_state_bytes": trainer.optimizer_state_bytes(), "lora_rank": trainer.lora_rank}
+        return json_response(await runtime.run("optimizer_info", describe))
 
     def routes(self) -> list[Route]:
         base = "/training/v1/rlorTrainerJobs/{account}/{job}/api/v1"
@@ -594,8 +627,40 @@ class TrainerPlane:
             ("/save_weights_for_sampler", self.save_weights_for_sampler, ["POST"]),
             ("/save_weights", self.save_weights, ["POST"]),
             ("/load_weights", self.load_weights, ["POST"]),
+            ("/weights_info", self.weights_info, ["POST"]),
             ("/list_checkpoints", self.list_checkpoints, ["GET"]),
             ("/retrieve_future", self.retrieve_future, ["POST"]),
             ("/local/weights_digest", self.weights_digest, ["GET"]),
+            ("/local/optimizer", self.optimizer_info, ["GET"]),
         ]
         return [Route(base + path, handler, methods=methods) for path, handler, methods in table]
+
+
+def lora_settings(config: Any, job_rank: int, job_id: str) -> Any:
+    """engine.LoraSettings from create_model's ``lora_config``, checked against the job's rank."""
+    if config is not None and not isinstance(config, dict):
+        raise ApiError(400, "lora_config must be an object")
+    config = config or {}
+    rank = config.get("rank") or 0
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ApiError(400, f"lora_config.rank must be a non-negative integer (got {rank!r})")
+    if rank != job_rank:
+        raise ApiError(400, f"lora_config.rank={rank} does not match trainer {job_id}, created with "
+                            f"trainingConfig.loraRank={job_rank}")
+    if not rank:
+        return None
+    values = {}
+    for key in ("alpha", "seed"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ApiError(400, f"lora_config.{key} must be an integer (got {value!r})")
+        values[key] = value
+    for key in ("train_attn", "train_mlp", "train_unembed"):
+        value = config.get(key, True)
+        if not isinstance(value, bool):
+            raise ApiError(400, f"lora_config.{key} must be true or false (got {value!r})")
+        values[key] = value
+    init = config.get("init_method")
+    if init not in (None, "kaiming"):
+        raise ApiError(400, f"lora_config.init_method {init!r} is not supported locally (kaiming)")
+    return _engine().LoraSettings(rank=rank, **values)
