@@ -140,3 +140,24 @@ def test_status_json_reports_where_a_run_stands(local_url, ledger_url, tmp_path)
     assert row["last_state"]["step"] == 2 and row["last_score"]["step"] == 2 and row["trainer_job_id"]
     missing = CliRunner().invoke(main, ["--ledger", ledger_url, "status", "nope"])
     assert missing.exit_code == 1 and "no run 'nope'" in missing.output
+
+
+def test_every_digest_a_run_records_is_a_blob_that_blob_shows(local_url, ledger_url, tmp_path):
+    """spec_digest, prompt sets, prompt_set_digest, completions_digest: each resolves."""
+    import hashlib
+
+    spec = small_spec(tmp_path, local_url, name="digests", run={"steps": 2})
+    assert cli(ledger_url, "run", str(spec), "--run-id", "d", "--quiet").returncode == 0
+    events = Ledger.open(ledger_url).read("d")
+    digests = {ev.data["spec_digest"] for ev in events if ev.type == "RunStarted"}
+    digests |= {d for ev in events if ev.type == "RunStarted" for d in ev.data["prompt_sets"].values()}
+    digests |= {v for ev in events for k, v in ev.data.items() if k.endswith("_digest") and v}
+    assert len(digests) >= 4  # the spec, the eval prompt set, and two evals' completions
+    runner = CliRunner()
+    for digest in digests:
+        shown = runner.invoke(main, ["--ledger", ledger_url, "blob", digest])
+        assert shown.exit_code == 0, (digest, shown.output)
+        assert hashlib.sha256(shown.stdout_bytes).hexdigest() == digest
+    started = next(ev for ev in events if ev.type == "RunStarted")
+    assert json.loads(runner.invoke(main, ["--ledger", ledger_url, "blob", started.data["spec_digest"]]).stdout) \
+        == started.data["spec"]
