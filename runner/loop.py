@@ -242,45 +242,25 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             _show(progress, metrics, result.last_score)
             result.final_step = step
         result.status = "completed"
-        watch.stop()
         _close(tracked)
         rec.record("RunCompleted", final_step=spec.run.steps, final_snapshot=ctx.last_snapshot)
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
-        lost = watch.lost if watch is not None else None
-        if watch is not None:
-            watch.stop()
-        cause = lost or stop.cause(exc)
-        if isinstance(cause, StoreFailure):
-            raise _unrecorded_stop(rec, tracked, cause) from None
+        cause = stop.cause(exc)
         if isinstance(cause, LeaseLost):
             # another writer drives the run now: the trainer and deployment are its own,
             # and the ledger takes nothing more from this process
             raise RunError(str(cause)) from None
         try:
-            try:
-                _close(tracked, lost)
-            finally:
-                if isinstance(cause, StopEarly):
-                    rec.record("TrialPruned", step=cause.step, score=cause.score, reason=cause.reason)
-                else:
-                    rec.record("RunFailed", error=error_text(cause), step=rec.step)
-        except (KeyboardInterrupt, Terminated) as again:  # a second Ctrl-C (or SIGTERM) during cleanup
-            stopped = RunInterrupted(rec.run_id, f"{str(cause) or 'interrupted (Ctrl-C)'}, then interrupted again "
-                                     "while cleaning up (its cleanup is recorded as far as it got)",
-                                     signal.SIGTERM if isinstance(again, Terminated) else signal.SIGINT)
-            stopped.cleanup_done = False
-            raise stopped from None
+            _close(tracked)
+        finally:
+            if isinstance(cause, StopEarly):
+                rec.record("TrialPruned", step=cause.step, score=cause.score, reason=cause.reason)
+            else:
+                rec.record("RunFailed", error=error_text(cause), step=rec.step)
         if isinstance(cause, StopEarly):
             result.status, result.final_step = "pruned", cause.step
             return result
-        if lost is not None:
-            raise RunError(f"run {rec.run_id} stopped: {lost}. Its cleanup could be neither done nor confirmed "
-                           f"(recorded as unknown). {_restart_hint(spec)}continue it with: "
-                           f"firetitan-track resume {rec.run_id}") from None
-        if isinstance(cause, (NotResumable, InvalidEvent)):
-            raise RunError(f"run {rec.run_id} failed: {error_text(cause)}. Resume replays the recorded spec "
-                           "and would fail the same way: start a new run with the spec changed") from None
         if is_interrupt(cause):
             raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)",
                                  signal.SIGTERM if isinstance(cause, Terminated) else signal.SIGINT) from None
