@@ -2,8 +2,8 @@
 and the click helpers every command shares: the ledger URL, a reading ledger, the one
 error adapter and the table renderer.
 
-The command root (``firetitan-track``) lives above this package, in ``runner.cli``,
-and registers these commands from there. Reading commands never create a ledger: on
+The command root (``firetitan-track``) lives above this package and registers these
+commands from there; nothing here knows what registers it. Reading commands never create a ledger: on
 a missing SQLite file they say so.
 """
 

@@ -148,7 +148,7 @@ class TrackedTrainingClient:
 
     With ``auto_steps`` (a researcher's own loop) every optim_step is recorded as a
     StepCompleted with the micro-batches accumulated since the previous one; the
-    runner records its steps itself, with the data cursor.
+    caller records its steps itself, with the data cursor.
     """
 
     def __init__(self, client: Any, recorder: Recorder, *, lora_rank: int, trainer_job_id: str | None = None,
@@ -334,7 +334,7 @@ class TrackedService:
                        controller: Any = None) -> EvalResult:
         """Sample every prompt through the deployment, grade, and record the eval.
 
-        ``prompts`` are objects with ``chat()`` and ``to_json()`` (runner.tasks.Example);
+        ``prompts`` are objects with ``chat()`` (the messages) and ``to_json()`` (the stored form);
         the exact prompt set is stored as a blob and the score is tied to it and to
         ``snapshot_path``.
         """
@@ -387,8 +387,8 @@ class TrackedService:
         """Apply the cleanup policies and record what was confirmed done.
 
         The SDK's close cleans up only what this session created. A run that reattached
-        to its own trainer or deployment (``owns_reattached``: the runner after a
-        resume) applies the same policy to those too, so a finished run leaves what
+        to its own trainer or deployment (``owns_reattached``: a loop continuing
+        after a crash) applies the same policy to those too, so a finished run leaves what
         its spec says however many attempts it took.
 
         The SDK's delete and scale-to-zero log a failure and carry on, so each action
