@@ -163,7 +163,7 @@ def write_bundle(ledger: Ledger, out: str | os.PathLike[str], run_ids: Sequence[
 
 
 def _stream_names(ledger: Ledger, run_ids: Sequence[str], sweep_ids: Sequence[str]) -> list[str]:
-    from firetitan_track.projections.compare import sweep_stream
+    from firetitan_track.projections.compare import sweep_stream, sweep_trials
 
     names = list(dict.fromkeys(run_ids))
     for sweep_id in sweep_ids:
@@ -171,10 +171,8 @@ def _stream_names(ledger: Ledger, run_ids: Sequence[str], sweep_ids: Sequence[st
         if ledger.stream_version(stream) == 0:
             raise NotFound(f"no sweep {sweep_id!r} in the ledger")
         names.append(stream)
-        for ev in ledger.read(stream):
-            if ev.type == "SweepStarted":
-                # a trial never started has no stream yet: nothing of it to carry
-                names += [t["run_id"] for t in ev.data["trials"] if ledger.stream_version(t["run_id"]) > 0]
+        # a trial never started has no stream yet: nothing of it to carry
+        names += [t["run_id"] for t in sweep_trials(ledger.read(stream)) if ledger.stream_version(t["run_id"]) > 0]
     return list(dict.fromkeys(names))
 
 
