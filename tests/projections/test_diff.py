@@ -4,7 +4,6 @@ prompt set, all trained by the runner on the session's local service."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
