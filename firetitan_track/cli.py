@@ -204,7 +204,7 @@ def import_(ctx: click.Context, path: str) -> None:
         with Ledger.open(ledger_url(ctx)) as ledger:
             report = import_bundle(ledger, found)
     for stream, n in report.written.items():
-        click.echo(f"{stream}: {n} events imported" if n else f"{stream}: already here")
+        click.echo(f"{stream}: {n} event{'s' if n != 1 else ''} imported" if n else f"{stream}: already here")
     if report.events:
         click.echo(f"imported {report.events} events (with the {report.blobs} blobs they reference) from {path}")
     else:
