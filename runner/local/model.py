@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import torch
+# Resolved here, at import: the engine imports this module under load_engine's lock, and
+# transformers' lazy names are not safe to resolve from two threads at once (a trainer
+# and a deployment building from a checkpoint directory together).
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (AutoTokenizer: the sampler's)
 
 from .catalogue import EngineError, ModelCard
 
@@ -38,8 +42,6 @@ def build_model(card: ModelCard, seed: int, device: str = "cpu"):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     if card.weights_dir:
-        from transformers import AutoModelForCausalLM
-
         # local_files_only: the service never downloads; the directory is the whole model.
         model = AutoModelForCausalLM.from_pretrained(card.weights_dir, dtype=torch.float32, attn_implementation="sdpa",
                                                      local_files_only=True)

@@ -163,8 +163,7 @@ class Sampler:
     def decode(self, token_ids: list[int]) -> str:
         """Text of ``token_ids`` with special tokens spelled out (what stop strings match)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(self.card.tokenizer_dir)
+            self._tokenizer = model_io.AutoTokenizer.from_pretrained(self.card.tokenizer_dir)
         return self._tokenizer.decode(token_ids, skip_special_tokens=False)
 
     # -- weights
