@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "status": "runner.cli:status",
     "rerun": "runner.cli:rerun",
     "sweep": "runner.sweep:sweep",
+    "promote": "runner.promote:promote_command",
     "local": "runner.local.cli:local",
 }
 

@@ -28,11 +28,14 @@ from firetitan_track.projections.run_state import RunState, fold, to_supersede
 from firetitan_track.redact import redact
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loop, is_interrupt
+from runner.chain import load_upstream, resolve_upstream
 from runner.lease import Lease, LeaseLost, acquire
+from runner.promote import resolve_pending
 from runner.provision import connect
 from runner.recipes import RECIPES, StepContext
 from runner.spec import Spec
 from runner.tasks import DataError, Example, eval_examples, grade, load_jsonl, train_batch
+from runner.tasks.preference import Pair, load_pairs, pair_batch
 
 __all__ = ["RunResult", "RunError", "RunInterrupted", "run_spec", "resume_run", "rerun"]
 
@@ -79,8 +82,9 @@ class Inputs:
 
     spec: Spec
     eval_set: list[Example]
-    train_data: list[Example] | None
+    train_data: list[Example] | list[Pair] | None
     api_key: str
+    init_from: dict[str, Any] | None = None  # a chained run's upstream state (runner.chain)
 
 
 # -- entry points --------------------------------------------------------------------------
@@ -99,6 +103,7 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
     ledger = Ledger.open(ledger_url)
     if ledger.stream_version(run_id) > 0:
         raise RunError(f"run {run_id} already exists in the ledger: use `firetitan-track resume {run_id}`")
+    inputs.init_from = resolve_upstream(ledger, spec)
     with _lease(ledger, run_id, lease) as lease:
         rec = Recorder(ledger, run_id, version=0)
         prompt_sets = {"eval": ledger.put_json([e.to_json() for e in inputs.eval_set])}
@@ -107,7 +112,8 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
         try:
             rec.record("RunStarted", spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
                        code_version=code_version(), seed=spec.run.seed, backend=spec.backend.kind,
-                       sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets)
+                       sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets,
+                       init_from=inputs.init_from)
         except ConcurrencyError:
             raise RunError(f"run {run_id} was started by another process at the same time") from None
         return _drive(rec, inputs, RunState(run_id=run_id, version=rec.version), export_mlflow, progress,
@@ -121,6 +127,10 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
     with _lease(ledger, run_id, lease) as lease:
         events = ledger.read(run_id)  # NotFound names the run
         st = fold(events, run_id)
+        # a promotion whose outcome a crash left unrecorded is settled first (a finished run too)
+        if resolve_pending(Recorder(ledger, run_id, version=st.version), events, spec_dict=st.spec):
+            events = ledger.read(run_id)
+            st = fold(events, run_id)
         if st.status in ("completed", "pruned"):
             raise RunError(f"run {run_id} already {st.status} at step {st.step}; nothing to resume")
         if st.spec is None:
@@ -159,7 +169,8 @@ def rerun(run_id: str, *, ledger_url: str, new_run_id: str | None = None, progre
 def _read_inputs(spec: Spec) -> Inputs:
     api_key = _api_key(spec)
     try:
-        train = load_jsonl(spec.resolve_path(spec.task.data), what="data file") if spec.task.data else None
+        load, _, _ = _training_data(spec)
+        train = load(spec.resolve_path(spec.task.data), what="data file") if spec.task.data else None
         if spec.eval.prompts == "builtin":
             if train is not None:
                 raise RunError(f"{spec.source}: eval.prompts: a JSONL data set needs a JSONL prompt file "
@@ -175,8 +186,18 @@ def _read_inputs(spec: Spec) -> Inputs:
 def _recorded_inputs(ledger: Ledger, spec: Spec, st: RunState) -> Inputs:
     """The prompt sets exactly as the run recorded them (files may have changed since)."""
     evals = [Example.from_json(o) for o in ledger.get_json(st.prompt_sets["eval"])]
-    train = [Example.from_json(o) for o in ledger.get_json(st.prompt_sets["train"])] if "train" in st.prompt_sets else None
-    return Inputs(spec, evals, train, _api_key(spec))
+    _, item, _ = _training_data(spec)
+    train = [item(o) for o in ledger.get_json(st.prompt_sets["train"])] if "train" in st.prompt_sets else None
+    started = next(ev for ev in ledger.read(st.run_id) if ev.type == "RunStarted")
+    return Inputs(spec, evals, train, _api_key(spec), started.data.get("init_from"))
+
+
+def _training_data(spec: Spec) -> tuple[Any, Any, Any]:
+    """How the recipe's training data is read, restored from the record, and batched:
+    preference recipes (dpo, orpo) train on pairs, the others on single examples."""
+    if getattr(RECIPES[spec.recipe.kind], "takes_pairs", False):
+        return load_pairs, Pair.from_json, pair_batch
+    return load_jsonl, Example.from_json, train_batch
 
 
 def _api_key(spec: Spec) -> str:
@@ -197,6 +218,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
            lease: Lease, on_eval: OnEval | None = None) -> RunResult:
     spec = inputs.spec
     recipe = RECIPES[spec.recipe.kind]
+    _, _, next_batch = _training_data(spec)
     exporter = _start_exporter(rec, export_mlflow)
     loop = asyncio.new_event_loop()
     tracked: TrackedService | None = None
@@ -217,6 +239,9 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             start = st.resume_step
         else:  # nothing trained yet: the baseline eval, then the state every resume can fall back to
             start = 0
+            if inputs.init_from is not None:  # a chained run starts from its upstream's weights
+                load_upstream(policy, session.reference, inputs.init_from,
+                              shared_reference=spec.model.lora_rank > 0)
             result.last_score = _evaluate(ctx, inputs)
             policy.save_state("step-0", data_cursor=None).result()
 
@@ -224,7 +249,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             stop.check()
             lease.check()  # a writer whose lease was taken over stops before it trains or writes again
             rec.step = ctx.step = step
-            batch, cursor = train_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
+            batch, cursor = next_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
                                         size=spec.recipe.batch_size * spec.recipe.micro_batches,
                                         digits=spec.task.digits)
             metrics = recipe.train_step(ctx, batch)

@@ -1,9 +1,10 @@
 """Recipes: what one training step does. Each is a module with ``needs_reference(spec)``
-and ``train_step(ctx, batch) -> metrics`` (see runner.recipes.base)."""
+and ``train_step(ctx, batch) -> metrics`` (see runner.recipes.base). Preference recipes
+(``takes_pairs = True``) get runner.tasks.preference pairs as their batch."""
 
-from runner.recipes import grpo, sft
+from runner.recipes import dpo, grpo, orpo, sft
 from runner.recipes.base import Recipe, StepContext
 
-RECIPES: dict[str, Recipe] = {"sft": sft, "grpo": grpo}
+RECIPES: dict[str, Recipe] = {"sft": sft, "grpo": grpo, "dpo": dpo, "orpo": orpo}
 
 __all__ = ["RECIPES", "Recipe", "StepContext"]

@@ -5,6 +5,8 @@ lost machine); only the moment is chosen, by wrapping two functions from outside
 
     CRASH_AT=event:StateSaved:2   after the 2nd StateSaved event is recorded
     CRASH_AT=midstep:3            inside step 3, after forward_backward, before optim_step
+    CRASH_AT=before:ModelPromoted:1  just before the 1st ModelPromoted would be recorded
+                                     (the service has answered; the ledger does not know)
 
 CRASH_SIGNAL=TERM sends a real SIGTERM instead, at the same point.
 """
@@ -22,7 +24,7 @@ def _die() -> None:
 
 def _install(point: str) -> None:
     kind, *rest = point.split(":")
-    if kind == "event":
+    if kind in ("event", "before"):
         from firetitan_track import tracking
 
         target, nth = rest[0], int(rest[1])
@@ -30,6 +32,8 @@ def _install(point: str) -> None:
         seen = {"n": 0}
 
         def record(self, type, **data):
+            if type == target and kind == "before" and seen["n"] + 1 == nth:
+                _die()
             ev = original(self, type, **data)
             if type == target:
                 seen["n"] += 1

@@ -1,0 +1,118 @@
+"""Direct Preference Optimization: raise the policy's log-likelihood ratio of the chosen
+answer over the rejected one, measured against a frozen reference.
+
+For a pair, with sequence log-probabilities (summed over the answer tokens) under the
+policy (pi) and the reference (ref), the implicit reward of an answer is
+``beta * (pi - ref)`` and the loss is ``-log sigmoid(reward_chosen - reward_rejected)``.
+The reference comes from ``create_reference_client``: a separate frozen trainer for a
+full-parameter policy, the policy's own session with its adapters disabled for LoRA.
+
+Reference log-probabilities never change, so they are cached per pair (keyed by the
+pair's tokens), as the cookbook's DPO loop caches them per example: a pair seen again
+(a JSONL set's next epoch) costs no reference call. Each pair's reference forward is a
+call of its own, so its values do not depend on what else was in flight: the cache a
+resumed run rebuilds holds exactly the values the crashed attempt's held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from runner.recipes.base import StepContext, answer_datum, chunks, optim_metrics, weights_of
+from runner.spec import Spec
+from runner.tasks.preference import Pair
+
+__all__ = ["needs_reference", "train_step", "pair_data", "sequence_logprob"]
+
+# Preference recipes train on pairs, not on single examples (the loop asks which).
+takes_pairs = True
+
+
+def needs_reference(spec: Spec) -> bool:
+    return True
+
+
+def pair_data(tokenizer: Any, pair: Pair) -> tuple[Any, Any]:
+    """The chosen and the rejected datum: the same prompt, each weighted on its answer only."""
+    return answer_datum(tokenizer, pair.prompt, pair.chosen), answer_datum(tokenizer, pair.prompt, pair.rejected)
+
+
+def sequence_logprob(logprobs: torch.Tensor, datum: Any) -> torch.Tensor:
+    """log p(answer | prompt): the per-token log-probabilities summed over the answer."""
+    return (logprobs * weights_of(datum)).sum()
+
+
+class ReferenceCache:
+    """Reference log-probabilities of (chosen, rejected) per pair, filled on first use."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[float, float]] = {}
+
+    @staticmethod
+    def key(chosen: Any, rejected: Any) -> str:
+        h = hashlib.sha256()
+        for d in (chosen, rejected):
+            h.update(repr(d.model_input.to_ints()).encode())
+            h.update(repr(d.loss_fn_inputs["target_tokens"].to_torch().tolist()).encode())
+            h.update(b"|")
+        return h.hexdigest()
+
+    def lookup(self, reference: Any, data: list[tuple[Any, Any]]) -> list[tuple[float, float]]:
+        keys = [self.key(c, r) for c, r in data]
+        missing = {k: (c, r) for k, (c, r) in zip(keys, data) if k not in self._values}
+        # one forward per pair, all in flight at once: a pair's values never depend on its neighbours
+        futures = {k: reference.forward([c, r], "cross_entropy") for k, (c, r) in missing.items()}
+        for k, future in futures.items():
+            c, r = missing[k]
+            out = future.result().loss_fn_outputs
+            self._values[k] = (float(sequence_logprob(out[0]["logprobs"].to_torch(), c)),
+                               float(sequence_logprob(out[1]["logprobs"].to_torch(), r)))
+        return [self._values[k] for k in keys]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def _cache(ctx: StepContext) -> ReferenceCache:
+    # one cache per run attempt, kept on the context the loop hands every step
+    cache = getattr(ctx, "reference_cache", None)
+    if cache is None:
+        cache = ReferenceCache()
+        setattr(ctx, "reference_cache", cache)
+    return cache
+
+
+def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
+    """One optimizer step over the batch's pairs, accumulated over the micro-batches."""
+    if ctx.reference is None:
+        raise RuntimeError("DPO needs a frozen reference client; the run provisioned none")
+    beta = ctx.spec.recipe.beta
+    data = [pair_data(ctx.tokenizer, p) for p in batch]
+    refs = _cache(ctx).lookup(ctx.reference, data)
+    totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+    parts = chunks(list(zip(data, refs)), ctx.micro_batches)
+    for part in parts:
+        flat = [d for (c, r), _ in part for d in (c, r)]
+        ref_c = torch.tensor([rc for _, (rc, _) in part])
+        ref_r = torch.tensor([rr for _, (_, rr) in part])
+        share = len(part) / len(data)  # each micro-batch's mean weighs by its share of the pairs
+
+        def objective(datums: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            pi_c = torch.stack([sequence_logprob(lp, d) for lp, d in zip(logprobs[0::2], datums[0::2])])
+            pi_r = torch.stack([sequence_logprob(lp, d) for lp, d in zip(logprobs[1::2], datums[1::2])])
+            reward_c, reward_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+            margin = reward_c - reward_r
+            loss = -F.logsigmoid(margin).mean()
+            stats = {"loss": loss, "margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
+                     "chosen_reward": reward_c.mean(), "rejected_reward": reward_r.mean()}
+            for k, v in stats.items():
+                totals[k] += share * float(v.detach())
+            return loss * share, {}
+
+        ctx.policy.forward_backward_custom(flat, objective).result()
+    opt = ctx.policy.optim_step(ctx.adam).result()
+    return {**totals, "pairs": float(len(data)), **optim_metrics(opt)}
