@@ -285,7 +285,9 @@ def _lora_model(base: torch.nn.Module, lora: LoraSettings, seed: int) -> torch.n
         raise EngineError("LoRA with train_attn, train_mlp and train_unembed all false has nothing to train")
     config = LoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, target_modules=lora.targets(),
                         lora_dropout=0.0, bias="none", init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):  # the adapter init is fixed by its seed, as the base's is
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # the adapter init is seeded, as the base's
+        # peft asks transformers a deprecated question (is_gradient_checkpointing); not ours to answer.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed if lora.seed is None else lora.seed)
         return get_peft_model(base, config)
 

@@ -4,6 +4,7 @@ snapshots, state and generation. Everything runs on CPU with the tiny model."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,6 +304,67 @@ def test_state_round_trip_is_exact(tmp_path):
     assert not weights_only.optimizer.state  # fresh moments
     with pytest.raises(EngineError, match="no training state"):
         weights_only.load_state(str(tmp_path / "nothing"))
+
+
+def test_states_are_dcp_and_pre_dcp_states_still_load(tmp_path):
+    trainer = Trainer(TINY, state_dir=tmp_path / "a")
+    trainer.forward_backward(random_examples(4, 12))
+    trainer.optim_step(ADAM)
+    path = Path(trainer.save_state("step_00001"))
+    assert (path / ".metadata").is_file()  # torch.distributed.checkpoint wrote it
+    assert model_io.read_meta(path)["format"] == "firetitan-local-state/2"
+
+    # A state written before DCP (model.safetensors + optimizer.pt) loads as it did.
+    legacy = tmp_path / "legacy"
+    model_io.save_weights(legacy, model_io.weight_dict(trainer.model),
+                          {"format": "firetitan-local-state/1", "base_model": TINY, "seed": 0, "step": 1,
+                           "lora_rank": 0})
+    torch.save(trainer.optimizer.state_dict(), legacy / "optimizer.pt")
+    old = Trainer(TINY, state_dir=tmp_path / "b", seed=9)
+    old.load_state(str(legacy))
+    assert_bitwise_equal(weights_of(old.model), weights_of(trainer.model))
+    new = Trainer(TINY, state_dir=tmp_path / "c", seed=9)
+    new.load_state(str(path))
+    for t in (old, new, trainer):
+        t.forward_backward(random_examples(4, 12, seed=3))
+        t.optim_step(ADAM)
+    assert_bitwise_equal(weights_of(old.model), weights_of(trainer.model))
+    assert_bitwise_equal(weights_of(new.model), weights_of(trainer.model))
+
+    # Anything else is a clear error, not a torch traceback.
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "meta.json").write_text('{"format": "someone-elses/9"}')
+    with pytest.raises(EngineError, match="not a training state this service reads.*someone-elses/9"):
+        new.load_state(str(tmp_path / "odd"))
+
+
+def test_lora_trains_adapters_only_and_snapshots_merge_exactly(tmp_path):
+    from runner.local.engine import LoraSettings, weights_digest
+
+    lora = Trainer(TINY, state_dir=tmp_path, lora=LoraSettings(rank=4, alpha=32))
+    base = weights_digest(lora.effective_weights())
+    assert base == weights_digest(Trainer(TINY, state_dir=tmp_path / "full").model)  # B = 0 at init
+    examples = random_examples(4, 12)
+    for _ in range(2):
+        lora.forward_backward(examples)
+        lora.optim_step(ADAM)
+    trained = {name for name, p in lora.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    assert lora.forward(examples, base_only=True).logprobs[0].tolist() == \
+        Trainer(TINY, state_dir=tmp_path / "ref").forward(examples).logprobs[0].tolist()
+    snapshot = lora.save_sampler_snapshot("step_00002-x", "base")
+    assert snapshot["kind"] == "adapter" and (Path(snapshot["path"]) / "adapter_config.json").is_file()
+    sampler = Sampler(TINY)
+    sampler.hot_load(snapshot["path"])
+    assert weights_digest(sampler.model) == weights_digest(lora.effective_weights()) != base
+    merged = lora.save_sampler_snapshot("merged", "merged_base")
+    fresh = Sampler(TINY)
+    fresh.hot_load(merged["path"])
+    assert weights_digest(fresh.model) == weights_digest(sampler.model)
+    with pytest.raises(EngineError, match="'delta' is for full-parameter training"):
+        lora.save_sampler_snapshot("d", "delta")
+    with pytest.raises(EngineError, match="base_only forwards need a LoRA trainer"):
+        Trainer(TINY, state_dir=tmp_path / "full2").forward(examples, base_only=True)
 
 
 # --- bad input ---------------------------------------------------------------------------------------
