@@ -88,7 +88,8 @@ def _reporting() -> Iterator[None]:
         with user_errors():
             yield
     except RunInterrupted as e:
-        click.echo(f"{e}; its cleanup is done. Continue it with: firetitan-track resume {e.run_id}", err=True)
+        done = "; its cleanup is done" if getattr(e, "cleanup_done", True) else ""
+        click.echo(f"{e}{done}. Continue it with: firetitan-track resume {e.run_id}", err=True)
         sys.exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -27,14 +28,17 @@ from firetitan_track.errors import UserError
 from firetitan_track.projections.run_state import RunState, fold, to_supersede
 from firetitan_track.redact import redact
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
+from firetitan_track.events import InvalidEvent
+from firetitan_track.ledger import StoreFailure
+from runner.backend_watch import BackendLost, BackendWatch
 from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loop, is_interrupt
 from runner.chain import load_upstream, resolve_upstream
 from runner.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
-from runner.provision import connect
+from runner.provision import connect, endpoint
 from runner.recipes import RECIPES, StepContext
 from runner.spec import Spec
-from runner.tasks import DataError, Example, eval_examples, grade, load_jsonl, train_batch
+from runner.tasks import DataError, Example, eval_prompts, grade, load_jsonl, train_batch
 from runner.tasks.preference import Pair, load_pairs, pair_batch
 
 __all__ = ["RunResult", "RunError", "RunInterrupted", "run_spec", "resume_run", "rerun"]
@@ -97,22 +101,27 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
     """Start a new run of ``spec`` and drive it to the end."""
     if steps is not None:
         spec = spec.with_overrides({"run.steps": steps})
-    run_id = run_id or f"{_RUN_ID_UNSAFE.sub('-', spec.run.name)}-{uuid.uuid4().hex[:8]}"
+    if run_id is None:  # an empty --run-id is refused below, not replaced
+        run_id = f"{_RUN_ID_UNSAFE.sub('-', spec.run.name)}-{uuid.uuid4().hex[:8]}"
     check_run_id(run_id)
     inputs = inputs or _read_inputs(spec)
-    ledger = Ledger.open(ledger_url)
+    ledger = _run_ledger(ledger_url)
     if ledger.stream_version(run_id) > 0:
         raise RunError(f"run {run_id} already exists in the ledger: use `firetitan-track resume {run_id}`")
+    _preflight(inputs)
     inputs.init_from = resolve_upstream(ledger, spec)
     with _lease(ledger, run_id, lease) as lease:
         rec = Recorder(ledger, run_id, version=0)
         prompt_sets = {"eval": ledger.put_json([e.to_json() for e in inputs.eval_set])}
         if inputs.train_data is not None:
             prompt_sets["train"] = ledger.put_json([e.to_json() for e in inputs.train_data])
+        masked = _masked(inputs)
         try:
             rec.record("RunStarted", spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
                        code_version=code_version(), seed=spec.run.seed, backend=spec.backend.kind,
                        sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets,
+                       **({"prompt_sets_masked": masked} if masked else {}),
+                       **_rerun_differs(ledger, rerun_of),
                        init_from=inputs.init_from)
         except ConcurrencyError:
             raise RunError(f"run {run_id} was started by another process at the same time") from None
@@ -123,7 +132,7 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
 def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None, progress: bool = True,
                steps: int | None = None, lease: Lease | None = None, on_eval: OnEval | None = None) -> RunResult:
     """Continue a run from its last saved state, as recorded in the ledger."""
-    ledger = Ledger.open(ledger_url)
+    ledger = _run_ledger(ledger_url)
     with _lease(ledger, run_id, lease) as lease:
         events = ledger.read(run_id)  # NotFound names the run
         st = fold(events, run_id)
@@ -175,9 +184,11 @@ def _read_inputs(spec: Spec) -> Inputs:
             if train is not None:
                 raise RunError(f"{spec.source}: eval.prompts: a JSONL data set needs a JSONL prompt file "
                                "(there is no built-in held-out set for it)")
-            evals = eval_examples(spec.task.name, seed=spec.run.seed, count=spec.eval.count, digits=spec.task.digits)
+            evals = eval_prompts(spec.task.name, None, seed=spec.run.seed, count=spec.eval.count,
+                                 digits=spec.task.digits)
         else:
-            evals = load_jsonl(spec.resolve_path(spec.eval.prompts), what="prompt file")
+            evals = eval_prompts(spec.task.name, spec.resolve_path(spec.eval.prompts), seed=spec.run.seed,
+                                 count=spec.eval.count, digits=spec.task.digits)
     except DataError as e:
         raise RunError(str(e)) from None
     return Inputs(spec, evals, train, api_key)
@@ -224,8 +235,10 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
     tracked: TrackedService | None = None
     result = RunResult(rec.run_id, "failed", st.step, st.last_score["score"] if st.last_score else None)
     stop = StopSignals()
+    watch: BackendWatch | None = None
     try:
         rec.step = st.resume_step
+        watch = BackendWatch(endpoint(spec).base_url).start()
         session = connect(spec, st, rec, inputs.api_key, needs_reference=recipe.needs_reference(spec))
         tracked, policy = session.tracked, session.policy
         ctx = StepContext(spec, tracked, policy, session.reference, session.tokenizer,
@@ -247,12 +260,14 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
 
         for step in _progress(range(start + 1, spec.run.steps + 1), progress, start, spec.run.steps):
             stop.check()
+            watch.check()
             lease.check()  # a writer whose lease was taken over stops before it trains or writes again
             rec.step = ctx.step = step
             batch, cursor = next_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
                                         size=spec.recipe.batch_size * spec.recipe.micro_batches,
                                         digits=spec.task.digits)
             metrics = recipe.train_step(ctx, batch)
+            _check_finite(metrics, step, spec)
             rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor,
                        micro_batches=spec.recipe.micro_batches, metrics=metrics,
                        optimizer=dataclasses.asdict(spec.optim))
@@ -267,25 +282,45 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             _show(progress, metrics, result.last_score)
             result.final_step = step
         result.status = "completed"
+        watch.stop()
         _close(tracked)
         rec.record("RunCompleted", final_step=spec.run.steps, final_snapshot=ctx.last_snapshot)
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
-        cause = stop.cause(exc)
+        lost = watch.lost if watch is not None else None
+        if watch is not None:
+            watch.stop()
+        cause = lost or stop.cause(exc)
+        if isinstance(cause, StoreFailure):
+            raise _unrecorded_stop(rec, tracked, cause) from None
         if isinstance(cause, LeaseLost):
             # another writer drives the run now: the trainer and deployment are its own,
             # and the ledger takes nothing more from this process
             raise RunError(str(cause)) from None
         try:
-            _close(tracked)
-        finally:
-            if isinstance(cause, StopEarly):
-                rec.record("TrialPruned", step=cause.step, score=cause.score, reason=cause.reason)
-            else:
-                rec.record("RunFailed", error=error_text(cause), step=rec.step)
+            try:
+                _close(tracked, lost)
+            finally:
+                if isinstance(cause, StopEarly):
+                    rec.record("TrialPruned", step=cause.step, score=cause.score, reason=cause.reason)
+                else:
+                    rec.record("RunFailed", error=error_text(cause), step=rec.step)
+        except (KeyboardInterrupt, Terminated) as again:  # a second Ctrl-C (or SIGTERM) during cleanup
+            stopped = RunInterrupted(rec.run_id, f"{str(cause) or 'interrupted (Ctrl-C)'}, then interrupted again "
+                                     "while cleaning up (its cleanup is recorded as far as it got)",
+                                     signal.SIGTERM if isinstance(again, Terminated) else signal.SIGINT)
+            stopped.cleanup_done = False
+            raise stopped from None
         if isinstance(cause, StopEarly):
             result.status, result.final_step = "pruned", cause.step
             return result
+        if lost is not None:
+            raise RunError(f"run {rec.run_id} stopped: {lost}. Its cleanup could be neither done nor confirmed "
+                           f"(recorded as unknown). {_restart_hint(spec)}continue it with: "
+                           f"firetitan-track resume {rec.run_id}") from None
+        if isinstance(cause, (NotResumable, InvalidEvent)):
+            raise RunError(f"run {rec.run_id} failed: {error_text(cause)}. Resume replays the recorded spec "
+                           "and would fail the same way: start a new run with the spec changed") from None
         if is_interrupt(cause):
             raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)",
                                  signal.SIGTERM if isinstance(cause, Terminated) else signal.SIGINT) from None
@@ -294,6 +329,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         raise
     finally:
         stop.restore()
+        if watch is not None:
+            watch.stop()
         close_loop(loop)
         if exporter is not None:
             exporter.stop()
@@ -316,9 +353,80 @@ def _visible(tokenizer: Any, text: str) -> str:
     return text
 
 
-def _close(tracked: TrackedService | None) -> None:
+def _close(tracked: TrackedService | None, lost: BackendLost | None = None) -> None:
     if tracked is not None:
-        tracked.close()
+        tracked.close(backend_lost=str(lost) if lost is not None else None)
+
+
+class NotResumable(RunError):
+    """A failure that resuming cannot fix: the recorded spec would fail the same way."""
+
+
+def _check_finite(metrics: dict[str, float], step: int, spec: Spec) -> None:
+    """A non-finite loss is a diverged run, not a number to record (the ledger refuses it)."""
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise NotResumable(f"step {step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}: training diverged "
+                           f"(optim.learning_rate = {spec.optim.learning_rate})")
+
+
+def _run_ledger(url: str) -> Ledger:
+    """The ledger a run writes: never an in-memory one, whose record ends with the process."""
+    from firetitan_track.store import sqlite_path
+
+    if url.startswith("sqlite") and sqlite_path(url) is None:
+        raise RunError(f"ledger {url!r} is in memory: the run's record would be lost when it ends; "
+                       "use sqlite:///PATH (or postgresql+psycopg://...)")
+    return Ledger.open(url)
+
+
+def _preflight(inputs: Inputs) -> None:
+    """Ask the service about everything the spec names, before anything is written."""
+    from runner.preflight import check_against_service
+
+    spec = inputs.spec
+    where = endpoint(spec)
+    check_against_service(spec, base_url=where.base_url, api_key=inputs.api_key,
+                          tokenizer_path=where.tokenizer_path, eval_set=inputs.eval_set,
+                          train_data=inputs.train_data)
+
+
+def _masked(inputs: Inputs) -> dict[str, int]:
+    """Per prompt set, how many strings the ledger stores masked (a secret pasted into the data)."""
+    from firetitan_track.redact import count_masked
+
+    sets = {"eval": inputs.eval_set, "train": inputs.train_data or []}
+    counts = {name: count_masked([e.to_json() for e in items]) for name, items in sets.items()}
+    return {name: n for name, n in counts.items() if n}
+
+
+def _rerun_differs(ledger: Ledger, rerun_of: str | None) -> dict[str, Any]:
+    """A rerun trains on the original's stored prompt sets: where secrets were masked in
+    them, the rerun's data differ from what the original saw; say so, in its RunStarted."""
+    if rerun_of is None:
+        return {}
+    started = next((ev for ev in ledger.read(rerun_of) if ev.type == "RunStarted"), None)
+    masked = started.data.get("prompt_sets_masked") if started is not None else None
+    return {"rerun_data_differs": masked} if masked else {}
+
+
+def _restart_hint(spec: Spec) -> str:
+    if spec.backend.kind == "local" and not spec.backend.base_url:
+        return ("Resume starts the local service again (or start it yourself: firetitan-track local up "
+                f"--state-dir {spec.backend.state_dir}); ")
+    return "When the service answers again, "
+
+
+def _unrecorded_stop(rec: Recorder, tracked: TrackedService | None, cause: BaseException) -> RunError:
+    """The ledger refused a write: clean up anyway, and say what could not be recorded."""
+    try:
+        _close(tracked)
+    except Exception:  # the cleanup ran; only its record failed
+        pass
+    done = ", ".join(f"{k} {v}" for k, v in (tracked.cleanup if tracked is not None else {}).items())
+    return RunError(f"run {rec.run_id} stopped: {cause}. Its cleanup ran ({done or 'nothing to clean up'}) "
+                    "but could not be recorded; once the ledger can be written again, continue it with: "
+                    f"firetitan-track resume {rec.run_id}")
 
 
 # -- helpers -----------------------------------------------------------------------------------------

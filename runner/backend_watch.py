@@ -1,0 +1,101 @@
+"""A service that stops answering stops the run within tens of seconds.
+
+The SDK waits on every trainer call by polling ``retrieve_future``, and it retries a
+refused or dropped connection there without limit (backing off up to 30 s a try);
+its control-plane calls retry for five minutes each. So a service that was killed
+leaves the runner waiting, silently, for as long as anyone lets it.
+
+``BackendWatch`` probes the service from a thread. Any HTTP answer, an error status
+included, proves it alive; when nothing has answered for ``window_s`` the watch
+stops the main thread the way a signal does, with ``BackendLost``, and the run goes
+through its cleanup path (which then skips the calls it knows cannot answer).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+__all__ = ["BackendLost", "BackendWatch", "DEFAULT_WINDOW_S"]
+
+DEFAULT_WINDOW_S = 30.0  # long enough for a restart or a network blip, short enough to notice
+_PROBE_TIMEOUT_S = 5.0
+_SIGNAL = signal.SIGUSR1  # how the watch reaches the main thread where it waits
+
+
+class BackendLost(BaseException):
+    """The service stopped answering. A BaseException, like a signal: the SDK's own
+    ``except Exception`` blocks must not swallow it on its way out."""
+
+    def __init__(self, base_url: str, silent_s: float, last_error: str):
+        super().__init__(f"the service at {base_url} stopped answering ({last_error}; "
+                         f"nothing for {silent_s:.0f} s)")
+        self.base_url = base_url
+        self.last_error = last_error
+
+
+class BackendWatch:
+    """Probes ``base_url`` every few seconds while a run drives it (see the module doc).
+
+    ``window_s`` defaults to FIRETITAN_BACKEND_TIMEOUT_S, else DEFAULT_WINDOW_S.
+    Only a watch started on the main thread can interrupt the run where it waits; on
+    another thread (a sweep worker) it is checked at every step.
+    """
+
+    def __init__(self, base_url: str | None, *, window_s: float | None = None):
+        self.base_url = (base_url or "https://api.fireworks.ai").rstrip("/")
+        env = os.environ.get("FIRETITAN_BACKEND_TIMEOUT_S")
+        self.window_s = window_s if window_s is not None else float(env) if env else DEFAULT_WINDOW_S
+        self.interval_s = min(5.0, max(0.5, self.window_s / 6))
+        self.lost: BackendLost | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._main = threading.current_thread() is threading.main_thread()
+        self._old_handler: Any = None
+
+    def start(self) -> "BackendWatch":
+        if self._main:
+            self._old_handler = signal.signal(_SIGNAL, self._raise)
+        self._thread = threading.Thread(target=self._watch, name="firetitan-backend-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop probing (before cleanup: a lost service is not reported twice)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=_PROBE_TIMEOUT_S + 1)
+        if self._main and self._old_handler is not None:
+            signal.signal(_SIGNAL, self._old_handler)
+            self._old_handler = None
+
+    def check(self) -> None:
+        """Raise BackendLost if the service was found gone (a per-step check)."""
+        if self.lost is not None:
+            raise self.lost
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        if self.lost is not None:
+            raise self.lost
+
+    def _watch(self) -> None:
+        import httpx
+
+        last_answer = time.monotonic()
+        with httpx.Client(timeout=_PROBE_TIMEOUT_S) as client:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    client.get(self.base_url + "/")
+                    last_answer = time.monotonic()
+                    continue
+                except httpx.HTTPError as exc:
+                    error = str(exc) or type(exc).__name__
+                silent = time.monotonic() - last_answer
+                if silent >= self.window_s and not self._stop.is_set():
+                    self.lost = BackendLost(self.base_url, silent, error)
+                    if self._main:
+                        signal.pthread_kill(threading.main_thread().ident, _SIGNAL)
+                    return

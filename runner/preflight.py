@@ -1,0 +1,90 @@
+"""What a spec can be checked against before a run is recorded: the service's catalogue
+and the model's context.
+
+A run whose RunStarted is written replays its recorded spec on every resume, so a
+spec the service will refuse (an unknown base model or training shape, a LoRA rank on
+a full-parameter shape) or a prompt the model cannot hold is refused here, with the
+key at fault, before anything is written. The service is asked through the SDK's own
+calls, so the same check works against the local service and the managed API.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from runner.spec import Spec, SpecError
+
+__all__ = ["check_against_service", "check_context"]
+
+_MODEL_NAME = re.compile(r"accounts/[^/]+/models/[^/]+")
+
+
+def check_against_service(spec: Spec, *, base_url: str | None, api_key: str, tokenizer_path: str,
+                          eval_set: Sequence[Any], train_data: Sequence[Any] | None) -> None:
+    """Raise SpecError naming the key the service refuses, or a prompt too long for it."""
+    from fireworks.training.sdk import FireworksClient
+
+    from runner.provision import shape_ref
+
+    client = FireworksClient(api_key=api_key, **({"base_url": base_url} if base_url else {}))
+    model = spec.model.base_model
+    try:
+        if _MODEL_NAME.fullmatch(model):  # other spellings (the local catalogue's) have no details URL
+            client.model_is_moe(model)  # the SDK's call for a base model's details
+    except Exception as exc:
+        status = getattr(exc, "status_code", None)
+        if status in (400, 404):
+            raise SpecError(f"{spec.source}: model.base_model: the service has no model {model!r} "
+                            f"(HTTP {status})") from None
+        if status is not None:
+            raise SpecError(f"{spec.source}: model.base_model: the service would not describe {model!r} "
+                            f"(HTTP {status}): {_first_line(exc)}") from None
+        if not isinstance(exc, ValueError):  # a ValueError: it answered, without the moe flag
+            raise
+    shape = shape_ref(spec.model.training_shape)
+    try:
+        profile = client.resolve_training_profile(shape)
+    except ValueError as exc:  # a malformed resource name, refused by the SDK itself
+        raise SpecError(f"{spec.source}: model.training_shape: {_first_line(exc)}") from None
+    except RuntimeError as exc:
+        raise SpecError(f"{spec.source}: model.training_shape: the service refuses {shape!r}: "
+                        f"{_first_line(exc)}") from None
+    if spec.model.lora_rank > 0 and not profile.supports_lora:
+        raise SpecError(f"{spec.source}: model.lora_rank: training shape {shape!r} is full-parameter "
+                        f"(trainer mode {profile.trainer_mode or 'POLICY_TRAINER'}); it refuses LoRA rank "
+                        f"{spec.model.lora_rank}: use a LoRA shape, or lora_rank = 0")
+    check_context(spec, profile.max_supported_context_length, tokenizer_path, eval_set, train_data)
+
+
+def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Sequence[Any],
+                  train_data: Sequence[Any] | None) -> None:
+    """Every eval prompt plus its sampled tokens, and every JSONL training example, fits
+    ``context`` tokens. Built-in training data is short by construction."""
+    if not context or context <= 0:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    new_tokens = max(spec.sampling.max_tokens, spec.recipe.max_tokens if spec.recipe.kind == "grpo" else 0)
+    for i, example in enumerate(eval_set):
+        n = _chat_len(tokenizer, example) + spec.sampling.max_tokens
+        if n > context:
+            raise SpecError(f"{spec.source}: eval.prompts: prompt {i + 1} takes {n} tokens with "
+                            f"sampling.max_tokens, more than the model's context of {context}")
+    for i, example in enumerate(train_data or ()):
+        answer = len(tokenizer.encode(example.answer, add_special_tokens=False)) + 1
+        n = _chat_len(tokenizer, example) + max(answer, new_tokens)
+        if n > context:
+            raise SpecError(f"{spec.source}: task.data: example {i + 1} takes {n} tokens, more than the "
+                            f"model's context of {context}")
+
+
+def _chat_len(tokenizer: Any, example: Any) -> int:
+    return len(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
+                                             return_dict=False))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().removeprefix("ERROR: ")  # the SDK's formatted errors open with it
+    return text.splitlines()[0] if text else type(exc).__name__
