@@ -200,3 +200,30 @@ def test_a_secret_masked_out_of_the_data_is_recorded_and_a_rerun_says_its_data_d
     again = events(ledger_url, "masked-again")[0].data
     assert again["rerun_of"] == "masked" and again["rerun_data_differs"] == {"eval": 1}
     assert "prompt_sets_masked" not in again  # the rerun's own record is exactly what it used
+
+
+def test_a_ledger_that_stops_taking_writes_stops_the_run_through_its_cleanup(tmp_path, local_url):
+    import resource
+
+    from tests.helpers import trainer_state
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    Ledger.open(url).close()  # created in full; the run's own writes then hit the limit
+    limit = (tmp_path / "ledger.db").stat().st_size + 48 * 1024
+
+    def refuse_growth() -> None:  # a real refused write: the file may not grow past the limit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    spec = small_spec(tmp_path, local_url, name="full", eval={"count": 2})
+    proc = subprocess.run([sys.executable, "-m", "runner.cli", "--ledger", url, "run", str(spec),
+                           "--run-id", "full", "--quiet"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, preexec_fn=refuse_growth)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"cannot write to the ledger at {url}" in proc.stderr and "Traceback" not in proc.stderr
+    assert "could not be recorded" in proc.stderr and "firetitan-track resume full" in proc.stderr
+    recorded = events(url, "full")
+    job = fold(recorded).trainer_job_id
+    if job is not None:  # provisioned before the ledger filled up: the cleanup still ran
+        assert "trainer deleted" in proc.stderr
+        assert trainer_state(local_url, job) == "JOB_STATE_DELETED"
