@@ -85,6 +85,23 @@ def _is_our_server(pid: int) -> bool:
         return _pid_alive(pid)
 
 
+def _servers_on(state_dir: Path) -> list[int]:
+    """Live server processes started on ``state_dir``, found by their command line: one
+    whose state dir was deleted under it has no info file left to name it."""
+    wanted = str(Path(state_dir).resolve()).encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"runner.local.server" in args and b"--state-dir" in args:
+            i = args.index(b"--state-dir")
+            if i + 1 < len(args) and args[i + 1] == wanted and _pid_alive(int(entry.name)):
+                pids.append(int(entry.name))
+    return pids
+
+
 def _healthy(base_url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(f"{base_url}/local/v1/healthz", timeout=timeout) as resp:
@@ -109,6 +126,11 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str 
     state_dir.mkdir(parents=True, exist_ok=True)
     if running(state_dir) is not None:
         raise ServiceError(f"a local service is already running on {state_dir}")
+    orphans = [pid for pid in _servers_on(state_dir) if pid != os.getpid()]
+    if orphans:  # its files are gone, but a second server on the same dir would fight it
+        raise ServiceError(f"a local service (pid {orphans[0]}) still runs on {state_dir}, though its files there "
+                           f"are gone (the folder was deleted under it); stop it with `firetitan-track local down "
+                           f"--state-dir {state_dir}`, then start again")
     (state_dir / INFO_FILE).unlink(missing_ok=True)  # stale, from a killed server
     repo_root = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
@@ -174,7 +196,10 @@ def stop(state_dir: Path | str = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> bo
     state_dir = Path(state_dir)
     data = read_json(state_dir / INFO_FILE)
     if not data:
-        return False
+        orphans = _servers_on(state_dir)  # its state dir was deleted under it
+        if not orphans:
+            return False
+        data = {"pid": orphans[0]}
     pid = int(data.get("pid", 0))
     if not pid or not _pid_alive(pid) or not _is_our_server(pid):
         (state_dir / INFO_FILE).unlink(missing_ok=True)

@@ -227,3 +227,22 @@ def test_a_ledger_that_stops_taking_writes_stops_the_run_through_its_cleanup(tmp
     if job is not None:  # provisioned before the ledger filled up: the cleanup still ran
         assert "trainer deleted" in proc.stderr
         assert trainer_state(local_url, job) == "JOB_STATE_DELETED"
+
+
+def test_a_service_whose_state_dir_was_deleted_is_still_found_and_never_doubled(tmp_path):
+    import shutil
+
+    from runner.local.supervisor import ServiceError, _pid_alive, ensure_running, start
+
+    state_dir = tmp_path / "svc"
+    info = start(state_dir)
+    try:
+        shutil.rmtree(state_dir)  # under the running service
+        with pytest.raises(ServiceError, match=rf"pid {info.pid}\) still runs on .*svc.*local down"):
+            ensure_running(state_dir)  # what `resume` does: no second server on the same dir
+        down = CliRunner().invoke(main, ["local", "down", "--state-dir", str(state_dir)])
+        assert down.exit_code == 0 and "stopped the local service" in down.output, down.output
+        assert not _pid_alive(info.pid)
+    finally:
+        if _pid_alive(info.pid):
+            os.kill(info.pid, signal.SIGKILL)
