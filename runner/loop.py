@@ -318,7 +318,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             raise RunError(f"run {rec.run_id} stopped: {lost}. Its cleanup could be neither done nor confirmed "
                            f"(recorded as unknown). {_restart_hint(spec)}continue it with: "
                            f"firetitan-track resume {rec.run_id}") from None
-        if isinstance(cause, (NotResumable, InvalidEvent)):
+        if isinstance(cause, (NotResumable, InvalidEvent)) or getattr(cause, "status_code", None) in (400, 422):
+            # a request the service refused as malformed is refused again on every resume
             raise RunError(f"run {rec.run_id} failed: {error_text(cause)}. Resume replays the recorded spec "
                            "and would fail the same way: start a new run with the spec changed") from None
         if is_interrupt(cause):

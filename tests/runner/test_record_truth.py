@@ -246,3 +246,13 @@ def test_a_service_whose_state_dir_was_deleted_is_still_found_and_never_doubled(
     finally:
         if _pid_alive(info.pid):
             os.kill(info.pid, signal.SIGKILL)
+
+
+def test_a_request_the_service_refuses_is_not_offered_to_resume(tmp_path, local_url, ledger_url):
+    # a shape for another base model: the service refuses the trainer (HTTP 400) on every try
+    spec = load_spec(small_spec(tmp_path, local_url, name="mismatch",
+                                model={"base_model": "accounts/fireworks/models/qwen3-8b"}))
+    with pytest.raises(RunError, match=r"HTTP 400.*would fail the same way") as caught:
+        run_spec(spec, ledger_url=ledger_url, run_id="mismatch", progress=False)
+    assert "continue it with" not in str(caught.value)
+    assert events(ledger_url, "mismatch")[-1].type == "RunFailed"
