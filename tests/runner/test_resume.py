@@ -122,3 +122,36 @@ def test_sigterm_cleans_up_records_failure_and_resumes(reference, ledger_url, lo
     resumed = cli(ledger_url, "resume", "r", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert history(ledger_url, "r") == expected
+
+
+# The matrix for a LoRA run, at the points where its adapter state is in flight: adapters
+# train on a frozen base, every snapshot is the adapter, and the DCP state holds the
+# adapter and its optimizer. The same steps, data and scores as an uninterrupted run.
+LORA_CRASH_POINTS = [
+    "midstep:2",                     # adapter gradients accumulated, optimizer not stepped
+    "event:SnapshotSaved:2",         # step 2's adapter snapshot saved, not yet synced
+    "event:StateSaved:2",            # right after state 2 (adapter + optimizer)
+]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(local_url, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora-reference")
+    url = f"sqlite:///{tmp}/ledger.db"
+    spec = small_spec(tmp, local_url, name="lora", model={"lora_rank": 8, "training_shape": "ts-local-tiny-lora"})
+    proc = cli(url, "run", str(spec), "--run-id", "lora", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = Ledger.open(url).read("lora")
+    assert {ev.data["lora_rank"] for ev in events if ev.type == "TrainerProvisioned"} == {8}
+    return spec, history(url, "lora")
+
+
+@pytest.mark.parametrize("point", LORA_CRASH_POINTS)
+def test_a_lora_run_resumed_after_sigkill_reproduces_the_uninterrupted_history(point, lora_reference, ledger_url):
+    spec, expected = lora_reference
+    crashed = cli(ledger_url, "run", str(spec), "--run-id", "r", "--quiet", crash_at=point)
+    assert crashed.returncode == -signal.SIGKILL, (point, crashed.stderr[-2000:])
+    resumed = cli(ledger_url, "resume", "r", "--quiet")
+    assert resumed.returncode == 0, (point, resumed.stderr[-3000:])
+    assert fold(Ledger.open(ledger_url).read("r")).status == "completed"
+    assert history(ledger_url, "r") == expected
