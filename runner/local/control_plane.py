@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import catalogue
-from .state import ServiceState, now_rfc3339
+from .state import DNS_LABEL_RE, ServiceState, now_rfc3339
 from .trainer_plane import TrainerSpec
 from .wire import ApiError, field, json_body, json_response
 
@@ -42,7 +42,6 @@ ACCOUNT_ID = "local"
 PUBLIC_ACCOUNT_ID = "fireworks"
 
 RESUMABLE_STATES = {"JOB_STATE_PAUSED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_COMPLETED"}
-RESOURCE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SHAPE_REF_RE = re.compile(r"^accounts/([^/]+)/trainingShapes/([^/]+)(?:/versions/([^/]+))?$")
 TRAINER_MODES = {"policy": "POLICY_TRAINER", "reference": "FORWARD_ONLY", "lora": "LORA_TRAINER"}
 CHECKPOINT_TYPES = {"base": "CHECKPOINT_TYPE_INFERENCE_BASE", "merged_base": "CHECKPOINT_TYPE_INFERENCE_BASE",
@@ -229,7 +228,7 @@ class ControlPlane:
         account = self._account(request)
         body = await json_body(request)
         job_id = request.query_params.get("rlorTrainerJobId") or f"trainer-{now_rfc3339()[:19].replace(':', '').replace('T', '-').lower()}"
-        if not RESOURCE_ID_RE.match(job_id):
+        if not DNS_LABEL_RE.match(job_id):
             raise ApiError(400, f"invalid trainer job id {job_id!r}: lowercase a-z, 0-9 and '-', at most 63 characters")
         if self.state.jobs.get(job_id) is not None:
             raise ApiError(409, f"trainer job accounts/{account}/rlorTrainerJobs/{job_id} already exists")
@@ -356,8 +355,8 @@ class ControlPlane:
         output_model = field(body, "output_model", str)
         trainer_ref = field(body, "trainer_job_id", str)
         base_model = field(body, "base_model", str)
-        match = re.match(rf"^accounts/{ACCOUNT_ID}/models/([a-z0-9-]{{1,63}})$", output_model)
-        if not match:
+        match = re.match(rf"^accounts/{ACCOUNT_ID}/models/([^/]+)$", output_model)
+        if not match or not DNS_LABEL_RE.match(match.group(1)):
             raise ApiError(400, f"output_model must be accounts/{ACCOUNT_ID}/models/<id> (got {output_model!r})")
         job_id = trainer_ref.rsplit("/", 1)[-1]
         self._job(job_id)
@@ -426,7 +425,7 @@ class ControlPlane:
     async def create_deployment(self, request: Request) -> Response:
         account = self._account(request)
         deployment_id = request.query_params.get("deploymentId")
-        if not deployment_id or not RESOURCE_ID_RE.match(deployment_id):
+        if not deployment_id or not DNS_LABEL_RE.match(deployment_id):
             raise ApiError(400, f"deploymentId query parameter must be a resource id (got {deployment_id!r})")
         if self.state.deployments.get(deployment_id) is not None:
             raise ApiError(409, f"deployment accounts/{account}/deployments/{deployment_id} already exists")

@@ -143,6 +143,11 @@ def test_lora_state_round_trips_adapters_and_optimizer_across_jobs(provision, ba
 
 
 def test_lora_bad_input_is_a_clear_error_and_the_service_serves_on(provision, batch, http, service_info):
+    from fireworks.training.sdk import TrainerJobManager
+
+    shapes = TrainerJobManager(api_key="local", base_url=service_info.base_url)
+    assert shapes.resolve_training_profile(LORA_SHAPE).supports_lora
+    assert not shapes.resolve_training_profile(service_info.training_shape_id).supports_lora
     with pytest.raises(Exception, match="loraRank=65 exceeds the largest rank the training shape allows \\(64\\)"):
         lora_service(provision, lora_rank=65).create_training_client()
     with pytest.raises(Exception, match="loraRank=4: training shape .*ts-local-tiny.* without LoRA.*ts-local-tiny-lora"):
