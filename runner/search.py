@@ -22,14 +22,14 @@ from typing import Any, Sequence
 from firetitan_track.errors import UserError
 
 __all__ = ["SweepError", "Dist", "SEARCHES", "DISTRIBUTIONS", "parse_params", "parse_grid", "grid_size",
-           "open_study", "sampler_for", "pruner_for", "MEDIAN_STARTUP_TRIALS"]
+           "open_study", "storage", "sampler_for", "pruner_for", "MEDIAN_STARTUP_TRIALS"]
 
 SEARCHES = ("grid", "random", "tpe")
 DISTRIBUTIONS = ("log", "float", "int", "choice")
 PRUNERS = ("median", "none")
-# The median rule judges a trial only once this many trials have finished: with fewer,
-# the "median" is one trial's luck.
-MEDIAN_STARTUP_TRIALS = 2
+# The median rule judges a trial once this many trials have finished. One: sweeps here
+# are a handful of trials, each costly, and the first finished trial is already a bar.
+MEDIAN_STARTUP_TRIALS = 1
 _DIST_HELP = "log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH or choice:A,B,C"
 
 
@@ -169,13 +169,13 @@ def open_study(ledger_url: str, sweep_id: str, search: str, space: dict[str, Dis
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep reports trials itself
-    storage = _storage(ledger_url)
-    return optuna.create_study(storage=storage, study_name=sweep_id, direction="maximize",
+    return optuna.create_study(storage=storage(ledger_url), study_name=sweep_id, direction="maximize",
                                sampler=sampler_for(search, space, seed), pruner=pruner_for(prune),
                                load_if_exists=True)
 
 
-def _storage(ledger_url: str) -> Any:
+def storage(ledger_url: str) -> Any:
+    """Optuna's RDB storage on the ledger's database."""
     from optuna.storages import RDBStorage
 
     from firetitan_track.store import sqlite_path

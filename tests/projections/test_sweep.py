@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import runner.loop
 from firetitan_track import Ledger
 from runner.cli import main
-from firetitan_track.projections.audit import compare_sweep
+from firetitan_track.projections.compare import compare_sweep, sweep_stream
 from runner.search import grid_points, parse_grid, parse_params
 from runner.sweep import SweepError, plan_sweep, trial_run_id
 from tests.projections.streams import RunWriter
@@ -127,7 +127,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path, fake: F
 def test_a_sweep_id_reused_with_another_search_space_is_refused(ledger_url: str, fake: FakeRunner) -> None:
     assert _sweep(ledger_url, "--no-mlflow", "--quiet").exit_code == 0
     ledger = Ledger.open(ledger_url)
-    before = ledger.stream_version("sweep:lr")
+    before = ledger.stream_version(sweep_stream("lr"))
     calls = len(fake.calls)
     other = CliRunner().invoke(main, ["--ledger", ledger_url, "sweep", str(SPEC), "--no-mlflow", "--sweep-id", "lr",
                                       "--grid", "optim.learning_rate=1e-2,3e-2"])
@@ -135,7 +135,7 @@ def test_a_sweep_id_reused_with_another_search_space_is_refused(ledger_url: str,
     tpe = CliRunner().invoke(main, ["--ledger", ledger_url, "sweep", str(SPEC), "--no-mlflow", "--sweep-id", "lr",
                                     "--search", "tpe", "--trials", "2", "--param", "optim.learning_rate=log:1e-4:1e-2"])
     assert tpe.exit_code == 1 and "another search and space" in tpe.output, tpe.output
-    assert ledger.stream_version("sweep:lr") == before and len(fake.calls) == calls
+    assert ledger.stream_version(sweep_stream("lr")) == before and len(fake.calls) == calls
     ledger.close()
 
 

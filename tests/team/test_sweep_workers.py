@@ -70,7 +70,9 @@ def test_two_machines_join_one_tpe_sweep_each_trial_runs_once(pg_ledger: str, tm
     assert len(both) == 2, both
     import optuna
 
-    study = optuna.load_study(study_name="tpe", storage=pg_ledger.replace("postgresql+psycopg", "postgresql+psycopg"))
+    from runner.search import storage
+
+    study = optuna.load_study(study_name="tpe", storage=storage(pg_ledger))
     assert sorted(ft.number for ft in study.trials) == sorted(a["optuna_trial"] for a in assigned)
     assert all(ft.state == optuna.trial.TrialState.COMPLETE for ft in study.trials)
 
