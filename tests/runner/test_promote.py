@@ -9,10 +9,22 @@ import signal
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from firetitan_track import Ledger
 from firetitan_track.projections.audit import eval_rows
+from runner.cli import main
 from tests.helpers import cli, small_spec
+
+
+class _Done:
+    def __init__(self, result):
+        self.returncode, self.stdout, self.stderr = result.exit_code, result.stdout, result.stderr
+
+
+def inproc(url: str, *args: str) -> _Done:
+    """The CLI in this process (no interpreter start): for commands no test kills."""
+    return _Done(CliRunner().invoke(main, ["--ledger", url, *args]))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +53,7 @@ def test_best_promotes_the_top_score_records_why_and_audit_shows_it(trained, loc
     top = max(r.score for r in rows)
     expected = [r for r in rows if r.score == top][-1]  # ties: the latest
 
-    proc = cli(url, "promote", "up", "--best", "--model-id", "up-best", "--json")
+    proc = inproc(url, "promote", "up", "--best", "--model-id", "up-best", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert (out["snapshot_path"], out["eval_id"], out["score"]) == (expected.snapshot_path, expected.eval_id, top)
@@ -54,19 +66,19 @@ def test_best_promotes_the_top_score_records_why_and_audit_shows_it(trained, loc
     model = _model(local_url, promoted.data["model"])
     assert model is not None and model["sourceCheckpoint"].endswith("/" + requested.data["checkpoint_id"])
 
-    audit = json.loads(cli(url, "audit", "up", "--json").stdout)
+    audit = json.loads(inproc(url, "audit", "up", "--json").stdout)
     assert {r["eval_id"]: r["promoted_as"] for r in audit} == {
         r.eval_id: (["up-best"] if r.snapshot_path == expected.snapshot_path else []) for r in eval_rows(events)}
 
     # the same promotion again changes nothing; the same id for another snapshot is refused
     version = Ledger.open(url).stream_version("up")
-    again = cli(url, "promote", "up", "--snapshot", expected.snapshot_path, "--model-id", "up-best")
+    again = inproc(url, "promote", "up", "--snapshot", expected.snapshot_path, "--model-id", "up-best")
     assert again.returncode == 0 and again.stdout.startswith("already promoted")
     assert Ledger.open(url).stream_version("up") == version
     other = next(r for r in rows if r.snapshot_path != expected.snapshot_path)
-    clash = cli(url, "promote", "up", "--snapshot", other.snapshot_path, "--model-id", "up-best")
+    clash = inproc(url, "promote", "up", "--snapshot", other.snapshot_path, "--model-id", "up-best")
     assert clash.returncode == 1 and expected.snapshot_path in clash.stderr
-    bad_id = cli(url, "promote", "up", "--best", "--model-id", "Not_A_Model_Id")
+    bad_id = inproc(url, "promote", "up", "--best", "--model-id", "Not_A_Model_Id")
     assert bad_id.returncode == 1 and "--model-id 'Not_A_Model_Id'" in bad_id.stderr
     assert Ledger.open(url).stream_version("up") == version
 
@@ -74,10 +86,10 @@ def test_best_promotes_the_top_score_records_why_and_audit_shows_it(trained, loc
 def test_mlflow_export_tags_the_promoted_snapshot(trained, tmp_path):
     url, _ = trained
     if not any(ev.type == "ModelPromoted" for ev in _events(url, "up")):
-        assert cli(url, "promote", "up", "--best", "--model-id", "up-best").returncode == 0
+        assert inproc(url, "promote", "up", "--best", "--model-id", "up-best").returncode == 0
     promoted = [ev.data for ev in _events(url, "up") if ev.type == "ModelPromoted"]
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = cli(url, "export", "mlflow", "up", "--tracking-uri", store, "--no-artifacts", "--quiet")
+    proc = inproc(url, "export", "mlflow", "up", "--tracking-uri", store, "--no-artifacts", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     from mlflow import MlflowClient
 
@@ -95,14 +107,14 @@ def test_a_never_evaluated_snapshot_is_refused_unless_forced(trained, ledger_url
     crashed = cli(ledger_url, "run", str(spec), "--run-id", "c", "--quiet", crash_at="event:SnapshotSaved:2")
     assert crashed.returncode == -signal.SIGKILL
     path = [ev.data["path"] for ev in _events(ledger_url, "c") if ev.type == "SnapshotSaved"][-1]
-    refused = cli(ledger_url, "promote", "c", "--snapshot", path, "--model-id", "c-unscored")
+    refused = inproc(ledger_url, "promote", "c", "--snapshot", path, "--model-id", "c-unscored")
     assert refused.returncode == 1 and "never evaluated" in refused.stderr and "--force" in refused.stderr
     assert not [ev for ev in _events(ledger_url, "c") if ev.type.startswith("Promotion")]
-    forced = cli(ledger_url, "promote", "c", "--snapshot", path, "--model-id", "c-unscored", "--force")
+    forced = inproc(ledger_url, "promote", "c", "--snapshot", path, "--model-id", "c-unscored", "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
     requested = next(ev for ev in _events(ledger_url, "c") if ev.type == "PromotionRequested")
     assert requested.data["forced"] is True and requested.data["eval_id"] is None
-    missing = cli(ledger_url, "promote", "c", "--snapshot", "no-such-snapshot", "--model-id", "c-x")
+    missing = inproc(ledger_url, "promote", "c", "--snapshot", "no-such-snapshot", "--model-id", "c-x")
     assert missing.returncode == 1 and "no snapshot 'no-such-snapshot'" in missing.stderr
 
 
@@ -111,7 +123,7 @@ def test_a_crash_between_request_and_outcome_is_settled_by_the_next_promote_or_r
     # dies before the service is asked: the next promote records the failure, then promotes
     died = cli(url, "promote", "up", "--best", "--model-id", "up-early", crash_at="event:PromotionRequested:1")
     assert died.returncode == -signal.SIGKILL
-    assert cli(url, "promote", "up", "--best", "--model-id", "up-early").returncode == 0
+    assert inproc(url, "promote", "up", "--best", "--model-id", "up-early").returncode == 0
     tail = [ev for ev in _events(url, "up") if ev.data.get("model_id") == "up-early"]
     assert [ev.type for ev in tail] == ["PromotionRequested", "PromotionFailed", "PromotionRequested",
                                         "ModelPromoted"]
@@ -121,12 +133,12 @@ def test_a_crash_between_request_and_outcome_is_settled_by_the_next_promote_or_r
     died = cli(url, "promote", "up", "--best", "--model-id", "up-late", crash_at="before:ModelPromoted:1")
     assert died.returncode == -signal.SIGKILL
     assert _events(url, "up")[-1].type == "PromotionRequested"
-    resumed = cli(url, "resume", "up", "--quiet")
+    resumed = inproc(url, "resume", "up", "--quiet")
     assert "already completed" in resumed.stderr  # a finished run: nothing to train, the promotion settled
     settled = _events(url, "up")[-1]
     assert settled.type == "ModelPromoted" and settled.data["recovered"] is True
     assert settled.data["request_id"] == _events(url, "up")[-2].event_id
     assert _model(local_url, settled.data["model"]) is not None
     version = Ledger.open(url).stream_version("up")
-    again = cli(url, "promote", "up", "--best", "--model-id", "up-late")
+    again = inproc(url, "promote", "up", "--best", "--model-id", "up-late")
     assert again.returncode == 0 and Ledger.open(url).stream_version("up") == version
