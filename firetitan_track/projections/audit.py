@@ -16,7 +16,7 @@ from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, unknown_run
 from firetitan_track.projections.run_state import authoritative
 
-__all__ = ["EvalRow", "eval_rows", "audit", "read_run"]
+__all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run"]
 
 
 @dataclass
@@ -84,6 +84,13 @@ def eval_rows(events: Sequence[RecordedEvent]) -> list[EvalRow]:
 def upstream(events: Sequence[RecordedEvent]) -> dict[str, Any] | None:
     """A chained run's upstream (RunStarted.init_from: run, state, step), None for a run from scratch."""
     return next((ev.data.get("init_from") for ev in events if ev.type == "RunStarted"), None)
+
+
+def best_eval(rows: Sequence[EvalRow]) -> EvalRow | None:
+    """The scored eval with the highest score; the earliest step wins a tie (the cheapest
+    snapshot that reached the score). None when nothing is scored yet."""
+    scored = [r for r in rows if r.score is not None]
+    return max(scored, key=lambda r: (r.score, -r.step), default=None)
 
 
 def audit(ledger: Ledger, run_id: str) -> list[EvalRow]:

@@ -16,14 +16,15 @@ from typing import Any
 
 import click
 
-from firetitan_track.cli import reading_ledger, table
+from firetitan_track.cli import reading_ledger, table, user_errors
+from firetitan_track.ledger import NotFound
 from firetitan_track.projections.audit import EvalRow
 from firetitan_track.projections.audit import audit as audit_view
 from firetitan_track.projections.audit import upstream as upstream_of
 from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.lineage import lineage as lineage_view
 from firetitan_track.projections.mlflow.store import (DEFAULT_ARTIFACT_ROOT, DEFAULT_EXPERIMENT,
-                                                      DEFAULT_TRACKING_URI, local_artifact_root)
+                                                      DEFAULT_TRACKING_URI, local_artifact_root, store_exists)
 from firetitan_track.projections.replay import replay as replay_view
 
 
@@ -188,9 +189,13 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
 @click.command()
 @click.argument("sweep_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI",
+              help="The MLflow store to link to (the sweep's trials side by side in the UI).")
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
 @click.pass_context
-def compare(ctx: click.Context, sweep_id: str, as_json: bool) -> None:
-    """Per trial of SWEEP_ID: its params, status, best score and the snapshot behind it."""
+def compare(ctx: click.Context, sweep_id: str, as_json: bool, tracking_uri: str, experiment: str) -> None:
+    """Per trial of SWEEP_ID: its params, status, best score and the snapshot behind it,
+    then the link that opens the trials side by side in the MLflow UI."""
     with reading_ledger(ctx) as ledger:
         trials = compare_sweep(ledger, sweep_id)
     if as_json:
@@ -201,20 +206,52 @@ def compare(ctx: click.Context, sweep_id: str, as_json: bool) -> None:
     click.echo(table(["trial", *keys, "status", "step", "best score", "at step", "snapshot", "run"],
                      [[str(t.trial), *(_fmt(t.params.get(k)) for k in keys), t.status, str(t.step),
                        _fmt(t.best_score), _fmt(t.best_step), _fmt(t.best_snapshot), t.run_id] for t in ranked]))
+    _echo_link(tracking_uri, experiment, sweep_id=sweep_id)
+
+
+def _echo_link(tracking_uri: str, experiment: str, **which: str) -> None:
+    """The MLflow UI link for a sweep or run, or why there is none yet (the ledger view stands alone)."""
+    from firetitan_track.projections.mlflow.ui import link, ui_base_url
+
+    serve = "" if tracking_uri.startswith(("http://", "https://")) else "  (serve it: firetitan-track ui)"
+    try:
+        click.echo(f"\nin MLflow: {link(tracking_uri, experiment, ui_base_url(tracking_uri), **which)}{serve}")
+    except NotFound as e:
+        click.echo(f"\nin MLflow: not yet ({e})")
 
 
 @click.command()
+@click.option("--sweep", "sweep_id", metavar="SWEEP_ID", help="Print the link to this sweep's trials side by side.")
+@click.option("--run", "run_id", metavar="RUN_ID", help="Print the link to this run's page.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--backend-store-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI")
-def ui(host: str, port: int, backend_store_uri: str) -> None:
-    """Serve the project's MLflow tracking store in the MLflow UI."""
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
+def ui(sweep_id: str | None, run_id: str | None, host: str, port: int, backend_store_uri: str,
+       experiment: str) -> None:
+    """Serve the project's MLflow tracking store in the MLflow UI, first printing the link
+    that opens the experiment's runs, a sweep's comparison (--sweep) or a run (--run)."""
+    from firetitan_track.projections.mlflow.ui import link
+
+    if sweep_id and run_id:
+        raise click.UsageError("give --sweep or --run, not both")
+    base = f"http://{host}:{port}"
+    opened = base
+    if sweep_id or run_id or store_exists(backend_store_uri):
+        with user_errors():  # asked for a sweep or run the store lacks: say so, serve nothing
+            try:
+                opened = link(backend_store_uri, experiment, base, sweep_id=sweep_id, run_id=run_id)
+            except NotFound:
+                if sweep_id or run_id:
+                    raise
     artifacts = local_artifact_root(backend_store_uri) or Path(DEFAULT_ARTIFACT_ROOT).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)  # beside the sqlite file: its folder too
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
            "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port),
            "--workers", "1"]
-    click.echo(f"MLflow UI for {backend_store_uri}: http://{host}:{port}  (Ctrl-C to stop)")
+    click.echo(f"MLflow UI for {backend_store_uri}: {base}  (Ctrl-C to stop)")
+    click.echo(f"open {opened}", nl=True)
+    sys.stdout.flush()  # the link shows before the server's own output
     proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": backend_store_uri})
     # a SIGTERM to this command must stop the server too, not orphan it
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())

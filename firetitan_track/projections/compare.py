@@ -11,7 +11,7 @@ from typing import Any
 
 from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, NotFound
-from firetitan_track.projections.audit import eval_rows
+from firetitan_track.projections.audit import best_eval, eval_rows
 from firetitan_track.projections.run_state import fold
 
 __all__ = ["TrialSummary", "compare_sweep", "sweep_stream", "sweep_trials", "SWEEP_STREAM_PREFIX"]
@@ -46,6 +46,7 @@ class TrialSummary:
     best_score: float | None
     best_step: int | None
     best_snapshot: str | None
+    best_scored_at: float | None = None  # unix seconds of the best score's EvalScored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,14 +62,13 @@ def compare_sweep(ledger: Ledger, sweep_id: str) -> list[TrialSummary]:
     for trial in sweep_trials(events):
         run_events = ledger.read(trial["run_id"]) if _has_stream(ledger, trial["run_id"]) else []
         st = fold(run_events, trial["run_id"])
-        scored = [r for r in eval_rows(run_events) if r.score is not None]
-        # the earliest step wins a tie: the cheapest snapshot that reached the score
-        best = max(scored, key=lambda r: (r.score, -r.step), default=None)
+        best = best_eval(eval_rows(run_events))
         out.append(TrialSummary(
             trial=trial["trial"], run_id=trial["run_id"], params=dict(trial["params"]),
             status=st.status, step=st.step,
             best_score=best.score if best else None, best_step=best.step if best else None,
             best_snapshot=best.snapshot_path if best else None,
+            best_scored_at=best.scored_at if best else None,
         ))
     return out
 

@@ -31,10 +31,11 @@ from typing import Sequence
 
 from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, NotFound
-from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, sweep_stream, sweep_trials
-from firetitan_track.projections.mlflow.keys import (MAX_PARAMS_PER_CALL, MAX_TAGS_PER_CALL, TAG_EVENTS,
-                                                     TAG_PARENT, TAG_RUN, TAG_RUN_NAME, TAG_SWEEP_PARENT,
-                                                     mlflow_key, ms, param_value, quote)
+from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, compare_sweep, sweep_stream
+from firetitan_track.projections.mlflow.keys import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL,
+                                                     MAX_TAGS_PER_CALL, MODEL_TRAINING, TAG_EVENTS,
+                                                     TAG_EXPERIMENT_KIND, TAG_PARENT, TAG_RUN, TAG_RUN_NAME,
+                                                     TAG_SWEEP_PARENT, mlflow_key, ms, param_value, quote)
 from firetitan_track.projections.mlflow.run_export import RunExport
 from firetitan_track.projections.mlflow.store import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI,
                                                       checkpoint_name, local_artifact_root, sqlite_path)
@@ -135,7 +136,7 @@ class MlflowExporter:
             if sweep_id:
                 sweeps.add(sweep_id)
         for sweep_id in sweeps:
-            self._update_sweep_status(sweep_id)
+            self._update_sweep(sweep_id)
         return report
 
     # -- MLflow lookups -------------------------------------------------------------
@@ -147,11 +148,19 @@ class MlflowExporter:
         return self._experiment_id
 
     def _get_or_create_experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            experiment_id = self._create_experiment()
+        else:
+            experiment_id = found.experiment_id
+        if found is None or found.tags.get(TAG_EXPERIMENT_KIND) != MODEL_TRAINING:
+            # without a kind the UI opens an experiment on its GenAI pages (traces, tokens)
+            self.client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING)
+        return experiment_id
+
+    def _create_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
 
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
         root = local_artifact_root(self.tracking_uri)
         # a sqlite store keeps artifacts beside it, where `firetitan-track ui` serves them
         location = root.as_uri() if root else None
@@ -194,7 +203,8 @@ class MlflowExporter:
     # -- one ledger run ---------------------------------------------------------------
 
     def _write_run(self, run_id: str, stream: list[RecordedEvent], report: ExportReport) -> str | None:
-        """Bring the MLflow run up to ``stream``; returns its sweep id when its status changed."""
+        """Bring the MLflow run up to ``stream``; returns its sweep id when what the sweep's
+        parent shows of it may have changed (its status or its scores)."""
         if run_id in self._runs:
             ml_run, shown = self._runs[run_id]
         else:
@@ -223,8 +233,9 @@ class MlflowExporter:
         report.metrics += writes.metric_count
         if state.status in ("completed", "failed"):
             self._streams.pop(run_id, None)  # a resume re-reads it; keeps a long follower small
-        # a sweep's status follows its trials': look again only when one of them changed
-        return state.sweep_id if changed else None
+        # the parent follows its trials: look again only when one of them changed
+        rescored = any(ev.type == "EvalScored" for ev in writes.new) or run_id in report.rebuilt
+        return state.sweep_id if changed or rescored else None
 
     def _create_run(self, run_id: str, stream: list[RecordedEvent], sweep_id: str | None) -> str:
         tags = {TAG_RUN: run_id, TAG_RUN_NAME: run_id}
@@ -283,21 +294,23 @@ class MlflowExporter:
         for i in range(0, len(params), MAX_PARAMS_PER_CALL):
             self.client.log_batch(parent, params=params[i:i + MAX_PARAMS_PER_CALL])
         self._log_tags(parent, {"spec_digest": started.data["spec_digest"], TAG_EVENTS: str(len(stream))})
-        self._update_sweep_status(sweep_id)
+        self._update_sweep(sweep_id)
 
-    def _update_sweep_status(self, sweep_id: str) -> None:
-        """A sweep is finished when every trial is, failed when one failed and none runs."""
+    def _update_sweep(self, sweep_id: str) -> None:
+        """The parent run follows its trials: its status, each trial's best score, the best trial.
+
+        A sweep is finished when every trial is (completed or pruned), failed when one
+        failed and none runs.
+        """
+        from mlflow.entities import Metric
+
         try:
             sweep = self.ledger.read(sweep_stream(sweep_id))
+            trials = compare_sweep(self.ledger, sweep_id)
         except NotFound:  # a trial exported before its sweep was recorded
             return
-        started = next((ev for ev in sweep if ev.type == "SweepStarted"), None)
-        if started is None:
-            return
-        statuses = []
-        for trial in sweep_trials(sweep):
-            n = self.ledger.stream_version(trial["run_id"])
-            statuses.append(fold(self.ledger.read(trial["run_id"])).status if n else "new")
+        started = next(ev for ev in sweep if ev.type == "SweepStarted")
+        statuses = [t.status for t in trials]
         # trials a sweep has not assigned yet are still to come
         statuses += ["new"] * (started.data.get("n_trials", len(statuses)) - len(statuses))
         if all(s in ("completed", "pruned") for s in statuses):
@@ -306,7 +319,28 @@ class MlflowExporter:
             status = "failed"
         else:
             status = "running"
-        self._set_status(self._sweep_parent(sweep_id), status)
+        parent = self._sweep_parent(sweep_id)
+
+        # Each best score is one point at step 0, stamped with its eval's time: sent again it
+        # adds nothing, and a better (or, after a resume, a re-measured) best is a later point,
+        # which is the value MLflow shows.
+        scored = [t for t in trials if t.best_score is not None and t.best_scored_at is not None]
+        points = [Metric(mlflow_key(f"best_score/{t.run_id}"), float(t.best_score),
+                         int(round(t.best_scored_at * 1000)), 0) for t in scored]
+        tags = {"trials_started": str(sum(s != "new" for s in statuses)),
+                "trials_finished": str(sum(s in ("completed", "pruned", "failed") for s in statuses))}
+        best = max(scored, key=lambda t: (t.best_score, -t.trial), default=None)
+        if best is not None:
+            points.append(Metric("best_score", float(best.best_score), int(round(best.best_scored_at * 1000)), 0))
+            tags.update({"best_trial": best.run_id, "best_step": str(best.best_step),
+                         "best_snapshot": best.best_snapshot or ""})
+            tags.update({mlflow_key(f"best.{k}"): param_value(v) for k, v in best.params.items()})
+        for i in range(0, len(points), MAX_METRICS_PER_CALL):
+            self.client.log_batch(parent, metrics=points[i:i + MAX_METRICS_PER_CALL])
+        self._log_tags(parent, tags)
+        if self._status.get(parent) != status:
+            self._set_status(parent, status)
+            self._status[parent] = status
 
 
 def _supersedes_shown(stream: list[RecordedEvent], shown: int) -> bool:

@@ -21,6 +21,9 @@ TAG_EVENTS = "ledger_events"  # how many events of the stream this MLflow run sh
 TAG_SWEEP_PARENT = "ledger_sweep"  # on a sweep's parent run: the sweep id
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # what the UI opens an experiment on
+MODEL_TRAINING = "custom_model_development"  # its kind for training runs (not GenAI traces)
+TAG_BEST_IN_RUN = "best_in_run"  # on the LoggedModel of a run's best-scoring snapshot
 PROMPTS_DATASET = "eval_prompts"
 SNAPSHOT_MODEL_TYPE = "sampler-snapshot"
 
@@ -77,6 +80,7 @@ def quote(value: str) -> str:
     return f"'{value}'"
 
 
-def model_name(name: str, step: int) -> str:
-    # LoggedModel names may not hold / : . % " '
-    return re.sub(r"[/:.%\"']", "-", name or f"step-{step}") or f"step-{step}"
+def model_name(run_id: str, step: int) -> str:
+    """A snapshot's LoggedModel name, unique in the experiment and saying what it is:
+    ``demo-lr-t0@step-75`` (names may not hold / : . % " ')."""
+    return re.sub(r"[/:.%\"']", "-", f"{run_id}@step-{step}")

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from firetitan_track.events import RecordedEvent
-from firetitan_track.projections.audit import eval_rows
+from firetitan_track.projections.audit import best_eval, eval_rows
 from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_METRICS_PER_CALL,
                                                      MAX_PARAMS_PER_CALL, PROMPTS_DATASET, SNAPSHOT_MODEL_TYPE,
-                                                     TAG_RUN, flatten, mlflow_key, model_name, ms, numbers,
+                                                     TAG_BEST_IN_RUN, TAG_RUN, quote, flatten, mlflow_key, model_name, ms, numbers,
                                                      param_value)
 from firetitan_track.redact import redact
 
@@ -48,6 +48,7 @@ class RunExport:
         self._params()
         self._metrics(models, datasets)
         self._tag_promotions(models)
+        self._mark_models(models)
         if self.exporter.artifacts:
             self._artifacts()
 
@@ -76,7 +77,7 @@ class RunExport:
             info = {"snapshot_path": d["path"], "kind": d["kind"], "base_path": d["base_path"] or "",
                     "step": str(d["step"]), "snapshot_name": d["name"]}
             model = self.client.create_logged_model(
-                self.exporter.experiment_id, name=model_name(d["name"], d["step"]), source_run_id=self.ml_run,
+                self.exporter.experiment_id, name=model_name(self.run_id, d["step"]), source_run_id=self.ml_run,
                 tags={TAG_RUN: self.run_id, **info}, params=info, model_type=SNAPSHOT_MODEL_TYPE)
             self.client.finalize_logged_model(model.model_id, "READY")
             models[d["path"]] = model.model_id
@@ -92,6 +93,25 @@ class RunExport:
             ids = [ev.data["model_id"] for ev in self.history
                    if ev.type == "ModelPromoted" and ev.data["snapshot_path"] == path]
             self.client.set_logged_model_tags(models[path], {"promoted_as": ",".join(ids)})
+
+    def _mark_models(self, models: dict[str, str]) -> None:
+        """Tag each snapshot's model with the prompt set it was scored on, and mark the run's best."""
+        for ev in self.new:
+            if ev.type == "EvalStarted" and ev.data["snapshot_path"] in models:
+                self.client.set_logged_model_tags(models[ev.data["snapshot_path"]],
+                                                  {"prompt_set_digest": ev.data["prompt_set_digest"]})
+        if not any(ev.type == "EvalScored" for ev in self.new):
+            return
+        best = best_eval(eval_rows(self.history))
+        best_model = models.get(best.snapshot_path) if best else None
+        marked = self.client.search_logged_models(
+            [self.exporter.experiment_id],
+            filter_string=f"tags.{TAG_RUN} = {quote(self.run_id)} AND tags.{TAG_BEST_IN_RUN} = 'true'")
+        for model in marked:
+            if model.model_id != best_model:
+                self.client.delete_logged_model_tag(model.model_id, TAG_BEST_IN_RUN)
+        if best_model and best_model not in {m.model_id for m in marked}:
+            self.client.set_logged_model_tags(best_model, {TAG_BEST_IN_RUN: "true"})
 
     def _datasets(self) -> dict[str, str]:
         """Log each prompt set first used in this pass; ledger digest -> MLflow digest."""

@@ -25,3 +25,8 @@ def local_artifact_root(tracking_uri: str) -> Path | None:
 def checkpoint_name(tracking_uri: str, experiment: str) -> str:
     """The ledger checkpoint that holds a whole-ledger follower's position in this store."""
     return f"mlflow:{tracking_uri}#{experiment}"
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a sqlite store not written yet (opening one would create it)."""
+    return not tracking_uri.startswith("sqlite:///") or sqlite_path(tracking_uri).exists()

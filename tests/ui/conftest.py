@@ -1,0 +1,104 @@
+"""The MLflow UI in a real browser: Debian's Chromium driven by Playwright, against a real
+``firetitan-track ui`` (an ``mlflow server``) on a store exported from a real 2-trial sweep.
+
+Everything here is session-wide and built once: the sweep (a tiny spec on the session's
+local service), the served UI and the browser. Screenshots land in
+``build/test-artifacts/ui`` (or ``$FIRETITAN_TEST_ARTIFACTS/ui``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from firetitan_track.projections.mlflow import wait_for_http
+from tests.helpers import HARNESS, REPO, cli, small_spec
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SWEEP = "ui-lr"
+
+
+@dataclass
+class ServedSweep:
+    ledger_url: str
+    store: str  # the sqlite tracking store the sweep exported to
+    base_url: str  # the UI
+    printed_link: str  # what `ui --sweep` printed before serving
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    root = Path(os.environ.get("FIRETITAN_TEST_ARTIFACTS", REPO / "build" / "test-artifacts")) / "ui"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_sweep(local_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedSweep]:
+    """A real 2-trial learning-rate sweep exported to MLflow, served by `firetitan-track ui --sweep`."""
+    root = tmp_path_factory.mktemp("ui-sweep")
+    ledger_url = f"sqlite:///{root / 'ledger.db'}"
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    spec = small_spec(root, local_url, name="ui", run={"steps": 4})
+    swept = cli(ledger_url, "sweep", str(spec), "--grid", "optim.learning_rate=1e-3,3e-3", "--sweep-id", SWEEP,
+                "--tracking-uri", store, "--quiet")
+    assert swept.returncode == 0, swept.stderr[-3000:]
+
+    port = _free_port()
+    log = open(root / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, str(HARNESS), "--ledger", ledger_url, "ui", "--sweep", SWEEP,
+                             "--port", str(port), "--backend-store-uri", store],
+                            stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # "MLflow UI for <store>: <url>"
+        printed = proc.stdout.readline().strip().removeprefix("open ")
+        base_url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base_url}/health", timeout=120)
+        yield ServedSweep(ledger_url, store, base_url, printed)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One headless Chromium for the session, with a fresh profile and nothing reaching out."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (.ci/run does)")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, viewport={"width": 1500, "height": 950},
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        context.set_default_timeout(90_000)  # a busy CI machine renders MLflow's pages slowly
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    page = browser.new_page()
+    yield page
+    page.close()
