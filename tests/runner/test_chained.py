@@ -80,3 +80,14 @@ def test_an_unusable_upstream_is_refused_naming_both_before_anything_is_written(
     proc = cli(url, "run", str(small_spec(tmp, local_url, name="bad0", model={"init_from": "nope"})),
                "--run-id", "bad-cli", "--quiet")
     assert proc.returncode == 1 and "no run 'nope'" in proc.stderr
+
+
+def test_spec_keys_for_chains_and_preferences_are_checked_where_they_are_written(tmp_path):
+    from runner.spec import Spec, SpecError
+
+    for raw, why in [({"model": {"init_from": "up@two"}}, "model.init_from: expected \"RUN_ID\" or \"RUN_ID@STEP\""),
+                     ({"model": {"init_from": "@4"}}, "model.init_from: expected"),
+                     ({"recipe": {"kind": "dpo", "beta": 0.0}}, "recipe.beta: must be positive"),
+                     ({"recipe": {"kind": "ppo"}}, "recipe.kind: must be one of 'sft', 'grpo', 'dpo', 'orpo'")]:
+        with pytest.raises(SpecError, match=re.escape(f"x.toml: {why}")):
+            Spec.from_dict(raw, source="x.toml")

@@ -8,9 +8,13 @@ import json
 import signal
 
 import pytest
+from click.testing import CliRunner
 
 from firetitan_track import Ledger
 from firetitan_track.projections.run_state import authoritative, fold
+from runner.cli import main
+from runner.loop import resume_run, run_spec
+from runner.spec import load_spec
 from runner.tasks import DataError, TASKS, _rng
 from runner.tasks.preference import Pair, load_pairs, pair_batch
 from tests.helpers import cli, small_spec, trainer_state
@@ -68,8 +72,8 @@ def test_a_dpo_spec_with_supervised_jsonl_data_is_refused_before_anything_is_wri
     prompts.write_text(json.dumps({"prompt": "reverse 12", "answer": "21"}) + "\n")
     spec = small_spec(tmp_path, local_url, name="badpairs", task={"data": str(data)},
                       eval={"prompts": str(prompts), "count": 1}, **DPO)
-    proc = cli(ledger_url, "run", str(spec), "--run-id", "badpairs", "--quiet")
-    assert proc.returncode == 1
+    proc = CliRunner().invoke(main, ["--ledger", ledger_url, "run", str(spec), "--run-id", "badpairs", "--quiet"])
+    assert proc.exit_code == 1
     assert f"{data}:1: missing string field 'chosen'" in proc.stderr
     assert Ledger.open(ledger_url).stream_version("badpairs") == 0
 
@@ -83,8 +87,7 @@ def dpo_run(local_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo")
     url = f"sqlite:///{tmp}/ledger.db"
     spec = small_spec(tmp, local_url, name="dpo", **DPO)
-    proc = cli(url, "run", str(spec), "--run-id", "dpo", "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_spec(load_spec(spec), ledger_url=url, run_id="dpo", progress=False).status == "completed"
     return spec, url
 
 
@@ -113,8 +116,7 @@ def test_dpo_resume_after_sigkill_rebuilds_the_reference_cache_and_retires_the_o
     old_reference = fold(Ledger.open(ledger_url).read("r")).reference_job_id
     assert trainer_state(local_url, old_reference) != "JOB_STATE_DELETED"  # the SIGKILL left it running
 
-    resumed = cli(ledger_url, "resume", "r", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resume_run("r", ledger_url=ledger_url, progress=False).status == "completed"
     # steps 3 and 4 were redone with a fresh cache: the very same values as the uninterrupted run
     assert steps_of(ledger_url, "r") == steps_of(url, "dpo")
     events = Ledger.open(ledger_url).read("r")
@@ -133,8 +135,7 @@ def test_orpo_on_jsonl_pairs_needs_no_reference(tmp_path, ledger_url, local_url)
                                for n in (123, 456, 789, 321)))
     spec = small_spec(tmp_path, local_url, name="orpo", recipe={"kind": "orpo", "batch_size": 4, "beta": 0.1},
                       task={"data": str(pairs)}, eval={"prompts": str(prompts), "count": 0})
-    proc = cli(ledger_url, "run", str(spec), "--run-id", "orpo", "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_spec(load_spec(spec), ledger_url=ledger_url, run_id="orpo", progress=False).status == "completed"
     events = Ledger.open(ledger_url).read("orpo")
     assert not [ev for ev in events if ev.type == "ReferenceProvisioned"]
     steps = steps_of(ledger_url, "orpo")
