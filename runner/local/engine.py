@@ -31,7 +31,7 @@ from .catalogue import EngineError, resolve
 
 __all__ = [
     "EngineError", "Example", "ForwardResult", "LoraSettings", "Trainer", "Sampler", "GenRequest", "GenResult",
-    "SUPPORTED_LOSSES", "adam_params", "check_loss_fn", "weights_digest",
+    "SUPPORTED_LOSSES", "adam_params", "check_examples", "check_loss_fn", "weights_digest",
 ]
 
 
@@ -129,58 +129,65 @@ class _Batch:
     lengths: list[int]
 
 
-def _make_batch(examples: list[Example], loss_fn: str, vocab_size: int, max_context: int,
-                device: torch.device) -> _Batch:
+def check_examples(examples: list[Example], loss_fn: str, vocab_size: int, max_context: int) -> None:
+    """Every rule a batch of datums must meet, in one place: the trainer plane calls it
+    when a request arrives (a 400 at once), and every batch is built through it."""
+    check_loss_fn(loss_fn)
     if not examples:
         raise EngineError("no data: the request holds zero datums")
     required = LOSS_INPUTS[loss_fn]
-    lengths = []
+    present = [k for k in ("target_tokens", *_FLOAT_INPUTS) if any(k in ex.inputs for ex in examples)]
     for i, ex in enumerate(examples):
         n = len(ex.tokens)
         if n == 0:
             raise EngineError(f"datum {i} has no input tokens")
         if n > max_context:
-            raise EngineError(f"datum {i} is {n} tokens long; the model's context is {max_context} tokens")
+            raise EngineError(f"datum {i} is {n} tokens long, beyond the model's context length of {max_context} "
+                              "tokens")
         missing = [key for key in required if key not in ex.inputs]
         if missing:
             raise EngineError(f"datum {i} lacks loss_fn_inputs {missing} needed by loss {loss_fn!r}")
-        lengths.append(n)
-    width = max(lengths)
-    B = len(examples)
-    input_ids = torch.zeros(B, width, dtype=torch.int64)
-    mask = torch.zeros(B, width, dtype=torch.float32)
-    keys = [k for k in ("target_tokens", *_FLOAT_INPUTS) if any(k in ex.inputs for ex in examples)]
-    for key in keys:  # a zero-padded gap would silently mean e.g. a clip threshold of 0
-        lacking = [i for i, ex in enumerate(examples) if key not in ex.inputs]
-        if lacking and key != "weights":
-            raise EngineError(f"loss_fn_inputs[{key!r}] is given for some datums but not for datum {lacking[0]}")
-    padded = {k: torch.zeros(B, width, dtype=torch.int64 if k == "target_tokens" else torch.float32)
-              for k in keys}
-    for i, ex in enumerate(examples):
-        n = lengths[i]
-        tokens = torch.as_tensor(ex.tokens, dtype=torch.int64)
-        _check_ids(tokens, vocab_size, f"datum {i} input token")
-        input_ids[i, :n] = tokens
-        mask[i, :n] = 1.0
-        for key in keys:
-            if key not in ex.inputs:
-                if key == "weights":  # absent weights mean "count every token"
-                    padded[key][i, :n] = 1.0
-                continue
-            value = torch.as_tensor(ex.inputs[key])
+        lacking = [key for key in present if key not in ex.inputs and key != "weights"]
+        if lacking:  # a zero-padded gap would silently mean e.g. a clip threshold of 0
+            raise EngineError(f"loss_fn_inputs[{lacking[0]!r}] is given for some datums but not for datum {i}")
+        for pos, token in enumerate(ex.tokens):
+            if type(token) is not int:
+                raise EngineError(f"datum {i}: input token {token!r} at position {pos} is not an integer")
+            if not 0 <= token < vocab_size:
+                raise EngineError(f"datum {i} input token {token} at position {pos} is outside the vocabulary "
+                                  f"(ids 0..{vocab_size - 1})")
+        for key, raw in ex.inputs.items():
+            value = torch.as_tensor(raw)
             if value.dim() != 1 or value.numel() != n:
                 raise EngineError(f"datum {i}: loss_fn_inputs[{key!r}] has shape {tuple(value.shape)}, "
                                   f"expected ({n},) to match its {n} input tokens")
             if key == "target_tokens":
                 if value.is_floating_point() and not torch.equal(value, value.round()):
                     raise EngineError(f"datum {i}: target_tokens must be integers")
-                value = value.to(torch.int64)
-                _check_ids(value, vocab_size, f"datum {i} target token")
-            else:
-                value = value.to(torch.float32)
-                if not torch.isfinite(value).all():
-                    raise EngineError(f"datum {i}: loss_fn_inputs[{key!r}] holds NaN or infinite values")
-            padded[key][i, :n] = value
+                _check_ids(value.to(torch.int64), vocab_size, f"datum {i} target token")
+            elif key in _FLOAT_INPUTS and not torch.isfinite(value.to(torch.float32)).all():
+                raise EngineError(f"datum {i}: loss_fn_inputs[{key!r}] holds NaN or infinite values")
+
+
+def _make_batch(examples: list[Example], loss_fn: str, vocab_size: int, max_context: int,
+                device: torch.device) -> _Batch:
+    check_examples(examples, loss_fn, vocab_size, max_context)
+    lengths = [len(ex.tokens) for ex in examples]
+    width, B = max(lengths), len(examples)
+    input_ids = torch.zeros(B, width, dtype=torch.int64)
+    mask = torch.zeros(B, width, dtype=torch.float32)
+    keys = [k for k in ("target_tokens", *_FLOAT_INPUTS) if any(k in ex.inputs for ex in examples)]
+    padded = {k: torch.zeros(B, width, dtype=torch.int64 if k == "target_tokens" else torch.float32)
+              for k in keys}
+    for i, ex in enumerate(examples):
+        n = lengths[i]
+        input_ids[i, :n] = torch.as_tensor(ex.tokens, dtype=torch.int64)
+        mask[i, :n] = 1.0
+        for key in keys:
+            if key in ex.inputs:
+                padded[key][i, :n] = torch.as_tensor(ex.inputs[key]).to(padded[key].dtype)
+            elif key == "weights":  # absent weights mean "count every token"
+                padded[key][i, :n] = 1.0
     return _Batch(input_ids.to(device), mask.to(device), {k: v.to(device) for k, v in padded.items()}, lengths)
 
 
@@ -383,7 +390,6 @@ class Trainer:
         return self._run(examples, loss_fn, loss_fn_config, backward=True)
 
     def _run(self, examples, loss_fn, loss_fn_config, *, backward: bool) -> ForwardResult:
-        check_loss_fn(loss_fn)
         config = dict(loss_fn_config or {})
         batch = _make_batch(examples, loss_fn, self.vocab_size, self.max_context_length, self.device)
         logp = _target_logprobs(self.model, batch)

@@ -34,7 +34,7 @@ from starlette.routing import Route
 from . import catalogue, load_engine
 from .catalogue import EngineError
 from .state import ServiceState, check_name, now_rfc3339, read_json, split_state_ref, state_ref
-from .wire import ApiError, check_token_ids, datum_tokens, decode_tensor, encode_tensor, field, json_body, json_response
+from .wire import ApiError, datum_tokens, decode_tensor, encode_tensor, field, json_body, json_response
 
 log = logging.getLogger("runner.local.trainer")
 
@@ -285,36 +285,29 @@ class TrainerRuntime:
 # -- request decoding -------------------------------------------------------------
 
 def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[list, str, dict | None]:
-    """(engine Examples, loss_fn, loss_fn_config) from a forward(_backward)_input."""
+    """(engine Examples, loss_fn, loss_fn_config) from a forward(_backward)_input: decoded
+    here, checked against the model by the engine's own rules (a 400 at once)."""
     if not isinstance(fb_input, dict):
         raise ApiError(400, "missing forward_backward_input / forward_input object")
     loss_fn = fb_input.get("loss_fn")
     if not isinstance(loss_fn, str):
         raise ApiError(400, "missing loss_fn")
-    _engine().check_loss_fn(loss_fn)
     config = fb_input.get("loss_fn_config")
     if config is not None and not isinstance(config, dict):
         raise ApiError(400, "loss_fn_config must be an object")
     data = fb_input.get("data")
-    if not isinstance(data, list) or not data:
-        raise ApiError(400, "data must be a non-empty list of datums")
+    if not isinstance(data, list):
+        raise ApiError(400, "data must be a list of datums")
     example_cls = _engine().Example
     examples = []
     for index, datum in enumerate(data):
-        tokens = datum_tokens(datum, index, vocab_size=runtime.vocab_size, max_context=runtime.max_context)
+        tokens = datum_tokens(datum, index)
         raw_inputs = datum.get("loss_fn_inputs") or {}
         if not isinstance(raw_inputs, dict):
             raise ApiError(400, f"data[{index}].loss_fn_inputs must be an object")
         inputs = {name: decode_tensor(value, name) for name, value in raw_inputs.items()}
-        target = inputs.get("target_tokens")
-        if target is None:
-            raise ApiError(400, f"data[{index}]: loss_fn_inputs.target_tokens is required")
-        check_token_ids(target.reshape(-1).tolist(), f"data[{index}].target_tokens", vocab_size=runtime.vocab_size)
-        for name, tensor in inputs.items():
-            if tensor.dim() == 0 or tensor.shape[0] != len(tokens):
-                raise ApiError(400, f"data[{index}].loss_fn_inputs[{name!r}] has {tuple(tensor.shape)} entries; "
-                                    f"expected one per input token ({len(tokens)})")
         examples.append(example_cls(tokens=tokens, inputs=inputs))
+    _engine().check_examples(examples, loss_fn, runtime.vocab_size, runtime.max_context)
     return examples, loss_fn, config
 
 
@@ -470,6 +463,8 @@ class TrainerPlane:
             request_id = runtime.submit("create_model", lambda trainer: {"type": "create_model", "model_id": model_id})
             return json_response({"request_id": request_id, "model_id": model_id})
         lora = lora_settings(body.get("lora_config"), job_rank, job_id)
+        if runtime.engine_trainer is None and lora is not None:
+            runtime.lora = lora  # so the engine's first build already has them
         model_id = runtime.new_model_id()
 
         def work(trainer: Any) -> dict:

@@ -113,8 +113,9 @@ def encode_tensor(tensor) -> dict:
 
 # -- datums --------------------------------------------------------------------
 
-def datum_tokens(datum: Any, index: int, *, vocab_size: int, max_context: int) -> list[int]:
-    """The flat token list of one datum's model_input, validated."""
+def datum_tokens(datum: Any, index: int) -> list[int]:
+    """The flat token list of one datum's model_input (its shape only: the engine's
+    check_examples holds the rules about vocabulary and context)."""
     if not isinstance(datum, dict):
         raise ApiError(400, f"data[{index}] must be an object")
     model_input = datum.get("model_input")
@@ -129,11 +130,6 @@ def datum_tokens(datum: Any, index: int, *, vocab_size: int, max_context: int) -
         if not isinstance(chunk_tokens, list):
             raise ApiError(400, f"data[{index}]: chunk tokens must be a list of ints")
         tokens.extend(chunk_tokens)
-    check_token_ids(tokens, f"data[{index}].model_input", vocab_size=vocab_size)
-    if not tokens:
-        raise ApiError(400, f"data[{index}]: model_input is empty")
-    if len(tokens) > max_context:
-        raise ApiError(400, f"data[{index}]: {len(tokens)} tokens exceed the model's context length {max_context}")
     return tokens
 
 

@@ -387,7 +387,7 @@ def test_bad_datums_raise_clear_engine_errors(trainer, mutate, message):
 
 def test_other_bad_requests_raise_engine_errors(trainer):
     too_long = Example([1] * 513, {"target_tokens": torch.ones(513, dtype=torch.int64)})
-    with pytest.raises(EngineError, match="513 tokens long; the model's context is 512"):
+    with pytest.raises(EngineError, match="513 tokens long, beyond the model's context length of 512"):
         trainer.forward([too_long])
     with pytest.raises(EngineError, match="unknown loss function 'dapo'.*cross_entropy, importance_sampling, ppo"):
         trainer.forward_backward(random_examples(1, 4), "dapo")
