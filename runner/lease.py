@@ -19,8 +19,9 @@ stream just after the first one's RunResumed, and then drives the same trainer).
   resolved path, so two spellings of one file (``sqlite:////a//b.db``, a symlink,
   a relative path) or two TMPDIRs find the same lock.
 
-A dead writer's lease is free at once on SQLite, and after its time to live on
-PostgreSQL (``FIRETITAN_LEASE_TTL_S``, default 30 seconds).
+A dead writer's lease is free at once on SQLite; on PostgreSQL, at once when the
+writer was on this host (its process is gone), else after its time to live
+(``FIRETITAN_LEASE_TTL_S``, default 30 seconds).
 """
 
 from __future__ import annotations
@@ -56,6 +57,20 @@ def lease_ttl_s() -> float:
 
 def _holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether ``holder`` (host:pid) is a process of this host that no longer exists."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 class Lease:
@@ -160,7 +175,10 @@ ON CONFLICT (run_id) DO UPDATE
    SET token = run_leases.token + 1, holder = excluded.holder, expires_at = excluded.expires_at
  WHERE run_leases.expires_at < {_NOW}
 RETURNING token"""
-_WHO = f"SELECT holder, expires_at - {_NOW} FROM run_leases WHERE run_id = %(run_id)s"
+_WHO = f"SELECT holder, expires_at - {_NOW}, token FROM run_leases WHERE run_id = %(run_id)s"
+# a holder on this host whose process is gone is provably dead: its lease is taken at once
+_TAKE_FROM_DEAD = ("UPDATE run_leases SET token = token + 1, holder = %(holder)s, expires_at = "
+                   f"{_NOW} + %(ttl)s WHERE run_id = %(run_id)s AND token = %(token)s RETURNING token")
 _RENEW = (f"UPDATE run_leases SET expires_at = {_NOW} + %(ttl)s "
           "WHERE run_id = %(run_id)s AND token = %(token)s RETURNING token")
 _GIVE_UP = "UPDATE run_leases SET expires_at = 0 WHERE run_id = %(run_id)s AND token = %(token)s"
@@ -189,7 +207,11 @@ class _RowLease(Lease):
         with ledger.engine.begin() as conn:
             token = conn.exec_driver_sql(_TAKE, {"run_id": run_id, "holder": _holder(), "ttl": ttl_s}).scalar()
             if token is None:
-                holder, left = conn.exec_driver_sql(_WHO, {"run_id": run_id}).one()
+                holder, left, held = conn.exec_driver_sql(_WHO, {"run_id": run_id}).one()
+                if _dead_here(holder):
+                    token = conn.exec_driver_sql(_TAKE_FROM_DEAD, {"run_id": run_id, "holder": _holder(),
+                                                                   "ttl": ttl_s, "token": held}).scalar()
+            if token is None:
                 return None, f"{holder}, whose lease runs {max(left, 0):.0f}s more unless it renews it"
         return cls(ledger, run_id, token, ttl_s), ""
 

@@ -98,8 +98,9 @@ def test_a_killed_workers_trial_is_resumed_by_the_other(pg_ledger: str, tmp_path
     a, b = machine(tmp_path, "host-a"), machine(tmp_path, "host-b")
     killed = finish(start(pg_ledger, a, *args, crash_at="event:StateSaved:2"))
     assert killed[0] == -signal.SIGKILL, killed
-    # host-b joins while host-a's lease on its trial is still live: it takes the other trial,
-    # then, once the dead worker's lease has expired, resumes the first one from its state
+    # host-b joins after host-a died holding the first trial: it takes that trial over (its
+    # worker's process is gone; from another host, once the lease's time to live has passed),
+    # resumes it from its ledger state, and runs the other
     code, out = finish(start(pg_ledger, b, *args), timeout=600)
     assert code == 0, out
 
