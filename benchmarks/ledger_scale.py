@@ -1,7 +1,7 @@
 """How many concurrently recording runs one PostgreSQL ledger holds.
 
-Simulates N runs recording at the demo's cadence, each through the runner's own
-event writer (``Recorder``: a StepCompleted per step at 10 steps/s, deferred into
+Simulates N runs recording at the demo's cadence, each holding its run lease and
+writing through the runner's own event writer (``Recorder``: a StepCompleted per step at 10 steps/s, deferred into
 one write per second as the runner does; every 25 steps a snapshot, a weight sync
 and an eval, each intent and outcome its own append, and a state save). The runs
 are spread over separate processes, each with a small connection pool of its own
@@ -67,9 +67,11 @@ def _use_table_lock() -> None:
 
     from firetitan_track.store import Store
 
+    fenced = Store.append_transaction  # the lease check stays: only the commit-order mechanism differs
+
     @contextlib.contextmanager
     def append_transaction(self, run_id=None):  # type: ignore[no-untyped-def]
-        with self.engine.connect() as conn, conn.begin():
+        with fenced(self, run_id) as conn:
             conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
             yield conn
 
@@ -102,7 +104,9 @@ def _eval_events(run_id: str, step: int) -> list[tuple[str, dict]]:
 def _one_run(ledger, run_id: str, t0: float, warm: float, end: float, latencies: list[float],
              appended: list[int]) -> None:  # type: ignore[no-untyped-def]
     from firetitan_track.tracking import Recorder
+    from runner.lease import acquire
 
+    lease = acquire(ledger, run_id)  # as the runner does: every append then checks its fencing token
     rec = Recorder(ledger, run_id, version=0)
 
     def timed(type: str, defer: bool = False, **data) -> None:  # type: ignore[no-untyped-def]
@@ -128,6 +132,7 @@ def _one_run(ledger, run_id: str, t0: float, warm: float, end: float, latencies:
             for type, data in _eval_events(run_id, step):
                 timed(type, **data)
     rec.flush()
+    lease.release()
     appended.append(rec.version)
 
 
