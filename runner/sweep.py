@@ -43,6 +43,7 @@ __all__ = ["Trial", "TrialOutcome", "SweepError", "SweepPlan", "plan_sweep", "re
 
 FINISHED = ("completed", "pruned")
 _LOCK_WAIT_S = 120.0
+_POLL_S = 1.0  # how often a worker with nothing to take looks again
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,11 @@ def plan_sweep(spec: Spec, *, grid_items: Sequence[str] = (), param_items: Seque
 
 def record_sweep(ledger: Ledger, spec: Spec, plan: SweepPlan) -> None:
     """Record the sweep (once); refuse a sweep id already used for another spec or search."""
-    from firetitan_track.redact import redact
-
     stream = sweep_stream(plan.sweep_id)
     spec_digest = spec.digest()
     mine = {"spec_digest": spec_digest, **plan.definition()}
     if ledger.stream_version(stream) == 0:
-        ledger.put_json(redact(spec.to_dict()))  # the digest names a blob `blob` can show
+        ledger.put_json(spec.to_dict())  # stored redacted, under spec.digest(): `blob` shows it
         grid = ({k: list(d.choices) for k, d in plan.space.items()} if plan.search == "grid" else {})
         event = new_event("SweepStarted", sweep_id=plan.sweep_id, grid=grid, trials=[],
                           overrides=plan.overrides, **mine)
@@ -189,13 +188,21 @@ class _Job:
 
 def work(spec: Spec, plan: SweepPlan, *, ledger_url: str, steps: int | None = None, progress: bool = True,
          on_outcome: Callable[[TrialOutcome], None] | None = None) -> list[TrialOutcome]:
-    """Take and run the sweep's trials until none is left to take."""
+    """Take and run the sweep's trials until every one is finished. While the only unfinished
+    trials are held by other workers, wait: one of them may die, and its trial is then
+    taken over here once its lease expires."""
     ledger = Ledger.open(ledger_url)
     study = open_study(ledger_url, plan.sweep_id, plan.search, plan.space, plan.seed, plan.prune)
     tried: set[int] = set()  # a trial that failed here is left for the next command (or another worker)
     outcomes: list[TrialOutcome] = []
     try:
-        while (job := _next_job(ledger, study, plan, tried)) is not None:
+        while True:
+            job, held_elsewhere = _next_job(ledger, study, plan, tried)
+            if job is None:
+                if not held_elsewhere:
+                    break
+                time.sleep(_POLL_S)
+                continue
             tried.add(job.trial.trial)
             outcomes.append(_run_job(spec, plan, job, study, ledger_url=ledger_url, steps=steps, progress=progress))
             if on_outcome is not None:
@@ -206,8 +213,10 @@ def work(spec: Spec, plan: SweepPlan, *, ledger_url: str, steps: int | None = No
     return outcomes
 
 
-def _next_job(ledger: Ledger, study: Any, plan: SweepPlan, tried: set[int]) -> _Job | None:
+def _next_job(ledger: Ledger, study: Any, plan: SweepPlan, tried: set[int]) -> tuple[_Job | None, bool]:
+    """The next trial to run (with its lease taken), and whether other workers hold unfinished ones."""
     stream = sweep_stream(plan.sweep_id)
+    held_elsewhere = False
     with _sweep_lock(ledger, plan.sweep_id):
         events = ledger.read(stream)
         trials = _trials(events)
@@ -216,9 +225,10 @@ def _next_job(ledger: Ledger, study: Any, plan: SweepPlan, tried: set[int]) -> _
                 continue
             lease, _ = try_acquire(ledger, t.run_id)
             if lease is not None:
-                return _Job(t, lease, resume=ledger.stream_version(t.run_id) > 0)
+                return _Job(t, lease, resume=ledger.stream_version(t.run_id) > 0), False
+            held_elsewhere = True
         if len(trials) >= plan.n_trials:
-            return None
+            return None, held_elsewhere
         asked = study.ask(plan.distributions())
         trial = Trial(len(trials), trial_run_id(plan.sweep_id, len(trials)), dict(asked.params), asked.number)
         lease = acquire(ledger, trial.run_id)
@@ -229,7 +239,7 @@ def _next_job(ledger: Ledger, study: Any, plan: SweepPlan, tried: set[int]) -> _
         except BaseException:
             lease.release()
             raise
-        return _Job(trial, lease, resume=False)
+        return _Job(trial, lease, resume=False), False
 
 
 class _sweep_lock:
