@@ -6,7 +6,7 @@ import torch
 # Resolved here, at import: the engine imports this module under load_engine's lock, and
 # transformers' lazy names are not safe to resolve from two threads at once (a trainer
 # and a deployment building from a checkpoint directory together).
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (AutoTokenizer: the sampler's)
+from transformers import AutoModelForCausalLM
 
 from .catalogue import EngineError, ModelCard
 

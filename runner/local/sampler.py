@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer  # resolved at import, under load_engine's lock (see model.py)
 
 from . import model as model_io
 from .catalogue import EngineError, ModelCard, resolve
@@ -163,7 +164,7 @@ class Sampler:
     def decode(self, token_ids: list[int]) -> str:
         """Text of ``token_ids`` with special tokens spelled out (what stop strings match)."""
         if self._tokenizer is None:
-            self._tokenizer = model_io.AutoTokenizer.from_pretrained(self.card.tokenizer_dir)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.card.tokenizer_dir)
         return self._tokenizer.decode(token_ids, skip_special_tokens=False)
 
     # -- weights
