@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import torch
-# Resolved here, at import: the engine imports this module under load_engine's lock, and
-# transformers' lazy names are not safe to resolve from two threads at once (a trainer
-# and a deployment building from a checkpoint directory together).
-from transformers import AutoModelForCausalLM
 
+from . import _IMPORT_LOCK
 from .catalogue import EngineError, ModelCard
 
 
@@ -42,6 +39,10 @@ def build_model(card: ModelCard, seed: int, device: str = "cpu"):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     if card.weights_dir:
+        # Under load_engine's lock: transformers' lazy names are not safe to resolve from two
+        # threads at once (a trainer and a deployment building from one checkpoint together).
+        with _IMPORT_LOCK:
+            from transformers import AutoModelForCausalLM
         # local_files_only: the service never downloads; the directory is the whole model.
         model = AutoModelForCausalLM.from_pretrained(card.weights_dir, dtype=torch.float32, attn_implementation="sdpa",
                                                      local_files_only=True)
