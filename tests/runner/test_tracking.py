@@ -88,7 +88,7 @@ def test_api_key_never_reaches_ledger_blobs_logs_or_service_log(local_url, local
     bad = cli(ledger_url, "resume", "s", env={"FIREWORKS_API_KEY": secret})
     assert bad.returncode != 0 and "already completed" in bad.stderr
     db_file = Path(ledger_url.removeprefix("sqlite:///"))
-    stored = b"".join(p.read_bytes() for p in db_file.parent.glob("ledger.db*"))
+    stored = b"".join(p.read_bytes() for p in db_file.parent.glob("ledger.db*") if p.is_file())
     assert secret.encode() not in stored
     assert secret not in proc.stdout + proc.stderr + bad.stdout + bad.stderr
     service_files = b"".join(p.read_bytes() for p in Path(local_state_dir).rglob("*.log"))
