@@ -8,13 +8,15 @@ Prints one JSON object:
   service, timed from the first step to the last (provisioning builds models and
   costs the same either way); rounds are interleaved and the median of the
   per-round ratios is reported. Target: <= 1.03.
+- ``lora_tracked_vs_bare_wall_ratio``: the same for the LoRA demo (examples/reverse_lora.toml:
+  rank-64 adapters on the frozen base, a LoRA training shape, adapter snapshots). Target: <= 1.03.
 - ``resume_to_next_step_s``: a demo run is SIGKILLed after a step; the wall time
   from launching ``firetitan-track resume`` to the next StepCompleted being
   durable (process start, imports, reconnect to the live trainer, state load,
   one step).
   ``resume_in_process_s`` is the part after the RunResumed event.
 
-Usage: ``python benchmarks/tracking_overhead.py [--rounds N] [--steps N]``.
+Usage: ``python benchmarks/tracking_overhead.py [--rounds N] [--steps N] [--skip-resume]``.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ sys.path.insert(0, str(REPO))
 
 BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 SHAPE = "accounts/fireworks/trainingShapes/ts-qwen3-8b-policy"
+LORA_SHAPE = "accounts/fireworks/trainingShapes/ts-qwen3-8b-lora"
+LORA_RANK = 64  # examples/reverse_lora.toml
 EVAL_EVERY = SAVE_EVERY = 25  # the demo spec's cadence (examples/reverse_sft.toml)
 
 
-def one_loop(info, ledger_url: str | None, steps: int, tag: str) -> float:
+def one_loop(info, ledger_url: str | None, steps: int, tag: str, lora_rank: int = 0) -> float:
     """The seed's loop; with ``ledger_url`` the service is wrapped by ``track`` (the only difference)."""
     import torch
     from fireworks.training.sdk import AdamParams, Datum, FiretitanServiceClient, ModelInput, TensorData
@@ -65,11 +69,12 @@ def one_loop(info, ledger_url: str | None, steps: int, tag: str) -> float:
     evals = eval_examples("reverse", seed=0, count=16, digits=4)
     service = FiretitanServiceClient.from_firetitan_config(
         api_key="local", base_url=info.base_url, base_model=BASE_MODEL, tokenizer_model=info.tokenizer_path,
-        lora_rank=0, training_shape_id=SHAPE, deployment_id=f"bench-{tag}", learning_rate=1e-3, replica_count=1,
+        lora_rank=lora_rank, training_shape_id=LORA_SHAPE if lora_rank else SHAPE, deployment_id=f"bench-{tag}",
+        learning_rate=1e-3, replica_count=1,
         cleanup_trainer_on_close=True, cleanup_deployment_on_close="delete")
     if ledger_url:
         service = track(service, run_id=f"bench-{tag}", ledger_url=ledger_url)
-    training = service.create_training_client()
+    training = service.create_training_client(lora_rank=lora_rank)
     start = time.perf_counter()  # provisioning builds models: the same either way, and noisy
     for step in range(1, steps + 1):
         batch, _ = train_batch("reverse", None, seed=0, step=step, size=16, digits=4)
@@ -95,14 +100,15 @@ def one_loop(info, ledger_url: str | None, steps: int, tag: str) -> float:
     return elapsed
 
 
-def overhead(info, rounds: int, steps: int, tmp: Path) -> dict:
-    ledger_url = f"sqlite:///{tmp / 'bench-ledger.db'}"
-    one_loop(info, None, 5, "warm")  # model build and first-touch costs out of the timings
+def overhead(info, rounds: int, steps: int, tmp: Path, lora_rank: int = 0) -> dict:
+    ledger_url = f"sqlite:///{tmp / f'bench-ledger-{lora_rank}.db'}"
+    kind = f"lora{lora_rank}" if lora_rank else "full"
+    one_loop(info, None, 5, f"warm-{kind}", lora_rank)  # model build and first-touch costs out of the timings
     ratios, bare_s, tracked_s = [], [], []
     for r in range(rounds):
         # alternate which goes first, so drift in the machine's load favours neither
         order = [("bare", None), ("tracked", ledger_url)] if r % 2 == 0 else [("tracked", ledger_url), ("bare", None)]
-        times = {name: one_loop(info, url, steps, f"{name}-{r}") for name, url in order}
+        times = {name: one_loop(info, url, steps, f"{name}-{kind}-{r}", lora_rank) for name, url in order}
         bare_s.append(times["bare"])
         tracked_s.append(times["tracked"])
         ratios.append(times["tracked"] / times["bare"])
@@ -153,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--skip-resume", action="store_true", help="Leave out the resume-latency figures.")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
 
@@ -160,7 +167,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, local_service() as info:
         result = overhead(info, args.rounds, args.steps, Path(tmp))
-        result.update(resume_latency(info, Path(tmp)))
+        lora = overhead(info, args.rounds, args.steps, Path(tmp), lora_rank=LORA_RANK)
+        result.update({f"lora_{k}": v for k, v in lora.items() if k != "loop_steps"})
+        if not args.skip_resume:
+            result.update(resume_latency(info, Path(tmp)))
     print(json.dumps(result))
 
 
