@@ -45,6 +45,9 @@ def test_a_chained_run_starts_from_its_upstream_state_and_its_record_names_it(up
     up_last, down_first = eval_rows(up_events)[-1], eval_rows(down_events)[0]
     assert down_first.step == 0 and down_first.prompt_set_digest == up_last.prompt_set_digest
     assert down_first.score == up_last.score
+    # DPO's separate reference starts where the policy does (the upstream's weights): no margin at step 1
+    first = next(ev.data["metrics"] for ev in down_events if ev.type == "StepCompleted")
+    assert abs(first["margin"]) < 1e-4 and first["loss"] == pytest.approx(0.6931, abs=1e-3)
 
     snapshot = down_first.snapshot_path
     assert lineage(led, snapshot).upstream == started
