@@ -91,6 +91,10 @@ def _reporting() -> Iterator[None]:
         done = "; its cleanup is done" if getattr(e, "cleanup_done", True) else ""
         click.echo(f"{e}{done}. Continue it with: firetitan-track resume {e.run_id}", err=True)
         sys.exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
+    except KeyboardInterrupt:  # one more Ctrl-C, after the run's own handling gave up the signal
+        click.echo("interrupted; a run that had started keeps the record of how far it got (find it with "
+                   "`firetitan-track runs`): continue it with: firetitan-track resume RUN_ID", err=True)
+        sys.exit(130)
 
 
 def _finish(result: Any) -> None:
