@@ -4,7 +4,10 @@ Built from each run's authoritative history, like every view:
 
 - ``spec``: every flattened spec key whose values differ, with both values;
 - ``prompt_sets``: per named set (eval, train) whether the digests match, and how many
-  examples differ (same index, different content, plus any only one set has);
+  examples differ (same index, different content, plus any only one set has); a set
+  whose record had secrets masked out of it (``masked_a``/``masked_b``: RunStarted's
+  ``prompt_sets_masked``) is not the data that run saw, so equal digests with unequal
+  masking are not the same data;
 - ``code_version``: both, and whether they match;
 - ``first_divergent_step``: the first step whose StepCompleted differs in its data (data
   cursor, micro-batches), its optimizer settings or its loss (``divergence`` names the
@@ -41,6 +44,8 @@ class PromptSetDiff:
     examples_a: int | None  # None when the blob is not in the ledger
     examples_b: int | None
     differing_examples: int | None
+    masked_a: int = 0  # strings masked in the record of what run a saw
+    masked_b: int = 0
 
 
 @dataclass
@@ -86,7 +91,8 @@ def diff_runs(ledger: Ledger, run_a: str, run_b: str) -> RunDiff:
     return RunDiff(
         a=run_a, b=run_b,
         spec=_differing(flatten(start_a.get("spec") or {}), flatten(start_b.get("spec") or {})),
-        prompt_sets=_prompt_sets(ledger, start_a.get("prompt_sets") or {}, start_b.get("prompt_sets") or {}),
+        prompt_sets=_prompt_sets(ledger, start_a.get("prompt_sets") or {}, start_b.get("prompt_sets") or {},
+                                 start_a.get("prompt_sets_masked") or {}, start_b.get("prompt_sets_masked") or {}),
         code_version={"same": start_a.get("code_version") == start_b.get("code_version"),
                       "a": start_a.get("code_version"), "b": start_b.get("code_version")},
         first_divergent_step=step, divergence=fields, scores=_scores(events_a, events_b),
@@ -107,7 +113,8 @@ def _differing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]
 # -- prompt sets -------------------------------------------------------------------------
 
 
-def _prompt_sets(ledger: Ledger, sets_a: dict[str, str], sets_b: dict[str, str]) -> dict[str, PromptSetDiff]:
+def _prompt_sets(ledger: Ledger, sets_a: dict[str, str], sets_b: dict[str, str],
+                 masked_a: dict[str, int], masked_b: dict[str, int]) -> dict[str, PromptSetDiff]:
     out = {}
     for name in sorted(sets_a.keys() | sets_b.keys()):
         da, db = sets_a.get(name), sets_b.get(name)
@@ -117,8 +124,11 @@ def _prompt_sets(ledger: Ledger, sets_a: dict[str, str], sets_b: dict[str, str])
             differing = 0
         elif xa is not None and xb is not None:
             differing = sum(x != y for x, y in zip(xa, xb)) + abs(len(xa) - len(xb))
-        out[name] = PromptSetDiff(same=da == db, a=da, b=db, examples_a=None if xa is None else len(xa),
-                                  examples_b=None if xb is None else len(xb), differing_examples=differing)
+        ma, mb = masked_a.get(name, 0), masked_b.get(name, 0)
+        out[name] = PromptSetDiff(same=da == db and ma == mb, a=da, b=db,
+                                  examples_a=None if xa is None else len(xa),
+                                  examples_b=None if xb is None else len(xb), differing_examples=differing,
+                                  masked_a=ma, masked_b=mb)
     return out
 
 
@@ -201,6 +211,9 @@ def report(d: RunDiff) -> str:
     for name, p in d.prompt_sets.items():
         if p.same:
             sets.append(f"{name}: same ({(p.a or '-')[:12]}, {_v(p.examples_a)} examples)")
+        elif p.a == p.b:  # one record, but secrets masked out of what one run saw
+            sets.append(f"{name}: same record ({(p.a or '-')[:12]}), but the data differ: the record masks "
+                        f"{p.masked_a} string(s) of what {d.a} saw, {p.masked_b} of what {d.b} saw")
         else:
             sets.append(f"{name}: {(p.a or 'none')[:12]} -> {(p.b or 'none')[:12]}, "
                         f"{_v(p.differing_examples)} of {_v(p.examples_a)}/{_v(p.examples_b)} examples differ")

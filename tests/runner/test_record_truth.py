@@ -200,6 +200,11 @@ def test_a_secret_masked_out_of_the_data_is_recorded_and_a_rerun_says_its_data_d
     again = events(ledger_url, "masked-again")[0].data
     assert again["rerun_of"] == "masked" and again["rerun_data_differs"] == {"eval": 1}
     assert "prompt_sets_masked" not in again  # the rerun's own record is exactly what it used
+    from firetitan_track.projections.diff import diff_runs, report
+
+    d = diff_runs(Ledger.open(ledger_url), "masked", "masked-again")
+    assert not d.prompt_sets["eval"].same and (d.prompt_sets["eval"].masked_a, d.prompt_sets["eval"].masked_b) == (1, 0)
+    assert "eval: same record" in report(d) and "but the data differ" in report(d)
 
 
 def test_a_ledger_that_stops_taking_writes_stops_the_run_through_its_cleanup(tmp_path, local_url):
