@@ -116,17 +116,17 @@ class RawTorchLoop:
 
 
 def time_interleaved(sdk_step, raw_step, rounds: int, steps_per_round: int) -> tuple[float, float, int]:
-    """Median ms of each step, run in alternating blocks so machine load hits both alike."""
+    """Median ms of each step. The two alternate step by step, so a shared machine's
+    load, which drifts over seconds, hits both alike."""
     for _ in range(3):  # warm-up: allocator, autograd graph, connections
         sdk_step()
         raw_step()
     times: dict[str, list[float]] = {"sdk": [], "raw": []}
-    for _ in range(rounds):
+    for _ in range(rounds * steps_per_round):
         for key, step in (("sdk", sdk_step), ("raw", raw_step)):
-            for _ in range(steps_per_round):
-                start = time.perf_counter()
-                step()
-                times[key].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
     return 1e3 * statistics.median(times["sdk"]), 1e3 * statistics.median(times["raw"]), len(times["sdk"])
 
 
