@@ -162,14 +162,18 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
 def rerun(run_id: str, *, ledger_url: str, new_run_id: str | None = None, progress: bool = True,
           export_mlflow: str | None = None) -> RunResult:
     """A new run from a recorded run's spec and prompt sets, linked to it."""
+    if new_run_id is not None:
+        check_run_id(new_run_id)  # an empty --run-id is refused, not replaced
     ledger = Ledger.open(ledger_url)
     st = fold(ledger.read(run_id), run_id)
     if st.spec is None:
         raise RunError(f"run {run_id} has no RunStarted event; nothing to rerun")
     spec = Spec.from_dict(st.spec, source=f"run {run_id}")
     inputs = _recorded_inputs(ledger, spec, st)
-    return run_spec(spec, ledger_url=ledger_url, run_id=new_run_id or f"{run_id}-rerun-{uuid.uuid4().hex[:6]}",
-                    rerun_of=run_id, inputs=inputs, progress=progress, export_mlflow=export_mlflow)
+    if new_run_id is None:
+        new_run_id = f"{run_id}-rerun-{uuid.uuid4().hex[:6]}"
+    return run_spec(spec, ledger_url=ledger_url, run_id=new_run_id, rerun_of=run_id, inputs=inputs,
+                    progress=progress, export_mlflow=export_mlflow)
 
 
 # -- inputs -------------------------------------------------------------------------------------

@@ -261,3 +261,13 @@ def test_a_request_the_service_refuses_is_not_offered_to_resume(tmp_path, local_
         run_spec(spec, ledger_url=ledger_url, run_id="mismatch", progress=False)
     assert "continue it with" not in str(caught.value)
     assert events(ledger_url, "mismatch")[-1].type == "RunFailed"
+
+
+def test_rerun_refuses_an_empty_run_id_too(ledger_url):
+    from firetitan_track.events import new_event
+
+    spec = {"run": {"name": "x"}}
+    Ledger.open(ledger_url).append("orig", [new_event("RunStarted", spec=spec, spec_digest="0" * 64,
+                                                      code_version="t", seed=0, backend="local")], 0)
+    result = CliRunner().invoke(main, ["--ledger", ledger_url, "rerun", "orig", "--run-id", "", "--quiet"])
+    assert result.exit_code == 1 and "run id ''" in result.output, result.output
