@@ -122,5 +122,7 @@ def _retire_reference(where: Endpoint, api_key: str, job_id: str, rec: Recorder)
         return
     from fireworks.training.sdk import TrainerJobManager
 
-    TrainerJobManager(api_key=api_key, base_url=where.base_url).delete(job_id)
-    rec.record("CleanupApplied", trainer="deleted", deployment="kept", role="reference", trainer_job_id=job_id)
+    TrainerJobManager(api_key=api_key, base_url=where.base_url).delete(job_id)  # logs a failure, returns
+    gone = not _trainer_alive(where, api_key, job_id)  # recorded as the service confirms it
+    rec.record("CleanupApplied", trainer="deleted" if gone else "failed", deployment="kept", role="reference",
+               trainer_job_id=job_id, **({} if gone else {"error": f"trainer {job_id} is still there after its delete"}))
