@@ -19,11 +19,23 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["BackendLost", "BackendWatch", "DEFAULT_WINDOW_S"]
+__all__ = ["BackendLost", "BackendWatch", "DEFAULT_WINDOW_S", "unreachable"]
 
 DEFAULT_WINDOW_S = 30.0  # long enough for a restart or a network blip, short enough to notice
 _PROBE_TIMEOUT_S = 5.0
 _SIGNAL = signal.SIGUSR1  # how the watch reaches the main thread where it waits
+
+
+def unreachable(base_url: str | None, timeout_s: float = _PROBE_TIMEOUT_S) -> str | None:
+    """Why nothing answers at ``base_url`` (None: something does). One probe, as the
+    watch makes them: any HTTP answer, an error status included, counts."""
+    import httpx
+
+    try:
+        httpx.get((base_url or "https://api.fireworks.ai").rstrip("/") + "/", timeout=timeout_s)
+        return None
+    except httpx.HTTPError as exc:
+        return str(exc) or type(exc).__name__
 
 
 class BackendLost(BaseException):

@@ -27,6 +27,12 @@ def check_against_service(spec: Spec, *, base_url: str | None, api_key: str, tok
 
     from runner.provision import shape_ref
 
+    from runner.backend_watch import unreachable
+
+    why = unreachable(base_url)  # the SDK would retry a refused connection for minutes
+    if why is not None:
+        key = "backend.base_url" if spec.backend.base_url else "backend.kind"
+        raise SpecError(f"{spec.source}: {key}: no service answers at {base_url or 'the managed API'} ({why})")
     client = FireworksClient(api_key=api_key, **({"base_url": base_url} if base_url else {}))
     model = spec.model.base_model
     try:

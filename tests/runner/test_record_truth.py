@@ -271,3 +271,17 @@ def test_rerun_refuses_an_empty_run_id_too(ledger_url):
                                                       code_version="t", seed=0, backend="local")], 0)
     result = CliRunner().invoke(main, ["--ledger", ledger_url, "rerun", "orig", "--run-id", "", "--quiet"])
     assert result.exit_code == 1 and "run id ''" in result.output, result.output
+
+
+def test_a_base_url_where_nothing_answers_is_refused_at_once(tmp_path, ledger_url):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = load_spec(small_spec(tmp_path, f"http://127.0.0.1:{port}", name="nobody"))
+    started = time.monotonic()
+    with pytest.raises(SpecError, match=rf"backend.base_url: no service answers at http://127.0.0.1:{port}"):
+        run_spec(spec, ledger_url=ledger_url, run_id="nobody", progress=False)
+    assert time.monotonic() - started < 30  # not the SDK's five minutes of retries
+    assert Ledger.open(ledger_url).runs() == []
