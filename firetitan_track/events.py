@@ -51,7 +51,9 @@ CATALOGUE: dict[str, EventType] = _types(
     # -- run lifecycle ---------------------------------------------------------
     EventType("RunStarted", 1, ("spec", "spec_digest", "code_version", "seed", "backend"),
               "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets, "
-              "init_from (a chained run's upstream: run_id, status, state_path, step, trainer_job_id)"),
+              "init_from (a chained run's upstream: run_id, status, state_path, step, trainer_job_id), "
+              "prompt_sets_masked ({set: strings the stored set masks of what the run used}), "
+              "rerun_data_differs (a rerun: the original's prompt_sets_masked)"),
     EventType("RunResumed", 1, ("from_step", "state_path", "superseded", "attempt"),
               "superseded: the versions of earlier training-history events no longer authoritative"),
     EventType("Reconnected", 1, ("role", "trainer_job_id", "reused"),
