@@ -10,7 +10,8 @@ from fireworks.training import tinker
 from fireworks.training.sdk._core import APIStatusError
 
 
-def test_managed_names_work_end_to_end_and_escaping_ones_are_refused(provision, tokenizer, http, sdk_helpers):
+def test_managed_names_work_end_to_end_and_escaping_ones_are_refused(provision, tokenizer, http, sdk_helpers,
+                                                                    service_info):
     prompt = sdk_helpers.chat_prompt(tokenizer, "hi")
     data = [sdk_helpers.sft_datum(prompt, list(b"yo") + [tokenizer.convert_tokens_to_ids("<|im_end|>")])]
     adam = tinker.AdamParams(learning_rate=1e-2)
@@ -55,7 +56,7 @@ def test_managed_names_work_end_to_end_and_escaping_ones_are_refused(provision, 
     source = next(row for name, row in rows.items() if name.startswith("Run.A_v2-final-"))
     model_id = f"promoted-{sdk_helpers.unique_deployment_id('full')}"
     promoted = service.promote_checkpoint(name=source["name"], output_model_id=model_id,
-                                          base_model=service_info_base(http))
+                                          base_model=service_info.base_model)
     listed = http.get(f"/v1/{promoted['name']}").json()
     assert listed["kind"] == "HF_BASE_MODEL" and listed["sourceCheckpoint"] == source["name"]
     assert listed["sourceSnapshot"]["snapshot"] == source["name"].rsplit("/", 1)[-1]
@@ -75,7 +76,3 @@ def test_managed_names_work_end_to_end_and_escaping_ones_are_refused(provision, 
             http, service.trainer_job_id)
     finally:
         http.delete(f"/v1/accounts/local/deployments/{serving_id}")
-
-
-def service_info_base(http) -> str:
-    return http.get("/local/v1/info").json()["base_model"]
