@@ -101,4 +101,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def page(browser: Any) -> Iterator[Any]:
     page = browser.new_page()
     yield page
+    # each test starts from MLflow's defaults: the UI keeps its layout choices in local storage
+    if page.url.startswith("http"):
+        page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
     page.close()

@@ -23,6 +23,14 @@ def _open(page: Any, url: str, ready: str) -> None:
     page.get_by_text(ready, exact=False).first.wait_for()
 
 
+def _close_assistant(page: Any) -> None:
+    """Fold MLflow's assistant panel away, for a screenshot of the page itself (it re-lays the page
+    out, so read what a test checks before)."""
+    close = page.get_by_role("button", name="Close", exact=True)
+    if close.count():
+        close.first.click()
+
+
 def _trial_runs(served: ServedSweep) -> dict[str, str]:
     """Ledger run id -> MLflow run id of the sweep's trials, read through the API."""
     client = MlflowClient(tracking_uri=served.base_url)
@@ -38,7 +46,6 @@ def test_the_printed_link_shows_both_trials_their_learning_rates_and_scores(serv
     assert served_sweep.printed_link.startswith(served_sweep.base_url)
     _open(page, served_sweep.printed_link, "Comparing 2 Runs")
     page.get_by_text("eval/score", exact=True).first.wait_for()
-    page.screenshot(path=str(artifacts / "compare_sweep.png"))
 
     # each trial is a column, in trial order: its run id, learning rate and eval/score
     ids = [c for c in page.locator("tr", has_text="Run ID:").first.inner_text().split() if len(c) == 32]
@@ -54,6 +61,11 @@ def test_the_printed_link_shows_both_trials_their_learning_rates_and_scores(serv
     assert [float(s) for s in scores] == [round(x, 4) for x in latest] or all(
         abs(float(s) - x) < 1e-3 for s, x in zip(scores, latest)), (scores, latest)
     assert len(scores) == 2
+
+    _close_assistant(page)
+    page.get_by_role("switch", name="Parameters - Show diff only").click()  # what the trials differ in
+    page.get_by_text("Visualizations", exact=True).click()  # folded: the table fits the screenshot
+    page.screenshot(path=str(artifacts / "compare_sweep.png"), full_page=True)
 
 
 def _grid_row(cell: Any) -> list[str]:
@@ -74,7 +86,16 @@ def test_the_experiment_opens_on_training_runs(served_sweep: ServedSweep, page, 
     nav = page.get_by_role("link", name="Models")
     assert nav.first.is_visible()  # the model-training side: Runs and Models, not GenAI traces
     assert page.get_by_text("Token Usage").count() == 0
+    _close_assistant(page)
     page.screenshot(path=str(artifacts / "training_runs.png"))
+
+    # ... and its Models: every snapshot by run and step, with the eval/score it reached
+    nav.first.click()
+    for name in (f"{SWEEP}-t0@step-0", f"{SWEEP}-t1@step-0"):
+        page.get_by_text(name, exact=True).first.wait_for()
+    page.get_by_text("eval/score", exact=True).first.wait_for()
+    page.set_viewport_size({"width": 2300, "height": 520})  # wide enough for the score column
+    page.screenshot(path=str(artifacts / "models.png"))
 
 
 def test_a_run_page_shows_its_logged_models_with_their_scores(served_sweep: ServedSweep, page,
@@ -89,9 +110,13 @@ def test_a_run_page_shows_its_logged_models_with_their_scores(served_sweep: Serv
     for step in steps:
         row = page.locator("[role=row]", has_text=f"{SWEEP}-t0@step-{step}").first
         row.wait_for()
-        cells = row.inner_text().split()
-        assert f"{scores[step]:g}" in cells, cells  # its eval/score beside its name
-    page.screenshot(path=str(artifacts / "run_models.png"), full_page=True)
+        # its eval/score beside its name (the grid fills metric cells in after the names)
+        deadline = time.monotonic() + 60
+        while f"{scores[step]:g}" not in (cells := row.inner_text().split()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert f"{scores[step]:g}" in cells, cells
+    page.get_by_text(f"Logged models ({len(steps)})").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "run_models.png"))
 
 
 def test_a_followed_run_rebuilt_after_a_resume_replaces_its_predecessor(served_sweep: ServedSweep, page) -> None:
@@ -143,3 +168,12 @@ def _wait_for_run(client: MlflowClient, experiment: str, run_id: str, ready, tim
             return runs[0].info.run_id
         time.sleep(0.3)
     raise AssertionError(f"MLflow never showed {run_id} as expected")
+
+
+def test_compare_prints_the_link_ui_prints(served_sweep: ServedSweep) -> None:
+    from tests.helpers import cli
+
+    shown = cli(served_sweep.ledger_url, "compare", SWEEP, "--tracking-uri", served_sweep.store)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    # the same page; `compare` names the address `firetitan-track ui` serves by default
+    assert served_sweep.printed_link.replace(served_sweep.base_url, "http://127.0.0.1:5000") in shown.stdout
