@@ -326,6 +326,10 @@ class Ledger:
         return blob_store.put_blob(self._store, data, media_type)
 
     def put_json(self, obj: Any) -> str:
+        where = _non_finite(obj)  # a blob is part of the record too: only finite numbers
+        if where is not None:
+            raise InvalidEvent(f"a JSON blob: {where} is {_non_finite_value(obj, where)}, not a finite number; "
+                               "the ledger stores only finite numbers")
         return blob_store.put_json(self._store, obj)
 
     def get_blob(self, digest: str) -> bytes:

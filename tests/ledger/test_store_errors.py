@@ -90,3 +90,12 @@ def test_blob_takes_the_digest_prefix_that_audit_prints(ledger: Ledger, ledger_u
     assert result.exit_code == 0 and result.output == ledger.get_blob(digest).decode()
     missing = invoke(ledger_url, "blob", "ffffffffffff" if not digest.startswith("ffff") else "000000000000")
     assert missing.exit_code == 1 and "no blob whose digest starts with" in missing.output
+
+
+def test_a_non_finite_number_never_reaches_a_blob(ledger: Ledger) -> None:
+    import sqlalchemy as sa
+
+    with pytest.raises(InvalidEvent, match=r"a JSON blob: 1\.score is nan, not a finite number"):
+        ledger.put_json([{"score": 1.0}, {"score": float("nan")}])
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM blobs")).scalar() == 0
