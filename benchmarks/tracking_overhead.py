@@ -10,6 +10,9 @@ Prints one JSON object:
   per-round ratios is reported. Target: <= 1.03.
 - ``lora_tracked_vs_bare_wall_ratio``: the same for the LoRA demo (examples/reverse_lora.toml:
   rank-64 adapters on the frozen base, a LoRA training shape, adapter snapshots). Target: <= 1.03.
+- ``ledger_write_share`` / ``lora_ledger_write_share``: the median fraction of a tracked loop's
+  wall time spent inside the ledger's writes (appends and blobs). On a loaded machine the wall
+  ratios swing with the service's share of the CPU; this part of the overhead does not.
 - ``resume_to_next_step_s``: a demo run is SIGKILLed after a step; the wall time
   from launching ``firetitan-track resume`` to the next StepCompleted being
   durable (process start, imports, reconnect to the live trainer, state load,
@@ -43,7 +46,7 @@ LORA_RANK = 64  # examples/reverse_lora.toml
 EVAL_EVERY = SAVE_EVERY = 25  # the demo spec's cadence (examples/reverse_sft.toml)
 
 
-def one_loop(info, ledger_url: str | None, steps: int, tag: str, lora_rank: int = 0) -> float:
+def one_loop(info, ledger_url: str | None, steps: int, tag: str, lora_rank: int = 0) -> tuple[float, float]:
     """The seed's loop; with ``ledger_url`` the service is wrapped by ``track`` (the only difference)."""
     import torch
     from fireworks.training.sdk import AdamParams, Datum, FiretitanServiceClient, ModelInput, TensorData
@@ -67,6 +70,7 @@ def one_loop(info, ledger_url: str | None, steps: int, tag: str, lora_rank: int 
                                      "weights": TensorData.from_torch(w)})
 
     evals = eval_examples("reverse", seed=0, count=16, digits=4)
+    writes = [0.0]  # seconds inside the ledger's writes (tracked loops only)
     service = FiretitanServiceClient.from_firetitan_config(
         api_key="local", base_url=info.base_url, base_model=BASE_MODEL, tokenizer_model=info.tokenizer_path,
         lora_rank=lora_rank, training_shape_id=LORA_SHAPE if lora_rank else SHAPE, deployment_id=f"bench-{tag}",
@@ -74,6 +78,7 @@ def one_loop(info, ledger_url: str | None, steps: int, tag: str, lora_rank: int 
         cleanup_trainer_on_close=True, cleanup_deployment_on_close="delete")
     if ledger_url:
         service = track(service, run_id=f"bench-{tag}", ledger_url=ledger_url)
+        _time_writes(service._rec.ledger, writes)
     training = service.create_training_client(lora_rank=lora_rank)
     start = time.perf_counter()  # provisioning builds models: the same either way, and noisy
     for step in range(1, steps + 1):
@@ -97,25 +102,43 @@ def one_loop(info, ledger_url: str | None, steps: int, tag: str, lora_rank: int 
             training.save_state(f"state-{step}").result()
     elapsed = time.perf_counter() - start
     service.close()
-    return elapsed
+    return elapsed, writes[0]
+
+
+def _time_writes(ledger, total: list[float]) -> None:
+    """Add the time of every ledger append and blob write to ``total[0]``."""
+    for name in ("append", "put_json"):
+        original = getattr(ledger, name)
+
+        def timed(*args, _original=original, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - t0
+
+        setattr(ledger, name, timed)
 
 
 def overhead(info, rounds: int, steps: int, tmp: Path, lora_rank: int = 0) -> dict:
     ledger_url = f"sqlite:///{tmp / f'bench-ledger-{lora_rank}.db'}"
     kind = f"lora{lora_rank}" if lora_rank else "full"
     one_loop(info, None, 5, f"warm-{kind}", lora_rank)  # model build and first-touch costs out of the timings
-    ratios, bare_s, tracked_s = [], [], []
+    ratios, bare_s, tracked_s, shares = [], [], [], []
     for r in range(rounds):
         # alternate which goes first, so drift in the machine's load favours neither
         order = [("bare", None), ("tracked", ledger_url)] if r % 2 == 0 else [("tracked", ledger_url), ("bare", None)]
-        times = {name: one_loop(info, url, steps, f"{name}-{kind}-{r}", lora_rank) for name, url in order}
+        runs = {name: one_loop(info, url, steps, f"{name}-{kind}-{r}", lora_rank) for name, url in order}
+        times = {name: elapsed for name, (elapsed, _) in runs.items()}
         bare_s.append(times["bare"])
         tracked_s.append(times["tracked"])
         ratios.append(times["tracked"] / times["bare"])
+        shares.append(runs["tracked"][1] / times["tracked"])
     return {"tracked_vs_bare_wall_ratio": round(statistics.median(ratios), 4),
             "tracked_vs_bare_ratios": [round(x, 4) for x in ratios],
             "bare_loop_s_median": round(statistics.median(bare_s), 3),
             "tracked_loop_s_median": round(statistics.median(tracked_s), 3),
+            "ledger_write_share": round(statistics.median(shares), 4),
             "loop_steps": steps}
 
 
