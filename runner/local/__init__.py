@@ -30,5 +30,6 @@ def load_engine() -> ModuleType:
             if _ENGINE is None:
                 from . import engine
                 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: F401  (resolve the lazy names here)
+                import peft  # noqa: F401  (LoRA trainers' library imports transformers modules: here, under the lock)
                 _ENGINE = engine
     return _ENGINE
