@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 
 from firetitan_track.errors import UserError
 
-__all__ = ["Example", "Task", "TASKS", "DataError", "load_jsonl", "jsonl_objects", "eval_prompts", "train_batch",
-           "eval_examples", "grade", "MAX_LINE_BYTES", "DEFAULT_EVAL_COUNT"]
+__all__ = ["Example", "Task", "TASKS", "DataError", "load_jsonl", "jsonl_objects", "prompt_messages", "eval_prompts",
+           "train_batch", "eval_examples", "grade", "MAX_LINE_BYTES", "DEFAULT_EVAL_COUNT"]
 
 DEFAULT_EVAL_COUNT = 32  # built-in held-out prompts when eval.count is 0
 
@@ -165,15 +165,20 @@ def load_jsonl(path: str | Path, *, what: str = "data file") -> list[Example]:
     for n, obj in jsonl_objects(p, what=what):
         if not isinstance(obj.get("answer"), str):
             raise DataError(f"{p}:{n}: missing string field 'answer'")
-        if isinstance(obj.get("prompt"), str):
-            out.append(Example(_user(obj["prompt"]), obj["answer"]))
-            continue
-        msgs = obj.get("messages")
-        if not (isinstance(msgs, list) and msgs and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs)):
-            raise DataError(f"{p}:{n}: needs 'prompt' (a string) or 'messages' (a list of {{role, content}})")
-        out.append(Example(tuple((m["role"], m["content"]) for m in msgs), obj["answer"]))
+        out.append(Example(prompt_messages(obj, f"{p}:{n}"), obj["answer"]))
     if not out:
         raise DataError(f"{p}: the {what} holds no examples")
     return out
+
+
+def prompt_messages(obj: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+    """A JSONL line's prompt: ``"prompt"`` (a string, the user's turn) or ``"messages"`` (a list
+    of {role, content}). ``where`` (file:line) names the line in the error."""
+    if isinstance(obj.get("prompt"), str):
+        return _user(obj["prompt"])
+    msgs = obj.get("messages")
+    if not (isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs)):
+        raise DataError(f"{where}: needs 'prompt' (a string) or 'messages' (a list of {{role, content}})")
+    return tuple((m["role"], m["content"]) for m in msgs)

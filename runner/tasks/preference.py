@@ -10,13 +10,12 @@ the pairs an uninterrupted one would. JSONL lines
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.tasks import TASKS, DataError, Example, _rng, _user
+from runner.tasks import TASKS, DataError, Example, _rng, jsonl_objects, prompt_messages
 
 __all__ = ["Pair", "pair_batch", "load_pairs", "plausible_mistake"]
 
@@ -98,37 +97,15 @@ def pair_batch(task: str, data: list[Pair] | None, *, seed: int, step: int, size
 def load_pairs(path: str | Path, *, what: str = "preference data file") -> list[Pair]:
     """Read ``{"prompt" | "messages", "chosen", "rejected"}`` lines; errors name the file and line."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{p}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: cannot read the {what}: {e}") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+    for n, obj in jsonl_objects(p, what=what):
         for key in ("chosen", "rejected"):
             if not isinstance(obj.get(key), str):
                 raise DataError(f"{p}:{n}: missing string field {key!r} (a preference line is "
                                 "{\"prompt\" | \"messages\", \"chosen\", \"rejected\"})")
         if obj["chosen"] == obj["rejected"]:
             raise DataError(f"{p}:{n}: 'chosen' and 'rejected' are the same text; the pair teaches nothing")
-        if isinstance(obj.get("prompt"), str):
-            out.append(Pair(_user(obj["prompt"]), obj["chosen"], obj["rejected"]))
-            continue
-        msgs = obj.get("messages")
-        if not (isinstance(msgs, list) and msgs and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs)):
-            raise DataError(f"{p}:{n}: needs 'prompt' (a string) or 'messages' (a list of {{role, content}})")
-        out.append(Pair(tuple((m["role"], m["content"]) for m in msgs), obj["chosen"], obj["rejected"]))
+        out.append(Pair(prompt_messages(obj, f"{p}:{n}"), obj["chosen"], obj["rejected"]))
     if not out:
         raise DataError(f"{p}: the {what} holds no pairs")
     return out
