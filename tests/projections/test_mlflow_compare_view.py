@@ -71,3 +71,15 @@ def test_the_sweep_parent_carries_each_trials_best_score_and_the_best_trials_par
         [run] = client.search_runs([exp.experiment_id], f"tags.ledger_run_id = '{t['run_id']}'")
         assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/score")] == [2, 4]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+
+
+def test_ui_refuses_a_sweep_its_store_lacks_before_serving(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    store = tmp_path / "mlflow.db"
+    result = CliRunner().invoke(main, ["ui", "--sweep", "nope", "--backend-store-uri", f"sqlite:///{store}"])
+    assert result.exit_code == 1
+    assert "export mlflow" in result.output and "MLflow UI for" not in result.output
+    assert not store.exists()  # nothing created, nothing served
