@@ -95,16 +95,3 @@ def best_eval(rows: Sequence[EvalRow]) -> EvalRow | None:
 
 def audit(ledger: Ledger, run_id: str) -> list[EvalRow]:
     return eval_rows(read_run(ledger, run_id))
-
-
-# Moved to their own modules; importers not yet updated still find them here.
-_MOVED = {"compare_sweep": "compare", "TrialSummary": "compare", "sweep_stream": "compare",
-          "lineage": "lineage", "Lineage": "lineage", "replay": "replay", "Replay": "replay"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"firetitan_track.projections.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
