@@ -35,7 +35,7 @@ from firetitan_track.projections.compare import sweep_stream, sweep_trials
 from firetitan_track.projections.run_state import fold
 from runner.lease import Lease, LeaseHeld, acquire, try_acquire
 from runner.search import (DISTRIBUTIONS, PRUNERS, SEARCHES, Dist, SweepError, grid_size, open_study,
-                           parse_grid, parse_params)
+                           parse_grid, parse_params, sampler_for)
 from runner.spec import Spec
 
 __all__ = ["Trial", "TrialOutcome", "SweepError", "SweepPlan", "plan_sweep", "record_sweep", "work",
@@ -229,6 +229,12 @@ def _next_job(ledger: Ledger, study: Any, plan: SweepPlan, tried: set[int]) -> t
             held_elsewhere = True
         if len(trials) >= plan.n_trials:
             return None, held_elsewhere
+        if plan.search != "grid":
+            # seeded per trial, not per worker: workers that each seeded theirs alike would ask for
+            # the same params, and trial k's params do not depend on which worker asks. (A grid
+            # keeps the sweep's seed everywhere: it maps trial number k to the k-th point of its
+            # seeded order, so one seed on every worker is what keeps the points distinct.)
+            study.sampler = sampler_for(plan.search, plan.space, seed=plan.seed * 100_003 + len(trials))
         asked = study.ask(plan.distributions())
         trial = Trial(len(trials), trial_run_id(plan.sweep_id, len(trials)), dict(asked.params), asked.number)
         lease = acquire(ledger, trial.run_id)

@@ -56,6 +56,7 @@ def test_two_machines_join_one_tpe_sweep_each_trial_runs_once(pg_ledger: str, tm
     assigned = _assigned(ledger, "tpe")
     assert sorted(a["trial"] for a in assigned) == [0, 1, 2, 3]
     assert len({a["run_id"] for a in assigned}) == 4 and len({a["optuna_trial"] for a in assigned}) == 4
+    assert len({a["params"]["optim.learning_rate"] for a in assigned}) == 4  # no two workers asked alike
     trials = compare_sweep(ledger, "tpe")
     assert [t.status for t in trials] == ["completed"] * 4
     for t in trials:  # each trial trained once: one RunStarted, no resume, its sampled params in its spec
@@ -159,6 +160,7 @@ def test_a_pruned_trial_stops_through_cleanup_and_is_recorded_as_pruned(ledger_u
 
     ledger = Ledger.open(ledger_url)
     trials = {t.params["optim.learning_rate"]: t for t in compare_sweep(ledger, "prune")}
+    assert sorted(trials) == [1e-8, 1.0], out  # the grid's two points, each once
     assert (trials[1e-8].status, trials[1.0].status) == ("completed", "pruned"), out
     assert trials[1e-8].trial == 0
     events = ledger.read(trials[1.0].run_id)
