@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
 from mlflow import MlflowClient
 
 from firetitan_track import Ledger
-from firetitan_track.projections.mlflow import LiveExporter
 from firetitan_track.projections.mlflow.ui import link
+from tests.helpers import HARNESS, REPO
 from tests.projections.streams import RunWriter
 from tests.ui.conftest import SWEEP, ServedSweep
 
@@ -126,7 +129,11 @@ def test_a_followed_run_rebuilt_after_a_resume_replaces_its_predecessor(served_s
     client = MlflowClient(tracking_uri=served_sweep.base_url)
     ledger = Ledger.open(served_sweep.ledger_url)
     w = RunWriter(ledger, run_id)
-    with LiveExporter(ledger, served_sweep.base_url, run_id, experiment=experiment, poll_s=0.2):
+    follower = subprocess.Popen(
+        [sys.executable, str(HARNESS), "--ledger", served_sweep.ledger_url, "export", "mlflow", run_id,
+         "--tracking-uri", served_sweep.base_url, "--experiment", experiment, "--follow", "--poll", "0.2", "--quiet"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
         w.start()
         w.train(1, 4)
         w.step(5)
@@ -141,7 +148,11 @@ def test_a_followed_run_rebuilt_after_a_resume_replaces_its_predecessor(served_s
         w.train(5, 6)
         w.complete(6, f"snapshots/{run_id}/sampler-6")
         new = _wait_for_run(client, experiment, run_id, lambda r: r.info.status == "FINISHED")
-    ledger.close()
+    finally:
+        follower.send_signal(signal.SIGTERM)  # how a person stops it (Ctrl-C alike): flush, then exit 0
+        output, _ = follower.communicate(timeout=60)
+        ledger.close()
+    assert follower.returncode == 0, output
     assert new != old
     page.reload()
     page.get_by_text(run_id).first.wait_for()
@@ -159,7 +170,7 @@ def _run_links(page: Any) -> list[str]:
     return sorted({m.group(1) for h in hrefs if (m := re.search(r"/runs/([0-9a-f]{32})", h or ""))})
 
 
-def _wait_for_run(client: MlflowClient, experiment: str, run_id: str, ready, timeout: float = 60) -> str:
+def _wait_for_run(client: MlflowClient, experiment: str, run_id: str, ready, timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         exp = client.get_experiment_by_name(experiment)
