@@ -456,9 +456,14 @@ def sweep(ctx: click.Context, spec_path: str, search: str | None, trials: int | 
                   progress=not quiet and workers == 1, on_outcome=_report_outcome)
 
     click.echo(f"\nsweep {plan.sweep_id}:")
-    ctx.invoke(compare, sweep_id=plan.sweep_id, as_json=False)
+    from firetitan_track.projections.mlflow import DEFAULT_EXPERIMENT
+
+    # compare links to the store this sweep exported to, not the default one
+    ctx.invoke(compare, sweep_id=plan.sweep_id, as_json=False, tracking_uri=tracking_uri or DEFAULT_TRACKING_URI,
+               experiment=experiment or DEFAULT_EXPERIMENT)
     if not no_mlflow:
-        click.echo(f"\nopen it in MLflow: firetitan-track ui   (tracking store {tracking_uri or DEFAULT_TRACKING_URI})")
+        click.echo(f"\nopen it in MLflow: firetitan-track ui --sweep {plan.sweep_id}   "
+                   f"(tracking store {tracking_uri or DEFAULT_TRACKING_URI})")
     with user_errors():
         _check_finished(url, plan)
 
