@@ -561,7 +561,7 @@ def _stream_version(conn: Connection, run_id: str) -> int:
 
 
 def _decoded(type: str, schema_version: int, data_json: str) -> tuple[int, dict[str, Any]]:
-    data = json.loads(data_json)
+    data = json.loads(data_json)  # a damaged payload raises ValueError: see _from_row
     current = CATALOGUE.get(type)
     if current is not None and current.version == schema_version:
         return schema_version, data  # the common case: nothing to upcast
