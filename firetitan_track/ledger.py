@@ -249,7 +249,8 @@ class Ledger:
 
     def fence(self, run_id: str, token: int | None) -> None:
         """Appends to ``run_id`` through this ledger must hold lease token ``token``
-        (runner/lease.py; checked inside each append's transaction); None stops checking."""
+        (the writer's lease, taken in the run_leases table; checked inside each append's
+        transaction); None stops checking."""
         self._store.fence(run_id, token)
 
     @contextlib.contextmanager

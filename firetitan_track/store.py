@@ -17,7 +17,7 @@ serialized, so that insert order equals commit order (a follower reading
   only the insert and the commit, where ``LOCK TABLE events IN EXCLUSIVE MODE``
   (the mechanism before it) spanned the whole append, head read included.
 
-An append to a run whose writer holds a lease in the database (runner/lease.py)
+An append to a run whose writer holds a lease in the database (run_leases)
 also checks the lease's fencing token inside its transaction: a writer whose lease
 was taken over stops with LeaseLost instead of writing.
 
@@ -118,7 +118,7 @@ checkpoints = sa.Table(
     sa.Column("position", sa.BigInteger, nullable=False),
 )
 
-# One writer per run across machines (PostgreSQL; runner/lease.py). A row is never
+# One writer per run across machines (PostgreSQL; the writer takes and renews it). A row is never
 # deleted, so a run's fencing token only ever grows and an old holder can never
 # match a later one's.
 run_leases = sa.Table(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from firetitan_track.errors import UserError
-from firetitan_track.ledger import NotFound
+from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.run_state import authoritative, fold
 from runner.spec import Spec
 
@@ -25,7 +25,7 @@ class ChainError(UserError, ValueError):
     """A model.init_from that cannot be used; the message names this run's spec and the upstream."""
 
 
-def resolve_upstream(ledger: Any, spec: Spec) -> dict[str, Any] | None:
+def resolve_upstream(ledger: Ledger, spec: Spec) -> dict[str, Any] | None:
     """The upstream state ``spec`` starts from (None without model.init_from)."""
     ref = spec.model.init_from
     if not ref:

@@ -43,7 +43,6 @@ log = logging.getLogger("runner.local.inference_plane")
 MAX_BATCH = 64
 # Longest the batcher holds a batch for the rest of a concurrent load.
 BATCH_GATHER_S = 0.05
-DEPLOYMENT_REF_PREFIX = "accounts/"
 
 
 def _engine():
