@@ -275,7 +275,10 @@ class MlflowExporter:
         found = self.sweep_run_id(sweep_id)
         if found:
             return found
-        run = self.client.create_run(self.experiment_id, tags={
+        # started when the sweep was recorded (not when it was exported), so an export of an
+        # imported sweep equals the original's
+        stream = self.ledger.read(sweep_stream(sweep_id)) if self.ledger.stream_version(sweep_stream(sweep_id)) else []
+        run = self.client.create_run(self.experiment_id, start_time=ms(stream[0]) if stream else None, tags={
             TAG_SWEEP_PARENT: sweep_id, TAG_RUN_NAME: f"sweep {sweep_id}", "sweep_id": sweep_id})
         return run.info.run_id
 
@@ -339,7 +342,9 @@ class MlflowExporter:
             self.client.log_batch(parent, metrics=points[i:i + MAX_METRICS_PER_CALL])
         self._log_tags(parent, tags)
         if self._status.get(parent) != status:
-            self._set_status(parent, status)
+            # a finished sweep ends with its last trial's last event
+            ends = [self.ledger.read(t.run_id)[-1] for t in trials if status != "running"]
+            self._set_status(parent, status, max(ends, key=lambda ev: ev.recorded_at, default=None))
             self._status[parent] = status
 
 
