@@ -17,7 +17,7 @@ from firetitan_track.tracking import TrackedService
 from runner.spec import Spec
 from runner.tasks import Example
 
-__all__ = ["Recipe", "StepContext", "weighted_datum", "answer_datum", "chunks", "optim_metrics"]
+__all__ = ["Recipe", "StepContext", "weighted_datum", "answer_datum", "chunks", "optim_metrics", "step_on_pairs"]
 
 
 @dataclass
@@ -98,3 +98,30 @@ def optim_metrics(result: Any) -> dict[str, float]:
     """The optimizer step's numeric metrics, under ``optim/``."""
     return {f"optim/{k}": float(v) for k, v in (getattr(result, "metrics", None) or {}).items()
             if isinstance(v, (int, float))}
+
+
+# (chosen logprobs, rejected logprobs, chosen datums, rejected datums, per-pair extras)
+#   -> (loss, {metric: tensor}); the metrics include "loss"
+PairLoss = Callable[[list[torch.Tensor], list[torch.Tensor], list[Any], list[Any], list[Any]],
+                    tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def step_on_pairs(ctx: StepContext, pairs: list[tuple[tuple[Any, Any], Any]], pair_loss: PairLoss) -> dict[str, float]:
+    """One optimizer step over preference pairs ``((chosen, rejected), extra)``, accumulated
+    over the micro-batches through ``forward_backward_custom``; each micro-batch's mean
+    loss and metrics weigh by its share of the pairs."""
+    totals: dict[str, float] = {}
+    for part in chunks(pairs, ctx.micro_batches):
+        flat = [d for (c, r), _ in part for d in (c, r)]
+        extras = [e for _, e in part]
+        share = len(part) / len(pairs)
+
+        def objective(datums: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            loss, stats = pair_loss(logprobs[0::2], logprobs[1::2], datums[0::2], datums[1::2], extras)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + share * float(v.detach())
+            return loss * share, {}
+
+        ctx.policy.forward_backward_custom(flat, objective).result()
+    opt = ctx.policy.optim_step(ctx.adam).result()
+    return {**totals, "pairs": float(len(pairs)), **optim_metrics(opt)}

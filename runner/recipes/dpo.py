@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from runner.recipes.base import StepContext, answer_datum, chunks, optim_metrics, weights_of
+from runner.recipes.base import StepContext, answer_datum, step_on_pairs, weights_of
 from runner.spec import Spec
 from runner.tasks.preference import Pair
 
@@ -93,26 +93,16 @@ def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
     beta = ctx.spec.recipe.beta
     data = [pair_data(ctx.tokenizer, p) for p in batch]
     refs = _cache(ctx).lookup(ctx.reference, data)
-    totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
-    parts = chunks(list(zip(data, refs)), ctx.micro_batches)
-    for part in parts:
-        flat = [d for (c, r), _ in part for d in (c, r)]
-        ref_c = torch.tensor([rc for _, (rc, _) in part])
-        ref_r = torch.tensor([rr for _, (_, rr) in part])
-        share = len(part) / len(data)  # each micro-batch's mean weighs by its share of the pairs
 
-        def objective(datums: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-            pi_c = torch.stack([sequence_logprob(lp, d) for lp, d in zip(logprobs[0::2], datums[0::2])])
-            pi_r = torch.stack([sequence_logprob(lp, d) for lp, d in zip(logprobs[1::2], datums[1::2])])
-            reward_c, reward_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
-            margin = reward_c - reward_r
-            loss = -F.logsigmoid(margin).mean()
-            stats = {"loss": loss, "margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
-                     "chosen_reward": reward_c.mean(), "rejected_reward": reward_r.mean()}
-            for k, v in stats.items():
-                totals[k] += share * float(v.detach())
-            return loss * share, {}
+    def pair_loss(lp_c: list[torch.Tensor], lp_r: list[torch.Tensor], d_c: list[Any], d_r: list[Any],
+                  ref: list[tuple[float, float]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pi_c = torch.stack([sequence_logprob(lp, d) for lp, d in zip(lp_c, d_c)])
+        pi_r = torch.stack([sequence_logprob(lp, d) for lp, d in zip(lp_r, d_r)])
+        reward_c = beta * (pi_c - torch.tensor([c for c, _ in ref]))
+        reward_r = beta * (pi_r - torch.tensor([r for _, r in ref]))
+        margin = reward_c - reward_r
+        loss = -F.logsigmoid(margin).mean()
+        return loss, {"loss": loss, "margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
+                      "chosen_reward": reward_c.mean(), "rejected_reward": reward_r.mean()}
 
-        ctx.policy.forward_backward_custom(flat, objective).result()
-    opt = ctx.policy.optim_step(ctx.adam).result()
-    return {**totals, "pairs": float(len(data)), **optim_metrics(opt)}
+    return step_on_pairs(ctx, list(zip(data, refs)), pair_loss)

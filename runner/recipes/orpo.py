@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from runner.recipes.base import StepContext, chunks, optim_metrics, weights_of
+from runner.recipes.base import StepContext, step_on_pairs, weights_of
 from runner.recipes.dpo import pair_data, sequence_logprob
 from runner.spec import Spec
 from runner.tasks.preference import Pair
@@ -42,24 +42,16 @@ def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
     """One optimizer step over the batch's pairs, accumulated over the micro-batches."""
     beta = ctx.spec.recipe.beta
     data = [pair_data(ctx.tokenizer, p) for p in batch]
-    totals = {"loss": 0.0, "nll": 0.0, "odds_ratio_loss": 0.0, "margin": 0.0, "accuracy": 0.0}
-    for part in chunks(data, ctx.micro_batches):
-        flat = [d for c, r in part for d in (c, r)]
-        share = len(part) / len(data)
 
-        def objective(datums: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-            avg_c = torch.stack([_mean_logprob(lp, d) for lp, d in zip(logprobs[0::2], datums[0::2])])
-            avg_r = torch.stack([_mean_logprob(lp, d) for lp, d in zip(logprobs[1::2], datums[1::2])])
-            nll = -avg_c.mean()
-            odds_ratio_loss = -F.logsigmoid(_log_odds(avg_c) - _log_odds(avg_r)).mean()
-            loss = nll + beta * odds_ratio_loss
-            margin = beta * (avg_c - avg_r)
-            stats = {"loss": loss, "nll": nll, "odds_ratio_loss": odds_ratio_loss, "margin": margin.mean(),
-                     "accuracy": (margin > 0).float().mean()}
-            for k, v in stats.items():
-                totals[k] += share * float(v.detach())
-            return loss * share, {}
+    def pair_loss(lp_c: list[torch.Tensor], lp_r: list[torch.Tensor], d_c: list[Any], d_r: list[Any],
+                  _: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        avg_c = torch.stack([_mean_logprob(lp, d) for lp, d in zip(lp_c, d_c)])
+        avg_r = torch.stack([_mean_logprob(lp, d) for lp, d in zip(lp_r, d_r)])
+        nll = -avg_c.mean()
+        odds_ratio_loss = -F.logsigmoid(_log_odds(avg_c) - _log_odds(avg_r)).mean()
+        loss = nll + beta * odds_ratio_loss
+        margin = beta * (avg_c - avg_r)
+        return loss, {"loss": loss, "nll": nll, "odds_ratio_loss": odds_ratio_loss, "margin": margin.mean(),
+                      "accuracy": (margin > 0).float().mean()}
 
-        ctx.policy.forward_backward_custom(flat, objective).result()
-    opt = ctx.policy.optim_step(ctx.adam).result()
-    return {**totals, "pairs": float(len(data)), **optim_metrics(opt)}
+    return step_on_pairs(ctx, [(d, None) for d in data], pair_loss)
