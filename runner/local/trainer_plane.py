@@ -402,12 +402,14 @@ class TrainerPlane:
         runtime = self.runtime(request)
         body = await json_body(request)
         model_id = field(body, "model_id", str)
+        card = catalogue.resolve(runtime.spec.base_model)
         return json_response({
             "type": "get_info", "model_id": model_id, "model_name": runtime.spec.base_model,
             "is_lora": runtime.spec.lora_rank > 0 and not runtime.is_base_only(model_id),
             "lora_rank": (runtime.spec.lora_rank or None) if not runtime.is_base_only(model_id) else None,
-            "model_data": {"arch": "Qwen3ForCausalLM", "model_name": runtime.spec.base_model,
-                           "tokenizer_id": catalogue.tokenizer_path()},
+            # the served model's own architecture and tokenizer (a checkpoint's, or the stand-in's)
+            "model_data": {"arch": _architecture(card), "model_name": runtime.spec.base_model,
+                           "tokenizer_id": card.tokenizer_dir},
         })
 
     async def retrieve_future(self, request: Request):
@@ -659,3 +661,8 @@ def lora_settings(config: Any, job_rank: int, job_id: str) -> Any:
     if init not in (None, "kaiming"):
         raise ApiError(400, f"lora_config.init_method {init!r} is not supported locally (kaiming)")
     return _engine().LoraSettings(rank=rank, **values)
+
+
+def _architecture(card: catalogue.ModelCard) -> str:
+    """A checkpoint's config names its architecture; the seeded stand-ins are all Qwen3."""
+    return (card.config.get("architectures") or ["Qwen3ForCausalLM"])[0]

@@ -87,6 +87,8 @@ def test_local_up_serves_and_trains_a_checkpoint(checkpoint, tmp_path, sdk_helpe
 
             # The trainer holds the checkpoint's weights...
             training = service.create_training_client()
+            described = training.get_info().model_data  # the trainer describes the checkpoint, not a stand-in
+            assert (described.arch, described.tokenizer_id) == ("Qwen3ForCausalLM", str(checkpoint.resolve()))
             full = prompt + expected_tokens
             datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(full[:-1]), loss_fn_inputs={
                 "target_tokens": tinker.TensorData(data=full[1:], dtype="int64", shape=[len(full) - 1])})
