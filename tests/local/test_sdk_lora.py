@@ -39,7 +39,7 @@ def test_lora_trains_adapters_and_the_deployment_serves_what_the_trainer_compute
     prompt, data = batch
     jobs_before = len(http.get("/v1/accounts/local/rlorTrainerJobs").json()["rlorTrainerJobs"])
     service = lora_service(provision)
-    training = service.create_training_client()
+    training = service.create_training_client(lora_rank=RANK)  # the rank the service was made with
     reference = service.create_reference_client()
 
     # The seed's reference for a LoRA policy: the same trainer with adapters disabled.
@@ -110,7 +110,7 @@ def test_lora_state_round_trips_adapters_and_optimizer_across_jobs(provision, ba
     _, data = batch
     adam = tinker.AdamParams(learning_rate=1e-2)
     first = lora_service(provision)
-    training = first.create_training_client()
+    training = first.create_training_client(lora_rank=RANK)
     for _ in range(2):
         training.forward_backward(data, "cross_entropy").result()
         training.optim_step(adam).result()
@@ -149,14 +149,15 @@ def test_lora_bad_input_is_a_clear_error_and_the_service_serves_on(provision, ba
     assert shapes.resolve_training_profile(LORA_SHAPE).supports_lora
     assert not shapes.resolve_training_profile(service_info.training_shape_id).supports_lora
     with pytest.raises(Exception, match="loraRank=65 exceeds the largest rank the training shape allows \\(64\\)"):
-        lora_service(provision, lora_rank=65).create_training_client()
+        lora_service(provision, lora_rank=65).create_training_client(lora_rank=65)
     with pytest.raises(Exception, match="loraRank=4: training shape .*ts-local-tiny.* without LoRA.*ts-local-tiny-lora"):
-        lora_service(provision, training_shape_id="accounts/fireworks/trainingShapes/ts-local-tiny").create_training_client()
+        lora_service(provision, training_shape_id="accounts/fireworks/trainingShapes/ts-local-tiny").create_training_client(
+            lora_rank=RANK)
 
     # An adapter snapshot hot-loaded into a deployment of a full-parameter trainer.
     _, data = batch
     lora = lora_service(provision)
-    adapter = lora.create_training_client().save_weights_for_sampler("adapter").result()
+    adapter = lora.create_training_client(lora_rank=RANK).save_weights_for_sampler("adapter").result()
     full = provision(base_model=TINY, training_shape_id="accounts/fireworks/trainingShapes/ts-local-tiny")
     full.create_training_client()
     refused = http.post("/hot_load/v1/models/hot_load", headers={
