@@ -35,6 +35,7 @@ class StepContext:
     step: int = 0
     last_snapshot: str | None = None
     controller: Any = field(default=None)
+    memo: dict[str, Any] = field(default_factory=dict)  # what a recipe keeps across the steps of one attempt
 
     @property
     def micro_batches(self) -> int:

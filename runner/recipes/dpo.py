@@ -79,10 +79,7 @@ class ReferenceCache:
 
 def _cache(ctx: StepContext) -> ReferenceCache:
     # one cache per run attempt, kept on the context the loop hands every step
-    cache = getattr(ctx, "reference_cache", None)
-    if cache is None:
-        cache = ReferenceCache()
-        setattr(ctx, "reference_cache", cache)
+    cache: ReferenceCache = ctx.memo.setdefault("reference_cache", ReferenceCache())
     return cache
 
 
