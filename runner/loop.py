@@ -203,8 +203,7 @@ def _recorded_inputs(ledger: Ledger, spec: Spec, st: RunState) -> Inputs:
     evals = [Example.from_json(o) for o in ledger.get_json(st.prompt_sets["eval"])]
     _, item, _ = _training_data(spec)
     train = [item(o) for o in ledger.get_json(st.prompt_sets["train"])] if "train" in st.prompt_sets else None
-    started = next(ev for ev in ledger.read(st.run_id) if ev.type == "RunStarted")
-    return Inputs(spec, evals, train, _api_key(spec), started.data.get("init_from"))
+    return Inputs(spec, evals, train, _api_key(spec), st.init_from)
 
 
 def _training_data(spec: Spec) -> tuple[Any, Any, Any]:
@@ -242,8 +241,9 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
     watch: BackendWatch | None = None
     try:
         rec.step = st.resume_step
-        watch = BackendWatch(endpoint(spec).base_url).start()
-        session = connect(spec, st, rec, inputs.api_key, needs_reference=recipe.needs_reference(spec))
+        where = endpoint(spec)
+        watch = BackendWatch(where.base_url).start()
+        session = connect(spec, where, st, rec, inputs.api_key, needs_reference=recipe.needs_reference(spec))
         tracked, policy = session.tracked, session.policy
         ctx = StepContext(spec, tracked, policy, session.reference, session.tokenizer,
                           adam=adam_params(dataclasses.asdict(spec.optim)), loop=loop,

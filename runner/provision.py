@@ -60,12 +60,13 @@ def shape_ref(shape: str) -> str:
     return shape if "/" in shape else f"accounts/fireworks/trainingShapes/{shape}"
 
 
-def connect(spec: Spec, st: RunState, rec: Recorder, api_key: str, *, needs_reference: bool) -> Session:
-    """Provision (or, on a resume, reattach to) the run's trainer, deployment and reference."""
+def connect(spec: Spec, where: Endpoint, st: RunState, rec: Recorder, api_key: str, *,
+            needs_reference: bool) -> Session:
+    """Provision (or, on a resume, reattach to) the run's trainer, deployment and reference
+    at ``where`` (the endpoint the caller resolved once for this attempt)."""
     from fireworks.training.sdk import FiretitanServiceClient
     from transformers import AutoTokenizer
 
-    where = endpoint(spec)
     tokenizer = AutoTokenizer.from_pretrained(where.tokenizer_path)
     shape = shape_ref(spec.model.training_shape)
     resuming = st.resume_step > 0 or st.attempts > 1

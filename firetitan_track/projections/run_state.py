@@ -33,6 +33,7 @@ class RunState:
     backend: str | None = None
     sweep_id: str | None = None
     rerun_of: str | None = None
+    init_from: dict[str, Any] | None = None  # a chained run's upstream: run, state, step
     prompt_sets: dict[str, str] = field(default_factory=dict)
     step: int = 0  # last completed step
     data_cursor: Any = None
@@ -127,6 +128,7 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
         st.backend = d["backend"]
         st.sweep_id = d.get("sweep_id")
         st.rerun_of = d.get("rerun_of")
+        st.init_from = d.get("init_from")
         st.prompt_sets = dict(d.get("prompt_sets") or {})
     elif t == "TrainerProvisioned":
         if d["role"] == "reference":
