@@ -406,7 +406,7 @@ class TrackedService:
         errors: list[str] = []
         try:
             if backend_lost is not None:
-                done = {k: "kept" if v == "kept" else "unknown" for k, v in wanted.items()}
+                done = _unconfirmed(wanted)
                 errors.append(f"not attempted: {backend_lost}")
                 return done
             if handle is not None:  # what the SDK's close will do
@@ -430,7 +430,7 @@ class TrackedService:
                     done, unconfirmed = _confirmed(handle, attempted)  # the service still answers: ask it
                     errors += unconfirmed
                 else:
-                    done = {k: "kept" if v == "kept" else "unknown" for k, v in attempted.items()}
+                    done = _unconfirmed(attempted)
                 raise
             if handle is not None:
                 done, unconfirmed = _confirmed(handle, done)
@@ -439,6 +439,12 @@ class TrackedService:
         finally:
             self.cleanup = done
             self._rec.record("CleanupApplied", **done, **({"error": "; ".join(errors)} if errors else {}))
+
+
+def _unconfirmed(actions: dict[str, str]) -> dict[str, str]:
+    """What a cleanup that could not be confirmed records: ``unknown`` for each action
+    meant to happen (kept stays kept)."""
+    return {k: "kept" if v == "kept" else "unknown" for k, v in actions.items()}
 
 
 CLEANUP_TIMEOUT_S = 60.0  # the SDK's own calls retry for up to 5 minutes each
