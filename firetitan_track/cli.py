@@ -21,7 +21,13 @@ import click
 from firetitan_track.errors import UserError
 from firetitan_track.ledger import Ledger, default_ledger_url
 from firetitan_track.redact import redact_text
-from firetitan_track.store import HEAD_REVISION, UPGRADE_HINT, revision_status, upgrade_schema
+from firetitan_track.store import HEAD_REVISION, UPGRADE_HINT, absolute_url, revision_status, upgrade_schema
+
+
+def absolute_uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback for options that name a store by URL: a relative SQLite path is made
+    absolute as the command line is read (``store.absolute_url``)."""
+    return absolute_url(value) if value else value
 
 
 def ledger_url(ctx: click.Context) -> str:

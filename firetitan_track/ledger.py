@@ -31,7 +31,7 @@ from firetitan_track import blobs as blob_store
 from firetitan_track.blobs import is_digest, redacted_json, sha256_hex
 from firetitan_track.events import CATALOGUE, InvalidEvent, NewEvent, RecordedEvent, upcast, validate
 from firetitan_track.redact import secret_values
-from firetitan_track.store import LedgerError, Store, checkpoints, open_store
+from firetitan_track.store import LedgerError, Store, absolute_url, checkpoints, open_store
 from firetitan_track.store import blobs as blob_table
 from firetitan_track.store import events as event_table
 
@@ -48,8 +48,9 @@ DEFAULT_LEDGER_URL = "sqlite:///.firetitan/ledger.db"  # relative to the current
 
 
 def default_ledger_url() -> str:
-    """FIRETITAN_LEDGER when set, else the SQLite file under the current directory."""
-    return os.environ.get("FIRETITAN_LEDGER") or DEFAULT_LEDGER_URL
+    """FIRETITAN_LEDGER when set, else the SQLite file under the current directory
+    (a relative SQLite path made absolute now: see ``store.absolute_url``)."""
+    return absolute_url(os.environ.get("FIRETITAN_LEDGER") or DEFAULT_LEDGER_URL)
 
 
 class ConcurrencyError(LedgerError):

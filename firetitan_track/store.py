@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -51,6 +52,7 @@ __all__ = [
     "open_engine_for_url",
     "revision_status",
     "mask_url",
+    "absolute_url",
     "sqlite_path",
     "upgrade_schema",
     "schema_revision",
@@ -145,7 +147,26 @@ def mask_url(url: str | URL) -> str:
         return str(url)
 
 
+# sqlite:///PATH (any driver): PATH relative to the current directory unless it starts with "/"
+_SQLITE_FILE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)([^?]*)(.*)", re.DOTALL)
+
+
+def absolute_url(url: str) -> str:
+    """``url`` with a relative SQLite file made absolute against the current directory.
+
+    A relative ``sqlite:///`` URL names a different file after a ``chdir``, while every
+    cache keyed by the URL text (SQLAlchemy's pool, MLflow's store map) keeps the first
+    one: the same text would name two stores. URLs are resolved once, where they are
+    read (command line, environment, default); other URLs are returned unchanged.
+    """
+    m = _SQLITE_FILE_URL.fullmatch(url)
+    if m is None or m.group(2) in ("", ":memory:") or m.group(2).startswith("/"):
+        return url
+    return f"{m.group(1)}{os.path.abspath(m.group(2))}{m.group(3)}"
+
+
 def _parse(url: str) -> URL:
+    url = absolute_url(url) if isinstance(url, str) else url
     try:
         parsed = make_url(url)
     except ArgumentError:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import click
 
-from firetitan_track.cli import ledger_url, reading_ledger, user_errors
+from firetitan_track.cli import absolute_uri, ledger_url, reading_ledger, user_errors
 
 # command name -> "module:attribute"
 COMMANDS: dict[str, str] = {
@@ -67,7 +67,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup)
-@click.option("--ledger", "ledger", metavar="URL", default=None,
+@click.option("--ledger", "ledger", metavar="URL", default=None, callback=absolute_uri,
               help="Ledger URL (sqlite:///PATH or postgresql+psycopg://...). "
                    "Default: $FIRETITAN_LEDGER, else sqlite:///.firetitan/ledger.db")
 @click.version_option(package_name="firetitan-track")
@@ -184,11 +184,12 @@ def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
 
 
 def _tracking_uri(flag: str | None) -> str | None:
-    if flag != "default":
-        return flag
-    from firetitan_track.projections.mlflow import DEFAULT_TRACKING_URI
+    """--export-mlflow's store: none, the project's (``default``), or the URI given."""
+    if flag is None:
+        return None
+    from firetitan_track.projections.mlflow.store import resolve_tracking_uri
 
-    return DEFAULT_TRACKING_URI
+    return resolve_tracking_uri(None if flag == "default" else flag)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -444,26 +444,28 @@ def sweep(ctx: click.Context, spec_path: str, search: str | None, trials: int | 
     joins the sweep: it finishes unfinished trials and runs new ones until there are N.
     """
     from firetitan_track.projections.cli import compare
-    from firetitan_track.projections.mlflow import DEFAULT_TRACKING_URI
+    from firetitan_track.projections.mlflow.store import resolve_tracking_uri
     from runner.spec import load_spec
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)  # the project's store unless one is named
 
     url = ledger_url(ctx)
     with user_errors():
         spec, plan = plan_sweep(load_spec(spec_path), grid_items=grid_items, param_items=param_items,
                                 search=search, trials=trials, prune=prune, set_items=set_items, sweep_id=sweep_id)
         run_sweep(spec, plan, ledger_url=url, workers=workers, steps=steps,
-                  tracking_uri=None if no_mlflow else (tracking_uri or DEFAULT_TRACKING_URI), experiment=experiment,
+                  tracking_uri=None if no_mlflow else tracking_uri, experiment=experiment,
                   progress=not quiet and workers == 1, on_outcome=_report_outcome)
 
     click.echo(f"\nsweep {plan.sweep_id}:")
     from firetitan_track.projections.mlflow import DEFAULT_EXPERIMENT
 
     # compare links to the store this sweep exported to, not the default one
-    ctx.invoke(compare, sweep_id=plan.sweep_id, as_json=False, tracking_uri=tracking_uri or DEFAULT_TRACKING_URI,
+    ctx.invoke(compare, sweep_id=plan.sweep_id, as_json=False, tracking_uri=tracking_uri,
                experiment=experiment or DEFAULT_EXPERIMENT)
     if not no_mlflow:
         click.echo(f"\nopen it in MLflow: firetitan-track ui --sweep {plan.sweep_id}   "
-                   f"(tracking store {tracking_uri or DEFAULT_TRACKING_URI})")
+                   f"(tracking store {tracking_uri})")
     with user_errors():
         _check_finished(url, plan)
 

@@ -96,7 +96,8 @@ def test_ledger_url_comes_from_the_environment_then_the_default(
     monkeypatch.delenv("FIRETITAN_LEDGER")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["runs"])
-    assert result.exit_code != 0 and "no ledger at .firetitan/ledger.db" in result.output
+    # the default, resolved against the directory the command runs in
+    assert result.exit_code != 0 and f"no ledger at {tmp_path}/.firetitan/ledger.db" in result.output
 
 
 def test_db_upgrade_then_current(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from firetitan_track.cli import reading_ledger, table, user_errors
+from firetitan_track.cli import absolute_uri, reading_ledger, table, user_errors
 from firetitan_track.ledger import NotFound
 from firetitan_track.projections.audit import EvalRow
 from firetitan_track.projections.audit import audit as audit_view
@@ -161,6 +161,7 @@ def export() -> None:
 @export.command("mlflow")
 @click.argument("run_ids", nargs=-1)
 @click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI",
+              callback=absolute_uri,
               help="MLflow tracking URI (a server's http://... or a sqlite:/// store).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
 @click.option("--follow", is_flag=True, help="Keep exporting new events until interrupted.")
@@ -190,6 +191,7 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
 @click.argument("sweep_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI",
+              callback=absolute_uri,
               help="The MLflow store to link to (the sweep's trials side by side in the UI).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
 @click.pass_context
@@ -225,7 +227,8 @@ def _echo_link(tracking_uri: str, experiment: str, **which: str) -> None:
 @click.option("--run", "run_id", metavar="RUN_ID", help="Print the link to this run's page.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
-@click.option("--backend-store-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI")
+@click.option("--backend-store-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI",
+              callback=absolute_uri)
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
 def ui(sweep_id: str | None, run_id: str | None, host: str, port: int, backend_store_uri: str,
        experiment: str) -> None:

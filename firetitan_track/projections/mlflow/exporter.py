@@ -38,7 +38,8 @@ from firetitan_track.projections.mlflow.keys import (MAX_METRICS_PER_CALL, MAX_P
                                                      TAG_SWEEP_PARENT, mlflow_key, ms, param_value, quote)
 from firetitan_track.projections.mlflow.run_export import RunExport
 from firetitan_track.projections.mlflow.store import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI,
-                                                      checkpoint_name, local_artifact_root, sqlite_path)
+                                                      checkpoint_name, local_artifact_root, resolve_tracking_uri,
+                                                      sqlite_path)
 from firetitan_track.projections.run_state import RunState, authoritative, fold
 
 @dataclass
@@ -70,7 +71,7 @@ class MlflowExporter:
         from mlflow import MlflowClient
 
         self.ledger = ledger
-        self.tracking_uri = tracking_uri
+        self.tracking_uri = tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment = experiment
         self.run_ids = list(run_ids) if run_ids is not None else None
         self.artifacts = artifacts

@@ -21,7 +21,7 @@ from typing import Iterable
 
 from firetitan_track.ledger import Ledger
 from firetitan_track.projections.mlflow.exporter import ExportReport, MlflowExporter
-from firetitan_track.projections.mlflow.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from firetitan_track.projections.mlflow.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, resolve_tracking_uri
 
 # spawn, not fork: the training process holds threads (torch, HTTP pools) and open
 # database connections that a forked child must not inherit
@@ -44,7 +44,7 @@ class LiveExporter:
         if not isinstance(ledger, str):
             ledger = ledger.engine.url.render_as_string(hide_password=False)
         self.ledger_url = ledger  # handed to the child through a pipe: a password never shows in `ps`
-        self.tracking_uri = tracking_uri
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.run_ids = ([run_id] if run_id else []) + list(run_ids)
         self.experiment = experiment
         self.poll_s = poll_s

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from firetitan_track.store import absolute_url
+
 # The project's tracking store: `export` writes here by default and `ui` serves it.
 # A sqlite store keeps its artifacts in "mlartifacts" beside the database file.
 DEFAULT_TRACKING_URI = "sqlite:///.firetitan/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = ".firetitan/mlartifacts"
 DEFAULT_EXPERIMENT = "firetitan-track"
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The store ``tracking_uri`` names (default: the project's), a relative sqlite path made
+    absolute now: MLflow keeps its stores keyed by the URI text, so a relative one would
+    go on naming the first directory's store after a ``chdir``."""
+    return absolute_url(tracking_uri or DEFAULT_TRACKING_URI)
 
 
 def sqlite_path(tracking_uri: str) -> Path:

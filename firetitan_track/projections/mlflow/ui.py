@@ -21,7 +21,7 @@ from typing import Any
 
 from firetitan_track.ledger import NotFound
 from firetitan_track.projections.mlflow.keys import TAG_PARENT, TAG_RUN, TAG_SWEEP_PARENT, quote
-from firetitan_track.projections.mlflow.store import store_exists
+from firetitan_track.projections.mlflow.store import resolve_tracking_uri, store_exists
 
 WORKFLOW = "workflowType=machine_learning"
 
@@ -55,6 +55,7 @@ def link(tracking_uri: str, experiment: str, base_url: str, *, sweep_id: str | N
     """
     from mlflow import MlflowClient
 
+    tracking_uri = resolve_tracking_uri(tracking_uri)
     where = f"MLflow store {tracking_uri}, experiment {experiment!r}"
     if not store_exists(tracking_uri):
         raise NotFound(f"no {where}: `firetitan-track export mlflow` writes it")
