@@ -30,4 +30,4 @@ bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .firetitan
+	rm -rf $(VENV) .firetitan .envs

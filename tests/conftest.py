@@ -97,3 +97,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.terminate()
     proc.wait(30)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def cookbook_bin() -> Path:
+    """The ``bin`` folder of the cookbook's client environment (tests/envs.py), built on first use."""
+    from tests.envs import cookbook_env
+
+    return cookbook_env()
