@@ -21,7 +21,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COOKBOOK = ROOT.parent / "shared" / "cookbook"  # the fw-ai/cookbook training/ tree, unmodified
+
+
+def _cookbook() -> Path:
+    """The fw-ai/cookbook ``training/`` tree, unmodified: ``$FIRETITAN_COOKBOOK``, else the
+    ``shared/cookbook`` beside the checkout (or beside a folder above it: a worktree or a
+    clone one level deeper), else the workplace's own copy."""
+    if os.environ.get("FIRETITAN_COOKBOOK"):
+        return Path(os.environ["FIRETITAN_COOKBOOK"])
+    for parent in ROOT.parents:
+        if (parent / "shared" / "cookbook" / "SHA256SUMS").exists():
+            return parent / "shared" / "cookbook"
+    return Path("/work/shared/cookbook")
+
+
+COOKBOOK = _cookbook()
 COOKBOOK_REQUIREMENTS = Path(__file__).resolve().parent / "cookbook" / "requirements.txt"
 TORCH = "torch==2.13.0"
 
