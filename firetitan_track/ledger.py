@@ -31,7 +31,7 @@ from firetitan_track import blobs as blob_store
 from firetitan_track.blobs import is_digest, redacted_json, sha256_hex
 from firetitan_track.events import CATALOGUE, InvalidEvent, NewEvent, RecordedEvent, upcast, validate
 from firetitan_track.redact import secret_values
-from firetitan_track.store import LedgerError, Store, absolute_url, checkpoints, open_store
+from firetitan_track.store import CommitWatch, LedgerError, Store, absolute_url, checkpoints, commit_watch, open_store
 from firetitan_track.store import blobs as blob_table
 from firetitan_track.store import events as event_table
 
@@ -217,8 +217,9 @@ class Ledger:
                         raise ConcurrencyError(run_id, expected_version, actual)
                     return stored
                 rows = _chain(run_id, expected_version, prev_hash, pending, time.time())
-                self._store.take_commit_order(conn)
-                if len(rows) == 1:
+                if not self._store.is_sqlite:
+                    positions = self._store.insert_and_commit(conn, sql.insert_returning, rows)
+                elif len(rows) == 1:
                     cursor.execute(sql.insert_returning, rows[0])
                     positions = [cursor.fetchone()[0]]
                 else:
@@ -228,7 +229,7 @@ class Ledger:
                     cursor.execute(sql.positions, {"run_id": run_id, "first": expected_version,
                                                    "end": expected_version + len(rows)})
                     positions = [r[0] for r in cursor.fetchall()]
-                cursor.close()
+                cursor.close()  # (SQLite commits as the transaction block ends)
         except self._duplicate_errors:
             # the head was read before the commit-order lock (store.py): a writer that
             # committed meanwhile shows up here, on the unique index
@@ -306,6 +307,12 @@ class Ledger:
         stmt = stmt.order_by(event_table.c.position).limit(limit)
         with self._reading(), self.engine.connect() as conn:
             return [_from_row(r) for r in conn.execute(stmt)]
+
+    def watch_commits(self) -> CommitWatch:
+        """A watch that wakes a follower when an append may have committed (LISTEN/NOTIFY on
+        PostgreSQL, the database files on SQLite): call ``follow`` when ``wait`` says so.
+        The caller owns it and closes it; one thread waits on it."""
+        return commit_watch(self._store)
 
     def runs(self) -> list[RunInfo]:
         """Every run in the ledger, oldest first."""

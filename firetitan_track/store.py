@@ -13,9 +13,17 @@ serialized, so that insert order equals commit order (a follower reading
   sequence while the lock is held and the lock is released only after the commit is
   visible, so positions become visible in increasing order. Two appends to one
   stream still race on the ``(run_id, version)`` unique index: the loser's insert
-  waits for the winner's commit and fails, as a ConcurrencyError. The lock spans
-  only the insert and the commit, where ``LOCK TABLE events IN EXCLUSIVE MODE``
-  (the mechanism before it) spanned the whole append, head read included.
+  waits for the winner's commit and fails, as a ConcurrencyError. The lock, the
+  insert and the COMMIT are sent pipelined, in one round trip: the lock is held for
+  the server's own work (the insert and the WAL flush of the commit), never for a
+  network round trip or the client's scheduling. ``LOCK TABLE events IN EXCLUSIVE
+  MODE`` (the mechanism before it) spanned the whole append, head read included.
+
+Followers wake on commit rather than polling: on PostgreSQL the commit-order lock's
+statement also queues a ``NOTIFY`` on :data:`COMMIT_CHANNEL` (delivered when the append
+commits, after its rows are visible), which :class:`CommitWatch` listens for on a
+connection of its own; on SQLite it watches the database and WAL files, which every
+commit writes. Either way a follower still polls at its own interval as the fallback.
 
 An append to a run whose writer holds a lease in the database (run_leases)
 also checks the lease's fencing token inside its transaction: a writer whose lease
@@ -30,6 +38,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +58,8 @@ __all__ = [
     "SchemaOutOfDate",
     "HEAD_REVISION",
     "Store",
+    "CommitWatch",
+    "commit_watch",
     "open_store",
     "open_engine_for_url",
     "revision_status",
@@ -134,6 +146,8 @@ run_leases = sa.Table(
 # The key of the commit-order lock (pg_advisory_xact_lock). Advisory locks are
 # database-wide: ledgers in several schemas of one database share it (correct, slower).
 COMMIT_ORDER_LOCK = 7202
+# Appends notify this channel as they commit (PostgreSQL); CommitWatch listens on it.
+COMMIT_CHANNEL = "firetitan_ledger"
 _FENCE_SQL = "SELECT token FROM run_leases WHERE run_id = %(run_id)s FOR SHARE"
 
 
@@ -267,7 +281,26 @@ class Store:
         end of its commit, no other append inserts (PostgreSQL; SQLite's BEGIN IMMEDIATE
         already serializes the whole append)."""
         if not self.is_sqlite:
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK})")
+            # the notification is queued now and delivered at commit, once the rows are
+            # visible; the lock already serializes these commits, so it costs no extra wait
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK}), "
+                                 f"pg_notify('{COMMIT_CHANNEL}', '')")
+
+    def insert_and_commit(self, conn: Connection, insert_returning: str, rows: list[dict]) -> list[int]:
+        """PostgreSQL: take the commit-order lock, insert ``rows`` and commit, pipelined (see
+        the module's opening); returns the rows' positions. The transaction is over when
+        this returns (the caller's transaction block then has nothing left to commit)."""
+        driver = conn.connection.driver_connection
+        with driver.pipeline():
+            driver.execute(f"SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK}), pg_notify('{COMMIT_CHANNEL}', '')")
+            cursor = driver.cursor()
+            cursor.executemany(insert_returning, rows, returning=True)
+            driver.commit()
+        positions = []
+        while True:
+            positions.append(cursor.fetchone()[0])
+            if not cursor.nextset():
+                return positions
 
     def insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
         return self._dialect_insert(table).on_conflict_do_nothing()
@@ -287,6 +320,127 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class CommitWatch:
+    """Tells a follower when an append may have committed, so it reads only then.
+
+    ``wait(timeout)`` returns True as soon as a commit may have happened since the last
+    call (at once on the first call, so nothing committed before the watch began is
+    missed), False after ``timeout`` seconds without one. A wake may be spurious (a
+    checkpoint of the SQLite WAL, another ledger's append on the same PostgreSQL
+    database): the follower then reads nothing new and waits again.
+    """
+
+    stop_check_s = 0.25  # how promptly wait_or_stop notices its stop event
+
+    def wait(self, timeout: float) -> bool:
+        raise NotImplementedError
+
+    def wait_or_stop(self, stop: threading.Event, poll_s: float) -> None:
+        """Return when a commit may have happened, ``stop`` is set, or ``poll_s`` has passed
+        (the fallback poll: a follower reads at least that often whatever it hears)."""
+        deadline = time.monotonic() + poll_s
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.wait(min(left, self.stop_check_s)):
+                return
+
+    def close(self) -> None:
+        pass
+
+
+class _PollingWatch(CommitWatch):
+    """No way to hear commits (an in-memory database): every wait runs its full time."""
+
+    def __init__(self) -> None:
+        self._first = True
+
+    def wait(self, timeout: float) -> bool:
+        if self._first:
+            self._first = False
+            return True
+        time.sleep(max(0.0, timeout))
+        return True
+
+
+class _FileWatch(CommitWatch):
+    """SQLite: every commit writes the database's WAL file (or, after a checkpoint, the
+    database file): their sizes and modification times change. A stat is a system call,
+    not a query; at every ``interval`` it costs nothing measurable."""
+
+    interval = 0.02
+
+    def __init__(self, path: Path) -> None:
+        self._files = (path, path.with_name(path.name + "-wal"))
+        self._seen = self._stamp()
+        self._first = True
+        # A commit writes the WAL a moment before readers can see it: a wake is repeated
+        # once, an interval later, so a read that came too early is made again.
+        self._again_at: float | None = None
+
+    def _stamp(self) -> tuple:
+        stamps = []
+        for f in self._files:
+            try:
+                st = f.stat()
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def wait(self, timeout: float) -> bool:
+        if self._first:  # watching from now on: what committed before is read at once
+            self._first = False
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            stamp, now = self._stamp(), time.monotonic()
+            if stamp != self._seen:
+                self._seen, self._again_at = stamp, now + self.interval
+                return True
+            if self._again_at is not None and now >= self._again_at:
+                self._again_at = None
+                return True
+            left = deadline - now
+            if left <= 0:
+                return False
+            time.sleep(min(self.interval, left))
+
+
+class _NotifyWatch(CommitWatch):
+    """PostgreSQL: LISTEN on a connection of its own (autocommit, outside the pool)."""
+
+    def __init__(self, engine: Engine) -> None:
+        import psycopg
+
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        self._conn = psycopg.connect(*cargs, **cparams, autocommit=True)
+        self._conn.execute(f"LISTEN {COMMIT_CHANNEL}")
+        self._first = True
+
+    def wait(self, timeout: float) -> bool:
+        if self._first:  # listening from now on: what committed before is read at once
+            self._first = False
+            return True
+        heard = any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
+        if heard:  # one wake for every notification already queued
+            for _ in self._conn.notifies(timeout=0.0):
+                pass
+        return heard
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def commit_watch(store: Store) -> CommitWatch:
+    """A watch for commits to ``store``'s database (see CommitWatch)."""
+    if not store.is_sqlite:
+        return _NotifyWatch(store.engine)
+    database = store.engine.url.database
+    if database in (None, "", ":memory:"):
+        return _PollingWatch()
+    return _FileWatch(Path(database))
 
 
 def _store_for(parsed: URL) -> Store:

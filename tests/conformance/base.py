@@ -259,6 +259,32 @@ class LedgerConformance:
             assert [e.version for e in ledger.read(run)] == list(range(ledger.stream_version(run)))
         assert ledger.verify() == []
 
+    def test_a_commit_watch_wakes_on_a_commit_from_another_connection(self, ledger: Ledger,
+                                                                    ledger_url: str) -> None:
+        """A follower waits on the watch instead of polling: quiet while nothing commits,
+        woken by an append made through another connection (another process's ledger)."""
+        watch = ledger.watch_commits()
+        try:
+            assert watch.wait(0.0) is True, "the first wait reads what committed before the watch began"
+            assert watch.wait(0.3) is False, "woken with nothing committed"
+            writer = Ledger.open(ledger_url)
+            try:
+                timer = threading.Timer(0.2, lambda: writer.append("r", [step(0)], 0))
+                timer.start()
+                seen: list = []
+                while not seen:  # a follower's loop: every wake is followed by a read
+                    assert watch.wait(30.0) is True, "no wake within 30 s of a commit"
+                    seen = ledger.follow(0)
+                timer.join()
+            finally:
+                writer.close()
+            assert [e.run_id for e in seen] == ["r"]
+            stop = threading.Event()
+            stop.set()
+            watch.wait_or_stop(stop, poll_s=30.0)  # returns at once once stopped
+        finally:
+            watch.close()
+
     # -- tamper evidence -------------------------------------------------------------
 
     def _three_events(self, ledger: Ledger) -> None:

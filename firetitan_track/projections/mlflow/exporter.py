@@ -106,15 +106,24 @@ class MlflowExporter:
                 self.ledger.set_checkpoint(self.checkpoint, self._position)
 
     def follow(self, stop: threading.Event, poll_s: float = 1.0) -> ExportReport:
-        """Export as events arrive until ``stop`` is set, then flush what is left."""
+        """Export as events arrive until ``stop`` is set, then flush what is left.
+
+        The follower wakes when an append commits (``Ledger.watch_commits``), and reads at
+        least every ``poll_s`` seconds whatever it hears."""
         report = ExportReport(position=self._position)
-        while not stop.is_set():
-            try:
-                report.add(self.export())
-            except Exception as exc:  # e.g. the tracking server is down: the ledger keeps it all
-                print(f"mlflow export: {type(exc).__name__}: {exc}; retrying in {poll_s}s",
-                      file=sys.stderr, flush=True)
-            stop.wait(poll_s)
+        watch = self.ledger.watch_commits()
+        try:
+            while not stop.is_set():
+                try:
+                    report.add(self.export())
+                except Exception as exc:  # e.g. the tracking server is down: the ledger keeps it all
+                    print(f"mlflow export: {type(exc).__name__}: {exc}; retrying in {poll_s}s",
+                          file=sys.stderr, flush=True)
+                    stop.wait(poll_s)
+                    continue
+                watch.wait_or_stop(stop, poll_s)
+        finally:
+            watch.close()
         report.add(self.export())
         return report
 
