@@ -61,10 +61,11 @@ __all__ = [
     "blobs",
     "checkpoints",
     "run_leases",
+    "signed_heads",
 ]
 
 # The Alembic head this code is written against (tests check it matches schema/).
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 UPGRADE_HINT = "firetitan-track db upgrade"
 
@@ -129,6 +130,18 @@ run_leases = sa.Table(
     sa.Column("token", sa.BigInteger, nullable=False),  # the fencing token, +1 per takeover
     sa.Column("holder", sa.String, nullable=False),  # host:pid, for messages
     sa.Column("expires_at", sa.Double, nullable=False),  # the database's clock, unix seconds
+)
+
+# Signatures over stream heads (firetitan_track/signing.py); the private key is never stored here.
+signed_heads = sa.Table(
+    "signed_heads", metadata,
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),  # of the event at that version
+    sa.Column("signed_at", sa.Double, nullable=False),
+    sa.Column("public_key", sa.String, nullable=False),  # the signer, "ed25519:BASE64"
+    sa.Column("signature", sa.String, nullable=False),  # base64
+    sa.PrimaryKeyConstraint("run_id", "version", "public_key", name="pk_signed_heads"),
 )
 
 # The key of the commit-order lock (pg_advisory_xact_lock). Advisory locks are
@@ -230,6 +243,7 @@ class Store:
 
     engine: Engine
     url: str  # masked, for messages
+    sqlite_file: Path | None = None  # the database file of a SQLite ledger (its signing key lives beside it)
 
     @property
     def is_sqlite(self) -> bool:
@@ -290,8 +304,10 @@ class Store:
 
 
 def _store_for(parsed: URL) -> Store:
-    engine = _sqlite_engine(parsed) if parsed.get_backend_name() == "sqlite" else _postgres_engine(parsed)
-    return Store(engine, mask_url(parsed))
+    if parsed.get_backend_name() == "sqlite":
+        file = None if parsed.database in (None, "", ":memory:") else Path(parsed.database)
+        return Store(_sqlite_engine(parsed), mask_url(parsed), file)
+    return Store(_postgres_engine(parsed), mask_url(parsed))
 
 
 def open_engine_for_url(url: str) -> Engine:

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "runs": "firetitan_track.cli:runs",
     "events": "firetitan_track.cli:events",
     "verify": "firetitan_track.cli:verify",
+    "key": "firetitan_track.cli:key",
     "blob": "firetitan_track.cli:blob",
     "db": "firetitan_track.cli:db",
     "bundle": "firetitan_track.cli:bundle",

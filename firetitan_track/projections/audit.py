@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from firetitan_track.events import RecordedEvent
-from firetitan_track.ledger import Ledger, unknown_run
+from firetitan_track.ledger import VIEW_ERRORS, Ledger, unknown_run, unreadable
 from firetitan_track.projections.run_state import authoritative
 
 __all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run"]
@@ -53,29 +53,33 @@ def eval_rows(events: Sequence[RecordedEvent]) -> list[EvalRow]:
     kinds: dict[str, str] = {}  # snapshot path -> base|delta
     synced: dict[str, float] = {}  # snapshot path -> duration of its latest sync
     promoted: dict[str, list[str]] = {}  # snapshot path -> model ids promoted from it
-    for ev in authoritative(events):
-        d = ev.data
-        if ev.type == "SnapshotSaved":
-            kinds[d["path"]] = d["kind"]
-        elif ev.type == "WeightsSynced":
-            synced[d["snapshot_path"]] = float(d["duration_s"])
-        elif ev.type == "EvalStarted":
-            path = d["snapshot_path"]
-            rows[d["eval_id"]] = EvalRow(
-                eval_id=d["eval_id"], step=d["step"], snapshot_path=path,
-                snapshot_kind=kinds.get(path), prompt_set_digest=d["prompt_set_digest"],
-                prompt_count=d["prompt_count"], sampling=dict(d["sampling"]), score=None,
-                sync_duration_s=synced.get(path),
-            )
-        elif ev.type == "SamplesRecorded" and d["eval_id"] in rows:
-            rows[d["eval_id"]].completions_digest = d["completions_digest"]
-        elif ev.type == "EvalScored" and d["eval_id"] in rows:
-            row = rows[d["eval_id"]]
-            row.score = float(d["score"])
-            row.metrics = dict(d.get("metrics") or {})
-            row.scored_at = ev.recorded_at
-        elif ev.type == "ModelPromoted":
-            promoted.setdefault(d["snapshot_path"], []).append(d["model_id"])
+    ev = None
+    try:
+        for ev in authoritative(events):
+            d = ev.data
+            if ev.type == "SnapshotSaved":
+                kinds[d["path"]] = d["kind"]
+            elif ev.type == "WeightsSynced":
+                synced[d["snapshot_path"]] = float(d["duration_s"])
+            elif ev.type == "EvalStarted":
+                path = d["snapshot_path"]
+                rows[d["eval_id"]] = EvalRow(
+                    eval_id=d["eval_id"], step=d["step"], snapshot_path=path,
+                    snapshot_kind=kinds.get(path), prompt_set_digest=d["prompt_set_digest"],
+                    prompt_count=d["prompt_count"], sampling=dict(d["sampling"]), score=None,
+                    sync_duration_s=synced.get(path),
+                )
+            elif ev.type == "SamplesRecorded" and d["eval_id"] in rows:
+                rows[d["eval_id"]].completions_digest = d["completions_digest"]
+            elif ev.type == "EvalScored" and d["eval_id"] in rows:
+                row = rows[d["eval_id"]]
+                row.score = float(d["score"])
+                row.metrics = dict(d.get("metrics") or {})
+                row.scored_at = ev.recorded_at
+            elif ev.type == "ModelPromoted":
+                promoted.setdefault(d["snapshot_path"], []).append(d["model_id"])
+    except VIEW_ERRORS as exc:  # a stored event its type does not describe: named, never a traceback
+        raise unreadable(ev, exc) from None
     for row in rows.values():
         row.promoted_as = list(promoted.get(row.snapshot_path, []))
     return list(rows.values())

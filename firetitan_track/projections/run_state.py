@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from firetitan_track.events import RecordedEvent
+from firetitan_track.ledger import VIEW_ERRORS, unreadable
 
 __all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY"]
 
@@ -93,10 +94,15 @@ def to_supersede(events: Sequence[RecordedEvent]) -> list[int]:
 
 
 def fold(events: Sequence[RecordedEvent], run_id: str | None = None) -> RunState:
-    """Rebuild a run's state from its events alone."""
+    """Rebuild a run's state from its events alone; an event it cannot read is named
+    (CorruptLedger), never a traceback."""
     st = RunState(run_id=run_id or (events[0].run_id if events else ""))
-    for ev in authoritative(events):
-        _apply(st, ev)
+    ev = None
+    try:
+        for ev in authoritative(events):
+            _apply(st, ev)
+    except VIEW_ERRORS as exc:
+        raise unreadable(ev, exc) from None
     st.version = (events[-1].version + 1) if events else 0
     return st
 
