@@ -278,8 +278,11 @@ def _pack(members: list[tuple[str, bytes]]) -> bytes:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             tar.addfile(info, io.BytesIO(data))
-    tar_bytes = raw.getvalue()
-    # the gzip framing by hand (RFC 1952), so the header is the fixed one whatever Python writes
+    return _frame(raw.getvalue())
+
+
+def _frame(tar_bytes: bytes) -> bytes:
+    """The gzip framing by hand (RFC 1952), so the header is the fixed one whatever Python writes."""
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     body = deflate.compress(tar_bytes) + deflate.flush()
     trailer = struct.pack("<II", zlib.crc32(tar_bytes), len(tar_bytes) & 0xFFFFFFFF)
@@ -369,6 +372,10 @@ class _Inflater:
             self.total += len(out)
             if self.total > self.limits.total:
                 raise _TooLarge(f"it expands to more than {_size(self.limits.total)} (FIRETITAN_BUNDLE_MAX_BYTES)")
+            if self.total > _RATIO_FLOOR and self.total > self.limits.ratio * self.read_compressed:
+                raise _TooLarge(f"it expands more than {self.limits.ratio} times its compressed size ({_size(self.total)} "
+                                f"from {_size(self.read_compressed)}): a compression bomb, not a bundle "
+                                "(FIRETITAN_BUNDLE_MAX_RATIO)")
             self.crc = zlib.crc32(out, self.crc)
             self._buf += out
             if self._z.eof:
@@ -395,13 +402,16 @@ class _Inflater:
 
 @dataclass(frozen=True)
 class Limits:
-    """How far a bundle may expand: in all, one member, and what is parsed in memory (the
-    manifest and the event streams together). Beyond them a bundle is refused, naming the
-    limit, before the rest is read. Environment variables raise them for a larger bundle."""
+    """How far a bundle may expand: in all, one member, what is parsed in memory (the manifest
+    and the event streams together), and against its compressed size (past the first 64 MiB:
+    JSON compresses some tens of times; deflate's most, about 1000 times, is what a bomb of
+    zeros reaches). Beyond them a bundle is refused, naming the limit, before the rest is
+    read. Environment variables raise them for a larger bundle."""
 
     total: int
     member: int
     events: int
+    ratio: int = 500
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -418,10 +428,11 @@ class Limits:
             return value
 
         return cls(read("FIRETITAN_BUNDLE_MAX_BYTES", 8 << 30), read("FIRETITAN_BUNDLE_MAX_MEMBER_BYTES", 1 << 30),
-                   read("FIRETITAN_BUNDLE_MAX_EVENT_BYTES", 256 << 20))
+                   read("FIRETITAN_BUNDLE_MAX_EVENT_BYTES", 256 << 20), read("FIRETITAN_BUNDLE_MAX_RATIO", 500))
 
 
 _HEADER_BYTES = 1 << 20  # a tar header, PAX records included: ours are a few hundred bytes
+_RATIO_FLOOR = 64 << 20  # below this, any ratio: a small bundle of repetitive JSON is no threat
 _CHUNK = 1 << 20
 
 

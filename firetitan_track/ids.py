@@ -17,11 +17,18 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-__all__ = ["RUN_ID_RULE", "SWEEP_STREAM_PREFIX", "is_run_id", "is_stream_id", "run_id_problem", "file_name"]
+from firetitan_track.errors import UserError
+
+__all__ = ["RUN_ID_RULE", "SWEEP_STREAM_PREFIX", "UnsafeId", "is_run_id", "is_stream_id", "run_id_problem",
+           "file_name"]
 
 RUN_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 SWEEP_STREAM_PREFIX = "sweep:"  # a sweep's own stream: "sweep:<sweep id>"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class UnsafeId(UserError, ValueError):
+    """A stored id that breaks the rule where it was about to become part of a path."""
 
 
 def is_run_id(value: Any) -> bool:
@@ -46,9 +53,9 @@ def run_id_problem(value: Any, secrets: Sequence[str] = ()) -> str | None:
 
 def file_name(value: Any, suffix: str = "") -> str:
     """``value + suffix`` as one plain file name, for a stored id about to become part of a
-    path; ValueError when the id does not follow the rule (``../../x``, ``/tmp/x``)."""
+    path; UnsafeId when the id does not follow the rule (``../../x``, ``/tmp/x``)."""
     if not is_run_id(value):
-        raise ValueError(f"{_shown(value)} is not a plain id ({RUN_ID_RULE}); it is not used as a file name")
+        raise UnsafeId(f"{_shown(value)} is not a plain id ({RUN_ID_RULE}); it is not used as a file name")
     return f"{value}{suffix}"
 
 

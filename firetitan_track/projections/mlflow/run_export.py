@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from firetitan_track.events import RecordedEvent
+from firetitan_track.ids import file_name  # a stored id becomes a file name only once checked
 from firetitan_track.projections.audit import best_eval, eval_rows
 from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_METRICS_PER_CALL,
                                                      MAX_PARAMS_PER_CALL, PROMPTS_DATASET, SNAPSHOT_MODEL_TYPE,
@@ -175,7 +176,7 @@ class RunExport:
                     files.append((_write_json(tmp, f"{digest}.json", self._blob(digest)), "prompts"))
                 elif ev.type == "SamplesRecorded":
                     body = self._blob(ev.data["completions_digest"])
-                    files.append((_write_json(tmp, f"{ev.data['eval_id']}.json", body), "completions"))
+                    files.append((_write_json(tmp, file_name(ev.data["eval_id"], ".json"), body), "completions"))
             if any(ev.type == "EvalScored" for ev in self.new):
                 files.append((_plot_scores(self.history, Path(tmp) / "eval_score.png"), None))
             for path, folder in files:
