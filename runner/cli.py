@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import click
 
 from firetitan_track.cli import absolute_uri, ledger_url, reading_ledger, user_errors
+from firetitan_track.redact import guard_output
 
 # command name -> "module:attribute"
 COMMANDS: dict[str, str] = {
@@ -75,6 +76,7 @@ class LazyGroup(click.Group):
 @click.pass_context
 def main(ctx: click.Context, ledger: str | None) -> None:
     """Run FireTitan research loops and keep an auditable record of them."""
+    guard_output()  # a traceback or log line never prints a secret
     ctx.ensure_object(dict)
     ctx.obj["ledger_url"] = ledger
 
