@@ -53,13 +53,23 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested: BaseException | None = None
+        self.finished = False
+        self.after_finish: int | None = None  # a signal that came once the run had finished
         self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.finished:  # nothing left to stop: the run completed, its cleanup is done
+            self.after_finish = signum
+            return
         self.requested = Terminated("terminated by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
         raise self.requested
+
+    def finish(self) -> None:
+        """The run has cleaned up and is recording its end: a signal from here on stops nothing
+        (a completed run is not turned into a failed one, and its process exits 0)."""
+        self.finished = True
 
     def check(self) -> None:
         if self.requested is not None:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
 from firetitan_track.projections.run_state import RunState, fold, to_supersede
-from firetitan_track.redact import redact
+from firetitan_track.ids import RUN_ID_RULE, is_run_id
+from firetitan_track.redact import redact, secret_values
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import InvalidEvent
 from firetitan_track.ledger import StoreFailure
@@ -44,9 +45,7 @@ from runner.tasks.preference import Pair, load_pairs, pair_batch
 __all__ = ["RunResult", "RunError", "RunInterrupted", "run_spec", "resume_run", "rerun"]
 
 
-# Run ids travel into MLflow filters, file names and URLs: keep them plain.
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # what a spec's run.name loses in a generated run id
 
 
 class RunError(UserError, RuntimeError):
@@ -54,9 +53,13 @@ class RunError(UserError, RuntimeError):
 
 
 def check_run_id(run_id: str) -> None:
-    """Refuse a run id that would not travel safely (MLflow filters, file names, URLs)."""
-    if not _RUN_ID.fullmatch(run_id):
-        raise RunError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    """Refuse a run id that would not travel safely (MLflow filters, file names, URLs: the rule
+    in firetitan_track/ids.py), or that holds a credential's value (ids are never redacted)."""
+    if not is_run_id(run_id):
+        raise RunError(f"run id {run_id!r}: use {RUN_ID_RULE}")
+    if any(secret in run_id for secret in secret_values()):
+        raise RunError("the run id holds the value of a credential in the environment (FIREWORKS_API_KEY or "
+                       "another key): run ids are shown, stored and exported as they are; choose another")
 
 
 class StopEarly(Exception):
@@ -288,6 +291,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         result.status = "completed"
         watch.stop()
         _close(tracked)
+        stop.finish()  # a SIGTERM from here on lands on a finished run: it completes, exit status 0
         rec.record("RunCompleted", final_step=spec.run.steps, final_snapshot=ctx.last_snapshot)
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run

@@ -155,7 +155,25 @@ def jsonl_objects(path: str | Path, *, what: str = "data file",
                 raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+            where = _nul_at(obj)
+            if where is not None:  # C strings (tokenizers, the service, terminals) end at a NUL
+                raise DataError(f"{p}:{n}: {where} holds a NUL character (\\u0000); prompts and answers are text")
             yield n, obj
+
+
+def _nul_at(node: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) holding a NUL character, or None."""
+    if isinstance(node, str):
+        return (path or "the line") if "\x00" in node else None
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        here = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and "\x00" in key:
+            return f"a key of {path or 'the line'}"
+        found = _nul_at(value, here)
+        if found is not None:
+            return found
+    return None
 
 
 def load_jsonl(path: str | Path, *, what: str = "data file") -> list[Example]:
