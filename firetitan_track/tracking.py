@@ -24,7 +24,7 @@ from firetitan_track.ledger import Ledger
 from firetitan_track.redact import redact_text
 
 __all__ = ["Recorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track", "adam_params",
-           "code_version", "error_text"]
+           "code_version", "error_text", "clean_up"]
 
 
 class Recorder:
@@ -439,6 +439,20 @@ class TrackedService:
         finally:
             self.cleanup = done
             self._rec.record("CleanupApplied", **done, **({"error": "; ".join(errors)} if errors else {}))
+
+
+def clean_up(handle: Any, wanted: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Apply the cleanup policy ``wanted`` to the resources ``handle`` names (as the SDK's
+    handle does: trainer_manager + trainer_endpoint.job_id, deployment_manager + deployment)
+    and confirm each action with the service, as ``close`` does; for resources no SDK handle
+    owns (what a failed provisioning left). Returns what was done and why anything was not."""
+    nothing = {"trainer": "kept", "deployment": "kept"}
+    try:
+        done = _bounded(lambda: _clean_reattached(handle, wanted, nothing), CLEANUP_TIMEOUT_S)
+    except Exception as exc:
+        done, why = _confirmed(handle, wanted)  # attempted, perhaps in part: ask the service
+        return done, [redact_text(f"{type(exc).__name__}: {exc}"), *why]
+    return _confirmed(handle, done)
 
 
 def _unconfirmed(actions: dict[str, str]) -> dict[str, str]:
