@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any, Callable, Sequence
@@ -382,19 +382,103 @@ def run_sweep(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int = 1,
         if workers <= 1:
             outcomes = work(spec, plan, ledger_url=ledger_url, steps=steps, progress=progress, on_outcome=on_outcome)
         else:
-            # spawn, not fork: each worker starts clean (no inherited engines, threads or event loops)
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(work, spec, plan, ledger_url=ledger_url, steps=steps, progress=False)
-                           for _ in range(workers)]
-                for fut in futures:
-                    for o in fut.result():
-                        outcomes.append(o)
-                        if on_outcome is not None:
-                            on_outcome(o)
+            outcomes = _run_workers(spec, plan, ledger_url=ledger_url, workers=workers, steps=steps,
+                                    on_outcome=on_outcome)
     finally:
         if exporter is not None:
             exporter.stop()
     return sorted(outcomes, key=lambda o: o.trial)
+
+
+def _run_workers(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int, steps: int | None,
+                 on_outcome: Callable[[TrialOutcome], None] | None) -> list[TrialOutcome]:
+    """``workers`` processes, each running ``work`` until the sweep is done, each on its own pipe.
+
+    A worker that dies (``kill -9``, the OOM killer) takes nothing with it: the others run on
+    untouched, its trial's run lease frees (at once on this host), and that trial is resumed
+    from its ledger state by a surviving worker or by the replacement started here. (A process
+    pool would not do: one dead worker breaks the pool and stops every other with it.)
+    """
+    from multiprocessing.connection import wait
+
+    ctx = get_context("spawn")  # not fork: each worker starts clean (no inherited engines, threads or loops)
+    running: dict[Any, Any] = {}  # the parent's end of a worker's pipe -> the worker
+    outcomes: list[TrialOutcome] = []
+    errors: list[str] = []
+    failed: set[Any] = set()  # workers that reported an error: they ended, they did not die
+    replacements = 0
+
+    def start() -> None:
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(spec, plan, ledger_url, steps, send), name="firetitan-sweep-worker")
+        proc.start()
+        send.close()  # the worker holds the only sending end: its death closes the pipe
+        running[receive] = proc
+
+    for _ in range(workers):
+        start()
+    try:
+        while running:
+            for conn in wait(list(running)):
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):  # the worker is gone
+                    proc = running.pop(conn)
+                    proc.join()
+                    conn.close()
+                    if proc.exitcode != 0 and conn not in failed and replacements < plan.n_trials:
+                        # its trial is resumed by a surviving worker, or by this replacement
+                        click.echo(f"sweep {plan.sweep_id}: worker {proc.pid} died ({_exit_reason(proc.exitcode)}); "
+                                   "the trial it held is resumed from the ledger by another worker", err=True)
+                        replacements += 1
+                        start()
+                    continue
+                if kind == "outcome":
+                    outcomes.append(payload)
+                    if on_outcome is not None:
+                        on_outcome(payload)
+                else:
+                    errors.append(payload)
+                    failed.add(conn)
+    finally:
+        for proc in running.values():  # an interrupt here reached the workers too: let them clean up
+            proc.join(timeout=CLEANUP_WAIT_S)
+            if proc.is_alive():
+                proc.terminate()
+    if errors:
+        raise SweepError(errors[0])
+    return outcomes
+
+
+CLEANUP_WAIT_S = 120.0  # a worker stopped by Ctrl-C applies its run's cleanup before it exits
+
+
+def _worker(spec: Spec, plan: SweepPlan, ledger_url: str, steps: int | None, send: Any) -> None:
+    """One worker process: ``work`` with each outcome sent to the parent as it comes."""
+    from firetitan_track.redact import guard_output
+
+    guard_output()
+    try:
+        work(spec, plan, ledger_url=ledger_url, steps=steps, progress=False,
+             on_outcome=lambda o: send.send(("outcome", o)))
+    except BaseException as exc:  # the parent reports it once the other workers end (as text: not
+        # every exception survives pickling)
+        from firetitan_track.redact import redact_text
+
+        why = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        send.send(("error", redact_text(f"a sweep worker stopped: {why}")))
+        raise SystemExit(1) from None
+    finally:
+        send.close()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def _start_export(ledger_url: str, tracking_uri: str | None, experiment: str | None, plan: SweepPlan) -> Any:
