@@ -27,7 +27,7 @@ from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
 from firetitan_track.projections.run_state import RunState, fold, to_supersede
 from firetitan_track.ids import RUN_ID_RULE, is_run_id
-from firetitan_track.redact import redact, secret_values
+from firetitan_track.redact import redact, redact_text, secret_values
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import InvalidEvent
 from firetitan_track.ledger import StoreFailure
@@ -326,9 +326,9 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             raise RunError(f"run {rec.run_id} stopped: {lost}. Its cleanup could be neither done nor confirmed "
                            f"(recorded as unknown). {_restart_hint(spec)}continue it with: "
                            f"firetitan-track resume {rec.run_id}") from None
-        if isinstance(cause, (NotResumable, InvalidEvent)) or getattr(cause, "status_code", None) in (400, 422):
+        if isinstance(cause, (NotResumable, InvalidEvent)) or _status_code(cause) in (400, 422):
             # a request the service refused as malformed is refused again on every resume
-            raise RunError(f"run {rec.run_id} failed: {error_text(cause)}. Resume replays the recorded spec "
+            raise RunError(f"run {rec.run_id} failed: {_refusal(cause)}. Resume replays the recorded spec "
                            "and would fail the same way: start a new run with the spec changed") from None
         if is_interrupt(cause):
             raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)",
@@ -343,6 +343,27 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         close_loop(loop)
         if exporter is not None:
             exporter.stop()
+
+
+def _status_code(exc: BaseException) -> int | None:
+    """The HTTP status of a refused request: the SDK's errors carry it, httpx's on their response."""
+    code = getattr(exc, "status_code", None)
+    return code if code is not None else getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _refusal(exc: BaseException) -> str:
+    """An error as a person reads it: for an HTTP refusal, the service's own reason, first line."""
+    response = getattr(exc, "response", None)
+    if response is None or _status_code(exc) is None:
+        return error_text(exc)
+    from fireworks.training.sdk.errors import parse_api_error
+
+    try:
+        what = f"{response.request.method} {response.request.url.path}"
+        reason = (parse_api_error(response).strip().splitlines() or [""])[0]
+    except Exception:  # a response without its request, or an unreadable body
+        return error_text(exc)
+    return redact_text(f"the service refused {what} (HTTP {_status_code(exc)}): {reason}")
 
 
 def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
