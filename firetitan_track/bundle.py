@@ -439,7 +439,7 @@ _CHUNK = 1 << 20
 def _size(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:
-            return f"{n / (1 << shift):g} {unit}"
+            return f"{n / (1 << shift):.3g} {unit}"
     return f"{n} bytes"
 
 
