@@ -66,6 +66,12 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
                      for line in [headers, ["-" * w for w in widths], *rows])
 
 
+def _printable(text: str) -> str:
+    """Text from the ledger as a terminal may show it: one that breaks the run-id rule (written
+    behind the ledger's back) is shown escaped, so a control character cannot redraw the table."""
+    return text if text.isprintable() else repr(text)
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -83,8 +89,8 @@ def runs(ctx: click.Context, as_json: bool) -> None:
         click.echo("no runs")
     else:
         click.echo(table(["RUN", "EVENTS", "FIRST (UTC)", "LAST (UTC)", "LAST EVENT"],
-                          [[i.run_id, str(i.events), _when(i.first_at), _when(i.last_at), i.last_type]
-                           for i in infos]))
+                          [[_printable(i.run_id), str(i.events), _when(i.first_at), _when(i.last_at),
+                            _printable(i.last_type)] for i in infos]))
 
 
 @click.command()
@@ -133,7 +139,7 @@ def verify(ctx: click.Context, run_id: str | None, bundle_path: str | None, trus
         click.echo("intact")
         return
     for p in report.problems:
-        click.echo(f"run {p.run_id}: first bad version {p.version}: {p.reason}")
+        click.echo(f"run {_printable(p.run_id)}: first bad version {p.version}: {p.reason}")
     ctx.exit(1)
 
 

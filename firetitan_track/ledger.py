@@ -544,7 +544,9 @@ class Ledger:
                 heads.setdefault(row["run_id"], []).append(_head(row))
             for rid, group in itertools.groupby(conn.execute(stmt), key=lambda r: r.run_id):
                 rows = list(group)
-                problem = check_stream(rid, rows) or _positions_problem(rid, rows)
+                misnamed = run_id_problem(rid)  # a stream written behind the ledger's back
+                problem = (Problem(rid, 0, misnamed) if misnamed else None) or check_stream(rid, rows) \
+                    or _positions_problem(rid, rows)
                 if problem is not None:
                     report.problems.append(problem)
                 _collect_references(rows, references)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 from firetitan_track.blobs import canonical_json
-from firetitan_track.bundle import MANIFEST, _frame, _pack
+from firetitan_track.bundle import _COMMENT, _GZIP_FIXED, MANIFEST, _frame, _pack
 from firetitan_track.ledger import GENESIS_HASH, event_hash
 from firetitan_track.signing import SigningKey
 
@@ -83,3 +85,30 @@ def framed_tar(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
         raw.write(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
     raw.write(b"\0" * tarfile.BLOCKSIZE * 2)
     return _frame(raw.getvalue())
+
+
+def zero_bomb(path: Path, member: str | tarfile.TarInfo, size: int, manifest: bytes | None = None) -> Path:
+    """A bundle whose member ``member`` (a name, or a hand-made header) holds ``size`` zero bytes
+    (whole MiBs), after ``manifest`` if given, framed and digested as the writer does: a
+    compression bomb whose every digest is right. The zeros are compressed a MiB at a time,
+    never held in memory."""
+    head = b""
+    if manifest is not None:
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = len(manifest)
+        head = info.tobuf(tarfile.PAX_FORMAT) + manifest + b"\0" * (-len(manifest) % tarfile.BLOCKSIZE)
+    info = member if isinstance(member, tarfile.TarInfo) else tarfile.TarInfo(member)
+    info.size = size
+    head += info.tobuf(tarfile.USTAR_FORMAT if info.type == tarfile.XHDTYPE else tarfile.PAX_FORMAT)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    crc, body = zlib.crc32(head), [deflate.compress(head)]
+    zeros = bytes(1 << 20)
+    for _ in range(size >> 20):
+        crc = zlib.crc32(zeros, crc)
+        body.append(deflate.compress(zeros))
+    tail = bytes(2 * tarfile.BLOCKSIZE)  # the archive's end
+    crc = zlib.crc32(tail, crc)
+    body += [deflate.compress(tail), deflate.flush()]
+    rest = b"".join(body) + struct.pack("<II", crc, (len(head) + (size >> 20 << 20) + len(tail)) & 0xFFFFFFFF)
+    path.write_bytes(_GZIP_FIXED + _COMMENT + hashlib.sha256(rest).hexdigest().encode() + b"\0" + rest)
+    return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import tarfile
 import tracemalloc
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from firetitan_track import Ledger
 from firetitan_track.bundle import MANIFEST, BundleError, Limits, read_bundle
 from firetitan_track.signing import SigningKey, new_key_file
 from runner.cli import main
-from tests.ledger.forge import Forgery, framed_tar, members_of
+from tests.ledger.forge import Forgery, framed_tar, zero_bomb
 from tests.projections.streams import write_run
 
 
@@ -91,41 +90,10 @@ def test_a_stored_id_becomes_a_file_name_only_when_it_is_plain() -> None:
 # -- (2) gzip bombs: streamed, limited, refused early and named ----------------------------------
 
 
-def _zero_bomb(path: Path, name: str | tarfile.TarInfo, size: int, manifest: bytes | None = None) -> Path:
-    """A bundle whose member ``name`` (or the hand-made header ``name``) holds ``size`` zero bytes,
-    compressed as the writer does, without ever holding the zeros in memory."""
-    head = b""
-    if manifest is not None:
-        info = tarfile.TarInfo(MANIFEST)
-        info.size = len(manifest)
-        head = info.tobuf(tarfile.PAX_FORMAT) + manifest + b"\0" * (-len(manifest) % 512)
-    info = name if isinstance(name, tarfile.TarInfo) else tarfile.TarInfo(name)
-    info.size = size
-    head += info.tobuf(tarfile.USTAR_FORMAT if info.type == tarfile.XHDTYPE else tarfile.PAX_FORMAT)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    crc, body = zlib.crc32(head), [deflate.compress(head)]
-    zeros = bytes(1 << 20)
-    for _ in range(size >> 20):
-        crc = zlib.crc32(zeros, crc)
-        body.append(deflate.compress(zeros))
-    tail = bytes(1024)
-    crc = zlib.crc32(tail, crc)
-    body += [deflate.compress(tail), deflate.flush()]
-    total = len(head) + (size >> 20 << 20) + len(tail)
-    import hashlib
-    import struct
-
-    from firetitan_track.bundle import _COMMENT, _GZIP_FIXED
-
-    rest = b"".join(body) + struct.pack("<II", crc, total & 0xFFFFFFFF)
-    path.write_bytes(_GZIP_FIXED + _COMMENT + hashlib.sha256(rest).hexdigest().encode() + b"\0" + rest)
-    return path
-
-
 def test_a_zero_bomb_is_refused_early_in_bounded_memory(tmp_path: Path) -> None:
     manifest = json.dumps({"format": "firetitan-track bundle", "format_version": 2, "streams": [],
                            "blobs": [{"digest": "0" * 64, "file": f"blobs/{'0' * 64}", "sha256": "0" * 64}]}).encode()
-    bomb = _zero_bomb(tmp_path / "bomb.tar.gz", f"blobs/{'0' * 64}", 256 << 20, manifest)
+    bomb = zero_bomb(tmp_path / "bomb.tar.gz", f"blobs/{'0' * 64}", 256 << 20, manifest)
     assert bomb.stat().st_size < 1 << 20  # a bomb: under 1 MiB on disk, 256 MiB of zeros inside
     tracemalloc.start()
     try:
@@ -152,11 +120,11 @@ def test_each_limit_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     # a PAX header of 32 MiB (zeros, under 64 KiB compressed) that tarfile would read whole to parse it
     pax = tarfile.TarInfo("pax")
     pax.type = tarfile.XHDTYPE
-    bad = _zero_bomb(tmp_path / "pax.tar.gz", pax, 32 << 20, manifest.encode())
+    bad = zero_bomb(tmp_path / "pax.tar.gz", pax, 32 << 20, manifest.encode())
     _refused(bad, tmp_path, "a tar header (a PAX or long-name record) larger than 1 MiB")
     # the total, and what is parsed in memory, each under their own variable
     monkeypatch.setenv("FIRETITAN_BUNDLE_MAX_BYTES", str(8 << 20))
-    total = _zero_bomb(tmp_path / "total.tar.gz", f"blobs/{'2' * 64}", 16 << 20, manifest.encode())
+    total = zero_bomb(tmp_path / "total.tar.gz", f"blobs/{'2' * 64}", 16 << 20, manifest.encode())
     _refused(total, tmp_path, "expands to more than 8 MiB (FIRETITAN_BUNDLE_MAX_BYTES)")
     monkeypatch.delenv("FIRETITAN_BUNDLE_MAX_BYTES")
     monkeypatch.setenv("FIRETITAN_BUNDLE_MAX_EVENT_BYTES", "50")

@@ -12,8 +12,7 @@ from click.testing import CliRunner
 
 from firetitan_track import Ledger
 from firetitan_track.blobs import canonical_json
-from firetitan_track.ledger import event_hash
-from firetitan_track.signing import SIGN_EVERY, key_text, new_key_file
+from firetitan_track.signing import SIGN_EVERY
 from runner.cli import main
 from tests.ledger.forge import rechained
 from tests.projections.streams import write_run
@@ -165,3 +164,14 @@ def test_a_run_id_holding_a_secret_is_refused(ledger: Ledger, monkeypatch: pytes
     with pytest.raises(LedgerError, match="must not contain the value of a credential"):
         ledger.append("fw-secret-run-id-123", [new_event("RunFailed", error="x", step=0)], 0)
     assert ledger.runs() == []
+
+
+def test_a_run_id_written_behind_the_ledgers_back_cannot_redraw_the_terminal(url: str) -> None:
+    spoof = "\x1b[2K\rr1"  # erase the line, print "r1" over it
+    with Ledger.open(url) as ledger:
+        _sql(ledger, "UPDATE events SET run_id = :s WHERE run_id = 'r2'", s=spoof)
+        _sql(ledger, "DELETE FROM signed_heads WHERE run_id = 'r2'")
+    listed = _cli(url, "runs")
+    assert listed.exit_code == 0 and "\x1b" not in listed.output and repr(spoof) in listed.output
+    out = _refused(url, ["verify"], "a run id is 1-128 letters")
+    assert "\x1b" not in out
