@@ -1,8 +1,11 @@
 """The event catalogue: every fact the ledger records, with its schema version.
 
 An event is a JSON object with a ``type`` and a payload. Each type has a current
-schema version and a set of required payload fields; an event stored under an
-older version is upcast on read by the registered upcasters, never rewritten.
+schema version, its payload fields with their JSON kinds (required, and optional ones
+checked when present), and the fields that name stored blobs. ``payload_problem`` is
+the one check of a payload against its type: appends, imports and every read apply it,
+so a view can rely on what the catalogue lists. An event stored under an older version
+is upcast on read by the registered upcasters, never rewritten.
 
 Intent/outcome pairs (``*Requested`` then the outcome) make a crash between
 "asked" and "done" visible in the log.

@@ -677,19 +677,24 @@ def _decoded(type: str, schema_version: int, data_json: str) -> tuple[int, dict[
     return upcast(type, schema_version, data)
 
 
-def _payload_problem(event_type: str, schema_version: int, data_json: str) -> str | None:
-    """What its event type refuses in a stored payload (None: readable). An unknown type or a
+def _refused(event_type: str, version: int, data: Any) -> str | None:
+    """What its event type refuses in a decoded payload (None: readable). An unknown type or a
     schema version ahead of this code is not judged here (``import`` refuses both)."""
+    current = CATALOGUE.get(event_type)
+    if current is None or version != current.version:
+        return None
+    return payload_problem(current, data)
+
+
+def _payload_problem(event_type: str, schema_version: int, data_json: str) -> str | None:
+    """``_refused`` for a stored payload, its decoding included."""
     try:
         version, data = _decoded(event_type, schema_version, data_json)
     except ValueError as e:  # JSONDecodeError, or an upcaster that refused
         return f"its payload cannot be read ({e})"
     except Exception as e:  # an upcaster that met a payload it cannot take
         return f"its payload cannot be upcast ({type(e).__name__}: {e})"
-    current = CATALOGUE.get(event_type)
-    if current is None or version != current.version:
-        return None
-    return payload_problem(current, data)
+    return _refused(event_type, version, data)
 
 
 def _from_row(row: Row, check: bool = True) -> RecordedEvent:
@@ -700,12 +705,10 @@ def _from_row(row: Row, check: bool = True) -> RecordedEvent:
                             "not valid JSON") from None
     except ValueError as e:  # an upcaster that refused it
         raise CorruptLedger(f"run {row.run_id} version {row.version} ({row.type}): {e}") from None
-    current = CATALOGUE.get(row.type)
-    if check and current is not None and version == current.version:
-        problem = payload_problem(current, data)
-        if problem is not None:  # no view should meet it: name it here instead
-            raise CorruptLedger(f"run {row.run_id} version {row.version} ({row.type}) holds a payload its "
-                                f"event type refuses: {problem}")
+    problem = _refused(row.type, version, data) if check else None
+    if problem is not None:  # no view should meet it: name it here instead
+        raise CorruptLedger(f"run {row.run_id} version {row.version} ({row.type}) holds a payload its "
+                            f"event type refuses: {problem}")
     return RecordedEvent(row.run_id, row.version, row.position, row.event_id, row.type, version, data,
                          row.recorded_at, row.hash)
 
