@@ -155,25 +155,7 @@ def jsonl_objects(path: str | Path, *, what: str = "data file",
                 raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
-            where = _nul_at(obj)
-            if where is not None:  # C strings (tokenizers, the service, terminals) end at a NUL
-                raise DataError(f"{p}:{n}: {where} holds a NUL character (\\u0000); prompts and answers are text")
             yield n, obj
-
-
-def _nul_at(node: Any, path: str = "") -> str | None:
-    """The dotted path of the first string (or key) holding a NUL character, or None."""
-    if isinstance(node, str):
-        return (path or "the line") if "\x00" in node else None
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in items:
-        here = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and "\x00" in key:
-            return f"a key of {path or 'the line'}"
-        found = _nul_at(value, here)
-        if found is not None:
-            return found
-    return None
 
 
 def load_jsonl(path: str | Path, *, what: str = "data file") -> list[Example]:
@@ -193,10 +175,19 @@ def prompt_messages(obj: dict[str, Any], where: str) -> tuple[tuple[str, str], .
     """A JSONL line's prompt: ``"prompt"`` (a string, the user's turn) or ``"messages"`` (a list
     of {role, content}). ``where`` (file:line) names the line in the error."""
     if isinstance(obj.get("prompt"), str):
-        return _user(obj["prompt"])
-    msgs = obj.get("messages")
-    if not (isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs)):
-        raise DataError(f"{where}: needs 'prompt' (a string) or 'messages' (a list of {{role, content}})")
-    return tuple((m["role"], m["content"]) for m in msgs)
+        messages = _user(obj["prompt"])
+    else:
+        msgs = obj.get("messages")
+        if not (isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)):
+            raise DataError(f"{where}: needs 'prompt' (a string) or 'messages' (a list of {{role, content}})")
+        messages = tuple((m["role"], m["content"]) for m in msgs)
+    # A prompt is text sent to a tokenizer and a service and shown in terminals, all of which may
+    # end a string at a NUL. (An answer is only compared with what the model wrote, which may
+    # hold any token, a NUL included.)
+    for role, content in messages:
+        if "\x00" in role or "\x00" in content:
+            field = "prompt" if isinstance(obj.get("prompt"), str) else "messages"
+            raise DataError(f"{where}: {field} holds a NUL character (\\u0000); a prompt is text")
+    return messages

@@ -112,7 +112,7 @@ def test_a_nul_in_a_jsonl_prompt_is_refused_naming_file_and_line(tmp_path: Path,
     prompts.write_text(json.dumps({"prompt": "12", "answer": "21"}) + "\n" +
                        json.dumps({"prompt": "reverse 1\u00002", "answer": "21"}) + "\n")
     spec = small_spec(tmp_path, "http://127.0.0.1:9", name="nul", eval={"prompts": str(prompts), "count": 0})
-    _refused(_run(ledger_url, spec), f"{prompts}:2: prompt holds a NUL character")
+    _refused(_run(ledger_url, spec), f"{prompts}:2: prompt holds a NUL character (\\u0000); a prompt is text")
     assert not Path(ledger_url.removeprefix("sqlite:///")).exists()
 
 
