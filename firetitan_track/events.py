@@ -289,17 +289,17 @@ def payload_problem(et: EventType, data: Any) -> str | None:
 
     The one check of a payload against the catalogue: appends, imports and reads apply it,
     so a view can rely on every field its event type lists."""
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         return f"the payload is {_json_kind(data)}, not an object"
-    missing = [k for k in et.required if k not in data]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    for kinds, present_only in ((et.fields, False), (et.optional, True)):
-        for key, kind in kinds.items():
-            if present_only and key not in data:
-                continue
-            if not kind.test(data[key]):
-                return f"{key} is {_shown(data[key])}, not {kind.name}"
+    for key in et.required:
+        if key not in data:
+            return f"missing {', '.join(k for k in et.required if k not in data)}"
+    for key, kind in et.fields.items():
+        if not kind.test(data[key]):
+            return f"{key} is {_shown(data[key])}, not {kind.name}"
+    for key, kind in et.optional.items():
+        if key in data and not kind.test(data[key]):
+            return f"{key} is {_shown(data[key])}, not {kind.name}"
     return None
 
 
