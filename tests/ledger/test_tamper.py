@@ -175,3 +175,15 @@ def test_a_run_id_written_behind_the_ledgers_back_cannot_redraw_the_terminal(url
     assert listed.exit_code == 0 and "\x1b" not in listed.output and repr(spoof) in listed.output
     out = _refused(url, ["verify"], "a run id is 1-128 letters")
     assert "\x1b" not in out
+
+
+def test_an_eval_id_forged_into_the_database_never_becomes_a_path(url: str, tmp_path: Path) -> None:
+    target = Path("/tmp") / f"forged-{tmp_path.name}"
+    with Ledger.open(url) as ledger:
+        _sql(ledger, "DELETE FROM signed_heads WHERE run_id = 'r1'")  # a forger without the key drops them
+        _rewrite(ledger, "r1", lambda ev: ev["data"].update(eval_id=f"../../../../{target}")
+                 if "eval_id" in ev["data"] else None)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _refused(url, ["export", "mlflow", "r1", "--tracking-uri", store, "--quiet"],
+             "run r1 version", "eval_id is a string", "not an id")
+    assert not Path(f"{target}.json").exists()
