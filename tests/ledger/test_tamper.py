@@ -187,3 +187,13 @@ def test_an_eval_id_forged_into_the_database_never_becomes_a_path(url: str, tmp_
     _refused(url, ["export", "mlflow", "r1", "--tracking-uri", store, "--quiet"],
              "run r1 version", "eval_id is a string", "not an id")
     assert not Path(f"{target}.json").exists()
+
+
+def test_a_run_id_that_became_a_secret_is_neither_bundled_nor_exported(url: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FIREWORKS_API_KEY", "r2")  # a key equal to a run id recorded before it was one
+    out = tmp_path / "b.tar.gz"
+    assert "r2" not in _refused(url, ["bundle", "r2", "-o", str(out)], "a run id holds the value of a credential")
+    assert not out.exists()
+    _refused(url, ["export", "mlflow", "r2", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"],
+             "a run id holds the value of a credential in this environment; it is not exported")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from firetitan_track.events import RecordedEvent
-from firetitan_track.ledger import Ledger, NotFound
+from firetitan_track.ledger import Ledger, LedgerError, NotFound
 from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, compare_sweep, sweep_stream
 from firetitan_track.projections.mlflow.keys import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL,
                                                      MAX_TAGS_PER_CALL, MODEL_TRAINING, TAG_EVENTS,
@@ -41,6 +41,7 @@ from firetitan_track.projections.mlflow.store import (DEFAULT_EXPERIMENT, DEFAUL
                                                       checkpoint_name, local_artifact_root, resolve_tracking_uri,
                                                       sqlite_path)
 from firetitan_track.projections.run_state import RunState, authoritative, fold
+from firetitan_track.redact import redact_text
 
 @dataclass
 class ExportReport:
@@ -128,6 +129,9 @@ class MlflowExporter:
                 stream.append(ev)  # (a stream not cached yet is read whole below)
         sweeps: set[str] = set()
         for stream_id in touched:
+            if redact_text(stream_id) != stream_id:  # an id is exported as it is: never one holding a secret
+                raise LedgerError("a run id holds the value of a credential in this environment; it is not "
+                                  "exported to MLflow")
             if stream_id not in self._streams:
                 self._streams[stream_id] = self.ledger.read(stream_id)
             if stream_id.startswith(SWEEP_STREAM_PREFIX):
