@@ -422,9 +422,9 @@ class Limits:
             try:
                 value = int(text)
             except ValueError:
-                raise BundleError(f"{name}={text!r}: expected a number of bytes") from None
+                value = 0
             if value <= 0:
-                raise BundleError(f"{name}={text!r}: expected a positive number of bytes")
+                raise BundleError(f"{name}={text!r}: expected a positive whole number")
             return value
 
         return cls(read("FIRETITAN_BUNDLE_MAX_BYTES", 8 << 30), read("FIRETITAN_BUNDLE_MAX_MEMBER_BYTES", 1 << 30),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import signal
 import sys
 import time
@@ -422,7 +423,7 @@ def _run_workers(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int, 
             for conn in wait(list(running)):
                 try:
                     kind, payload = conn.recv()
-                except (EOFError, OSError):  # the worker is gone
+                except (EOFError, OSError, pickle.UnpicklingError):  # the worker is gone (mid-message, perhaps)
                     proc = running.pop(conn)
                     proc.join()
                     conn.close()
