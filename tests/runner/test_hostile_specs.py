@@ -162,3 +162,33 @@ def test_run_failed_names_the_step_in_progress(tmp_path: Path, ledger_url: str, 
     events = Ledger.open(ledger_url).read("stepk")
     completed = [ev.data["step"] for ev in events if ev.type == "StepCompleted"]
     assert events[-1].type == "RunFailed" and events[-1].data["step"] == 3 == completed[-1] + 1
+
+
+def test_a_signal_landing_inside_a_ledger_write_waits_until_the_write_is_done(ledger_url: str,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # raised mid-transaction, the exception could leave a pooled connection holding SQLite's
+    # write lock, and the cleanup's own record would then wait for it and fail
+    import time
+
+    from firetitan_track import new_event
+    from firetitan_track.store import Store
+    from runner.interrupts import StopSignals, Terminated
+
+    ledger = Ledger.open(ledger_url)
+    take = Store.take_commit_order
+
+    def signalled_inside(self: Store, conn: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # lands on the next bytecode: inside the append
+        take(self, conn)
+
+    monkeypatch.setattr(Store, "take_commit_order", signalled_inside)
+    stop = StopSignals()
+    try:
+        ledger.append("w", [new_event("RunFailed", error="x", step=0)], 0)  # not interrupted
+        assert ledger.stream_version("w") == 1 and isinstance(stop.requested, Terminated)
+        monkeypatch.setattr(Store, "take_commit_order", take)
+        with pytest.raises(Terminated):  # delivered again once the write is done
+            time.sleep(5)
+    finally:
+        stop.restore()
+        ledger.close()
