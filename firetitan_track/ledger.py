@@ -698,19 +698,19 @@ def _payload_problem(event_type: str, schema_version: int, data_json: str) -> st
 
 
 def _from_row(row: Row, check: bool = True) -> RecordedEvent:
+    run_id, version, position, event_id, type_, schema_version, data_json, recorded_at, hash_ = row  # _COLUMNS
     try:
-        version, data = _decoded(row.type, row.schema_version, row.data)
+        current, data = _decoded(type_, schema_version, data_json)
     except json.JSONDecodeError:
-        raise CorruptLedger(f"run {row.run_id} version {row.version} ({row.type}) holds a payload that is "
+        raise CorruptLedger(f"run {run_id} version {version} ({type_}) holds a payload that is "
                             "not valid JSON") from None
     except ValueError as e:  # an upcaster that refused it
-        raise CorruptLedger(f"run {row.run_id} version {row.version} ({row.type}): {e}") from None
-    problem = _refused(row.type, version, data) if check else None
+        raise CorruptLedger(f"run {run_id} version {version} ({type_}): {e}") from None
+    problem = _refused(type_, current, data) if check else None
     if problem is not None:  # no view should meet it: name it here instead
-        raise CorruptLedger(f"run {row.run_id} version {row.version} ({row.type}) holds a payload its "
+        raise CorruptLedger(f"run {run_id} version {version} ({type_}) holds a payload its "
                             f"event type refuses: {problem}")
-    return RecordedEvent(row.run_id, row.version, row.position, row.event_id, row.type, version, data,
-                         row.recorded_at, row.hash)
+    return RecordedEvent(run_id, version, position, event_id, type_, current, data, recorded_at, hash_)
 
 
 def _recorded_from_rows(rows: list[dict[str, Any]], positions: list[int]) -> list[RecordedEvent]:
@@ -823,17 +823,19 @@ def _check_read(run_id: str, first: int, before: Any, rows: Sequence[Any], newes
         raise CorruptLedger(f"run {run_id}: version {first - 1} is missing")
     prev_hash = before.hash if before is not None else GENESIS_HASH
     expected = first
-    for r in rows:
-        if r.version != expected:
+    hashes = []
+    # unpacked, not read by attribute: this runs for every event every view reads
+    for rid, version, _, event_id, type_, schema_version, data, recorded_at, hash_ in rows:
+        if version != expected:
             raise CorruptLedger(f"run {run_id}: version {expected} is missing (the next stored version is "
-                                f"{r.version})")
-        if event_hash(prev_hash, r.run_id, r.version, r.event_id, r.type, r.schema_version, r.data,
-                      r.recorded_at) != r.hash:
-            raise CorruptLedger(f"run {run_id} version {r.version} ({r.type}): hash mismatch: the event was "
+                                f"{version})")
+        if event_hash(prev_hash, rid, version, event_id, type_, schema_version, data, recorded_at) != hash_:
+            raise CorruptLedger(f"run {run_id} version {version} ({type_}): hash mismatch: the event was "
                                 "edited, reordered, or an event before it was removed")
-        expected, prev_hash = r.version + 1, r.hash
+        expected, prev_hash = version + 1, hash_
+        hashes.append(hash_)
     if newest:
-        problems = check_heads(run_id, [r.hash for r in rows], newest, first=first).problems
+        problems = check_heads(run_id, hashes, newest, first=first).problems
         if problems:
             raise CorruptLedger(f"run {run_id}: {problems[0][1]}")
 
