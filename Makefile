@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first, pinned: the machine holds this CPU build on disk; a looser pin pulls CUDA.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -c requirements.lock -e '.[test]'
+	$(VENV)/bin/pip install -q -c requirements.lock -e '.[all,test]'
 	touch $(STAMP)
 
 test: install

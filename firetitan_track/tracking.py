@@ -91,9 +91,13 @@ def adam_params(params: Any) -> Any:
     """The SDK's AdamParams from any AdamParams-like object or dict.
 
     The seed recipe passes Thinking Machines' ``tinker.AdamParams``, which
-    fireworks-ai 1.2.30's optim_step rejects; the fields are the same.
+    fireworks-ai 1.2.30's optim_step rejects; the fields are the same. Before 1.2.25 the
+    SDK had no class of its own and took tinker's (the cookbook's 1.2.24).
     """
-    from fireworks.training.sdk import AdamParams
+    try:
+        from fireworks.training.sdk import AdamParams
+    except ImportError:
+        from tinker.types import AdamParams
 
     if isinstance(params, AdamParams):
         return params

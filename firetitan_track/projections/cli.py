@@ -1,4 +1,4 @@
-"""Commands for the ledger's views: audit, lineage, replay, export, compare, ui.
+"""Commands for the ledger's views: audit, lineage, replay, status, export, compare, diff, ui.
 
 Each opens the ledger named by the root command and prints a view of it; the
 views themselves live beside this module, one module per view.
@@ -26,6 +26,7 @@ from firetitan_track.projections.lineage import lineage as lineage_view
 from firetitan_track.projections.mlflow.store import (DEFAULT_ARTIFACT_ROOT, DEFAULT_EXPERIMENT,
                                                       DEFAULT_TRACKING_URI, local_artifact_root, store_exists)
 from firetitan_track.projections.replay import replay as replay_view
+from firetitan_track.projections.run_state import fold
 
 
 def _echo_json(obj: Any) -> None:
@@ -153,6 +154,33 @@ def replay(ctx: click.Context, run_id: str, as_json: bool) -> None:
         ctx.exit(1)
 
 
+@click.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Where RUN_ID stands: status, step, trainer, deployment, last state, snapshot and score."""
+    with reading_ledger(ctx) as ledger:
+        st = fold(ledger.read(run_id), run_id)
+    row = {
+        "run_id": st.run_id, "status": st.status, "step": st.step, "version": st.version,
+        "attempts": st.attempts, "trainer_job_id": st.trainer_job_id, "deployment_id": st.deployment_id,
+        "last_state": st.last_state and {k: st.last_state[k] for k in ("step", "path")},
+        "last_snapshot": st.last_snapshot and {k: st.last_snapshot[k] for k in ("step", "path", "kind")},
+        "last_score": st.last_score and {k: st.last_score[k] for k in ("step", "score", "snapshot_path")},
+        "pending_intent": st.open_intent, "error": st.error,
+    }
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    width = max(map(len, row))
+    for key, value in row.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+
 @click.group()
 def export() -> None:
     """Project the ledger into other tools."""
@@ -213,8 +241,12 @@ def compare(ctx: click.Context, sweep_id: str, as_json: bool, tracking_uri: str,
 
 def _echo_link(tracking_uri: str, experiment: str, **which: str) -> None:
     """The MLflow UI link for a sweep or run, or why there is none yet (the ledger view stands alone)."""
+    from firetitan_track.extras import install_line, missing
     from firetitan_track.projections.mlflow.ui import link, ui_base_url
 
+    if missing("mlflow"):
+        click.echo(f"\nin MLflow: not here (the export and UI are the [mlflow] extra: {install_line('mlflow')})")
+        return
     serve = "" if tracking_uri.startswith(("http://", "https://")) else "  (serve it: firetitan-track ui)"
     try:
         click.echo(f"\nin MLflow: {link(tracking_uri, experiment, ui_base_url(tracking_uri), **which)}{serve}")

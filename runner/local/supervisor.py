@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from firetitan_track.errors import UserError
+from firetitan_track.extras import require
 
 from .state import DEFAULT_STATE_DIR, INFO_FILE, LOG_FILE, START_LOCK_FILE, read_json
 
@@ -122,6 +123,7 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str 
           timeout: float = READY_TIMEOUT_S, model_dirs: dict[str, str] | None = None) -> LocalServiceInfo:
     """Launch the server in the background and wait until it serves (``model_dirs``:
     {model name: checkpoint directory} to serve, the first as the default model)."""
+    require("local")  # torch, transformers, the web stack: said before a server fails to import them
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     if running(state_dir) is not None:
