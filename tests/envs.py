@@ -91,7 +91,7 @@ def cookbook_env() -> Path:
 # What a wheel is built from: the packaging file and the packages (tests and tools stay out).
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "firetitan_track", "runner")
 LOCK = ROOT / "requirements.lock"
-DERIVED_KEEP_S = 24 * 3600  # a derived env unused this long (an older wheel's) is removed
+DERIVED_KEEP_S = 3 * 3600  # a derived env unused this long (an older wheel's) is removed
 
 
 @functools.cache
@@ -194,7 +194,7 @@ def install_project(bin: Path | None, extras: Sequence[str] = ()) -> Path:
 
 
 def _prune(root: Path, name: str, keep: Path) -> None:
-    """Remove derived envs of ``name`` built from older wheels and unused for a day."""
+    """Remove derived envs of ``name`` built from older wheels and unused for DERIVED_KEEP_S."""
     for old in root.glob(f"{name}-*"):
         ready = old / ".ready"
         if old != keep and (not ready.exists() or time.time() - ready.stat().st_mtime > DERIVED_KEEP_S):

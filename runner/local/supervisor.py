@@ -178,6 +178,8 @@ def ensure_running(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, dev
     lock on the state dir makes the first start the service and the others use it.
     """
     state_dir = Path(state_dir)
+    if running(state_dir) is None:
+        require("local")  # before anything is written; a service some other environment runs serves all the same
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / START_LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
