@@ -31,6 +31,7 @@ import click
 from firetitan_track import ConcurrencyError, Ledger, new_event
 from firetitan_track.cli import ledger_url, user_errors
 from firetitan_track.errors import UserError
+from firetitan_track.extras import require
 from firetitan_track.projections.compare import sweep_stream, sweep_trials
 from firetitan_track.projections.run_state import fold
 from runner.lease import Lease, LeaseHeld, acquire, try_acquire
@@ -451,6 +452,8 @@ def sweep(ctx: click.Context, spec_path: str, search: str | None, trials: int | 
 
     url = ledger_url(ctx)
     with user_errors():
+        if not no_mlflow:
+            require("mlflow", "a sweep's MLflow export (--no-mlflow skips it)")
         spec, plan = plan_sweep(load_spec(spec_path), grid_items=grid_items, param_items=param_items,
                                 search=search, trials=trials, prune=prune, set_items=set_items, sweep_id=sweep_id)
         run_sweep(spec, plan, ledger_url=url, workers=workers, steps=steps,
