@@ -44,12 +44,6 @@ def postgres_bin(wheel: Path) -> Path:
     return install_project(None, ("postgres",))
 
 
-@pytest.fixture(scope="session")
-def cookbook_core_bin(cookbook_bin: Path, wheel: Path) -> Path:
-    """The cookbook's client environment (fireworks-ai 1.2.24, tinker 0.23) plus the core."""
-    return install_project(cookbook_bin, ())
-
-
 def outside(bin: Path, program: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``program`` from ``bin`` in ``cwd`` (outside the checkout), with no PYTHONPATH, no
     virtualenv and no FIRETITAN_* variable of the test run: only what the environment holds."""

@@ -35,6 +35,7 @@ def test_the_core_records_a_run_with_track_and_reads_it_back(user_core_bin: Path
         return done.stdout
 
     assert ft("db", "current").strip() == f"{HEAD_REVISION} (head)"
+    assert ft("db", "upgrade").strip() == f"already at head revision {HEAD_REVISION}"
     events = json.loads(ft("events", "mine", "--json"))
     types = [e["type"] for e in events]
     assert types[:4] == ["RunStarted", "ProvisionRequested", "TrainerProvisioned", "DeploymentProvisioned"]
