@@ -124,6 +124,32 @@ class ControlPlane:
                                         forward_only=bool(job.get("forwardOnly")),
                                         seed=int(job.get("_seed", 0))))
 
+    def start_job(self, job_id: str, base_model: str, *, lora_rank: int = 0, display_name: str | None = None,
+                  private: dict | None = None) -> dict:
+        """A running trainer job that another protocol asked for (a Tinker training run): the
+        record create_job writes, without a training shape, plus ``private`` bookkeeping
+        (underscore keys, never returned by the control plane); its trainer started."""
+        if self.state.jobs.get(job_id) is not None:
+            raise ApiError(409, f"trainer job accounts/{ACCOUNT_ID}/rlorTrainerJobs/{job_id} already exists")
+        now = now_rfc3339()
+        job = {
+            "name": f"accounts/{ACCOUNT_ID}/rlorTrainerJobs/{job_id}",
+            "displayName": display_name or job_id,
+            "state": "JOB_STATE_RUNNING",
+            "status": {"code": "OK", "message": ""},
+            "createTime": now,
+            "updateTime": now,
+            "serviceMode": True,
+            "forwardOnly": False,
+            "trainingShape": None,
+            "trainingConfig": {"baseModel": base_model, "loraRank": lora_rank, "learningRate": None,
+                               "maxContextLength": catalogue.resolve(base_model).max_context_length},
+            **{f"_{key}": value for key, value in (private or {}).items()},
+        }
+        self.state.jobs.put(job_id, job)
+        self._start_trainer(job_id, job)
+        return job
+
     # -- accounts -----------------------------------------------------------------
 
     async def list_accounts(self, request: Request) -> Response:

@@ -174,6 +174,29 @@ class Sampler:
         model_io.load_weight_dict(self.model, {k: v.to(self.device, self.dtype) for k, v in weights.items()})
         self.identity = str(snapshot_path)
 
+    # -- scoring
+
+    @torch.no_grad()
+    def score(self, token_ids: list[int], top_k: int = 0) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+        """For t = 1 .. n-1: log p(token_t | tokens[:t]) under the served weights (what a
+        trainer's forward computes for the same tokens), and with ``top_k`` the k most
+        likely tokens at each of those positions, most likely first. One forward pass."""
+        if len(token_ids) < 2:
+            return [], ([] if top_k else None)
+        if len(token_ids) > self.max_context_length:
+            raise EngineError(f"{len(token_ids)} tokens exceed the model's context of {self.max_context_length}")
+        ids = torch.as_tensor([token_ids], dtype=torch.int64)
+        if bool(((ids < 0) | (ids >= self.vocab_size)).any()):
+            raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
+        ids = ids.to(self.device)
+        logprobs = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits[0, :-1].float(), dim=-1)
+        picked = logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).cpu().tolist()
+        if not top_k:
+            return picked, None
+        values, top_ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
+        return picked, [list(zip(row_ids, row_values)) for row_ids, row_values in
+                        zip(top_ids.cpu().tolist(), values.cpu().tolist())]
+
     # -- generation
 
     @torch.no_grad()

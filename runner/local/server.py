@@ -6,6 +6,7 @@ Where each endpoint lives:
 - ``/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/...`` (sessions, models,
   forward/backward, optimizer, saves/loads, futures): ``trainer_plane.py``
 - ``/hot_load/v1/models/hot_load`` and ``/inference/v1/completions``: ``inference_plane.py``
+- ``/api/v1/...`` (the Tinker client's wire, over the same engine and jobs): ``tinker_plane.py``
 - ``/local/v1/...`` (service health and info, debug digests): here and in the planes.
 
 Run it with ``python -m runner.local.server --state-dir DIR [--port N] [--device cpu|cuda]
@@ -43,11 +44,16 @@ from . import load_engine
 from .control_plane import ControlPlane, default_training_shape
 from .inference_plane import InferencePlane
 from .state import DEFAULT_STATE_DIR, INFO_FILE, LOCK_FILE, ServiceState, read_json, write_json_atomic
+from .tinker_plane import TinkerPlane, write_hf_cache
 from .trainer_plane import TrainerPlane
 from .wire import ApiError, error_response, json_response
 
 log = logging.getLogger("runner.local.server")
 
+
+# Where `local up` lays out the offline Hugging Face cache holding the served models'
+# tokenizers under their Tinker names (HF_HUB_CACHE for a Tinker program; README, Tinker).
+HF_CACHE_DIR = "hf-cache"
 
 # The checkpoint directories a state dir's service serves, as [[model name, directory],
 # ...] with the default model first: kept so that a restart (`local up` again, or a
@@ -86,6 +92,7 @@ def service_info(state_dir: Path, port: int, device: str, base_model: str | None
         "port": port,
         "device": device,
         "state_dir": str(Path(state_dir).resolve()),
+        "hf_hub_cache": str((Path(state_dir) / HF_CACHE_DIR).resolve()),
         "started_at": time.time(),
     }
 
@@ -95,6 +102,7 @@ def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) ->
     trainers = TrainerPlane(state, device)
     inference = InferencePlane(state, device)
     control = ControlPlane(state, trainers, inference)
+    tinker = TinkerPlane(state, trainers, control, device)
 
     async def healthz(request: Request):
         return json_response({"status": "ok"})
@@ -111,6 +119,7 @@ def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) ->
         yield
         trainers.stop_all()
         await inference.stop_all()
+        await tinker.stop_all()
 
     async def api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.message)
@@ -129,10 +138,12 @@ def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) ->
         *control.routes(),
         *trainers.routes(),
         *inference.routes(),
+        *tinker.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected})
     app.state.control, app.state.trainers, app.state.inference = control, trainers, inference
+    app.state.tinker = tinker
     return app
 
 
@@ -178,6 +189,7 @@ def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = 
     sock.listen(2048)
     port = sock.getsockname()[1]
     info = service_info(state_dir, port, device, base_model)
+    write_hf_cache(Path(info["hf_hub_cache"]))
     app = build_app(state_dir, device, info)
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=75,

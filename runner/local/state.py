@@ -209,6 +209,12 @@ class CheckpointIndex:
                 return entry
         return None
 
+    def remove(self, job_id: str, checkpoint_id: str, family: str) -> None:
+        """Forget one checkpoint row (its files are the caller's to delete)."""
+        with self._lock:
+            rows = [row for row in self.list(job_id) if (row["id"], row["family"]) != (checkpoint_id, family)]
+            self._store.put(job_id, {"checkpoints": rows})
+
     def add(self, job_id: str, entry: dict) -> None:
         """Add (or replace, when a name is saved again) one checkpoint row."""
         with self._lock:

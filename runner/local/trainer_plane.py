@@ -108,6 +108,11 @@ class TrainerRuntime:
         self._models[model_id] = _ModelSequence(base_only=base_only)
         return model_id
 
+    def add_model(self, model_id: str) -> None:
+        """Sequence requests for a model whose id another protocol chose (the Tinker plane's
+        ``<session>:train:<n>``); its requests then start at seq_id 1, like any model's."""
+        self._models.setdefault(model_id, _ModelSequence())
+
     def has_model(self, model_id: str) -> bool:
         return model_id in self._models
 
