@@ -72,3 +72,26 @@ def down(state_dir: Path) -> None:
         click.echo(f"stopped the local service on {state_dir}")
     else:
         click.echo(f"no local service was running on {state_dir}")
+
+
+@local.command()
+@STATE_DIR_OPTION
+def env(state_dir: Path) -> None:
+    """Print the shell lines that point an unmodified Tinker program at the running service,
+    offline: `eval "$(firetitan-track local env)"`, then run the program as it is."""
+    import shlex
+
+    from .state import HF_CACHE_DIR
+
+    current = supervisor.running(state_dir)
+    if current is None:
+        click.echo(f"no local service is running on {state_dir}; start it with `firetitan-track local up`", err=True)
+        sys.exit(1)
+    lines = {
+        "TINKER_BASE_URL": current.base_url,
+        "TINKER_API_KEY": "tml-local",              # any key: the local service checks none
+        "HF_HUB_OFFLINE": "1",                      # tokenizers from the service's cache, never the hub
+        "HF_HUB_CACHE": str((Path(current.state_dir or state_dir) / HF_CACHE_DIR).resolve()),
+    }
+    for key, value in lines.items():
+        click.echo(f"export {key}={shlex.quote(value)}")

@@ -43,17 +43,13 @@ from . import catalogue
 from . import load_engine
 from .control_plane import ControlPlane, default_training_shape
 from .inference_plane import InferencePlane
-from .state import DEFAULT_STATE_DIR, INFO_FILE, LOCK_FILE, ServiceState, read_json, write_json_atomic
+from .state import DEFAULT_STATE_DIR, HF_CACHE_DIR, INFO_FILE, LOCK_FILE, ServiceState, read_json, write_json_atomic
 from .tinker_plane import TinkerPlane, write_hf_cache
 from .trainer_plane import TrainerPlane
 from .wire import ApiError, error_response, json_response
 
 log = logging.getLogger("runner.local.server")
 
-
-# Where `local up` lays out the offline Hugging Face cache holding the served models'
-# tokenizers under their Tinker names (HF_HUB_CACHE for a Tinker program; README, Tinker).
-HF_CACHE_DIR = "hf-cache"
 
 # The checkpoint directories a state dir's service serves, as [[model name, directory],
 # ...] with the default model first: kept so that a restart (`local up` again, or a

@@ -55,10 +55,10 @@ from starlette.routing import Route
 from . import catalogue, load_engine
 from .catalogue import EngineError
 from .inference_plane import DeploymentRuntime
-from .state import ServiceState, check_name, now_rfc3339, read_json, state_ref, write_json_atomic
+from .state import ServiceState, check_name, now_rfc3339, read_json, state_ref
 from .tinker_proto import (EncodedSequence, WireError, decode_forward_backward, decompress,
                            encode_forward_backward_output, encode_sample_response)
-from .trainer_plane import LONG_POLL_S, RESULT_TTL_S, TrainerRuntime, lora_settings
+from .trainer_plane import LONG_POLL_S, RESULT_TTL_S, TrainerRuntime, _architecture, lora_settings
 from .wire import ApiError, encode_tensor, error_response, field, json_response
 
 if TYPE_CHECKING:
@@ -118,10 +118,14 @@ def write_hf_cache(root: Path) -> Path:
         source = Path(card.tokenizer_dir)
         files = sorted(p for p in source.iterdir() if p.is_file() and (p.name.startswith("tokenizer") or p.name in (
             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt")))
+        # AutoTokenizer reads the model's config too: the checkpoint's own, else the stand-in's.
+        config = (source / "config.json").read_bytes() if (source / "config.json").is_file() else json.dumps(
+            {"architectures": [_architecture(card)], "model_type": "qwen3", **card.config}, sort_keys=True).encode()
+        contents = {path.name: path.read_bytes() for path in files} | {"config.json": config}
         digest = hashlib.sha1()
-        for path in files:
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+        for file_name, data in sorted(contents.items()):
+            digest.update(file_name.encode())
+            digest.update(data)
         revision = digest.hexdigest()
         repo = root / f"models--{name.replace('/', '--')}"
         snapshot = repo / "snapshots" / revision
@@ -129,8 +133,8 @@ def write_hf_cache(root: Path) -> Path:
             tmp = repo / "snapshots" / f".{revision}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for path in files:
-                shutil.copy2(path, tmp / path.name)
+            for file_name, data in contents.items():
+                (tmp / file_name).write_bytes(data)
             tmp.rename(snapshot)
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / "main").write_text(revision)
@@ -447,7 +451,7 @@ class TinkerPlane:
             "type": "get_info", "model_id": model_id, "model_name": name, "is_lora": rank > 0,
             "lora_rank": rank or None,
             # the served model's own tokenizer: a directory the client loads offline
-            "model_data": {"arch": (card.config.get("architectures") or ["Qwen3ForCausalLM"])[0],
+            "model_data": {"arch": _architecture(card),
                            "model_name": name, "tokenizer_id": card.tokenizer_dir},
         })
 
