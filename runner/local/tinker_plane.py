@@ -404,9 +404,10 @@ class TinkerPlane:
                 if now - at > RESULT_TTL_S:
                     del self._trainer_requests[old]
 
-    def _future(self, runtime: TrainerRuntime, op: str, work: Callable[[Any], dict], model_id: str | None,
-                seq_id: Any) -> Response:
-        request_id = runtime.submit(op, work, model_id=model_id, seq_id=seq_id)
+    def _future(self, runtime: TrainerRuntime, op: str, work: Callable[[Any], dict], model_id: str, *,
+                sequenced: Any = None) -> Response:
+        """Queue ``work``: in seq_id order when ``sequenced`` is the request's seq_id, else at once."""
+        request_id = runtime.submit(op, work, model_id=model_id if sequenced is not None else None, seq_id=sequenced)
         self._track(runtime, request_id)
         return json_response({"request_id": request_id, "model_id": model_id})
 
@@ -423,7 +424,7 @@ class TinkerPlane:
             if isinstance(exc, EngineError):
                 raise ApiError(400, f"{op}: {exc}") from None
             raise
-        return self._future(runtime, op, work, model_id, seq_id)
+        return self._future(runtime, op, work, model_id, sequenced=seq_id)
 
     async def create_model(self, request: Request) -> Response:
         body = await self._json(request)
@@ -437,7 +438,7 @@ class TinkerPlane:
 
         def work(trainer: Any) -> dict:  # the engine is built (first use) before this runs
             return {"type": "create_model", "model_id": model_id}
-        return self._future(runtime, "create_model", work, None, None)
+        return self._future(runtime, "create_model", work, model_id)
 
     async def get_info(self, request: Request) -> Response:
         body = await self._json(request)
@@ -461,7 +462,7 @@ class TinkerPlane:
         runtime = self._runtime(model_id)
         runtime.drop_model(model_id)
         return self._future(runtime, "unload_model",
-                            lambda trainer: {"type": "unload_model", "model_id": model_id}, None, None)
+                            lambda trainer: {"type": "unload_model", "model_id": model_id})
 
     # forward / forward_backward ---------------------------------------------------------
 
@@ -662,7 +663,7 @@ class TinkerPlane:
         def work(trainer: Any) -> dict:
             trainer.load_state(path, with_optimizer=optimizer)
             return {"type": "load_weights", "path": body["path"], "model_id": model_id}
-        return self._future(runtime, "load_weights", work, None, None)
+        return self._future(runtime, "load_weights", work, model_id)
 
     async def weights_info(self, request: Request) -> Response:
         body = await self._json(request)
