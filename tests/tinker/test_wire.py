@@ -237,3 +237,29 @@ def test_paths_and_ids_from_a_request_are_checked(http):
     assert http.post("/api/v1/retrieve_future", json={"request_id": "nope"}).status_code == 404
     assert http.post("/api/v1/save_weights", json={"model_id": _model(http), "seq_id": 1, "path": "../escape"}
                      ).status_code == 400
+
+
+def test_retrieve_futures_reports_each_sampling_completion_once_per_cursor(http):
+    """The long-poll a sampling client runs for its session: nothing yet is an immediate empty
+    answer (timeout 0), a finished sample appears after the cursor, an acknowledged cursor
+    trims it, and a retrieved id's payload is let go."""
+    session = _session(http)
+    sampler = http.post("/api/v1/create_sampling_session", json={
+        "session_id": session, "sampling_session_seq_id": 0, "base_model": TINY}).json()["sampling_session_id"]
+    target = {"type": "sampling_session", "sampling_session_id": sampler, "cloned_sampler_id": 0}
+    empty = http.post("/api/v1/retrieve_futures", json={"target": target, "prev_cursor": 0, "timeout": 0}).json()
+    assert empty == {"completions": [], "cursor": 0}
+    request_id = http.post("/api/v1/asample", json={
+        "sampling_session_id": sampler, "seq_id": 0, "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+        "sampling_params": {"max_tokens": 2}}).json()["request_id"]
+    done = http.post("/api/v1/retrieve_futures", json={"target": target, "prev_cursor": 0}).json()
+    assert done["completions"] == [{"state": "finished", "request_id": request_id}] and done["cursor"] == 1
+    result = http.post("/api/v1/retrieve_future", json={"request_id": request_id}).json()
+    assert len(result["sequences"][0]["tokens"]) == 2  # JSON for a client that does not accept protobuf
+    after = http.post("/api/v1/retrieve_futures", json={"target": target, "prev_cursor": 1, "timeout": 0,
+                                                        "retrieved_request_ids": [request_id]}).json()
+    assert after == {"completions": [], "cursor": 1}
+    assert http.post("/api/v1/retrieve_future", json={"request_id": request_id}).status_code == 404
+    bad = http.post("/api/v1/retrieve_futures", json={"target": target, "prev_cursor": -1})
+    assert bad.status_code == 400 and "prev_cursor" in bad.json()["error"]["message"]
