@@ -59,7 +59,7 @@ from .state import ServiceState, check_name, now_rfc3339, read_json, state_ref
 from .tinker_proto import (EncodedSequence, WireError, decode_forward_backward, decompress,
                            encode_forward_backward_output, encode_sample_response)
 from .trainer_plane import LONG_POLL_S, RESULT_TTL_S, TrainerRuntime, _architecture, lora_settings
-from .wire import ApiError, encode_tensor, error_response, field, json_response
+from .wire import ApiError, encode_tensor, field, json_body, json_response
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -68,9 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner.local.tinker")
 
 PROTOBUF = "application/x-protobuf"
-# Request bodies: protobuf forward_backward up to tinker_proto's limit; JSON bodies (a
-# sample's prompt at a long context is the largest) far below it.
-MAX_JSON_BODY = 16 * 2**20
+# A protobuf forward_backward body as sent (tinker_proto bounds it again decompressed).
 MAX_PROTO_BODY = 24 * 2**20
 MAX_SAMPLES = 64                 # num_samples of one asample request
 MAX_TOPK = 20                    # top-k logprobs per position
@@ -222,6 +220,8 @@ class TinkerPlane:
 
     @staticmethod
     async def _raw(request: Request, limit: int) -> bytes:
+        """The body, or a 413 as soon as it is known to exceed ``limit`` (protobuf bodies; JSON
+        bodies go through ``wire.json_body``, whose limit is the service's)."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body of {declared} bytes exceeds the local service's limit of {limit}")
@@ -232,20 +232,6 @@ class TinkerPlane:
                 raise ApiError(413, f"request body exceeds the local service's limit of {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
-
-    async def _json(self, request: Request, *, required: bool = True) -> dict:
-        raw = await self._raw(request, MAX_JSON_BODY)
-        if not raw.strip():
-            if required:
-                raise ApiError(400, "request body must be a JSON object")
-            return {}
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(400, f"malformed JSON body: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -262,7 +248,7 @@ class TinkerPlane:
         return json_response({"status": "ok"})
 
     async def client_config(self, request: Request) -> Response:
-        await self._json(request, required=False)
+        await json_body(request, required=False)
         return json_response({
             "pjwt_auth_enabled": False,
             "parallel_fwdbwd_chunks": True,
@@ -277,11 +263,11 @@ class TinkerPlane:
         })
 
     async def client_dynamic_config(self, request: Request) -> Response:
-        await self._json(request, required=False)
+        await json_body(request, required=False)
         return json_response({"refresh_interval_sec": 300, "sample_cancel_enabled": False})
 
     async def create_session(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         metadata = field(body, "user_metadata", dict, required=False, default={})
         display_name = field(body, "display_name", str, required=False)
         project_id = field(body, "project_id", str, required=False)
@@ -300,14 +286,14 @@ class TinkerPlane:
         return json_response({"type": "create_session", "session_id": session_id})
 
     async def session_heartbeat(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         self._session(field(body, "session_id", str))
         return json_response({"type": "session_heartbeat"})
 
     async def finish_session(self, request: Request) -> Response:
         """The client is done: its trainers stop (their states and snapshots stay)."""
         session = self._session(request.path_params["session"])
-        body = await self._json(request, required=False)
+        body = await json_body(request, required=False)
         reason = body.get("reason") if isinstance(body.get("reason"), dict) else {"type": "success"}
         session.status = {"type": "client_finished", "reason": {"type": str(reason.get("type", "success"))},
                           "detail": body.get("detail") if isinstance(body.get("detail"), str) else None}
@@ -334,7 +320,7 @@ class TinkerPlane:
         return json_response({"sessions": sorted(self.sessions, key=lambda s: -self.sessions[s].created)})
 
     async def telemetry(self, request: Request) -> Response:
-        await self._raw(request, MAX_JSON_BODY)  # accepted and dropped: the service keeps no client telemetry
+        await json_body(request, required=False)  # accepted and dropped: the service keeps no client telemetry
         return json_response({"status": "accepted"})
 
     async def server_capabilities(self, request: Request) -> Response:
@@ -427,7 +413,7 @@ class TinkerPlane:
         return self._future(runtime, op, work, model_id, sequenced=seq_id)
 
     async def create_model(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         session = self._session(body.get("session_id"))
         base_model, card = served_model(body.get("base_model"))
         self._check_optimizer(body.get("optimizer_config"))
@@ -441,7 +427,7 @@ class TinkerPlane:
         return self._future(runtime, "create_model", work, model_id)
 
     async def get_info(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         model_id = field(body, "model_id", str)
         runtime = self._runtime(model_id)
         job = self.state.jobs.get(runtime.spec.job_id) or {}
@@ -457,7 +443,7 @@ class TinkerPlane:
         })
 
     async def unload_model(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         model_id = field(body, "model_id", str)
         runtime = self._runtime(model_id)
         runtime.drop_model(model_id)
@@ -510,7 +496,7 @@ class TinkerPlane:
         return await self._sequenced(body, op, build)
 
     async def optim_step(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
 
         def build(runtime: TrainerRuntime, body: dict):
             if body.get("optimizer_params") is not None:
@@ -560,7 +546,7 @@ class TinkerPlane:
         return work
 
     async def save_weights(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
 
         def build(runtime: TrainerRuntime, body: dict):
             name = check_name(field(body, "path", str), "checkpoint")
@@ -583,7 +569,7 @@ class TinkerPlane:
         return work
 
     async def save_weights_for_sampler(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
 
         def build(runtime: TrainerRuntime, body: dict):
             model_id = body["model_id"]
@@ -623,7 +609,7 @@ class TinkerPlane:
         session.samplers.append(sampler.sampler_id)
 
     async def load_weights(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         row, _, _ = self._saved(body.get("path"), "state")
         optimizer = field(body, "optimizer", bool, required=False, default=False)
         path = row["path"]
@@ -666,7 +652,7 @@ class TinkerPlane:
         return self._future(runtime, "load_weights", work, model_id)
 
     async def weights_info(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         row, job_id, job = self._saved(body.get("tinker_path"), "state")
         meta = read_json(Path(row["path"]) / "meta.json") or {}
         lora = meta.get("lora") or {}
@@ -679,7 +665,7 @@ class TinkerPlane:
     # -- futures --------------------------------------------------------------------------
 
     async def retrieve_future(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         request_id = field(body, "request_id", str)
         proto = PROTOBUF in request.headers.get("accept", "")
         if request_id in self._samples:
@@ -707,7 +693,7 @@ class TinkerPlane:
 
     async def retrieve_futures(self, request: Request) -> Response:
         """A sampling session's completions after ``prev_cursor`` (long-polled), for one clone."""
-        body = await self._json(request)
+        body = await json_body(request)
         target = field(body, "target", dict)
         sampler = self._sampler(target.get("sampling_session_id"))
         clone = target.get("cloned_sampler_id", 0)
@@ -734,7 +720,7 @@ class TinkerPlane:
         return json_response({"completions": [event for _, event in events], "cursor": cursor})
 
     async def cancel_future(self, request: Request) -> Response:
-        await self._json(request)  # nothing to cancel early: a local sample finishes in its batch
+        await json_body(request)  # nothing to cancel early: a local sample finishes in its batch
         return Response(status_code=200)
 
     # -- sampling -------------------------------------------------------------------------
@@ -760,7 +746,7 @@ class TinkerPlane:
         return _Sampler(sampler_id, session_id, served, base_model, None, None)
 
     async def create_sampling_session(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         session = self._session(body.get("session_id"))
         seq = body.get("sampling_session_seq_id")
         if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 10**9:
@@ -773,7 +759,7 @@ class TinkerPlane:
         return json_response({"type": "create_sampling_session", "sampling_session_id": sampler_id})
 
     async def join_sampling_session(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         sampler = self._sampler(body.get("sampling_session_id"))
         sampler.clients += 1
         return json_response({"type": "join_sampling_session", "client_counter": sampler.clients})
@@ -886,7 +872,7 @@ class TinkerPlane:
         return tokens
 
     async def asample(self, request: Request) -> Response:
-        body = await self._json(request)
+        body = await json_body(request)
         sampler_id = body.get("sampling_session_id")
         if sampler_id is None:  # a stateless sample (older clients): a sampler made for it
             sampler = self._new_sampler(f"adhoc-{uuid.uuid4().hex[:8]}", "", body.get("model_path"),
