@@ -74,6 +74,7 @@ MAX_SAMPLES = 64                 # num_samples of one asample request
 MAX_TOPK = 20                    # top-k logprobs per position
 SAMPLER_REPLICAS = 4             # sampler weights kept loaded at once (least recently used go)
 MAX_SESSIONS = 4096
+MAX_SAMPLERS = 16384             # sampling sessions remembered (the oldest are forgotten first)
 
 # The names a Tinker program uses for the models the service runs (Tinker's own names for
 # them; cookbook recipes default to them). Any catalogue name is accepted as well.
@@ -268,7 +269,7 @@ class TinkerPlane:
 
     async def create_session(self, request: Request) -> Response:
         body = await json_body(request)
-        metadata = field(body, "user_metadata", dict, required=False, default={})
+        metadata = _metadata(body) or {}
         display_name = field(body, "display_name", str, required=False)
         project_id = field(body, "project_id", str, required=False)
         field(body, "tags", list, required=False)
@@ -417,7 +418,7 @@ class TinkerPlane:
         session = self._session(body.get("session_id"))
         base_model, card = served_model(body.get("base_model"))
         self._check_optimizer(body.get("optimizer_config"))
-        metadata = field(body, "user_metadata", dict, required=False)
+        metadata = _metadata(body)
         model_seq_id = body.get("model_seq_id")
         lora = self._lora(body.get("lora_config"), job_for_run(f"{session.session_id}:train:{model_seq_id}"))
         model_id, runtime = self._new_run(session, model_seq_id, base_model, body["base_model"], lora, metadata)
@@ -550,7 +551,7 @@ class TinkerPlane:
 
         def build(runtime: TrainerRuntime, body: dict):
             name = check_name(field(body, "path", str), "checkpoint")
-            metadata = field(body, "user_metadata", dict, required=False)
+            metadata = _metadata(body)
             return self._save_state_work(runtime, body["model_id"], name, metadata)
         return await self._sequenced(body, "save_weights", build)
 
@@ -573,7 +574,7 @@ class TinkerPlane:
 
         def build(runtime: TrainerRuntime, body: dict):
             model_id = body["model_id"]
-            metadata = field(body, "user_metadata", dict, required=False)
+            metadata = _metadata(body)
             kind = field(body, "kind", str, required=False, default="snapshot")
             if kind not in ("snapshot", "inflight"):
                 raise ApiError(400, f"kind must be snapshot or inflight (got {kind!r})")
@@ -607,6 +608,8 @@ class TinkerPlane:
     def _add_sampler(self, session: _Session, sampler: _Sampler) -> None:
         self.samplers[sampler.sampler_id] = sampler
         session.samplers.append(sampler.sampler_id)
+        while len(self.samplers) > MAX_SAMPLERS:  # an RL loop makes one per step: the oldest go
+            self.samplers.pop(next(iter(self.samplers)))
 
     async def load_weights(self, request: Request) -> Response:
         body = await json_body(request)
@@ -643,7 +646,7 @@ class TinkerPlane:
             lora_meta = {k: v for k, v in (meta.get("lora") or {}).items()
                          if k in ("rank", "alpha", "seed", "train_attn", "train_mlp", "train_unembed")}
             lora = self._lora({**lora_meta, "rank": int(meta["lora_rank"])}, "load")
-        metadata = field(body, "user_metadata", dict, required=False)
+        metadata = _metadata(body)
         model_id, runtime = self._new_run(session, body.get("model_seq_id"), base_model, model_name, lora, metadata)
 
         def work(trainer: Any) -> dict:
@@ -1083,6 +1086,26 @@ class TinkerPlane:
 
 
 # -- payloads ------------------------------------------------------------------------------
+
+MAX_METADATA_ENTRIES, MAX_METADATA_CHARS = 64, 4096
+
+
+def _metadata(body: dict) -> dict[str, str] | None:
+    """``user_metadata``: at most 64 string keys, each value a string, number or bool (kept as text)."""
+    metadata = field(body, "user_metadata", dict, required=False)
+    if metadata is None:
+        return None
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise ApiError(400, f"user_metadata holds {len(metadata)} entries; at most {MAX_METADATA_ENTRIES}")
+    out = {}
+    for key, value in metadata.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise ApiError(400, f"user_metadata[{key!r}] must be a string or a number")
+        if len(key) > MAX_METADATA_CHARS or len(str(value)) > MAX_METADATA_CHARS:
+            raise ApiError(400, f"user_metadata[{key[:64]!r}] is longer than {MAX_METADATA_CHARS} characters")
+        out[key] = str(value)
+    return out
+
 
 def _num_samples(body: dict) -> int:
     n = body.get("num_samples", 1)

@@ -164,6 +164,7 @@ def _proto(http, model_id: str, seq_id: int, datums: int = 1, loss_fn: str = "cr
     ("rank", 400, "lora_config.rank must be an integer"),
     ("optimizer", 400, "only|not available locally"),
     ("session", 404, "unknown session"),
+    ("metadata", 400, "user_metadata\\['k'\\] must be a string or a number"),
 ])
 def test_create_model_refuses_bad_requests(http, case, status, message):
     body = {"session_id": _session(http), "model_seq_id": 0, "base_model": TINY, "lora_config": {"rank": 2}}
@@ -175,6 +176,8 @@ def test_create_model_refuses_bad_requests(http, case, status, message):
         body["optimizer_config"] = {"type": "dimuon", "version": 1}
     elif case == "session":
         body["session_id"] = "s" + "0" * 12
+    elif case == "metadata":
+        body["user_metadata"] = {"k": {"nested": 1}}
     response = http.post("/api/v1/create_model", json=body)
     assert response.status_code == status
     assert __import__("re").search(message, response.json()["error"]["message"])
