@@ -266,3 +266,17 @@ def test_retrieve_futures_reports_each_sampling_completion_once_per_cursor(http)
     assert http.post("/api/v1/retrieve_future", json={"request_id": request_id}).status_code == 404
     bad = http.post("/api/v1/retrieve_futures", json={"target": target, "prev_cursor": -1})
     assert bad.status_code == 400 and "prev_cursor" in bad.json()["error"]["message"]
+
+
+def test_retrieve_future_answers_try_again_until_the_result_is_ready(http):
+    """A request held back for an earlier seq_id is not ready within one long-poll: the
+    answer is try_again (the client polls again); once the gap is filled it is the result."""
+    model_id = _model(http)
+    later = _proto(http, model_id, 2)
+    assert later.status_code == 200
+    pending = http.post("/api/v1/retrieve_future", json={"request_id": later.json()["request_id"]}, timeout=60)
+    assert pending.json() == {"type": "try_again", "request_id": later.json()["request_id"], "queue_state": "active"}
+    assert _proto(http, model_id, 1).status_code == 200
+    done = http.post("/api/v1/retrieve_future", json={"request_id": later.json()["request_id"]},
+                     headers={"Accept": "application/x-protobuf"}, timeout=60)
+    assert deserialize_forward_backward_output(done.content).metrics["num_sequences:sum"] == 1
