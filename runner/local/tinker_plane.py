@@ -216,6 +216,7 @@ class TinkerPlane:
         self._trainer_requests: dict[str, tuple[TrainerRuntime, float]] = {}
         self._samples: dict[str, _SampleFuture] = {}
         self._request_counter = itertools.count(1)
+        self._last_request: dict[str, str] = {}  # job id -> when a Tinker request last reached it (RFC 3339)
 
     # -- request bodies -------------------------------------------------------------------
 
@@ -396,6 +397,7 @@ class TinkerPlane:
         """Queue ``work``: in seq_id order when ``sequenced`` is the request's seq_id, else at once."""
         request_id = runtime.submit(op, work, model_id=model_id if sequenced is not None else None, seq_id=sequenced)
         self._track(runtime, request_id)
+        self._last_request[runtime.spec.job_id] = now_rfc3339()
         return json_response({"request_id": request_id, "model_id": model_id})
 
     async def _sequenced(self, body: dict, op: str, build: Callable[[TrainerRuntime, dict], Callable[[Any], dict]]):
@@ -986,7 +988,8 @@ class TinkerPlane:
         tinker = job.get("_tinker") or {}
         return {"training_run_id": run_id, "base_model": tinker.get("base_model") or job["trainingConfig"]["baseModel"],
                 "model_owner": "local", "is_lora": rank > 0, "corrupted": False, "lora_rank": rank or None,
-                "last_request_time": job.get("updateTime") or job["createTime"],
+                # the last request since the service started, else the job's last change
+                "last_request_time": self._last_request.get(job_id) or job.get("updateTime") or job["createTime"],
                 "last_checkpoint": self._checkpoint(run_id, states[-1]) if states else None,
                 "last_sampler_checkpoint": self._checkpoint(run_id, samplers[-1]) if samplers else None,
                 "user_metadata": {str(k): str(v) for k, v in (tinker.get("user_metadata") or {}).items()} or None}
