@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "runner.sweep:sweep",
     "promote": "runner.promote:promote_command",
     "local": "runner.local.cli:local",
+    "record": "firetitan_track.recording.command:record",
 }
 
 
@@ -161,18 +162,10 @@ def rerun(ctx: click.Context, run_id: str, new_run_id: str | None, quiet: bool) 
 @click.pass_context
 def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """Where RUN_ID stands: status, step, trainer, deployment, last state, snapshot and score."""
-    from firetitan_track.projections.run_state import fold
+    from firetitan_track.projections.run_state import fold, status_row
 
     with reading_ledger(ctx) as ledger:
-        st = fold(ledger.read(run_id), run_id)
-    row = {
-        "run_id": st.run_id, "status": st.status, "step": st.step, "version": st.version,
-        "attempts": st.attempts, "trainer_job_id": st.trainer_job_id, "deployment_id": st.deployment_id,
-        "last_state": st.last_state and {k: st.last_state[k] for k in ("step", "path")},
-        "last_snapshot": st.last_snapshot and {k: st.last_snapshot[k] for k in ("step", "path", "kind")},
-        "last_score": st.last_score and {k: st.last_score[k] for k in ("step", "score", "snapshot_path")},
-        "pending_intent": st.open_intent, "error": st.error,
-    }
+        row = status_row(fold(ledger.read(run_id), run_id))
     if as_json:
         click.echo(json.dumps(row, indent=2))
         return

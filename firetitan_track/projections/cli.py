@@ -47,10 +47,20 @@ def _sampling(params: dict[str, Any]) -> str:
 def _eval_table(rows: list[EvalRow]) -> None:
     click.echo(table(["step", "snapshot", "kind", "prompt set", "prompts", "sampling", "score", "sync s",
                       "promoted as"],
-                     [[str(r.step), r.snapshot_path, _fmt(r.snapshot_kind), r.prompt_set_digest[:12],
-                       str(r.prompt_count), _sampling(r.sampling), _fmt(r.score), _fmt(r.sync_duration_s, 3),
-                       ", ".join(r.promoted_as) or "-"]
+                     [[_fmt(r.step), _fmt(r.snapshot_path), _fmt(r.snapshot_kind), _fmt(r.prompt_set_digest)[:12],
+                       _fmt(r.prompt_count), _sampling(r.sampling) or "-", _score(r),
+                       _fmt(r.sync_duration_s, 3), ", ".join(r.promoted_as) or "-"]
                       for r in rows]))
+
+
+def _score(row: EvalRow) -> str:
+    """The eval's score; a recorded program's own eval metrics, and what they measured."""
+    if row.source == "eval":
+        return _fmt(row.score)
+    if row.source == "snapshot":
+        return "(no eval logged)"
+    on = "served" if row.measured_on == "deployment" else "trainer weights"
+    return " ".join(f"{k}={_fmt(v)}" for k, v in sorted(row.metrics.items())) + f" ({on})"
 
 
 def _upstream_line(up: dict[str, Any] | None) -> str:
@@ -103,6 +113,14 @@ def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json:
     click.echo("base chain")
     for link in found.base_chain:
         click.echo(f"  {link['path']}  ({_fmt(link['kind'])}, step {_fmt(link['step'])})")
+    if found.drawn_on:
+        click.echo("data      trained on samples drawn on: "
+                   + ", ".join(f"{path} ({n})" for path, n in found.drawn_on.items()))
+        for row in found.data:
+            offsets = row.get("version_offsets")
+            stale = f", version offsets {_fmt(offsets['min'])}..{_fmt(offsets['max'])}" if offsets else ""
+            click.echo(f"  step {row['step']}: {row['matched']} of {row['datums']} datums from samples{stale}: "
+                       + ", ".join(f"{path} ({n})" for path, n in row["drawn_on"].items()))
     if found.evals:
         click.echo("evals")
         _eval_table(found.evals)
