@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 
 from firetitan_track.events import RecordedEvent
 
-__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY"]
+__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY",
+           "status_row", "continue_command"]
 
 # Events that describe the training history (and so can be superseded by a resume).
 TRAINING_HISTORY = frozenset({
@@ -231,4 +232,17 @@ def status_row(st: RunState) -> dict[str, Any]:
     row["cwd"] = st.cwd or st.program.get("cwd")
     if st.outcome is not None:
         row["outcome"] = {k: st.outcome[k] for k in ("outcome", "exit_status", "signal") if k in st.outcome}
+    row["continue"] = continue_command(st)
     return row
+
+
+def continue_command(st: RunState) -> str | None:
+    """For a recorded program's run, the command that continues it: the program again, recorded
+    into the same run (the cookbook resumes from its newest checkpoint by itself)."""
+    if st.program is None:
+        return None
+    import shlex
+
+    command = st.command or st.program.get("command") or []
+    cwd = st.cwd or st.program.get("cwd") or "."
+    return f"cd {shlex.quote(cwd)} && firetitan-track record --run-id {shlex.quote(st.run_id)} -- {shlex.join(command)}"

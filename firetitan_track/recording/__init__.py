@@ -60,13 +60,14 @@ def autolog(run_id: str | None = None, *, ledger_url: str | None = None) -> str:
         program.active()
         return os.environ[boot.ENV_RUN]
 
-    from firetitan_track.ledger import Ledger, default_ledger_url
+    from firetitan_track.ledger import Ledger, check_run_id, default_ledger_url
     from firetitan_track.recording.command import program_environment
     from firetitan_track.recording.run import begin, end, running_python
     from firetitan_track.store import absolute_url
 
     url = absolute_url(ledger_url) if ledger_url else default_ledger_url()
     rid = run_id or f"rec-{uuid.uuid4().hex[:10]}"
+    check_run_id(rid)
     ledger = Ledger.open(url)
     run = begin(ledger, rid, command=running_python(), cwd=os.getcwd(), started_by="autolog",
                 interpreter=sys.executable, pid=os.getpid())

@@ -27,7 +27,7 @@ import click
 
 from firetitan_track.cli import absolute_uri, ledger_url, user_errors
 from firetitan_track.errors import UserError
-from firetitan_track.ledger import Ledger
+from firetitan_track.ledger import Ledger, check_run_id
 from firetitan_track.recording import boot
 from firetitan_track.recording.run import begin, end, python_of
 from firetitan_track.redact import redact_text
@@ -69,8 +69,9 @@ def run_program(command: list[str], *, ledger_url: str, run_id: str | None = Non
     if not command:
         raise UserError("record needs a command to run: firetitan-track record -- COMMAND [ARGS...]")
     _runnable(command)
-    ledger = Ledger.open(ledger_url)
     run_id = run_id or f"rec-{uuid.uuid4().hex[:10]}"
+    check_run_id(run_id)
+    ledger = Ledger.open(ledger_url)
     cwd = os.getcwd()
     run = begin(ledger, run_id, command=command, cwd=cwd, started_by="record", interpreter=python_of(command))
     click.echo(f"firetitan-track: recording {command[0]} as run {run_id} (attempt {run.attempt}) "

@@ -252,6 +252,7 @@ def _close(original: Any) -> Callable[..., Any]:
                 or self.__dict__.get("_firetitan_closed")):
             return original(self, *args, **kwargs)
         self.__dict__["_firetitan_closed"] = True
+        session.safely("reading the metrics file", session.metrics.poll)  # logged while the deployment served
         return _recorded(session, "close", lambda: original(self, *args, **kwargs),
                          lambda call: close_and_confirm(session.rec, self, call))
     return close
