@@ -133,9 +133,13 @@ def adam_params(params: Any) -> Any:
     """The installed SDK's AdamParams from any AdamParams-like object or dict.
 
     The seed passes Thinking Machines' ``tinker.AdamParams``, which fireworks-ai 1.2.30's
-    optim_step rejects; the fields are the same. (With 1.2.24 the SDK's class is tinker's.)
+    optim_step rejects; the fields are the same. 1.2.24 exports no AdamParams of its own:
+    its optim_step takes tinker's (0.23).
     """
-    from fireworks.training.sdk import AdamParams
+    try:
+        from fireworks.training.sdk import AdamParams
+    except ImportError:  # fireworks-ai 1.2.24
+        from tinker.types import AdamParams
 
     if isinstance(params, AdamParams):
         return params

@@ -163,6 +163,7 @@ def record(ctx: click.Context, run_id: str | None, ledger: str | None, export_ml
     sys.stdout.flush()
     sys.stderr.flush()
     if status < 0:  # die of the same signal, so the shell sees what it would have seen
-        signal.signal(-status, signal.SIG_DFL)
+        if -status not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+            signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
     sys.exit(status)

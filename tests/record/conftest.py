@@ -23,6 +23,8 @@ import pytest
 from tests.envs import ROOT, base_python, envs_root
 
 CORE_DEPS = ("sqlalchemy", "alembic", "click")  # what firetitan_track's ledger and recorder import
+# any key opens the local service; this one is masked wherever it would appear in the record
+API_KEY = "fw_recorder_test_key_5d1c"
 
 
 def with_recorder(base_bin: Path) -> Path:
@@ -70,7 +72,7 @@ def record(ledger_url: str, *args: str, cwd: Path | None = None, env: dict[str, 
            timeout: float = 600) -> subprocess.CompletedProcess:
     """``firetitan-track --ledger URL record ARGS...`` in its own process."""
     exe = Path(sys.executable).parent / "firetitan-track"
-    full_env = {**os.environ, "FIREWORKS_API_KEY": "local", **(env or {})}
+    full_env = {**os.environ, "FIREWORKS_API_KEY": API_KEY, **(env or {})}
     return subprocess.run([str(exe), "--ledger", ledger_url, "record", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
 

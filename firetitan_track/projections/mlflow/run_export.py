@@ -138,13 +138,17 @@ class RunExport:
         from mlflow.entities import Metric
 
         eval_steps = {ev.data["eval_id"]: ev.data["step"] for ev in self.history if ev.type == "EvalStarted"}
+        program = _ProgramMetrics(self.history, models)
         points: list[Metric] = []
         for ev in self.new:
             d, ts = ev.data, ms(ev)
             if ev.type == "StepCompleted":
                 for key, value in {**numbers(d["metrics"], "train"),
-                                   **numbers(d["optimizer"], "optim")}.items():
+                                   **numbers(d["optimizer"], "optim"),
+                                   **numbers(d.get("version_offsets"), "train/version_offset")}.items():
                     points.append(Metric(key, value, ts, int(d["step"])))
+            elif ev.type == "MetricsLogged":
+                points += program.points(ev)
             elif ev.type == "WeightsSynced":
                 points.append(Metric("sync/duration_s", float(d["duration_s"]), ts, int(d["step"])))
             elif ev.type == "SamplesRecorded" and d["eval_id"] in eval_steps:
@@ -183,6 +187,35 @@ class RunExport:
 
     def _blob(self, digest: str) -> Any:
         return redact(self.exporter.ledger.get_json(digest))
+
+
+class _ProgramMetrics:
+    """A recorded program's own metrics (MetricsLogged) under their own names and steps; its
+    eval/* metrics linked to the LoggedModel of the snapshot they measured (as audit ties
+    them). A number the step's StepCompleted already gives under that name is left out."""
+
+    def __init__(self, history: list[RecordedEvent], models: dict[str, str]):
+        self.models = models
+        self.measured = {r.eval_id: r.snapshot_path for r in eval_rows(history) if r.source == "program"}
+        self.from_steps = {(key, int(ev.data["step"])) for ev in history if ev.type == "StepCompleted"
+                           for key in numbers(ev.data["metrics"], "train")}
+
+    def points(self, ev: RecordedEvent) -> list[Any]:
+        from mlflow.entities import Metric
+
+        d = ev.data
+        step = d["step"] if d["step"] is not None else d.get("trainer_step")
+        if not isinstance(step, (int, float)):
+            return []
+        model = self.models.get(self.measured.get(ev.event_id[:12]) or "")
+        out = []
+        for key, value in d["metrics"].items():
+            name = mlflow_key(key)
+            if (name, int(step)) in self.from_steps or isinstance(value, bool):
+                continue
+            link = {"model_id": model} if model and key.startswith("eval/") else {}
+            out.append(Metric(name, float(value), ms(ev), int(step), **link))
+        return out
 
 
 def _write_json(folder: str, name: str, obj: Any) -> Path:
