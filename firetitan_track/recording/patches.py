@@ -216,7 +216,7 @@ def _adopt(session: ProgramRecording, client: Any, service: Any) -> None:
     """The policy client this process provisioned: it knows its trainer, and this process
     (which sees the deployment's syncs) reads the program's metrics file."""
     _state(client, lambda: _ClientState(None)).trainer_job_id = sdk_adapter.trainer_job_id(service)
-    session.metrics.reads_file = True
+    session.metrics.reads_file = session.provisioned_here = True
 
 
 def _create_reference_client(original: Any) -> Callable[..., Any]:
@@ -409,6 +409,7 @@ def _hotload_and_wait(original: Any) -> Callable[..., Any]:
         if session is None:
             return original(self, *args, **kwargs)
         given = _arguments(original, self, args, kwargs)
+        session.synced_here = True
         session.safely("reading the metrics file", session.metrics.poll)  # what was logged before this sync
         return _recorded(session, "hotload_and_wait", lambda: original(self, *args, **kwargs),
                          lambda call: session.calls.sync(call, deployment_id=given.get("deployment_id"),
@@ -434,7 +435,7 @@ def _sample(original: Any) -> Callable[..., Any]:
         if session is None:
             return await original(self, *args, **kwargs)
         deployment = _deployment_of(self)
-        sent = (session.calls.loaded.get(deployment), session.calls.published.get(deployment, 0))
+        sent = session.safely("recording samples", lambda: session.deployment_state(deployment)) or (None, 0)
         token = _inside.set(True)
         try:
             out = await original(self, *args, **kwargs)

@@ -107,6 +107,10 @@ class ProgramRecording:
         self.samples = SampleIndex()
         self.metrics = ProgramMetrics(self)
         self.steps_requested = 0
+        self.provisioned_here = False  # this process made the policy trainer (the program's trainer process)
+        self.synced_here = False  # this process hot-loads the deployments it samples from
+        self._seen_version = 0  # how far this process has read the run's stream (what other processes did)
+        self._catch_up_lock = threading.Lock()
         self._facts: list[NewEvent] = []
         self._blobs: list[Any] = []
         self._queue_lock = threading.Lock()
@@ -206,6 +210,35 @@ class ProgramRecording:
         self.steps_requested = int(step)
         self.rec.step = self.steps_requested
 
+    def catch_up(self) -> None:
+        """Learn from the run's stream what the program's other processes recorded: the syncs
+        they made (for a process that samples but does not sync, a rollout worker) and the samples
+        they drew (for the process that trains on them)."""
+        with self._catch_up_lock:
+            try:
+                events = self.ledger.read(self.run_id, from_version=self._seen_version)
+            except Exception as exc:
+                self.degraded("reading the run", exc)
+                return
+            for ev in events:
+                d = ev.data
+                if ev.type == "WeightsSynced" and not self.synced_here:
+                    key = d["deployment_id"] or ""
+                    self.calls.loaded[key] = d["snapshot_path"]
+                    self.calls.published[key] = self.calls.published.get(key, 0) + 1
+                elif ev.type == "SamplesDrawn":
+                    self.samples.add(d["sequence_digests"], event_id=ev.event_id, deployment=d["deployment"],
+                                     version_at_send=d["version_at_send"])
+            if events:
+                self._seen_version = events[-1].version + 1
+
+    def deployment_state(self, deployment: str) -> tuple[str | None, int]:
+        """The snapshot ``deployment`` serves and the weight versions published to it, as far as
+        this process knows (a process that makes no syncs of its own reads them from the run)."""
+        if not self.synced_here:
+            self.catch_up()
+        return self.calls.loaded.get(deployment), self.calls.published.get(deployment, 0)
+
     def deployment_serving(self) -> str | None:
         """The deployment the program last hot-loaded: the one its evals sample."""
         served = [d for d, path in self.calls.loaded.items() if path is not None]
@@ -226,6 +259,8 @@ class ProgramRecording:
         """optim_step is called: number the step and measure how stale its data are."""
         pending.step = self.next_step()
         pending.optimizer = optimizer
+        if any(self.samples.get(digest) is None for digest in pending.sequences):
+            self.catch_up()  # drawn by another of the program's processes, perhaps
         published = dict(self.calls.published)
         for digest in pending.sequences:
             ref = self.samples.get(digest)
@@ -258,12 +293,15 @@ class ProgramRecording:
         stored = [{"text": getattr(c, "text", None), "finish_reason": getattr(c, "finish_reason", None),
                    "prompt_len": int(c.prompt_len), "completion_tokens": seq[int(c.prompt_len):]}
                   for c, seq in zip(completions, sequences)]
-        self.fact("SamplesDrawn", event_id=event_id, deployment=deployment, snapshot_at_send=sent[0],
-                  snapshot_at_return=self.calls.loaded.get(deployment), version_at_send=sent[1],
-                  version_at_return=self.calls.published.get(deployment, 0), prompt_digest=self.blob(prompt),
-                  completions_digest=self.blob(stored), sequence_digests=digests, sampling=sampling,
-                  step=self.steps_requested, call=call)
+        returned = self.deployment_state(deployment)
         self.samples.add(digests, event_id=event_id, deployment=deployment, version_at_send=sent[1])
+        # a process that trains nothing (a rollout worker) hands its samples to the trainer: they are
+        # in the run before the call returns, so the trainer process finds them
+        record = self.fact if self.provisioned_here else self.now
+        record("SamplesDrawn", event_id=event_id, deployment=deployment, snapshot_at_send=sent[0],
+               snapshot_at_return=returned[0], version_at_send=sent[1], version_at_return=returned[1],
+               prompt_digest=self.blob(prompt), completions_digest=self.blob(stored), sequence_digests=digests,
+               sampling=sampling, step=self.steps_requested, call=call)
 
     def state_loaded(self, path: str, *, with_optimizer: bool, trainer_job_id: str | None) -> None:
         """DCP state loaded: when the run recorded its save, the program continues from that
