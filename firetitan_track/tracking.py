@@ -540,13 +540,13 @@ class TrackedService:
         if self._closed:
             return self.cleanup
         self._closed = True
-        self.cleanup = close_and_confirm(self._rec, self._service, self._service.close,
-                                         owns_reattached=self._owns_reattached, backend_lost=backend_lost)
+        close_and_confirm(self._rec, self._service, self._service.close, owns_reattached=self._owns_reattached,
+                          backend_lost=backend_lost, done_into=self.cleanup)
         return self.cleanup
 
 
 def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, owns_reattached: bool = False,
-                      backend_lost: str | None = None) -> dict[str, str]:
+                      backend_lost: str | None = None, done_into: dict[str, str] | None = None) -> dict[str, str]:
     """Close ``service`` (``close`` is its SDK close), apply its cleanup policies, and record
     CleanupApplied with what the service confirmed done.
 
@@ -559,7 +559,8 @@ def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, 
     is confirmed by asking the service afterwards: ``failed`` when the resource is
     still there, ``unknown`` when the service cannot say. ``backend_lost`` (the
     service stopped answering) skips the attempt: each SDK call would retry for
-    minutes, and nothing could be confirmed. Returns what was recorded.
+    minutes, and nothing could be confirmed. Returns what was recorded; ``done_into`` gets it
+    too, before the record is written (a caller whose ledger refuses the write still knows).
     """
     handle = sdk_adapter.managed_handle(service)
     wanted = cleanup_policy(sdk_adapter.managed_config(service))
@@ -597,6 +598,8 @@ def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, 
             errors += unconfirmed
         return done
     finally:
+        if done_into is not None:
+            done_into.update(done)
         rec.record("CleanupApplied", **done, **({"error": "; ".join(errors)} if errors else {}))
 
 

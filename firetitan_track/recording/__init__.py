@@ -73,34 +73,20 @@ def autolog(run_id: str | None = None, *, ledger_url: str | None = None) -> str:
                 interpreter=sys.executable, pid=os.getpid())
     record_dir = Path(tempfile.mkdtemp(prefix="firetitan-autolog-"))
     os.environ.update(program_environment(rid, url, record_dir, run.attempt))  # for the program's children
-    _started.update(run_id=rid, run=run, failure=None)
-    _keep_failure()
+    _started.update(run_id=rid, run=run, record_dir=record_dir)
     atexit.register(_exited, end)  # registered before the recording's own flush, so it runs after it
-    boot.start(None)
+    boot.start(None)  # also keeps the program's uncaught exception in the record folder
     program.configure(run_id=rid, ledger_url=url, attempt=run.attempt, record_dir=str(record_dir))
     return rid
 
 
-def _keep_failure() -> None:
-    previous = sys.excepthook
-
-    def hook(kind: Any, value: Any, tb: Any) -> None:
-        from firetitan_track.tracking import error_text
-
-        if value is not None:
-            _started["failure"] = error_text(value)
-        previous(kind, value, tb)
-
-    sys.excepthook = hook
-
-
 def _exited(end: Any) -> None:
-    from firetitan_track.recording import program
+    """The program's end, as far as a process can see its own: finished, or failed with the
+    uncaught exception its excepthook kept."""
+    import shutil
 
-    session = program.active()
-    degraded = session.degraded_reasons if session is not None else []
-    failure = _started.get("failure")
     try:
-        end(_started["run"], exit_status=None if failure is None else 1, error=failure, degraded=degraded)
+        end(_started["run"], exit_status=None, record_dir=_started["record_dir"], pid=os.getpid())
     except Exception as exc:  # the program is done; say why its end is missing
         print(f"firetitan-track: could not record how the program ended: {exc}", file=sys.stderr)
+    shutil.rmtree(_started["record_dir"], ignore_errors=True)

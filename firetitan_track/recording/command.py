@@ -30,7 +30,6 @@ from firetitan_track.errors import UserError
 from firetitan_track.ledger import Ledger, check_run_id
 from firetitan_track.recording import boot
 from firetitan_track.recording.run import begin, end, python_of
-from firetitan_track.redact import redact_text
 
 __all__ = ["record", "run_program", "program_environment"]
 
@@ -98,35 +97,13 @@ def run_program(command: list[str], *, ledger_url: str, run_id: str | None = Non
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        end(run, exit_status=status, error=_note(record_dir, "exception", proc.pid),
-            forwarded=forwarded[-1] if forwarded else None, degraded=_notes(record_dir, "degraded"))
+        end(run, exit_status=status, record_dir=record_dir, pid=proc.pid, forwarded=forwarded[-1] if forwarded else None)
     finally:
         if exporter is not None:
             exporter.stop()
         shutil.rmtree(record_dir, ignore_errors=True)
         ledger.close()
     return status
-
-
-def _note(record_dir: Path, kind: str, pid: int) -> str | None:
-    """The last note of ``kind`` the process ``pid`` left (its uncaught exception), redacted."""
-    path = record_dir / f"{kind}-{pid}.txt"
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return None
-    return redact_text(lines[-1]) if lines else None
-
-
-def _notes(record_dir: Path, kind: str) -> list[str]:
-    """Every note of ``kind`` any of the program's processes left, redacted, each once."""
-    found: list[str] = []
-    for path in sorted(record_dir.glob(f"{kind}-*.txt")):
-        for line in path.read_text(errors="replace").splitlines():
-            text = redact_text(line.strip())
-            if text and text not in found:
-                found.append(text)
-    return found
 
 
 def _start_exporter(ledger: Ledger, run_id: str, tracking_uri: str | None) -> Any:

@@ -23,12 +23,14 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from firetitan_track.blobs import json_digest
 from firetitan_track.errors import UserError
 from firetitan_track.ledger import Ledger
 from firetitan_track.projections.run_state import fold
+from firetitan_track.redact import redact_text
 from firetitan_track.tracking import Recorder, code_version
 
 __all__ = ["ProgramRun", "begin", "end", "describe_program", "program_code_fields", "NotARecordedRun"]
@@ -66,10 +68,17 @@ def begin(ledger: Ledger, run_id: str, *, command: list[str], cwd: str, started_
     return ProgramRun(rec, attempt)
 
 
-def end(run: ProgramRun, *, exit_status: int | None, error: str | None = None, forwarded: str | None = None,
-        degraded: list[str] | None = None) -> None:
+def end(run: ProgramRun, *, exit_status: int | None, record_dir: Path | None = None, pid: int | None = None,
+        error: str | None = None, forwarded: str | None = None) -> None:
     """Record how the attempt ended: ``exit_status`` as ``subprocess`` reports it (negative:
-    killed by that signal; None: unknown), ``error`` the uncaught exception's text."""
+    killed by that signal; None: unknown). The record folder holds what the program's
+    processes left (boot.note): the uncaught exception of the process ``pid``, and what any
+    of them could not record."""
+    if record_dir is not None and pid is not None:
+        error = error or _last_note(record_dir, "exception", pid)
+        if error is not None and exit_status is None:
+            exit_status = 1  # how Python exits on an uncaught exception
+    degraded = _notes(record_dir, "degraded") if record_dir is not None else []
     rec = run.rec
     if exit_status is not None and exit_status < 0:
         outcome, signame = "killed", _signal_name(-exit_status)
@@ -87,6 +96,27 @@ def end(run: ProgramRun, *, exit_status: int | None, error: str | None = None, f
                    final_snapshot=st.last_snapshot["path"] if st.last_snapshot else None)
     else:
         rec.record("RunFailed", error=error or outcome, step=st.step)
+
+
+def _last_note(record_dir: Path, kind: str, pid: int) -> str | None:
+    """The last note of ``kind`` the process ``pid`` left, redacted."""
+    try:
+        lines = [line for line in (record_dir / f"{kind}-{pid}.txt").read_text(errors="replace").splitlines()
+                 if line.strip()]
+    except OSError:
+        return None
+    return redact_text(lines[-1]) if lines else None
+
+
+def _notes(record_dir: Path, kind: str) -> list[str]:
+    """Every note of ``kind`` any of the program's processes left, redacted, each once."""
+    found: list[str] = []
+    for path in sorted(record_dir.glob(f"{kind}-*.txt")):
+        for line in path.read_text(errors="replace").splitlines():
+            text = redact_text(line.strip())
+            if text and text not in found:
+                found.append(text)
+    return found
 
 
 def _signal_name(number: int) -> str:
