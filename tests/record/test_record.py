@@ -29,16 +29,18 @@ def _seed_args(info: Any) -> list[str]:
 
 @pytest.fixture(scope="module")
 def seed_runs(cookbook_recorder_bin, project_bin, local_info, tmp_path_factory) -> dict[str, Any]:
-    """The seed loop recorded twice into one ledger: ``old`` with 1.2.24 (finishing), ``new`` with
-    1.2.30 (failing with its own exception after its loop)."""
+    """The seed loop recorded twice into one ledger: ``old`` with 1.2.24 (finishing, exported to
+    MLflow as it runs), ``new`` with 1.2.30 (failing with its own exception after its loop)."""
     folder = tmp_path_factory.mktemp("seed-runs")
     url = f"sqlite:///{folder / 'ledger.db'}"
     runs = {}
-    for name, python, extra in (("old", cookbook_recorder_bin / "python", []),
-                                ("new", project_bin / "python", ["--fail"])):
+    mlflow = f"sqlite:///{folder / 'mlflow.db'}"
+    for name, python, extra, export in (("old", cookbook_recorder_bin / "python", [], ["--export-mlflow", mlflow]),
+                                        ("new", project_bin / "python", ["--fail"], [])):
         command = [str(python), *_seed_args(local_info), *extra]
-        runs[name] = {"command": command, "proc": record(url, "--run-id", f"seed-{name}", "--", *command, cwd=folder)}
-    return {"url": url, "folder": folder, "runs": runs}
+        runs[name] = {"command": command,
+                      "proc": record(url, "--run-id", f"seed-{name}", *export, "--", *command, cwd=folder)}
+    return {"url": url, "folder": folder, "runs": runs, "mlflow": mlflow}
 
 
 @pytest.mark.parametrize("name, release", [("old", "1.2.24"), ("new", "1.2.30")])
@@ -129,14 +131,14 @@ def test_views_read_recorded_runs(seed_runs, tmp_path):
     diff = json.loads(run("diff", "seed-old", "seed-new", "--json").stdout)
     assert diff["spec"]["program.sdk.fireworks-ai"] == {"a": "1.2.24", "b": "1.2.30"}
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run("export", "mlflow", "seed-old", "--tracking-uri", uri)
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # record --export-mlflow exported the run as it went
 
-    client = MlflowClient(uri)
+    client = MlflowClient(seed_runs["mlflow"])
     found = client.search_runs([client.get_experiment_by_name("firetitan-track").experiment_id])
-    assert [r.data.params["program.sdk.fireworks-ai"] for r in found] == ["1.2.24"]
+    assert [(r.data.params["program.sdk.fireworks-ai"], r.info.status) for r in found] == [("1.2.24", "FINISHED")]
     assert [m.step for m in client.get_metric_history(found[0].info.run_id, "train/version_offset/max")] == [1, 2]
+    assert {m.name for m in client.search_logged_models([found[0].info.experiment_id])} == {
+        "seed-old@step-0", "seed-old@step-1"}
 
 
 def test_autolog_records_the_program_and_the_processes_it_starts(project_bin, local_info, tmp_path):
@@ -171,6 +173,10 @@ def test_the_programs_own_sitecustomize_runs_and_other_processes_stay_light(tmp_
     assert events[0].data["spec"]["program"]["entry"] == {"code_sha256": hashlib.sha256(probe.encode()).hexdigest()}
     exited = next(ev.data for ev in events if ev.type == "ProgramExited")
     assert (exited["outcome"], exited["exit_status"], exited["error"]) == ("failed", 3, "exited with status 3")
+    # the runner has no spec to resume it from: it says how the program continues it
+    cli = [str(Path(sys.executable).parent / "firetitan-track"), "--ledger", ledger_url]
+    refused = subprocess.run([*cli, "resume", "light"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "firetitan-track record --run-id light --" in refused.stderr
 
 
 def test_a_program_whose_environment_lacks_the_recorder_runs_and_says_so(cookbook_bin, ledger_url, tmp_path):
@@ -210,8 +216,9 @@ def test_unknown_calls_pass_through_and_a_failing_recorder_never_breaks_the_call
 
     from fireworks.training.sdk import client as sdk_client
 
-    from firetitan_track.recording import patches
+    from firetitan_track.recording import boot, patches
 
+    assert set(patches.PATCHES) == set(boot.WATCHED)  # every module the import hook watches is patched
     before = dict(vars(sdk_client.FiretitanTrainingClient))
     patches.patch_module("fireworks.training.sdk.client", sdk_client)
     try:
