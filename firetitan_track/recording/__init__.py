@@ -14,8 +14,12 @@ no change to it:
   wrappers record through the same ``CallRecorder`` as ``track()`` (firetitan_track/
   tracking.py), and whatever they need of the SDK beyond its public API is in
   ``firetitan_track/sdk_adapter.py``, tested against fireworks-ai 1.2.24 and 1.2.30;
-- each process that makes a recorded call writes to the run itself (program.py); the
-  processes' events interleave in commit order (``Recorder(interleave=True)``);
+- each process that makes a recorded call writes to the run itself (program.py), and the
+  processes' events interleave in commit order (``Recorder(interleave=True)``): each event
+  is a fact about that process's own call, in its own order, and none depends on another
+  process's last event, so an append that finds the stream moved on re-reads the head and
+  goes after it. (One writer for all would need every call shipped to it, and a trainer
+  killed with SIGKILL would take its unsent intents along);
 - every trained datum is matched to the recorded sample it came from, and each step says
   how stale its data were in weight versions (provenance.py); the program's own metrics
   come from its metrics file and ``wandb.log``, tied to the snapshot the deployment served

@@ -7,20 +7,17 @@ process's recording (``program.active()``) and goes through the same ``CallRecor
 ``track()``; with no recording, or inside another recorded call (the SDK calling itself),
 it is the original method. What is wrapped:
 
-========================================  ==================================================
-``FiretitanServiceClient``                ``create_training_client`` (policy), ``create_reference_client``,
-                                          ``create_inference_deployment_sampler`` (teacher), ``close`` (cleanup)
-``FiretitanTrainingClient``               ``forward_backward[_custom]`` (the step's intent, its data),
-                                          ``optim_step`` (the step), ``save_state``, ``load_state[_with_optimizer]``,
-                                          ``save_weights_for_sampler[_ext]`` (snapshots)
-``DeploymentManager.hotload_and_wait``    every weight sync, however reached (``hotload_sampler_snapshot``,
-                                          ``create_deployment_sampler(model_path=...)``, ``WeightSyncer``)
-``DeploymentSampler``                     ``sample_with_tokens``, ``sample_with_prompt_tokens[_result]``
-``FireworksClient.promote_checkpoint``    promotion (TrainerJobManager and the service delegate to it)
-cookbook ``TrainingCheckpoints``          ``save`` (its ``data_consumed`` becomes the state's data cursor),
-                                          ``resume`` (the step it resumes at)
-``wandb`` ``Run.log``, ``NoopRun.log``     the program's own metrics (W&B online, offline or disabled)
-========================================  ==================================================
+- ``FiretitanServiceClient``: ``create_training_client`` (the policy trainer and its deployment),
+  ``create_reference_client``, ``create_inference_deployment_sampler`` (a teacher), ``close`` (cleanup);
+- ``FiretitanTrainingClient``: ``forward_backward[_custom]`` (a step's intent and its data), ``optim_step``
+  (the step), ``save_state``, ``load_state[_with_optimizer]``, ``save_weights_for_sampler[_ext]`` (snapshots);
+- ``DeploymentManager.hotload_and_wait``: every weight sync, however reached
+  (``hotload_sampler_snapshot``, ``create_deployment_sampler(model_path=...)``, ``WeightSyncer``);
+- ``DeploymentSampler``: ``sample_with_tokens``, ``sample_with_prompt_tokens[_result]``;
+- ``FireworksClient.promote_checkpoint``: promotion (``TrainerJobManager`` and the service delegate to it);
+- the cookbook's ``TrainingCheckpoints``: ``save`` (its ``data_consumed`` becomes the state's data
+  cursor) and ``resume`` (the step it resumes at);
+- W&B's ``Run.log`` and ``NoopRun.log``: the program's own metrics (W&B online, offline or disabled).
 
 Calls that return futures are recorded when the program takes their result (the future
 it gets back is the SDK's, observed: same class for ``isinstance``, same methods). A method

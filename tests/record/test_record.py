@@ -153,7 +153,7 @@ def test_autolog_records_the_program_and_the_processes_it_starts(project_bin, lo
     assert next(ev.data for ev in events if ev.type == "ProgramStarted")["started_by"] == "autolog"
     synced = next(ev.data["snapshot_path"] for ev in events if ev.type == "WeightsSynced")
     drawn = [ev.data for ev in events if ev.type == "SamplesDrawn"]
-    assert [d["sampling"]["n"] for d in drawn] == [2, 1, 1]  # the program's own, then each worker's
+    assert sorted(d["sampling"]["n"] for d in drawn) == [1, 1, 2]  # the program's own, and each worker's
     assert all((d["snapshot_at_send"], d["version_at_send"]) == (synced, 1) for d in drawn)
     step = next(ev.data for ev in events if ev.type == "StepCompleted")
     assert step["provenance"]["datums"] == step["provenance"]["matched"] == 4
