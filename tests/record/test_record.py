@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from firetitan_track import Ledger
+from firetitan_track.projections.audit import audit
 from firetitan_track.projections.run_state import fold
 from tests.record.conftest import API_KEY, record
 
@@ -89,6 +90,10 @@ def test_the_seed_loop_is_recorded_unmodified(seed_runs, name, release):
         assert step["optimizer"]["learning_rate"] == 1e-3
 
     assert data["StateSaved"]["name"] == "final" and data["StateSaved"]["step"] == 2
+    promoted = data["ModelPromoted"]
+    assert data["PromotionRequested"]["snapshot_path"] == promoted["snapshot_path"] == snapshots[1]["path"]
+    assert promoted["request_id"] == next(ev.event_id for ev in events if ev.type == "PromotionRequested")
+    assert [r.promoted_as for r in audit(ledger, f"seed-{name}")] == [[], [promoted["model_id"]]]
     assert data["CleanupApplied"] == {"trainer": "deleted", "deployment": "scaled_to_zero"}
     exited = data["ProgramExited"]
     st = fold(events)

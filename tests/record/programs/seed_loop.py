@@ -3,8 +3,8 @@
 
 It provisions a trainer and a deployment, then for each step: saves sampler weights,
 syncs them, samples completions from the deployment and trains on them (the datums are
-built from the sampled sequences, as the cookbook builds them), then saves DCP state and
-cleans up. Prints ``done <state path>`` on stdout and a line on stderr, for the tests to
+built from the sampled sequences, as the cookbook builds them), then saves DCP state,
+promotes the last snapshot and cleans up. Prints ``done <state path>`` on stdout and a line on stderr, for the tests to
 see that both reach the terminal unchanged.
 
     python seed_loop.py BASE_URL TOKENIZER SHAPE DEPLOYMENT_ID [--autolog RUN_ID] [--fail]
@@ -56,6 +56,9 @@ for step in range(2):
     training.optim_step(tinker.AdamParams(learning_rate=1e-3)).result()
 state = training.save_state("final").result()
 training.list_checkpoints()  # a call the recorder does not know: passed through
+rows = {row["name"].rsplit("/", 1)[-1]: row for row in service.list_checkpoints(service.trainer_job_id)}
+service.promote_checkpoint(name=rows[saved.path]["name"], output_model_id=f"{deployment_id}-promoted",
+                           base_model="accounts/fireworks/models/qwen3-8b")
 service.close()
 print(f"done {state.path}")
 print("seed loop: stderr stays the program's", file=sys.stderr)
