@@ -110,6 +110,7 @@ class ProgramRecording:
         self.provisioned_here = False  # this process made the policy trainer (the program's trainer process)
         self.synced_here = False  # this process hot-loads the deployments it samples from
         self._seen_version = 0  # how far this process has read the run's stream (what other processes did)
+        self._this_attempt = False  # whether that reading has reached this attempt's ProgramStarted
         self._catch_up_lock = threading.Lock()
         self._facts: list[NewEvent] = []
         self._blobs: list[Any] = []
@@ -146,12 +147,26 @@ class ProgramRecording:
         return digest
 
     def move_queued(self) -> None:
-        """Store the queued blobs and hand the queued facts to the writer (its lock held)."""
+        """Store the queued blobs and hand the queued facts to the writer (its lock held). What
+        the ledger does not take stays queued, in order, for the next write."""
+        from firetitan_track.events import InvalidEvent
+
         with self._queue_lock:
             blobs, self._blobs = self._blobs, []
             facts, self._facts = self._facts, []
-        for obj in blobs:
-            self.ledger.put_json(obj)
+        try:
+            while blobs:
+                try:
+                    self.ledger.put_json(blobs[0])
+                except InvalidEvent as exc:  # this blob can never be stored: say so, keep the rest
+                    self.degraded("storing a blob", exc)
+                blobs.pop(0)
+        except Exception:
+            with self._queue_lock:
+                self._blobs[:0] = blobs
+                self._facts[:0] = facts
+                del self._facts[:max(0, len(self._facts) - _MAX_QUEUED)]
+            raise
         self.rec.queue(facts)
 
     def flush(self) -> None:
@@ -222,10 +237,13 @@ class ProgramRecording:
                 return
             for ev in events:
                 d = ev.data
-                if ev.type == "WeightsSynced" and not self.synced_here:
+                if ev.type == "ProgramStarted" and d["attempt"] == self.attempt:
+                    self._this_attempt = True  # versions are counted within an attempt, as its trainer counts them
+                elif ev.type == "WeightsSynced" and not self.synced_here:
                     key = d["deployment_id"] or ""
                     self.calls.loaded[key] = d["snapshot_path"]
-                    self.calls.published[key] = self.calls.published.get(key, 0) + 1
+                    if self._this_attempt:
+                        self.calls.published[key] = self.calls.published.get(key, 0) + 1
                 elif ev.type == "SamplesDrawn":
                     self.samples.add(d["sequence_digests"], event_id=ev.event_id, deployment=d["deployment"],
                                      version_at_send=d["version_at_send"])
