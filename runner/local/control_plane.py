@@ -144,12 +144,13 @@ class ControlPlane:
     @staticmethod
     def _shape(request: Request) -> catalogue.ShapeCard:
         account, shape_id = request.path_params["account"], request.path_params["shape"]
-        shape = catalogue.TRAINING_SHAPES.get(shape_id)
-        if shape is None or account != PUBLIC_ACCOUNT_ID:
-            known = ", ".join(shape_name(s) for s in sorted(catalogue.TRAINING_SHAPES))
-            raise ApiError(404, f"training shape accounts/{account}/trainingShapes/{shape_id} not found; "
-                                f"the local service serves: {known}")
-        return shape
+        if account != PUBLIC_ACCOUNT_ID:
+            raise ApiError(404, f"training shape accounts/{account}/trainingShapes/{shape_id} not found: the local "
+                                f"service serves shapes under accounts/{PUBLIC_ACCOUNT_ID}/trainingShapes/")
+        try:
+            return catalogue.training_shape(shape_id)
+        except catalogue.UnknownShape as exc:
+            raise ApiError(404, f"training shape accounts/{account}/trainingShapes/{shape_id} not found: {exc}") from None
 
     @staticmethod
     def _shape_version(shape: catalogue.ShapeCard, version: str) -> dict:
@@ -212,9 +213,13 @@ class ControlPlane:
 
     def _resolve_create_shape(self, ref: str, base_model: str) -> tuple[catalogue.ShapeCard, str]:
         match = SHAPE_REF_RE.match(ref)
-        shape = catalogue.TRAINING_SHAPES.get(match.group(2)) if match else None
-        if shape is None or match.group(1) != PUBLIC_ACCOUNT_ID:
-            raise ApiError(400, f"unknown training shape {ref!r}")
+        if not match or match.group(1) != PUBLIC_ACCOUNT_ID:
+            raise ApiError(400, f"unknown training shape {ref!r}: expected accounts/{PUBLIC_ACCOUNT_ID}/"
+                                "trainingShapes/<shape>[/versions/<version>]")
+        try:
+            shape = catalogue.training_shape(match.group(2))
+        except catalogue.UnknownShape as exc:
+            raise ApiError(400, f"unknown training shape {ref!r}: {exc}") from None
         version = match.group(3) or shape.latest_version
         if version == "latest":
             version = shape.latest_version
@@ -402,7 +407,7 @@ class ControlPlane:
             return json_response({
                 "name": name, "displayName": model_id, "description": card.description, "kind": "HF_BASE_MODEL",
                 "state": "READY", "contextLength": card.max_context_length, "public": True,
-                "baseModelDetails": {"moe": False, "modelType": "qwen3", "checkpointFormat": "HUGGINGFACE",
+                "baseModelDetails": {"moe": card.moe, "modelType": card.model_type, "checkpointFormat": "HUGGINGFACE",
                                      "worldSize": 1, "tunable": True},
                 "tuneable": True, "supportsLora": True,
             })
