@@ -406,7 +406,7 @@ class InferencePlane:
             raise ApiError(400, "stop must be a string or a list of strings")
 
         prompt = body.get("prompt")
-        room = f"the model's context is {max_context} tokens"
+        room = f"the model's context length is {max_context} tokens"
         if isinstance(prompt, str):
             limit = max_context * self._longest_token(card)
             if len(prompt) > limit:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import itertools
 import json
 import logging
 import sys
@@ -55,11 +56,14 @@ def _concrete(hint: object) -> object:
     return hint
 
 
-def varied_reward(completion: str, row: dict) -> float:
-    """A reward that differs between samples of an untrained model (so GRPO groups carry
-    signal): 1 when the text holds an even number of characters. Stands in for a task's
-    grader the way examples/rl/deepmath swaps in its own."""
-    return float(len(completion) % 2 == 0)
+_graded = itertools.count()
+
+
+def alternating_reward(completion: str, row: dict) -> float:
+    """A grader standing in for a task's (as examples/rl/deepmath swaps in its own): 1 for
+    every second completion graded. An untrained model never earns a real task's reward, and
+    GRPO drops groups whose rewards are all equal; alternating keeps every group's signal."""
+    return float(next(_graded) % 2)
 
 
 def _skip_checkpoint_stabilize_wait() -> None:
@@ -103,7 +107,7 @@ def main(argv: list[str]) -> int:
     _skip_checkpoint_stabilize_wait()
     kwargs: dict = {}
     if recipe in ("rl_loop", "igpo_loop"):
-        module.reward_fn = varied_reward
+        module.reward_fn = alternating_reward
     if recipe == "igpo_loop":
         _fix_igpo_turn_advantages(module)
     if recipe == "async_rl_loop":
