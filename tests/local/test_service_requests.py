@@ -83,6 +83,8 @@ def test_wrong_types_are_400s_and_the_connection_serves_on(service_info, deploym
     assert conn.sock is sock
     # The control plane checks its fields the same way.
     for path, body in (("/v1/accounts/local/deployments?deploymentId=typed", {"baseModel": 5}),
+                       ("/v1/accounts/local/deployments?deploymentId=typed",
+                        {"baseModel": service_info.base_model, "enableHotLoad": "yes"}),
                        ("/v1/accounts/local/rlorTrainerJobs?rlorTrainerJobId=typed", {"trainingConfig": "x"}),
                        ("/hot_load/v1/models/hot_load", {"identity": ["x"]})):
         resp, raw = _post(conn, path, body, {"fireworks-deployment": deployment})
