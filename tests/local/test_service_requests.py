@@ -103,6 +103,10 @@ def test_an_oversized_body_is_refused_before_it_is_read(service_info):
         answer = sock.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     assert "exceeds the local service's limit of 64 MiB" in answer
+    conn = _connection(service_info.base_url)
+    conn.request("GET", "/local/v1/healthz")
+    assert conn.getresponse().status == 200
+    conn.close()
 
 
 def test_a_text_prompt_too_long_for_the_context_is_refused_before_tokenizing(service_info, deployment):
