@@ -161,7 +161,7 @@ def rerun(ctx: click.Context, run_id: str, new_run_id: str | None, quiet: bool) 
 @click.pass_context
 def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """Where RUN_ID stands: status, step, trainer, deployment, last state, snapshot and score."""
-    from firetitan_track.projections.run_state import fold
+    from firetitan_track.projections.run_state import fold, pending_promotion_text
 
     with reading_ledger(ctx) as ledger:
         st = fold(ledger.read(run_id), run_id)
@@ -172,6 +172,7 @@ def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
         "last_snapshot": st.last_snapshot and {k: st.last_snapshot[k] for k in ("step", "path", "kind")},
         "last_score": st.last_score and {k: st.last_score[k] for k in ("step", "score", "snapshot_path")},
         "pending_intent": st.open_intent, "error": st.error,
+        "pending_promotion": pending_promotion_text(st),
     }
     if as_json:
         click.echo(json.dumps(row, indent=2))
