@@ -20,6 +20,7 @@ from firetitan_track.cli import absolute_uri, reading_ledger, table, user_errors
 from firetitan_track.ledger import NotFound
 from firetitan_track.projections.audit import EvalRow
 from firetitan_track.projections.audit import audit as audit_view
+from firetitan_track.projections.audit import code_line
 from firetitan_track.projections.audit import upstream as upstream_of
 from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.lineage import lineage as lineage_view
@@ -68,10 +69,12 @@ def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """One row per eval of RUN_ID: the snapshot, prompt set and sampling behind each score."""
     with reading_ledger(ctx) as ledger:
         rows = audit_view(ledger, run_id)
-        started_from = _upstream_line(upstream_of(ledger.read(run_id)))
+        events = ledger.read(run_id)
+        started_from = _upstream_line(upstream_of(events))
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
+    click.echo(code_line(events))
     if started_from:
         click.echo(started_from)
     if rows:
