@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,13 +27,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the browser tests' page helpers
 
-from firetitan_track import Ledger  # noqa: E402
+from firetitan_track import Ledger, NotFound  # noqa: E402
 from firetitan_track.ledger import default_ledger_url  # noqa: E402
 from firetitan_track.projections.compare import compare_sweep, sweep_stream  # noqa: E402
-from firetitan_track.projections.mlflow import DEFAULT_EXPERIMENT, MlflowExporter, wait_for_http  # noqa: E402
+from firetitan_track.projections.mlflow import DEFAULT_EXPERIMENT, MlflowExporter  # noqa: E402
 from firetitan_track.projections.mlflow.ui import link  # noqa: E402
 from tests.ui.pages import (close_assistant, hide_view_banner, open_page, open_sweep_view,  # noqa: E402
-                            score_series)
+                            score_series, served_ui)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -47,32 +44,21 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     args = parser.parse_args()
 
-    with Ledger.open(default_ledger_url()) as ledger:
-        trials = compare_sweep(ledger, args.sweep)  # NotFound: no such sweep
+    with Ledger.open(default_ledger_url()) as ledger, \
+            tempfile.TemporaryDirectory(prefix="firetitan-screenshots-") as tmp:
+        try:
+            trials = compare_sweep(ledger, args.sweep)
+        except NotFound:
+            sys.exit(f"no sweep {args.sweep} in the ledger at {ledger.url}: run `make run` first")
         unfinished = [t.run_id for t in trials if t.status != "completed"]
         if unfinished or not trials:
             sys.exit(f"sweep {args.sweep} is not finished ({', '.join(unfinished) or 'no trials'}): run `make run` first")
         scored = {t.run_id: [(ev.data["step"], ev.data["score"]) for ev in ledger.read(t.run_id)
                              if ev.type == "EvalScored"] for t in trials}
-
-    with tempfile.TemporaryDirectory(prefix="firetitan-screenshots-") as tmp:
         store = f"sqlite:///{tmp}/mlflow.db"
-        with Ledger.open(default_ledger_url()) as ledger:
-            MlflowExporter(ledger, store, run_ids=[sweep_stream(args.sweep), *scored]).export()
-        port = _free_port()
-        ui = subprocess.Popen([sys.executable, "-m", "runner.cli", "ui", "--sweep", args.sweep, "--port", str(port),
-                               "--backend-store-uri", store],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            assert ui.stdout is not None
-            ui.stdout.readline()  # "MLflow UI for <store>: <url>"
-            sweep_link = ui.stdout.readline().strip().removeprefix("open ")
-            base = f"http://127.0.0.1:{port}"
-            wait_for_http(f"{base}/health", timeout=120)
+        MlflowExporter(ledger, store, run_ids=[sweep_stream(args.sweep), *scored]).export()
+        with served_ui(["--sweep", args.sweep, "--backend-store-uri", store], REPO) as (base, sweep_link):
             _photograph(args, store, sweep_link, base, scored)
-        finally:
-            ui.send_signal(signal.SIGTERM)
-            ui.wait(60)
     best = {run_id: points[-1][1] for run_id, points in scored.items()}
     print(f"wrote {args.out / 'mlflow_sweep.png'} and {args.out / 'mlflow_models.png'} from sweep {args.sweep} "
           f"(last scores {best})")
@@ -107,12 +93,6 @@ def _photograph(args: argparse.Namespace, store: str, sweep_link: str, base: str
         page.set_viewport_size({"width": 2300, "height": 620})  # wide enough for the score column
         page.screenshot(path=str(args.out / "mlflow_models.png"))
         browser.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

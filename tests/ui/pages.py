@@ -1,4 +1,5 @@
-"""What a person sees on MLflow's pages, read from a real browser page (Playwright).
+"""What a person sees on MLflow's pages, read from a real browser page (Playwright), and the
+``firetitan-track ui`` that serves them.
 
 Shared by the browser tests (test_mlflow_ui.py) and the script that takes the README's
 pictures (docs/screenshots.py), so the pictures show what the tests check.
@@ -6,10 +7,40 @@ pictures (docs/screenshots.py), so the pictures show what the tests check.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, Iterator
 
 CARD = "[data-testid='experiment-view-compare-runs-card']"
+
+
+@contextlib.contextmanager
+def served_ui(ui_args: list[str], cwd: Path, log: IO[str] | int = subprocess.DEVNULL,
+              prefix: list[str] | None = None) -> Iterator[tuple[str, str]]:
+    """``firetitan-track [PREFIX] ui UI_ARGS --port N`` in its own process: yields the UI's base
+    URL and the link the command printed before serving; stops it (as Ctrl-C would) after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [*(prefix or [sys.executable, "-m", "runner.cli"]), "ui", *ui_args, "--port", str(port)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # "MLflow UI for <store>: <url>"
+        printed = proc.stdout.readline().strip().removeprefix("open ")
+        base_url = f"http://127.0.0.1:{port}"
+        from firetitan_track.projections.mlflow import wait_for_http
+
+        wait_for_http(f"{base_url}/health", timeout=120)
+        yield base_url, printed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def open_page(page: Any, url: str, ready: str) -> None:
