@@ -195,12 +195,13 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI",
               callback=absolute_uri,
-              help="The MLflow store to link to (the sweep's trials side by side in the UI).")
+              help="The MLflow store to link to (the sweep's view in the UI).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
 @click.pass_context
 def compare(ctx: click.Context, sweep_id: str, as_json: bool, tracking_uri: str, experiment: str) -> None:
     """Per trial of SWEEP_ID: its params, status, best score and the snapshot behind it,
-    then the link that opens the trials side by side in the MLflow UI."""
+    then the link that opens the sweep's view in the MLflow UI (every trial's eval/score by step,
+    the swept params against the score, what the trials differ in)."""
     with reading_ledger(ctx) as ledger:
         trials = compare_sweep(ledger, sweep_id)
     if as_json:
@@ -226,7 +227,8 @@ def _echo_link(tracking_uri: str, experiment: str, **which: str) -> None:
 
 
 @click.command()
-@click.option("--sweep", "sweep_id", metavar="SWEEP_ID", help="Print the link to this sweep's trials side by side.")
+@click.option("--sweep", "sweep_id", metavar="SWEEP_ID",
+              help="Print the link to this sweep's view: its trials' scores by step and what they differ in.")
 @click.option("--run", "run_id", metavar="RUN_ID", help="Print the link to this run's page.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
@@ -236,7 +238,7 @@ def _echo_link(tracking_uri: str, experiment: str, **which: str) -> None:
 def ui(sweep_id: str | None, run_id: str | None, host: str, port: int, backend_store_uri: str,
        experiment: str) -> None:
     """Serve the project's MLflow tracking store in the MLflow UI, first printing the link
-    that opens the experiment's runs, a sweep's comparison (--sweep) or a run (--run)."""
+    that opens the experiment's runs, a sweep's view (--sweep) or a run (--run)."""
     from firetitan_track.projections.mlflow.ui import link
 
     if sweep_id and run_id:
