@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 
 from firetitan_track.events import RecordedEvent
 
-__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY"]
+__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY",
+           "pending_promotion_text"]
 
 # Events that describe the training history (and so can be superseded by a resume).
 TRAINING_HISTORY = frozenset({
@@ -34,6 +35,7 @@ class RunState:
     sweep_id: str | None = None
     rerun_of: str | None = None
     init_from: dict[str, Any] | None = None  # a chained run's upstream: run, state, step
+    code: dict[str, Any] | None = None  # which code ran (RunStarted.code; None for a run before it was recorded)
     prompt_sets: dict[str, str] = field(default_factory=dict)
     step: int = 0  # last completed step
     data_cursor: Any = None
@@ -49,6 +51,9 @@ class RunState:
     error: str | None = None
     cleanup: dict[str, Any] | None = None
     open_intent: str | None = None  # an intent whose outcome never arrived (crash between the two)
+    # promotions requested whose outcome is not recorded yet: PromotionRequested payloads plus
+    # "request_id" (the event id the outcome names); `promote` again or `resume` settles them
+    pending_promotions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def resume_step(self) -> int:
@@ -130,6 +135,7 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
         st.rerun_of = d.get("rerun_of")
         st.init_from = d.get("init_from")
         st.prompt_sets = dict(d.get("prompt_sets") or {})
+        st.code = d.get("code")
     elif t == "TrainerProvisioned":
         if d["role"] == "reference":
             st.reference_job_id = d["trainer_job_id"]
@@ -165,3 +171,19 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
         st.status = "pruned"
     elif t == "CleanupApplied":
         st.cleanup = d
+    elif t == "PromotionRequested":
+        st.pending_promotions.append({**d, "request_id": ev.event_id})
+    elif t in ("ModelPromoted", "PromotionFailed"):
+        st.pending_promotions = [p for p in st.pending_promotions if p["request_id"] != d["request_id"]]
+
+
+def pending_promotion_text(st: RunState) -> str | None:
+    """What ``status`` says of promotions requested whose outcome is not recorded (the
+    promoting process stopped in between), and how each settles; None when there are none."""
+    if not st.pending_promotions:
+        return None
+    asked = "; ".join(f"{p['model_id']} from {p['snapshot_path']}" for p in st.pending_promotions)
+    first = st.pending_promotions[0]
+    return (f"requested, outcome not recorded: {asked}. The service is asked whether it happened by "
+            f"`firetitan-track promote {st.run_id} --snapshot {first['snapshot_path']} --model-id "
+            f"{first['model_id']}` (the same promotion again) or `firetitan-track resume {st.run_id}`")
