@@ -53,7 +53,11 @@ CATALOGUE: dict[str, EventType] = _types(
               "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets, "
               "init_from (a chained run's upstream: run_id, status, state_path, step, trainer_job_id), "
               "prompt_sets_masked ({set: strings the stored set masks of what the run used}), "
-              "rerun_data_differs (a rerun: the original's prompt_sets_masked)"),
+              "rerun_data_differs (a rerun: the original's prompt_sets_masked), "
+              "code (which code ran, firetitan_track/code_identity.py: git {commit, dirty, root, changed "
+              "{path: sha256|null}, diff_digest, diff_bytes, diff_truncated} or null with no_git and files "
+              "{path: sha256}; entry {path, digest} and argv for a program; packages, python, device); "
+              "code_version is the firetitan-track version (a run before code was recorded has only it)"),
     EventType("RunResumed", 1, ("from_step", "state_path", "superseded", "attempt"),
               "superseded: the versions of earlier training-history events no longer authoritative"),
     EventType("Reconnected", 1, ("role", "trainer_job_id", "reused"),

@@ -711,8 +711,10 @@ def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = N
         if spec is None and dataclasses.is_dataclass(cfg):
             spec = {"provisioning": dataclasses.asdict(cfg)}  # what the service was built from
         body = redact(json.loads(json.dumps(spec or {}, default=str)))
+        from firetitan_track.code_identity import program_identity
+
         rec.record("RunStarted", spec=body, spec_digest=rec.put_json(body), code_version=code_version(),
-                   seed=seed, backend=backend)
+                   code=program_identity(ledger.put_blob), seed=seed, backend=backend)
     return TrackedService(service, rec, base_model=getattr(cfg, "base_model", ""),
                           shape=getattr(cfg, "training_shape_id", None), lora_rank=getattr(cfg, "lora_rank", 0),
                           deployment_id=getattr(cfg, "deployment_id", None), auto_steps=True,

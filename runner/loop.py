@@ -111,7 +111,8 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
         masked = _masked(inputs)
         try:
             rec.record("RunStarted", spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
-                       code_version=code_version(), seed=spec.run.seed, backend=spec.backend.kind,
+                       code_version=code_version(), code=_code_identity(ledger, spec), seed=spec.run.seed,
+                       backend=spec.backend.kind,
                        sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets,
                        **({"prompt_sets_masked": masked} if masked else {}),
                        **_rerun_differs(ledger, rerun_of),
@@ -177,6 +178,20 @@ def _refuse_recorded_program(st: RunState, what: str) -> None:
         raise RunError(f"run {st.run_id} was recorded from a program, not run from a spec, so the runner "
                        f"cannot {'rerun' if what == 'rerun' else 'resume'} it; continue it with: "
                        f"{continue_command(st)}")
+
+
+def _code_identity(ledger: Ledger, spec: Spec) -> dict[str, Any]:
+    """The code this run executes (RunStarted.code): the runner's and the ledger's source
+    folders (the project's checkout, or the installed packages), and the device the embedded
+    local service trains on (unknown for a service the spec only names by URL)."""
+    import firetitan_track
+    import runner
+    from firetitan_track.code_identity import code_identity
+
+    device = ({"local": spec.backend.device if not spec.backend.base_url else None,
+               "fireworks": "fireworks"}.get(spec.backend.kind))
+    return code_identity(ledger.put_blob, [os.path.dirname(runner.__file__), os.path.dirname(firetitan_track.__file__)],
+                         device=device)
 
 
 # -- inputs -------------------------------------------------------------------------------------

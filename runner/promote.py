@@ -59,9 +59,9 @@ def promotions(events: list[RecordedEvent]) -> dict[str, list[str]]:
 
 
 def _pending(events: list[RecordedEvent]) -> list[RecordedEvent]:
-    """PromotionRequested events with no outcome yet (the process died in between)."""
-    settled = {ev.data["request_id"] for ev in events if ev.type in ("ModelPromoted", "PromotionFailed")}
-    return [ev for ev in events if ev.type == "PromotionRequested" and ev.event_id not in settled]
+    """PromotionRequested events with no outcome yet (the process died in between), as the fold has them."""
+    waiting = {p["request_id"] for p in fold(events).pending_promotions}
+    return [ev for ev in events if ev.type == "PromotionRequested" and ev.event_id in waiting]
 
 
 def _snapshot_jobs(events: list[RecordedEvent]) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, unknown_run
 from firetitan_track.projections.run_state import authoritative
 
-__all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run"]
+__all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run", "code_line"]
 
 
 @dataclass
@@ -149,6 +149,26 @@ def _tie_to_snapshots(rows: list[EvalRow], events: Sequence[RecordedEvent], kind
 def upstream(events: Sequence[RecordedEvent]) -> dict[str, Any] | None:
     """A chained run's upstream (RunStarted.init_from: run, state, step), None for a run from scratch."""
     return next((ev.data.get("init_from") for ev in events if ev.type == "RunStarted"), None)
+
+
+def code_line(events: Sequence[RecordedEvent]) -> str:
+    """Which code produced the run's scores, in a line: its commit and whether the tree was dirty
+    (the recorded diff's digest, for ``blob``), the files outside git, or the version alone for
+    a run recorded before code identity."""
+    started = next((ev.data for ev in events if ev.type == "RunStarted"), {})
+    code = started.get("code")
+    if code is None:
+        return f"code: not recorded (firetitan-track {started.get('code_version', '-')})"
+    git = code.get("git")
+    if git is None:
+        return f"code: {code.get('no_git') or 'no git repository'}; {len(code.get('files') or {})} file(s) by digest"
+    commit = git.get("commit") or "none yet"
+    if not git.get("dirty"):
+        return f"code: commit {commit} (clean)"
+    changed = len(git.get("changed") or {}) + int(git.get("changed_more") or 0)
+    cut = ", cut" if git.get("diff_truncated") else ""
+    return (f"code: commit {commit} + uncommitted changes to {changed} file(s) "
+            f"(diff {str(git.get('diff_digest'))[:12]}{cut}: `firetitan-track blob` shows it)")
 
 
 def best_eval(rows: Sequence[EvalRow]) -> EvalRow | None:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from firetitan_track.events import RecordedEvent
 
 __all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY",
-           "status_row", "continue_command"]
+           "status_row", "continue_command", "pending_promotion_text"]
 
 # Events that describe the training history (and so can be superseded by a resume).
 TRAINING_HISTORY = frozenset({
@@ -37,6 +37,7 @@ class RunState:
     sweep_id: str | None = None
     rerun_of: str | None = None
     init_from: dict[str, Any] | None = None  # a chained run's upstream: run, state, step
+    code: dict[str, Any] | None = None  # which code ran (RunStarted.code; None for a run before it was recorded)
     prompt_sets: dict[str, str] = field(default_factory=dict)
     step: int = 0  # last completed step
     data_cursor: Any = None
@@ -59,6 +60,9 @@ class RunState:
     command: list[str] | None = None  # the last attempt's command line and working directory
     cwd: str | None = None
     outcome: dict[str, Any] | None = None  # the last ProgramExited
+    # promotions requested whose outcome is not recorded yet: PromotionRequested payloads plus
+    # "request_id" (the event id the outcome names); `promote` again or `resume` settles them
+    pending_promotions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def resume_step(self) -> int:
@@ -141,6 +145,7 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
         st.prompt_sets = dict(d.get("prompt_sets") or {})
         program = d["spec"].get("program") if isinstance(d["spec"], dict) else None
         st.program = program if isinstance(program, dict) else None
+        st.code = d.get("code")
     elif t == "TrainerProvisioned":
         if d["role"] == "reference":
             st.reference_job_id = d["trainer_job_id"]
@@ -187,6 +192,10 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
     elif t == "StateLoaded" and d.get("step") is not None:
         st.step = d["step"]  # the program continues from the state it loaded
         st.data_cursor = d.get("data_cursor")
+    elif t == "PromotionRequested":
+        st.pending_promotions.append({**d, "request_id": ev.event_id})
+    elif t in ("ModelPromoted", "PromotionFailed"):
+        st.pending_promotions = [p for p in st.pending_promotions if p["request_id"] != d["request_id"]]
 
 
 def _track_intents(st: RunState, t: str, d: dict[str, Any]) -> None:
@@ -214,6 +223,7 @@ def status_row(st: RunState) -> dict[str, Any]:
         "last_snapshot": st.last_snapshot and {k: st.last_snapshot[k] for k in ("step", "path", "kind")},
         "last_score": st.last_score and {k: st.last_score[k] for k in ("step", "score", "snapshot_path")},
         "pending_intent": st.open_intent, "error": st.error,
+        "pending_promotion": pending_promotion_text(st),
     }
     if st.program is None:
         return row
@@ -246,3 +256,15 @@ def continue_command(st: RunState) -> str | None:
     command = st.command or st.program.get("command") or []
     cwd = st.cwd or st.program.get("cwd") or "."
     return f"cd {shlex.quote(cwd)} && firetitan-track record --run-id {shlex.quote(st.run_id)} -- {shlex.join(command)}"
+
+
+def pending_promotion_text(st: RunState) -> str | None:
+    """What ``status`` says of promotions requested whose outcome is not recorded (the
+    promoting process stopped in between), and how each settles; None when there are none."""
+    if not st.pending_promotions:
+        return None
+    asked = "; ".join(f"{p['model_id']} from {p['snapshot_path']}" for p in st.pending_promotions)
+    first = st.pending_promotions[0]
+    return (f"requested, outcome not recorded: {asked}. The service is asked whether it happened by "
+            f"`firetitan-track promote {st.run_id} --snapshot {first['snapshot_path']} --model-id "
+            f"{first['model_id']}` (the same promotion again) or `firetitan-track resume {st.run_id}`")

@@ -61,9 +61,9 @@ def begin(ledger: Ledger, run_id: str, *, command: list[str], cwd: str, started_
         attempt = st.program_attempts + 1
     else:
         spec = describe_program(command, cwd, interpreter)
-        rec.record("RunStarted", spec=spec, spec_digest=json_digest(spec),
-                   code_version=program_code_fields(command, cwd)["code_version"], seed=None,
-                   backend=spec["program"]["backend"])
+        code = program_code_fields(command, cwd, interpreter, put_blob=ledger.put_blob)
+        rec.record("RunStarted", spec=spec, spec_digest=json_digest(spec), code_version=code["code_version"],
+                   code=code["code"], seed=None, backend=spec["program"]["backend"])
     rec.record("ProgramStarted", attempt=attempt, command=list(command), cwd=cwd, started_by=started_by, **started)
     return ProgramRun(rec, attempt)
 
@@ -140,11 +140,36 @@ def describe_program(command: list[str], cwd: str, interpreter: str | None = Non
     }}
 
 
-def program_code_fields(command: list[str], cwd: str, python: str | None = None) -> dict[str, Any]:
-    """RunStarted's code fields for a recorded program, built here and nowhere else (the place
-    to plug in a shared code identity): ``code_version``, the recorder's release, and
-    ``entry``, the program's entry script (or module, or ``-c`` code) with its sha256."""
-    return {"code_version": code_version(), "entry": _entry(command, cwd, python or python_of(command))}
+def program_code_fields(command: list[str], cwd: str, python: str | None = None, *,
+                        put_blob: Any = None) -> dict[str, Any]:
+    """RunStarted's code fields for a recorded program, built here and nowhere else:
+    ``code_version``, the recorder's release; ``entry``, the program's entry script (or
+    module, or ``-c`` code) with its sha256; and with ``put_blob`` (a ledger's, which stores
+    the uncommitted diff) ``code``, the shared code identity (firetitan_track.code_identity)
+    of the entry script's repository, or of ``cwd`` when the entry is no file."""
+    entry = _entry(command, cwd, python or python_of(command))
+    fields: dict[str, Any] = {"code_version": code_version(), "entry": entry}
+    if put_blob is not None:
+        from firetitan_track.code_identity import code_identity
+
+        path = entry.get("path") or _module_file(entry.get("module"), cwd)
+        is_file = path is not None and os.path.isfile(path)
+        fields["code"] = code_identity(put_blob, [os.path.dirname(path) if is_file else cwd],
+                                       entry=path if is_file else None, argv=list(command))
+    return fields
+
+
+def _module_file(module: str | None, cwd: str) -> str | None:
+    """Where ``python -m module`` finds its file, looked up on the program's path (its working
+    directory, then PYTHONPATH) without importing anything."""
+    if not module:
+        return None
+    rel = module.replace(".", os.sep)
+    for folder in [cwd, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]:
+        for candidate in (os.path.join(folder, rel + ".py"), os.path.join(folder, rel, "__main__.py")):
+            if os.path.isfile(candidate):
+                return os.path.normpath(candidate)
+    return None
 
 
 _PYTHON = re.compile(r"python[0-9.]*$")

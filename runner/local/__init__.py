@@ -1,8 +1,8 @@
 """The FireTitan-compatible local service: a real model on loopback.
 
 Layout: ``supervisor`` starts and stops the server process; ``server`` is the web
-app, which routes to three planes (``control_plane``, ``trainer_plane``,
-``inference_plane``); ``engine`` (Trainer, losses, state) and ``sampler`` run
+app, whose requests pass ``gate`` (token, request log, error guard) and reach three
+planes (``control_plane``, ``trainer_plane``, ``inference_plane``); ``engine`` (Trainer, losses, state) and ``sampler`` run
 the model that ``model`` builds from the ``catalogue``; ``state`` is the state
 dir's layout and records; ``wire`` the JSON shapes; ``cli`` the ``local`` commands.
 

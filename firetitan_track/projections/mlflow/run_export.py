@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from firetitan_track.events import RecordedEvent
 from firetitan_track.projections.audit import best_eval, eval_rows
 from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_METRICS_PER_CALL,
-                                                     MAX_PARAMS_PER_CALL, PROMPTS_DATASET, SNAPSHOT_MODEL_TYPE,
-                                                     TAG_BEST_IN_RUN, TAG_RUN, quote, flatten, mlflow_key, model_name, ms, numbers,
-                                                     param_value)
-from firetitan_track.redact import redact
+                                                     MAX_PARAMS_PER_CALL, MAX_TAGS_PER_CALL, PROMPTS_DATASET,
+                                                     SNAPSHOT_MODEL_TYPE, TAG_BEST_IN_RUN, TAG_RUN, flatten,
+                                                     is_identifier, mlflow_key, model_name, ms, numbers,
+                                                     param_value, quote)
+from firetitan_track.redact import redact, redact_bytes
 
 if TYPE_CHECKING:
     from firetitan_track.projections.mlflow.exporter import MlflowExporter
@@ -53,16 +54,24 @@ class RunExport:
             self._artifacts()
 
     def _params(self) -> None:
-        from mlflow.entities import Param
+        """The spec's settings as params; the keys that only identify the run (its name,
+        deployment, service) as tags of the same name."""
+        from mlflow.entities import Param, RunTag
 
         started = next((ev for ev in self.new if ev.type == "RunStarted"), None)
         if started is None:
             return
         # the ledger stored the spec redacted; redact again so no key can reach MLflow
-        spec = redact(started.data["spec"])
-        params = [Param(mlflow_key(k), param_value(v)) for k, v in sorted(flatten(spec).items())]
+        spec = flatten(redact(started.data["spec"]))
+        swept = set(started.data.get("trial_params") or {})
+        params = [Param(mlflow_key(k), param_value(v)) for k, v in sorted(spec.items())
+                  if k in swept or not is_identifier(k)]
+        tags = [RunTag(mlflow_key(k), param_value(v)) for k, v in sorted(spec.items())
+                if k not in swept and is_identifier(k)]
         for i in range(0, len(params), MAX_PARAMS_PER_CALL):
             self.client.log_batch(self.ml_run, params=params[i:i + MAX_PARAMS_PER_CALL])
+        for i in range(0, len(tags), MAX_TAGS_PER_CALL):
+            self.client.log_batch(self.ml_run, tags=tags[i:i + MAX_TAGS_PER_CALL])
 
     def _logged_models(self) -> dict[str, str]:
         """A LoggedModel per sampler snapshot (found again by path); path -> model id."""
@@ -173,6 +182,7 @@ class RunExport:
             for ev in self.new:
                 if ev.type == "RunStarted":
                     files.append((_write_json(tmp, "spec.json", redact(ev.data["spec"])), None))
+                    files += self._code_files(tmp, ev.data.get("code"))
                 elif ev.type == "EvalStarted" and ev.data["prompt_set_digest"] not in prompts:
                     digest = ev.data["prompt_set_digest"]
                     prompts.add(digest)
@@ -184,6 +194,20 @@ class RunExport:
                 files.append((_plot_scores(self.history, Path(tmp) / "eval_score.png"), None))
             for path, folder in files:
                 self.client.log_artifact(self.ml_run, str(path), folder)
+
+    def _code_files(self, tmp: str, code: dict[str, Any] | None) -> list[tuple[Path, str | None]]:
+        """``code/identity.json`` (RunStarted.code) and ``code/diff.patch`` (the uncommitted diff)."""
+        if not code:
+            return []
+        folder = Path(tmp) / "code"
+        folder.mkdir(exist_ok=True)
+        files: list[tuple[Path, str | None]] = [(_write_json(str(folder), "identity.json", redact(code)), "code")]
+        digest = (code.get("git") or {}).get("diff_digest")
+        if digest:
+            patch = folder / "diff.patch"
+            patch.write_bytes(redact_bytes(self.exporter.ledger.get_blob(digest)))
+            files.append((patch, "code"))
+        return files
 
     def _blob(self, digest: str) -> Any:
         return redact(self.exporter.ledger.get_json(digest))
