@@ -56,9 +56,9 @@ def served_sweep(local_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         yield ServedSweep(ledger_url, store, base_url, printed)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # Playwright's sync API keeps its event loop running: end it with the UI tests
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One headless Chromium for the session, with a fresh profile and nothing reaching out."""
+    """One headless Chromium for the UI tests, with a fresh profile and nothing reaching out."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
