@@ -53,7 +53,11 @@ CATALOGUE: dict[str, EventType] = _types(
               "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets, "
               "init_from (a chained run's upstream: run_id, status, state_path, step, trainer_job_id), "
               "prompt_sets_masked ({set: strings the stored set masks of what the run used}), "
-              "rerun_data_differs (a rerun: the original's prompt_sets_masked)"),
+              "rerun_data_differs (a rerun: the original's prompt_sets_masked), "
+              "code (which code ran, firetitan_track/code_identity.py: git {commit, dirty, root, changed "
+              "{path: sha256|null}, diff_digest, diff_bytes, diff_truncated} or null with no_git and files "
+              "{path: sha256}; entry {path, digest} and argv for a program; packages, python, device); "
+              "code_version is the firetitan-track version (a run before code was recorded has only it)"),
     EventType("RunResumed", 1, ("from_step", "state_path", "superseded", "attempt"),
               "superseded: the versions of earlier training-history events no longer authoritative"),
     EventType("Reconnected", 1, ("role", "trainer_job_id", "reused"),
@@ -108,6 +112,44 @@ CATALOGUE: dict[str, EventType] = _types(
     EventType("TrialAssigned", 1, ("trial", "run_id", "params", "optuna_trial"),
               "a worker took the sweep's next trial: its index, its run, the sampled params and the "
               "Optuna trial number they came from"),
+    # -- recorded programs (firetitan-track record / autolog; firetitan_track/recording) --------
+    # Their RunStarted.spec is {"program": {...}} (command, cwd, entry script digest, sdk, backend);
+    # provisioning, snapshots, syncs, states, promotion and cleanup use the events above. A
+    # program's StepCompleted may also hold trainer_job_id, forward_backward (each micro-batch's
+    # metrics), provenance ({datums, matched, data_digest}) and version_offsets ({min, max, mean}:
+    # weight versions published before the step minus those published before each matched
+    # datum's sample was sent; absent when no datum matched a sample).
+    EventType("ProgramStarted", 1, ("attempt", "command", "cwd"),
+              "attempt n of a recorded program's run: its command line (argv) and working directory; "
+              "optional started_by (record|autolog), pid, metrics_file"),
+    EventType("ProgramExited", 1, ("attempt", "outcome", "exit_status"),
+              "how attempt n ended: outcome finished|failed|killed; exit_status (None when unknown, the "
+              "negative signal number when killed); optional signal (its name), error (the uncaught "
+              "exception, redacted), recording_degraded (what the recorder could not record)"),
+    EventType("StepRequested", 1, ("step",),
+              "a recorded program sent the k-th optimizer step's first micro-batch (or its optim_step); "
+              "StepCompleted is the outcome; optional trainer_job_id"),
+    EventType("SamplesDrawn", 1, ("deployment", "snapshot_at_send", "snapshot_at_return", "version_at_send",
+                                  "version_at_return", "prompt_digest", "completions_digest",
+                                  "sequence_digests", "sampling", "step"),
+              "one sampling call: the deployment (its id, or the model it serves), the snapshot loaded on it "
+              "when the call was sent and when it returned (None when none was recorded), the weight versions "
+              "published to it by then (syncs and hotloads seen), the prompt and completions as blobs, one "
+              "sha256 of the token ids per sampled sequence (prompt + completion), the sampling params and "
+              "the optimizer steps requested so far; optional call (the SDK method)"),
+    EventType("MetricsLogged", 1, ("step", "metrics", "source"),
+              "numbers a recorded program logged itself (source: metrics_file|wandb) under its own step; "
+              "optional snapshot_path and deployment (the snapshot loaded on the deployment when they were "
+              "logged) and trainer_step (optimizer steps requested by then): an eval/* metric logged with no "
+              "snapshot loaded measured the trainer's weights at trainer_step"),
+    EventType("StateLoaded", 1, ("path", "with_optimizer"),
+              "a recorded program loaded DCP state; optional step and data_cursor (of the StateSaved it names), "
+              "trainer_job_id"),
+    EventType("CallFailed", 1, ("call", "intent", "error"),
+              "a recorded call raised after its intent was recorded: the SDK method, the intent event's type "
+              "and the error (redacted); optional step"),
+    EventType("RecordingDegraded", 1, ("reason",),
+              "the recorder could not record something and let the program go on: what and why; optional pid"),
 )
 
 

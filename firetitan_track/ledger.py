@@ -37,7 +37,7 @@ from firetitan_track.store import events as event_table
 
 __all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "NotFound",
            "CorruptLedger", "StoreFailure", "RunInfo", "Problem",
-           "GENESIS_HASH", "event_hash", "check_chain"]
+           "GENESIS_HASH", "event_hash", "check_chain", "check_run_id"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
 _HEX_PREFIX = re.compile(r"[0-9a-f]{6,63}")  # a digest prefix worth looking up
@@ -486,6 +486,17 @@ class _RowView:
 def _check_run_id(run_id: str) -> None:
     if not isinstance(run_id, str) or not run_id:
         raise LedgerError(f"a run id is a non-empty string, not {run_id!r}")
+
+
+_SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_id(run_id: str) -> None:
+    """Refuse a run id a new run should not take: one that would not travel safely (MLflow
+    filters, file names, URLs). The ledger itself stores any non-empty string."""
+    if not _SAFE_RUN_ID.fullmatch(run_id):
+        raise LedgerError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+                          "letter or digit")
 
 
 def _prepare(ev: NewEvent, secrets: list[str]) -> _Pending:

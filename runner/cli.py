@@ -52,6 +52,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "sweep": ("runner.sweep:sweep", "runner"),
     "promote": ("runner.promote:promote_command", "runner"),
     "local": ("runner.local.cli:local", None),
+    "record": ("firetitan_track.recording.command:record", None),
 }
 
 

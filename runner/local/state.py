@@ -38,6 +38,7 @@ LOG_FILE = "service.log"        # the background server's stdout and stderr
 LOCK_FILE = "service.lock"      # held by the server: a second one on the same dir refuses to start
 START_LOCK_FILE = "start.lock"  # serializes ensure_running across processes
 HF_CACHE_DIR = "hf-cache"       # the offline Hugging Face cache of the served tokenizers (tinker_plane.write_hf_cache)
+TOKEN_ENV = "FIRETITAN_LOCAL_TOKEN"  # the bearer token `local up --token` hands the server (see gate.py)
 
 
 # Snapshot, state and checkpoint names: what the managed service accepts (both cases,

@@ -58,7 +58,7 @@ from .inference_plane import DeploymentRuntime
 from .state import ServiceState, check_name, now_rfc3339, read_json, state_ref
 from .tinker_proto import (EncodedSequence, WireError, decode_forward_backward, decompress,
                            encode_forward_backward_output, encode_sample_response)
-from .trainer_plane import LONG_POLL_S, RESULT_TTL_S, TrainerRuntime, _architecture, lora_settings
+from .trainer_plane import LONG_POLL_S, RESULT_TTL_S, TrainerRuntime, lora_settings
 from .wire import ApiError, encode_tensor, field, json_body, json_response
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def write_hf_cache(root: Path) -> Path:
             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt")))
         # AutoTokenizer reads the model's config too: the checkpoint's own, else the stand-in's.
         config = (source / "config.json").read_bytes() if (source / "config.json").is_file() else json.dumps(
-            {"architectures": [_architecture(card)], "model_type": "qwen3", **card.config}, sort_keys=True).encode()
+            {"architectures": [card.architecture], "model_type": card.model_type, **card.config}, sort_keys=True).encode()
         contents = {path.name: path.read_bytes() for path in files} | {"config.json": config}
         digest = hashlib.sha1()
         for file_name, data in sorted(contents.items()):
@@ -441,7 +441,7 @@ class TinkerPlane:
             "type": "get_info", "model_id": model_id, "model_name": name, "is_lora": rank > 0,
             "lora_rank": rank or None,
             # the served model's own tokenizer: a directory the client loads offline
-            "model_data": {"arch": _architecture(card),
+            "model_data": {"arch": card.architecture,
                            "model_name": name, "tokenizer_id": card.tokenizer_dir},
         })
 

@@ -413,7 +413,7 @@ class TrainerPlane:
             "is_lora": runtime.spec.lora_rank > 0 and not runtime.is_base_only(model_id),
             "lora_rank": (runtime.spec.lora_rank or None) if not runtime.is_base_only(model_id) else None,
             # the served model's own architecture and tokenizer (a checkpoint's, or the stand-in's)
-            "model_data": {"arch": _architecture(card), "model_name": runtime.spec.base_model,
+            "model_data": {"arch": card.architecture, "model_name": runtime.spec.base_model,
                            "tokenizer_id": card.tokenizer_dir},
         })
 
@@ -668,6 +668,3 @@ def lora_settings(config: Any, job_rank: int, job_id: str) -> Any:
     return _engine().LoraSettings(rank=rank, **values)
 
 
-def _architecture(card: catalogue.ModelCard) -> str:
-    """A checkpoint's config names its architecture; the seeded stand-ins are all Qwen3."""
-    return (card.config.get("architectures") or ["Qwen3ForCausalLM"])[0]
