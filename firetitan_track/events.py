@@ -121,6 +121,7 @@ def _types(*entries: EventType) -> dict[str, EventType]:
 
 
 _UPSTREAM = _record(run_id=ID, state_path=STRING, step=INTEGER)
+_CODE = _record(packages=_object_of(STRING), python=STRING)  # RunStarted.code (code_identity.py)
 _TRIAL = _record(trial=INTEGER, run_id=ID, params=OBJECT)
 
 CATALOGUE: dict[str, EventType] = _types(
@@ -129,13 +130,19 @@ CATALOGUE: dict[str, EventType] = _types(
           "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets, "
           "init_from (a chained run's upstream: run_id, status, state_path, step, trainer_job_id), "
           "prompt_sets_masked ({set: strings the stored set masks of what the run used}), "
-          "rerun_data_differs (a rerun: the original's prompt_sets_masked)",
-          fields={"spec": OBJECT, "spec_digest": DIGEST, "code_version": STRING, "seed": INTEGER,
+          "rerun_data_differs (a rerun: the original's prompt_sets_masked), "
+          "code (which code ran, firetitan_track/code_identity.py: git {commit, dirty, root, changed "
+          "{path: sha256|null}, diff_digest, diff_bytes, diff_truncated} or null with no_git and files "
+          "{path: sha256}; entry {path, digest} and argv for a program; packages, python, device); "
+          "code_version is the firetitan-track version (a run before code was recorded has only it); "
+          "seed is null for a recorded program (firetitan-track record), whose spec is {program: ...}",
+          fields={"spec": OBJECT, "spec_digest": DIGEST, "code_version": STRING, "seed": OPT_INTEGER,
                   "backend": STRING},
           optional={"sweep_id": OPT_ID, "trial_params": _optional(OBJECT), "rerun_of": OPT_ID,
                     "prompt_sets": _object_of(DIGEST), "init_from": _optional(_UPSTREAM),
-                    "prompt_sets_masked": NUMBERS, "rerun_data_differs": NUMBERS},
-          blobs=("prompt_sets.*",)),
+                    "prompt_sets_masked": NUMBERS, "rerun_data_differs": NUMBERS,
+                    "code": _optional(_CODE)},
+          blobs=("prompt_sets.*", "code.git.diff_digest")),
     _type("RunResumed", "superseded: the versions of earlier training-history events no longer authoritative",
           fields={"from_step": INTEGER, "state_path": OPT_STRING, "superseded": _array_of(INTEGER),
                   "attempt": INTEGER}),
@@ -233,12 +240,65 @@ CATALOGUE: dict[str, EventType] = _types(
           "a worker took the sweep's next trial: its index, its run, the sampled params and the "
           "Optuna trial number they came from",
           fields={"trial": INTEGER, "run_id": ID, "params": OBJECT, "optuna_trial": OPT_INTEGER}),
+    # -- recorded programs (firetitan-track record / autolog; firetitan_track/recording) --------
+    # Their RunStarted.spec is {"program": {...}} (command, cwd, entry script digest, sdk, backend);
+    # provisioning, snapshots, syncs, states, promotion and cleanup use the events above. A
+    # program's StepCompleted may also hold trainer_job_id, forward_backward (each micro-batch's
+    # metrics), provenance ({datums, matched, data_digest}) and version_offsets ({min, max, mean}:
+    # weight versions published before the step minus those published before each matched
+    # datum's sample was sent; absent when no datum matched a sample).
+    _type("ProgramStarted",
+          "attempt n of a recorded program's run: its command line (argv) and working directory; "
+          "optional started_by (record|autolog), pid, metrics_file",
+          fields={"attempt": INTEGER, "command": _array_of(STRING), "cwd": STRING},
+          optional={"started_by": STRING, "pid": INTEGER, "metrics_file": OPT_STRING}),
+    _type("ProgramExited",
+          "how attempt n ended: outcome finished|failed|killed; exit_status (None when unknown, the "
+          "negative signal number when killed); optional signal (its name), error (the uncaught "
+          "exception, redacted), recording_degraded (what the recorder could not record)",
+          fields={"attempt": INTEGER, "outcome": STRING, "exit_status": OPT_INTEGER},
+          optional={"signal": STRING, "error": STRING, "recording_degraded": _array_of(STRING)}),
+    _type("StepRequested",
+          "a recorded program sent the k-th optimizer step's first micro-batch (or its optim_step); "
+          "StepCompleted is the outcome; optional trainer_job_id",
+          fields={"step": INTEGER}, optional={"trainer_job_id": OPT_STRING}),
+    _type("SamplesDrawn",
+          "one sampling call: the deployment (its id, or the model it serves), the snapshot loaded on it "
+          "when the call was sent and when it returned (None when none was recorded), the weight versions "
+          "published to it by then (syncs and hotloads seen), the prompt and completions as blobs, one "
+          "sha256 of the token ids per sampled sequence (prompt + completion), the sampling params and "
+          "the optimizer steps requested so far; optional call (the SDK method)",
+          fields={"deployment": OPT_STRING, "snapshot_at_send": OPT_STRING, "snapshot_at_return": OPT_STRING,
+                  "version_at_send": INTEGER, "version_at_return": INTEGER, "prompt_digest": DIGEST,
+                  "completions_digest": DIGEST, "sequence_digests": _array_of(DIGEST), "sampling": OBJECT,
+                  "step": INTEGER},
+          optional={"call": STRING},
+          blobs=("prompt_digest", "completions_digest")),
+    _type("MetricsLogged",
+          "numbers a recorded program logged itself (source: metrics_file|wandb) under its own step; "
+          "optional snapshot_path and deployment (the snapshot loaded on the deployment when they were "
+          "logged) and trainer_step (optimizer steps requested by then): an eval/* metric logged with no "
+          "snapshot loaded measured the trainer's weights at trainer_step",
+          fields={"step": OPT_INTEGER, "metrics": NUMBERS, "source": STRING},
+          optional={"snapshot_path": OPT_STRING, "deployment": OPT_STRING, "trainer_step": OPT_INTEGER}),
+    _type("StateLoaded",
+          "a recorded program loaded DCP state; optional step and data_cursor (of the StateSaved it names), "
+          "trainer_job_id",
+          fields={"path": STRING, "with_optimizer": BOOLEAN},
+          optional={"step": OPT_INTEGER, "data_cursor": ANY, "trainer_job_id": OPT_STRING}),
+    _type("CallFailed",
+          "a recorded call raised after its intent was recorded: the SDK method, the intent event's type "
+          "and the error (redacted); optional step",
+          fields={"call": STRING, "intent": STRING, "error": STRING}, optional={"step": OPT_INTEGER}),
+    _type("RecordingDegraded",
+          "the recorder could not record something and let the program go on: what and why; optional pid",
+          fields={"reason": STRING}, optional={"pid": INTEGER}),
 )
 
 # A stream whose head is one of these is signed when it is appended (see signing.py): the end
 # of a run or trial, a promotion's outcome, and each step of a sweep's own stream.
 SIGNED_AFTER = frozenset({"RunCompleted", "RunFailed", "TrialPruned", "ModelPromoted", "PromotionFailed",
-                          "SweepStarted", "TrialAssigned"})
+                          "SweepStarted", "TrialAssigned", "ProgramExited"})
 
 
 @dataclass(frozen=True)
@@ -314,17 +374,20 @@ def _shown(value: Any) -> str:
 
 
 def blob_references(type: str, data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """(field, digest) for every field of ``type`` that names a stored blob (EventType.blobs)."""
+    """(field, digest) for every field of ``type`` that names a stored blob (EventType.blobs:
+    dotted paths into the payload, ``*`` standing for every value of an object)."""
     et = CATALOGUE.get(type)
     for path in et.blobs if et is not None else ():
-        name, _, rest = path.partition(".")
-        value = data.get(name)
-        if rest == "*":
-            for key, digest in (value.items() if isinstance(value, dict) else ()):
-                if is_digest(digest):
-                    yield f"{name}.{key}", digest
-        elif is_digest(value):
-            yield name, value
+        nodes: list[tuple[str, Any]] = [("", data)]
+        for part in path.split("."):
+            found = []
+            for where, node in nodes:
+                if not isinstance(node, Mapping):
+                    continue
+                items = node.items() if part == "*" else ([(part, node[part])] if part in node else [])
+                found += [(f"{where}.{key}" if where else key, value) for key, value in items]
+            nodes = found
+        yield from ((where, value) for where, value in nodes if is_digest(value))
 
 
 def digest_references(data: Any) -> Iterator[tuple[str, str]]:

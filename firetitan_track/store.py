@@ -21,8 +21,9 @@ An append to a run whose writer holds a lease in the database (run_leases)
 also checks the lease's fencing token inside its transaction: a writer whose lease
 was taken over stops with LeaseLost instead of writing.
 
-The schema is owned by the Alembic scripts in ``schema/``; the tables below mirror
-the head revision and are what the code queries.
+The schema is owned by the Alembic scripts in ``firetitan_track/schema/`` (package data,
+so an installed wheel creates and upgrades ledgers); the tables below mirror the head
+revision and are what the code queries.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
 
 from firetitan_track.errors import UserError
+from firetitan_track.extras import MissingExtra
 
 __all__ = [
     "LedgerError",
@@ -64,9 +66,9 @@ __all__ = [
     "signed_heads",
 ]
 
-# The Alembic head this code is written against (tests check it matches schema/).
+# The Alembic head this code is written against (tests check it matches SCHEMA_DIR).
 HEAD_REVISION = "0003"
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 UPGRADE_HINT = "firetitan-track db upgrade"
 
 
@@ -234,7 +236,10 @@ def _sqlite_engine(parsed: URL) -> Engine:
 
 def _postgres_engine(parsed: URL) -> Engine:
     connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": 5}
-    return sa.create_engine(parsed, connect_args=connect_args, pool_size=10, max_overflow=20)
+    try:
+        return sa.create_engine(parsed, connect_args=connect_args, pool_size=10, max_overflow=20)
+    except ModuleNotFoundError as e:  # the driver (psycopg) is the [postgres] extra
+        raise MissingExtra("postgres", f"the PostgreSQL ledger at {mask_url(parsed)}", [e.name or str(e)]) from None
 
 
 @dataclass
@@ -385,8 +390,8 @@ def _alembic_config():  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
     if not (SCHEMA_DIR / "env.py").exists():
-        raise LedgerError(f"the schema scripts are missing (looked in {SCHEMA_DIR}); "
-                          "install firetitan-track from its source tree (pip install -e .)")
+        raise LedgerError(f"the schema scripts are missing (looked in {SCHEMA_DIR}): this "
+                          "installation of firetitan-track is incomplete; reinstall it")
     cfg = Config()
     cfg.set_main_option("script_location", str(SCHEMA_DIR))
     return cfg

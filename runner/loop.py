@@ -25,12 +25,11 @@ from typing import Any, Callable, Iterator
 
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
-from firetitan_track.projections.run_state import RunState, fold, to_supersede
-from firetitan_track.ids import RUN_ID_RULE, is_run_id
-from firetitan_track.redact import redact, redact_text, secret_values
+from firetitan_track.projections.run_state import RunState, continue_command, fold, to_supersede
+from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import InvalidEvent
-from firetitan_track.ledger import StoreFailure
+from firetitan_track.ledger import StoreFailure, check_run_id
 from runner.backend_watch import BackendLost, BackendWatch
 from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loop, is_interrupt
 from runner.chain import load_upstream, resolve_upstream
@@ -50,16 +49,6 @@ _RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # what a spec's run.name loses 
 
 class RunError(UserError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
-
-
-def check_run_id(run_id: str) -> None:
-    """Refuse a run id that would not travel safely (MLflow filters, file names, URLs: the rule
-    in firetitan_track/ids.py), or that holds a credential's value (ids are never redacted)."""
-    if not is_run_id(run_id):
-        raise RunError(f"run id {run_id!r}: use {RUN_ID_RULE}")
-    if any(secret in run_id for secret in secret_values()):
-        raise RunError("the run id holds the value of a credential in the environment (FIREWORKS_API_KEY or "
-                       "another key): run ids are shown, stored and exported as they are; choose another")
 
 
 class StopEarly(Exception):
@@ -121,7 +110,8 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
         masked = _masked(inputs)
         try:
             rec.record("RunStarted", spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
-                       code_version=code_version(), seed=spec.run.seed, backend=spec.backend.kind,
+                       code_version=code_version(), code=_code_identity(ledger, spec), seed=spec.run.seed,
+                       backend=spec.backend.kind,
                        sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets,
                        **({"prompt_sets_masked": masked} if masked else {}),
                        **_rerun_differs(ledger, rerun_of),
@@ -147,6 +137,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
             raise RunError(f"run {run_id} already {st.status} at step {st.step}; nothing to resume")
         if st.spec is None:
             raise RunError(f"run {run_id} has no RunStarted event; it cannot be resumed")
+        _refuse_recorded_program(st, "resumed")
         spec = Spec.from_dict(st.spec, source=f"run {run_id}")
         if steps is not None:
             spec = spec.with_overrides({"run.steps": steps})
@@ -171,12 +162,35 @@ def rerun(run_id: str, *, ledger_url: str, new_run_id: str | None = None, progre
     st = fold(ledger.read(run_id), run_id)
     if st.spec is None:
         raise RunError(f"run {run_id} has no RunStarted event; nothing to rerun")
+    _refuse_recorded_program(st, "rerun")
     spec = Spec.from_dict(st.spec, source=f"run {run_id}")
     inputs = _recorded_inputs(ledger, spec, st)
     if new_run_id is None:
         new_run_id = f"{run_id}-rerun-{uuid.uuid4().hex[:6]}"
     return run_spec(spec, ledger_url=ledger_url, run_id=new_run_id, rerun_of=run_id, inputs=inputs,
                     progress=progress, export_mlflow=export_mlflow)
+
+
+def _refuse_recorded_program(st: RunState, what: str) -> None:
+    """A recorded program's run has no spec to run from: the program itself continues it."""
+    if st.program is not None:
+        raise RunError(f"run {st.run_id} was recorded from a program, not run from a spec, so the runner "
+                       f"cannot {'rerun' if what == 'rerun' else 'resume'} it; continue it with: "
+                       f"{continue_command(st)}")
+
+
+def _code_identity(ledger: Ledger, spec: Spec) -> dict[str, Any]:
+    """The code this run executes (RunStarted.code): the runner's and the ledger's source
+    folders (the project's checkout, or the installed packages), and the device the embedded
+    local service trains on (unknown for a service the spec only names by URL)."""
+    import firetitan_track
+    import runner
+    from firetitan_track.code_identity import code_identity
+
+    device = ({"local": spec.backend.device if not spec.backend.base_url else None,
+               "fireworks": "fireworks"}.get(spec.backend.kind))
+    return code_identity(ledger.put_blob, [os.path.dirname(runner.__file__), os.path.dirname(firetitan_track.__file__)],
+                         device=device)
 
 
 # -- inputs -------------------------------------------------------------------------------------
