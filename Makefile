@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test run bench clean
+.PHONY: install test run bench screenshots clean
 
 install: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first, pinned: the machine holds this CPU build on disk; a looser pin pulls CUDA.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -c requirements.lock -e '.[test]'
+	$(VENV)/bin/pip install -q -c requirements.lock -e '.[all,test]'
 	touch $(STAMP)
 
 test: install
@@ -25,6 +25,10 @@ run: install
 	$(VENV)/bin/firetitan-track sweep examples/reverse_sft.toml --sweep-id demo-lr \
 		--grid optim.learning_rate=1e-3,3e-3
 	@$(VENV)/bin/firetitan-track local down >/dev/null  # the service this job started; the UI needs none
+
+# The README's MLflow pictures (docs/img), taken in Chromium from the `make run` sweep itself.
+screenshots: run
+	$(PY) docs/screenshots.py
 
 bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -2,13 +2,15 @@
 
 The public surface is re-exported here; the modules behind it are ledger.py
 (append, read, follow, verify), store.py (SQLite/PostgreSQL), blobs.py, redact.py
-and events.py (the catalogue). Nothing here imports torch or MLflow.
+and events.py (the catalogue); track() (tracking.py) and autolog() (recording/) record
+programs. Nothing here imports torch or MLflow.
 """
 
 from firetitan_track.events import NewEvent, RecordedEvent, new_event
 from firetitan_track.ledger import ConcurrencyError, Ledger, Problem, RunInfo, NotFound
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import TrackedService, track
+from firetitan_track.recording import autolog
 from firetitan_track.store import LedgerError, SchemaOutOfDate
 
 __all__ = [
@@ -25,5 +27,6 @@ __all__ = [
     "redact",
     "redact_text",
     "track",
+    "autolog",
     "TrackedService",
 ]

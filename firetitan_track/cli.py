@@ -66,6 +66,12 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
                      for line in [headers, ["-" * w for w in widths], *rows])
 
 
+def _printable(text: str) -> str:
+    """Text from the ledger as a terminal may show it: one that breaks the run-id rule (written
+    behind the ledger's back) is shown escaped, so a control character cannot redraw the table."""
+    return text if text.isprintable() else repr(text)
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -83,8 +89,8 @@ def runs(ctx: click.Context, as_json: bool) -> None:
         click.echo("no runs")
     else:
         click.echo(table(["RUN", "EVENTS", "FIRST (UTC)", "LAST (UTC)", "LAST EVENT"],
-                          [[i.run_id, str(i.events), _when(i.first_at), _when(i.last_at), i.last_type]
-                           for i in infos]))
+                          [[_printable(i.run_id), str(i.events), _when(i.first_at), _when(i.last_at),
+                            _printable(i.last_type)] for i in infos]))
 
 
 @click.command()
@@ -110,35 +116,92 @@ def events(ctx: click.Context, run_id: str, as_json: bool) -> None:
 @click.argument("run_id", required=False)
 @click.option("--bundle", "bundle_path", metavar="FILE", type=click.Path(dir_okay=False),
               help="Check a bundle file instead, offline (no ledger is opened).")
+@click.option("--trust", "trust", multiple=True, metavar="KEY",
+              help="A public key (ed25519:BASE64, as `key` prints it) or a PEM key file whose signatures you "
+                   "trust: every stream must then be vouched for to its end by one of them.")
 @click.pass_context
-def verify(ctx: click.Context, run_id: str | None, bundle_path: str | None) -> None:
-    """Recompute hash chains and blob digests; exit 1 naming the first bad version."""
+def verify(ctx: click.Context, run_id: str | None, bundle_path: str | None, trust: tuple[str, ...]) -> None:
+    """Recompute hash chains, payloads, blob digests and signed heads; exit 1 naming the first bad version."""
+    from firetitan_track.signing import load_trusted
+
+    with user_errors():
+        trusted = load_trusted(trust) if trust else None
     if bundle_path is not None:
         if run_id is not None:
             raise click.UsageError("give a RUN_ID or --bundle FILE, not both")
-        _verify_bundle(ctx, bundle_path)
+        _verify_bundle(ctx, bundle_path, trusted)
         return
     with reading_ledger(ctx) as ledger:
-        problems = ledger.verify(run_id)
-    if not problems:
+        report = ledger.verify_report(run_id, trusted)
+    if trusted is not None:
+        _vouching(report.heads, trusted)
+    if not report.problems:
         click.echo("intact")
         return
-    for p in problems:
-        click.echo(f"run {p.run_id}: first bad version {p.version}: {p.reason}")
+    for p in report.problems:
+        click.echo(f"run {_printable(p.run_id)}: first bad version {p.version}: {p.reason}")
     ctx.exit(1)
 
 
-def _verify_bundle(ctx: click.Context, path: str) -> None:
+def _verify_bundle(ctx: click.Context, path: str, trusted: set[str] | None) -> None:
     from firetitan_track.bundle import read_bundle
+    from firetitan_track.signing import trust_problems
 
     with user_errors():
         found = read_bundle(path)
-    if found.intact:
-        click.echo(f"intact: {path}: {len(found.streams)} streams, {found.events} events, {len(found.blobs)} blobs")
+    problems = [str(p) for p in found.problems]
+    if trusted is not None:
+        _vouching(found.head_checks, trusted)
+        problems += [f"run {c.run_id} version {v}: {why}" for c in found.head_checks.values()
+                     for v, why in trust_problems(c, trusted)]
+    if not problems:
+        click.echo(f"intact: {path}: {len(found.streams)} streams, {found.events} events, {len(found.blobs)} blobs"
+                   f", {len(found.heads)} signed heads")
         return
-    for p in found.problems:
+    for p in problems:
         click.echo(f"bundle {path}: {p}")
     ctx.exit(1)
+
+
+def _vouching(checks: dict, trusted: set[str]) -> None:
+    """Who vouches for each stream: the trusted key that signed the furthest, and how far."""
+    from firetitan_track.signing import key_id
+
+    for name, check in sorted(checks.items()):
+        keys = sorted(((v, k) for k, v in check.vouched.items() if k in trusted), reverse=True)
+        if keys:
+            through, key = keys[0]
+            whole = "all" if through == check.events - 1 else "not all"
+            click.echo(f"run {name}: vouched for by {key} ({key_id(key)}) through version {through} "
+                       f"({whole} of its {check.events} events)")
+        else:
+            click.echo(f"run {name}: no trusted key vouches for it")
+
+
+@click.command()
+@click.option("--new", "new_file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Make a new ed25519 private key in FILE (mode 0600) and print its public key; point "
+                   "FIRETITAN_SIGNING_KEY at it to sign with it.")
+@click.pass_context
+def key(ctx: click.Context, new_file: str | None) -> None:
+    """Print the public key that signs this ledger's heads (what `verify --trust` takes), and where
+    its private key is kept."""
+    from pathlib import Path
+
+    from firetitan_track.signing import KEY_ENV, new_key_file
+
+    if new_file is not None:
+        with user_errors():
+            made = new_key_file(Path(new_file))
+        click.echo(f"{made.public_text}  (private key: {made.source}; export {KEY_ENV}={made.source})")
+        return
+    with reading_ledger(ctx) as ledger:
+        found = ledger.signing_key(create=False)
+    if found is None:
+        click.echo(f"no signing key: this ledger's heads are not signed (set {KEY_ENV} to a PEM key file; "
+                   "`firetitan-track key --new FILE` makes one)")
+        ctx.exit(1)
+    click.echo(f"{found.public_text}  (private key: {found.source})")
 
 
 @click.command()

@@ -5,9 +5,15 @@
   those versions (same event ids) is acknowledged and writes nothing.
 - Every event gets a global ``position`` in commit order, for followers.
 - ``hash = sha256(prev_hash + canonical JSON of the event)``; ``verify`` recomputes
-  the chain and the digests of referenced blobs.
-- Payloads are redacted before they are hashed and stored; old schema versions are
-  upcast on read, never rewritten.
+  the chain, checks every blob an event names is there and still hashes to its
+  digest, and checks the stream still reaches each head the ledger signed
+  (signing.py: what a signature proves, and what it cannot).
+- Payloads are checked against their event type and redacted before they are hashed
+  and stored; old schema versions are upcast on read, never rewritten.
+- Nothing read is trusted: ``read`` checks the chain of what it returns, each payload
+  against its type and the newest signed head; ``get_blob`` checks the content still
+  hashes to its digest; ``import_rows`` checks rows, payloads and run ids as an append
+  would. A damaged read raises CorruptLedger naming the run and version.
 """
 
 from __future__ import annotations
@@ -29,15 +35,20 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from firetitan_track import blobs as blob_store
 from firetitan_track.blobs import is_digest, redacted_json, sha256_hex
-from firetitan_track.events import CATALOGUE, InvalidEvent, NewEvent, RecordedEvent, upcast, validate
+from firetitan_track.events import (CATALOGUE, SIGNED_AFTER, InvalidEvent, NewEvent, RecordedEvent, blob_references,
+                                    digest_references, payload_problem, upcast, validate)
+from firetitan_track.ids import RUN_ID_RULE, is_run_id, run_id_problem
 from firetitan_track.redact import secret_values
+from firetitan_track.signing import (HeadCheck, SignedHead, SigningKey, check_heads, should_sign, signing_key_for,
+                                     trust_problems)
 from firetitan_track.store import CommitWatch, LedgerError, Store, absolute_url, checkpoints, commit_watch, open_store
 from firetitan_track.store import blobs as blob_table
 from firetitan_track.store import events as event_table
+from firetitan_track.store import signed_heads as head_table
 
 __all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "NotFound",
-           "CorruptLedger", "StoreFailure", "RunInfo", "Problem",
-           "GENESIS_HASH", "event_hash", "check_chain"]
+           "CorruptLedger", "StoreFailure", "VIEW_ERRORS", "unreadable", "RunInfo", "Problem",
+           "GENESIS_HASH", "event_hash", "check_chain", "check_stream", "VerifyReport", "RowView", "check_run_id"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
 _HEX_PREFIX = re.compile(r"[0-9a-f]{6,63}")  # a digest prefix worth looking up
@@ -72,6 +83,17 @@ class CorruptLedger(LedgerError):
 
 class StoreFailure(LedgerError):
     """The database refused a read or write (disk full, I/O error, read-only, gone)."""
+
+
+# What a view's code raises when a stored event is not what its type promises (an event
+# stored before the catalogue checked it, or a nested value the catalogue does not type).
+VIEW_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+def unreadable(ev: RecordedEvent | None, exc: BaseException) -> CorruptLedger:
+    """A view's failure on a stored event, as an error naming the event (never a traceback)."""
+    what = f"run {ev.run_id} version {ev.version} ({ev.type})" if ev is not None else "an event"
+    return CorruptLedger(f"{what} cannot be read: {type(exc).__name__}: {exc}; run `firetitan-track verify`")
 
 
 def unknown_run(run_id: str) -> NotFound:
@@ -146,6 +168,7 @@ class _AppendSQL:
     insert: str
     insert_returning: str
     positions: str
+    signed_head: str  # a signed head, written in its events' transaction
 
     @classmethod
     def for_dialect(cls, dialect: sa.Dialect) -> _AppendSQL:
@@ -153,8 +176,9 @@ class _AppendSQL:
             return str(stmt.compile(dialect=dialect))
 
         insert = event_table.insert().values({k: sa.bindparam(k) for k in _ROW_KEYS})
+        signed_head = head_table.insert().values({c.name: sa.bindparam(c.name) for c in head_table.c})
         return cls(text(_HEAD), text(insert), text(insert.returning(event_table.c.position)),
-                   text(_POSITIONS))
+                   text(_POSITIONS), text(signed_head))
 
 
 class Ledger:
@@ -164,6 +188,17 @@ class Ledger:
         self._store = store
         self._sql = _AppendSQL.for_dialect(store.engine.dialect)
         self._duplicate_errors = (IntegrityError, store.engine.dialect.loaded_dbapi.IntegrityError)
+        self._key: SigningKey | None | bool = False  # False: not looked for yet
+
+    def signing_key(self, *, create: bool = True) -> SigningKey | None:
+        """The key this ledger's appends sign heads with (signing.py says where it lives);
+        None when there is none (PostgreSQL without FIRETITAN_SIGNING_KEY)."""
+        if self._key is False:
+            key = signing_key_for(self._store.sqlite_file, create=create)
+            if key is None and not create:
+                return None  # not remembered: a later writer may still make one
+            self._key = key
+        return self._key  # type: ignore[return-value]
 
     @classmethod
     def open(cls, url: str, *, create: bool = True) -> Ledger:
@@ -195,15 +230,18 @@ class Ledger:
 
     def append(self, run_id: str, events: Sequence[NewEvent], expected_version: int) -> list[RecordedEvent]:
         """Append ``events`` at ``expected_version`` (the count the caller believes stored)."""
-        _check_run_id(run_id)
         if type(expected_version) is not int or expected_version < 0:
             raise LedgerError(f"expected_version must be an int >= 0, not {expected_version!r}")
         secrets = secret_values()
+        _check_run_id(run_id, secrets)
         pending = [_prepare(ev, secrets) for ev in events]
         if not pending:
             return []
         if len({p.event_id for p in pending}) != len(pending):
             raise InvalidEvent(f"run {run_id!r}: the batch repeats an event id")
+        last_version = expected_version + len(pending) - 1
+        key = (self.signing_key() if should_sign(last_version, pending[-1].type, expected_version, SIGNED_AFTER)
+               else None)
         sql = self._sql
         try:
             with self._store.append_transaction(run_id) as conn:
@@ -217,8 +255,11 @@ class Ledger:
                         raise ConcurrencyError(run_id, expected_version, actual)
                     return stored
                 rows = _chain(run_id, expected_version, prev_hash, pending, time.time())
+                # a head is signed only with its events: in the same transaction
+                signed = key.sign(run_id, last_version, rows[-1]["hash"]).to_dict() if key is not None else None
                 if not self._store.is_sqlite:
-                    positions = self._store.insert_and_commit(conn, sql.insert_returning, rows)
+                    positions = self._store.insert_and_commit(
+                        conn, sql.insert_returning, rows, also=[(sql.signed_head, signed)] if signed else [])
                 elif len(rows) == 1:
                     cursor.execute(sql.insert_returning, rows[0])
                     positions = [cursor.fetchone()[0]]
@@ -229,7 +270,9 @@ class Ledger:
                     cursor.execute(sql.positions, {"run_id": run_id, "first": expected_version,
                                                    "end": expected_version + len(rows)})
                     positions = [r[0] for r in cursor.fetchall()]
-                cursor.close()  # (SQLite commits as the transaction block ends)
+                cursor.close()
+                if signed is not None and self._store.is_sqlite:  # (SQLite commits as the block ends)
+                    conn.execute(head_table.insert(), signed)
         except self._duplicate_errors:
             # the head was read before the commit-order lock (store.py): a writer that
             # committed meanwhile shows up here, on the unique index
@@ -278,16 +321,33 @@ class Ledger:
 
     # -- reading ----------------------------------------------------------------
 
-    def read(self, run_id: str, from_version: int = 0) -> list[RecordedEvent]:
-        """The run's events from ``from_version`` on, upcast to current schema versions."""
+    def read(self, run_id: str, from_version: int = 0, *, check: bool = True) -> list[RecordedEvent]:
+        """The run's events from ``from_version`` on, upcast to current schema versions.
+
+        What is returned is checked first: the hash chain of the rows read, each payload
+        against its event type, and the run's newest signed head (still reached, with the
+        same hash). A failed check raises CorruptLedger naming the run and version.
+        ``check=False`` only decodes: for ``replay``, which shows a damaged run with
+        ``verify``'s findings beside it.
+        """
+        first = max(from_version, 0)
         stmt = (sa.select(*_COLUMNS)
-                .where(event_table.c.run_id == run_id, event_table.c.version >= from_version)
+                .where(event_table.c.run_id == run_id, event_table.c.version >= max(first - 1, 0))
                 .order_by(event_table.c.version))
         with self._reading(), self.engine.connect() as conn:
+            newest = _newest_heads(conn, run_id)  # before the events: a head is never ahead of what is read
             rows = conn.execute(stmt).all()
-            if not rows and (from_version <= 0 or _stream_version(conn, run_id) == 0):
+            if rows and first > 0 and rows[0].version == first - 1:
+                before, rows = rows[0], rows[1:]
+            else:
+                before = None
+            if not rows and (first == 0 or _stream_version(conn, run_id) == 0):
+                if newest and check:
+                    _check_read(run_id, first, before, rows, newest)
                 raise unknown_run(run_id)
-            return [_from_row(r) for r in rows]
+            if check:
+                _check_read(run_id, first, before, rows, newest)
+            return [_from_row(r, check) for r in rows]
 
     def stream_version(self, run_id: str) -> int:
         """How many events the run's stream holds (0 if none)."""
@@ -345,7 +405,13 @@ class Ledger:
         """The blob with ``digest``: the full sha256, or a prefix of it (``audit`` prints 12
         characters) that names exactly one blob."""
         with self._reading():
-            return blob_store.get_blob(self._store, self._full_digest(digest))
+            full = self._full_digest(digest)
+            data = blob_store.get_blob(self._store, full)
+        if is_digest(full) and sha256_hex(data) != full:
+            raise CorruptLedger(f"the ledger at {self.url} is damaged: blob {full} no longer hashes to its "
+                                "digest (its content was altered); run `firetitan-track verify` to find every "
+                                "damaged event and blob")
+        return data
 
     def _full_digest(self, digest: str) -> str:
         if is_digest(digest) or not _HEX_PREFIX.fullmatch(digest):
@@ -393,32 +459,36 @@ class Ledger:
         return rows
 
     def import_rows(self, streams: dict[str, list[dict[str, Any]]],
-                    blobs: Iterable[tuple[str, str, bytes]] = ()) -> dict[str, int]:
-        """Write streams recorded elsewhere as they are, with the blobs they reference, in one
-        transaction: event ids, versions, payload text, times and hashes unchanged (so
-        ``verify`` passes here), positions this ledger's own.
+                    blobs: Iterable[tuple[str, str, bytes]] = (),
+                    heads: Iterable[SignedHead] = ()) -> dict[str, int]:
+        """Write streams recorded elsewhere as they are, with the blobs they reference and the
+        signed heads that vouch for them, in one transaction: event ids, versions, payload text,
+        times and hashes unchanged (so ``verify`` passes here), positions this ledger's own.
 
         ``streams`` maps a run id to its rows (``stored_rows`` of the source), an intact chain
-        from version 0; ``blobs`` are (digest, media type, bytes). A stream this ledger holds
-        must share its history (its stored versions hash alike), and only the versions it lacks
-        are written; otherwise LedgerError, and nothing at all is written. Returns the number
-        of events written per stream.
+        from version 0 whose every payload its event type accepts; ``blobs`` are (digest, media
+        type, bytes), each checked as it is written (they may be read lazily, one at a time);
+        ``heads`` are kept when they verify and their stream reaches them. A stream this ledger
+        holds must share its history (its stored versions hash alike), and only the versions it
+        lacks are written; otherwise LedgerError, and nothing at all is written. Returns the
+        number of events written per stream.
         """
+        secrets = secret_values()
         incoming: dict[str, list[Any]] = {}
         for run_id, rows in streams.items():
-            _check_run_id(run_id)
-            ns = [_RowView(r) for r in rows]
+            _check_run_id(run_id, secrets)
+            ns = [RowView(r) for r in rows]
             if any(r.run_id != run_id for r in ns):
                 raise LedgerError(f"run {run_id!r}: an imported row names another run")
-            problem = check_chain(run_id, ns, {})
+            problem = check_stream(run_id, ns)
             if problem is not None:
                 raise LedgerError(f"cannot import {problem}")
             incoming[run_id] = ns
-        blob_rows = []
-        for digest, media_type, data in blobs:
-            if sha256_hex(data) != digest:
-                raise LedgerError(f"cannot import blob {digest}: its content does not hash to it")
-            blob_rows.append({"digest": digest, "media_type": media_type, "size": len(data), "data": data})
+        head_rows = []
+        for h in heads:
+            rows = incoming.get(h.run_id)
+            if rows is not None and not check_heads(h.run_id, [r.hash for r in rows], [h]).problems:
+                head_rows.append(h.to_dict())
         written: dict[str, int] = {}
         stmt = sa.select(*_COLUMNS).order_by(event_table.c.version)
         try:
@@ -426,7 +496,7 @@ class Ledger:
                 new_rows: list[dict[str, Any]] = []
                 for run_id, rows in incoming.items():
                     held = conn.execute(stmt.where(event_table.c.run_id == run_id)).all()
-                    problem = check_chain(run_id, held, {})
+                    problem = check_chain(run_id, held)
                     if problem is not None:
                         raise LedgerError(f"run {run_id!r} here is damaged ({problem}); nothing was imported")
                     for mine, theirs in zip(held, rows):
@@ -436,8 +506,14 @@ class Ledger:
                                 f"(version {mine.version} differs); nothing was imported")
                     new_rows += [{k: getattr(r, k) for k in _ROW_KEYS} for r in rows[len(held):]]
                     written[run_id] = max(0, len(rows) - len(held))
-                if blob_rows:
-                    conn.execute(self._store.insert_ignoring_duplicates(blob_table), blob_rows)
+                for digest, media_type, data in blobs:  # one at a time: a bundle's blobs need not fit in memory
+                    if sha256_hex(data) != digest:
+                        raise LedgerError(f"cannot import blob {digest}: its content does not hash to it; "
+                                          "nothing was imported")
+                    conn.execute(self._store.insert_ignoring_duplicates(blob_table),
+                                 {"digest": digest, "media_type": media_type, "size": len(data), "data": data})
+                if head_rows:
+                    conn.execute(self._store.insert_ignoring_duplicates(head_table), head_rows)
                 if new_rows:
                     self._store.take_commit_order(conn)
                     conn.execute(event_table.insert(), new_rows)
@@ -446,37 +522,71 @@ class Ledger:
                               "retry") from None
         return written
 
+    def signed_heads(self, run_id: str) -> list[SignedHead]:
+        """Every signed head of a stream, oldest first (what ``bundle`` carries)."""
+        with self._reading(), self.engine.connect() as conn:
+            return _heads(conn, run_id)
+
     # -- tamper evidence ----------------------------------------------------------
 
-    def verify(self, run_id: str | None = None) -> list[Problem]:
-        """Recompute every hash chain (or one run's) and every referenced blob digest.
+    def verify(self, run_id: str | None = None, trusted: set[str] | None = None) -> list[Problem]:
+        """Check every stream (or one run's); an empty list means intact.
 
-        Returns one Problem per broken run (its first bad version) plus one per
-        altered blob (a ``*_digest`` field whose stored blob no longer hashes to
-        it); an empty list means intact.
+        Returns one Problem per broken stream (its first bad version: a version missing, a hash
+        that does not chain, a payload its event type refuses, positions out of order), one per
+        signed head the stream no longer matches (events removed, history rewritten, a
+        signature altered), one per missing or altered blob an event names, and a stream
+        signed by heads but holding no events (a run removed). With ``trusted`` (public keys,
+        signing.load_trusted), a stream not vouched for to its end by one of them is a problem too.
         """
+        return self.verify_report(run_id, trusted).problems
+
+    def verify_report(self, run_id: str | None = None, trusted: set[str] | None = None) -> VerifyReport:
+        """``verify``, with what each stream's signed heads say (who vouches for how much)."""
         stmt = sa.select(*_COLUMNS).order_by(event_table.c.run_id, event_table.c.version)
+        heads_stmt = sa.select(head_table).order_by(head_table.c.run_id, head_table.c.version)
         if run_id is not None:
             stmt = stmt.where(event_table.c.run_id == run_id)
-        problems: list[Problem] = []
-        references: dict[str, tuple[str, int, str]] = {}  # digest -> first (run, version, field)
-        with self.engine.connect() as conn:
-            seen_any = False
-            for rid, rows in itertools.groupby(conn.execute(stmt), key=lambda r: r.run_id):
-                seen_any = True
-                problem = check_chain(rid, rows, references)
+            heads_stmt = heads_stmt.where(head_table.c.run_id == run_id)
+        report = VerifyReport([], {})
+        references: dict[str, tuple[str, int, str, bool]] = {}  # digest -> (run, version, field, must exist)
+        with self._reading(), self.engine.connect() as conn:
+            heads: dict[str, list[SignedHead]] = {}
+            for row in conn.execute(heads_stmt).mappings():
+                heads.setdefault(row["run_id"], []).append(_head(row))
+            for rid, group in itertools.groupby(conn.execute(stmt), key=lambda r: r.run_id):
+                rows = list(group)
+                misnamed = run_id_problem(rid)  # a stream written behind the ledger's back
+                problem = (Problem(rid, 0, misnamed) if misnamed else None) or check_stream(rid, rows) \
+                    or _positions_problem(rid, rows)
                 if problem is not None:
-                    problems.append(problem)
-            if run_id is not None and not seen_any:
+                    report.problems.append(problem)
+                _collect_references(rows, references)
+                report.heads[rid] = check_heads(rid, [r.hash for r in rows], heads.pop(rid, []))
+            for rid, orphans in heads.items():  # heads whose stream is gone altogether
+                report.heads[rid] = check_heads(rid, [], orphans)
+            if run_id is not None and run_id not in report.heads:
                 raise unknown_run(run_id)
-            problems += _check_blobs(conn, references)
-        return sorted(problems, key=lambda p: (p.run_id, p.version))
+            report.problems += _check_blobs(conn, references)
+        for check in report.heads.values():
+            report.problems += [Problem(check.run_id, v, why) for v, why in check.problems]
+            if trusted is not None:
+                report.problems += [Problem(check.run_id, v, why) for v, why in trust_problems(check, trusted)]
+        report.problems.sort(key=lambda p: (p.run_id, p.version))
+        return report
+
+
+@dataclass
+class VerifyReport:
+    problems: list[Problem]
+    heads: dict[str, HeadCheck]  # per stream: what its signed heads vouch for
 
 
 # -- helpers ----------------------------------------------------------------------
 
-class _RowView:
-    """A row given as a dict, read by attribute like a database row."""
+class RowView:
+    """A row given as a dict (``stored_rows``, a bundle's), read by attribute like a database row;
+    LedgerError when a column is missing or of another type than the ledger stores."""
 
     __slots__ = tuple(_ROW_KEYS)
     _TYPES = {"version": int, "schema_version": int, "recorded_at": float}  # else str
@@ -485,14 +595,26 @@ class _RowView:
         for k in _ROW_KEYS:
             value = row.get(k)
             if type(value) is not self._TYPES.get(k, str):
-                raise LedgerError(f"an imported event's {k} is {value!r}, not a "
-                                  f"{self._TYPES.get(k, str).__name__}")
+                shown = repr(value)
+                raise LedgerError(f"an imported event's {k} is {shown if len(shown) <= 60 else shown[:57] + '...'}, "
+                                  f"not a {self._TYPES.get(k, str).__name__}")
             setattr(self, k, value)
 
 
-def _check_run_id(run_id: str) -> None:
-    if not isinstance(run_id, str) or not run_id:
-        raise LedgerError(f"a run id is a non-empty string, not {run_id!r}")
+def _check_run_id(run_id: str, secrets: list[str]) -> None:
+    problem = run_id_problem(run_id, secrets)
+    if problem is not None:
+        raise LedgerError(problem)
+
+
+def check_run_id(run_id: str) -> None:
+    """Refuse an id a new run cannot take: ids.py's rule for a run (not a sweep's stream), and
+    no credential's value in it (ids are shown and exported unredacted)."""
+    if not is_run_id(run_id):
+        raise LedgerError(f"run id {run_id!r}: use {RUN_ID_RULE}")
+    if any(secret in run_id for secret in secret_values()):
+        raise LedgerError("the run id holds the value of a credential in the environment (FIREWORKS_API_KEY or "
+                          "another key): run ids are shown, stored and exported as they are; choose another")
 
 
 def _prepare(ev: NewEvent, secrets: list[str]) -> _Pending:
@@ -577,14 +699,40 @@ def _decoded(type: str, schema_version: int, data_json: str) -> tuple[int, dict[
     return upcast(type, schema_version, data)
 
 
-def _from_row(row: Row) -> RecordedEvent:
+def _refused(event_type: str, version: int, data: Any) -> str | None:
+    """What its event type refuses in a decoded payload (None: readable). An unknown type or a
+    schema version ahead of this code is not judged here (``import`` refuses both)."""
+    current = CATALOGUE.get(event_type)
+    if current is None or version != current.version:
+        return None
+    return payload_problem(current, data)
+
+
+def _payload_problem(event_type: str, schema_version: int, data_json: str) -> str | None:
+    """``_refused`` for a stored payload, its decoding included."""
     try:
-        version, data = _decoded(row.type, row.schema_version, row.data)
+        version, data = _decoded(event_type, schema_version, data_json)
+    except ValueError as e:  # JSONDecodeError, or an upcaster that refused
+        return f"its payload cannot be read ({e})"
+    except Exception as e:  # an upcaster that met a payload it cannot take
+        return f"its payload cannot be upcast ({type(e).__name__}: {e})"
+    return _refused(event_type, version, data)
+
+
+def _from_row(row: Row, check: bool = True) -> RecordedEvent:
+    run_id, version, position, event_id, type_, schema_version, data_json, recorded_at, hash_ = row  # _COLUMNS
+    try:
+        current, data = _decoded(type_, schema_version, data_json)
     except json.JSONDecodeError:
-        raise CorruptLedger(f"run {row.run_id} version {row.version} ({row.type}) holds a payload that is "
+        raise CorruptLedger(f"run {run_id} version {version} ({type_}) holds a payload that is "
                             "not valid JSON") from None
-    return RecordedEvent(row.run_id, row.version, row.position, row.event_id, row.type, version, data,
-                         row.recorded_at, row.hash)
+    except ValueError as e:  # an upcaster that refused it
+        raise CorruptLedger(f"run {run_id} version {version} ({type_}): {e}") from None
+    problem = _refused(type_, current, data) if check else None
+    if problem is not None:  # no view should meet it: name it here instead
+        raise CorruptLedger(f"run {run_id} version {version} ({type_}) holds a payload its "
+                            f"event type refuses: {problem}")
+    return RecordedEvent(run_id, version, position, event_id, type_, current, data, recorded_at, hash_)
 
 
 def _recorded_from_rows(rows: list[dict[str, Any]], positions: list[int]) -> list[RecordedEvent]:
@@ -601,52 +749,116 @@ def _recorded_from_rows(rows: list[dict[str, Any]], positions: list[int]) -> lis
     return recorded
 
 
-def check_chain(run_id: str, rows: Iterable[Row],
-                 references: dict[str, tuple[str, int, str]]) -> Problem | None:
-    problem: Problem | None = None
+def check_chain(run_id: str, rows: Iterable[Any]) -> Problem | None:
+    """The first version of a stream that is missing or whose hash does not chain (None: intact)."""
     expected, prev_hash = 0, GENESIS_HASH
     for r in rows:
-        if problem is None:
-            if r.version != expected:
-                problem = Problem(run_id, expected, f"version {expected} is missing "
-                                  f"(the next stored version is {r.version})")
-            elif event_hash(prev_hash, r.run_id, r.version, r.event_id, r.type, r.schema_version,
-                            r.data, r.recorded_at) != r.hash:
-                problem = Problem(run_id, r.version, "hash mismatch: the event was edited, "
-                                  "reordered, or an event before it was removed")
+        if r.version != expected:
+            return Problem(run_id, expected, f"version {expected} is missing (the next stored version is {r.version})")
+        if event_hash(prev_hash, r.run_id, r.version, r.event_id, r.type, r.schema_version, r.data,
+                      r.recorded_at) != r.hash:
+            return Problem(run_id, r.version, "hash mismatch: the event was edited, reordered, or an event "
+                                              "before it was removed")
         expected, prev_hash = r.version + 1, r.hash
-        for field, digest in _digest_fields(r.data):
-            references.setdefault(digest, (run_id, r.version, field))
-    return problem
+    return None
 
 
-def _digest_fields(data_json: str) -> Iterator[tuple[str, str]]:
-    """(field, digest) for every ``*_digest`` field holding a sha256 digest."""
-    if "_digest" not in data_json:
-        return
-    try:
-        stack = [json.loads(data_json)]
-    except ValueError:
-        return  # an edited payload; the hash check reports it
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k.endswith("_digest") and is_digest(v):
-                    yield k, v
-                elif isinstance(v, (dict, list)):
-                    stack.append(v)
-        elif isinstance(node, list):
-            stack.extend(v for v in node if isinstance(v, (dict, list)))
+def check_stream(run_id: str, rows: Sequence[Any]) -> Problem | None:
+    """The first thing wrong with a stream, in version order: a version missing, a hash that
+    does not chain, or a payload its event type refuses (the chain may be intact and the
+    payload still unreadable: a forger, or a bug, recomputed it)."""
+    chain = check_chain(run_id, rows)
+    limit = chain.version if chain is not None else len(rows)
+    for r in rows[:limit]:
+        problem = _payload_problem(r.type, r.schema_version, r.data)
+        if problem is not None:
+            return Problem(run_id, r.version, f"{r.type}: {problem}")
+    return chain
 
 
-def _check_blobs(conn: Connection, references: dict[str, tuple[str, int, str]]) -> list[Problem]:
+def _positions_problem(run_id: str, rows: Sequence[Any]) -> Problem | None:
+    """Positions are this ledger's commit order: within a stream they grow with the version."""
+    for before, after in zip(rows, rows[1:]):
+        if after.position <= before.position:
+            return Problem(run_id, after.version, f"its position {after.position} is not after version "
+                                                  f"{before.version}'s {before.position}: positions were altered")
+    return None
+
+
+def _collect_references(rows: Sequence[Any], references: dict[str, tuple[str, int, str, bool]]) -> None:
+    """Every digest the stream's payloads name: those of blob fields (EventType.blobs) must be
+    stored; any other must still hash to it when a blob is stored under it."""
+    for r in rows:
+        if "_digest" not in r.data and "prompt_sets" not in r.data:
+            continue
+        try:
+            data = json.loads(r.data)
+        except ValueError:
+            continue  # reported by check_stream
+        required = {d for _, d in blob_references(r.type, data)} if isinstance(data, dict) else set()
+        for field, digest in digest_references(data):
+            known = references.get(digest)
+            if known is None or (digest in required and not known[3]):
+                references[digest] = (r.run_id, r.version, field, digest in required)
+
+
+def _check_blobs(conn: Connection, references: dict[str, tuple[str, int, str, bool]]) -> list[Problem]:
     problems = []
-    for digest, (run_id, version, field) in references.items():
+    for digest, (run_id, version, field, required) in references.items():
         data = blob_store.read_blob(conn, digest)
-        # no blob under a digest is not a problem: some digests name inline content
-        # (RunStarted.spec_digest hashes the spec stored in the event itself)
-        if data is not None and sha256_hex(data) != digest:
+        if data is None:
+            if required:  # a digest that is only an identity (RunStarted.spec_digest) names no blob
+                problems.append(Problem(run_id, version, f"{field} {digest}: the blob is missing (it was "
+                                                         "deleted, or never stored)"))
+        elif sha256_hex(data) != digest:
             problems.append(Problem(run_id, version, f"{field} {digest}: the blob's content was "
                                     "altered (its sha256 no longer matches)"))
     return problems
+
+
+# -- signed heads ----------------------------------------------------------------------
+
+
+def _head(row: Any) -> SignedHead:
+    return SignedHead(row["run_id"], row["version"], row["hash"], row["signed_at"], row["public_key"],
+                      row["signature"])
+
+
+def _heads(conn: Connection, run_id: str) -> list[SignedHead]:
+    stmt = (sa.select(head_table).where(head_table.c.run_id == run_id)
+            .order_by(head_table.c.version, head_table.c.public_key))
+    return [_head(r) for r in conn.execute(stmt).mappings()]
+
+
+def _newest_heads(conn: Connection, run_id: str) -> list[SignedHead]:
+    newest = (sa.select(sa.func.max(head_table.c.version)).where(head_table.c.run_id == run_id)
+              .scalar_subquery())
+    stmt = sa.select(head_table).where(head_table.c.run_id == run_id, head_table.c.version == newest)
+    return [_head(r) for r in conn.execute(stmt).mappings()]
+
+
+def _check_read(run_id: str, first: int, before: Any, rows: Sequence[Any], newest: list[SignedHead]) -> None:
+    """What ``read`` returns: its rows chain on from version ``first`` (``before`` is the row at
+    ``first - 1``, None from 0), and the run's newest signed head verifies and is reached with
+    the same hash."""
+    if first > 0 and rows and before is None:
+        raise CorruptLedger(f"run {run_id}: version {first - 1} is missing")
+    prev_hash = before.hash if before is not None else GENESIS_HASH
+    expected = first
+    hashes = []
+    # unpacked, not read by attribute: this runs for every event every view reads
+    for rid, version, _, event_id, type_, schema_version, data, recorded_at, hash_ in rows:
+        if version != expected:
+            raise CorruptLedger(f"run {run_id}: version {expected} is missing (the next stored version is "
+                                f"{version})")
+        if event_hash(prev_hash, rid, version, event_id, type_, schema_version, data, recorded_at) != hash_:
+            raise CorruptLedger(f"run {run_id} version {version} ({type_}): hash mismatch: the event was "
+                                "edited, reordered, or an event before it was removed")
+        expected, prev_hash = version + 1, hash_
+        hashes.append(hash_)
+    if newest:
+        problems = check_heads(run_id, hashes, newest, first=first).problems
+        if problems:
+            raise CorruptLedger(f"run {run_id}: {problems[0][1]}")
+
+

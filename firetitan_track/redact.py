@@ -26,7 +26,7 @@ import re
 from typing import Any
 
 __all__ = ["MASK", "is_secret_key", "redact", "redact_text", "redact_bytes", "secret_values",
-           "may_need_redaction", "count_masked"]
+           "may_need_redaction", "count_masked", "guard_output", "redact_source", "redact_argv"]
 
 MASK = "***"
 
@@ -173,3 +173,75 @@ def _redact(obj: Any, secrets: list[str]) -> Any:
 def _has_value(value: Any) -> bool:
     """A secret-named field that is null or empty holds nothing to hide; keep it readable."""
     return value is not None and value != ""
+
+
+def guard_output() -> None:
+    """What this process prints of an error passes through ``redact_text``: an unhandled
+    exception's traceback (the main thread's and any other's) and every log message. A value
+    used where a secret was expected, or a secret pasted into a spec field, would otherwise
+    reach the terminal in an exception's message. Idempotent; the command line calls it first."""
+    import logging
+    import sys
+    import threading
+    import traceback
+
+    def excepthook(exc_type: Any, exc: Any, tb: Any) -> None:
+        sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
+        sys.stderr.flush()
+
+    def thread_excepthook(args: Any) -> None:
+        if args.exc_type is not SystemExit:
+            sys.stderr.write(f"Exception in thread {getattr(args.thread, 'name', '?')}:\n")
+            excepthook(args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "redacting", False):
+        return
+
+    def redacting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed log call: leave it for logging to report
+            return record
+        masked = redact_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return record
+
+    redacting.redacting = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting)
+# ``name = "value"`` / ``name: "value"`` / ``--name value`` in source text or a command line
+_ASSIGNED = re.compile(r"""(?P<name>[A-Za-z_][A-Za-z0-9_-]*)(?P<sep>["']?\s*[:=]\s*|\s+)"""
+                       r"""(?:(?P<q>["'])(?P<quoted>[^"'\n]{6,})(?P=q)|(?P<bare>[A-Za-z0-9_+/=~-]{6,})(?=[\s,;)}\]]|$))""")
+
+
+def redact_source(text: str) -> str:
+    """``text`` (source code, a diff, a command line) with the value assigned to every
+    credential-named variable, key or option masked: ``api_key="fw_..."``, ``API_KEY: ...``,
+    ``--api-key fw_...``. Secrets that are environment values are masked by redact_text."""
+    if not _CREDENTIAL_WORDS.search(text.lower()):
+        return text
+
+    def mask(m: re.Match[str]) -> str:
+        if not is_secret_key(m.group("name")):
+            return m.group(0)
+        quote = m.group("q") or ""
+        return f"{m.group('name')}{m.group('sep')}{quote}{MASK}{quote}"
+
+    return _ASSIGNED.sub(mask, text)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with secrets masked: env values, ``--api-key=VALUE``, and the word
+    after a credential-named option (``--api-key VALUE``)."""
+    out = []
+    for i, arg in enumerate(argv):
+        option = argv[i - 1] if i else ""
+        if option.startswith("-") and "=" not in option and is_secret_key(option.lstrip("-")):
+            out.append(MASK)
+        else:
+            out.append(redact_source(redact_text(arg)))
+    return out

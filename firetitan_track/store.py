@@ -29,8 +29,9 @@ An append to a run whose writer holds a lease in the database (run_leases)
 also checks the lease's fencing token inside its transaction: a writer whose lease
 was taken over stops with LeaseLost instead of writing.
 
-The schema is owned by the Alembic scripts in ``schema/``; the tables below mirror
-the head revision and are what the code queries.
+The schema is owned by the Alembic scripts in ``firetitan_track/schema/`` (package data,
+so an installed wheel creates and upgrades ledgers); the tables below mirror the head
+revision and are what the code queries.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
 
 from firetitan_track.errors import UserError
+from firetitan_track.extras import MissingExtra
 
 __all__ = [
     "LedgerError",
@@ -73,11 +75,12 @@ __all__ = [
     "blobs",
     "checkpoints",
     "run_leases",
+    "signed_heads",
 ]
 
-# The Alembic head this code is written against (tests check it matches schema/).
-HEAD_REVISION = "0002"
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+# The Alembic head this code is written against (tests check it matches SCHEMA_DIR).
+HEAD_REVISION = "0003"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 UPGRADE_HINT = "firetitan-track db upgrade"
 
 
@@ -141,6 +144,18 @@ run_leases = sa.Table(
     sa.Column("token", sa.BigInteger, nullable=False),  # the fencing token, +1 per takeover
     sa.Column("holder", sa.String, nullable=False),  # host:pid, for messages
     sa.Column("expires_at", sa.Double, nullable=False),  # the database's clock, unix seconds
+)
+
+# Signatures over stream heads (firetitan_track/signing.py); the private key is never stored here.
+signed_heads = sa.Table(
+    "signed_heads", metadata,
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),  # of the event at that version
+    sa.Column("signed_at", sa.Double, nullable=False),
+    sa.Column("public_key", sa.String, nullable=False),  # the signer, "ed25519:BASE64"
+    sa.Column("signature", sa.String, nullable=False),  # base64
+    sa.PrimaryKeyConstraint("run_id", "version", "public_key", name="pk_signed_heads"),
 )
 
 # The key of the commit-order lock (pg_advisory_xact_lock). Advisory locks are
@@ -235,7 +250,10 @@ def _sqlite_engine(parsed: URL) -> Engine:
 
 def _postgres_engine(parsed: URL) -> Engine:
     connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": 5}
-    return sa.create_engine(parsed, connect_args=connect_args, pool_size=10, max_overflow=20)
+    try:
+        return sa.create_engine(parsed, connect_args=connect_args, pool_size=10, max_overflow=20)
+    except ModuleNotFoundError as e:  # the driver (psycopg) is the [postgres] extra
+        raise MissingExtra("postgres", f"the PostgreSQL ledger at {mask_url(parsed)}", [e.name or str(e)]) from None
 
 
 @dataclass
@@ -244,6 +262,7 @@ class Store:
 
     engine: Engine
     url: str  # masked, for messages
+    sqlite_file: Path | None = None  # the database file of a SQLite ledger (its signing key lives beside it)
 
     @property
     def is_sqlite(self) -> bool:
@@ -286,15 +305,19 @@ class Store:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK}), "
                                  f"pg_notify('{COMMIT_CHANNEL}', '')")
 
-    def insert_and_commit(self, conn: Connection, insert_returning: str, rows: list[dict]) -> list[int]:
-        """PostgreSQL: take the commit-order lock, insert ``rows`` and commit, pipelined (see
-        the module's opening); returns the rows' positions. The transaction is over when
-        this returns (the caller's transaction block then has nothing left to commit)."""
+    def insert_and_commit(self, conn: Connection, insert_returning: str, rows: list[dict],
+                          also: list[tuple[str, dict]] = ()) -> list[int]:
+        """PostgreSQL: take the commit-order lock, insert ``rows`` (and run each ``also``
+        statement in the same transaction) and commit, pipelined (see the module's opening);
+        returns the rows' positions. The transaction is over when this returns (the caller's
+        transaction block then has nothing left to commit)."""
         driver = conn.connection.driver_connection
         with driver.pipeline():
             driver.execute(f"SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK}), pg_notify('{COMMIT_CHANNEL}', '')")
             cursor = driver.cursor()
             cursor.executemany(insert_returning, rows, returning=True)
+            for statement, params in also:
+                driver.execute(statement, params)
             driver.commit()
         positions = []
         while True:
@@ -444,8 +467,10 @@ def commit_watch(store: Store) -> CommitWatch:
 
 
 def _store_for(parsed: URL) -> Store:
-    engine = _sqlite_engine(parsed) if parsed.get_backend_name() == "sqlite" else _postgres_engine(parsed)
-    return Store(engine, mask_url(parsed))
+    if parsed.get_backend_name() == "sqlite":
+        file = None if parsed.database in (None, "", ":memory:") else Path(parsed.database)
+        return Store(_sqlite_engine(parsed), mask_url(parsed), file)
+    return Store(_postgres_engine(parsed), mask_url(parsed))
 
 
 def open_engine_for_url(url: str) -> Engine:
@@ -523,8 +548,8 @@ def _alembic_config():  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
     if not (SCHEMA_DIR / "env.py").exists():
-        raise LedgerError(f"the schema scripts are missing (looked in {SCHEMA_DIR}); "
-                          "install firetitan-track from its source tree (pip install -e .)")
+        raise LedgerError(f"the schema scripts are missing (looked in {SCHEMA_DIR}): this "
+                          "installation of firetitan-track is incomplete; reinstall it")
     cfg = Config()
     cfg.set_main_option("script_location", str(SCHEMA_DIR))
     return cfg

@@ -1,30 +1,43 @@
-"""TrackedService: the FireTitan SDK service, with every consequential call recorded.
+"""Recording SDK calls into a run: the event writer, what each consequential call records,
+and TrackedService, the FireTitan SDK service with every such call recorded.
 
-Wrap a ``FiretitanServiceClient`` and use it as before. Provisioning, DCP saves,
-sampler snapshots, weight syncs, evals and cleanup each append an intent event
-before the SDK call and an outcome event after it, so a crash between the two is
-visible in the ledger. From your own loop::
+Provisioning, DCP saves, sampler snapshots, weight syncs, evals and cleanup each append
+an intent event before the SDK call and an outcome event after it, so a crash between the
+two is visible in the ledger. :class:`CallRecorder` is the one place that says what each
+call records; two kinds of wrapper go through it:
 
-    from firetitan_track import track
-    service = track(FiretitanServiceClient.from_firetitan_config(...), run_id="my-run")
+- :class:`TrackedService` wraps one service instance: the runner's loop, and a
+  researcher's own loop with two added lines::
 
-The SDK is imported lazily: this module stays importable without torch.
+      from firetitan_track import track
+      service = track(FiretitanServiceClient.from_firetitan_config(...), run_id="my-run")
+
+- the class-level wrappers of ``firetitan_track.recording`` (``firetitan-track record --
+  COMMAND``, ``autolog()``), which record programs that build their service where no
+  instance can be wrapped (the cookbook's recipes).
+
+Whatever these need of the SDK beyond its public API is in ``sdk_adapter``. The SDK is
+imported lazily: this module stays importable without torch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from firetitan_track import sdk_adapter
 from firetitan_track.events import RecordedEvent, new_event
 from firetitan_track.ledger import Ledger
 from firetitan_track.redact import redact_text
 
-__all__ = ["Recorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track", "adam_params",
-           "code_version", "error_text"]
+__all__ = ["Recorder", "CallRecorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track",
+           "adam_params", "code_version", "error_text", "close_and_confirm", "cleanup_policy", "clean_up"]
+
+adam_params = sdk_adapter.adam_params  # the seed's tinker.AdamParams, as the installed SDK takes it
 
 
 class Recorder:
@@ -32,47 +45,64 @@ class Recorder:
     writer on the same run fails with ConcurrencyError instead of interleaving.
 
     ``defer=True`` lets an event wait (at most ``max_delay_s``) to be written in one
-    transaction with the next one. Only StepCompleted uses it: a resume redoes every
-    step after the last saved state, so a step lost in a crash is redone either way,
+    transaction with the next one. The runner defers only StepCompleted: a resume redoes
+    every step after the last saved state, so a step lost in a crash is redone either way,
     while each intent and outcome is durable before the call that follows it.
+
+    ``interleave=True`` is for the processes of one recorded program (a trainer, its
+    rollout workers, a subprocess), which write to one run at once: their events are
+    facts about separate calls, each process's in its own order, so an append that finds
+    the stream moved on (ConcurrencyError) re-reads the head, keeps what of its own is
+    already stored (by event id) and appends the rest after it. The stream then holds
+    every process's events in commit order. Appends are serialised by a lock, so the
+    program's threads can share one Recorder.
     """
 
-    def __init__(self, ledger: Ledger, run_id: str, version: int | None = None, *, max_delay_s: float = 1.0):
+    def __init__(self, ledger: Ledger, run_id: str, version: int | None = None, *, max_delay_s: float = 1.0,
+                 interleave: bool = False):
         self.ledger = ledger
         self.run_id = run_id
         self.version = ledger.stream_version(run_id) if version is None else version
         self.step = 0  # the training step the events being recorded belong to
         self.max_delay_s = max_delay_s
+        self.interleave = interleave
+        self.lock = threading.RLock()
         self._pending: list[Any] = []
         self._pending_since = 0.0
 
     def record(self, type: str, *, defer: bool = False, **data: Any) -> RecordedEvent | None:
         """Append one event (with any deferred ones before it); None while it is deferred."""
-        if not self._pending:
-            self._pending_since = time.monotonic()
-        self._pending.append(new_event(type, **data))
-        if defer and time.monotonic() - self._pending_since < self.max_delay_s:
-            return None
-        return self.flush()[-1]
+        event = new_event(type, **data)
+        with self.lock:
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.append(event)
+            if defer and time.monotonic() - self._pending_since < self.max_delay_s:
+                return None
+            return self.flush()[-1]
 
     def flush(self) -> list[RecordedEvent]:
-        if not self._pending:
-            return []
-        from firetitan_track.ledger import ConcurrencyError
+        with self.lock:
+            if not self._pending:
+                return []
+            from firetitan_track.ledger import ConcurrencyError
 
-        try:
-            events = self.ledger.append(self.run_id, self._pending, expected_version=self.version)
-        except ConcurrencyError:
-            # An interrupt (Ctrl-C, SIGTERM) can land after a commit but before we saw it:
-            # those events are ours, by id, and stand in the stream already.
-            stored = self._own_events_already_stored()
-            if stored is None:
-                raise  # another writer: this one must stop
-            events = stored + (self.ledger.append(self.run_id, self._pending, expected_version=self.version)
-                               if self._pending else [])
-        self._pending = []
-        self.version = events[-1].version + 1
-        return events
+            try:
+                events = self.ledger.append(self.run_id, self._pending, expected_version=self.version)
+            except ConcurrencyError:
+                if self.interleave:
+                    events = self._append_after_others()
+                else:
+                    # An interrupt (Ctrl-C, SIGTERM) can land after a commit but before we saw it:
+                    # those events are ours, by id, and stand in the stream already.
+                    stored = self._own_events_already_stored()
+                    if stored is None:
+                        raise  # another writer: this one must stop
+                    events = stored + (self.ledger.append(self.run_id, self._pending, expected_version=self.version)
+                                       if self._pending else [])
+            self._pending = []
+            self.version = max(self.version, events[-1].version + 1)
+            return events
 
     def _own_events_already_stored(self) -> list[RecordedEvent] | None:
         stored = self.ledger.read(self.run_id, from_version=self.version)
@@ -83,27 +113,169 @@ class Recorder:
         self.version += len(ids)
         return stored
 
+    def _append_after_others(self, attempts: int = 50) -> list[RecordedEvent]:
+        from firetitan_track.ledger import ConcurrencyError
+
+        ours: list[RecordedEvent] = []
+        for _ in range(attempts):
+            stored = self.ledger.read(self.run_id, from_version=self.version)
+            mine = {ev.event_id for ev in self._pending}
+            ours += [ev for ev in stored if ev.event_id in mine]
+            self._pending = [ev for ev in self._pending if ev.event_id not in {s.event_id for s in stored}]
+            self.version = stored[-1].version + 1 if stored else self.version
+            if not self._pending:
+                return ours
+            try:
+                return ours + self.ledger.append(self.run_id, self._pending, expected_version=self.version)
+            except ConcurrencyError:
+                continue  # yet another writer got in first: read the head again
+        raise ConcurrencyError(self.run_id, self.version, self.ledger.stream_version(self.run_id))
+
     def put_json(self, obj: Any) -> str:
         return self.ledger.put_json(obj)
 
+    def queue(self, events: Sequence[Any]) -> None:
+        """Events built elsewhere (``new_event``), to be written before the next one recorded."""
+        with self.lock:
+            if events and not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.extend(events)
 
-def adam_params(params: Any) -> Any:
-    """The SDK's AdamParams from any AdamParams-like object or dict.
 
-    The seed recipe passes Thinking Machines' ``tinker.AdamParams``, which
-    fireworks-ai 1.2.30's optim_step rejects; the fields are the same.
+class CallRecorder:
+    """What each consequential SDK call records: an intent before it, the outcome after.
+
+    ``TrackedService`` and the class-level wrappers of recorded programs call these with the
+    SDK call itself (``call``), so a service, trainer, snapshot, sync, state or cleanup reads
+    the same in the ledger however the program was recorded. Also keeps what the deployments
+    serve: the snapshot each one has loaded and how many weight versions were published to
+    it (syncs and hotloads), which samples and program metrics are tied to.
+
+    ``record_failures``: a call that raises after its intent records CallFailed (recorded
+    programs; the runner records its run's failure itself).
     """
-    from fireworks.training.sdk import AdamParams
 
-    if isinstance(params, AdamParams):
-        return params
-    if isinstance(params, dict):
-        fields = params
-    elif hasattr(params, "model_dump"):
-        fields = params.model_dump()
-    else:
-        fields = vars(params)
-    return AdamParams(**{k: v for k, v in fields.items() if k in AdamParams.model_fields and v is not None})
+    def __init__(self, rec: Recorder, *, record_failures: bool = False):
+        self.rec = rec
+        self.record_failures = record_failures
+        self.loaded: dict[str, str | None] = {}  # deployment -> snapshot path it serves
+        self.published: dict[str, int] = {}  # deployment -> weight versions published to it
+
+    def _call(self, intent: str, name: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as exc:
+            if self.record_failures:
+                self.rec.record("CallFailed", call=name, intent=intent, error=error_text(exc), step=self.rec.step)
+            raise
+
+    # -- provisioning ----------------------------------------------------------------------
+
+    def provision_policy(self, service: Any, call: Callable[[], Any], *, base_model: str, shape: str | None,
+                         lora_rank: int, deployment_id: str | None, reused_trainer: str | None = None,
+                         deployment_created: Callable[[str], bool | None] | None = None,
+                         base_url: str | None = None, **extra: Any) -> Any:
+        """A policy trainer (and the deployment the service brings): ProvisionRequested, then
+        Reconnected (when reattaching), TrainerProvisioned and DeploymentProvisioned.
+        ``deployment_created(id)`` says whether the deployment is new; without it the SDK is
+        asked (None when it cannot say)."""
+        self.rec.record("ProvisionRequested", role="policy", base_model=base_model, shape=shape,
+                        lora_rank=lora_rank, deployment_id=deployment_id, trainer_job_id=reused_trainer,
+                        base_url=base_url, **extra)
+        client = self._call("ProvisionRequested", "create_training_client", call)
+        job_id = sdk_adapter.trainer_job_id(service)
+        deployment = sdk_adapter.deployment_id(service)
+        if reused_trainer:
+            self.rec.record("Reconnected", role="policy", trainer_job_id=job_id, reused=job_id == reused_trainer,
+                            deployment_id=deployment)
+        self.rec.record("TrainerProvisioned", role="policy", trainer_job_id=job_id, base_model=base_model,
+                        shape=shape, lora_rank=lora_rank, created=job_id != reused_trainer)
+        if deployment is not None:
+            if deployment_created is not None:
+                created = deployment_created(deployment)
+            else:
+                reattached = sdk_adapter.deployment_reattached(service)
+                created = None if reattached is None else not reattached
+            self.rec.record("DeploymentProvisioned", deployment_id=deployment, base_model=base_model,
+                            created=created)
+            self.loaded.setdefault(deployment, None)
+        return client
+
+    def provision_reference(self, service: Any, call: Callable[[], Any], *, base_model: str,
+                            shape: str | None) -> Any:
+        """A frozen reference: the SDK names a separate reference trainer, or None when the
+        reference is the policy's own session with its adapters disabled (a LoRA policy)."""
+        self.rec.record("ProvisionRequested", role="reference", base_model=base_model, shape=shape, lora_rank=0)
+        client = self._call("ProvisionRequested", "create_reference_client", call)
+        job_id = sdk_adapter.reference_job_id(service)
+        if job_id is None:
+            self.rec.record("ReferenceProvisioned", trainer_job_id=sdk_adapter.trainer_job_id(service),
+                            shared_with_policy=True, created=False)
+        else:
+            self.rec.record("ReferenceProvisioned", trainer_job_id=job_id, shared_with_policy=False, created=True)
+        return client
+
+    def provision_teacher(self, call: Callable[[], Any], *, model: str, deployment: str | None,
+                          creates: bool) -> Any:
+        """A deployment the program samples from without training it (a distillation teacher)."""
+        self.rec.record("ProvisionRequested", role="teacher", base_model=model, shape=None, lora_rank=0,
+                        deployment_id=deployment)
+        sampler = self._call("ProvisionRequested", "create_inference_deployment_sampler", call)
+        self.rec.record("DeploymentProvisioned", deployment_id=deployment or model, base_model=model,
+                        created=creates, role="teacher")
+        return sampler
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def snapshot(self, call: Callable[[], Any], *, name: str, kind: str | None, base_path: str | None) -> Any:
+        """A sampler snapshot: SnapshotRequested, the save, SnapshotSaved (base or delta, and
+        the base a delta applies to). ``call`` returns the SDK's result (``.path``)."""
+        step = self.rec.step
+        self.rec.record("SnapshotRequested", step=step, name=name)
+        result = self._call("SnapshotRequested", "save_weights_for_sampler", call)
+        self.rec.record("SnapshotSaved", step=step, name=name, path=result.path, kind=kind,
+                        base_path=None if kind == "base" else base_path)
+        return result
+
+    def sync(self, call: Callable[[], Any], *, deployment_id: str | None, snapshot_path: str) -> Any:
+        """A weight sync (hotload) onto a deployment: SyncRequested, the call, WeightsSynced. The
+        deployment then serves the snapshot, one more weight version published to it."""
+        step = self.rec.step
+        self.rec.record("SyncRequested", step=step, deployment_id=deployment_id, snapshot_path=snapshot_path)
+        t0 = time.perf_counter()
+        result = self._call("SyncRequested", "hotload", call)
+        if result is False:  # the SDK's hotload_and_wait answers False when the deployment never took it
+            if self.record_failures:
+                self.rec.record("CallFailed", call="hotload", intent="SyncRequested", step=step,
+                                error=f"the deployment did not load {snapshot_path}")
+            return result
+        self.rec.record("WeightsSynced", step=step, deployment_id=deployment_id, snapshot_path=snapshot_path,
+                        duration_s=round(time.perf_counter() - t0, 6))
+        key = deployment_id or ""
+        self.loaded[key] = snapshot_path
+        self.published[key] = self.published.get(key, 0) + 1
+        return result
+
+    def save_state(self, call: Callable[[], Any], *, name: str, data_cursor: Any,
+                   trainer_job_id: str | None) -> Any:
+        """DCP state (weights + optimizer): StateSaveRequested, the save, StateSaved."""
+        intent = self.state_save_requested(name=name, data_cursor=data_cursor)
+        result = self._call("StateSaveRequested", "save_state", call)
+        self.state_saved(intent, path=result.path, trainer_job_id=trainer_job_id)
+        return result
+
+    def state_save_requested(self, *, name: str, data_cursor: Any) -> dict[str, Any]:
+        """The intent half of ``save_state``, for a save whose outcome arrives later (a future)."""
+        intent = {"step": self.rec.step, "name": name, "data_cursor": data_cursor}
+        self.rec.record("StateSaveRequested", **intent)
+        return intent
+
+    def state_saved(self, intent: dict[str, Any], *, path: str, trainer_job_id: str | None) -> None:
+        self.rec.record("StateSaved", **intent, path=path, trainer_job_id=trainer_job_id)
+
+
+def error_text(exc: BaseException) -> str:
+    return redact_text(f"{type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -143,6 +315,12 @@ class _StepFuture:
         return getattr(self._future, name)
 
 
+def numeric(metrics: Any) -> dict[str, float]:
+    """The finite-or-not numbers of an SDK metrics dict (others left out, none invented)."""
+    return {str(k): float(v) for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class TrackedTrainingClient:
     """A FiretitanTrainingClient whose saves are recorded; everything else passes through.
 
@@ -151,11 +329,12 @@ class TrackedTrainingClient:
     caller records its steps itself, with the data cursor.
     """
 
-    def __init__(self, client: Any, recorder: Recorder, *, lora_rank: int, trainer_job_id: str | None = None,
+    def __init__(self, client: Any, calls: CallRecorder, *, lora_rank: int, trainer_job_id: str | None = None,
                  auto_steps: bool = False):
         self._client = client
         self._job_id = trainer_job_id
-        self._rec = recorder
+        self._calls = calls
+        self._rec = calls.rec
         self._lora_rank = lora_rank
         self._auto_steps = auto_steps
         self._micro_batches = 0
@@ -185,22 +364,16 @@ class TrackedTrainingClient:
 
         def record(response: Any) -> None:
             self._rec.step += 1
-            metrics = {k: float(v) for k, v in (getattr(response, "metrics", None) or {}).items()
-                       if isinstance(v, (int, float))}
             self._rec.record("StepCompleted", defer=True, step=self._rec.step, data_cursor=None,
-                             micro_batches=micro_batches,
-                             metrics=metrics, optimizer=adam.model_dump(exclude_none=True))
+                             micro_batches=micro_batches, metrics=numeric(getattr(response, "metrics", None)),
+                             optimizer=adam.model_dump(exclude_none=True))
 
         return _StepFuture(future, record)
 
     def save_state(self, name: str, *args: Any, data_cursor: Any = None, **kwargs: Any) -> Resolved:
         """Save DCP state (weights + optimizer), recorded with the step and data cursor."""
-        step = self._rec.step
-        self._rec.record("StateSaveRequested", step=step, name=name, data_cursor=data_cursor)
-        result = self._client.save_state(name, *args, **kwargs).result()
-        self._rec.record("StateSaved", step=step, name=name, path=result.path, data_cursor=data_cursor,
-                         trainer_job_id=self._job_id)
-        return Resolved(result)
+        return Resolved(self._calls.save_state(lambda: self._client.save_state(name, *args, **kwargs).result(),
+                                               name=name, data_cursor=data_cursor, trainer_job_id=self._job_id))
 
     def load_state_with_optimizer(self, path: str, *, source_job_id: str | None = None) -> Resolved:
         """Load DCP state; a state saved by another trainer job is named by a cross-job reference."""
@@ -212,13 +385,11 @@ class TrackedTrainingClient:
                                  **kwargs: Any) -> Resolved:
         """Save a sampler snapshot: a full base first in a session, deltas against it after."""
         kind = checkpoint_type or ("base" if (self._base_path is None or self._lora_rank > 0) else "delta")
-        step = self._rec.step
-        self._rec.record("SnapshotRequested", step=step, name=name)
-        result = self._client.save_weights_for_sampler(name, *args, checkpoint_type=kind, **kwargs).result()
-        base_path = None if kind == "base" else self._base_path
+        result = self._calls.snapshot(
+            lambda: self._client.save_weights_for_sampler(name, *args, checkpoint_type=kind, **kwargs).result(),
+            name=name, kind=kind, base_path=self._base_path)
         if kind == "base":
             self._base_path = result.path
-        self._rec.record("SnapshotSaved", step=step, name=name, path=result.path, kind=kind, base_path=base_path)
         return Resolved(result)
 
 
@@ -253,6 +424,7 @@ class TrackedService:
                  owns_reattached: bool = False):
         self._service = service
         self._rec = recorder
+        self._calls = CallRecorder(recorder)
         self._base_model = base_model
         self._shape = shape
         self._lora_rank = lora_rank
@@ -263,7 +435,6 @@ class TrackedService:
         self._owns_reattached = owns_reattached
         self._auto_steps = auto_steps  # a researcher's own loop: steps and samples recorded as they happen
         self._pending: list[dict[str, Any]] = []  # own-loop samples awaiting log_score
-        self._synced: str | None = None  # the snapshot the deployment serves
         self._closed = False
         self.cleanup: dict[str, str] = {}  # what close() recorded
 
@@ -277,36 +448,18 @@ class TrackedService:
     # -- provisioning ------------------------------------------------------------
 
     def create_training_client(self, *args: Any, **kwargs: Any) -> TrackedTrainingClient:
-        self._rec.record("ProvisionRequested", role="policy", base_model=self._base_model, shape=self._shape,
-                         lora_rank=self._lora_rank, deployment_id=self._deployment_id,
-                         trainer_job_id=self._reused_trainer, base_url=self._base_url)
-        client = self._service.create_training_client(*args, **kwargs)
-        job_id = self._service.trainer_job_id
-        deployment_id = self._service.deployment_id
-        if self._reused_trainer:
-            self._rec.record("Reconnected", role="policy", trainer_job_id=job_id,
-                             reused=job_id == self._reused_trainer, deployment_id=deployment_id)
-        self._rec.record("TrainerProvisioned", role="policy", trainer_job_id=job_id, base_model=self._base_model,
-                         shape=self._shape, lora_rank=self._lora_rank, created=job_id != self._reused_trainer)
-        self._rec.record("DeploymentProvisioned", deployment_id=deployment_id, base_model=self._base_model,
-                         created=deployment_id != self._reused_deployment)
-        return TrackedTrainingClient(client, self._rec, lora_rank=self._lora_rank, trainer_job_id=job_id,
-                                     auto_steps=self._auto_steps)
+        client = self._calls.provision_policy(
+            self._service, lambda: self._service.create_training_client(*args, **kwargs),
+            base_model=self._base_model, shape=self._shape, lora_rank=self._lora_rank,
+            deployment_id=self._deployment_id, reused_trainer=self._reused_trainer,
+            deployment_created=lambda deployment: deployment != self._reused_deployment, base_url=self._base_url)
+        return TrackedTrainingClient(client, self._calls, lora_rank=self._lora_rank,
+                                     trainer_job_id=self._service.trainer_job_id, auto_steps=self._auto_steps)
 
     def create_reference_client(self, *args: Any, **kwargs: Any) -> Any:
-        self._rec.record("ProvisionRequested", role="reference", base_model=self._base_model, shape=self._shape,
-                         lora_rank=0)
-        client = self._service.create_reference_client(*args, **kwargs)
-        # The SDK names a separate reference trainer; None means the reference reuses the
-        # policy's session with its adapters disabled (a LoRA policy): no job of its own.
-        job_id = self._service.reference_job_id
-        if job_id is None:
-            self._rec.record("ReferenceProvisioned", trainer_job_id=self._service.trainer_job_id,
-                             shared_with_policy=True, created=False)
-        else:
-            self._rec.record("ReferenceProvisioned", trainer_job_id=job_id, shared_with_policy=False,
-                             created=True)
-        return client
+        return self._calls.provision_reference(
+            self._service, lambda: self._service.create_reference_client(*args, **kwargs),
+            base_model=self._base_model, shape=self._shape)
 
     # -- weight sync ---------------------------------------------------------------
 
@@ -314,18 +467,17 @@ class TrackedService:
         """Hot-load ``model_path`` onto the deployment (recorded as a sync) and return its sampler."""
         if model_path is None:
             return self._own_loop(self._service.create_deployment_sampler(**kwargs))
-        step = self._rec.step
-        self._rec.record("SyncRequested", step=step, deployment_id=self._service.deployment_id,
-                         snapshot_path=model_path)
-        t0 = time.perf_counter()
-        sampler = self._service.create_deployment_sampler(model_path=model_path, **kwargs)
-        self._rec.record("WeightsSynced", step=step, deployment_id=self._service.deployment_id,
-                         snapshot_path=model_path, duration_s=round(time.perf_counter() - t0, 6))
-        self._synced = model_path
+        sampler = self._calls.sync(lambda: self._service.create_deployment_sampler(model_path=model_path, **kwargs),
+                                   deployment_id=self._service.deployment_id, snapshot_path=model_path)
         return self._own_loop(sampler)
 
     def _own_loop(self, sampler: Any) -> Any:
         return TrackedSampler(sampler, self._pending) if self._auto_steps else sampler
+
+    @property
+    def _synced(self) -> str | None:
+        """The snapshot the deployment serves."""
+        return self._calls.loaded.get(self._service.deployment_id)
 
     # -- evaluation --------------------------------------------------------------------
 
@@ -384,61 +536,85 @@ class TrackedService:
     # -- cleanup --------------------------------------------------------------------------
 
     def close(self, *, backend_lost: str | None = None) -> dict[str, str]:
-        """Apply the cleanup policies and record what was confirmed done.
-
-        The SDK's close cleans up only what this session created. A run that reattached
-        to its own trainer or deployment (``owns_reattached``: a loop continuing
-        after a crash) applies the same policy to those too, so a finished run leaves what
-        its spec says however many attempts it took.
-
-        The SDK's delete and scale-to-zero log a failure and carry on, so each action
-        is confirmed by asking the service afterwards: ``failed`` when the resource is
-        still there, ``unknown`` when the service cannot say. ``backend_lost`` (the
-        service stopped answering) skips the attempt: each SDK call would retry for
-        minutes, and nothing could be confirmed. Returns what was recorded.
-        """
+        """Apply the cleanup policies and record what was confirmed done (see ``close_and_confirm``)."""
         if self._closed:
             return self.cleanup
         self._closed = True
-        handle = getattr(self._service, "_managed_handle", None)
-        wanted = cleanup_policy(getattr(self._service, "_managed_config", None))
-        done = {"trainer": "kept", "deployment": "kept"}
-        errors: list[str] = []
-        try:
-            if backend_lost is not None:
-                done = _unconfirmed(wanted)
-                errors.append(f"not attempted: {backend_lost}")
-                return done
-            if handle is not None:  # what the SDK's close will do
-                done = cleanup_policy(handle)
+        close_and_confirm(self._rec, self._service, self._service.close, owns_reattached=self._owns_reattached,
+                          backend_lost=backend_lost, done_into=self.cleanup)
+        return self.cleanup
 
-            def attempt() -> dict[str, str]:
-                self._service.close()
-                if handle is not None and self._owns_reattached:
-                    return _clean_reattached(handle, wanted, done)
-                return done
 
-            try:
-                done = _bounded(attempt, CLEANUP_TIMEOUT_S)
-            except BaseException as exc:  # recorded, then raised: the run's failure names it too
-                errors.append(redact_text(f"{type(exc).__name__}: {exc}") if isinstance(exc, Exception)
-                              else "interrupted while cleaning up")
-                # whatever was attempted may or may not have happened
-                attempted = {k: done[k] if done[k] != "kept" or not self._owns_reattached else wanted[k]
-                             for k in done}
-                if isinstance(exc, Exception) and not isinstance(exc, TimeoutError) and handle is not None:
-                    done, unconfirmed = _confirmed(handle, attempted)  # the service still answers: ask it
-                    errors += unconfirmed
-                else:
-                    done = _unconfirmed(attempted)
-                raise
-            if handle is not None:
-                done, unconfirmed = _confirmed(handle, done)
-                errors += unconfirmed
+def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, owns_reattached: bool = False,
+                      backend_lost: str | None = None, done_into: dict[str, str] | None = None) -> dict[str, str]:
+    """Close ``service`` (``close`` is its SDK close), apply its cleanup policies, and record
+    CleanupApplied with what the service confirmed done.
+
+    The SDK's close cleans up only what this session created. A run that reattached
+    to its own trainer or deployment (``owns_reattached``: a loop continuing
+    after a crash) applies the same policy to those too, so a finished run leaves what
+    its spec says however many attempts it took.
+
+    The SDK's delete and scale-to-zero log a failure and carry on, so each action
+    is confirmed by asking the service afterwards: ``failed`` when the resource is
+    still there, ``unknown`` when the service cannot say. ``backend_lost`` (the
+    service stopped answering) skips the attempt: each SDK call would retry for
+    minutes, and nothing could be confirmed. Returns what was recorded; ``done_into`` gets it
+    too, before the record is written (a caller whose ledger refuses the write still knows).
+    """
+    handle = sdk_adapter.managed_handle(service)
+    wanted = cleanup_policy(sdk_adapter.managed_config(service))
+    done = {"trainer": "kept", "deployment": "kept"}
+    errors: list[str] = []
+    try:
+        if backend_lost is not None:
+            done = _unconfirmed(wanted)
+            errors.append(f"not attempted: {backend_lost}")
             return done
-        finally:
-            self.cleanup = done
-            self._rec.record("CleanupApplied", **done, **({"error": "; ".join(errors)} if errors else {}))
+        if handle is not None:  # what the SDK's close will do
+            done = cleanup_policy(handle)
+
+        def attempt() -> dict[str, str]:
+            close()
+            if handle is not None and owns_reattached:
+                return _clean_reattached(handle, wanted, done)
+            return done
+
+        try:
+            done = _bounded(attempt, CLEANUP_TIMEOUT_S)
+        except BaseException as exc:  # recorded, then raised: the run's failure names it too
+            errors.append(redact_text(f"{type(exc).__name__}: {exc}") if isinstance(exc, Exception)
+                          else "interrupted while cleaning up")
+            # whatever was attempted may or may not have happened
+            attempted = {k: done[k] if done[k] != "kept" or not owns_reattached else wanted[k] for k in done}
+            if isinstance(exc, Exception) and not isinstance(exc, TimeoutError) and handle is not None:
+                done, unconfirmed = _confirmed(handle, attempted)  # the service still answers: ask it
+                errors += unconfirmed
+            else:
+                done = _unconfirmed(attempted)
+            raise
+        if handle is not None:
+            done, unconfirmed = _confirmed(handle, done)
+            errors += unconfirmed
+        return done
+    finally:
+        if done_into is not None:
+            done_into.update(done)
+        rec.record("CleanupApplied", **done, **({"error": "; ".join(errors)} if errors else {}))
+
+
+def clean_up(handle: Any, wanted: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Apply the cleanup policy ``wanted`` to the resources ``handle`` names (as the SDK's
+    handle does: trainer_manager + trainer_endpoint.job_id, deployment_manager + deployment)
+    and confirm each action with the service, as ``close`` does; for resources no SDK handle
+    owns (what a failed provisioning left). Returns what was done and why anything was not."""
+    nothing = {"trainer": "kept", "deployment": "kept"}
+    try:
+        done = _bounded(lambda: _clean_reattached(handle, wanted, nothing), CLEANUP_TIMEOUT_S)
+    except Exception as exc:
+        done, why = _confirmed(handle, wanted)  # attempted, perhaps in part: ask the service
+        return done, [redact_text(f"{type(exc).__name__}: {exc}"), *why]
+    return _confirmed(handle, done)
 
 
 def _unconfirmed(actions: dict[str, str]) -> dict[str, str]:
@@ -455,8 +631,6 @@ _GONE_JOB_STATES = ("JOB_STATE_DELETED", "JOB_STATE_DELETING")
 def _bounded(fn: Callable[[], Any], timeout_s: float) -> Any:
     """``fn()`` in a daemon thread, given up on (TimeoutError) after ``timeout_s``: a call
     to a service that stopped answering must not hold the run's stop for minutes."""
-    import threading
-
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -495,8 +669,7 @@ def _confirmed(handle: Any, done: dict[str, str]) -> tuple[dict[str, str], list[
             and handle.deployment_manager is not None:
         dep_id = deployment.deployment_id
         try:
-            # the raw record: DeploymentInfo does not carry the replica counts
-            record = _bounded(lambda: handle.deployment_manager._get_deployment(dep_id), CONFIRM_TIMEOUT_S)
+            record = _bounded(lambda: sdk_adapter.deployment_record(handle, dep_id), CONFIRM_TIMEOUT_S)
             if record is None:
                 out["deployment"] = "deleted"
             elif int(record.get("maxReplicaCount", 1) or 0) == 0:
@@ -514,10 +687,9 @@ def _confirmed(handle: Any, done: dict[str, str]) -> tuple[dict[str, str], list[
 
 def cleanup_policy(config: Any) -> dict[str, str]:
     """A provisioning config's (or the SDK handle's) cleanup flags, in the ledger's words."""
-    trainer = "deleted" if getattr(config, "cleanup_trainer_on_close", False) else "kept"
-    deployment = {"scale_to_zero": "scaled_to_zero", "delete": "deleted"}.get(
-        str(getattr(config, "cleanup_deployment_on_close", None) or ""), "kept")
-    return {"trainer": trainer, "deployment": deployment}
+    delete_trainer, deployment_action = sdk_adapter.cleanup_flags(config)
+    deployment = {"scale_to_zero": "scaled_to_zero", "delete": "deleted"}.get(str(deployment_action or ""), "kept")
+    return {"trainer": "deleted" if delete_trainer else "kept", "deployment": deployment}
 
 
 def _clean_reattached(handle: Any, wanted: dict[str, str], done: dict[str, str]) -> dict[str, str]:
@@ -548,17 +720,19 @@ def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = N
     ledger = Ledger.open(ledger_url or default_ledger_url())
     rid = run_id or f"run-{uuid.uuid4().hex[:10]}"
     rec = Recorder(ledger, rid)
-    cfg = getattr(service, "_managed_config", None)
+    cfg = sdk_adapter.managed_config(service)
     if rec.version == 0:
         if spec is None and dataclasses.is_dataclass(cfg):
             spec = {"provisioning": dataclasses.asdict(cfg)}  # what the service was built from
         body = redact(json.loads(json.dumps(spec or {}, default=str)))
+        from firetitan_track.code_identity import program_identity
+
         rec.record("RunStarted", spec=body, spec_digest=rec.put_json(body), code_version=code_version(),
-            seed=seed, backend=backend)
+                   code=program_identity(ledger.put_blob), seed=seed, backend=backend)
     return TrackedService(service, rec, base_model=getattr(cfg, "base_model", ""),
                           shape=getattr(cfg, "training_shape_id", None), lora_rank=getattr(cfg, "lora_rank", 0),
                           deployment_id=getattr(cfg, "deployment_id", None), auto_steps=True,
-                          base_url=getattr(service, "_managed_base_url", None))
+                          base_url=sdk_adapter.managed_base_url(service))
 
 
 def code_version() -> str:
@@ -569,10 +743,3 @@ def code_version() -> str:
         return version("firetitan-track")
     except PackageNotFoundError:
         return "unknown"
-
-
-def error_text(exc: BaseException) -> str:
-    return redact_text(f"{type(exc).__name__}: {exc}")
-
-
-_code_version = code_version  # the earlier private name

@@ -4,55 +4,67 @@ The root sits here, above both packages it serves. Commands live in the modules 
 own their behaviour and are loaded when named, so ``firetitan-track runs`` never
 imports torch or MLflow:
 
-- the ledger (``runs``, ``events``, ``verify``, ``blob``, ``db``): firetitan_track.cli
-- its views (``audit``, ``lineage``, ``replay``, ``export``, ``compare``, ``ui``):
-  firetitan_track.projections.cli
-- the runner (``run``, ``resume``, ``status``, ``rerun``): this module; ``sweep``: runner.sweep
-- the local service (``local up|down|info``): runner.local.cli
+- the ledger (``runs``, ``events``, ``verify``, ``blob``, ``db``, ``bundle``, ``import``):
+  firetitan_track.cli
+- its views (``audit``, ``lineage``, ``replay``, ``status``, ``compare``, ``diff``; ``export``
+  and ``ui`` with the [mlflow] extra): firetitan_track.projections.cli
+- the runner (``run``, ``resume``, ``rerun``: this module; ``sweep``: runner.sweep;
+  ``promote``: runner.promote), with the [runner] extra
+- the local service (``local up|down|info``): runner.local.cli; starting it needs the
+  [local] extra (runner.local.supervisor says so)
+
+A command whose extra is not installed stays listed and, when run, exits 1 with the line
+that installs it (firetitan_track.extras).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import sys
 from typing import Any, Iterator
 
 import click
 
-from firetitan_track.cli import absolute_uri, ledger_url, reading_ledger, user_errors
+from firetitan_track.cli import absolute_uri, ledger_url, user_errors
+from firetitan_track.extras import MissingExtra, install_line, missing, require
+from firetitan_track.redact import guard_output
 
-# command name -> "module:attribute"
-COMMANDS: dict[str, str] = {
-    "runs": "firetitan_track.cli:runs",
-    "events": "firetitan_track.cli:events",
-    "verify": "firetitan_track.cli:verify",
-    "blob": "firetitan_track.cli:blob",
-    "db": "firetitan_track.cli:db",
-    "bundle": "firetitan_track.cli:bundle",
-    "import": "firetitan_track.cli:import_",
-    "audit": "firetitan_track.projections.cli:audit",
-    "lineage": "firetitan_track.projections.cli:lineage",
-    "replay": "firetitan_track.projections.cli:replay",
-    "export": "firetitan_track.projections.cli:export",
-    "compare": "firetitan_track.projections.cli:compare",
-    "diff": "firetitan_track.projections.cli:diff",
-    "ui": "firetitan_track.projections.cli:ui",
-    "run": "runner.cli:run",
-    "resume": "runner.cli:resume",
-    "status": "runner.cli:status",
-    "rerun": "runner.cli:rerun",
-    "sweep": "runner.sweep:sweep",
-    "promote": "runner.promote:promote_command",
-    "local": "runner.local.cli:local",
+# command name -> ("module:attribute", the extra it needs beyond the core, or None)
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "runs": ("firetitan_track.cli:runs", None),
+    "events": ("firetitan_track.cli:events", None),
+    "verify": ("firetitan_track.cli:verify", None),
+    "key": ("firetitan_track.cli:key", None),
+    "blob": ("firetitan_track.cli:blob", None),
+    "db": ("firetitan_track.cli:db", None),
+    "bundle": ("firetitan_track.cli:bundle", None),
+    "import": ("firetitan_track.cli:import_", None),
+    "audit": ("firetitan_track.projections.cli:audit", None),
+    "lineage": ("firetitan_track.projections.cli:lineage", None),
+    "replay": ("firetitan_track.projections.cli:replay", None),
+    "status": ("firetitan_track.projections.cli:status", None),
+    "compare": ("firetitan_track.projections.cli:compare", None),
+    "diff": ("firetitan_track.projections.cli:diff", None),
+    "export": ("firetitan_track.projections.cli:export", "mlflow"),
+    "ui": ("firetitan_track.projections.cli:ui", "mlflow"),
+    "run": ("runner.cli:run", "runner"),
+    "resume": ("runner.cli:resume", "runner"),
+    "rerun": ("runner.cli:rerun", "runner"),
+    "sweep": ("runner.sweep:sweep", "runner"),
+    "promote": ("runner.promote:promote_command", "runner"),
+    "local": ("runner.local.cli:local", None),
+    "record": ("firetitan_track.recording.command:record", None),
 }
 
 
 class LazyGroup(click.Group):
-    """Imports a command's module only when that command runs. A module that fails to
-    import (a missing dependency) raises its ImportError instead of hiding as
-    "No such command"."""
+    """Imports a command's module only when that command runs.
+
+    A command whose extra is missing (by the installed metadata, or by the import that
+    fails) becomes a stand-in that exits 1 with the line installing it. A core module that
+    fails to import raises its ImportError: that is a broken install or a bug, not a choice.
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
@@ -61,9 +73,33 @@ class LazyGroup(click.Group):
         cmd = super().get_command(ctx, name)
         if cmd is not None or name not in COMMANDS:
             return cmd
-        module, attr = COMMANDS[name].split(":")
-        command: click.Command = getattr(importlib.import_module(module), attr)
+        target, extra = COMMANDS[name]
+        if extra is not None and (gone := missing(extra)):
+            return _unavailable(name, MissingExtra(extra, f"`firetitan-track {name}`", gone))
+        module, attr = target.split(":")
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if extra is None or (e.name or "").partition(".")[0] in ("firetitan_track", "runner"):
+                raise
+            return _unavailable(name, MissingExtra(extra, f"`firetitan-track {name}`", [e.name or str(e)]))
+        command: click.Command = getattr(loaded, attr)
         return command
+
+
+def _unavailable(name: str, error: MissingExtra) -> click.Command:
+    """A stand-in for a command whose extra is missing: listed, and when run (with any
+    arguments, --help included) it says which extra to install and exits 1."""
+
+    @click.command(name, help=str(error), short_help=f"(needs: {install_line(error.extra)})",
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                     "help_option_names": []})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def unavailable(args: tuple[str, ...]) -> None:
+        with user_errors():
+            raise error
+
+    return unavailable
 
 
 @click.group(cls=LazyGroup)
@@ -74,6 +110,7 @@ class LazyGroup(click.Group):
 @click.pass_context
 def main(ctx: click.Context, ledger: str | None) -> None:
     """Run FireTitan research loops and keep an auditable record of them."""
+    guard_output()  # a traceback or log line never prints a secret
     ctx.ensure_object(dict)
     ctx.obj["ledger_url"] = ledger
 
@@ -155,38 +192,11 @@ def rerun(ctx: click.Context, run_id: str, new_run_id: str | None, quiet: bool) 
     _finish(result)
 
 
-@click.command()
-@click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.pass_context
-def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
-    """Where RUN_ID stands: status, step, trainer, deployment, last state, snapshot and score."""
-    from firetitan_track.projections.run_state import fold
-
-    with reading_ledger(ctx) as ledger:
-        st = fold(ledger.read(run_id), run_id)
-    row = {
-        "run_id": st.run_id, "status": st.status, "step": st.step, "version": st.version,
-        "attempts": st.attempts, "trainer_job_id": st.trainer_job_id, "deployment_id": st.deployment_id,
-        "last_state": st.last_state and {k: st.last_state[k] for k in ("step", "path")},
-        "last_snapshot": st.last_snapshot and {k: st.last_snapshot[k] for k in ("step", "path", "kind")},
-        "last_score": st.last_score and {k: st.last_score[k] for k in ("step", "score", "snapshot_path")},
-        "pending_intent": st.open_intent, "error": st.error,
-    }
-    if as_json:
-        click.echo(json.dumps(row, indent=2))
-        return
-    width = max(map(len, row))
-    for key, value in row.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        click.echo(f"{key:<{width}}  {'-' if value is None else value}")
-
-
 def _tracking_uri(flag: str | None) -> str | None:
     """--export-mlflow's store: none, the project's (``default``), or the URI given."""
     if flag is None:
         return None
+    require("mlflow", "--export-mlflow")  # called inside the command's _reporting()
     from firetitan_track.projections.mlflow.store import resolve_tracking_uri
 
     return resolve_tracking_uri(None if flag == "default" else flag)

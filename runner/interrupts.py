@@ -10,6 +10,7 @@ check it every step and name it as the cause; ``root_cause`` digs it out of a gr
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 from typing import Any
@@ -53,16 +54,36 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested: BaseException | None = None
+        self.finished = False
+        self.after_finish: int | None = None  # a signal that came once the run had finished
+        self._raised = False  # the request was raised (by the handler or by check)
+        self._redelivery: threading.Timer | None = None
         self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        redelivered, self._redelivery = self._redelivery is not None, None
+        if self.finished:  # nothing left to stop: the run completed, its cleanup is done
+            self.after_finish = signum
+            return
+        if redelivered and self._raised:
+            return  # the deferred signal was acted on meanwhile (check raised it): not a second one
         self.requested = Terminated("terminated by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
+        if _writing(frame):
+            # raised inside the database driver or its pool, the exception could leave a
+            # connection mid-transaction, holding the write lock the cleanup's own record then
+            # waits for: the signal is delivered again in a moment, past the write
+            self._redelivery = threading.Timer(_REDELIVER_S, os.kill, (os.getpid(), signum))
+            self._redelivery.daemon = True
+            self._redelivery.start()
+            return
+        self._raised = True
         raise self.requested
 
     def check(self) -> None:
         if self.requested is not None:
+            self._raised = True
             raise self.requested
 
     def cause(self, exc: BaseException) -> BaseException:
@@ -71,8 +92,30 @@ class StopSignals:
         return self.requested if self.requested is not None else root_cause(exc)
 
     def restore(self) -> None:
+        if self._redelivery is not None:
+            self._redelivery.cancel()
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+    def finish(self) -> None:
+        """The run has cleaned up and is recording its end: a signal from here on stops nothing
+        (a completed run is not turned into a failed one, and its process exits 0)."""
+        self.finished = True
+
+
+_REDELIVER_S = 0.05
+_WRITE_CODE = (f"{os.sep}sqlalchemy{os.sep}", f"{os.sep}psycopg{os.sep}", f"firetitan_track{os.sep}ledger.py",
+               f"firetitan_track{os.sep}store.py", f"firetitan_track{os.sep}blobs.py")
+
+
+def _writing(frame: Any) -> bool:
+    """Whether ``frame`` (where a signal landed) is inside the ledger's database code."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if any(part in name for part in _WRITE_CODE):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def close_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterator
 
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
-from firetitan_track.projections.run_state import RunState, fold, to_supersede
-from firetitan_track.redact import redact
+from firetitan_track.projections.run_state import RunState, continue_command, fold, to_supersede
+from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import InvalidEvent
-from firetitan_track.ledger import StoreFailure
+from firetitan_track.ledger import StoreFailure, check_run_id
 from runner.backend_watch import BackendLost, BackendWatch
 from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loop, is_interrupt
 from runner.chain import load_upstream, resolve_upstream
@@ -44,19 +44,11 @@ from runner.tasks.preference import Pair, load_pairs, pair_batch
 __all__ = ["RunResult", "RunError", "RunInterrupted", "run_spec", "resume_run", "rerun"]
 
 
-# Run ids travel into MLflow filters, file names and URLs: keep them plain.
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # what a spec's run.name loses in a generated run id
 
 
 class RunError(UserError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
-
-
-def check_run_id(run_id: str) -> None:
-    """Refuse a run id that would not travel safely (MLflow filters, file names, URLs)."""
-    if not _RUN_ID.fullmatch(run_id):
-        raise RunError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
 
 
 class StopEarly(Exception):
@@ -118,7 +110,8 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
         masked = _masked(inputs)
         try:
             rec.record("RunStarted", spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
-                       code_version=code_version(), seed=spec.run.seed, backend=spec.backend.kind,
+                       code_version=code_version(), code=_code_identity(ledger, spec), seed=spec.run.seed,
+                       backend=spec.backend.kind,
                        sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets,
                        **({"prompt_sets_masked": masked} if masked else {}),
                        **_rerun_differs(ledger, rerun_of),
@@ -144,6 +137,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
             raise RunError(f"run {run_id} already {st.status} at step {st.step}; nothing to resume")
         if st.spec is None:
             raise RunError(f"run {run_id} has no RunStarted event; it cannot be resumed")
+        _refuse_recorded_program(st, "resumed")
         spec = Spec.from_dict(st.spec, source=f"run {run_id}")
         if steps is not None:
             spec = spec.with_overrides({"run.steps": steps})
@@ -168,12 +162,35 @@ def rerun(run_id: str, *, ledger_url: str, new_run_id: str | None = None, progre
     st = fold(ledger.read(run_id), run_id)
     if st.spec is None:
         raise RunError(f"run {run_id} has no RunStarted event; nothing to rerun")
+    _refuse_recorded_program(st, "rerun")
     spec = Spec.from_dict(st.spec, source=f"run {run_id}")
     inputs = _recorded_inputs(ledger, spec, st)
     if new_run_id is None:
         new_run_id = f"{run_id}-rerun-{uuid.uuid4().hex[:6]}"
     return run_spec(spec, ledger_url=ledger_url, run_id=new_run_id, rerun_of=run_id, inputs=inputs,
                     progress=progress, export_mlflow=export_mlflow)
+
+
+def _refuse_recorded_program(st: RunState, what: str) -> None:
+    """A recorded program's run has no spec to run from: the program itself continues it."""
+    if st.program is not None:
+        raise RunError(f"run {st.run_id} was recorded from a program, not run from a spec, so the runner "
+                       f"cannot {'rerun' if what == 'rerun' else 'resume'} it; continue it with: "
+                       f"{continue_command(st)}")
+
+
+def _code_identity(ledger: Ledger, spec: Spec) -> dict[str, Any]:
+    """The code this run executes (RunStarted.code): the runner's and the ledger's source
+    folders (the project's checkout, or the installed packages), and the device the embedded
+    local service trains on (unknown for a service the spec only names by URL)."""
+    import firetitan_track
+    import runner
+    from firetitan_track.code_identity import code_identity
+
+    device = ({"local": spec.backend.device if not spec.backend.base_url else None,
+               "fireworks": "fireworks"}.get(spec.backend.kind))
+    return code_identity(ledger.put_blob, [os.path.dirname(runner.__file__), os.path.dirname(firetitan_track.__file__)],
+                         device=device)
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -288,6 +305,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         result.status = "completed"
         watch.stop()
         _close(tracked)
+        stop.finish()  # a SIGTERM from here on lands on a finished run: it completes, exit status 0
         rec.record("RunCompleted", final_step=spec.run.steps, final_snapshot=ctx.last_snapshot)
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
@@ -322,9 +340,9 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             raise RunError(f"run {rec.run_id} stopped: {lost}. Its cleanup could be neither done nor confirmed "
                            f"(recorded as unknown). {_restart_hint(spec)}continue it with: "
                            f"firetitan-track resume {rec.run_id}") from None
-        if isinstance(cause, (NotResumable, InvalidEvent)) or getattr(cause, "status_code", None) in (400, 422):
+        if isinstance(cause, (NotResumable, InvalidEvent)) or _status_code(cause) in (400, 422):
             # a request the service refused as malformed is refused again on every resume
-            raise RunError(f"run {rec.run_id} failed: {error_text(cause)}. Resume replays the recorded spec "
+            raise RunError(f"run {rec.run_id} failed: {_refusal(cause)}. Resume replays the recorded spec "
                            "and would fail the same way: start a new run with the spec changed") from None
         if is_interrupt(cause):
             raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)",
@@ -339,6 +357,27 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         close_loop(loop)
         if exporter is not None:
             exporter.stop()
+
+
+def _status_code(exc: BaseException) -> int | None:
+    """The HTTP status of a refused request: the SDK's errors carry it, httpx's on their response."""
+    code = getattr(exc, "status_code", None)
+    return code if code is not None else getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _refusal(exc: BaseException) -> str:
+    """An error as a person reads it: for an HTTP refusal, the service's own reason, first line."""
+    response = getattr(exc, "response", None)
+    if response is None or _status_code(exc) is None:
+        return error_text(exc)
+    from fireworks.training.sdk.errors import parse_api_error
+
+    try:
+        what = f"{response.request.method} {response.request.url.path}"
+        reason = (parse_api_error(response).strip().splitlines() or [""])[0]
+    except Exception:  # a response without its request, or an unreadable body
+        return error_text(exc)
+    return redact_text(f"the service refused {what} (HTTP {_status_code(exc)}): {reason}")
 
 
 def _evaluate(ctx: StepContext, inputs: Inputs) -> float:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from runner.spec import Spec, SpecError
+from runner.spec import MAX_EVAL_COMPLETIONS, MAX_EVAL_COUNT, Spec, SpecError
 
-__all__ = ["check_against_service", "check_context"]
+__all__ = ["check_against_service", "check_sizes", "check_context", "load_tokenizer"]
 
 _MODEL_NAME = re.compile(r"accounts/[^/]+/models/[^/]+")
 
@@ -25,6 +25,7 @@ def check_against_service(spec: Spec, *, base_url: str | None, api_key: str, tok
     """Raise SpecError naming the key the service refuses, or a prompt too long for it."""
     from fireworks.training.sdk import FireworksClient
 
+    check_sizes(spec, eval_set)
     from runner.provision import shape_ref
 
     from runner.backend_watch import unreachable
@@ -63,27 +64,60 @@ def check_against_service(spec: Spec, *, base_url: str | None, api_key: str, tok
     check_context(spec, profile.max_supported_context_length, tokenizer_path, eval_set, train_data)
 
 
+def check_sizes(spec: Spec, eval_set: Sequence[Any]) -> None:
+    """The bounds that depend on the prompts read (a whole JSONL prompt file, eval.count = 0)."""
+    if len(eval_set) > MAX_EVAL_COUNT:
+        raise SpecError(f"{spec.source}: eval.prompts: {len(eval_set)} prompts; an eval takes at most "
+                        f"{MAX_EVAL_COUNT} (set eval.count)")
+    completions = len(eval_set) * spec.sampling.n
+    if completions > MAX_EVAL_COMPLETIONS:
+        raise SpecError(f"{spec.source}: sampling.n: {len(eval_set)} prompts x sampling.n {spec.sampling.n} = "
+                        f"{completions} completions per eval; at most {MAX_EVAL_COMPLETIONS} (one eval's "
+                        "completions are stored as one blob)")
+
+
 def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Sequence[Any],
                   train_data: Sequence[Any] | None) -> None:
     """Every eval prompt plus its sampled tokens, and every JSONL training example, fits
     ``context`` tokens. Built-in training data is short by construction."""
+    tokenizer = load_tokenizer(spec, tokenizer_path)  # a bad tokenizer is named however long the context
     if not context or context <= 0:
         return
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    new_tokens = max(spec.sampling.max_tokens, spec.recipe.max_tokens if spec.recipe.kind == "grpo" else 0)
+    rollouts = spec.recipe.max_tokens if spec.recipe.kind == "grpo" else 0
+    new_tokens = max(spec.sampling.max_tokens, rollouts)
+    for key, tokens in (("sampling.max_tokens", spec.sampling.max_tokens), ("recipe.max_tokens", rollouts)):
+        if tokens >= context:  # not even an empty prompt leaves room
+            raise SpecError(f"{spec.source}: {key}: {tokens} new tokens do not fit the model's context of "
+                            f"{context} tokens (as the service reports it)")
     for i, example in enumerate(eval_set):
-        n = _chat_len(tokenizer, example) + spec.sampling.max_tokens
+        prompt = _chat_len(tokenizer, example)
+        n = prompt + spec.sampling.max_tokens
         if n > context:
             raise SpecError(f"{spec.source}: eval.prompts: prompt {i + 1} takes {n} tokens with "
                             f"sampling.max_tokens, more than the model's context of {context}")
+        if train_data is None and prompt + rollouts > context:  # built-in rollouts are prompts like these
+            raise SpecError(f"{spec.source}: recipe.max_tokens: a prompt of the task takes {prompt + rollouts} "
+                            f"tokens with recipe.max_tokens, more than the model's context of {context}")
     for i, example in enumerate(train_data or ()):
         answer = len(tokenizer.encode(example.answer, add_special_tokens=False)) + 1
         n = _chat_len(tokenizer, example) + max(answer, new_tokens)
         if n > context:
             raise SpecError(f"{spec.source}: task.data: example {i + 1} takes {n} tokens, more than the "
                             f"model's context of {context}")
+
+
+def load_tokenizer(spec: Spec, path: str) -> Any:
+    """The run's tokenizer; one that cannot be loaded is a SpecError naming model.tokenizer (not
+    the chained tracebacks transformers raises for a missing folder or an unknown name)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        key = "model.tokenizer" if spec.model.tokenizer else "backend"
+        raise SpecError(f"{spec.source}: {key}: cannot load a tokenizer from {path!r} "
+                        f"({type(exc).__name__}: {_first_line(exc)}); give a folder holding tokenizer files, "
+                        "or leave model.tokenizer empty for the local service's own") from None
 
 
 def _chat_len(tokenizer: Any, example: Any) -> int:

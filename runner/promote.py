@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from firetitan_track import Ledger
+from firetitan_track import Ledger, sdk_adapter
 from firetitan_track.errors import UserError
 from firetitan_track.events import RecordedEvent
 from firetitan_track.projections.audit import eval_rows
@@ -59,9 +59,9 @@ def promotions(events: list[RecordedEvent]) -> dict[str, list[str]]:
 
 
 def _pending(events: list[RecordedEvent]) -> list[RecordedEvent]:
-    """PromotionRequested events with no outcome yet (the process died in between)."""
-    settled = {ev.data["request_id"] for ev in events if ev.type in ("ModelPromoted", "PromotionFailed")}
-    return [ev for ev in events if ev.type == "PromotionRequested" and ev.event_id not in settled]
+    """PromotionRequested events with no outcome yet (the process died in between), as the fold has them."""
+    waiting = {p["request_id"] for p in fold(events).pending_promotions}
+    return [ev for ev in events if ev.type == "PromotionRequested" and ev.event_id in waiting]
 
 
 def _snapshot_jobs(events: list[RecordedEvent]) -> dict[str, dict[str, Any]]:
@@ -113,7 +113,7 @@ class _Service:
     def model(self, model_id: str) -> dict[str, Any] | None:
         """The model as the service describes it, or None when it has no such model."""
         # the SDK has no public "get model" call; its REST helper sends the same auth headers
-        resp = self.client._get(f"/v1/accounts/{self.client.account_id}/models/{model_id}", timeout=30)
+        resp = sdk_adapter.rest_get(self.client, f"/v1/accounts/{self.client.account_id}/models/{model_id}")
         if resp.status_code == 404:
             return None
         resp.raise_for_status()

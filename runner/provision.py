@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from firetitan_track.projections.run_state import RunState
-from firetitan_track.tracking import Recorder, TrackedService
+from firetitan_track.tracking import Recorder, TrackedService, error_text
 from runner.spec import Spec
 
 __all__ = ["Endpoint", "Session", "endpoint", "shape_ref", "connect"]
@@ -65,9 +65,10 @@ def connect(spec: Spec, where: Endpoint, st: RunState, rec: Recorder, api_key: s
     """Provision (or, on a resume, reattach to) the run's trainer, deployment and reference
     at ``where`` (the endpoint the caller resolved once for this attempt)."""
     from fireworks.training.sdk import FiretitanServiceClient
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(where.tokenizer_path)
+    from runner.preflight import load_tokenizer
+
+    tokenizer = load_tokenizer(spec, where.tokenizer_path)
     shape = shape_ref(spec.model.training_shape)
     resuming = st.resume_step > 0 or st.attempts > 1
     trainer_id = st.trainer_job_id if resuming and _trainer_alive(where, api_key, st.trainer_job_id) else None
@@ -88,13 +89,60 @@ def connect(spec: Spec, where: Endpoint, st: RunState, rec: Recorder, api_key: s
         reused_trainer_job_id=trainer_id, reused_deployment_id=existing_deployment,
         base_url=where.base_url, owns_reattached=True)
     session = Session(tracked, None, None, tokenizer, where)
-    session.policy = tracked.create_training_client(base_model=spec.model.base_model,
-                                                    lora_rank=spec.model.lora_rank, seed=spec.run.seed)
+    try:
+        session.policy = tracked.create_training_client(base_model=spec.model.base_model,
+                                                        lora_rank=spec.model.lora_rank, seed=spec.run.seed)
+    except BaseException as exc:
+        # the SDK raises without cleaning up what it made before the failure (a trainer made,
+        # then the deployment refused): record it and apply the spec's policy, then stop
+        _retire_partial(service, spec, where, api_key, rec, trainer_id, existing_deployment, exc)
+        raise
     if needs_reference:
         session.reference = tracked.create_reference_client(lora_rank=spec.model.lora_rank)
         if st.reference_job_id and spec.cleanup.trainer == "delete":
             _retire_reference(where, api_key, st.reference_job_id, rec)
     return session
+
+
+def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec: Recorder,
+                    reused_trainer: str | None, existing_deployment: str | None, cause: BaseException) -> None:
+    """What a failed provisioning made before it failed, recorded and cleaned up under the spec's
+    policy. The SDK names the trainer job on its config before creating it; a deployment that
+    is there now and was not before was made by this attempt."""
+    from types import SimpleNamespace
+
+    from fireworks.training.sdk import DeploymentManager, TrainerJobManager
+
+    from firetitan_track.tracking import clean_up
+
+    config = getattr(service, "_managed_config", None)
+    job_id = getattr(config, "trainer_job_id", None)
+    made_trainer = bool(job_id) and job_id != reused_trainer and _trainer_alive(where, api_key, job_id)
+    deployment_id = spec.model.deployment_id
+    made_deployment = existing_deployment is None and _deployment_exists(where, api_key, deployment_id)
+    if not made_trainer and not made_deployment:
+        return
+    shape = shape_ref(spec.model.training_shape)
+    if made_trainer:
+        rec.record("TrainerProvisioned", role="policy", trainer_job_id=job_id, base_model=spec.model.base_model,
+                   shape=shape, lora_rank=spec.model.lora_rank, created=True, partial=True)
+    if made_deployment:
+        rec.record("DeploymentProvisioned", deployment_id=deployment_id, base_model=spec.model.base_model,
+                   created=True, partial=True)
+    handle = SimpleNamespace(
+        trainer_manager=TrainerJobManager(api_key=api_key, base_url=where.base_url) if made_trainer else None,
+        trainer_endpoint=SimpleNamespace(job_id=job_id),
+        deployment_manager=DeploymentManager(api_key=api_key, base_url=where.base_url) if made_deployment else None,
+        deployment=SimpleNamespace(deployment_id=deployment_id) if made_deployment else None)
+    wanted = {"trainer": "deleted" if spec.cleanup.trainer == "delete" and made_trainer else "kept",
+              "deployment": {"scale_to_zero": "scaled_to_zero", "delete": "deleted"}.get(spec.cleanup.deployment, "kept")
+              if made_deployment else "kept"}
+    done, why = clean_up(handle, wanted)
+    error = f"provisioning failed ({error_text(cause)}) after it made " + " and ".join(
+        what for what, made in ((f"trainer {job_id}", made_trainer), (f"deployment {deployment_id}", made_deployment))
+        if made)
+    rec.record("CleanupApplied", **done, role="policy", trainer_job_id=job_id if made_trainer else None,
+               error="; ".join([error, *why]))
 
 
 def _trainer_alive(where: Endpoint, api_key: str, job_id: str | None) -> bool:

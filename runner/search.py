@@ -184,7 +184,7 @@ def storage(ledger_url: str) -> Any:
     if path is None:
         # PostgreSQL: the tables exist (db upgrade); Optuna's own Alembic stamp would collide
         # with the ledger's alembic_version, so its version check is off (the pinned release
-        # made the tables: schema/versions/0002)
+        # made the tables: firetitan_track/schema/versions/0002)
         return RDBStorage(ledger_url, engine_kwargs={"pool_size": 2, "max_overflow": 2, "pool_pre_ping": True},
                           skip_compatibility_check=True, skip_table_creation=True)
     import fcntl

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -21,9 +22,23 @@ from runner.local.state import DEFAULT_STATE_DIR
 
 from runner.tasks import DEFAULT_EVAL_COUNT
 
-__all__ = ["Spec", "SpecError", "load_spec", "parse_overrides", "MAX_EVAL_COUNT"]
+__all__ = ["Spec", "SpecError", "load_spec", "parse_overrides", "MAX_EVAL_COUNT", "MAX_COMPLETIONS_PER_PROMPT",
+           "MAX_STEP_EXAMPLES", "MAX_EVAL_COMPLETIONS", "MAX_NEW_TOKENS", "MAX_DIGITS", "RESOURCE_ID_RULE"]
 
+# Bounds on every size in a spec, checked before anything is written. What the service can
+# serve per sequence (prompt + new tokens within the model's context) is asked of the service
+# by runner.preflight; these are the bounds that hold whatever the service says, each from
+# the service's contract or from what one run holds in memory at once.
 MAX_EVAL_COUNT = 10_000  # every eval samples each prompt through the deployment
+MAX_COMPLETIONS_PER_PROMPT = 128  # the completions API's range for n (fireworks types: 1 <= n <= 128)
+MAX_STEP_EXAMPLES = 65_536  # examples (rollouts, for grpo) one optimizer step builds in memory
+MAX_EVAL_COMPLETIONS = 100_000  # eval.count x sampling.n: one eval's completions are one stored blob
+MAX_NEW_TOKENS = 1 << 20  # sampling/recipe max_tokens: no model's context is longer (preflight asks the real one)
+MAX_DIGITS = 1_000  # built-in task operands; their prompts must also fit the context (preflight)
+# A resource id of the service (deployments, trainer jobs, models): a DNS label, as the
+# managed API and the local service accept them.
+RESOURCE_ID_RULE = "1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+_RESOURCE_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class SpecError(UserError, ValueError):
@@ -184,6 +199,7 @@ class Spec:
         if not 0 <= self.eval.count <= MAX_EVAL_COUNT:
             raise bad("eval.count", f"must be 0 (the whole prompt file, or {DEFAULT_EVAL_COUNT} built-in prompts) "
                                     f"to {MAX_EVAL_COUNT}, got {self.eval.count}")
+        self._check_sizes(bad)
         if self.recipe.beta <= 0:
             raise bad("recipe.beta", f"must be positive, got {self.recipe.beta}")
         run_id, at, step = self.model.init_from.partition("@")
@@ -201,6 +217,33 @@ class Spec:
 
             if self.task.name not in TASKS:
                 raise bad("task.name", f"unknown built-in task {self.task.name!r} (known: {', '.join(sorted(TASKS))})")
+
+    def _check_sizes(self, bad: Any) -> None:
+        """The bounds above (the context-dependent ones are runner.preflight's)."""
+        r, sm = self.recipe, self.sampling
+        at_most = {"sampling.n": (sm.n, MAX_COMPLETIONS_PER_PROMPT, "the completions API's largest n"),
+                   "recipe.group_size": (r.group_size, MAX_COMPLETIONS_PER_PROMPT,
+                                         "rollouts per prompt are one completions request's n"),
+                   "sampling.max_tokens": (sm.max_tokens, MAX_NEW_TOKENS, "no model's context is longer"),
+                   "recipe.max_tokens": (r.max_tokens, MAX_NEW_TOKENS, "no model's context is longer"),
+                   "task.digits": (self.task.digits, MAX_DIGITS, "each prompt must also fit the model's context"),
+                   "concurrency.max": (self.concurrency.max, MAX_EVAL_COUNT,
+                                       "no eval has more requests in flight than prompts")}
+        for key, (value, limit, why) in at_most.items():
+            if value > limit:
+                raise bad(key, f"must be at most {limit} ({why}), got {value}")
+        per_step = r.batch_size * r.micro_batches * (r.group_size if r.kind == "grpo" else 1)
+        if per_step > MAX_STEP_EXAMPLES:
+            what = "recipe.batch_size x recipe.micro_batches" + (" x recipe.group_size" if r.kind == "grpo" else "")
+            raise bad("recipe.batch_size", f"{what} = {per_step} examples per optimizer step; at most "
+                                           f"{MAX_STEP_EXAMPLES} (one step's batch is built in memory)")
+        completions = (self.eval.count or DEFAULT_EVAL_COUNT) * sm.n
+        if completions > MAX_EVAL_COMPLETIONS:
+            raise bad("sampling.n", f"eval.count x sampling.n = {completions} completions per eval; at most "
+                                    f"{MAX_EVAL_COMPLETIONS} (one eval's completions are stored as one blob)")
+        if not _RESOURCE_ID.fullmatch(self.model.deployment_id):
+            raise bad("model.deployment_id", f"{self.model.deployment_id!r} is not a resource id: use "
+                                             f"{RESOURCE_ID_RULE}")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Spec":
         """A copy with dotted keys (``optim.learning_rate``) replaced, validated anew."""

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any, Callable, Sequence
@@ -31,6 +32,7 @@ import click
 from firetitan_track import ConcurrencyError, Ledger, new_event
 from firetitan_track.cli import ledger_url, user_errors
 from firetitan_track.errors import UserError
+from firetitan_track.extras import require
 from firetitan_track.projections.compare import sweep_stream, sweep_trials
 from firetitan_track.projections.run_state import fold
 from runner.lease import Lease, LeaseHeld, acquire, try_acquire
@@ -94,9 +96,42 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+# -- what a sweep shares, and what each machine keeps -------------------------------------------
+
+# Backend settings that belong to the machine a worker runs on: where its local service keeps
+# its state, the device it trains on, and the address of the local service it uses. Workers on
+# several machines join one sweep each with its own values (each trial records them in its
+# RunStarted), so they never decide whether two workers run the same sweep.
+MACHINE_LOCAL_KEYS = ("backend.state_dir", "backend.device")
+LOCAL_SERVICE_KEYS = ("backend.base_url",)  # machine-local only for the local backend
+
+
+def machine_local_keys(spec: dict[str, Any]) -> tuple[str, ...]:
+    local = (spec.get("backend") or {}).get("kind", "local") == "local"
+    return MACHINE_LOCAL_KEYS + (LOCAL_SERVICE_KEYS if local else ())
+
+
+def shared_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec as every worker of a sweep must share it: the machine-local settings set to
+    their defaults (so a spec that keeps the defaults is unchanged)."""
+    from dataclasses import asdict
+
+    from runner.spec import BackendSection
+
+    defaults = asdict(BackendSection())
+    out = {section: dict(values) for section, values in spec.items()}
+    backend = out.setdefault("backend", {})
+    for key in machine_local_keys(spec):
+        backend[key.split(".", 1)[1]] = defaults[key.split(".", 1)[1]]
+    return out
+
+
 def default_sweep_id(spec: Spec, definition: dict[str, Any]) -> str:
-    """The same spec and search give the same id, so repeating a sweep command resumes it."""
-    h = hashlib.sha256(f"{spec.digest()}|{_canonical(definition)}".encode()).hexdigest()[:8]
+    """The same spec and search give the same id, so repeating a sweep command resumes it, on
+    any machine: the machine-local settings do not count."""
+    from firetitan_track.blobs import json_digest
+
+    h = hashlib.sha256(f"{json_digest(shared_spec(spec.to_dict()))}|{_canonical(definition)}".encode()).hexdigest()[:8]
     return f"{spec.run.name}-sweep-{h}"
 
 
@@ -150,30 +185,53 @@ def plan_sweep(spec: Spec, *, grid_items: Sequence[str] = (), param_items: Seque
 
 
 def record_sweep(ledger: Ledger, spec: Spec, plan: SweepPlan) -> None:
-    """Record the sweep (once); refuse a sweep id already used for another spec or search."""
+    """Record the sweep (once); refuse a sweep id already used for another spec or search,
+    naming each key that differs with both values. A worker joining with its own
+    machine-local settings (:data:`MACHINE_LOCAL_KEYS`) runs the same sweep."""
     stream = sweep_stream(plan.sweep_id)
-    spec_digest = spec.digest()
-    mine = {"spec_digest": spec_digest, **plan.definition()}
+    mine = plan.definition()
     if ledger.stream_version(stream) == 0:
         ledger.put_json(spec.to_dict())  # stored redacted, under spec.digest(): `blob` shows it
         grid = ({k: list(d.choices) for k, d in plan.space.items()} if plan.search == "grid" else {})
         event = new_event("SweepStarted", sweep_id=plan.sweep_id, grid=grid, trials=[],
-                          overrides=plan.overrides, **mine)
+                          overrides=plan.overrides, spec_digest=spec.digest(), **mine)
         try:
             ledger.append(stream, [event], expected_version=0)
             return
         except ConcurrencyError:
             pass  # recorded meanwhile by another worker: check it matches below
     recorded = next(ev for ev in ledger.read(stream) if ev.type == "SweepStarted").data
-    theirs = {"spec_digest": recorded["spec_digest"], "search": recorded.get("search", "grid"),
+    theirs = {"search": recorded.get("search", "grid"),
               "space": recorded.get("space") or {k: Dist("choice", choices=tuple(v)).text()
                                                   for k, v in recorded["grid"].items()},
               "n_trials": recorded.get("n_trials", len(recorded["trials"])), "prune": recorded.get("prune", "none")}
-    if _canonical(theirs) != _canonical(mine):
-        differ = [k for k in mine if _canonical(mine[k]) != _canonical(theirs[k])]
-        raise SweepError(f"sweep {plan.sweep_id} was started with another {' and '.join(differ)} "
-                         f"({'; '.join(f'{k}: {theirs[k]}' for k in differ if k != 'spec_digest')}); "
-                         "use another --sweep-id (or none, to derive one from the spec and search)")
+    differ = _spec_differences(ledger, recorded["spec_digest"], spec)
+    differ += [(k, theirs[k], mine[k]) for k in mine if _canonical(mine[k]) != _canonical(theirs[k])]
+    if differ:
+        raise SweepError(f"sweep {plan.sweep_id} was started with another spec or search: "
+                         + "; ".join(f"{key} is {_shown(a)} in the sweep, {_shown(b)} here" for key, a, b in differ)
+                         + ". Use another --sweep-id (or none, to derive one from the spec and search)")
+
+
+def _spec_differences(ledger: Ledger, recorded_digest: str, spec: Spec) -> list[tuple[str, Any, Any]]:
+    """(key, the sweep's value, this worker's value) for each spec key that differs, machine-local
+    settings left out; compared through the spec the sweep stored (redacted, like this one)."""
+    from firetitan_track import NotFound
+    from firetitan_track.projections.mlflow.keys import flatten
+    from firetitan_track.redact import redact
+
+    if recorded_digest == spec.digest():
+        return []
+    try:
+        theirs = ledger.get_json(recorded_digest)
+    except NotFound:
+        return [("spec (the sweep's is not in this ledger)", recorded_digest[:12], spec.digest()[:12])]
+    a, b = flatten(shared_spec(theirs)), flatten(shared_spec(redact(spec.to_dict())))
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value) if not isinstance(value, str) else repr(value)
 
 
 # -- working on a sweep ---------------------------------------------------------------------------
@@ -382,19 +440,103 @@ def run_sweep(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int = 1,
         if workers <= 1:
             outcomes = work(spec, plan, ledger_url=ledger_url, steps=steps, progress=progress, on_outcome=on_outcome)
         else:
-            # spawn, not fork: each worker starts clean (no inherited engines, threads or event loops)
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(work, spec, plan, ledger_url=ledger_url, steps=steps, progress=False)
-                           for _ in range(workers)]
-                for fut in futures:
-                    for o in fut.result():
-                        outcomes.append(o)
-                        if on_outcome is not None:
-                            on_outcome(o)
+            outcomes = _run_workers(spec, plan, ledger_url=ledger_url, workers=workers, steps=steps,
+                                    on_outcome=on_outcome)
     finally:
         if exporter is not None:
             exporter.stop()
     return sorted(outcomes, key=lambda o: o.trial)
+
+
+def _run_workers(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int, steps: int | None,
+                 on_outcome: Callable[[TrialOutcome], None] | None) -> list[TrialOutcome]:
+    """``workers`` processes, each running ``work`` until the sweep is done, each on its own pipe.
+
+    A worker that dies (``kill -9``, the OOM killer) takes nothing with it: the others run on
+    untouched, its trial's run lease frees (at once on this host), and that trial is resumed
+    from its ledger state by a surviving worker or by the replacement started here. (A process
+    pool would not do: one dead worker breaks the pool and stops every other with it.)
+    """
+    from multiprocessing.connection import wait
+
+    ctx = get_context("spawn")  # not fork: each worker starts clean (no inherited engines, threads or loops)
+    running: dict[Any, Any] = {}  # the parent's end of a worker's pipe -> the worker
+    outcomes: list[TrialOutcome] = []
+    errors: list[str] = []
+    failed: set[Any] = set()  # workers that reported an error: they ended, they did not die
+    replacements = 0
+
+    def start() -> None:
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(spec, plan, ledger_url, steps, send), name="firetitan-sweep-worker")
+        proc.start()
+        send.close()  # the worker holds the only sending end: its death closes the pipe
+        running[receive] = proc
+
+    for _ in range(workers):
+        start()
+    try:
+        while running:
+            for conn in wait(list(running)):
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError, pickle.UnpicklingError):  # the worker is gone (mid-message, perhaps)
+                    proc = running.pop(conn)
+                    proc.join()
+                    conn.close()
+                    if proc.exitcode != 0 and conn not in failed and replacements < plan.n_trials:
+                        # its trial is resumed by a surviving worker, or by this replacement
+                        click.echo(f"sweep {plan.sweep_id}: worker {proc.pid} died ({_exit_reason(proc.exitcode)}); "
+                                   "the trial it held is resumed from the ledger by another worker", err=True)
+                        replacements += 1
+                        start()
+                    continue
+                if kind == "outcome":
+                    outcomes.append(payload)
+                    if on_outcome is not None:
+                        on_outcome(payload)
+                else:
+                    errors.append(payload)
+                    failed.add(conn)
+    finally:
+        for proc in running.values():  # an interrupt here reached the workers too: let them clean up
+            proc.join(timeout=CLEANUP_WAIT_S)
+            if proc.is_alive():
+                proc.terminate()
+    if errors:
+        raise SweepError(errors[0])
+    return outcomes
+
+
+CLEANUP_WAIT_S = 120.0  # a worker stopped by Ctrl-C applies its run's cleanup before it exits
+
+
+def _worker(spec: Spec, plan: SweepPlan, ledger_url: str, steps: int | None, send: Any) -> None:
+    """One worker process: ``work`` with each outcome sent to the parent as it comes."""
+    from firetitan_track.redact import guard_output
+
+    guard_output()
+    try:
+        work(spec, plan, ledger_url=ledger_url, steps=steps, progress=False,
+             on_outcome=lambda o: send.send(("outcome", o)))
+    except BaseException as exc:  # the parent reports it once the other workers end (as text: not
+        # every exception survives pickling)
+        from firetitan_track.redact import redact_text
+
+        why = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        send.send(("error", redact_text(f"a sweep worker stopped: {why}")))
+        raise SystemExit(1) from None
+    finally:
+        send.close()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def _start_export(ledger_url: str, tracking_uri: str | None, experiment: str | None, plan: SweepPlan) -> Any:
@@ -451,6 +593,8 @@ def sweep(ctx: click.Context, spec_path: str, search: str | None, trials: int | 
 
     url = ledger_url(ctx)
     with user_errors():
+        if not no_mlflow:
+            require("mlflow", "a sweep's MLflow export (--no-mlflow skips it)")
         spec, plan = plan_sweep(load_spec(spec_path), grid_items=grid_items, param_items=param_items,
                                 search=search, trials=trials, prune=prune, set_items=set_items, sweep_id=sweep_id)
         run_sweep(spec, plan, ledger_url=url, workers=workers, steps=steps,

@@ -105,3 +105,14 @@ def cookbook_bin() -> Path:
     from tests.envs import cookbook_env
 
     return cookbook_env()
+
+
+@pytest.fixture(scope="session")
+def cookbook_core_bin(cookbook_bin: Path) -> Path:
+    """The ``bin`` folder of the cookbook's client environment (fireworks-ai 1.2.24, tinker 0.23)
+    plus the core of firetitan-track from a wheel of this checkout, as a researcher installs
+    it there (tests/envs.py install_project: a derived environment; the cookbook's own is
+    left as it is)."""
+    from tests.envs import install_project
+
+    return install_project(cookbook_bin, ())

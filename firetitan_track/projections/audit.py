@@ -13,27 +13,40 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from firetitan_track.events import RecordedEvent
-from firetitan_track.ledger import Ledger, unknown_run
+from firetitan_track.ledger import VIEW_ERRORS, Ledger, unknown_run, unreadable
 from firetitan_track.projections.run_state import authoritative
 
-__all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run"]
+__all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run", "code_line"]
 
 
 @dataclass
 class EvalRow:
+    """An eval, and the snapshot it measured.
+
+    ``source`` says what kind: ``eval``, an eval the ledger holds whole (its prompt set,
+    sampling, completions, score); ``program``, the ``eval/*`` metrics a recorded program
+    logged itself (``metrics``; no prompt set or score of the ledger's own), tied to the
+    snapshot its deployment served when they were logged (``measured_on="deployment"``), or,
+    when it served none, to the trainer's weights then, and so to the snapshot saved from
+    those weights at that optimizer step (``measured_on="trainer"``; no snapshot when none was
+    saved there); ``snapshot``, a recorded program's snapshot with no eval logged on it.
+    """
+
     eval_id: str
-    step: int
-    snapshot_path: str
+    step: int | None
+    snapshot_path: str | None
     snapshot_kind: str | None  # base | delta; None when the snapshot event is missing
-    prompt_set_digest: str
-    prompt_count: int
+    prompt_set_digest: str | None
+    prompt_count: int | None
     sampling: dict[str, Any]
-    score: float | None  # None: the eval started but never scored
+    score: float | None  # None: the eval started but never scored (or a program's: see metrics)
     metrics: dict[str, Any] = field(default_factory=dict)
     sync_duration_s: float | None = None
     completions_digest: str | None = None
-    scored_at: float | None = None  # unix seconds of the EvalScored event
+    scored_at: float | None = None  # unix seconds of the EvalScored (or MetricsLogged) event
     promoted_as: list[str] = field(default_factory=list)  # model ids promoted from this row's snapshot
+    source: str = "eval"  # eval | program | snapshot
+    measured_on: str | None = None  # a program's eval: deployment | trainer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,37 +66,113 @@ def eval_rows(events: Sequence[RecordedEvent]) -> list[EvalRow]:
     kinds: dict[str, str] = {}  # snapshot path -> base|delta
     synced: dict[str, float] = {}  # snapshot path -> duration of its latest sync
     promoted: dict[str, list[str]] = {}  # snapshot path -> model ids promoted from it
-    for ev in authoritative(events):
-        d = ev.data
-        if ev.type == "SnapshotSaved":
-            kinds[d["path"]] = d["kind"]
-        elif ev.type == "WeightsSynced":
-            synced[d["snapshot_path"]] = float(d["duration_s"])
-        elif ev.type == "EvalStarted":
-            path = d["snapshot_path"]
-            rows[d["eval_id"]] = EvalRow(
-                eval_id=d["eval_id"], step=d["step"], snapshot_path=path,
-                snapshot_kind=kinds.get(path), prompt_set_digest=d["prompt_set_digest"],
-                prompt_count=d["prompt_count"], sampling=dict(d["sampling"]), score=None,
-                sync_duration_s=synced.get(path),
-            )
-        elif ev.type == "SamplesRecorded" and d["eval_id"] in rows:
-            rows[d["eval_id"]].completions_digest = d["completions_digest"]
-        elif ev.type == "EvalScored" and d["eval_id"] in rows:
-            row = rows[d["eval_id"]]
-            row.score = float(d["score"])
-            row.metrics = dict(d.get("metrics") or {})
-            row.scored_at = ev.recorded_at
-        elif ev.type == "ModelPromoted":
-            promoted.setdefault(d["snapshot_path"], []).append(d["model_id"])
+    ev = None
+    try:
+        for ev in authoritative(events):
+            d = ev.data
+            if ev.type == "SnapshotSaved":
+                kinds[d["path"]] = d["kind"]
+            elif ev.type == "WeightsSynced":
+                synced[d["snapshot_path"]] = float(d["duration_s"])
+            elif ev.type == "EvalStarted":
+                path = d["snapshot_path"]
+                rows[d["eval_id"]] = EvalRow(
+                    eval_id=d["eval_id"], step=d["step"], snapshot_path=path,
+                    snapshot_kind=kinds.get(path), prompt_set_digest=d["prompt_set_digest"],
+                    prompt_count=d["prompt_count"], sampling=dict(d["sampling"]), score=None,
+                    sync_duration_s=synced.get(path),
+                )
+            elif ev.type == "SamplesRecorded" and d["eval_id"] in rows:
+                rows[d["eval_id"]].completions_digest = d["completions_digest"]
+            elif ev.type == "EvalScored" and d["eval_id"] in rows:
+                row = rows[d["eval_id"]]
+                row.score = float(d["score"])
+                row.metrics = dict(d.get("metrics") or {})
+                row.scored_at = ev.recorded_at
+            elif ev.type == "ModelPromoted":
+                promoted.setdefault(d["snapshot_path"], []).append(d["model_id"])
+            elif ev.type == "MetricsLogged":
+                row = _program_eval(ev)
+                if row is not None:
+                    rows[row.eval_id] = row
+        if _is_program(events):
+            _tie_to_snapshots(list(rows.values()), events, kinds, synced)
+            evaluated = {r.snapshot_path for r in rows.values()}
+            for ev in authoritative(events):
+                if ev.type == "SnapshotSaved" and ev.data["path"] not in evaluated:
+                    evaluated.add(ev.data["path"])
+                    rows[f"snapshot@{ev.version}"] = EvalRow(
+                        eval_id=f"snapshot@{ev.version}", step=ev.data["step"], snapshot_path=ev.data["path"],
+                        snapshot_kind=ev.data["kind"], prompt_set_digest=None, prompt_count=None, sampling={},
+                        score=None, sync_duration_s=synced.get(ev.data["path"]), source="snapshot")
+    except VIEW_ERRORS as exc:  # a stored event its type does not describe: named, never a traceback
+        raise unreadable(ev, exc) from None
     for row in rows.values():
-        row.promoted_as = list(promoted.get(row.snapshot_path, []))
+        row.promoted_as = list(promoted.get(row.snapshot_path or "", []))
     return list(rows.values())
+
+
+def _is_program(events: Sequence[RecordedEvent]) -> bool:
+    """A recorded program's run (firetitan-track record, autolog)."""
+    started = next((ev.data for ev in events if ev.type == "RunStarted"), None)
+    return isinstance(started, dict) and isinstance(started.get("spec"), dict) and "program" in started["spec"]
+
+
+def _program_eval(ev: RecordedEvent) -> EvalRow | None:
+    """The eval/* metrics of one MetricsLogged, as a row (None when it holds none)."""
+    d = ev.data
+    scores = {k: v for k, v in d["metrics"].items() if k.startswith("eval/")}
+    if not scores:
+        return None
+    served = d.get("snapshot_path")
+    return EvalRow(eval_id=ev.event_id[:12], step=d["step"] if d["step"] is not None else d.get("trainer_step"),
+                   snapshot_path=served, snapshot_kind=None, prompt_set_digest=None, prompt_count=None,
+                   sampling={}, score=None, metrics=scores, scored_at=ev.recorded_at, source="program",
+                   measured_on="deployment" if served else "trainer")
+
+
+def _tie_to_snapshots(rows: list[EvalRow], events: Sequence[RecordedEvent], kinds: dict[str, str],
+                      synced: dict[str, float]) -> None:
+    """A program's eval logged while its deployment served nothing measured the trainer's
+    weights: the snapshot saved from them (at that optimizer step) is the one it scores."""
+    saved_at: dict[int, str] = {}
+    for ev in authoritative(events):
+        if ev.type == "SnapshotSaved":
+            saved_at.setdefault(int(ev.data["step"]), ev.data["path"])
+            kinds[ev.data["path"]] = ev.data["kind"]
+    trainer_steps = {ev.event_id[:12]: ev.data.get("trainer_step") for ev in events if ev.type == "MetricsLogged"}
+    for row in rows:
+        if row.source != "program":
+            continue
+        if row.snapshot_path is None and trainer_steps.get(row.eval_id) is not None:
+            row.snapshot_path = saved_at.get(int(trainer_steps[row.eval_id]))
+        row.snapshot_kind = kinds.get(row.snapshot_path or "")
+        row.sync_duration_s = synced.get(row.snapshot_path or "")
 
 
 def upstream(events: Sequence[RecordedEvent]) -> dict[str, Any] | None:
     """A chained run's upstream (RunStarted.init_from: run, state, step), None for a run from scratch."""
     return next((ev.data.get("init_from") for ev in events if ev.type == "RunStarted"), None)
+
+
+def code_line(events: Sequence[RecordedEvent]) -> str:
+    """Which code produced the run's scores, in a line: its commit and whether the tree was dirty
+    (the recorded diff's digest, for ``blob``), the files outside git, or the version alone for
+    a run recorded before code identity."""
+    started = next((ev.data for ev in events if ev.type == "RunStarted"), {})
+    code = started.get("code")
+    if code is None:
+        return f"code: not recorded (firetitan-track {started.get('code_version', '-')})"
+    git = code.get("git")
+    if git is None:
+        return f"code: {code.get('no_git') or 'no git repository'}; {len(code.get('files') or {})} file(s) by digest"
+    commit = git.get("commit") or "none yet"
+    if not git.get("dirty"):
+        return f"code: commit {commit} (clean)"
+    changed = len(git.get("changed") or {}) + int(git.get("changed_more") or 0)
+    cut = ", cut" if git.get("diff_truncated") else ""
+    return (f"code: commit {commit} + uncommitted changes to {changed} file(s) "
+            f"(diff {str(git.get('diff_digest'))[:12]}{cut}: `firetitan-track blob` shows it)")
 
 
 def best_eval(rows: Sequence[EvalRow]) -> EvalRow | None:

@@ -1,4 +1,4 @@
-"""Commands for the ledger's views: audit, lineage, replay, export, compare, ui.
+"""Commands for the ledger's views: audit, lineage, replay, status, export, compare, diff, ui.
 
 Each opens the ledger named by the root command and prints a view of it; the
 views themselves live beside this module, one module per view.
@@ -20,12 +20,14 @@ from firetitan_track.cli import absolute_uri, reading_ledger, table, user_errors
 from firetitan_track.ledger import NotFound
 from firetitan_track.projections.audit import EvalRow
 from firetitan_track.projections.audit import audit as audit_view
+from firetitan_track.projections.audit import code_line
 from firetitan_track.projections.audit import upstream as upstream_of
 from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.lineage import lineage as lineage_view
 from firetitan_track.projections.mlflow.store import (DEFAULT_ARTIFACT_ROOT, DEFAULT_EXPERIMENT,
                                                       DEFAULT_TRACKING_URI, local_artifact_root, store_exists)
 from firetitan_track.projections.replay import replay as replay_view
+from firetitan_track.projections.run_state import fold, status_row
 
 
 def _echo_json(obj: Any) -> None:
@@ -47,10 +49,20 @@ def _sampling(params: dict[str, Any]) -> str:
 def _eval_table(rows: list[EvalRow]) -> None:
     click.echo(table(["step", "snapshot", "kind", "prompt set", "prompts", "sampling", "score", "sync s",
                       "promoted as"],
-                     [[str(r.step), r.snapshot_path, _fmt(r.snapshot_kind), r.prompt_set_digest[:12],
-                       str(r.prompt_count), _sampling(r.sampling), _fmt(r.score), _fmt(r.sync_duration_s, 3),
-                       ", ".join(r.promoted_as) or "-"]
+                     [[_fmt(r.step), _fmt(r.snapshot_path), _fmt(r.snapshot_kind), _fmt(r.prompt_set_digest)[:12],
+                       _fmt(r.prompt_count), _sampling(r.sampling) or "-", _score(r),
+                       _fmt(r.sync_duration_s, 3), ", ".join(r.promoted_as) or "-"]
                       for r in rows]))
+
+
+def _score(row: EvalRow) -> str:
+    """The eval's score; a recorded program's own eval metrics, and what they measured."""
+    if row.source == "eval":
+        return _fmt(row.score)
+    if row.source == "snapshot":
+        return "(no eval logged)"
+    on = "served" if row.measured_on == "deployment" else "trainer weights"
+    return " ".join(f"{k}={_fmt(v)}" for k, v in sorted(row.metrics.items())) + f" ({on})"
 
 
 def _upstream_line(up: dict[str, Any] | None) -> str:
@@ -68,10 +80,12 @@ def audit(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """One row per eval of RUN_ID: the snapshot, prompt set and sampling behind each score."""
     with reading_ledger(ctx) as ledger:
         rows = audit_view(ledger, run_id)
-        started_from = _upstream_line(upstream_of(ledger.read(run_id)))
+        events = ledger.read(run_id)
+        started_from = _upstream_line(upstream_of(events))
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
+    click.echo(code_line(events))
     if started_from:
         click.echo(started_from)
     if rows:
@@ -103,6 +117,14 @@ def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json:
     click.echo("base chain")
     for link in found.base_chain:
         click.echo(f"  {link['path']}  ({_fmt(link['kind'])}, step {_fmt(link['step'])})")
+    if found.drawn_on:
+        click.echo("data      trained on samples drawn on: "
+                   + ", ".join(f"{path} ({n})" for path, n in found.drawn_on.items()))
+        for row in found.data:
+            offsets = row.get("version_offsets")
+            stale = f", version offsets {_fmt(offsets['min'])}..{_fmt(offsets['max'])}" if offsets else ""
+            click.echo(f"  step {row['step']}: {row['matched']} of {row['datums']} datums from samples{stale}: "
+                       + ", ".join(f"{path} ({n})" for path, n in row["drawn_on"].items()))
     if found.evals:
         click.echo("evals")
         _eval_table(found.evals)
@@ -153,6 +175,25 @@ def replay(ctx: click.Context, run_id: str, as_json: bool) -> None:
         ctx.exit(1)
 
 
+@click.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def status(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Where RUN_ID stands: status, step, trainer, deployment, last state, snapshot and score."""
+    with reading_ledger(ctx) as ledger:
+        row = status_row(fold(ledger.read(run_id), run_id))
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    width = max(map(len, row))
+    for key, value in row.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+
 @click.group()
 def export() -> None:
     """Project the ledger into other tools."""
@@ -192,12 +233,13 @@ def export_mlflow(ctx: click.Context, run_ids: tuple[str, ...], tracking_uri: st
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--tracking-uri", default=DEFAULT_TRACKING_URI, show_default=True, metavar="URI",
               callback=absolute_uri,
-              help="The MLflow store to link to (the sweep's trials side by side in the UI).")
+              help="The MLflow store to link to (the sweep's view in the UI).")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True)
 @click.pass_context
 def compare(ctx: click.Context, sweep_id: str, as_json: bool, tracking_uri: str, experiment: str) -> None:
     """Per trial of SWEEP_ID: its params, status, best score and the snapshot behind it,
-    then the link that opens the trials side by side in the MLflow UI."""
+    then the link that opens the sweep's view in the MLflow UI (every trial's eval/score by step,
+    the swept params against the score, what the trials differ in)."""
     with reading_ledger(ctx) as ledger:
         trials = compare_sweep(ledger, sweep_id)
     if as_json:
@@ -213,8 +255,12 @@ def compare(ctx: click.Context, sweep_id: str, as_json: bool, tracking_uri: str,
 
 def _echo_link(tracking_uri: str, experiment: str, **which: str) -> None:
     """The MLflow UI link for a sweep or run, or why there is none yet (the ledger view stands alone)."""
+    from firetitan_track.extras import install_line, missing
     from firetitan_track.projections.mlflow.ui import link, ui_base_url
 
+    if missing("mlflow"):
+        click.echo(f"\nin MLflow: not here (the export and UI are the [mlflow] extra: {install_line('mlflow')})")
+        return
     serve = "" if tracking_uri.startswith(("http://", "https://")) else "  (serve it: firetitan-track ui)"
     try:
         click.echo(f"\nin MLflow: {link(tracking_uri, experiment, ui_base_url(tracking_uri), **which)}{serve}")
@@ -223,7 +269,8 @@ def _echo_link(tracking_uri: str, experiment: str, **which: str) -> None:
 
 
 @click.command()
-@click.option("--sweep", "sweep_id", metavar="SWEEP_ID", help="Print the link to this sweep's trials side by side.")
+@click.option("--sweep", "sweep_id", metavar="SWEEP_ID",
+              help="Print the link to this sweep's view: its trials' scores by step and what they differ in.")
 @click.option("--run", "run_id", metavar="RUN_ID", help="Print the link to this run's page.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
@@ -233,7 +280,7 @@ def _echo_link(tracking_uri: str, experiment: str, **which: str) -> None:
 def ui(sweep_id: str | None, run_id: str | None, host: str, port: int, backend_store_uri: str,
        experiment: str) -> None:
     """Serve the project's MLflow tracking store in the MLflow UI, first printing the link
-    that opens the experiment's runs, a sweep's comparison (--sweep) or a run (--run)."""
+    that opens the experiment's runs, a sweep's view (--sweep) or a run (--run)."""
     from firetitan_track.projections.mlflow.ui import link
 
     if sweep_id and run_id:

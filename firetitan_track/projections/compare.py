@@ -12,11 +12,11 @@ from typing import Any
 from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.audit import best_eval, eval_rows
+from firetitan_track.ids import SWEEP_STREAM_PREFIX
 from firetitan_track.projections.run_state import fold
 
 __all__ = ["TrialSummary", "compare_sweep", "sweep_stream", "sweep_trials", "SWEEP_STREAM_PREFIX"]
 
-SWEEP_STREAM_PREFIX = "sweep:"
 
 
 def sweep_stream(sweep_id: str) -> str:

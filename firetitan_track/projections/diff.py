@@ -8,7 +8,12 @@ Built from each run's authoritative history, like every view:
   whose record had secrets masked out of it (``masked_a``/``masked_b``: RunStarted's
   ``prompt_sets_masked``) is not the data that run saw, so equal digests with unequal
   masking are not the same data;
-- ``code_version``: both, and whether they match;
+- ``code``: whether the same code ran (``same``), each run's commit, dirty flag and
+  firetitan-track version (``a``, ``b``), and what differs (``differences``: commits, dirty,
+  the files whose content differs, the entry script, package versions, Python, device, and
+  the command line, which is how a program was invoked rather than code: it keeps two runs
+  from being identical, not their code from being the same); a run recorded before code
+  identity has only its firetitan-track version to compare;
 - ``first_divergent_step``: the first step whose StepCompleted differs in its data (data
   cursor, micro-batches), its optimizer settings or its loss (``divergence`` names the
   fields); a step only one run has counts too;
@@ -24,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from firetitan_track.code_identity import code_differences
 from firetitan_track.errors import UserError
 from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import Ledger, LedgerError
@@ -62,20 +68,20 @@ class RunDiff:
     b: str
     spec: dict[str, dict[str, Any]]  # differing key -> {"a": ..., "b": ...}
     prompt_sets: dict[str, PromptSetDiff]
-    code_version: dict[str, Any]  # {"same", "a", "b"}
+    code: dict[str, Any]  # {"same", "a", "b", "differences"}: see the module docstring
     first_divergent_step: int | None
     divergence: dict[str, dict[str, Any]] = field(default_factory=dict)  # at that step: field -> {"a", "b"}
     scores: list[ScoreDiff] = field(default_factory=list)
 
     @property
     def identical(self) -> bool:
-        return (not self.spec and all(p.same for p in self.prompt_sets.values()) and self.code_version["same"]
+        return (not self.spec and all(p.same for p in self.prompt_sets.values()) and not self.code["differences"]
                 and self.first_divergent_step is None and all(s.gap == 0 for s in self.scores))
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b, "identical": self.identical, "spec": self.spec,
                 "prompt_sets": {k: asdict(v) for k, v in self.prompt_sets.items()},
-                "code_version": self.code_version, "first_divergent_step": self.first_divergent_step,
+                "code": self.code, "first_divergent_step": self.first_divergent_step,
                 "divergence": self.divergence, "scores": [asdict(s) for s in self.scores]}
 
 
@@ -93,8 +99,7 @@ def diff_runs(ledger: Ledger, run_a: str, run_b: str) -> RunDiff:
         spec=_differing(flatten(start_a.get("spec") or {}), flatten(start_b.get("spec") or {})),
         prompt_sets=_prompt_sets(ledger, start_a.get("prompt_sets") or {}, start_b.get("prompt_sets") or {},
                                  start_a.get("prompt_sets_masked") or {}, start_b.get("prompt_sets_masked") or {}),
-        code_version={"same": start_a.get("code_version") == start_b.get("code_version"),
-                      "a": start_a.get("code_version"), "b": start_b.get("code_version")},
+        code=_code(start_a, start_b),
         first_divergent_step=step, divergence=fields, scores=_scores(events_a, events_b),
     )
 
@@ -108,6 +113,30 @@ def _started(run_id: str, events: list[RecordedEvent]) -> dict[str, Any]:
 
 def _differing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: {"a": a.get(k), "b": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+# -- code --------------------------------------------------------------------------------
+
+
+def _code(start_a: dict[str, Any], start_b: dict[str, Any]) -> dict[str, Any]:
+    ca, cb = start_a.get("code"), start_b.get("code")
+    differences: dict[str, Any] = {}
+    if ca is not None and cb is not None:
+        differences = code_differences(ca, cb)
+    elif (ca is None) != (cb is None):
+        differences["recorded"] = {"a": ca is not None, "b": cb is not None}
+    if start_a.get("code_version") != start_b.get("code_version"):
+        differences["code_version"] = {"a": start_a.get("code_version"), "b": start_b.get("code_version")}
+    return {"same": not (differences.keys() - {"argv"}), "a": _code_summary(start_a), "b": _code_summary(start_b),
+            "differences": differences}
+
+
+def _code_summary(started: dict[str, Any]) -> dict[str, Any]:
+    code = started.get("code")
+    git = (code or {}).get("git")
+    return {"recorded": code is not None, "commit": git.get("commit") if git else None,
+            "dirty": git.get("dirty") if git else None, "no_git": (code or {}).get("no_git"),
+            "code_version": started.get("code_version")}
 
 
 # -- prompt sets -------------------------------------------------------------------------
@@ -202,7 +231,7 @@ def report(d: RunDiff) -> str:
     """A few lines a person reads in ten seconds."""
     if d.identical:
         evals = f"{len(d.scores)} evals" if d.scores else "no evals"
-        return (f"{d.a} and {d.b} do not differ: same spec, prompt sets, code version, "
+        return (f"{d.a} and {d.b} do not differ: same spec, prompt sets, code, "
                 f"training and scores ({evals})")
     lines = [f"{d.a} -> {d.b}"]
     spec = [f"{k}: {_v(v['a'])} -> {_v(v['b'])}" for k, v in d.spec.items()]
@@ -218,8 +247,7 @@ def report(d: RunDiff) -> str:
             sets.append(f"{name}: {(p.a or 'none')[:12]} -> {(p.b or 'none')[:12]}, "
                         f"{_v(p.differing_examples)} of {_v(p.examples_a)}/{_v(p.examples_b)} examples differ")
     lines += _block("prompt sets", sets or ["none"])
-    cv = d.code_version
-    lines += _block("code version", [f"same ({cv['a']})" if cv["same"] else f"{cv['a']} -> {cv['b']}"])
+    lines += _block("code", _code_lines(d.code))
     if d.first_divergent_step is None:
         training = ["same at every step"]
     else:
@@ -228,6 +256,59 @@ def report(d: RunDiff) -> str:
     lines += _block("training", training)
     lines += _block("scores", [_scores_line(d.scores)])
     return "\n".join(lines)
+
+
+def _code_lines(code: dict[str, Any]) -> list[str]:
+    a, b, diff = code["a"], code["b"], code["differences"]
+    if "recorded" in diff:
+        who = "a" if diff["recorded"]["a"] else "b"
+        return [f"recorded only for {who} (the other run predates code identity; firetitan-track "
+                f"{_v(a['code_version'])} -> {_v(b['code_version'])})"]
+    if not a["recorded"]:  # neither run recorded its code: only the package version to go by
+        cv = diff.get("code_version")
+        return [f"not recorded; firetitan-track {_v(cv['a'])} -> {_v(cv['b'])}" if cv
+                else f"not recorded; firetitan-track {_v(a['code_version'])} in both"]
+    where = (f"commit {_short(a['commit'])}" if a["commit"] else (a["no_git"] or "no commit"))
+    state = "dirty" if a["dirty"] else "clean"
+    if not diff:
+        return [f"same ({where}, {state})"]
+    first = []
+    if "commit" in diff:
+        first.append(f"commit {_short(diff['commit']['a'])} -> {_short(diff['commit']['b'])}")
+    else:
+        first.append(f"{where} in both")
+    if "dirty" in diff:
+        first.append(f"{'dirty' if diff['dirty']['b'] else 'clean'} (was {'dirty' if diff['dirty']['a'] else 'clean'})")
+    elif a["dirty"]:
+        first.append("dirty in both")
+    if diff.get("files"):
+        files = diff["files"]
+        first.append(f"{', '.join(files[:6])}{f' and {len(files) - 6} more' if len(files) > 6 else ''} differ"
+                     if len(files) > 1 else f"{files[0]} differs")
+    if "diff" in diff:
+        first.append(f"uncommitted diff {(diff['diff']['a'] or '-')[:12]} -> {(diff['diff']['b'] or '-')[:12]}")
+    lines = ["; ".join(first)]
+    if "entry" in diff:
+        ea, eb = diff["entry"]["a"] or {}, diff["entry"]["b"] or {}
+        lines.append(f"entry script {_v(ea.get('path'))} ({(ea.get('digest') or '-')[:12]}) -> "
+                     f"{_v(eb.get('path'))} ({(eb.get('digest') or '-')[:12]})")
+    for name, v in diff.get("packages", {}).items():
+        lines.append(f"{name} {v['a'] or 'not installed'} -> {v['b'] or 'not installed'}")
+    for key in ("python", "device", "code_version"):
+        if key in diff:
+            label = "firetitan-track" if key == "code_version" else key
+            lines.append(f"{label} {_v(diff[key]['a'])} -> {_v(diff[key]['b'])}")
+    if "argv" in diff:
+        lines.append(f"command line {_argv(diff['argv']['a'])} -> {_argv(diff['argv']['b'])}")
+    return lines
+
+
+def _short(commit: str | None) -> str:
+    return commit[:12] if commit else "none"
+
+
+def _argv(argv: list[str] | None) -> str:
+    return " ".join(argv) if argv else "-"
 
 
 def _block(title: str, items: list[str]) -> list[str]:

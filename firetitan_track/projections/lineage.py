@@ -1,8 +1,12 @@
-"""The lineage view: the run, steps and data behind a sampler snapshot, and every eval that used it."""
+"""The lineage view: the run, steps and data behind a sampler snapshot, and every eval that used it.
+
+For a recorded program whose data came from its own samples (RL), each step also names the
+samples it trained on and the snapshot each was drawn on (``data``): a snapshot's
+off-policy history, counted in weight versions (``version_offsets``)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from firetitan_track.events import RecordedEvent
@@ -24,6 +28,11 @@ class Lineage:
     base_chain: list[dict[str, Any]]  # this snapshot, then the base it applies to, ... down to a base
     evals: list[EvalRow]
     upstream: dict[str, Any] | None = None  # a chained run's start: the upstream run, its state and step
+    # per step up to the snapshot, where its data came from: datums, matched (to recorded samples),
+    # version_offsets, drawn_on ({snapshot the samples were drawn on: how many}); empty when the
+    # run recorded no provenance (a runner run, supervised data)
+    data: list[dict[str, Any]] = field(default_factory=list)
+    drawn_on: dict[str, int] = field(default_factory=dict)  # over all those steps
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -39,7 +48,9 @@ def lineage(ledger: Ledger, snapshot_path: str, run_id: str | None = None) -> Li
             continue
         events = authoritative(read_run(ledger, rid))
         if any(ev.type == "SnapshotSaved" and ev.data["path"] == snapshot_path for ev in events):
-            return _lineage_in(rid, events, snapshot_path)
+            found = _lineage_in(rid, events, snapshot_path)
+            found.data, found.drawn_on = _data_behind(ledger, events, found.snapshot["version"])
+            return found
     where = f"run {run_id!r}" if run_id else "the ledger"
     raise NotFound(f"no snapshot {snapshot_path!r} in {where}")
 
@@ -80,3 +91,33 @@ def _base_chain(snap: dict[str, Any], snapshots: dict[str, dict[str, Any]]) -> l
         seen.add(base)
         chain.append(snapshots.get(base) or {"path": base, "kind": None, "step": None, "missing": True})
     return [{k: s.get(k) for k in ("path", "name", "kind", "step", "base_path")} for s in chain]
+
+
+_NOT_RECORDED = "(not recorded)"  # a sample drawn before any sync the run recorded
+
+
+def _data_behind(ledger: Ledger, events: list[RecordedEvent],
+                 until_version: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Each step before the snapshot (``until_version``) with the samples it trained on."""
+    drawn = {ev.event_id: ev.data for ev in events if ev.type == "SamplesDrawn"}
+    steps: list[dict[str, Any]] = []
+    total: dict[str, int] = {}
+    for ev in events:
+        if ev.version >= until_version:
+            break
+        provenance = ev.data.get("provenance") if ev.type == "StepCompleted" else None
+        if not isinstance(provenance, dict):
+            continue
+        row: dict[str, Any] = {"step": ev.data["step"], "datums": provenance.get("datums"),
+                               "matched": provenance.get("matched"), "drawn_on": {}}
+        if ev.data.get("version_offsets"):
+            row["version_offsets"] = ev.data["version_offsets"]
+        if provenance.get("samples_digest"):
+            row["samples_digest"] = provenance["samples_digest"]
+            for event_id, _index in ledger.get_json(provenance["samples_digest"]):
+                sample = drawn.get(event_id) or {}
+                on = sample.get("snapshot_at_send") or _NOT_RECORDED
+                row["drawn_on"][on] = row["drawn_on"].get(on, 0) + 1
+                total[on] = total.get(on, 0) + 1
+        steps.append(row)
+    return steps, total

@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from firetitan_track.events import RecordedEvent
+from firetitan_track.ledger import VIEW_ERRORS, unreadable
 
-__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY"]
+__all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY",
+           "status_row", "continue_command", "pending_promotion_text"]
 
 # Events that describe the training history (and so can be superseded by a resume).
 TRAINING_HISTORY = frozenset({
     "StepCompleted", "StateSaveRequested", "StateSaved", "SnapshotRequested", "SnapshotSaved",
     "SyncRequested", "WeightsSynced", "EvalStarted", "SamplesRecorded", "EvalScored",
+    # a recorded program's (firetitan_track/recording)
+    "StepRequested", "SamplesDrawn", "MetricsLogged", "StateLoaded", "CallFailed",
 })
 
 
@@ -34,6 +38,7 @@ class RunState:
     sweep_id: str | None = None
     rerun_of: str | None = None
     init_from: dict[str, Any] | None = None  # a chained run's upstream: run, state, step
+    code: dict[str, Any] | None = None  # which code ran (RunStarted.code; None for a run before it was recorded)
     prompt_sets: dict[str, str] = field(default_factory=dict)
     step: int = 0  # last completed step
     data_cursor: Any = None
@@ -49,6 +54,16 @@ class RunState:
     error: str | None = None
     cleanup: dict[str, Any] | None = None
     open_intent: str | None = None  # an intent whose outcome never arrived (crash between the two)
+    open_intents: dict[str, int] = field(default_factory=dict)  # intent type -> how many are open
+    # a recorded program's run (firetitan-track record / autolog): RunStarted.spec["program"]
+    program: dict[str, Any] | None = None
+    program_attempts: int = 0  # ProgramStarted events: attempts of the program
+    command: list[str] | None = None  # the last attempt's command line and working directory
+    cwd: str | None = None
+    outcome: dict[str, Any] | None = None  # the last ProgramExited
+    # promotions requested whose outcome is not recorded yet: PromotionRequested payloads plus
+    # "request_id" (the event id the outcome names); `promote` again or `resume` settles them
+    pending_promotions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def resume_step(self) -> int:
@@ -57,11 +72,13 @@ class RunState:
 
 
 _OUTCOME_OF = {
-    "ProvisionRequested": ("TrainerProvisioned", "ReferenceProvisioned"),
+    "ProvisionRequested": ("TrainerProvisioned", "ReferenceProvisioned", "DeploymentProvisioned"),
     "StateSaveRequested": ("StateSaved",),
     "SnapshotRequested": ("SnapshotSaved",),
     "SyncRequested": ("WeightsSynced",),
     "EvalStarted": ("EvalScored",),
+    "StepRequested": ("StepCompleted",),
+    "PromotionRequested": ("ModelPromoted", "PromotionFailed"),
 }
 _INTENT_OF = {o: i for i, outs in _OUTCOME_OF.items() for o in outs}
 
@@ -93,20 +110,22 @@ def to_supersede(events: Sequence[RecordedEvent]) -> list[int]:
 
 
 def fold(events: Sequence[RecordedEvent], run_id: str | None = None) -> RunState:
-    """Rebuild a run's state from its events alone."""
+    """Rebuild a run's state from its events alone; an event it cannot read is named
+    (CorruptLedger), never a traceback."""
     st = RunState(run_id=run_id or (events[0].run_id if events else ""))
-    for ev in authoritative(events):
-        _apply(st, ev)
+    ev = None
+    try:
+        for ev in authoritative(events):
+            _apply(st, ev)
+    except VIEW_ERRORS as exc:
+        raise unreadable(ev, exc) from None
     st.version = (events[-1].version + 1) if events else 0
     return st
 
 
 def _apply(st: RunState, ev: RecordedEvent) -> None:
     t, d = ev.type, ev.data
-    if t in _OUTCOME_OF:
-        st.open_intent = t
-    elif _INTENT_OF.get(t) == st.open_intent:
-        st.open_intent = None
+    _track_intents(st, t, d)
 
     if t == "StepCompleted":
         st.step = d["step"]
@@ -130,6 +149,9 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
         st.rerun_of = d.get("rerun_of")
         st.init_from = d.get("init_from")
         st.prompt_sets = dict(d.get("prompt_sets") or {})
+        program = d["spec"].get("program") if isinstance(d["spec"], dict) else None
+        st.program = program if isinstance(program, dict) else None
+        st.code = d.get("code")
     elif t == "TrainerProvisioned":
         if d["role"] == "reference":
             st.reference_job_id = d["trainer_job_id"]
@@ -165,3 +187,90 @@ def _apply(st: RunState, ev: RecordedEvent) -> None:
         st.status = "pruned"
     elif t == "CleanupApplied":
         st.cleanup = d
+    elif t == "ProgramStarted":
+        st.status = "running"
+        st.program_attempts += 1
+        st.attempts = d["attempt"]
+        st.command, st.cwd = list(d["command"]), d["cwd"]
+        st.error = None
+    elif t == "ProgramExited":
+        st.outcome = d
+    elif t == "StateLoaded" and d.get("step") is not None:
+        st.step = d["step"]  # the program continues from the state it loaded
+        st.data_cursor = d.get("data_cursor")
+    elif t == "PromotionRequested":
+        st.pending_promotions.append({**d, "request_id": ev.event_id})
+    elif t in ("ModelPromoted", "PromotionFailed"):
+        st.pending_promotions = [p for p in st.pending_promotions if p["request_id"] != d["request_id"]]
+
+
+def _track_intents(st: RunState, t: str, d: dict[str, Any]) -> None:
+    """Count open intents per type: pipelined steps and concurrent calls each close their own."""
+    intent = d.get("intent") if t == "CallFailed" else _INTENT_OF.get(t)
+    if t in _OUTCOME_OF:
+        st.open_intents[t] = st.open_intents.get(t, 0) + 1
+        st.open_intent = t
+    elif intent is not None and st.open_intents.get(intent, 0) > 0:
+        st.open_intents[intent] -= 1
+        if not st.open_intents[intent]:
+            del st.open_intents[intent]
+        if st.open_intent == intent and intent not in st.open_intents:
+            st.open_intent = next(reversed(st.open_intents), None)
+
+
+def status_row(st: RunState) -> dict[str, Any]:
+    """Where a run stands, as ``status`` prints it. For a recorded program also what the
+    program needs to continue: its command line (and folder), and the newest resumable
+    state with the data cursor saved with it (the cookbook's ``data_consumed``)."""
+    row: dict[str, Any] = {
+        "run_id": st.run_id, "status": st.status, "step": st.step, "version": st.version,
+        "attempts": st.attempts, "trainer_job_id": st.trainer_job_id, "deployment_id": st.deployment_id,
+        "last_state": st.last_state and {k: st.last_state[k] for k in ("step", "path")},
+        "last_snapshot": st.last_snapshot and {k: st.last_snapshot[k] for k in ("step", "path", "kind")},
+        "last_score": st.last_score and {k: st.last_score[k] for k in ("step", "score", "snapshot_path")},
+        "pending_intent": st.open_intent, "error": st.error,
+        "pending_promotion": pending_promotion_text(st),
+    }
+    if st.program is None:
+        return row
+    import shlex
+
+    if st.last_state is not None:
+        cursor = st.last_state.get("data_cursor")
+        row["last_state"] = {"step": st.last_state["step"], "name": st.last_state["name"],
+                             "path": st.last_state["path"],
+                             **({"data_consumed": cursor["data_consumed"]}
+                                if isinstance(cursor, dict) and "data_consumed" in cursor else {}),
+                             **({"trainer_job_id": st.last_state["trainer_job_id"]}
+                                if st.last_state.get("trainer_job_id") else {})}
+    row["pending_intents"] = dict(st.open_intents) or None
+    row["command"] = shlex.join(st.command or st.program.get("command") or [])
+    row["cwd"] = st.cwd or st.program.get("cwd")
+    if st.outcome is not None:
+        row["outcome"] = {k: st.outcome[k] for k in ("outcome", "exit_status", "signal") if k in st.outcome}
+    row["continue"] = continue_command(st)
+    return row
+
+
+def continue_command(st: RunState) -> str | None:
+    """For a recorded program's run, the command that continues it: the program again, recorded
+    into the same run (the cookbook resumes from its newest checkpoint by itself)."""
+    if st.program is None:
+        return None
+    import shlex
+
+    command = st.command or st.program.get("command") or []
+    cwd = st.cwd or st.program.get("cwd") or "."
+    return f"cd {shlex.quote(cwd)} && firetitan-track record --run-id {shlex.quote(st.run_id)} -- {shlex.join(command)}"
+
+
+def pending_promotion_text(st: RunState) -> str | None:
+    """What ``status`` says of promotions requested whose outcome is not recorded (the
+    promoting process stopped in between), and how each settles; None when there are none."""
+    if not st.pending_promotions:
+        return None
+    asked = "; ".join(f"{p['model_id']} from {p['snapshot_path']}" for p in st.pending_promotions)
+    first = st.pending_promotions[0]
+    return (f"requested, outcome not recorded: {asked}. The service is asked whether it happened by "
+            f"`firetitan-track promote {st.run_id} --snapshot {first['snapshot_path']} --model-id "
+            f"{first['model_id']}` (the same promotion again) or `firetitan-track resume {st.run_id}`")

@@ -1,9 +1,10 @@
 """The FireTitan-compatible local service: a real model on loopback.
 
 Layout: ``supervisor`` starts and stops the server process; ``server`` is the web
-app, which routes to three planes (``control_plane``, ``trainer_plane``,
-``inference_plane``); ``engine`` (Trainer, losses, state) and ``sampler`` run
-the model that ``model`` builds from the ``catalogue``; ``state`` is the state
+app, whose requests pass ``gate`` (token, request log, error guard) and reach four
+planes (``control_plane``, ``trainer_plane``, ``inference_plane``, and ``tinker_plane``:
+the Tinker client's wire over the same engine); ``engine`` (Trainer, losses, state) and
+``sampler`` run the model that ``model`` builds from the ``catalogue``; ``state`` is the state
 dir's layout and records; ``wire`` the JSON shapes; ``cli`` the ``local`` commands.
 
 Import-light on purpose: `catalogue` is plain data; the torch-backed parts

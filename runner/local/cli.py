@@ -11,7 +11,7 @@ import click
 from firetitan_track.cli import user_errors
 
 from . import supervisor
-from .state import DEFAULT_STATE_DIR
+from .state import DEFAULT_STATE_DIR, TOKEN_ENV
 
 STATE_DIR_OPTION = click.option(
     "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR,
@@ -32,7 +32,14 @@ def local() -> None:
               help="Serve the Hugging Face checkpoint in DIR (config.json, *.safetensors, tokenizer) instead of a "
                    "seeded stand-in, as NAME (accounts/<a>/models/<id>; default accounts/local/models/<DIR's "
                    "name>). Repeatable; the first is the default base model. Remembered by the state dir.")
-def up(state_dir: Path, port: int, device: str, model_dirs: tuple[str, ...]) -> None:
+@click.option("--log-requests", is_flag=True,
+              help="Log every request (method, path, status, time) to service.log in the state dir; refused "
+                   "requests are always logged. Headers, bodies and query strings never are.")
+@click.option("--token", envvar=TOKEN_ENV, default=None, metavar="TOKEN",
+              help=f"Require this bearer token of every client (clients send it as their API key). Prefer the "
+                   f"{TOKEN_ENV} environment variable, which keeps it out of process listings.")
+def up(state_dir: Path, port: int, device: str, model_dirs: tuple[str, ...], log_requests: bool,
+       token: str | None) -> None:
     """Start the service in the background and print one JSON line describing it.
 
     If a service already runs on STATE_DIR it is reused and described.
@@ -44,7 +51,8 @@ def up(state_dir: Path, port: int, device: str, model_dirs: tuple[str, ...]) -> 
         for value in model_dirs:  # checked here, so a bad directory starts nothing
             name, directory = catalogue.parse_model_dir(value)
             checked[catalogue.load_model_dir(directory, name).name] = directory
-        info = supervisor.ensure_running(state_dir, port=port, device=device, model_dirs=checked)
+        info = supervisor.ensure_running(state_dir, port=port, device=device, model_dirs=checked,
+                                         log_requests=log_requests, token=token or None)
     click.echo(json.dumps(info.public()))
 
 
@@ -72,3 +80,26 @@ def down(state_dir: Path) -> None:
         click.echo(f"stopped the local service on {state_dir}")
     else:
         click.echo(f"no local service was running on {state_dir}")
+
+
+@local.command()
+@STATE_DIR_OPTION
+def env(state_dir: Path) -> None:
+    """Print the shell lines that point an unmodified Tinker program at the running service,
+    offline: `eval "$(firetitan-track local env)"`, then run the program as it is."""
+    import shlex
+
+    from .state import HF_CACHE_DIR
+
+    current = supervisor.running(state_dir)
+    if current is None:
+        click.echo(f"no local service is running on {state_dir}; start it with `firetitan-track local up`", err=True)
+        sys.exit(1)
+    lines = {
+        "TINKER_BASE_URL": current.base_url,
+        "TINKER_API_KEY": "tml-local",              # any key: the local service checks none
+        "HF_HUB_OFFLINE": "1",                      # tokenizers from the service's cache, never the hub
+        "HF_HUB_CACHE": str((Path(current.state_dir or state_dir) / HF_CACHE_DIR).resolve()),
+    }
+    for key, value in lines.items():
+        click.echo(f"export {key}={shlex.quote(value)}")

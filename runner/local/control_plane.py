@@ -124,6 +124,32 @@ class ControlPlane:
                                         forward_only=bool(job.get("forwardOnly")),
                                         seed=int(job.get("_seed", 0))))
 
+    def start_job(self, job_id: str, base_model: str, *, lora_rank: int = 0, display_name: str | None = None,
+                  private: dict | None = None) -> dict:
+        """A running trainer job that another protocol asked for (a Tinker training run): the
+        record create_job writes, without a training shape, plus ``private`` bookkeeping
+        (underscore keys, never returned by the control plane); its trainer started."""
+        if self.state.jobs.get(job_id) is not None:
+            raise ApiError(409, f"trainer job accounts/{ACCOUNT_ID}/rlorTrainerJobs/{job_id} already exists")
+        now = now_rfc3339()
+        job = {
+            "name": f"accounts/{ACCOUNT_ID}/rlorTrainerJobs/{job_id}",
+            "displayName": display_name or job_id,
+            "state": "JOB_STATE_RUNNING",
+            "status": {"code": "OK", "message": ""},
+            "createTime": now,
+            "updateTime": now,
+            "serviceMode": True,
+            "forwardOnly": False,
+            "trainingShape": None,
+            "trainingConfig": {"baseModel": base_model, "loraRank": lora_rank, "learningRate": None,
+                               "maxContextLength": catalogue.resolve(base_model).max_context_length},
+            **{f"_{key}": value for key, value in (private or {}).items()},
+        }
+        self.state.jobs.put(job_id, job)
+        self._start_trainer(job_id, job)
+        return job
+
     # -- accounts -----------------------------------------------------------------
 
     async def list_accounts(self, request: Request) -> Response:
@@ -144,12 +170,13 @@ class ControlPlane:
     @staticmethod
     def _shape(request: Request) -> catalogue.ShapeCard:
         account, shape_id = request.path_params["account"], request.path_params["shape"]
-        shape = catalogue.TRAINING_SHAPES.get(shape_id)
-        if shape is None or account != PUBLIC_ACCOUNT_ID:
-            known = ", ".join(shape_name(s) for s in sorted(catalogue.TRAINING_SHAPES))
-            raise ApiError(404, f"training shape accounts/{account}/trainingShapes/{shape_id} not found; "
-                                f"the local service serves: {known}")
-        return shape
+        if account != PUBLIC_ACCOUNT_ID:
+            raise ApiError(404, f"training shape accounts/{account}/trainingShapes/{shape_id} not found: the local "
+                                f"service serves shapes under accounts/{PUBLIC_ACCOUNT_ID}/trainingShapes/")
+        try:
+            return catalogue.training_shape(shape_id)
+        except catalogue.UnknownShape as exc:
+            raise ApiError(404, f"training shape accounts/{account}/trainingShapes/{shape_id} not found: {exc}") from None
 
     @staticmethod
     def _shape_version(shape: catalogue.ShapeCard, version: str) -> dict:
@@ -212,9 +239,13 @@ class ControlPlane:
 
     def _resolve_create_shape(self, ref: str, base_model: str) -> tuple[catalogue.ShapeCard, str]:
         match = SHAPE_REF_RE.match(ref)
-        shape = catalogue.TRAINING_SHAPES.get(match.group(2)) if match else None
-        if shape is None or match.group(1) != PUBLIC_ACCOUNT_ID:
-            raise ApiError(400, f"unknown training shape {ref!r}")
+        if not match or match.group(1) != PUBLIC_ACCOUNT_ID:
+            raise ApiError(400, f"unknown training shape {ref!r}: expected accounts/{PUBLIC_ACCOUNT_ID}/"
+                                "trainingShapes/<shape>[/versions/<version>]")
+        try:
+            shape = catalogue.training_shape(match.group(2))
+        except catalogue.UnknownShape as exc:
+            raise ApiError(400, f"unknown training shape {ref!r}: {exc}") from None
         version = match.group(3) or shape.latest_version
         if version == "latest":
             version = shape.latest_version
@@ -241,7 +272,8 @@ class ControlPlane:
         lora_rank = config.get("loraRank") or 0
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
             raise ApiError(400, "trainingConfig.loraRank must be a non-negative integer")
-        forward_only = bool(body.get("forwardOnly"))
+        forward_only = field(body, "forwardOnly", bool, required=False, default=False)
+        display_name = field(body, "displayName", str, required=False) or job_id
         max_rank = catalogue.MAX_LORA_RANK
         max_context = card.max_context_length
         shape_version = None
@@ -271,7 +303,7 @@ class ControlPlane:
         now = now_rfc3339()
         job = {
             "name": f"accounts/{account}/rlorTrainerJobs/{job_id}",
-            "displayName": body.get("displayName") or job_id,
+            "displayName": display_name,
             "state": "JOB_STATE_RUNNING",
             "status": {"code": "OK", "message": ""},
             "createTime": now,
@@ -402,7 +434,7 @@ class ControlPlane:
             return json_response({
                 "name": name, "displayName": model_id, "description": card.description, "kind": "HF_BASE_MODEL",
                 "state": "READY", "contextLength": card.max_context_length, "public": True,
-                "baseModelDetails": {"moe": False, "modelType": "qwen3", "checkpointFormat": "HUGGINGFACE",
+                "baseModelDetails": {"moe": card.moe, "modelType": card.model_type, "checkpointFormat": "HUGGINGFACE",
                                      "worldSize": 1, "tunable": True},
                 "tuneable": True, "supportsLora": True,
             })
@@ -437,25 +469,29 @@ class ControlPlane:
             catalogue.resolve(serving_base)
         except catalogue.UnknownModel as exc:
             raise ApiError(400, str(exc)) from None
-        trainer_job = body.get("hotLoadTrainerJob")
+        trainer_job = field(body, "hotLoadTrainerJob", str, required=False)
         if trainer_job is not None:
-            self._job(str(trainer_job).rsplit("/", 1)[-1])
+            self._job(trainer_job.rsplit("/", 1)[-1])
+        text = {key: field(body, key, str, required=False) for key in
+                ("displayName", "description", "hotLoadTransitionType", "deploymentShape")}
+        flags = {key: field(body, key, bool, required=False, default=default) for key, default in
+                 (("enableHotLoad", True), ("forTraining", False))}
         replicas = self._replica_counts(body, default_min=1, default_max=1)
         now = now_rfc3339()
         record = {
             "name": f"accounts/{account}/deployments/{deployment_id}",
-            "displayName": body.get("displayName") or deployment_id,
-            "description": body.get("description", ""),
+            "displayName": text["displayName"] or deployment_id,
+            "description": text["description"] or "",
             "baseModel": base_model,
             "state": "READY",
             "status": {"code": "OK", "message": ""},
             "createTime": now,
             "updateTime": now,
-            "enableHotLoad": bool(body.get("enableHotLoad", True)),
-            "forTraining": bool(body.get("forTraining", False)),
+            "enableHotLoad": flags["enableHotLoad"],
+            "forTraining": flags["forTraining"],
             "hotLoadTrainerJob": trainer_job,
-            "hotLoadTransitionType": body.get("hotLoadTransitionType") or "ASYNC",
-            "deploymentShape": body.get("deploymentShape") or deployment_shape_for(base_model),
+            "hotLoadTransitionType": text["hotLoadTransitionType"] or "ASYNC",
+            "deploymentShape": text["deploymentShape"] or deployment_shape_for(base_model),
             "minReplicaCount": replicas[0],
             "maxReplicaCount": replicas[1],
             "replicaCount": min(max(replicas[0], 1), replicas[1]),
@@ -512,11 +548,13 @@ class ControlPlane:
         for key, value in body.items():
             if key not in allowed:
                 raise ApiError(400, f"field {key!r} cannot be updated on a deployment")
+            if key not in ("minReplicaCount", "maxReplicaCount"):  # counts are checked below
+                field(body, key, str, required=False)
             if masked is not None and allowed[key] not in masked and key not in masked:
                 continue
             updates[key] = value
         if "hotLoadTrainerJob" in updates and updates["hotLoadTrainerJob"]:
-            self._job(str(updates["hotLoadTrainerJob"]).rsplit("/", 1)[-1])
+            self._job(updates["hotLoadTrainerJob"].rsplit("/", 1)[-1])
         if "minReplicaCount" in updates or "maxReplicaCount" in updates:
             merged = {"minReplicaCount": record["minReplicaCount"], "maxReplicaCount": record["maxReplicaCount"]}
             merged.update({k: v for k, v in updates.items() if k in merged})

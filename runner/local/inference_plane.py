@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 import uuid
@@ -36,11 +37,13 @@ from starlette.routing import Route
 
 from . import catalogue, load_engine
 from .state import ServiceState, now_rfc3339, serving_base_model
-from .wire import ApiError, check_token_ids, json_body, json_response
+from .wire import ApiError, check_token_ids, field, json_body, json_response
 
 log = logging.getLogger("runner.local.inference_plane")
 
 MAX_BATCH = 64
+# Candidates per position that top_logprobs (or an integer logprobs) may ask for; the managed API takes 0..5.
+MAX_TOP_LOGPROBS = 20
 # Longest the batcher holds a batch for the rest of a concurrent load.
 BATCH_GATHER_S = 0.05
 
@@ -86,6 +89,37 @@ class Completion:
     first_token_at: float | None       # None when it generated nothing (max_tokens 0)
     finished_at: float
     batch_size: int
+    echo_count: int = 0                # how many prompt tokens the response echoes (the last ones)
+    prompt_logprobs: list[float] | None = None         # prompt tokens 1 .. P-1 given those before
+    prompt_top: list[list[tuple[int, float]]] | None = None
+    top: list[list[tuple[int, float]]] | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        """What ``raw_output.completion_token_ids`` holds: the echoed prompt tokens, then the generated ones."""
+        echoed = self.prompt_ids[len(self.prompt_ids) - self.echo_count:] if self.echo_count else []
+        return echoed + self.token_ids
+
+
+def _optional_int(body: dict, name: str, default: int | None, *, low: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{name} must be an integer (got {type(value).__name__})")
+    if low is not None and value < low:
+        raise ApiError(400, f"{name} must be >= {low} (got {value})")
+    return value
+
+
+def _optional_number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ApiError(400, f"{name} must be a non-negative number (got {value!r})")
+    return float(value)
+
 
 
 class DeploymentRuntime:
@@ -201,6 +235,7 @@ class InferencePlane:
         self.runtimes: dict[str, DeploymentRuntime] = {}
         self._tokenizers: dict[str, Any] = {}
         self._token_texts: dict[tuple[str, int], str] = {}
+        self._longest_tokens: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -326,71 +361,93 @@ class InferencePlane:
 
     # -- completions ---------------------------------------------------------------------
 
-    def _gen_request(self, body: dict, card: catalogue.ModelCard) -> tuple[Any, list[int]]:
+    def _longest_token(self, card: catalogue.ModelCard) -> int:
+        """The most characters one token of the model's tokenizer spells: a text longer than
+        the context times this cannot fit, whatever it tokenizes to."""
+        longest = self._longest_tokens.get(card.tokenizer_dir)
+        if longest is None:
+            vocab = self.tokenizer(card).get_vocab()
+            longest = self._longest_tokens[card.tokenizer_dir] = max(map(len, vocab), default=1) or 1
+        return longest
+
+    def _gen_request(self, body: dict, card: catalogue.ModelCard) -> tuple[Any, list[int], int]:
+        """The engine request a completions body asks for, its prompt ids, and how many of
+        them to echo. Every field is checked before use; the prompt is checked against the
+        context before it is tokenized, so an oversized one costs nothing."""
         vocab_size, max_context = int(card.config["vocab_size"]), card.max_context_length
+        max_tokens = _optional_int(body, "max_tokens", None, low=0)
+        alias = _optional_int(body, "max_completion_tokens", None, low=0)
+        if max_tokens is not None and alias is not None:
+            raise ApiError(400, "give max_tokens or max_completion_tokens, not both")
+        max_tokens = next((v for v in (max_tokens, alias) if v is not None), 16)
+        temperature = _optional_number(body, "temperature", 1.0)
+        top_p = _optional_number(body, "top_p", 1.0)
+        if not 0 < top_p <= 1:
+            raise ApiError(400, "top_p must be in (0, 1]")
+        top_k = _optional_int(body, "top_k", 0, low=-1)
+        seed = _optional_int(body, "seed", None)
+        echo = field(body, "echo", bool, required=False, default=False)
+        echo_last = _optional_int(body, "echo_last", None, low=0)
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, (bool, int)):
+            raise ApiError(400, f"logprobs must be true, false or an integer (got {type(logprobs).__name__})")
+        legacy_top = logprobs if isinstance(logprobs, int) and not isinstance(logprobs, bool) else 0
+        top_logprobs = max(_optional_int(body, "top_logprobs", 0, low=0), legacy_top)
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        for unsupported in ("include_routing_matrix", "routing_matrix_format", "top_sampling_logprobs",
+                            "sampling_mask", "images"):
+            if body.get(unsupported):
+                raise ApiError(400, f"{unsupported} is not supported by the local deployment")
+        stop = body.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "stop must be a string or a list of strings")
+
         prompt = body.get("prompt")
+        room = f"the model's context length is {max_context} tokens"
         if isinstance(prompt, str):
+            limit = max_context * self._longest_token(card)
+            if len(prompt) > limit:
+                raise ApiError(400, f"prompt is {len(prompt)} characters, more than {room} can hold (at most "
+                                    f"{limit} characters with this tokenizer); refused before tokenizing")
             prompt_ids = list(self.tokenizer(card).encode(prompt, add_special_tokens=False))
         elif isinstance(prompt, list):
+            if len(prompt) > max_context:
+                raise ApiError(400, f"prompt is {len(prompt)} tokens; {room}")
             prompt_ids = prompt
             check_token_ids(prompt_ids, "prompt", vocab_size=vocab_size)
         else:
             raise ApiError(400, "prompt must be a list of token ids or a string")
         if not prompt_ids:
             raise ApiError(400, "prompt is empty")
-        max_tokens = body.get("max_tokens", 16)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ApiError(400, "max_tokens must be a non-negative integer")
-        if len(prompt_ids) >= max_context:
-            # A completion running into the context end stops there ("length"), as a server would.
-            raise ApiError(400, f"prompt is {len(prompt_ids)} tokens; the model's context length is {max_context}, "
-                                "leaving no room to generate")
-        temperature = body.get("temperature", 1.0)
-        top_p = body.get("top_p", 1.0)
-        for name, value in (("temperature", temperature), ("top_p", top_p)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ApiError(400, f"{name} must be a non-negative number")
-        if not 0 < float(top_p) <= 1:
-            raise ApiError(400, "top_p must be in (0, 1]")
-        top_k = body.get("top_k", 0)
-        if top_k is None:
-            top_k = 0
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
-            raise ApiError(400, "top_k must be an integer >= 0 (0 or -1: no limit)")
-        if body.get("echo"):
-            raise ApiError(400, "echo is not supported by the local deployment")
-        for unsupported in ("include_routing_matrix", "routing_matrix_format", "top_sampling_logprobs",
-                            "sampling_mask", "images"):
-            if body.get(unsupported):
-                raise ApiError(400, f"{unsupported} is not supported by the local deployment")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ApiError(400, "seed must be an integer")
-        stop = body.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, "stop must be a string or a list of strings")
+        if len(prompt_ids) + min(max_tokens, 1) > max_context:
+            # A completion running into the context end stops there ("length"), as a server would;
+            # a prompt that fills the context can still be scored (echo with max_tokens 0).
+            raise ApiError(400, f"prompt is {len(prompt_ids)} tokens; {room}, leaving no room to generate")
+        echo_count = len(prompt_ids) if echo else min(echo_last, len(prompt_ids)) if echo_last is not None else 0
         request = _engine().GenRequest(prompt_ids=list(prompt_ids), max_tokens=max_tokens,
-                                       temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
-                                       seed=seed, stop=stop)
-        return request, list(prompt_ids)
+                                       temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
+                                       seed=seed, stop=stop, echo=echo_count > 0, top_logprobs=top_logprobs)
+        return request, list(prompt_ids), echo_count
 
     async def completions(self, request: Request) -> Response:
         received = time.monotonic()
         body = await json_body(request)
-        deployment_id = self._deployment_id(body.get("model") or request.headers.get("fireworks-deployment"))
+        model = field(body, "model", str, required=False)
+        deployment_id = self._deployment_id(model or request.headers.get("fireworks-deployment"))
         record = self.state.deployments.get(deployment_id)
         if record is None:
             raise ApiError(404, f"deployment {deployment_id!r} not found")
         card = catalogue.resolve(serving_base_model(record))
-        n = body.get("n", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BATCH:
+        n = _optional_int(body, "n", 1)
+        if not 1 <= n <= MAX_BATCH:
             raise ApiError(400, f"n must be an integer in [1, {MAX_BATCH}]")
-        stream = bool(body.get("stream", False))
+        stream = field(body, "stream", bool, required=False, default=False)
         if stream and n != 1:
             raise ApiError(400, "streamed completions take n=1 (send n requests)")
-        gen_request, prompt_ids = self._gen_request(body, card)
+        gen_request, prompt_ids, echo_count = self._gen_request(body, card)
         runtime = await self.runtime_for(deployment_id, wake=True)
         outcomes = await asyncio.gather(*(runtime.generate(gen_request) for _ in range(n)), return_exceptions=True)
         completions = []
@@ -405,10 +462,12 @@ class InferencePlane:
                 sampling_logprobs=[float(x) for x in result.sampling_logprobs],
                 finish_reason="length" if result.finish_reason == "length" else "stop",
                 arrived=job.arrived, started=job.started, prefill_s=result.prefill_s,
-                first_token_at=result.first_token_at, finished_at=result.finished_at, batch_size=job.batch_size))
+                first_token_at=result.first_token_at, finished_at=result.finished_at, batch_size=job.batch_size,
+                echo_count=echo_count, prompt_logprobs=result.prompt_logprobs, prompt_top=result.prompt_top,
+                top=result.top))
         metrics = self._perf_metrics(completions[0], runtime, received)
         headers = {f"fireworks-{key}": value for key, value in metrics.items()}
-        model = body.get("model") or record["name"]
+        model = model or record["name"]
         tokenizer = self.tokenizer(card)
         if stream:
             return StreamingResponse(self._sse(completions[0], model, metrics, tokenizer),
@@ -444,36 +503,47 @@ class InferencePlane:
             text = self._token_texts[key] = tokenizer.decode([token_id])
         return text
 
-    def _token_entries(self, completion: Completion, tokenizer: Any) -> tuple[list[dict], list[str]]:
-        """Per generated token: its logprob entry and its text delta (built in O(tokens);
-        this runs on the event loop for every completion)."""
-        entries, deltas, pending = [], [], []
-        for token_id, logprob, sampling_logprob in zip(completion.token_ids, completion.logprobs,
-                                                        completion.sampling_logprobs):
-            text = self._token_text(tokenizer, token_id)
-            entries.append({"token": text, "token_id": token_id, "logprob": logprob,
-                            "sampling_logprob": sampling_logprob})
-            # A byte-level token may hold part of a UTF-8 character: hold it back until
-            # the pending tokens decode cleanly together.
-            if pending or text.endswith("\ufffd"):
-                pending.append(token_id)
-                text = tokenizer.decode(pending)
-                if text.endswith("\ufffd"):
-                    deltas.append("")
-                    continue
-                pending = []
-            deltas.append(text)
-        return entries, deltas
+    def _entry(self, tokenizer: Any, token_id: int, logprob: float, sampling_logprob: float | None,
+               top: list[tuple[int, float]] | None) -> dict:
+        entry = {"token": self._token_text(tokenizer, token_id), "token_id": token_id, "logprob": logprob,
+                 "sampling_logprob": sampling_logprob}
+        if top is not None:
+            entry["top_logprobs"] = [{"token": self._token_text(tokenizer, t), "token_id": t, "logprob": lp}
+                                     for t, lp in top]
+        return entry
+
+    def _token_entries(self, completion: Completion, tokenizer: Any) -> list[dict]:
+        """``logprobs.content``: one entry per token of ``raw_output.completion_token_ids``
+        (echoed prompt tokens, then generated ones), built in O(tokens) on the event loop.
+
+        An echoed prompt token's ``logprob`` is its conditional logprob under the served
+        weights; it was not sampled, so its ``sampling_logprob`` is null. The prompt's
+        first token has no context to be scored in, yet the managed API's schema requires a
+        number in that slot (``logprob: float``), and the SDK, which reads the column whole,
+        drops that row and reports None for it: the slot carries 0.0, which nothing reads.
+        """
+        entries = []
+        for position in range(len(completion.prompt_ids) - completion.echo_count, len(completion.prompt_ids)):
+            scored = position >= 1
+            top = None
+            if completion.prompt_top is not None:
+                top = completion.prompt_top[position - 1] if scored else []
+            entries.append(self._entry(tokenizer, completion.prompt_ids[position],
+                                       completion.prompt_logprobs[position - 1] if scored else 0.0, None, top))
+        for index, (token_id, logprob, sampling_logprob) in enumerate(zip(
+                completion.token_ids, completion.logprobs, completion.sampling_logprobs)):
+            top = completion.top[index] if completion.top is not None else None
+            entries.append(self._entry(tokenizer, token_id, logprob, sampling_logprob, top))
+        return entries
 
     def _choice(self, completion: Completion, tokenizer: Any, index: int = 0) -> dict:
-        entries, _ = self._token_entries(completion, tokenizer)
         return {
             "index": index,
-            "text": tokenizer.decode(completion.token_ids),
+            "text": tokenizer.decode(completion.output_ids),
             "finish_reason": completion.finish_reason,
-            "logprobs": {"content": entries},
+            "logprobs": {"content": self._token_entries(completion, tokenizer)},
             "raw_output": {"prompt_token_ids": completion.prompt_ids,
-                           "completion_token_ids": completion.token_ids},
+                           "completion_token_ids": completion.output_ids},
         }
 
     def _completion_body(self, completions: list[Completion], model: str, metrics: dict, tokenizer: Any) -> dict:
@@ -500,8 +570,8 @@ class InferencePlane:
         """
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        entries, _ = self._token_entries(completion, tokenizer)
-        text = tokenizer.decode(completion.token_ids)
+        entries = self._token_entries(completion, tokenizer)
+        text = tokenizer.decode(completion.output_ids)
 
         def chunk(choice: dict, **extra: Any) -> bytes:
             body = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
@@ -514,7 +584,7 @@ class InferencePlane:
             yield chunk(
                 {"index": 0, "text": "", "finish_reason": completion.finish_reason,
                  "raw_output": {"prompt_token_ids": completion.prompt_ids,
-                                "completion_token_ids": completion.token_ids}},
+                                "completion_token_ids": completion.output_ids}},
                 usage={"prompt_tokens": len(completion.prompt_ids), "completion_tokens": len(completion.token_ids),
                        "total_tokens": len(completion.prompt_ids) + len(completion.token_ids)},
                 perf_metrics=metrics)

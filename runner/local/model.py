@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _IMPORT_LOCK
-from .catalogue import EngineError, ModelCard
+from .catalogue import CONFIG_CLASSES, EngineError, ModelCard
 
 
 def pick_device(device: str = "cpu") -> torch.device:
@@ -30,31 +30,36 @@ def serving_dtype(device: torch.device) -> torch.dtype:
 
 def build_model(card: ModelCard, seed: int, device: str = "cpu"):
     """A float32 causal LM: the checkpoint's weights for a card with a ``weights_dir``,
-    else a Qwen3ForCausalLM with weights fixed by (card, seed).
+    else the card's architecture (Qwen3ForCausalLM, Qwen3_5ForCausalLM, ...) with weights
+    fixed by (card, seed).
 
     The init runs on CPU under a forked RNG seeded with `seed`, so it is the same
     on every machine and leaves the caller's global RNG untouched; the model is
     moved to `device` afterwards.
     """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    # Under load_engine's lock: transformers' lazy names are not safe to resolve from two
+    # threads at once (a trainer and a deployment building together).
+    with _IMPORT_LOCK:
+        import transformers
 
+        if card.weights_dir:
+            model_class = transformers.AutoModelForCausalLM
+        else:
+            config_class = getattr(transformers, CONFIG_CLASSES[card.architecture])
+            model_class = getattr(transformers, card.architecture)
     if card.weights_dir:
-        # Under load_engine's lock: transformers' lazy names are not safe to resolve from two
-        # threads at once (a trainer and a deployment building from one checkpoint together).
-        with _IMPORT_LOCK:
-            from transformers import AutoModelForCausalLM
         # local_files_only: the service never downloads; the directory is the whole model.
-        model = AutoModelForCausalLM.from_pretrained(card.weights_dir, dtype=torch.float32, attn_implementation="sdpa",
-                                                     local_files_only=True)
+        model = model_class.from_pretrained(card.weights_dir, dtype=torch.float32, attn_implementation="sdpa",
+                                            local_files_only=True)
         model.to(device=pick_device(device))
         model.eval()
         return model
-    config = Qwen3Config(**card.config)
+    config = config_class(**card.config)
     # sdpa: fast on CPU and CUDA, and honours the padding masks generation uses.
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
+        model = model_class(config)
     model.to(dtype=torch.float32, device=pick_device(device))
     model.eval()  # no dropout anywhere; eval() only makes that explicit
     return model

@@ -8,6 +8,12 @@ was actually drawn from -- the logits divided by the temperature, cut to the
 behaviour policy that an importance-sampling loss divides by. Greedy decoding
 (temperature 0) draws from a distribution with all its mass on the argmax, so
 its sampling logprob is 0.
+
+A request may also ask for its prompt's logprobs (``echo``, what scoring calls
+use): each prompt token after the first gets its conditional logprob under the
+served weights, from the same prefill pass, so they equal what a trainer's
+forward computes for those tokens. ``top_logprobs`` adds the k most likely
+tokens at each returned position (model logprobs).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class GenRequest:
     top_k: int = 0                    # 0 (or -1): no top-k cut
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    echo: bool = False                # also score the prompt (GenResult.prompt_logprobs)
+    top_logprobs: int = 0             # k most likely tokens at each returned position
 
     @property
     def filtered(self) -> bool:
@@ -53,6 +61,13 @@ class GenResult:
     prefill_s: float = 0.0
     first_token_at: float | None = None
     finished_at: float = 0.0
+    # With echo: the logprob of prompt token t given tokens[:t], for t = 1 .. P-1 (the first
+    # prompt token has no context to be scored in).
+    prompt_logprobs: list[float] | None = None
+    # With top_logprobs = k: [(token id, model logprob)] * k per prompt token t = 1 .. P-1 (echo
+    # only) and per completion token.
+    prompt_top: list[list[tuple[int, float]]] | None = None
+    top: list[list[tuple[int, float]]] | None = None
 
 
 class _Row:
@@ -70,6 +85,9 @@ class _Row:
         self.matched_stop: str | None = None
         self.first_token_at: float | None = None
         self.finished_at = time.monotonic()
+        self.prompt_logprobs: list[float] | None = None
+        self.prompt_top: list[list[tuple[int, float]]] | None = None
+        self.top: list[list[tuple[int, float]]] | None = [] if request.top_logprobs else None
         self.generator = None
         if request.temperature > 0:
             # Sampling runs on CPU with one generator per request, so a seed gives the same
@@ -78,9 +96,12 @@ class _Row:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.generator.manual_seed(int(seed))
 
-    def push(self, token: int, logprob: float, sampling_logprob: float, now: float, decode) -> None:
+    def push(self, token: int, logprob: float, sampling_logprob: float, now: float, decode,
+             top: list[tuple[int, float]] | None = None) -> None:
         if self.first_token_at is None:
             self.first_token_at = now
+        if self.top is not None:
+            self.top.append(top or [])
         self.tokens.append(token)
         self.logprobs.append(logprob)
         self.sampling_logprobs.append(sampling_logprob)
@@ -102,7 +123,14 @@ class _Row:
 
     def result(self, prefill_s: float) -> GenResult:
         return GenResult(self.tokens, self.logprobs, self.finish_reason or "length", self.matched_stop,
-                         self.sampling_logprobs, prefill_s, self.first_token_at, self.finished_at)
+                         self.sampling_logprobs, prefill_s, self.first_token_at, self.finished_at,
+                         self.prompt_logprobs, self.prompt_top, self.top)
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """The k most likely tokens of each row of ``logprobs`` [N, V], most likely first."""
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
 
 
 def _draw(rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, float]]:
@@ -174,6 +202,29 @@ class Sampler:
         model_io.load_weight_dict(self.model, {k: v.to(self.device, self.dtype) for k, v in weights.items()})
         self.identity = str(snapshot_path)
 
+    # -- scoring
+
+    @torch.no_grad()
+    def score(self, token_ids: list[int], top_k: int = 0) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+        """For t = 1 .. n-1: log p(token_t | tokens[:t]) under the served weights (what a
+        trainer's forward computes for the same tokens), and with ``top_k`` the k most
+        likely tokens at each of those positions, most likely first. One forward pass."""
+        if len(token_ids) < 2:
+            return [], ([] if top_k else None)
+        if len(token_ids) > self.max_context_length:
+            raise EngineError(f"{len(token_ids)} tokens exceed the model's context of {self.max_context_length}")
+        ids = torch.as_tensor([token_ids], dtype=torch.int64)
+        if bool(((ids < 0) | (ids >= self.vocab_size)).any()):
+            raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
+        ids = ids.to(self.device)
+        logprobs = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits[0, :-1].float(), dim=-1)
+        picked = logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).cpu().tolist()
+        if not top_k:
+            return picked, None
+        values, top_ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
+        return picked, [list(zip(row_ids, row_values)) for row_ids, row_values in
+                        zip(top_ids.cpu().tolist(), values.cpu().tolist())]
+
     # -- generation
 
     @torch.no_grad()
@@ -182,7 +233,8 @@ class Sampler:
         rows = [self._row(i, req) for i, req in enumerate(requests)]
         if not rows:
             return []
-        live = [r for r in rows if r.finish_reason is None]
+        # A scoring request (echo with max_tokens 0) generates nothing but still needs the prefill.
+        live = [r for r in rows if r.finish_reason is None or r.request.echo]
         prefill_s = self._decode(live) if live else 0.0
         return [r.result(prefill_s) for r in rows]
 
@@ -196,7 +248,7 @@ class Sampler:
             pos = int(bad[0, 0])
             raise EngineError(f"{where}: prompt token {int(ids[pos])} at position {pos} is outside the "
                               f"vocabulary (ids 0..{self.vocab_size - 1})")
-        if len(req.prompt_ids) >= self.max_context_length:
+        if len(req.prompt_ids) + min(req.max_tokens, 1) > self.max_context_length:
             raise EngineError(f"{where}: prompt is {len(req.prompt_ids)} tokens; the model's context is "
                               f"{self.max_context_length} tokens, leaving no room to generate")
         if req.max_tokens < 0:
@@ -225,11 +277,16 @@ class Sampler:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = None
         prefill_s = 0.0
-        for step in range(max(r.budget for r in rows)):
+        echo = any(r.request.echo for r in rows)
+        for step in range(max(1, max(r.budget for r in rows))):
             started = time.monotonic()
+            # The prefill keeps every position's logits when a row scores its prompt.
+            keep = 0 if step == 0 and echo else 1
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True, logits_to_keep=1, **{self._cache_name: cache})
+                             use_cache=True, logits_to_keep=keep, **{self._cache_name: cache})
             cache = getattr(out, self._cache_name)
+            if keep == 0:
+                self._score_prompts(rows, out.logits, width)
             logits = out.logits[:, -1].float()
             logprobs = torch.log_softmax(logits, dim=-1).cpu()
             if step == 0:
@@ -239,7 +296,8 @@ class Sampler:
             next_ids = []
             for i, (r, (token, sampling_logprob)) in enumerate(zip(rows, picks)):
                 if r.finish_reason is None:
-                    r.push(token, float(logprobs[i, token]), sampling_logprob, now, self.decode)
+                    top = _top(logprobs[i:i + 1], r.request.top_logprobs)[0] if r.request.top_logprobs else None
+                    r.push(token, float(logprobs[i, token]), sampling_logprob, now, self.decode, top)
                 else:
                     token = self.card.pad_token_id  # finished rows ride along; their outputs are ignored
                 next_ids.append(token)
@@ -249,6 +307,21 @@ class Sampler:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
         return prefill_s
+
+    @staticmethod
+    def _score_prompts(rows: list[_Row], logits: torch.Tensor, width: int) -> None:
+        """Each echo row's prompt logprobs from the prefill's logits [B, width, V]: the
+        logprob of prompt token t under the logits at position t-1 (left padding puts a
+        prompt of n tokens at the last n positions)."""
+        for i, r in enumerate(rows):
+            if not r.request.echo:
+                continue
+            prompt = torch.as_tensor(r.request.prompt_ids, dtype=torch.int64)
+            n = len(prompt)
+            scores = torch.log_softmax(logits[i, width - n:width - 1].float(), dim=-1).cpu()
+            r.prompt_logprobs = scores.gather(-1, prompt[1:, None]).squeeze(-1).tolist()
+            if r.request.top_logprobs:
+                r.prompt_top = _top(scores, r.request.top_logprobs)
 
 
 def read_snapshot(snapshot_path: str, base_model: str) -> dict[str, torch.Tensor]:

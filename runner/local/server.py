@@ -6,15 +6,22 @@ Where each endpoint lives:
 - ``/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/...`` (sessions, models,
   forward/backward, optimizer, saves/loads, futures): ``trainer_plane.py``
 - ``/hot_load/v1/models/hot_load`` and ``/inference/v1/completions``: ``inference_plane.py``
+- ``/api/v1/...`` (the Tinker client's wire, over the same engine and jobs): ``tinker_plane.py``
 - ``/local/v1/...`` (service health and info, debug digests): here and in the planes.
 
 Run it with ``python -m runner.local.server --state-dir DIR [--port N] [--device cpu|cuda]
-[--model-dir [NAME=]DIR ...]``;
+[--model-dir [NAME=]DIR ...] [--log-requests]`` (a bearer token, if any, comes from
+``FIRETITAN_LOCAL_TOKEN``);
 ``runner.local.supervisor`` starts it as a background process and ``firetitan-track local
 up`` does so from the command line. The server writes ``<state-dir>/service.json``
 (pid, port, base URL, default model, tokenizer, training shape) once it listens
 and removes it on a clean shutdown; a lock file keeps a second server off the
 same state dir.
+
+Every request passes ``RequestGate`` first (``gate.py``): the optional bearer token, the
+request log (each refused request, and with ``--log-requests`` every request with its
+timing) and the guard that turns an unexpected exception into a 500 without dropping the
+connection.
 """
 
 from __future__ import annotations
@@ -30,19 +37,22 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.routing import Route
 
 from . import catalogue
 from . import load_engine
 from .control_plane import ControlPlane, default_training_shape
+from .gate import RequestGate
 from .inference_plane import InferencePlane
-from .state import DEFAULT_STATE_DIR, INFO_FILE, LOCK_FILE, ServiceState, read_json, write_json_atomic
+from .state import (DEFAULT_STATE_DIR, HF_CACHE_DIR, INFO_FILE, LOCK_FILE, TOKEN_ENV, ServiceState, read_json,
+                    write_json_atomic)
+from .tinker_plane import TinkerPlane, write_hf_cache
 from .trainer_plane import TrainerPlane
 from .wire import ApiError, error_response, json_response
 
@@ -86,15 +96,18 @@ def service_info(state_dir: Path, port: int, device: str, base_model: str | None
         "port": port,
         "device": device,
         "state_dir": str(Path(state_dir).resolve()),
+        "hf_hub_cache": str((Path(state_dir) / HF_CACHE_DIR).resolve()),
         "started_at": time.time(),
     }
 
 
-def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) -> Starlette:
+def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None, *, token: str | None = None,
+              log_requests: bool = False) -> Starlette:
     state = ServiceState(state_dir)
     trainers = TrainerPlane(state, device)
     inference = InferencePlane(state, device)
     control = ControlPlane(state, trainers, inference)
+    tinker = TinkerPlane(state, trainers, control, device)
 
     async def healthz(request: Request):
         return json_response({"status": "ok"})
@@ -111,6 +124,7 @@ def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) ->
         yield
         trainers.stop_all()
         await inference.stop_all()
+        await tinker.stop_all()
 
     async def api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.message)
@@ -118,10 +132,8 @@ def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) ->
     async def http_error(request: Request, exc: HTTPException):
         return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
-    async def unexpected(request: Request, exc: Exception):
-        # A bug must cost one request a 500 with its message, never the server.
-        log.error("%s %s failed:\n%s", request.method, request.url.path, traceback.format_exc())
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    async def engine_error(request: Request, exc: catalogue.EngineError):
+        return error_response(400, str(exc))
 
     routes = [
         Route("/local/v1/healthz", healthz, methods=["GET"]),
@@ -129,10 +141,17 @@ def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None) ->
         *control.routes(),
         *trainers.routes(),
         *inference.routes(),
+        *tinker.routes(),
     ]
+    # Unexpected exceptions are RequestGate's (a handler for Exception would run in Starlette's
+    # outermost middleware, which re-raises after answering, and the server then drops the
+    # client's kept-alive connection).
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected})
+                    middleware=[Middleware(RequestGate, token=token, log_requests=log_requests)],
+                    exception_handlers={ApiError: api_error, HTTPException: http_error,
+                                        catalogue.EngineError: engine_error})
     app.state.control, app.state.trainers, app.state.inference = control, trainers, inference
+    app.state.tinker = tinker
     return app
 
 
@@ -155,7 +174,7 @@ def _take_lock(state_dir: Path):
 
 
 def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = "warning",
-          model_dirs: dict[str, str] | None = None) -> None:
+          model_dirs: dict[str, str] | None = None, log_requests: bool = False) -> None:
     import uvicorn
 
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +197,10 @@ def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = 
     sock.listen(2048)
     port = sock.getsockname()[1]
     info = service_info(state_dir, port, device, base_model)
-    app = build_app(state_dir, device, info)
+    write_hf_cache(Path(info["hf_hub_cache"]))
+    token = os.environ.pop(TOKEN_ENV, "") or None  # read once; children of the server need not see it
+    info["token_required"] = token is not None
+    app = build_app(state_dir, device, info, token=token, log_requests=log_requests)
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=75,
                             timeout_graceful_shutdown=5, lifespan="on")
@@ -211,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default=os.environ.get("FIRETITAN_LOCAL_LOG_LEVEL", "warning"))
     parser.add_argument("--model-dir", action="append", default=[], metavar="[NAME=]DIR",
                         help="serve the Hugging Face checkpoint in DIR as NAME (repeatable; the first is the default)")
+    parser.add_argument("--log-requests", action="store_true",
+                        help="log every request (method, path, status, time) to the output, not only refused ones")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM from `local down`: uvicorn turns it into a graceful shutdown.
@@ -222,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             model_dirs[name or catalogue.load_model_dir(directory).name] = directory
         except catalogue.ModelDirError as exc:
             sys.exit(str(exc))
-    serve(args.state_dir, args.port, args.device, args.log_level, model_dirs)
+    serve(args.state_dir, args.port, args.device, args.log_level, model_dirs, args.log_requests)
 
 
 if __name__ == "__main__":

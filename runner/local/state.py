@@ -9,6 +9,7 @@ Layout under ``<state_dir>``::
     service.json                        the running server's pid, port and base URL (INFO_FILE)
     service.log                         its output (LOG_FILE)
     service.lock, start.lock            one server per state dir; one start at a time
+    hf-cache/                           the served models' tokenizers under their Tinker names (HF_HUB_CACHE)
 
 Every write goes to a temporary file in the same directory and is renamed over
 the old one, so a crash (``kill -9`` included) leaves either the old record or
@@ -36,6 +37,8 @@ INFO_FILE = "service.json"      # written by the server once it listens, removed
 LOG_FILE = "service.log"        # the background server's stdout and stderr
 LOCK_FILE = "service.lock"      # held by the server: a second one on the same dir refuses to start
 START_LOCK_FILE = "start.lock"  # serializes ensure_running across processes
+HF_CACHE_DIR = "hf-cache"       # the offline Hugging Face cache of the served tokenizers (tinker_plane.write_hf_cache)
+TOKEN_ENV = "FIRETITAN_LOCAL_TOKEN"  # the bearer token `local up --token` hands the server (see gate.py)
 
 
 # Snapshot, state and checkpoint names: what the managed service accepts (both cases,
@@ -208,6 +211,12 @@ class CheckpointIndex:
             if checkpoint_id in names and family in (None, entry["family"]):
                 return entry
         return None
+
+    def remove(self, job_id: str, checkpoint_id: str, family: str) -> None:
+        """Forget one checkpoint row (its files are the caller's to delete)."""
+        with self._lock:
+            rows = [row for row in self.list(job_id) if (row["id"], row["family"]) != (checkpoint_id, family)]
+            self._store.put(job_id, {"checkpoints": rows})
 
     def add(self, job_id: str, entry: dict) -> None:
         """Add (or replace, when a name is saved again) one checkpoint row."""

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Iterator
 
 from firetitan_track.errors import UserError
+from firetitan_track.extras import require
 
-from .state import DEFAULT_STATE_DIR, INFO_FILE, LOG_FILE, START_LOCK_FILE, read_json
+from .state import DEFAULT_STATE_DIR, INFO_FILE, LOG_FILE, START_LOCK_FILE, TOKEN_ENV, read_json
 
 READY_TIMEOUT_S = 60.0
 
@@ -119,9 +120,13 @@ def running(state_dir: Path | str = DEFAULT_STATE_DIR) -> LocalServiceInfo | Non
 
 
 def start(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str = "cpu",
-          timeout: float = READY_TIMEOUT_S, model_dirs: dict[str, str] | None = None) -> LocalServiceInfo:
+          timeout: float = READY_TIMEOUT_S, model_dirs: dict[str, str] | None = None, *,
+          log_requests: bool = False, token: str | None = None) -> LocalServiceInfo:
     """Launch the server in the background and wait until it serves (``model_dirs``:
-    {model name: checkpoint directory} to serve, the first as the default model)."""
+    {model name: checkpoint directory} to serve, the first as the default model;
+    ``log_requests``: log every request, not only refused ones; ``token``: require it of
+    every client, handed over in the environment so no process listing shows it)."""
+    require("local")  # torch, transformers, the web stack: said before a server fails to import them
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     if running(state_dir) is not None:
@@ -135,13 +140,17 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str 
     repo_root = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env.get("PYTHONPATH")]))
+    env.pop(TOKEN_ENV, None)
+    if token:
+        env[TOKEN_ENV] = token
     log_file = open(state_dir / LOG_FILE, "ab")
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "runner.local.server", "--state-dir", str(state_dir), "--port", str(port),
              "--device", device,
              *(arg for name, directory in (model_dirs or {}).items()
-               for arg in ("--model-dir", f"{name}={Path(directory).expanduser().resolve()}"))],
+               for arg in ("--model-dir", f"{name}={Path(directory).expanduser().resolve()}")),
+             *(["--log-requests"] if log_requests else [])],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)  # survives the CLI that started it; `local down` stops it
     finally:
@@ -168,7 +177,8 @@ def _log_tail(state_dir: Path, lines: int = 20) -> str:
 
 
 def ensure_running(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, device: str = "cpu",
-                   model_dirs: dict[str, str] | None = None) -> LocalServiceInfo:
+                   model_dirs: dict[str, str] | None = None, *, log_requests: bool = False,
+                   token: str | None = None) -> LocalServiceInfo:
     """The live service on ``state_dir``, started if there is none. A live one that
     does not serve every checkpoint in ``model_dirs`` is an error (it cannot take one on).
 
@@ -176,13 +186,20 @@ def ensure_running(state_dir: Path | str = DEFAULT_STATE_DIR, port: int = 0, dev
     lock on the state dir makes the first start the service and the others use it.
     """
     state_dir = Path(state_dir)
+    if running(state_dir) is None:
+        require("local")  # before anything is written; a service some other environment runs serves all the same
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / START_LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         current = running(state_dir)
         if current is None:
-            return start(state_dir, port=port, device=device, model_dirs=model_dirs)
-        served = (read_json(state_dir / INFO_FILE) or {}).get("model_dirs") or {}
+            return start(state_dir, port=port, device=device, model_dirs=model_dirs, log_requests=log_requests,
+                         token=token)
+        running_info = read_json(state_dir / INFO_FILE) or {}
+        if token and not running_info.get("token_required"):
+            raise ServiceError(f"the local service on {state_dir} (pid {current.pid}) runs without a token; stop it "
+                               "with `firetitan-track local down` and start it again with --token")
+        served = running_info.get("model_dirs") or {}
         for name, directory in (model_dirs or {}).items():
             if served.get(name) != str(Path(directory).expanduser().resolve()):
                 raise ServiceError(f"the local service on {state_dir} (pid {current.pid}) does not serve "
@@ -227,7 +244,7 @@ def kill(state_dir: Path | str) -> None:
 
 @contextlib.contextmanager
 def local_service(state_dir: Path | str | None = None, port: int = 0, device: str = "cpu",
-                  model_dirs: dict[str, str] | None = None) -> Iterator[LocalServiceInfo]:
+                  model_dirs: dict[str, str] | None = None, **options) -> Iterator[LocalServiceInfo]:
     """Start a local service for the duration of the block and yield its info.
 
     With no ``state_dir`` it runs in a temporary directory that is removed afterwards.
@@ -235,7 +252,7 @@ def local_service(state_dir: Path | str | None = None, port: int = 0, device: st
     temporary = state_dir is None
     directory = Path(tempfile.mkdtemp(prefix="firetitan-local-")) if temporary else Path(state_dir)
     try:
-        info = start(directory, port=port, device=device, model_dirs=model_dirs)
+        info = start(directory, port=port, device=device, model_dirs=model_dirs, **options)
         try:
             yield info
         finally:

@@ -108,6 +108,11 @@ class TrainerRuntime:
         self._models[model_id] = _ModelSequence(base_only=base_only)
         return model_id
 
+    def add_model(self, model_id: str) -> None:
+        """Sequence requests for a model whose id another protocol chose (the Tinker plane's
+        ``<session>:train:<n>``); its requests then start at seq_id 1, like any model's."""
+        self._models.setdefault(model_id, _ModelSequence())
+
     def has_model(self, model_id: str) -> bool:
         return model_id in self._models
 
@@ -408,7 +413,7 @@ class TrainerPlane:
             "is_lora": runtime.spec.lora_rank > 0 and not runtime.is_base_only(model_id),
             "lora_rank": (runtime.spec.lora_rank or None) if not runtime.is_base_only(model_id) else None,
             # the served model's own architecture and tokenizer (a checkpoint's, or the stand-in's)
-            "model_data": {"arch": _architecture(card), "model_name": runtime.spec.base_model,
+            "model_data": {"arch": card.architecture, "model_name": runtime.spec.base_model,
                            "tokenizer_id": card.tokenizer_dir},
         })
 
@@ -663,6 +668,3 @@ def lora_settings(config: Any, job_rank: int, job_id: str) -> Any:
     return _engine().LoraSettings(rank=rank, **values)
 
 
-def _architecture(card: catalogue.ModelCard) -> str:
-    """A checkpoint's config names its architecture; the seeded stand-ins are all Qwen3."""
-    return (card.config.get("architectures") or ["Qwen3ForCausalLM"])[0]

@@ -16,8 +16,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-_GRPC_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
-                412: "FAILED_PRECONDITION", 500: "INTERNAL", 503: "UNAVAILABLE"}
+_GRPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
+                412: "FAILED_PRECONDITION", 413: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
 
 
 class ApiError(Exception):
@@ -40,8 +40,30 @@ def error_response(status: int, message: str) -> Response:
     return json_response(body, status)
 
 
+# The largest request body any endpoint reads. The SDK splits forward_backward into chunks
+# of about 5 MB (estimated; more as JSON), and a completions prompt at a long context is a
+# few MB of token ids: 64 MiB leaves room for both, and a 100 MB paste is refused as it
+# arrives (by its Content-Length, else while streaming), before anything parses it.
+MAX_BODY_BYTES = 64 * 2**20
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_large = f"request body exceeds the local service's limit of {limit // 2**20} MiB"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"{too_large} (Content-Length {declared})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def json_body(request: Request, *, required: bool = True) -> dict:
-    raw = await request.body()
+    raw = await read_body(request)
     if not raw.strip():
         if required:
             raise ApiError(400, "request body must be a JSON object")

@@ -175,10 +175,19 @@ def prompt_messages(obj: dict[str, Any], where: str) -> tuple[tuple[str, str], .
     """A JSONL line's prompt: ``"prompt"`` (a string, the user's turn) or ``"messages"`` (a list
     of {role, content}). ``where`` (file:line) names the line in the error."""
     if isinstance(obj.get("prompt"), str):
-        return _user(obj["prompt"])
-    msgs = obj.get("messages")
-    if not (isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs)):
-        raise DataError(f"{where}: needs 'prompt' (a string) or 'messages' (a list of {{role, content}})")
-    return tuple((m["role"], m["content"]) for m in msgs)
+        messages = _user(obj["prompt"])
+    else:
+        msgs = obj.get("messages")
+        if not (isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)):
+            raise DataError(f"{where}: needs 'prompt' (a string) or 'messages' (a list of {{role, content}})")
+        messages = tuple((m["role"], m["content"]) for m in msgs)
+    # A prompt is text sent to a tokenizer and a service and shown in terminals, all of which may
+    # end a string at a NUL. (An answer is only compared with what the model wrote, which may
+    # hold any token, a NUL included.)
+    for role, content in messages:
+        if "\x00" in role or "\x00" in content:
+            field = "prompt" if isinstance(obj.get("prompt"), str) else "messages"
+            raise DataError(f"{where}: {field} holds a NUL character (\\u0000); a prompt is text")
+    return messages

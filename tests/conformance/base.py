@@ -21,6 +21,7 @@ from firetitan_track import (
     NotFound,
     new_event,
 )
+from firetitan_track.blobs import json_digest
 from firetitan_track import events as catalogue
 from firetitan_track.events import InvalidEvent, UnknownEventType
 
@@ -33,9 +34,10 @@ def step(n: int, **extra: object) -> NewEvent:
 
 
 def run_started(**extra: object) -> NewEvent:
-    # "inline" is not a sha256 digest, so verify does not look for a blob
-    return new_event("RunStarted", spec={"model": "tiny", **extra}, spec_digest="inline",
-                     code_version="test", seed=0, backend="local")
+    # spec_digest names the spec held in the event (an identity), not a stored blob
+    spec = {"model": "tiny", **extra}
+    return new_event("RunStarted", spec=spec, spec_digest=json_digest(spec), code_version="test", seed=0,
+                     backend="local")
 
 
 class LedgerConformance:
@@ -142,8 +144,10 @@ class LedgerConformance:
             ledger.append("r", [step(0), incomplete], 0)
         with pytest.raises(UnknownEventType):
             ledger.append("r", [step(0), NewEvent("NoSuchEvent", {})], 0)
-        with pytest.raises(InvalidEvent, match="not JSON"):
-            ledger.append("r", [step(0), step(1, bad=object())], 0)
+        with pytest.raises(InvalidEvent, match="metrics is .* not an object of \\(a number\\)"):
+            ledger.append("r", [step(0), NewEvent("StepCompleted", {**step(1).data, "metrics": {"loss": "1"}})], 0)
+        with pytest.raises(InvalidEvent, match="not JSON"):  # a field of any JSON value, holding none
+            ledger.append("r", [step(0), NewEvent("StepCompleted", {**step(1).data, "data_cursor": object()})], 0)
         assert ledger.stream_version("r") == 0
         assert ledger.follow(0) == []
 

@@ -17,14 +17,14 @@ from click.testing import CliRunner
 
 from firetitan_track import Ledger
 from firetitan_track.blobs import canonical_json
-from firetitan_track.bundle import BundleError, read_bundle
-from firetitan_track.ledger import event_hash, GENESIS_HASH
+from firetitan_track.bundle import BundleError, bundle_blobs, read_bundle
 from firetitan_track.projections.audit import audit
 from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.lineage import lineage
 from firetitan_track.projections.replay import replay
 from runner.cli import main
 from tests.helpers import needs_postgres, small_spec
+from tests.ledger.forge import rechained
 
 API_KEY = "fw-bundle-test-5d1c9e0a7b3f42e8"  # set while the runs are recorded and bundled
 STREAMS = ["again", "sweep:lr", "lr-t0", "lr-t1"]
@@ -71,15 +71,6 @@ def _repack(members: dict[str, bytes]) -> bytes:
     return _pack([(MANIFEST, members[MANIFEST])] + [(k, v) for k, v in members.items() if k != MANIFEST])
 
 
-def _rechained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Events with their hashes recomputed, as a careful forger (or a newer writer) would."""
-    prev = GENESIS_HASH
-    for r in rows:
-        r["hash"] = prev = event_hash(prev, r["run_id"], r["version"], r["event_id"], r["type"],
-                                      r["schema_version"], canonical_json(r["data"]), r["recorded_at"])
-    return rows
-
-
 # -- writing and verifying --------------------------------------------------------------
 
 
@@ -94,8 +85,14 @@ def test_bundle_holds_the_runs_and_every_blob_they_reference(source: str, bundle
     referenced = {started["prompt_sets"]["eval"]} | {
         ev.data["completions_digest"] for name in STREAMS for ev in ledger.read(name) if ev.type == "SamplesRecorded"}
     assert referenced <= set(found.blobs)
-    for digest, (_, data) in found.blobs.items():
-        assert ledger.get_blob(digest) == data
+    carried = {digest: data for digest, _, data in bundle_blobs(found)}
+    assert set(carried) == set(found.blobs)
+    for digest, data in carried.items():
+        assert ledger.get_blob(digest) == data and found.blobs[digest].size == len(data)
+    # the runs' signed heads travel with them: each run's end, and every sweep step
+    assert {h.run_id for h in found.heads} == set(STREAMS)
+    for name in STREAMS:
+        assert found.head_checks[name].vouched == {ledger.signing_key().public_text: len(found.streams[name]) - 1}
     ledger.close()
     # the same runs give the same bytes
     again = bundle_file.parent / "again.tar.gz"
@@ -339,9 +336,10 @@ def test_events_of_a_newer_schema_version_are_refused(bundle_file: Path, tmp_pat
     rows = [json.loads(line) for line in members[entry["file"]].decode().splitlines()]
     scored = next(r for r in rows if r["type"] == "EvalScored")
     scored["schema_version"] += 1
-    rows = _rechained(rows)  # a well-formed bundle, only newer than this code
+    rows = rechained(rows)  # a well-formed bundle, only newer than this code (and signed by no one)
     members[entry["file"]] = "".join(canonical_json(r) + "\n" for r in rows).encode()
     entry["sha256"], entry["head_hash"] = hashlib.sha256(members[entry["file"]]).hexdigest(), rows[-1]["hash"]
+    manifest["signed_heads"] = [h for h in manifest["signed_heads"] if h["run_id"] != "again"]
     members["manifest.json"] = json.dumps(manifest).encode()
     newer = tmp_path / "newer.tar.gz"
     newer.write_bytes(_repack(members))

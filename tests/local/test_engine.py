@@ -125,6 +125,23 @@ def test_catalogue_resolves_names_and_reports_unknown_ones():
         Trainer("nope", state_dir=".")
 
 
+def test_managed_shape_names_parse_by_their_pattern():
+    parse = catalogue.parse_managed_shape
+    assert parse("qwen3-8b-128k-h200") == catalogue.ManagedShapeName("qwen3-8b", 128, "h200", False)
+    assert parse("qwen3p6-35b-a3b-256k-lora") == catalogue.ManagedShapeName("qwen3p6-35b-a3b", 256, None, True)
+    assert parse("qwen3-8b-128k-h200-lora") == catalogue.ManagedShapeName("qwen3-8b", 128, "h200", True)
+    assert parse("qwen3p5-9b-65k").context_k == 65
+    for bad in ("qwen3-8b", "128k", "-128k", "qwen3-8b-0k", "qwen3-8b-128k-h200-extra", "Qwen3-8B-128k",
+                "qwen3-8b-128k-200", "qwen3--8b-128k", "lora"):
+        assert parse(bad) is None, bad
+    shape = catalogue.training_shape("qwen3p5-9b-256k-lora")
+    assert (shape.base_model, shape.trainer_mode, shape.supports_lora) == (
+        "accounts/fireworks/models/qwen3p5-9b", "lora", True)
+    assert shape.max_context_length == catalogue.resolve(shape.base_model).max_context_length
+    with pytest.raises(catalogue.UnknownShape, match="local up --model-dir accounts/fireworks/models/glm-5=DIR"):
+        catalogue.training_shape("glm-5-128k")
+
+
 def test_build_model_is_determined_by_seed():
     card = catalogue.resolve(TINY)
     a, b, c = (weights_of(model_io.build_model(card, seed)) for seed in (0, 0, 1))

@@ -23,9 +23,12 @@ from transformers import AutoTokenizer
 def test_seed_flow_runs_unmodified(service_info, http, sdk_helpers):
     info, chat_prompt, sft_datum = service_info, sdk_helpers.chat_prompt, sdk_helpers.sft_datum
     # --- the seed, as written (only `tinker` is the SDK's alias) -------------------------
+    # Changed from the seed: base_url, api_key and tokenizer_model (the path `local up` printed).
+    # Its own base model and training shape, the managed service's names, resolve locally.
     service = FiretitanServiceClient.from_firetitan_config(
-        api_key="local", base_url=info.base_url, base_model=info.base_model, tokenizer_model=info.tokenizer_path,
-        lora_rank=0, training_shape_id=info.training_shape_id, deployment_id="research-serving",
+        api_key="local", base_url=info.base_url, base_model="accounts/fireworks/models/qwen3-8b",
+        tokenizer_model=info.tokenizer_path, lora_rank=0,
+        training_shape_id="accounts/fireworks/trainingShapes/qwen3-8b-128k-h200", deployment_id="research-serving",
         learning_rate=1e-3, replica_count=1, cleanup_trainer_on_close=True,
         cleanup_deployment_on_close="scale_to_zero")
     tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_path)
@@ -66,6 +69,7 @@ def test_seed_flow_runs_unmodified(service_info, http, sdk_helpers):
     deployment = http.get(f"/v1/accounts/local/deployments/{deployment_id}").json()
     assert (deployment["minReplicaCount"], deployment["maxReplicaCount"], deployment["replicaCount"]) == (0, 0, 0)
     assert deployment["state"] == "READY"
+    assert job["trainingShape"] == "accounts/fireworks/trainingShapes/qwen3-8b-128k-h200/versions/v1"
 
 
 def test_reference_sampling_client_state_checkpoints_and_reconnect(service_info, tokenizer, http, sdk_helpers):

@@ -62,7 +62,8 @@ def test_a_run_and_its_rerun_diff_to_nothing(runs: dict[str, Any]) -> None:
     d = _json(runs["url"], "lr-t0", "again")
     assert d["identical"] is True
     assert d["spec"] == {} and d["first_divergent_step"] is None and d["divergence"] == {}
-    assert d["code_version"]["same"] is True
+    assert d["code"]["same"] is True and d["code"]["differences"] == {}
+    assert d["code"]["a"]["recorded"] and d["code"]["a"]["commit"] == d["code"]["b"]["commit"]
     assert d["prompt_sets"]["eval"]["same"] is True and d["prompt_sets"]["eval"]["differing_examples"] == 0
     assert [s["step"] for s in d["scores"]] == [0, 2]
     assert all(s["gap"] == 0 for s in d["scores"])

@@ -83,3 +83,55 @@ def test_ui_refuses_a_sweep_its_store_lacks_before_serving(tmp_path) -> None:  #
     assert result.exit_code == 1
     assert "export mlflow" in result.output and "MLflow UI for" not in result.output
     assert not store.exists()  # nothing created, nothing served
+
+
+def test_a_sweep_gets_a_view_of_its_trials_which_differ_in_params_only_by_what_was_swept(
+        ledger: Ledger, mlflow_server: str, client, experiment: str) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from firetitan_track.projections.mlflow.ui import link
+
+    trials = [{"trial": i, "run_id": f"sv-t{i}", "params": {"optim.learning_rate": lr}}
+              for i, lr in enumerate([1e-3, 3e-3])]
+    ledger.append("sweep:sv", [new_event("SweepStarted", sweep_id="sv", spec_digest="d" * 64, search="grid",
+                                         space={"optim.learning_rate": "choice:0.001,0.003"},
+                                         grid={"optim.learning_rate": [1e-3, 3e-3]}, trials=trials)], 0)
+    for t in trials:  # each trial with its own deployment, and on its own machine's service folder
+        spec = demo_spec(t["params"]["optim.learning_rate"],
+                         model={"deployment_id": f"dep-{t['run_id']}"}, backend={"state_dir": f"/m{t['trial']}"})
+        w = RunWriter(ledger, t["run_id"])
+        w.start(spec=spec, sweep_id="sv", trial_params=t["params"])
+        w.train(1, 2)
+    export_mlflow(ledger, mlflow_server, experiment=experiment)
+
+    exp = client.get_experiment_by_name(experiment)
+    runs = {r.data.tags["ledger_run_id"]: r for r in client.search_runs([exp.experiment_id], "tags.sweep_id = 'sv'")
+            if "ledger_run_id" in r.data.tags}
+    params = [r.data.params for r in runs.values()]
+    assert [k for k in params[0] if params[0][k] != params[1].get(k)] == ["optim.learning_rate"]
+    assert {r.data.tags["model.deployment_id"] for r in runs.values()} == {"dep-sv-t0", "dep-sv-t1"}
+    assert {r.data.tags["backend.state_dir"] for r in runs.values()} == {"/m0", "/m1"}
+    assert not any("model.deployment_id" in p or "backend.state_dir" in p or "run.name" in p for p in params)
+    assert runs["sv-t0"].data.tags["mlflow.runColor"] != runs["sv-t1"].data.tags["mlflow.runColor"]
+
+    # the view the sweep's link opens: its trials' runs, the score by step, the swept key against it
+    base = "http://127.0.0.1:5000"
+    assert link(mlflow_server, experiment, base, sweep_id="sv") == (
+        f"{base}/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=sweep-sv"
+        "&compareRunsMode=CHART&workflowType=machine_learning")
+    view = json.loads(exp.tags["mlflow.sharedViewState.sweep-sv"])
+    state = json.loads(view["state"])
+    assert view["name"] == "sweep sv"
+    assert state["searchFilter"] == "tags.sweep_id = 'sv' AND tags.ledger_run_id LIKE '%'"
+    found = client.search_runs([exp.experiment_id], state["searchFilter"])
+    assert sorted(r.data.tags["ledger_run_id"] for r in found) == ["sv-t0", "sv-t1"]
+    charts = {c["type"]: c for c in state["compareRunCharts"]}
+    assert charts["LINE"]["metricKey"] == "eval/score" and charts["LINE"]["xAxisKey"] == "step"
+    assert (charts["PARALLEL"]["selectedParams"], charts["PARALLEL"]["selectedMetrics"]) == (
+        ["optim.learning_rate"], ["eval/score"])
+
+    # a store whose sweep has no view (exported before views) links to the runs comparison page
+    client.delete_experiment_tag(exp.experiment_id, "mlflow.sharedViewState.sweep-sv")
+    fallback = link(mlflow_server, experiment, base, sweep_id="sv")
+    assert fallback.startswith(f"{base}/#/compare-runs?runs=")
+    assert runs["sv-t0"].info.run_id in fallback and runs["sv-t1"].info.run_id in fallback

@@ -29,11 +29,15 @@ class FakeRunner:
 
     def __init__(self, crash: set[str] = frozenset()) -> None:
         self.crash = set(crash)
+        self.die_before_start: set[str] = set()  # trials whose worker dies before their RunStarted
         self.calls: list[tuple[str, str]] = []
 
     def run_spec(self, spec: Any, *, ledger_url: str, run_id: str, sweep_id: str, trial_params: dict,
                  **_: Any) -> runner.loop.RunResult:
         self.calls.append(("start", run_id))
+        if run_id in self.die_before_start:
+            self.die_before_start.discard(run_id)
+            raise RuntimeError("the worker died before the trial started")
         ledger = Ledger.open(ledger_url)
         w = RunWriter(ledger, run_id)
         w.start(spec=spec.to_dict(), sweep_id=sweep_id, trial_params=trial_params)
@@ -131,12 +135,51 @@ def test_a_sweep_id_reused_with_another_search_space_is_refused(ledger_url: str,
     calls = len(fake.calls)
     other = CliRunner().invoke(main, ["--ledger", ledger_url, "sweep", str(SPEC), "--no-mlflow", "--sweep-id", "lr",
                                       "--grid", "optim.learning_rate=1e-2,3e-2"])
-    assert other.exit_code == 1 and "sweep lr was started with another space" in other.output, other.output
+    assert other.exit_code == 1, other.output
+    assert ("space is {\"optim.learning_rate\": \"choice:0.001,0.003\"} in the sweep, "
+            "{\"optim.learning_rate\": \"choice:0.01,0.03\"} here") in " ".join(other.output.split()), other.output
     tpe = CliRunner().invoke(main, ["--ledger", ledger_url, "sweep", str(SPEC), "--no-mlflow", "--sweep-id", "lr",
                                     "--search", "tpe", "--trials", "2", "--param", "optim.learning_rate=log:1e-4:1e-2"])
-    assert tpe.exit_code == 1 and "another search and space" in tpe.output, tpe.output
+    assert tpe.exit_code == 1 and "search is 'grid' in the sweep, 'tpe' here" in tpe.output, tpe.output
+    # a spec that really differs: each key named, with the sweep's value and this worker's
+    spec = _sweep(ledger_url, "--no-mlflow", "--set", "optim.beta1=0.8", "--set", "recipe.batch_size=8")
+    assert spec.exit_code == 1, spec.output
+    said = " ".join(spec.output.split())
+    assert "optim.beta1 is 0.9 in the sweep, 0.8 here" in said and "recipe.batch_size is 16 in the sweep, 8 here" in said
+    assert "backend" not in said
     assert ledger.stream_version(sweep_stream("lr")) == before and len(fake.calls) == calls
     ledger.close()
+
+
+def test_workers_join_one_sweep_each_with_its_own_machine_settings(ledger_url: str, fake: FakeRunner,
+                                                                    tmp_path: Path) -> None:
+    """Machine A's worker dies after taking trial 1; machine B, with its own local-service folder,
+    device and service address, joins the same sweep, runs trial 1, and records its own settings."""
+    fake.die_before_start = {"lr-t1"}
+    a = _sweep(ledger_url, "--no-mlflow", "--quiet", "--set", f"backend.state_dir={tmp_path / 'a'}")
+    assert a.exit_code == 1 and "lr-t1" in a.output, a.output
+    b = _sweep(ledger_url, "--no-mlflow", "--quiet", "--set", f"backend.state_dir={tmp_path / 'b'}",
+               "--set", "backend.device=cuda", "--set", "backend.base_url=http://127.0.0.1:8123")
+    assert b.exit_code == 0, b.output
+    assert fake.calls == [("start", "lr-t0"), ("start", "lr-t1"), ("start", "lr-t1")]
+    ledger = Ledger.open(ledger_url)
+    backends = {rid: ledger.read(rid)[0].data["spec"]["backend"] for rid in ("lr-t0", "lr-t1")}
+    ledger.close()
+    assert backends["lr-t0"]["state_dir"] == str(tmp_path / "a") and backends["lr-t0"]["device"] == "cpu"
+    assert (backends["lr-t1"]["state_dir"], backends["lr-t1"]["device"], backends["lr-t1"]["base_url"]) == (
+        str(tmp_path / "b"), "cuda", "http://127.0.0.1:8123")
+
+
+def test_the_derived_sweep_id_is_the_same_on_every_machine() -> None:
+    from runner.spec import load_spec
+
+    here = load_spec(SPEC)
+    there = here.with_overrides({"backend.state_dir": "/elsewhere", "backend.device": "cuda",
+                                 "backend.base_url": "http://127.0.0.1:9999"})
+    grid = ["optim.learning_rate=1e-3,3e-3"]
+    assert plan_sweep(here, grid_items=grid)[1].sweep_id == plan_sweep(there, grid_items=grid)[1].sweep_id
+    other = here.with_overrides({"optim.beta1": 0.8})
+    assert plan_sweep(here, grid_items=grid)[1].sweep_id != plan_sweep(other, grid_items=grid)[1].sweep_id
 
 
 def test_a_bad_grid_key_fails_before_anything_is_written(ledger_url: str, fake: FakeRunner) -> None:

@@ -9,6 +9,10 @@ lost machine); only the moment is chosen, by wrapping two functions from outside
                                      (the service has answered; the ledger does not know)
 
 CRASH_SIGNAL=TERM sends a real SIGTERM instead, at the same point.
+
+CRASH_WORKER_AT (same points) applies in a sweep's worker processes instead (they import
+this file as ``__mp_main__``); with CRASH_WORKER_ONCE=FILE only the first worker to reach
+the point dies (it creates FILE), so one worker is killed and the others run on.
 """
 
 import os
@@ -17,6 +21,12 @@ import sys
 
 
 def _die() -> None:
+    once = os.environ.get("CRASH_WORKER_ONCE") if __name__ == "__mp_main__" else None
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return  # another worker died here already
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("CRASH_SIGNAL", "KILL")))
@@ -57,6 +67,9 @@ def _install(point: str) -> None:
     else:
         raise SystemExit(f"bad CRASH_AT {point!r}")
 
+
+if __name__ == "__mp_main__" and os.environ.get("CRASH_WORKER_AT"):  # a sweep's spawned worker
+    _install(os.environ["CRASH_WORKER_AT"])
 
 if __name__ == "__main__":
     if os.environ.get("CRASH_AT"):

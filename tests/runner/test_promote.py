@@ -42,6 +42,15 @@ def _events(url: str, run_id: str) -> list:
     return Ledger.open(url).read(run_id)
 
 
+def _pending_promotion(url: str) -> str | None:
+    """What `status up` says of an unsettled promotion (its table line agrees with --json)."""
+    table = inproc(url, "status", "up")
+    row = json.loads(inproc(url, "status", "up", "--json").stdout)
+    line = next(line for line in table.stdout.splitlines() if line.startswith("pending_promotion"))
+    assert line.split(None, 1)[1] == (row["pending_promotion"] or "-")
+    return row["pending_promotion"]
+
+
 def _model(local_url: str, name: str) -> dict | None:
     resp = httpx.get(f"{local_url}/v1/{name}", headers={"Authorization": "Bearer local"})
     return None if resp.status_code == 404 else resp.json()
@@ -123,7 +132,10 @@ def test_a_crash_between_request_and_outcome_is_settled_by_the_next_promote_or_r
     # dies before the service is asked: the next promote records the failure, then promotes
     died = cli(url, "promote", "up", "--best", "--model-id", "up-early", crash_at="event:PromotionRequested:1")
     assert died.returncode == -signal.SIGKILL
+    shown = _pending_promotion(url)  # `status` shows it unsettled, and how it settles
+    assert "up-early from " in shown and "promote up --snapshot " in shown and "resume up" in shown
     assert inproc(url, "promote", "up", "--best", "--model-id", "up-early").returncode == 0
+    assert _pending_promotion(url) is None
     tail = [ev for ev in _events(url, "up") if ev.data.get("model_id") == "up-early"]
     assert [ev.type for ev in tail] == ["PromotionRequested", "PromotionFailed", "PromotionRequested",
                                         "ModelPromoted"]
@@ -133,12 +145,14 @@ def test_a_crash_between_request_and_outcome_is_settled_by_the_next_promote_or_r
     died = cli(url, "promote", "up", "--best", "--model-id", "up-late", crash_at="before:ModelPromoted:1")
     assert died.returncode == -signal.SIGKILL
     assert _events(url, "up")[-1].type == "PromotionRequested"
+    assert "up-late from " in _pending_promotion(url)
     resumed = inproc(url, "resume", "up", "--quiet")
     assert "already completed" in resumed.stderr  # a finished run: nothing to train, the promotion settled
     settled = _events(url, "up")[-1]
     assert settled.type == "ModelPromoted" and settled.data["recovered"] is True
     assert settled.data["request_id"] == _events(url, "up")[-2].event_id
     assert _model(local_url, settled.data["model"]) is not None
+    assert _pending_promotion(url) is None
     version = Ledger.open(url).stream_version("up")
     again = inproc(url, "promote", "up", "--best", "--model-id", "up-late")
     assert again.returncode == 0 and Ledger.open(url).stream_version("up") == version

@@ -107,7 +107,8 @@ def test_cleanup_records_a_delete_the_service_did_not_do_as_failed(local_info, l
      "model.base_model: the service has no model 'accounts/fireworks/models/no-such-model'"),
     ("model", {"training_shape": "ts-no-such-shape"}, "model.training_shape: the service refuses"),
     ("model", {"lora_rank": 8}, "model.lora_rank: training shape .*ts-local-tiny' is full-parameter"),
-    ("sampling", {"max_tokens": 100_000}, "eval.prompts: prompt 1 takes .* more than the model's context"),
+    ("sampling", {"max_tokens": 100_000}, "sampling.max_tokens: 100000 new tokens do not fit the model's context"),
+        ("sampling", {"max_tokens": 500}, "eval.prompts: prompt 1 takes .* more than the model's context"),
 ])
 def test_what_the_service_refuses_is_refused_before_anything_is_written(tmp_path, local_url, ledger_url,
                                                                          section, key, message):

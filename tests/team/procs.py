@@ -21,12 +21,18 @@ def machine(tmp_path: Path, name: str) -> dict[str, str]:
 
 
 def start(ledger_url: str, where: dict[str, str], *args: str, crash_at: str | None = None,
-          crash_signal: str = "KILL") -> subprocess.Popen:
+          crash_signal: str = "KILL", worker_crash_at: str | None = None,
+          worker_crash_once: str | None = None) -> subprocess.Popen:
+    """The CLI in its own process; ``worker_crash_at`` kills a sweep's worker process instead
+    (the first to reach the point, with ``worker_crash_once``: see tests/runner/crash_harness.py)."""
     env = {**os.environ, "TMPDIR": where["TMPDIR"], "FIRETITAN_LEASE_TTL_S": LEASE_TTL_S,
            "PYTHONPATH": str(REPO)}
-    env.pop("CRASH_AT", None)
+    for name in ("CRASH_AT", "CRASH_WORKER_AT", "CRASH_WORKER_ONCE"):
+        env.pop(name, None)
     if crash_at:
         env.update(CRASH_AT=crash_at, CRASH_SIGNAL=crash_signal)
+    if worker_crash_at:
+        env.update(CRASH_WORKER_AT=worker_crash_at, CRASH_SIGNAL=crash_signal, CRASH_WORKER_ONCE=worker_crash_once or "")
     return subprocess.Popen([sys.executable, str(HARNESS), "--ledger", ledger_url, *args], cwd=where["cwd"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +17,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from firetitan_track.projections.mlflow import wait_for_http
 from tests.helpers import HARNESS, REPO, cli, small_spec
+from tests.ui.pages import served_ui
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SWEEP = "ui-lr"
@@ -42,12 +39,6 @@ def artifacts() -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def served_sweep(local_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedSweep]:
     """A real 2-trial learning-rate sweep exported to MLflow, served by `firetitan-track ui --sweep`."""
@@ -59,27 +50,15 @@ def served_sweep(local_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
                 "--tracking-uri", store, "--quiet")
     assert swept.returncode == 0, swept.stderr[-3000:]
 
-    port = _free_port()
-    log = open(root / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, str(HARNESS), "--ledger", ledger_url, "ui", "--sweep", SWEEP,
-                             "--port", str(port), "--backend-store-uri", store],
-                            stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
-    try:
-        assert proc.stdout is not None
-        proc.stdout.readline()  # "MLflow UI for <store>: <url>"
-        printed = proc.stdout.readline().strip().removeprefix("open ")
-        base_url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base_url}/health", timeout=120)
+    with open(root / "ui.log", "w") as log, served_ui(["--sweep", SWEEP, "--backend-store-uri", store], REPO, log,
+                                                    prefix=[sys.executable, str(HARNESS), "--ledger", ledger_url]) \
+            as (base_url, printed):
         yield ServedSweep(ledger_url, store, base_url, printed)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # Playwright's sync API keeps its event loop running: end it with the UI tests
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One headless Chromium for the session, with a fresh profile and nothing reaching out."""
+    """One headless Chromium for the UI tests, with a fresh profile and nothing reaching out."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():

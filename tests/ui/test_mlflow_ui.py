@@ -16,22 +16,10 @@ from firetitan_track.projections.mlflow.ui import link
 from tests.helpers import HARNESS, REPO
 from tests.projections.streams import RunWriter
 from tests.ui.conftest import SWEEP, ServedSweep
+from tests.ui.pages import (close_assistant, differing_params, open_page, open_sweep_view, parallel_axes,
+                            score_series)
 
 EXPERIMENT = "firetitan-track"
-
-
-def _open(page: Any, url: str, ready: str) -> None:
-    """Go to ``url`` and wait until ``ready`` shows: MLflow renders client-side."""
-    page.goto(url)
-    page.get_by_text(ready, exact=False).first.wait_for()
-
-
-def _close_assistant(page: Any) -> None:
-    """Fold MLflow's assistant panel away, for a screenshot of the page itself (it re-lays the page
-    out, so read what a test checks before)."""
-    close = page.get_by_role("button", name="Close", exact=True)
-    if close.count():
-        close.first.click()
 
 
 def _trial_runs(served: ServedSweep) -> dict[str, str]:
@@ -42,54 +30,42 @@ def _trial_runs(served: ServedSweep) -> dict[str, str]:
     return {r.data.tags["ledger_run_id"]: r.info.run_id for r in runs if "ledger_run_id" in r.data.tags}
 
 
-def test_the_printed_link_shows_both_trials_their_learning_rates_and_scores(served_sweep: ServedSweep, page,
-                                                                            artifacts) -> None:
+def test_the_printed_link_shows_every_trials_score_curve_and_only_what_was_swept(
+        served_sweep: ServedSweep, page, artifacts) -> None:
     trials = _trial_runs(served_sweep)
     assert sorted(trials) == [f"{SWEEP}-t0", f"{SWEEP}-t1"]
     assert served_sweep.printed_link.startswith(served_sweep.base_url)
-    _open(page, served_sweep.printed_link, "Comparing 2 Runs")
-    page.get_by_text("eval/score", exact=True).first.wait_for()
+    assert f"viewStateShareKey=sweep-{SWEEP}" in served_sweep.printed_link
+    open_sweep_view(page, served_sweep.printed_link)
 
-    # each trial is a column, in trial order: its run id, learning rate and eval/score
-    ids = [c for c in page.locator("tr", has_text="Run ID:").first.inner_text().split() if len(c) == 32]
-    assert ids == [trials[f"{SWEEP}-t0"], trials[f"{SWEEP}-t1"]]
-    lr = page.locator("tr", has=page.get_by_text("optim.learning_rate", exact=True)).first.inner_text()
-    assert lr.split()[1:] == ["0.001", "0.003"]
+    # one chart, one series per trial: each trial's eval/score at every step it was scored
     ledger = Ledger.open(served_sweep.ledger_url)
-    latest = [[ev.data["score"] for ev in ledger.read(f"{SWEEP}-t{i}") if ev.type == "EvalScored"][-1]
-              for i in (0, 1)]
+    scored = {f"{SWEEP}-t{i}": [(ev.data["step"], ev.data["score"]) for ev in ledger.read(f"{SWEEP}-t{i}")
+                                if ev.type == "EvalScored"] for i in (0, 1)}
     ledger.close()
-    name, *scores = _grid_row(page.get_by_text("eval/score", exact=True).first)
-    assert name == "eval/score"
-    assert [float(s) for s in scores] == [round(x, 4) for x in latest] or all(
-        abs(float(s) - x) < 1e-3 for s, x in zip(scores, latest)), (scores, latest)
-    assert len(scores) == 2
+    assert score_series(page) == scored
+    # the plot is of what was swept against the score
+    assert parallel_axes(page) == ["optim.learning_rate", "eval/score"]
+    # and the trials differ, in their params, only in the swept key; their deployments (which do
+    # differ) are tags
+    assert differing_params(page) == {"optim.learning_rate": ["0.001", "0.003"]}
+    client = MlflowClient(tracking_uri=served_sweep.base_url)
+    runs = [client.get_run(trials[f"{SWEEP}-t{i}"]) for i in (0, 1)]
+    assert [r.data.tags["model.deployment_id"] for r in runs] == ["dep-ui-t0", "dep-ui-t1"]
+    assert all("model.deployment_id" not in r.data.params for r in runs)
 
-    _close_assistant(page)
-    page.get_by_role("switch", name="Parameters - Show diff only").click()  # what the trials differ in
-    page.get_by_text("Visualizations", exact=True).click()  # folded: the table fits the screenshot
-    page.screenshot(path=str(artifacts / "compare_sweep.png"), full_page=True)
-
-
-def _grid_row(cell: Any) -> list[str]:
-    """The texts of a row of MLflow's virtualised grid (absolutely placed cells), given its first cell."""
-    return cell.evaluate("""a => {
-        const first = a.closest('div[style*="top:"]');
-        const top = 'top: ' + first.style.top;
-        let grid = first.parentElement;
-        while (grid && grid.querySelectorAll('div[style*="' + top + '"]').length < 3) grid = grid.parentElement;
-        return Array.from(grid.querySelectorAll('div[style*="' + top + '"]')).map(d => d.innerText.trim());
-    }""")
+    close_assistant(page)
+    page.screenshot(path=str(artifacts / "sweep_view.png"), full_page=True)
 
 
 def test_the_experiment_opens_on_training_runs(served_sweep: ServedSweep, page, artifacts) -> None:
     url = link(served_sweep.store, EXPERIMENT, served_sweep.base_url)  # what plain `ui` prints
-    _open(page, url, f"sweep {SWEEP}")
+    open_page(page, url, f"sweep {SWEEP}")
     assert re.search(r"#/experiments/\d+/runs", page.url), page.url
     nav = page.get_by_role("link", name="Models")
     assert nav.first.is_visible()  # the model-training side: Runs and Models, not GenAI traces
     assert page.get_by_text("Token Usage").count() == 0
-    _close_assistant(page)
+    close_assistant(page)
     page.screenshot(path=str(artifacts / "training_runs.png"))
 
     # ... and its Models: every snapshot by run and step, with the eval/score it reached
@@ -108,7 +84,7 @@ def test_a_run_page_shows_its_logged_models_with_their_scores(served_sweep: Serv
     scores = {ev.data["step"]: ev.data["score"] for ev in ledger.read(f"{SWEEP}-t0") if ev.type == "EvalScored"}
     ledger.close()
     url = link(served_sweep.store, EXPERIMENT, served_sweep.base_url, run_id=f"{SWEEP}-t0")
-    _open(page, url, f"{SWEEP}-t0@step-{steps[-1]}")
+    open_page(page, url, f"{SWEEP}-t0@step-{steps[-1]}")
     assert page.get_by_text(f"Logged models ({len(steps)})").count() == 1
     for step in steps:
         row = page.locator("[role=row]", has_text=f"{SWEEP}-t0@step-{step}").first
@@ -140,7 +116,7 @@ def test_a_followed_run_rebuilt_after_a_resume_replaces_its_predecessor(served_s
         old = _wait_for_run(client, experiment, run_id, lambda r: r.data.metrics.get("train/loss") == 1 / 5)
         exp_id = client.get_experiment_by_name(experiment).experiment_id
         runs_page = link(served_sweep.store, experiment, served_sweep.base_url)
-        _open(page, runs_page, run_id)
+        open_page(page, runs_page, run_id)
         assert _run_links(page) == [old]
 
         w.resume()  # step 5 followed the last saved state: superseded, already shown
@@ -160,7 +136,7 @@ def test_a_followed_run_rebuilt_after_a_resume_replaces_its_predecessor(served_s
     while _run_links(page) != [new] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _run_links(page) == [new]
-    _open(page, link(served_sweep.store, experiment, served_sweep.base_url, run_id=run_id), "train/loss")
+    open_page(page, link(served_sweep.store, experiment, served_sweep.base_url, run_id=run_id), "train/loss")
     assert new in page.url and exp_id in page.url
 
 

@@ -30,17 +30,20 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from firetitan_track.events import RecordedEvent
-from firetitan_track.ledger import Ledger, NotFound
-from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, compare_sweep, sweep_stream
+from firetitan_track.ledger import Ledger, LedgerError, NotFound
+from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, compare_sweep, sweep_stream, sweep_trials
 from firetitan_track.projections.mlflow.keys import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL,
                                                      MAX_TAGS_PER_CALL, MODEL_TRAINING, TAG_EVENTS,
-                                                     TAG_EXPERIMENT_KIND, TAG_PARENT, TAG_RUN, TAG_RUN_NAME,
-                                                     TAG_SWEEP_PARENT, mlflow_key, ms, param_value, quote)
+                                                     TAG_EXPERIMENT_KIND, TAG_GIT_COMMIT, TAG_PARENT, TAG_RUN,
+                                                     TAG_RUN_COLOR, TAG_RUN_NAME, TAG_SOURCE_NAME, TAG_SWEEP_PARENT,
+                                                     TRIAL_COLORS, mlflow_key, ms, param_value, quote)
 from firetitan_track.projections.mlflow.run_export import RunExport
+from firetitan_track.projections.mlflow.ui import sweep_view
 from firetitan_track.projections.mlflow.store import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI,
                                                       checkpoint_name, local_artifact_root, resolve_tracking_uri,
                                                       sqlite_path)
 from firetitan_track.projections.run_state import RunState, authoritative, fold
+from firetitan_track.redact import redact_text
 
 @dataclass
 class ExportReport:
@@ -137,6 +140,9 @@ class MlflowExporter:
                 stream.append(ev)  # (a stream not cached yet is read whole below)
         sweeps: set[str] = set()
         for stream_id in touched:
+            if redact_text(stream_id) != stream_id:  # an id is exported as it is: never one holding a secret
+                raise LedgerError("a run id holds the value of a credential in this environment; it is not "
+                                  "exported to MLflow")
             if stream_id not in self._streams:
                 self._streams[stream_id] = self.ledger.read(stream_id)
             if stream_id.startswith(SWEEP_STREAM_PREFIX):
@@ -251,9 +257,17 @@ class MlflowExporter:
         tags = {TAG_RUN: run_id, TAG_RUN_NAME: run_id}
         if sweep_id:
             tags[TAG_PARENT] = self._sweep_parent(sweep_id)
+            trial = self._trial_number(sweep_id, run_id)
+            if trial is not None:  # set once: a person may recolour a run in the UI
+                tags[TAG_RUN_COLOR] = TRIAL_COLORS[trial % len(TRIAL_COLORS)]
         run = self.client.create_run(self.experiment_id, start_time=ms(stream[0]), tags=tags)
         self._models[run_id] = {}
         return run.info.run_id
+
+    def _trial_number(self, sweep_id: str, run_id: str) -> int | None:
+        stream = sweep_stream(sweep_id)
+        events = self.ledger.read(stream) if self.ledger.stream_version(stream) else []
+        return next((t["trial"] for t in sweep_trials(events) if t["run_id"] == run_id), None)
 
     def _delete(self, run_id: str, ml_run: str) -> None:
         for model_id in self.models_of(run_id).values():
@@ -323,6 +337,10 @@ class MlflowExporter:
         except NotFound:  # a trial exported before its sweep was recorded
             return
         started = next(ev for ev in sweep if ev.type == "SweepStarted")
+        # the sweep's saved view, the page `compare` and `ui --sweep` link to (written again as
+        # trials change, so a store exported before views had them gains it)
+        swept = [mlflow_key(k) for k in (started.data.get("space") or started.data["grid"])]
+        self.client.set_experiment_tag(self.experiment_id, *sweep_view(sweep_id, swept, ms(started)))
         statuses = [t.status for t in trials]
         # trials a sweep has not assigned yet are still to come
         statuses += ["new"] * (started.data.get("n_trials", len(statuses)) - len(statuses))
@@ -382,6 +400,14 @@ def _run_tags(run_id: str, state: RunState, stream: list[RecordedEvent]) -> dict
     }
     if started.get("trial_params"):
         tags["trial_params"] = json.dumps(started["trial_params"], sort_keys=True)
+    code = state.code or {}
+    if code.get("git"):  # MLflow's own tags for the code's commit (the UI's Version column)
+        tags[TAG_GIT_COMMIT] = code["git"].get("commit")
+        tags["git_dirty"] = str(bool(code["git"].get("dirty"))).lower()
+    elif code:
+        tags["code_no_git"] = code.get("no_git")
+    if (code.get("entry") or {}).get("path"):
+        tags[TAG_SOURCE_NAME] = code["entry"]["path"]
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 

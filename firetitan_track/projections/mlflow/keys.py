@@ -21,11 +21,30 @@ TAG_EVENTS = "ledger_events"  # how many events of the stream this MLflow run sh
 TAG_SWEEP_PARENT = "ledger_sweep"  # on a sweep's parent run: the sweep id
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's tag for the code's commit
+TAG_SOURCE_NAME = "mlflow.source.name"  # MLflow's tag for the program that ran (its entry script)
+TAG_RUN_COLOR = "mlflow.runColor"  # the UI draws a run's lines in this colour
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # what the UI opens an experiment on
 MODEL_TRAINING = "custom_model_development"  # its kind for training runs (not GenAI traces)
 TAG_BEST_IN_RUN = "best_in_run"  # on the LoggedModel of a run's best-scoring snapshot
 PROMPTS_DATASET = "eval_prompts"
+# a sweep's trials in colours told apart at a glance (matplotlib's tab10), by trial number
+TRIAL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                "#bcbd22", "#17becf")
 SNAPSHOT_MODEL_TYPE = "sampler-snapshot"
+
+
+# Spec keys that say where, or under which name, a run ran rather than how it trains: the
+# run's name, its deployment, the service it used and that service's folder and device. They
+# are tags, not params, so the params of a sweep's trials differ only in what was swept (and
+# two machines' trials do not differ in their machines). A swept key stays a param.
+IDENTIFIER_KEYS = frozenset({"run.name"})
+IDENTIFIER_LEAVES = frozenset({"deployment_id", "display_name", "base_url", "state_dir", "device"})
+
+
+def is_identifier(key: str) -> bool:
+    """A flattened spec key that identifies rather than configures (``model.deployment_id``)."""
+    return key in IDENTIFIER_KEYS or key.rsplit(".", 1)[-1] in IDENTIFIER_LEAVES
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from firetitan_track.events import RecordedEvent
+from firetitan_track.ids import file_name  # a stored id becomes a file name only once checked
 from firetitan_track.projections.audit import best_eval, eval_rows
 from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_METRICS_PER_CALL,
-                                                     MAX_PARAMS_PER_CALL, PROMPTS_DATASET, SNAPSHOT_MODEL_TYPE,
-                                                     TAG_BEST_IN_RUN, TAG_RUN, quote, flatten, mlflow_key, model_name, ms, numbers,
-                                                     param_value)
-from firetitan_track.redact import redact
+                                                     MAX_PARAMS_PER_CALL, MAX_TAGS_PER_CALL, PROMPTS_DATASET,
+                                                     SNAPSHOT_MODEL_TYPE, TAG_BEST_IN_RUN, TAG_RUN, flatten,
+                                                     is_identifier, mlflow_key, model_name, ms, numbers,
+                                                     param_value, quote)
+from firetitan_track.redact import redact, redact_bytes
 
 if TYPE_CHECKING:
     from firetitan_track.projections.mlflow.exporter import MlflowExporter
@@ -53,16 +55,24 @@ class RunExport:
             self._artifacts()
 
     def _params(self) -> None:
-        from mlflow.entities import Param
+        """The spec's settings as params; the keys that only identify the run (its name,
+        deployment, service) as tags of the same name."""
+        from mlflow.entities import Param, RunTag
 
         started = next((ev for ev in self.new if ev.type == "RunStarted"), None)
         if started is None:
             return
         # the ledger stored the spec redacted; redact again so no key can reach MLflow
-        spec = redact(started.data["spec"])
-        params = [Param(mlflow_key(k), param_value(v)) for k, v in sorted(flatten(spec).items())]
+        spec = flatten(redact(started.data["spec"]))
+        swept = set(started.data.get("trial_params") or {})
+        params = [Param(mlflow_key(k), param_value(v)) for k, v in sorted(spec.items())
+                  if k in swept or not is_identifier(k)]
+        tags = [RunTag(mlflow_key(k), param_value(v)) for k, v in sorted(spec.items())
+                if k not in swept and is_identifier(k)]
         for i in range(0, len(params), MAX_PARAMS_PER_CALL):
             self.client.log_batch(self.ml_run, params=params[i:i + MAX_PARAMS_PER_CALL])
+        for i in range(0, len(tags), MAX_TAGS_PER_CALL):
+            self.client.log_batch(self.ml_run, tags=tags[i:i + MAX_TAGS_PER_CALL])
 
     def _logged_models(self) -> dict[str, str]:
         """A LoggedModel per sampler snapshot (found again by path); path -> model id."""
@@ -138,13 +148,17 @@ class RunExport:
         from mlflow.entities import Metric
 
         eval_steps = {ev.data["eval_id"]: ev.data["step"] for ev in self.history if ev.type == "EvalStarted"}
+        program = _ProgramMetrics(self.history, models)
         points: list[Metric] = []
         for ev in self.new:
             d, ts = ev.data, ms(ev)
             if ev.type == "StepCompleted":
                 for key, value in {**numbers(d["metrics"], "train"),
-                                   **numbers(d["optimizer"], "optim")}.items():
+                                   **numbers(d["optimizer"], "optim"),
+                                   **numbers(d.get("version_offsets"), "train/version_offset")}.items():
                     points.append(Metric(key, value, ts, int(d["step"])))
+            elif ev.type == "MetricsLogged":
+                points += program.points(ev)
             elif ev.type == "WeightsSynced":
                 points.append(Metric("sync/duration_s", float(d["duration_s"]), ts, int(d["step"])))
             elif ev.type == "SamplesRecorded" and d["eval_id"] in eval_steps:
@@ -169,20 +183,64 @@ class RunExport:
             for ev in self.new:
                 if ev.type == "RunStarted":
                     files.append((_write_json(tmp, "spec.json", redact(ev.data["spec"])), None))
+                    files += self._code_files(tmp, ev.data.get("code"))
                 elif ev.type == "EvalStarted" and ev.data["prompt_set_digest"] not in prompts:
                     digest = ev.data["prompt_set_digest"]
                     prompts.add(digest)
                     files.append((_write_json(tmp, f"{digest}.json", self._blob(digest)), "prompts"))
                 elif ev.type == "SamplesRecorded":
                     body = self._blob(ev.data["completions_digest"])
-                    files.append((_write_json(tmp, f"{ev.data['eval_id']}.json", body), "completions"))
+                    files.append((_write_json(tmp, file_name(ev.data["eval_id"], ".json"), body), "completions"))
             if any(ev.type == "EvalScored" for ev in self.new):
                 files.append((_plot_scores(self.history, Path(tmp) / "eval_score.png"), None))
             for path, folder in files:
                 self.client.log_artifact(self.ml_run, str(path), folder)
 
+    def _code_files(self, tmp: str, code: dict[str, Any] | None) -> list[tuple[Path, str | None]]:
+        """``code/identity.json`` (RunStarted.code) and ``code/diff.patch`` (the uncommitted diff)."""
+        if not code:
+            return []
+        folder = Path(tmp) / "code"
+        folder.mkdir(exist_ok=True)
+        files: list[tuple[Path, str | None]] = [(_write_json(str(folder), "identity.json", redact(code)), "code")]
+        digest = (code.get("git") or {}).get("diff_digest")
+        if digest:
+            patch = folder / "diff.patch"
+            patch.write_bytes(redact_bytes(self.exporter.ledger.get_blob(digest)))
+            files.append((patch, "code"))
+        return files
+
     def _blob(self, digest: str) -> Any:
         return redact(self.exporter.ledger.get_json(digest))
+
+
+class _ProgramMetrics:
+    """A recorded program's own metrics (MetricsLogged) under their own names and steps; its
+    eval/* metrics linked to the LoggedModel of the snapshot they measured (as audit ties
+    them). A number the step's StepCompleted already gives under that name is left out."""
+
+    def __init__(self, history: list[RecordedEvent], models: dict[str, str]):
+        self.models = models
+        self.measured = {r.eval_id: r.snapshot_path for r in eval_rows(history) if r.source == "program"}
+        self.from_steps = {(key, int(ev.data["step"])) for ev in history if ev.type == "StepCompleted"
+                           for key in numbers(ev.data["metrics"], "train")}
+
+    def points(self, ev: RecordedEvent) -> list[Any]:
+        from mlflow.entities import Metric
+
+        d = ev.data
+        step = d["step"] if d["step"] is not None else d.get("trainer_step")
+        if not isinstance(step, (int, float)):
+            return []
+        model = self.models.get(self.measured.get(ev.event_id[:12]) or "")
+        out = []
+        for key, value in d["metrics"].items():
+            name = mlflow_key(key)
+            if (name, int(step)) in self.from_steps or isinstance(value, bool):
+                continue
+            link = {"model_id": model} if model and key.startswith("eval/") else {}
+            out.append(Metric(name, float(value), ms(ev), int(step), **link))
+        return out
 
 
 def _write_json(folder: str, name: str, obj: Any) -> Path:

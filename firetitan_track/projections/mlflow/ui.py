@@ -2,12 +2,23 @@
 
 The links are MLflow 3's own routes (its UI is a hash-routed single page app):
 
-- a sweep: the runs comparison page (``#/compare-runs``), its trial runs side by side
-  with their params and metrics;
+- a sweep: a saved view of the experiment's runs (MLflow's "Views", shared by link), which
+  the exporter writes for each sweep: its trials only (the parent left out, so they are
+  not folded under it), in chart mode, with one section that shows the score curves of
+  every trial on one chart (``eval/score`` against step), a parallel-coordinates plot of
+  the swept params against ``eval/score``, and the trials' difference view (the params
+  that differ, which are the swept ones: per-trial identifiers are tags, not params).
+  A store exported before sweeps had views links to the runs comparison page
+  (``#/compare-runs``) instead;
 - a run: its run page; an experiment: its Training runs list.
 
 Each carries ``workflowType=machine_learning``: MLflow 3.17 opens on its GenAI side
 (traces, token usage) unless told, whatever the experiment's kind.
+
+A saved view is an experiment tag ``mlflow.sharedViewState.<key>`` holding
+``{name, createdAt, updatedAt, state}``, ``state`` being the UI's own JSON for the runs
+page (search facets plus chart layout), as MLflow 3.17's "Save view" writes it; the
+browser tests (tests/ui) check that this UI renders what is written here.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ from firetitan_track.projections.mlflow.keys import TAG_PARENT, TAG_RUN, TAG_SWE
 from firetitan_track.projections.mlflow.store import resolve_tracking_uri, store_exists
 
 WORKFLOW = "workflowType=machine_learning"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI's saved views: one experiment tag each
+SCORE = "eval/score"
 
 
 def experiment_link(base_url: str, experiment_id: str) -> str:
@@ -40,6 +53,53 @@ def compare_link(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
     return f"{base_url.rstrip('/')}/#/compare-runs?{query}&{WORKFLOW}"
 
 
+def view_link(base_url: str, experiment_id: str, key: str) -> str:
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+            f"&compareRunsMode=CHART&{WORKFLOW}")
+
+
+def sweep_view_key(sweep_id: str) -> str:
+    return f"sweep-{sweep_id}"  # sweep ids are plain (letters, digits, . _ -): safe in a tag key and a URL
+
+
+def sweep_view(sweep_id: str, swept: list[str], created_ms: int) -> tuple[str, str]:
+    """The experiment tag (key, value) of a sweep's saved view: its trials' score curves on
+    one chart, the swept params against the score, and what the trials differ in."""
+    section = f"firetitan-sweep-{sweep_id}"
+
+    def chart(uuid: str, type: str, **fields: Any) -> dict[str, Any]:
+        return {"uuid": f"{section}-{uuid}", "type": type, "metricSectionId": section, "isGenerated": False,
+                "deleted": False, "runsCountToCompare": 100, **fields}  # (fields may name another section)
+
+    state = {
+        # the trials (they carry the sweep id and a ledger run id; the parent has no run id), listed
+        # flat in trial order: MLflow folds children under their parent only when sorted by time
+        "searchFilter": f"tags.sweep_id = {quote(sweep_id)} AND tags.{TAG_RUN} LIKE '%'",
+        "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+        "runsHiddenMode": "SHOW_ALL",  # every trial in the charts, not the UI's first ten
+        "isAccordionReordered": True,  # this section stays first, above the generated ones
+        "compareRunSections": [
+            {"uuid": section, "name": f"sweep {sweep_id}", "display": True, "isReordered": True, "deleted": False,
+             "isGenerated": False, "columns": 2, "cardHeight": 400},
+            # the difference view has a column per trial: a section of its own, the full width
+            {"uuid": f"{section}-differ", "name": f"sweep {sweep_id}: what the trials differ in", "display": True,
+             "isReordered": True, "deleted": False, "isGenerated": False, "columns": 1, "cardHeight": 240}],
+        "compareRunCharts": [
+            chart("score", "LINE", metricKey=SCORE, selectedMetricKeys=[SCORE], displayName=f"{SCORE} by step",
+                  lineSmoothness=0, xAxisKey="step", xAxisScaleType="linear", scaleType="linear", range={},
+                  selectedXAxisMetricKey="", yAxisKey="metric", yAxisExpressions=[], ignoreOutliers=False,
+                  useGlobalXaxisKey=False, useGlobalLineSmoothing=False),
+            chart("params", "PARALLEL", selectedParams=list(swept), selectedMetrics=[SCORE], showAllRuns=True),
+            chart("differ", "DIFFERENCE", metricSectionId=f"{section}-differ", compareGroups=["Parameters"],
+                  chartName="the params that differ", showChangeFromBaseline=False, showDifferencesOnly=True,
+                  baselineColumnUuid=""),
+        ],
+    }
+    envelope = {"name": f"sweep {sweep_id}", "createdAt": created_ms, "updatedAt": created_ms,
+                "state": json.dumps(state, sort_keys=True)}
+    return VIEW_TAG_PREFIX + sweep_view_key(sweep_id), json.dumps(envelope, sort_keys=True)
+
+
 def ui_base_url(tracking_uri: str, default: str = "http://127.0.0.1:5000") -> str:
     """Where the UI for a tracking store is: the server itself, or `firetitan-track ui`'s default."""
     return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else default
@@ -47,7 +107,7 @@ def ui_base_url(tracking_uri: str, default: str = "http://127.0.0.1:5000") -> st
 
 def link(tracking_uri: str, experiment: str, base_url: str, *, sweep_id: str | None = None,
          run_id: str | None = None) -> str:
-    """The page that shows a sweep's trials side by side, a ledger run, or else the experiment.
+    """The page that shows a sweep's trials (its saved view), a ledger run, or else the experiment.
 
     Looked up in the tracking store as it is now: a run rebuilt after a resume is a new
     MLflow run, so a link made afterwards names the new one. NotFound when the store
@@ -71,6 +131,8 @@ def link(tracking_uri: str, experiment: str, base_url: str, *, sweep_id: str | N
         if not trials:
             raise NotFound(f"sweep {sweep_id!r} has no trial runs in the {where}: "
                            "`firetitan-track export mlflow` writes them")
+        if VIEW_TAG_PREFIX + sweep_view_key(sweep_id) in exp.tags:
+            return view_link(base_url, exp_id, sweep_view_key(sweep_id))
         trials.sort(key=lambda r: _natural(r.data.tags.get(TAG_RUN, "")))
         return compare_link(base_url, exp_id, [r.info.run_id for r in trials])
     if run_id is not None:

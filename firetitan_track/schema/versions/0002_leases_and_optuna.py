@@ -40,8 +40,14 @@ def upgrade() -> None:
 
 def create_optuna_tables(bind: sa.Connection) -> None:
     """Optuna's tables and its version row, as its RDB storage would make them."""
-    import optuna
-    from optuna.storages._rdb import models
+    try:
+        import optuna
+        from optuna.storages._rdb import models
+    except ModuleNotFoundError as e:
+        from firetitan_track.extras import MissingExtra
+
+        raise MissingExtra("postgres", "a PostgreSQL ledger's schema (it holds the sweeps' Optuna tables)",
+                           [e.name or "optuna"]) from None
 
     models.BaseModel.metadata.create_all(bind)
     version_info = models.VersionInfoModel.__table__

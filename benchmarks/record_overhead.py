@@ -1,0 +1,106 @@
+"""What ``firetitan-track record`` costs a program: the cookbook's ``sft_loop``, unmodified.
+
+Prints one JSON object:
+
+- ``record_overhead_wall_ratio``: the wall time of ``firetitan-track record -- python sft.py``
+  over that of ``python sft.py``, the same run on the same local service (the pinned
+  cookbook's ``sft_loop`` in its own environment, fireworks-ai 1.2.24: a tiny dataset, one
+  epoch of ``--steps`` optimizer steps, the final checkpoint; the metrics file named in both).
+  Each is timed from launch to exit, as a user sees it; rounds are interleaved and the median
+  of the per-round ratios is reported. Target: <= 1.05.
+- ``recorded_events``: what one recorded run wrote (its steps, states, snapshot, metrics lines).
+- ``bare_wall_s`` / ``recorded_wall_s``: the medians of each.
+- ``load_average``: the machine's 1/5/15-minute load when the benchmark ended.
+
+Usage: ``python benchmarks/record_overhead.py [--rounds N] [--steps N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DRIVER = '''
+import json, os, sys
+from training.recipes.sft_loop import Config, main
+from training.utils.config import TrainerConfig, WandBConfig
+base_url, tokenizer, shape, folder, steps = sys.argv[1:6]
+data = os.path.join(folder, "sft.jsonl")
+with open(data, "w") as f:
+    for n in range(2 * int(steps)):
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"reverse {n}"},
+                                         {"role": "assistant", "content": str(n)[::-1]}]}) + "\\n")
+main(Config(log_path=os.path.join(folder, "logs"), base_model="accounts/fireworks/models/qwen3-8b", dataset=data,
+            tokenizer_model=tokenizer, renderer_name="qwen3_instruct", epochs=1, batch_size=2, max_seq_len=256,
+            render_workers=1, trainer=TrainerConfig(training_shape_id=shape), wandb=WandBConfig(entity=None)))
+'''
+
+
+def one_run(command: list[str], env: dict[str, str], cwd: Path) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} failed: {done.stderr[-2000:]}")
+    return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+
+    from firetitan_track import Ledger
+    from runner.local.supervisor import local_service
+    from tests.envs import COOKBOOK, cookbook_env
+    from tests.record.conftest import with_recorder
+
+    python = str(with_recorder(cookbook_env()) / "python")
+    cli = str(Path(sys.executable).parent / "firetitan-track")
+    ratios, bare, recorded = [], [], []
+    with tempfile.TemporaryDirectory() as tmp, local_service() as info:
+        root = Path(tmp)
+        (root / "driver.py").write_text(DRIVER)
+        ledger_url = f"sqlite:///{root / 'ledger.db'}"
+        for k in range(args.rounds):
+            times = {}
+            for kind in (("bare", "recorded") if k % 2 == 0 else ("recorded", "bare")):
+                folder = root / f"{kind}-{k}"
+                folder.mkdir()
+                env = {**os.environ, "PYTHONPATH": str(COOKBOOK), "FIREWORKS_API_KEY": "local",
+                       "FIREWORKS_BASE_URL": info.base_url, "COOKBOOK_METRICS_FILE": str(folder / "metrics.jsonl")}
+                program = [python, str(root / "driver.py"), info.base_url, info.tokenizer_path,
+                           info.training_shape_id, str(folder), str(args.steps)]
+                if kind == "recorded":
+                    program = [cli, "--ledger", ledger_url, "record", "--run-id", f"sft-{k}", "--", *program]
+                times[kind] = one_run(program, env, folder)
+            bare.append(times["bare"])
+            recorded.append(times["recorded"])
+            ratios.append(times["recorded"] / times["bare"])
+        events = len(Ledger.open(ledger_url).read("sft-0"))
+    print(json.dumps({
+        "record_overhead_wall_ratio": round(statistics.median(ratios), 4),
+        "round_ratios": [round(r, 4) for r in ratios],
+        "bare_wall_s": round(statistics.median(bare), 2),
+        "recorded_wall_s": round(statistics.median(recorded), 2),
+        "sft_steps": args.steps,
+        "recorded_events": events,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The one module that reaches past the FireTitan SDK's public API.
+
+firetitan-track records programs on the SDK releases researchers pin: fireworks-ai 1.2.24
+(built on Thinking Machines' ``tinker`` 0.23 types; the cookbook's pin) and 1.2.30
+(its own native types; this project's pin). Their public surface is the same where
+the recorder touches it; what the public API does not say (the provisioning config a
+service was built from, the raw deployment record, which snapshot kind the next save
+writes) is read here and nowhere else, each access named for what it gives and tested
+against both releases (tests/record/test_sdk_adapter.py). When a release moves one of
+these, this module is the one to change; a caller gets ``None`` (or the documented
+fallback), never an AttributeError from deep inside the SDK.
+
+Nothing here imports the SDK at module import: firetitan-track stays importable in an
+environment without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["sdk_versions", "managed_config", "managed_handle", "managed_base_url", "trainer_job_id",
+           "deployment_id", "reference_job_id", "deployment_reattached", "deployment_record", "next_snapshot_kind", "rest_get",
+           "adam_params", "optimizer_fields", "cleanup_flags"]
+
+
+def sdk_versions() -> dict[str, str]:
+    """The installed fireworks-ai release, and tinker's when it is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {}
+    for dist in ("fireworks-ai", "tinker"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+# -- the provisioning a FiretitanServiceClient holds -------------------------------------------
+
+def managed_config(service: Any) -> Any:
+    """The FiretitanProvisioningConfig an SDK-managed service was built from (None for a
+    service made another way)."""
+    return getattr(service, "_managed_config", None)
+
+
+def managed_handle(service: Any) -> Any:
+    """The SDK's handle on what it provisioned (trainer endpoint, managers, deployment);
+    None until the first training client provisions it."""
+    return getattr(service, "_managed_handle", None)
+
+
+def managed_base_url(service: Any) -> str | None:
+    """The control-plane base URL an SDK-managed service talks to."""
+    return getattr(service, "_managed_base_url", None)
+
+
+def trainer_job_id(service: Any) -> str | None:
+    """The policy trainer's job id, None before provisioning (the public ``trainer_job_id``
+    raises instead)."""
+    value = getattr(service, "managed_trainer_job_id", None)
+    return value if isinstance(value, str) else None
+
+
+def deployment_id(service: Any) -> str | None:
+    """The service's deployment id, None when it has none (a recipe without sampling)."""
+    handle = managed_handle(service)
+    if handle is not None:
+        deployment = getattr(handle, "deployment", None)
+        return getattr(deployment, "deployment_id", None) if deployment is not None else None
+    value = getattr(service, "managed_deployment_id", None)
+    return value if isinstance(value, str) else None
+
+
+def reference_job_id(service: Any) -> str | None:
+    """The separate frozen reference trainer's job id; None when the reference shares the
+    policy's session (a LoRA policy) or none was made."""
+    value = getattr(service, "reference_job_id", None)
+    return value if isinstance(value, str) else None
+
+
+def deployment_reattached(service: Any) -> bool | None:
+    """Right after provisioning: whether the SDK reattached to an existing deployment (True)
+    or created it (False); None when the service has no deployment or cannot say."""
+    handle = managed_handle(service)
+    if handle is None or getattr(handle, "deployment", None) is None:
+        return None
+    flag = getattr(handle, "requires_initial_sampler_sync", None)  # set on reattach until the first hotload
+    return flag if isinstance(flag, bool) else None
+
+
+def cleanup_flags(config_or_handle: Any) -> tuple[bool, str | None]:
+    """(delete the trainer on close, what to do with the deployment on close) as the SDK
+    holds them on a provisioning config or on its handle."""
+    return (bool(getattr(config_or_handle, "cleanup_trainer_on_close", False)),
+            getattr(config_or_handle, "cleanup_deployment_on_close", None))
+
+
+def deployment_record(handle: Any, deployment_id: str) -> dict[str, Any] | None:
+    """The control plane's raw deployment record (None: no such deployment). The public
+    ``DeploymentManager.get`` returns a DeploymentInfo without the replica counts that tell
+    a scale-to-zero happened."""
+    manager = getattr(handle, "deployment_manager", None)
+    if manager is None:
+        raise LookupError("the SDK handle has no deployment manager")
+    record: dict[str, Any] | None = manager._get_deployment(deployment_id)
+    return record
+
+
+def rest_get(manager: Any, path: str, *, timeout: float = 30) -> Any:
+    """GET ``path`` on the control plane with the manager's auth headers: the SDK has no
+    public call for some reads (a model by id). Returns the httpx response."""
+    return manager._get(path, timeout=timeout)
+
+
+# -- training clients --------------------------------------------------------------------------
+
+def next_snapshot_kind(client: Any, requested: str | None) -> str | None:
+    """The checkpoint type (``base``, ``delta``, ...) the client's next
+    ``save_weights_for_sampler(checkpoint_type=requested)`` will write, as the SDK decides
+    it (a full base first in a session, deltas after it, always a base under LoRA);
+    ``requested`` itself when the SDK cannot say."""
+    decide = getattr(client, "_next_sampler_checkpoint_type", None)
+    if decide is None:
+        return requested
+    try:
+        return str(decide(requested))
+    except Exception:  # an invalid request: the SDK's own call will say so
+        return requested
+
+
+def adam_params(params: Any) -> Any:
+    """The installed SDK's AdamParams from any AdamParams-like object or dict.
+
+    The seed passes Thinking Machines' ``tinker.AdamParams``, which fireworks-ai 1.2.30's
+    optim_step rejects; the fields are the same. 1.2.24 exports no AdamParams of its own:
+    its optim_step takes tinker's (0.23).
+    """
+    try:
+        from fireworks.training.sdk import AdamParams
+    except ImportError:  # fireworks-ai 1.2.24
+        from tinker.types import AdamParams
+
+    if isinstance(params, AdamParams):
+        return params
+    fields = optimizer_fields(params)
+    return AdamParams(**{k: v for k, v in fields.items() if k in AdamParams.model_fields})
+
+
+def optimizer_fields(params: Any) -> dict[str, Any]:
+    """An AdamParams-like object (either release's class, a dataclass, a dict) as its set fields."""
+    if isinstance(params, dict):
+        fields = dict(params)
+    elif hasattr(params, "model_dump"):
+        fields = params.model_dump(exclude_none=True)
+    elif hasattr(params, "__dict__"):
+        fields = dict(vars(params))
+    else:
+        fields = {}
+    return {k: v for k, v in fields.items() if v is not None}
