@@ -289,6 +289,23 @@ class LedgerConformance:
         finally:
             watch.close()
 
+    def test_a_team_key_signs_a_runs_end_with_its_events(self, ledger_url: str, tmp_path,  # type: ignore[no-untyped-def]
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        """The head a run's last event makes is signed by the team's key, written with the events
+        (on PostgreSQL, inside the append's pipelined transaction), and verify checks it."""
+        from firetitan_track.signing import new_key_file
+
+        key = new_key_file(tmp_path / "team.pem")
+        monkeypatch.setenv("FIRETITAN_SIGNING_KEY", str(tmp_path / "team.pem"))
+        with Ledger.open(ledger_url) as ledger:
+            recorded = ledger.append("r", [run_started(), step(0)], 0)
+            assert ledger.signed_heads("r") == [], "a head is signed at a run's end, not before"
+            recorded += ledger.append("r", [new_event("RunCompleted", final_step=1, final_snapshot=None)], 2)
+            [head] = ledger.signed_heads("r")
+            assert (head.version, head.hash) == (2, recorded[-1].hash) and head.valid()
+            assert head.public_key == key.sign("r", 0, "x").public_key
+            assert ledger.verify() == []
+
     # -- tamper evidence -------------------------------------------------------------
 
     def _three_events(self, ledger: Ledger) -> None:
