@@ -170,23 +170,23 @@ def test_a_signal_landing_inside_a_ledger_write_waits_until_the_write_is_done(le
     # write lock, and the cleanup's own record would then wait for it and fail
     import time
 
+    from firetitan_track import ledger as ledger_module
     from firetitan_track import new_event
-    from firetitan_track.store import Store
     from runner.interrupts import StopSignals, Terminated
 
     ledger = Ledger.open(ledger_url)
-    take = Store.take_commit_order
+    chain = ledger_module._chain  # runs inside the append's transaction, holding the write lock
 
-    def signalled_inside(self: Store, conn: Any) -> None:
+    def signalled_inside(*args: Any) -> Any:
         os.kill(os.getpid(), signal.SIGTERM)  # lands on the next bytecode: inside the append
-        take(self, conn)
+        return chain(*args)
 
-    monkeypatch.setattr(Store, "take_commit_order", signalled_inside)
+    monkeypatch.setattr(ledger_module, "_chain", signalled_inside)
     stop = StopSignals()
     try:
         ledger.append("w", [new_event("RunFailed", error="x", step=0)], 0)  # not interrupted
         assert ledger.stream_version("w") == 1 and isinstance(stop.requested, Terminated)
-        monkeypatch.setattr(Store, "take_commit_order", take)
+        monkeypatch.setattr(ledger_module, "_chain", chain)
         with pytest.raises(Terminated):  # delivered again once the write is done
             time.sleep(5)
     finally:
