@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import click
 
 from firetitan_track.cli import absolute_uri, ledger_url, user_errors
 from firetitan_track.extras import MissingExtra, install_line, missing, require
-from firetitan_track.redact import guard_output
+from firetitan_track.redact import guard_output, redact_text
 
 # command name -> ("module:attribute", the extra it needs beyond the core, or None)
 COMMANDS: dict[str, tuple[str, str | None]] = {
@@ -120,10 +121,14 @@ def _reporting() -> Iterator[None]:
     """Bad input and known failures as a message and exit 1; an interrupted run as exit 130
     with the command that continues it."""
     from runner.interrupts import RunInterrupted
+    from runner.loop import ServiceLost
 
     try:
         with user_errors():
-            yield
+            try:
+                yield
+            except ServiceLost as e:
+                _exit_now(click.ClickException(redact_text(str(e))))
     except RunInterrupted as e:
         done = "; its cleanup is done" if getattr(e, "cleanup_done", True) else ""
         click.echo(f"{e}{done}. Continue it with: firetitan-track resume {e.run_id}", err=True)
@@ -132,6 +137,15 @@ def _reporting() -> Iterator[None]:
         click.echo("interrupted; a run that had started keeps the record of how far it got (find it with "
                    "`firetitan-track runs`): continue it with: firetitan-track resume RUN_ID", err=True)
         sys.exit(130)
+
+
+def _exit_now(error: click.ClickException) -> NoReturn:
+    """Print ``error`` and exit 1 without the interpreter's shutdown (see loop.ServiceLost):
+    what the run wrote is committed; only the SDK's calls to a dead service are abandoned."""
+    error.show()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(error.exit_code)
 
 
 def _finish(result: Any) -> None:

@@ -337,7 +337,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             result.status, result.final_step = "pruned", cause.step
             return result
         if lost is not None:
-            raise RunError(f"run {rec.run_id} stopped: {lost}. Its cleanup could be neither done nor confirmed "
+            raise ServiceLost(f"run {rec.run_id} stopped: {lost}. Its cleanup could be neither done nor confirmed "
                            f"(recorded as unknown). {_restart_hint(spec)}continue it with: "
                            f"firetitan-track resume {rec.run_id}") from None
         if isinstance(cause, (NotResumable, InvalidEvent)) or _status_code(cause) in (400, 422):
@@ -404,6 +404,12 @@ def _close(tracked: TrackedService | None, lost: BackendLost | None = None) -> N
 
 class NotResumable(RunError):
     """A failure that resuming cannot fix: the recorded spec would fail the same way."""
+
+
+class ServiceLost(RunError):
+    """The service stopped answering mid-run; the run's record is complete. The SDK's
+    clients still hold calls to the dead service: their thread pools and finalizers wait on
+    it when the interpreter exits (seconds to minutes), so the command line exits at once."""
 
 
 def _check_finite(metrics: dict[str, float], step: int, spec: Spec) -> None:
