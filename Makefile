@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VENV)/bin/pip install -q -c requirements.lock -e '.[all,test]'
 	touch $(STAMP)
 
+# Two workers (one per core here; TEST_WORKERS=N for another machine): each file runs whole on one
+# worker, with its own local service and MLflow server.
+TEST_WORKERS ?= 2
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The main job: a small learning-rate sweep of the demo on the embedded local service,
 # exported to MLflow, ending with the compare table and the command that opens the UI.
