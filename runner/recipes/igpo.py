@@ -10,7 +10,7 @@ uninterrupted one did), then scores every episode through the trainer's ``forwar
 one baseline pass (the prompt) and one per turn (the conversation up to the
 environment's reply to it), each the mean log-probability of the answer as the policy's
 next turn. A turn's information gain is the rise of that score over the previous one.
-Within a prompt's group the gains and the outcomes (at the last turn) are z-normalized
+Within a prompt's group the gains and the outcomes (at the last turn) are centered
 separately and summed; a turn's advantage is its discounted return (``recipe.gamma``),
 given to every token the policy sampled in that turn. The objective and optimizer step
 are grpo's (``policy_gradient``), with a per-token advantage.
@@ -138,25 +138,26 @@ def answer_scores(ctx: StepContext, episodes: list[Episode], answers: list[str])
     return scores
 
 
-def _z(values: list[float], eps: float = 1e-6) -> list[float]:
-    """``values`` less their mean, over their standard deviation (all 0 when they do not vary)."""
-    if not values:
-        return []
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-    return [0.0] * len(values) if std < eps else [(v - mean) / std for v in values]
+def _centered(values: list[float]) -> list[float]:
+    """``values`` less their mean (grpo's group-relative baseline)."""
+    mean = sum(values) / len(values) if values else 0.0
+    return [v - mean for v in values]
 
 
 def turn_advantages(gains: list[list[float]], outcomes: list[float], gamma: float) -> list[list[float]]:
-    """Per episode of one group, per turn: the information gains (every turn) and the outcomes
-    (the last turn; 0 before it), each z-normalized over all the group's turns, summed, then
-    returned backwards with discount ``gamma``: A_t = r_t + gamma * A_(t+1)."""
-    rewards_out = [[0.0] * (len(g) - 1) + [o] for g, o in zip(gains, outcomes)]
-    flat_gain = _z([x for g in gains for x in g])
-    flat_out = _z([x for r in rewards_out for x in r])
+    """Per episode of one group, per turn: the information gains (every turn) less their mean
+    over all the group's turns, plus the outcome less the group's mean outcome (at the last
+    turn), returned backwards with discount ``gamma``: A_t = r_t + gamma * A_(t+1).
+
+    The two are centered, as grpo's rewards are, not scaled to unit variance: while the
+    policy holds no belief about the answer its gains are noise of a few thousandths of a
+    nat, and scaling them up would make that noise weigh as much as the outcome."""
+    flat_gain = _centered([x for g in gains for x in g])
+    outcome = _centered(outcomes)
     advantages, at = [], 0
-    for g in gains:
-        rewards = [flat_gain[at + t] + flat_out[at + t] for t in range(len(g))]
+    for g, o in zip(gains, outcome):
+        rewards = flat_gain[at:at + len(g)]
+        rewards[-1] += o
         at += len(g)
         ret, row = 0.0, [0.0] * len(g)
         for t in range(len(g) - 1, -1, -1):
