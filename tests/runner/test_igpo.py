@@ -197,3 +197,12 @@ def test_igpo_through_rerun_sweep_audit_lineage_and_the_mlflow_export(igpo_run, 
     assert fold(trial_events).status == "completed"
     assert trial_events[0].data["spec"]["recipe"]["gamma"] == 0.5
     assert [ev.data["step"] for ev in trial_events if ev.type == "TrajectoriesRecorded"] == [1]
+
+
+def test_an_episode_longer_than_the_context_is_refused_before_anything_is_written(local_url, ledger_url, tmp_path):
+    spec = small_spec(tmp_path, local_url, name="long", **{**IGPO, "recipe": {**IGPO["recipe"], "turns": 100}})
+    proc = CliRunner().invoke(main, ["--ledger", ledger_url, "run", str(spec), "--run-id", "long", "--quiet"])
+    assert proc.exit_code == 1
+    assert "sampling.max_tokens: an episode of eval prompt 1 may take" in proc.output
+    assert "lower recipe.turns" in proc.output
+    assert Ledger.open(ledger_url).stream_version("long") == 0
