@@ -185,6 +185,14 @@ CATALOGUE: dict[str, EventType] = _types(
           "may be written with the next event (a step after the last saved state is redone on resume)",
           fields={"step": INTEGER, "data_cursor": ANY, "micro_batches": INTEGER, "metrics": NUMBERS,
                   "optimizer": OBJECT}),
+    _type("TrajectoriesRecorded",
+          "a multi-turn recipe's (igpo) episodes of one step, sampled from snapshot_path: the blob holds, per "
+          "trajectory, its prompt, answer, outcome, baseline_logprob and turns (text, the environment's reply, "
+          "the answer's log-probability after it, info_gain, advantage, finish_reason, the request's seed); "
+          "trajectories and turns count them",
+          fields={"step": INTEGER, "snapshot_path": OPT_STRING, "trajectories_digest": DIGEST,
+                  "trajectories": INTEGER, "turns": INTEGER},
+          blobs=("trajectories_digest",)),
     _type("StateSaveRequested", fields={"step": INTEGER, "name": STRING, "data_cursor": ANY}),
     _type("StateSaved", "optional trainer_job_id: the job that saved it (a new job loads it by cross-job reference)",
           fields={"step": INTEGER, "name": STRING, "path": STRING, "data_cursor": ANY},

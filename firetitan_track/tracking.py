@@ -483,16 +483,20 @@ class TrackedService:
 
     async def evaluate(self, sampler: Any, prompts: Sequence[Any], *, snapshot_path: str | None,
                        sampling: dict[str, Any], grade: Callable[[Any, str], float],
-                       controller: Any = None) -> EvalResult:
+                       controller: Any = None, play: Callable[..., Any] | None = None) -> EvalResult:
         """Sample every prompt through the deployment, grade, and record the eval.
 
         ``prompts`` are objects with ``chat()`` (the messages) and ``to_json()`` (the stored form);
         the exact prompt set is stored as a blob and the score is tied to it and to
-        ``snapshot_path``.
+        ``snapshot_path``. A multi-turn task passes ``play(sampler, index, prompt, sampling)``,
+        a coroutine giving the prompt's scored episodes ({"text", "score", ...} each) instead
+        of one graded completion per sample.
         """
         eval_id = self._eval_started([p.to_json() for p in prompts], snapshot_path, sampling)
 
         async def one(i: int, p: Any) -> list[dict[str, Any]]:
+            if play is not None:
+                return [{"prompt": i, **episode} for episode in await play(sampler, i, p, sampling)]
             outs = await sampler.sample_with_tokens(messages=p.chat(), n=sampling["n"],
                                                     max_tokens=sampling["max_tokens"],
                                                     temperature=sampling["temperature"])

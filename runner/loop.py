@@ -37,6 +37,7 @@ from runner.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
 from runner.provision import connect, endpoint
 from runner.recipes import RECIPES, StepContext
+from runner.recipes.base import visible_text
 from runner.spec import Spec
 from runner.tasks import DataError, Example, eval_prompts, grade, load_jsonl, train_batch
 from runner.tasks.preference import Pair, load_pairs, pair_batch
@@ -264,7 +265,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         tracked, policy = session.tracked, session.policy
         ctx = StepContext(spec, tracked, policy, session.reference, session.tokenizer,
                           adam=adam_params(dataclasses.asdict(spec.optim)), loop=loop,
-                          new_controller=lambda: _controller(spec))
+                          new_controller=lambda: _controller(spec), rec=rec)
         ctx.controller = ctx.new_controller()
 
         if st.last_state is not None:
@@ -383,18 +384,13 @@ def _refusal(exc: BaseException) -> str:
 def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
     sampler = ctx.sync_policy(f"eval-{ctx.step}")
     s = inputs.spec.sampling
+    play = getattr(RECIPES[inputs.spec.recipe.kind], "play_eval", None)  # a multi-turn recipe plays episodes
     res = ctx.run_async(ctx.tracked.evaluate(
         sampler, inputs.eval_set, snapshot_path=ctx.last_snapshot,
         sampling={"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature},
-        grade=lambda ex, text: grade(ex.answer, _visible(ctx.tokenizer, text)), controller=ctx.controller))
+        grade=lambda ex, text: grade(ex.answer, visible_text(ctx.tokenizer, text)), controller=ctx.controller,
+        play=(lambda smp, i, ex, sampling: play(ctx, smp, i, ex, sampling)) if play is not None else None))
     return res.score
-
-
-def _visible(tokenizer: Any, text: str) -> str:
-    """The completion as a reader sees it: special tokens (the end-of-turn marker) removed."""
-    for special in tokenizer.all_special_tokens:
-        text = text.replace(special, "")
-    return text
 
 
 def _close(tracked: TrackedService | None, lost: BackendLost | None = None) -> None:

@@ -89,6 +89,9 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
         if tokens >= context:  # not even an empty prompt leaves room
             raise SpecError(f"{spec.source}: {key}: {tokens} new tokens do not fit the model's context of "
                             f"{context} tokens (as the service reports it)")
+    if spec.recipe.kind == "igpo":
+        _check_episodes(spec, context, tokenizer, eval_set)
+        return
     for i, example in enumerate(eval_set):
         prompt = _chat_len(tokenizer, example)
         n = prompt + spec.sampling.max_tokens
@@ -104,6 +107,21 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
         if n > context:
             raise SpecError(f"{spec.source}: task.data: example {i + 1} takes {n} tokens, more than the "
                             f"model's context of {context}")
+
+
+def _check_episodes(spec: Spec, context: int, tokenizer: Any, eval_set: Sequence[Any]) -> None:
+    """A multi-turn episode (igpo) grows by a turn and a reply at a time: the longest one, of
+    an eval prompt (the task's training prompts are of the same form), must fit ``context``."""
+    from runner.recipes.igpo import episode_budget
+
+    for key, new_tokens in (("sampling.max_tokens", spec.sampling.max_tokens),
+                            ("recipe.max_tokens", spec.recipe.max_tokens)):
+        for i, example in enumerate(eval_set):
+            n = episode_budget(spec, tokenizer, example, new_tokens)
+            if n > context:
+                raise SpecError(f"{spec.source}: {key}: an episode of eval prompt {i + 1} may take {n} tokens "
+                                f"({spec.recipe.turns} turns of {new_tokens} tokens with the task's replies), "
+                                f"more than the model's context of {context}; lower recipe.turns or {key}")
 
 
 def load_tokenizer(spec: Spec, path: str) -> Any:

@@ -78,7 +78,7 @@ class CleanupSection:
 
 @dataclass(frozen=True)
 class RecipeSection:
-    kind: Literal["sft", "grpo", "dpo", "orpo"] = "sft"
+    kind: Literal["sft", "grpo", "dpo", "orpo", "igpo"] = "sft"
     batch_size: int = 16  # examples per micro-batch
     micro_batches: int = 1  # forward_backward calls accumulated per optimizer step
     group_size: int = 4  # grpo: rollouts per prompt
@@ -86,6 +86,9 @@ class RecipeSection:
     temperature: float = 1.0  # grpo: rollout temperature
     kl_coef: float = 0.0  # grpo: weight of the KL penalty to a frozen reference
     beta: float = 0.1  # dpo: scale of the implicit reward; orpo: weight of the odds-ratio term
+    # igpo (multi-turn; group_size, max_tokens per turn, temperature and kl_coef as for grpo)
+    turns: int = 4  # igpo: most turns per episode
+    gamma: float = 0.95  # igpo: discount of later turns' rewards in a turn's advantage
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ class Spec:
             "schedule.eval_every": self.schedule.eval_every,
             "sampling.n": self.sampling.n, "sampling.max_tokens": self.sampling.max_tokens,
             "concurrency.initial": self.concurrency.initial, "concurrency.max": self.concurrency.max,
-            "task.digits": self.task.digits,
+            "task.digits": self.task.digits, "recipe.turns": self.recipe.turns,
         }
         for key, value in positive.items():
             if value < 1:
@@ -202,6 +205,9 @@ class Spec:
         self._check_sizes(bad)
         if self.recipe.beta <= 0:
             raise bad("recipe.beta", f"must be positive, got {self.recipe.beta}")
+        if not 0 <= self.recipe.gamma <= 1:
+            raise bad("recipe.gamma", f"must be in [0, 1], got {self.recipe.gamma}")
+        self._check_multi_turn(bad)
         run_id, at, step = self.model.init_from.partition("@")
         if self.model.init_from and (not run_id or (at and not step.isdigit())):
             raise bad("model.init_from", f"expected \"RUN_ID\" or \"RUN_ID@STEP\", got {self.model.init_from!r}")
@@ -218,6 +224,26 @@ class Spec:
             if self.task.name not in TASKS:
                 raise bad("task.name", f"unknown built-in task {self.task.name!r} (known: {', '.join(sorted(TASKS))})")
 
+    def _check_multi_turn(self, bad: Any) -> None:
+        """igpo plays a built-in multi-turn task, and only igpo plays one."""
+        from runner.tasks import TASKS
+
+        task = TASKS.get(self.task.name)
+        multi = [name for name, t in sorted(TASKS.items()) if t.multi_turn]
+        if self.recipe.kind == "igpo":
+            if self.task.data:
+                raise bad("task.data", "recipe.kind = \"igpo\" plays a built-in multi-turn task; "
+                                       f"leave task.data empty and set task.name (one of: {', '.join(multi)})")
+            if task is not None and not task.multi_turn:
+                raise bad("task.name", f"{self.task.name!r} is a single-turn task; recipe.kind = \"igpo\" "
+                                       f"plays a multi-turn one (one of: {', '.join(multi)})")
+            if self.eval.prompts != "builtin":
+                raise bad("eval.prompts", "recipe.kind = \"igpo\" evaluates on the task's built-in held-out "
+                                          "episodes; set eval.prompts = \"builtin\"")
+        elif task is not None and task.multi_turn and not self.task.data:
+            raise bad("recipe.kind", f"task {self.task.name!r} is multi-turn: only recipe.kind = \"igpo\" "
+                                     f"plays it, not {self.recipe.kind!r}")
+
     def _check_sizes(self, bad: Any) -> None:
         """The bounds above (the context-dependent ones are runner.preflight's)."""
         r, sm = self.recipe, self.sampling
@@ -232,9 +258,10 @@ class Spec:
         for key, (value, limit, why) in at_most.items():
             if value > limit:
                 raise bad(key, f"must be at most {limit} ({why}), got {value}")
-        per_step = r.batch_size * r.micro_batches * (r.group_size if r.kind == "grpo" else 1)
+        grouped = r.kind in ("grpo", "igpo")
+        per_step = r.batch_size * r.micro_batches * (r.group_size if grouped else 1)
         if per_step > MAX_STEP_EXAMPLES:
-            what = "recipe.batch_size x recipe.micro_batches" + (" x recipe.group_size" if r.kind == "grpo" else "")
+            what = "recipe.batch_size x recipe.micro_batches" + (" x recipe.group_size" if grouped else "")
             raise bad("recipe.batch_size", f"{what} = {per_step} examples per optimizer step; at most "
                                            f"{MAX_STEP_EXAMPLES} (one step's batch is built in memory)")
         completions = (self.eval.count or DEFAULT_EVAL_COUNT) * sm.n

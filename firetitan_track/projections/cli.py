@@ -121,6 +121,10 @@ def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json:
         click.echo("data      trained on samples drawn on: "
                    + ", ".join(f"{path} ({n})" for path, n in found.drawn_on.items()))
         for row in found.data:
+            if "trajectories" in row:  # a runner's multi-turn recipe
+                click.echo(f"  step {row['step']}: {row['trajectories']} trajectories ({row['turns']} turns) "
+                           "sampled from: " + ", ".join(f"{path} ({n})" for path, n in row["drawn_on"].items()))
+                continue
             offsets = row.get("version_offsets")
             stale = f", version offsets {_fmt(offsets['min'])}..{_fmt(offsets['max'])}" if offsets else ""
             click.echo(f"  step {row['step']}: {row['matched']} of {row['datums']} datums from samples{stale}: "

@@ -29,8 +29,9 @@ class Lineage:
     evals: list[EvalRow]
     upstream: dict[str, Any] | None = None  # a chained run's start: the upstream run, its state and step
     # per step up to the snapshot, where its data came from: datums, matched (to recorded samples),
-    # version_offsets, drawn_on ({snapshot the samples were drawn on: how many}); empty when the
-    # run recorded no provenance (a runner run, supervised data)
+    # version_offsets, drawn_on ({snapshot the samples were drawn on: how many}); for a runner's
+    # multi-turn recipe (igpo), trajectories, turns, trajectories_digest and drawn_on; empty when
+    # the run recorded neither (a runner's single-turn run, supervised data)
     data: list[dict[str, Any]] = field(default_factory=list)
     drawn_on: dict[str, int] = field(default_factory=dict)  # over all those steps
 
@@ -105,6 +106,13 @@ def _data_behind(ledger: Ledger, events: list[RecordedEvent],
     for ev in events:
         if ev.version >= until_version:
             break
+        if ev.type == "TrajectoriesRecorded":  # a runner's multi-turn recipe: one step's episodes
+            on = ev.data["snapshot_path"] or _NOT_RECORDED
+            steps.append({"step": ev.data["step"], "trajectories": ev.data["trajectories"],
+                          "turns": ev.data["turns"], "trajectories_digest": ev.data["trajectories_digest"],
+                          "drawn_on": {on: ev.data["trajectories"]}})
+            total[on] = total.get(on, 0) + ev.data["trajectories"]
+            continue
         provenance = ev.data.get("provenance") if ev.type == "StepCompleted" else None
         if not isinstance(provenance, dict):
             continue

@@ -21,6 +21,7 @@ __all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_super
 TRAINING_HISTORY = frozenset({
     "StepCompleted", "StateSaveRequested", "StateSaved", "SnapshotRequested", "SnapshotSaved",
     "SyncRequested", "WeightsSynced", "EvalStarted", "SamplesRecorded", "EvalScored",
+    "TrajectoriesRecorded",  # a multi-turn recipe's episodes of a step (runner/recipes/igpo.py)
     # a recorded program's (firetitan_track/recording)
     "StepRequested", "SamplesDrawn", "MetricsLogged", "StateLoaded", "CallFailed",
 })

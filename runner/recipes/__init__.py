@@ -7,4 +7,8 @@ from runner.recipes.base import Recipe, StepContext
 
 RECIPES: dict[str, Recipe] = {"sft": sft, "grpo": grpo, "dpo": dpo, "orpo": orpo}
 
+from runner.recipes import igpo  # noqa: E402  (multi-turn: plays its own eval episodes, play_eval)
+
+RECIPES["igpo"] = igpo
+
 __all__ = ["RECIPES", "Recipe", "StepContext"]

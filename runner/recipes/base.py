@@ -17,7 +17,7 @@ from firetitan_track.tracking import TrackedService
 from runner.spec import Spec
 from runner.tasks import Example
 
-__all__ = ["Recipe", "StepContext", "weighted_datum", "answer_datum", "chunks", "optim_metrics", "step_on_pairs"]
+__all__ = ["Recipe", "StepContext", "weighted_datum", "masked_datum", "visible_text", "answer_datum", "chunks", "optim_metrics", "step_on_pairs"]
 
 
 @dataclass
@@ -33,6 +33,7 @@ class StepContext:
     loop: asyncio.AbstractEventLoop
     new_controller: Callable[[], Any]  # a fresh concurrency controller per sync
     step: int = 0
+    rec: Any = None  # the run's Recorder: what a recipe records of its step beyond the metrics
     last_snapshot: str | None = None
     controller: Any = field(default=None)
     memo: dict[str, Any] = field(default_factory=dict)  # what a recipe keeps across the steps of one attempt
@@ -61,10 +62,16 @@ class Recipe(Protocol):
 def weighted_datum(tokens: Sequence[int], first_learned: int) -> Any:
     """A next-token datum over ``tokens``: targets are the tokens shifted by one, weighted
     1 from the target at index ``first_learned`` on (the prompt before it is context)."""
+    learned = [False] * first_learned + [True] * (len(tokens) - first_learned)
+    return masked_datum(tokens, learned)
+
+
+def masked_datum(tokens: Sequence[int], learned: Sequence[bool]) -> Any:
+    """A next-token datum over ``tokens`` weighted 1 on the tokens ``learned`` marks (the
+    first token, with nothing before it, is never a target)."""
     from fireworks.training.sdk import Datum, ModelInput, TensorData
 
-    weights = torch.zeros(len(tokens) - 1, dtype=torch.float32)
-    weights[first_learned - 1:] = 1.0
+    weights = torch.tensor([1.0 if flag else 0.0 for flag in learned[1:]], dtype=torch.float32)
     return Datum(
         model_input=ModelInput.from_ints(list(tokens[:-1])),
         loss_fn_inputs={"target_tokens": TensorData.from_torch(torch.tensor(list(tokens[1:]), dtype=torch.int64)),
@@ -83,6 +90,13 @@ def answer_datum(tokenizer: Any, example: Example, answer: str | None = None) ->
     prompt = prompt_tokens(tokenizer, example)
     completion = tokenizer.encode(example.answer if answer is None else answer, add_special_tokens=False)
     return weighted_datum(prompt + completion + [tokenizer.convert_tokens_to_ids("<|im_end|>")], len(prompt))
+
+
+def visible_text(tokenizer: Any, text: str) -> str:
+    """A completion as a reader sees it: special tokens (the end-of-turn marker) removed."""
+    for special in tokenizer.all_special_tokens:
+        text = text.replace(special, "")
+    return text
 
 
 def weights_of(datum: Any) -> torch.Tensor:

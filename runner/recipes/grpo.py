@@ -49,23 +49,31 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     if not data:
         return {"reward": 0.0, "loss": 0.0}
 
+    return {"reward": sum(rewards) / len(rewards), **policy_gradient(ctx, data, masks, advantages)}
+
+
+def policy_gradient(ctx: StepContext, data: list[Any], masks: list[torch.Tensor],
+                    advantages: list[float | torch.Tensor]) -> dict[str, float]:
+    """One optimizer step on ``-advantage * log-prob`` over each datum's masked tokens (an
+    advantage per sequence, or per token: a tensor the datum's length), plus the KL penalty
+    to the frozen reference when there is one; the loss and optimizer metrics."""
+    spec = ctx.spec.recipe
     ref_logprobs = None
     if ctx.reference is not None:
         ref_logprobs = [o["logprobs"].to_torch() for o in ctx.reference.forward(data, "cross_entropy").result().loss_fn_outputs]
     n_tokens = float(sum(m.sum() for m in masks)) or 1.0
 
     def objective(_data: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        pg = sum(-a * (lp * m).sum() for a, lp, m in zip(advantages, logprobs, masks)) / n_tokens
+        pg = sum(-(a * lp * m).sum() for a, lp, m in zip(advantages, logprobs, masks)) / n_tokens
         kl = torch.zeros(())
         if ref_logprobs is not None:
             kl = sum(((lp - r.detach()) * m).sum() for lp, r, m in zip(logprobs, ref_logprobs, masks)) / n_tokens
         loss = pg + spec.kl_coef * kl
-        return loss, {"pg_loss": float(pg), "kl": float(kl)}
+        return loss, {"pg_loss": float(pg.detach()), "kl": float(kl.detach())}
 
     out = ctx.policy.forward_backward_custom(data, objective).result()
     opt = ctx.policy.optim_step(ctx.adam).result()
-    metrics = {"reward": sum(rewards) / len(rewards), "loss": float((out.metrics or {}).get("loss:sum", 0.0)),
-               "rollouts": float(len(data))}
+    metrics = {"loss": float((out.metrics or {}).get("loss:sum", 0.0)), "rollouts": float(len(data))}
     metrics.update({k: float(v) for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))})
     metrics.update(optim_metrics(opt))
     return metrics

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from firetitan_track.errors import UserError
 
-__all__ = ["Example", "Task", "TASKS", "DataError", "load_jsonl", "jsonl_objects", "prompt_messages", "eval_prompts",
-           "train_batch", "eval_examples", "grade", "MAX_LINE_BYTES", "DEFAULT_EVAL_COUNT"]
+__all__ = ["Example", "Task", "TASKS", "Reply", "DataError", "load_jsonl", "jsonl_objects", "prompt_messages", "eval_prompts",
+           "train_batch", "eval_examples", "grade", "seed_of", "MAX_LINE_BYTES", "DEFAULT_EVAL_COUNT"]
 
 DEFAULT_EVAL_COUNT = 32  # built-in held-out prompts when eval.count is 0
 
@@ -51,10 +52,26 @@ def _user(text: str) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass(frozen=True)
+class Reply:
+    """The environment's answer to one turn of a multi-turn task."""
+
+    text: str  # what the environment says (the next user turn)
+    solved: bool  # the turn found the answer: the episode ends
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     make: Callable[[random.Random, int], Example]  # (rng, digits) -> example
     description: str
+    # A multi-turn task's environment: (answer, the model's turn) -> its reply, a pure
+    # function of the two. Single-turn tasks (None) are graded by ``grade``.
+    reply: Callable[[str, str], Reply] | None = None
+    replies: tuple[str, ...] = ()  # every text ``reply`` can answer (the context a turn needs)
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.reply is not None
 
 
 def _reverse(rng: random.Random, digits: int) -> Example:
@@ -67,15 +84,46 @@ def _add(rng: random.Random, digits: int) -> Example:
     return Example(_user(f"{a}+{b}"), str(a + b))
 
 
+def _search(rng: random.Random, digits: int) -> Example:
+    top = 10 ** digits - 1
+    return Example(_user(f"guess 0-{top}"), str(rng.randrange(top + 1)))
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def _search_reply(answer: str, turn: str) -> Reply:
+    """The number search's answer to a guess (the first number in the turn): whether the
+    hidden number is higher or lower, "correct", or "number?" when the turn holds none."""
+    found = _NUMBER.search(turn)
+    if found is None:
+        return Reply("number?", False)
+    guess, secret = int(found.group()), int(answer)
+    if guess == secret:
+        return Reply("correct", True)
+    return Reply("higher" if secret > guess else "lower", False)
+
+
 TASKS: dict[str, Task] = {
     "reverse": Task("reverse", _reverse, "reverse a digit string: 'reverse 1234' -> '4321'"),
     "add": Task("add", _add, "add two numbers: '12+34' -> '46'"),
+    "search": Task("search", _search, "find a hidden number in turns, told 'higher' or 'lower' after each "
+                                      "guess: 'guess 0-9' -> '5' -> 'lower' -> '2' -> 'correct' (multi-turn: igpo)",
+                   reply=_search_reply, replies=("correct", "higher", "lower", "number?")),
 }
 
 
+def _key(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
 def _rng(*parts: Any) -> random.Random:
-    key = ":".join(map(str, parts)).encode()
-    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+    return random.Random(_key(*parts))
+
+
+def seed_of(*parts: Any) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (a sampling request's, say)."""
+    return _key(*parts) >> 1
 
 
 def grade(answer: str, completion: str) -> float:

@@ -191,6 +191,9 @@ class RunExport:
                 elif ev.type == "SamplesRecorded":
                     body = self._blob(ev.data["completions_digest"])
                     files.append((_write_json(tmp, file_name(ev.data["eval_id"], ".json"), body), "completions"))
+                elif ev.type == "TrajectoriesRecorded":  # a multi-turn recipe's episodes of one step
+                    body = self._blob(ev.data["trajectories_digest"])
+                    files.append((_write_json(tmp, f"step-{ev.data['step']}.json", body), "trajectories"))
             if any(ev.type == "EvalScored" for ev in self.new):
                 files.append((_plot_scores(self.history, Path(tmp) / "eval_score.png"), None))
             for path, folder in files:
