@@ -302,16 +302,21 @@ class ProgramRecording:
                      step=self.rec.step if step is None else step)
 
     def samples_drawn(self, *, deployment: str, sent: tuple[str | None, int], call: str, prompt: Any,
-                      completions: list[Any], sampling: dict[str, Any]) -> None:
+                      completions: list[dict[str, Any]], sampling: dict[str, Any],
+                      returned: tuple[str | None, int] | None = None) -> None:
+        """One sampling call. ``completions``: each sampled sequence as ``full_tokens`` (prompt and
+        completion), ``prompt_len``, ``text`` and ``finish_reason``; ``returned``: the snapshot and
+        versions when it returned (else what the deployment serves now, as far as this process knows)."""
         from firetitan_track.recording.provenance import sequence_digest
 
-        sequences = [list(c.full_tokens) for c in completions]
+        sequences = [[int(t) for t in c["full_tokens"]] for c in completions]
         digests = [sequence_digest(seq) for seq in sequences]
         event_id = uuid.uuid4().hex
-        stored = [{"text": getattr(c, "text", None), "finish_reason": getattr(c, "finish_reason", None),
-                   "prompt_len": int(c.prompt_len), "completion_tokens": seq[int(c.prompt_len):]}
+        stored = [{"text": c.get("text"), "finish_reason": c.get("finish_reason"),
+                   "prompt_len": int(c["prompt_len"]), "completion_tokens": seq[int(c["prompt_len"]):]}
                   for c, seq in zip(completions, sequences)]
-        returned = self.deployment_state(deployment)
+        if returned is None:
+            returned = self.deployment_state(deployment)
         self.samples.add(digests, event_id=event_id, deployment=deployment, version_at_send=sent[1])
         # a process that trains nothing (a rollout worker) hands its samples to the trainer: they are
         # in the run before the call returns, so the trainer process finds them
