@@ -31,20 +31,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DRIVER = '''
-import json, os, sys
-from training.recipes.sft_loop import Config, main
-from training.utils.config import TrainerConfig, WandBConfig
-base_url, tokenizer, shape, folder, steps = sys.argv[1:6]
-data = os.path.join(folder, "sft.jsonl")
-with open(data, "w") as f:
-    for n in range(2 * int(steps)):
-        f.write(json.dumps({"messages": [{"role": "user", "content": f"reverse {n}"},
-                                         {"role": "assistant", "content": str(n)[::-1]}]}) + "\\n")
-main(Config(log_path=os.path.join(folder, "logs"), base_model="accounts/fireworks/models/qwen3-8b", dataset=data,
-            tokenizer_model=tokenizer, renderer_name="qwen3_instruct", epochs=1, batch_size=2, max_seq_len=256,
-            render_workers=1, trainer=TrainerConfig(training_shape_id=shape), wandb=WandBConfig(entity=None)))
-'''
+def sft_spec(folder: Path, info, steps: int) -> Path:
+    """The spec tests/cookbook/recipe_driver.py (the one driver of the cookbook's recipes, plain
+    or recorded) runs ``sft_loop`` from: one epoch of ``steps`` optimizer steps on a tiny dataset."""
+    data = folder / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"reverse {n}"},
+                                                      {"role": "assistant", "content": str(n)[::-1]}]}) + "\n"
+                            for n in range(2 * steps)))
+    spec = folder / "sft.json"
+    spec.write_text(json.dumps({"config": {
+        "log_path": str(folder / "logs"), "base_model": "accounts/fireworks/models/qwen3-8b", "dataset": str(data),
+        "tokenizer_model": info.tokenizer_path, "renderer_name": "qwen3_instruct", "epochs": 1, "batch_size": 2,
+        "max_seq_len": 256, "render_workers": 1, "trainer": {"training_shape_id": info.training_shape_id}}}))
+    return spec
 
 
 def one_run(command: list[str], env: dict[str, str], cwd: Path) -> float:
@@ -65,25 +64,23 @@ def main() -> None:
 
     from firetitan_track import Ledger
     from runner.local.supervisor import local_service
-    from tests.envs import COOKBOOK, cookbook_env
-    from tests.record.conftest import with_recorder
+    from tests.envs import COOKBOOK, cookbook_env, install_project
 
-    python = str(with_recorder(cookbook_env()) / "python")
+    python = str(install_project(cookbook_env(), ()) / "python")  # the cookbook's environment, the recorder in it
+    driver = str(REPO / "tests" / "cookbook" / "recipe_driver.py")
     cli = str(Path(sys.executable).parent / "firetitan-track")
     ratios, bare, recorded = [], [], []
     with tempfile.TemporaryDirectory() as tmp, local_service() as info:
         root = Path(tmp)
-        (root / "driver.py").write_text(DRIVER)
         ledger_url = f"sqlite:///{root / 'ledger.db'}"
         for k in range(args.rounds):
             times = {}
             for kind in (("bare", "recorded") if k % 2 == 0 else ("recorded", "bare")):
                 folder = root / f"{kind}-{k}"
                 folder.mkdir()
-                env = {**os.environ, "PYTHONPATH": str(COOKBOOK), "FIREWORKS_API_KEY": "local",
+                env = {**os.environ, "PYTHONPATH": str(COOKBOOK), "FIREWORKS_API_KEY": "local", "WANDB_MODE": "disabled",
                        "FIREWORKS_BASE_URL": info.base_url, "COOKBOOK_METRICS_FILE": str(folder / "metrics.jsonl")}
-                program = [python, str(root / "driver.py"), info.base_url, info.tokenizer_path,
-                           info.training_shape_id, str(folder), str(args.steps)]
+                program = [python, driver, "sft_loop", str(sft_spec(folder, info, args.steps))]
                 if kind == "recorded":
                     program = [cli, "--ledger", ledger_url, "record", "--run-id", f"sft-{k}", "--", *program]
                 times[kind] = one_run(program, env, folder)

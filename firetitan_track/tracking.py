@@ -216,7 +216,7 @@ class CallRecorder:
         return client
 
     def provision_teacher(self, call: Callable[[], Any], *, model: str, deployment: str | None,
-                          creates: bool) -> Any:
+                          creates: bool | None) -> Any:
         """A deployment the program samples from without training it (a distillation teacher)."""
         self.rec.record("ProvisionRequested", role="teacher", base_model=model, shape=None, lora_rank=0,
                         deployment_id=deployment)
