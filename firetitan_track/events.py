@@ -280,7 +280,7 @@ CATALOGUE: dict[str, EventType] = _types(
     _type("MetricsLogged",
           "numbers a recorded program logged itself (source: metrics_file|wandb) under its own step; "
           "optional snapshot_path and deployment (the snapshot loaded on the deployment when they were "
-          "logged) and trainer_step (optimizer steps requested by then): an eval/* metric logged with no "
+          "logged; for a Tinker program, the snapshot of the sampling client it last used) and trainer_step (optimizer steps requested by then): an eval/* metric logged with no "
           "snapshot loaded measured the trainer's weights at trainer_step",
           fields={"step": OPT_INTEGER, "metrics": NUMBERS, "source": STRING},
           optional={"snapshot_path": OPT_STRING, "deployment": OPT_STRING, "trainer_step": OPT_INTEGER}),

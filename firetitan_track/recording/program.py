@@ -109,6 +109,9 @@ class ProgramRecording:
         self.steps_requested = 0
         self.provisioned_here = False  # this process made the policy trainer (the program's trainer process)
         self.synced_here = False  # this process hot-loads the deployments it samples from
+        # a Tinker program's sampler last used (deployment, snapshot): each sampling client holds
+        # fixed weights, and the program's evals measured the one it last sampled from
+        self.last_sampler: tuple[str, str | None] | None = None
         self._seen_version = 0  # how far this process has read the run's stream (what other processes did)
         self._this_attempt = False  # whether that reading has reached this attempt's ProgramStarted
         self._catch_up_lock = threading.Lock()
@@ -263,9 +266,14 @@ class ProgramRecording:
         return served[-1] if served else None
 
     def metrics_logged(self, *, step: Any, metrics: dict[str, float], source: str) -> None:
-        deployment = self.deployment_serving()
-        self.fact("MetricsLogged", step=step, metrics=metrics, source=source,
-                  snapshot_path=self.calls.loaded.get(deployment) if deployment else None,
+        """The program's own numbers, tied to the weights its samples came from when it logged
+        them: what its deployment serves, or for a Tinker program the sampler it last used."""
+        if self.last_sampler is not None:
+            deployment, snapshot = self.last_sampler
+        else:
+            deployment = self.deployment_serving()
+            snapshot = self.calls.loaded.get(deployment) if deployment else None
+        self.fact("MetricsLogged", step=step, metrics=metrics, source=source, snapshot_path=snapshot,
                   deployment=deployment, trainer_step=self.steps_requested)
 
     def step_sent(self, pending: PendingStep) -> None:

@@ -22,7 +22,9 @@ What each Tinker call is in the ledger:
   serves (a Tinker sampling client's weights never change), so an off-policy rollout counts
   its staleness as the FireTitan recorder does;
 - tinker-cookbook's ``JsonLogger.log_metrics``: the program's own metrics (it writes them to its
-  ``metrics.jsonl``), tied to the snapshot last published, as from the FireTitan cookbook's file.
+  ``metrics.jsonl``), tied to the snapshot of the sampling client the program last sampled from
+  (or scored with): tinker-cookbook's RL loop evaluates with an iteration's sampler, samples its
+  rollouts there, trains, makes the next iteration's sampler and only then logs.
 
 Tinker builds its clients inside coroutines on its own event loop: the outcome of a creation is
 recorded in the new client's ``__init__``, before the program can hold it; the call that began
@@ -217,10 +219,22 @@ def _sample(original: Any) -> Callable[..., Any]:
         if session is None:
             return original(self, *args, **kwargs)
         served = _served(self)
+        session.last_sampler = (served.deployment, served.snapshot_path)
         given = _arguments(original, self, args, kwargs)
         future = _quietly(lambda: original(self, *args, **kwargs))
         return ObservedFuture(future, session, lambda out: _samples_drawn(session, served, given, out))
     return sample
+
+
+def _compute_logprobs(original: Any) -> Callable[..., Any]:
+    """Scoring through a sampling client (an NLL eval): no samples, but the sampler is used."""
+    def compute_logprobs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _session()
+        if session is not None:
+            served = _served(self)
+            session.last_sampler = (served.deployment, served.snapshot_path)
+        return original(self, *args, **kwargs)
+    return compute_logprobs
 
 
 def _samples_drawn(session: ProgramRecording, served: _Served, given: dict[str, Any], out: Any) -> None:
@@ -298,6 +312,7 @@ def _sampling_client_module(module: Any) -> None:
     if isinstance(client, type):
         _wrap(client, "__init__", _sampling_client_init)
         _wrap(client, "sample", _sample)
+        _wrap(client, "compute_logprobs", _compute_logprobs)
 
 
 def _cookbook_checkpoint_module(module: Any) -> None:

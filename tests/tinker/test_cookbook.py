@@ -1,8 +1,9 @@
 """tinker-cookbook (from the registry, in its own environment) runs its recipes unmodified against
 ``local up``, offline, configured only by what `local env` exports, under ``firetitan-track
 record``: the supervised recipe on a JSONL conversation file through its own file dataset
-builder, and the RL recipe on its arithmetic environment (which needs no download), a few steps
-each. Each run also proves what the record of a tinker program holds (issue 25): the trainer,
+builder, and the RL recipe on its arithmetic environment (which needs no download; with a held-out
+evaluator of the cookbook's own, math_rl_with_eval.py, since that environment has no test split),
+a few steps each. Each run also proves what the record of a tinker program holds (issue 25): the trainer,
 every step, state and sampler snapshot the recipe saved (as its own ``checkpoints.jsonl`` names
 them), the samples each step trained on, and its evals tied in ``audit`` to the snapshot they
 measured."""
@@ -25,12 +26,12 @@ from tests.tinker.conftest import TINKER_NAME
 CLI = Path(sys.executable).with_name("firetitan-track")
 
 
-def run_recorded(bin: Path, run_id: str, module: str, args: list[str], env: dict, cwd: Path) -> Ledger:
-    """``firetitan-track record --run-id RUN -- python -m MODULE ARGS`` in tinker-cookbook's
+def run_recorded(bin: Path, run_id: str, program: list[str], env: dict, cwd: Path) -> Ledger:
+    """``firetitan-track record --run-id RUN -- python PROGRAM...`` in tinker-cookbook's
     environment; the ledger it wrote, verified, the run completed."""
     ledger_url = f"sqlite:///{cwd / 'ledger.db'}"
     run = subprocess.run([str(CLI), "--ledger", ledger_url, "record", "--run-id", run_id, "--", str(bin / "python"),
-                          "-m", module, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+                          *program], env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     verify = subprocess.run([str(CLI), "--ledger", ledger_url, "verify", run_id], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -88,7 +89,7 @@ def test_supervised_recipe_on_a_conversation_file(tinker_cookbook_recorder_bin, 
             f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}?"},
                                              {"role": "assistant", "content": str(a + b)}]}) + "\n")
     log_path = tmp_path / "sl"
-    ledger = run_recorded(tinker_cookbook_recorder_bin, "chat-sl", "tinker_cookbook.recipes.chat_sl.train", [
+    ledger = run_recorded(tinker_cookbook_recorder_bin, "chat-sl", ["-m", "tinker_cookbook.recipes.chat_sl.train",
         f"model_name={TINKER_NAME}", f"dataset={data}", "lora_rank=8", "batch_size=4", "max_length=128",
         "learning_rate=1e-3", "max_steps=3", "save_every=2", "eval_every=0", f"log_path={log_path}",
         "behavior_if_log_dir_exists=delete"], tinker_env, tmp_path)
@@ -107,7 +108,8 @@ def test_supervised_recipe_on_a_conversation_file(tinker_cookbook_recorder_bin, 
 
 def test_rl_recipe_on_the_arithmetic_environment(tinker_cookbook_recorder_bin, tinker_env, local_info, tmp_path):
     log_path = tmp_path / "rl"
-    ledger = run_recorded(tinker_cookbook_recorder_bin, "math-rl", "tinker_cookbook.recipes.math_rl.train", [
+    # math_rl's own command line, with a held-out evaluator (the arithmetic environment has no test split)
+    ledger = run_recorded(tinker_cookbook_recorder_bin, "math-rl", [str(Path(__file__).parent / "math_rl_with_eval.py"),
         f"model_name={TINKER_NAME}", "env=arithmetic", "lora_rank=8", "group_size=4", "groups_per_batch=4",
         "max_tokens=5", "max_steps=3", "save_every=2", "eval_every=2", f"log_path={log_path}",
         "behavior_if_log_dir_exists=delete"], tinker_env, tmp_path)
