@@ -21,7 +21,7 @@ from typing import Any
 __all__ = ["sdk_versions", "managed_config", "managed_handle", "managed_base_url", "trainer_job_id",
            "deployment_id", "reference_job_id", "deployment_reattached", "deployment_record", "next_snapshot_kind", "rest_get",
            "adam_params", "optimizer_fields", "cleanup_flags", "tinker_base_url", "tinker_training_run",
-           "tinker_model", "tinker_sampling_session", "tinker_run_of_path"]
+           "tinker_model", "tinker_sampling_session", "tinker_run_of_path", "is_tinker_service"]
 
 
 def sdk_versions() -> dict[str, str]:
@@ -162,6 +162,12 @@ def optimizer_fields(params: Any) -> dict[str, Any]:
 
 
 # -- Thinking Machines' tinker client (0.38), for programs written against it ----------------------
+
+def is_tinker_service(service: Any) -> bool:
+    """Whether ``service`` is Thinking Machines' ``tinker.ServiceClient`` (not the FireTitan SDK's)."""
+    cls = type(service)
+    return cls.__name__ == "ServiceClient" and (cls.__module__ == "tinker" or cls.__module__.startswith("tinker."))
+
 
 def tinker_base_url(service: Any) -> str | None:
     """The URL a ``tinker.ServiceClient`` was given (None: the client's default, or unknown)."""

@@ -727,11 +727,19 @@ def _clean_reattached(handle: Any, wanted: dict[str, str], done: dict[str, str])
 
 
 def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = None, spec: dict | None = None,
-          seed: int = 0, backend: str = "fireworks") -> TrackedService:
-    """Record a researcher's own loop: wrap the service, start (or continue) a ledger run."""
+          seed: int = 0, backend: str = "fireworks") -> Any:
+    """Record a researcher's own loop: wrap the service, start (or continue) a ledger run.
+
+    A ``tinker.ServiceClient`` is recorded as a program is (``autolog``: the tinker client's
+    classes are wrapped, every client this process makes is recorded) and comes back as it was."""
     import dataclasses
     import json
 
+    if sdk_adapter.is_tinker_service(service):
+        from firetitan_track.recording import autolog
+
+        autolog(run_id=run_id, ledger_url=ledger_url)
+        return service
     from firetitan_track.ledger import Ledger, default_ledger_url
     from firetitan_track.redact import redact
 
