@@ -86,7 +86,8 @@ OBJECT = Kind("an object", lambda v: isinstance(v, dict))
 ARRAY = Kind("an array", lambda v: isinstance(v, list))
 ID = Kind(f"an id ({RUN_ID_RULE})", is_run_id)  # may become a file name: see ids.py
 DIGEST = Kind("a sha256 digest (64 lowercase hex)", is_digest)
-OPT_STRING, OPT_ID, OPT_INTEGER, OPT_NUMBER = (_optional(k) for k in (STRING, ID, INTEGER, NUMBER))
+OPT_STRING, OPT_ID, OPT_INTEGER, OPT_NUMBER, OPT_BOOLEAN = (_optional(k) for k in (STRING, ID, INTEGER, NUMBER,
+                                                                                    BOOLEAN))
 NUMBERS = _object_of(NUMBER)  # metrics: name -> number
 
 
@@ -173,8 +174,10 @@ CATALOGUE: dict[str, EventType] = _types(
                   "lora_rank": INTEGER, "created": BOOLEAN},
           optional={"partial": BOOLEAN}),
     _type("DeploymentProvisioned",
-          "optional partial: true when provisioning failed after the deployment was made",
-          fields={"deployment_id": OPT_STRING, "base_model": STRING, "created": BOOLEAN},
+          "created: null when the SDK does not say whether it made the deployment or found it "
+          "(a recorded program's teacher); optional partial: true when provisioning failed after "
+          "the deployment was made",
+          fields={"deployment_id": OPT_STRING, "base_model": STRING, "created": OPT_BOOLEAN},
           optional={"partial": BOOLEAN}),
     _type("ReferenceProvisioned",
           "optional shared_with_policy: true when the reference is the policy's own session with "
@@ -285,7 +288,7 @@ CATALOGUE: dict[str, EventType] = _types(
     _type("MetricsLogged",
           "numbers a recorded program logged itself (source: metrics_file|wandb) under its own step; "
           "optional snapshot_path and deployment (the snapshot loaded on the deployment when they were "
-          "logged) and trainer_step (optimizer steps requested by then): an eval/* metric logged with no "
+          "logged; for a Tinker program, the snapshot of the sampling client it last used) and trainer_step (optimizer steps requested by then): an eval/* metric logged with no "
           "snapshot loaded measured the trainer's weights at trainer_step",
           fields={"step": OPT_INTEGER, "metrics": NUMBERS, "source": STRING},
           optional={"snapshot_path": OPT_STRING, "deployment": OPT_STRING, "trainer_step": OPT_INTEGER}),

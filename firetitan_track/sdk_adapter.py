@@ -20,7 +20,8 @@ from typing import Any
 
 __all__ = ["sdk_versions", "managed_config", "managed_handle", "managed_base_url", "trainer_job_id",
            "deployment_id", "reference_job_id", "deployment_reattached", "deployment_record", "next_snapshot_kind", "rest_get",
-           "adam_params", "optimizer_fields", "cleanup_flags"]
+           "adam_params", "optimizer_fields", "cleanup_flags", "tinker_base_url", "tinker_training_run",
+           "tinker_model", "tinker_sampling_session", "tinker_run_of_path", "is_tinker_service"]
 
 
 def sdk_versions() -> dict[str, str]:
@@ -158,3 +159,45 @@ def optimizer_fields(params: Any) -> dict[str, Any]:
     else:
         fields = {}
     return {k: v for k, v in fields.items() if v is not None}
+
+
+# -- Thinking Machines' tinker client (0.38), for programs written against it ----------------------
+
+def is_tinker_service(service: Any) -> bool:
+    """Whether ``service`` is Thinking Machines' ``tinker.ServiceClient`` (not the FireTitan SDK's)."""
+    cls = type(service)
+    return cls.__name__ == "ServiceClient" and (cls.__module__ == "tinker" or cls.__module__.startswith("tinker."))
+
+
+def tinker_base_url(service: Any) -> str | None:
+    """The URL a ``tinker.ServiceClient`` was given (None: the client's default, or unknown)."""
+    url = getattr(service, "_base_url", None)
+    return url if isinstance(url, str) else None
+
+
+def tinker_training_run(client: Any) -> str | None:
+    """A tinker TrainingClient's training run (its public ``model_id``; ``tinker://`` paths and the
+    REST calls name the run by it)."""
+    run = getattr(client, "__dict__", {}).get("model_id")  # a future of a client has none of its own
+    return str(run) if run is not None else None
+
+
+def tinker_model(client: Any) -> tuple[str, int]:
+    """(base model name, LoRA rank: 0 for full parameters) of a tinker TrainingClient, from the
+    model info the client fetched when it was made."""
+    info = getattr(client, "__dict__", {}).get("_info")
+    name = getattr(getattr(info, "model_data", None), "model_name", None)
+    rank = getattr(info, "lora_rank", None)
+    return str(name or ""), int(rank or 0)
+
+
+def tinker_sampling_session(client: Any) -> str:
+    """The sampling session a tinker SamplingClient samples through."""
+    return str(getattr(client, "__dict__", {}).get("_sampling_session_id") or "")
+
+
+def tinker_run_of_path(path: str) -> str:
+    """The training run of a ``tinker://<run>/<kind>/<name>`` path (the path itself otherwise)."""
+    if path.startswith("tinker://"):
+        return path[len("tinker://"):].split("/", 1)[0]
+    return path

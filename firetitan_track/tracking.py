@@ -216,7 +216,7 @@ class CallRecorder:
         return client
 
     def provision_teacher(self, call: Callable[[], Any], *, model: str, deployment: str | None,
-                          creates: bool) -> Any:
+                          creates: bool | None) -> Any:
         """A deployment the program samples from without training it (a distillation teacher)."""
         self.rec.record("ProvisionRequested", role="teacher", base_model=model, shape=None, lora_rank=0,
                         deployment_id=deployment)
@@ -230,31 +230,49 @@ class CallRecorder:
     def snapshot(self, call: Callable[[], Any], *, name: str, kind: str | None, base_path: str | None) -> Any:
         """A sampler snapshot: SnapshotRequested, the save, SnapshotSaved (base or delta, and
         the base a delta applies to). ``call`` returns the SDK's result (``.path``)."""
-        step = self.rec.step
-        self.rec.record("SnapshotRequested", step=step, name=name)
+        intent = self.snapshot_requested(name=name)
         result = self._call("SnapshotRequested", "save_weights_for_sampler", call)
-        self.rec.record("SnapshotSaved", step=step, name=name, path=result.path, kind=kind,
-                        base_path=None if kind == "base" else base_path)
+        self.snapshot_saved(intent, path=result.path, kind=kind, base_path=base_path)
         return result
+
+    def snapshot_requested(self, *, name: str) -> dict[str, Any]:
+        """The intent half of ``snapshot``, for a save whose outcome arrives later (a future)."""
+        intent = {"step": self.rec.step, "name": name}
+        self.rec.record("SnapshotRequested", **intent)
+        return intent
+
+    def snapshot_saved(self, intent: dict[str, Any], *, path: str, kind: str | None, base_path: str | None) -> None:
+        self.rec.record("SnapshotSaved", **intent, path=path, kind=kind, base_path=None if kind == "base" else base_path)
 
     def sync(self, call: Callable[[], Any], *, deployment_id: str | None, snapshot_path: str) -> Any:
         """A weight sync (hotload) onto a deployment: SyncRequested, the call, WeightsSynced. The
         deployment then serves the snapshot, one more weight version published to it."""
-        step = self.rec.step
-        self.rec.record("SyncRequested", step=step, deployment_id=deployment_id, snapshot_path=snapshot_path)
-        t0 = time.perf_counter()
+        intent = self.sync_requested(deployment_id=deployment_id, snapshot_path=snapshot_path)
         result = self._call("SyncRequested", "hotload", call)
         if result is False:  # the SDK's hotload_and_wait answers False when the deployment never took it
             if self.record_failures:
-                self.rec.record("CallFailed", call="hotload", intent="SyncRequested", step=step,
+                self.rec.record("CallFailed", call="hotload", intent="SyncRequested", step=intent["step"],
                                 error=f"the deployment did not load {snapshot_path}")
             return result
-        self.rec.record("WeightsSynced", step=step, deployment_id=deployment_id, snapshot_path=snapshot_path,
-                        duration_s=round(time.perf_counter() - t0, 6))
-        key = deployment_id or ""
-        self.loaded[key] = snapshot_path
-        self.published[key] = self.published.get(key, 0) + 1
+        self.synced(intent)
         return result
+
+    def sync_requested(self, *, deployment_id: str | None, snapshot_path: str) -> dict[str, Any]:
+        """The intent half of ``sync``, for a sync whose outcome arrives later (a Tinker sampling
+        client made on saved weights)."""
+        intent = {"step": self.rec.step, "deployment_id": deployment_id, "snapshot_path": snapshot_path}
+        self.rec.record("SyncRequested", **intent)
+        return {**intent, "t0": time.perf_counter()}
+
+    def synced(self, intent: dict[str, Any]) -> int:
+        """WeightsSynced: the deployment serves the snapshot, one more weight version published to
+        it; returns that version."""
+        fields = {k: v for k, v in intent.items() if k != "t0"}
+        self.rec.record("WeightsSynced", **fields, duration_s=round(time.perf_counter() - intent["t0"], 6))
+        key = intent["deployment_id"] or ""
+        self.loaded[key] = intent["snapshot_path"]
+        self.published[key] = self.published.get(key, 0) + 1
+        return self.published[key]
 
     def save_state(self, call: Callable[[], Any], *, name: str, data_cursor: Any,
                    trainer_job_id: str | None) -> Any:
@@ -713,11 +731,19 @@ def _clean_reattached(handle: Any, wanted: dict[str, str], done: dict[str, str])
 
 
 def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = None, spec: dict | None = None,
-          seed: int = 0, backend: str = "fireworks") -> TrackedService:
-    """Record a researcher's own loop: wrap the service, start (or continue) a ledger run."""
+          seed: int = 0, backend: str = "fireworks") -> Any:
+    """Record a researcher's own loop: wrap the service, start (or continue) a ledger run.
+
+    A ``tinker.ServiceClient`` is recorded as a program is (``autolog``: the tinker client's
+    classes are wrapped, every client this process makes is recorded) and comes back as it was."""
     import dataclasses
     import json
 
+    if sdk_adapter.is_tinker_service(service):
+        from firetitan_track.recording import autolog
+
+        autolog(run_id=run_id, ledger_url=ledger_url)
+        return service
     from firetitan_track.ledger import Ledger, default_ledger_url
     from firetitan_track.redact import redact
 

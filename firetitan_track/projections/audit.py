@@ -16,7 +16,16 @@ from firetitan_track.events import RecordedEvent
 from firetitan_track.ledger import VIEW_ERRORS, Ledger, unknown_run, unreadable
 from firetitan_track.projections.run_state import authoritative
 
-__all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run", "code_line"]
+__all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run", "code_line", "is_eval_metric"]
+
+# The names a recorded program gives its evals: the FireTitan cookbook's ``eval/*``, and
+# tinker-cookbook's evaluators' ``test/*`` (an evaluator's metrics carry its name, ``test`` by default).
+EVAL_PREFIXES = ("eval/", "test/")
+
+
+def is_eval_metric(name: str) -> bool:
+    """Whether a metric a recorded program logged is an eval's score (see ``EVAL_PREFIXES``)."""
+    return name.startswith(EVAL_PREFIXES)
 
 
 @dataclass
@@ -24,7 +33,7 @@ class EvalRow:
     """An eval, and the snapshot it measured.
 
     ``source`` says what kind: ``eval``, an eval the ledger holds whole (its prompt set,
-    sampling, completions, score); ``program``, the ``eval/*`` metrics a recorded program
+    sampling, completions, score); ``program``, the eval metrics (``eval/*``, ``test/*``) a recorded program
     logged itself (``metrics``; no prompt set or score of the ledger's own), tied to the
     snapshot its deployment served when they were logged (``measured_on="deployment"``), or,
     when it served none, to the trainer's weights then, and so to the snapshot saved from
@@ -121,7 +130,7 @@ def _is_program(events: Sequence[RecordedEvent]) -> bool:
 def _program_eval(ev: RecordedEvent) -> EvalRow | None:
     """The eval/* metrics of one MetricsLogged, as a row (None when it holds none)."""
     d = ev.data
-    scores = {k: v for k, v in d["metrics"].items() if k.startswith("eval/")}
+    scores = {k: v for k, v in d["metrics"].items() if is_eval_metric(k)}
     if not scores:
         return None
     served = d.get("snapshot_path")

@@ -49,6 +49,11 @@ WATCHED = (
     "training.utils.checkpoints",
     "wandb.sdk.wandb_run",
     "wandb.sdk.lib.noop_run",
+    "tinker.lib.public_interfaces.service_client",  # the tinker client (recording/tinker_patches.py)
+    "tinker.lib.public_interfaces.training_client",
+    "tinker.lib.public_interfaces.sampling_client",
+    "tinker_cookbook.checkpoint_utils",
+    "tinker_cookbook.utils.ml_log",
 )
 
 # the size of the metrics file when this process started: what it logs comes after

@@ -90,11 +90,13 @@ class ProgramMetrics:
                 if isinstance(obj, dict):
                     self._logged(obj.get("step"), obj, "metrics_file")
 
-    def from_wandb(self, data: Any, step: Any) -> None:
+    def from_call(self, data: Any, step: Any, source: str) -> None:
+        """Numbers the program handed a logger (``wandb``: ``wandb.log``; ``metrics_file``: a logger
+        whose call writes the program's metrics file, as tinker-cookbook's ``JsonLogger``)."""
         if not isinstance(data, dict):
             return
         with self._lock:
-            self._logged(step if step is not None else data.get("step"), data, "wandb")
+            self._logged(step if step is not None else data.get("step"), data, source)
 
     def _logged(self, step: Any, obj: dict[str, Any], source: str) -> None:
         step = step if isinstance(step, (int, float)) and not isinstance(step, bool) else None

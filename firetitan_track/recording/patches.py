@@ -303,13 +303,15 @@ def _micro_batch(session: ProgramRecording, client: Any, data: Any) -> PendingSt
 
 
 def _optim_step(original: Any) -> Callable[..., Any]:
-    def optim_step(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+    def optim_step(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
-            return original(self, params, *args, **kwargs)
+            return original(self, *args, **kwargs)
+        # the optimizer's params: the first argument, or the tinker client's optim_params / adam_params
+        params = args[0] if args else kwargs.get("optim_params", kwargs.get("adam_params"))
         pending = session.safely("optim_step", lambda: _step_requested(session, self, params))
         try:
-            future = _quietly(lambda: original(self, params, *args, **kwargs))
+            future = _quietly(lambda: original(self, *args, **kwargs))
         except Exception as exc:
             if pending is not None:
                 session.safely("optim_step", lambda: session.call_failed("optim_step", "StepRequested", exc,
@@ -449,7 +451,9 @@ def _samples_drawn(session: ProgramRecording, original: Any, sampler: Any, args:
     given = _arguments(original, sampler, args, kwargs)
     extra = given.pop("kwargs", {}) or {}
     given.update(extra)
-    completions = list(out.completions if hasattr(out, "completions") else out or [])
+    completions = [{"full_tokens": c.full_tokens, "prompt_len": c.prompt_len, "text": getattr(c, "text", None),
+                    "finish_reason": getattr(c, "finish_reason", None)}
+                   for c in (out.completions if hasattr(out, "completions") else out or [])]
     prompt = ({"messages": given["messages"]} if "messages" in given
               else {"prompt_token_ids": [int(t) for t in given.get("prompt_token_ids") or []]})
     sampling = {k: given[k] for k in _SAMPLING_KEYS
@@ -522,7 +526,7 @@ def _wandb_log(original: Any) -> Callable[..., Any]:
             given = _arguments(original, self, args, kwargs)
             given.update(given.pop("kwargs", None) or {})  # NoopRun.log(data, *args, **kwargs)
             step = given.get("step", (given.get("args") or (None,))[0])
-            session.safely("recording wandb.log", lambda: session.metrics.from_wandb(given.get("data"), step))
+            session.safely("recording wandb.log", lambda: session.metrics.from_call(given.get("data"), step, "wandb"))
         return out
     return log
 
@@ -590,6 +594,11 @@ PATCHES: dict[str, Callable[[Any], None]] = {
     "wandb.sdk.wandb_run": _wandb_run_module,
     "wandb.sdk.lib.noop_run": _wandb_run_module,
 }
+
+
+from firetitan_track.recording import tinker_patches  # noqa: E402  (it wraps with the helpers above)
+
+PATCHES.update(tinker_patches.PATCHES)
 
 
 def patch_module(name: str, module: Any) -> None:

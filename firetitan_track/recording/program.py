@@ -109,6 +109,9 @@ class ProgramRecording:
         self.steps_requested = 0
         self.provisioned_here = False  # this process made the policy trainer (the program's trainer process)
         self.synced_here = False  # this process hot-loads the deployments it samples from
+        # a Tinker program's sampler last used (deployment, snapshot): each sampling client holds
+        # fixed weights, and the program's evals measured the one it last sampled from
+        self.last_sampler: tuple[str, str | None] | None = None
         self._seen_version = 0  # how far this process has read the run's stream (what other processes did)
         self._this_attempt = False  # whether that reading has reached this attempt's ProgramStarted
         self._catch_up_lock = threading.Lock()
@@ -263,9 +266,14 @@ class ProgramRecording:
         return served[-1] if served else None
 
     def metrics_logged(self, *, step: Any, metrics: dict[str, float], source: str) -> None:
-        deployment = self.deployment_serving()
-        self.fact("MetricsLogged", step=step, metrics=metrics, source=source,
-                  snapshot_path=self.calls.loaded.get(deployment) if deployment else None,
+        """The program's own numbers, tied to the weights its samples came from when it logged
+        them: what its deployment serves, or for a Tinker program the sampler it last used."""
+        if self.last_sampler is not None:
+            deployment, snapshot = self.last_sampler
+        else:
+            deployment = self.deployment_serving()
+            snapshot = self.calls.loaded.get(deployment) if deployment else None
+        self.fact("MetricsLogged", step=step, metrics=metrics, source=source, snapshot_path=snapshot,
                   deployment=deployment, trainer_step=self.steps_requested)
 
     def step_sent(self, pending: PendingStep) -> None:
@@ -302,16 +310,21 @@ class ProgramRecording:
                      step=self.rec.step if step is None else step)
 
     def samples_drawn(self, *, deployment: str, sent: tuple[str | None, int], call: str, prompt: Any,
-                      completions: list[Any], sampling: dict[str, Any]) -> None:
+                      completions: list[dict[str, Any]], sampling: dict[str, Any],
+                      returned: tuple[str | None, int] | None = None) -> None:
+        """One sampling call. ``completions``: each sampled sequence as ``full_tokens`` (prompt and
+        completion), ``prompt_len``, ``text`` and ``finish_reason``; ``returned``: the snapshot and
+        versions when it returned (else what the deployment serves now, as far as this process knows)."""
         from firetitan_track.recording.provenance import sequence_digest
 
-        sequences = [list(c.full_tokens) for c in completions]
+        sequences = [[int(t) for t in c["full_tokens"]] for c in completions]
         digests = [sequence_digest(seq) for seq in sequences]
         event_id = uuid.uuid4().hex
-        stored = [{"text": getattr(c, "text", None), "finish_reason": getattr(c, "finish_reason", None),
-                   "prompt_len": int(c.prompt_len), "completion_tokens": seq[int(c.prompt_len):]}
+        stored = [{"text": c.get("text"), "finish_reason": c.get("finish_reason"),
+                   "prompt_len": int(c["prompt_len"]), "completion_tokens": seq[int(c["prompt_len"]):]}
                   for c, seq in zip(completions, sequences)]
-        returned = self.deployment_state(deployment)
+        if returned is None:
+            returned = self.deployment_state(deployment)
         self.samples.add(digests, event_id=event_id, deployment=deployment, version_at_send=sent[1])
         # a process that trains nothing (a rollout worker) hands its samples to the trainer: they are
         # in the run before the call returns, so the trainer process finds them

@@ -131,7 +131,8 @@ def _signal_name(number: int) -> str:
 def describe_program(command: list[str], cwd: str, interpreter: str | None = None) -> dict[str, Any]:
     """RunStarted's spec for a recorded program: ``{"program": {...}}``."""
     python = interpreter or python_of(command)
-    base_url = os.environ.get("FIREWORKS_BASE_URL") or DEFAULT_BASE_URL
+    # the service the program's environment names: the FireTitan SDK's, else the tinker client's
+    base_url = os.environ.get("FIREWORKS_BASE_URL") or os.environ.get("TINKER_BASE_URL") or DEFAULT_BASE_URL
     return {"program": {
         "command": list(command), "cwd": cwd, "python": python,
         "entry": program_code_fields(command, cwd, python)["entry"],

@@ -10,9 +10,12 @@ the cookbook's own environment (fireworks-ai 1.2.24), with the cookbook on PYTHO
 and is kept a plain script so another program can wrap the same command line (the
 recorder: ``firetitan-track record -- python recipe_driver.py ...``).
 
-What it sets beyond the Config is what the examples set: a task's reward function and
-rollout (``rl_loop.reward_fn = ...`` as examples/rl/deepmath does; the rollout factory of
-examples/rl/single_turn_token_in for ``async_rl_loop``), plus the two work-arounds named below.
+What it sets beyond the Config is what the examples set, through the hooks each recipe
+offers: a task's reward function (``rl_loop.reward_fn = ...`` as examples/rl/deepmath does),
+a rollout (the rollout factory of examples/rl/single_turn_token_in for ``async_rl_loop``), an
+eval (``async_rl_loop``'s ``evaluation_fn``, ``distillation_loop``'s ``Config.step_eval``),
+plus the two work-arounds named below. The same command runs plain and under the recorder
+(tests/cookbook/test_recipes.py).
 """
 
 from __future__ import annotations
@@ -66,6 +69,47 @@ def alternating_reward(completion: str, row: dict) -> float:
     return float(next(_graded) % 2)
 
 
+def _mean_sampled_logprob(samples: list) -> float | None:
+    """The mean log-probability the deployment gave the tokens it sampled: a number that
+    depends on the weights it serves, which is what an eval tied to a snapshot must measure."""
+    values = [float(v) for s in samples
+              for v in (getattr(s, "inference_logprobs", None) or getattr(s, "sampling_logprobs", None) or [])
+              if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+async def async_rl_evaluation(step: int, rollout_fn) -> dict:
+    """``async_rl_loop``'s ``evaluation_fn``: the recipe's own rollout on the first two rows, after
+    each weight sync; reports the mean sampled log-probability of the completions."""
+    runs = [await rollout_fn(row) for row in _EVAL_ROWS]
+    logprobs = [lp for run in runs if run for seg in run.segments
+                for lp, keep in zip(seg.logprobs, seg.loss_mask) if keep]
+    return {"eval/sampled_logprob": sum(logprobs) / len(logprobs)} if logprobs else {}
+
+
+def distillation_step_eval(context: dict) -> dict:
+    """``distillation_loop``'s ``Config.step_eval`` (run after each weight sync): greedy samples of
+    the student's deployment on the first two prompts, their mean sampled log-probability. (The
+    cookbook's own trace-gap eval needs a teacher that writes ``Final:`` answers, which an
+    untrained model never does.)"""
+    import asyncio
+
+    sampler = context["student_sampler"]
+
+    async def sample_all() -> list:
+        out = []
+        for row in list(context["dataset"])[:2]:
+            out += await sampler.sample_with_tokens(messages=row["messages"], n=1, max_tokens=8, temperature=0.0,
+                                                    logprobs=True)
+        return out
+
+    value = _mean_sampled_logprob(asyncio.run(sample_all()))
+    return {} if value is None else {"eval/student_sampled_logprob": value}
+
+
+_EVAL_ROWS: list = []
+
+
 def _skip_checkpoint_stabilize_wait() -> None:
     """Work-around, not a fix: after a DCP save with a data cursor, every recipe sleeps
     ``TrainingCheckpoints(save_stabilize_s=15.0)`` (training/utils/checkpoints.py) for the
@@ -115,6 +159,11 @@ def main(argv: list[str]) -> int:
         from training.examples.rl.single_turn_token_in.rollout import make_rollout_fn
 
         kwargs["rollout_fn_factory"] = make_rollout_fn
+        with open(config.dataset) as rows:
+            _EVAL_ROWS[:] = [json.loads(line) for line in rows][:2]
+        kwargs["evaluation_fn"] = async_rl_evaluation
+    if recipe == "distillation_loop":
+        config.step_eval, config.step_eval_interval = distillation_step_eval, 1
     result = module.main(config, **kwargs)
     print(json.dumps({"recipe": recipe, "result": result}, default=str))
     return 0

@@ -165,6 +165,37 @@ def test_autolog_records_the_program_and_the_processes_it_starts(project_bin, lo
     assert [ev.type for ev in events][-2:] == ["ProgramExited", "RunCompleted"]
 
 
+def test_track_records_a_tinker_loop_as_a_program(project_bin, local_info, tmp_path, ledger_url):
+    """``track(tinker.ServiceClient(...))``: the trainer, each step with the samples it trained on,
+    every snapshot its samplers served, the state, in the ledger (issue 25)."""
+    done = subprocess.run([str(project_bin / "python"), str(PROGRAMS / "tinker_loop.py"), local_info.base_url,
+                           ledger_url, "tinker-loop"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0 and "trained 3" in done.stdout, done.stderr[-3000:]
+    ledger = Ledger.open(ledger_url)
+    assert not ledger.verify("tinker-loop")
+    events = ledger.read("tinker-loop")
+    of = lambda type: [ev.data for ev in events if ev.type == type]  # noqa: E731
+    assert of("ProgramStarted")[0]["started_by"] == "autolog" and fold(events).status == "completed"
+    [trainer] = of("TrainerProvisioned")
+    assert (trainer["base_model"], trainer["lora_rank"]) == ("Qwen/Qwen3-8B", 8)
+    snapshots = of("SnapshotSaved")
+    assert [(s["step"], s["name"]) for s in snapshots] == [(0, "ephemeral"), (1, "ephemeral"), (2, "sampler-2"),
+                                                            (3, "ephemeral")]
+    assert snapshots[2]["path"].startswith(f"tinker://{trainer['trainer_job_id']}/sampler_weights/")
+    # each new sampler is a weight version of the trainer's run; each draw names the one it came from
+    synced = [(s["deployment_id"], s["snapshot_path"]) for s in of("WeightsSynced")]
+    assert synced == [(trainer["trainer_job_id"], s["path"]) for s in snapshots]
+    assert [(d["snapshot_at_send"], d["version_at_send"]) for d in of("SamplesDrawn")] == [
+        (s["path"], k) for k, s in enumerate(snapshots[:3], start=1)]
+    steps = of("StepCompleted")
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(s["provenance"]["matched"] == s["provenance"]["datums"] == 2 for s in steps)
+    assert all(s["version_offsets"] == {"min": 0, "max": 0, "mean": 0.0} for s in steps)
+    [state] = of("StateSaved")
+    assert (state["step"], state["name"], state["trainer_job_id"]) == (2, "state-2", trainer["trainer_job_id"])
+    assert {r.snapshot_path for r in audit(ledger, "tinker-loop")} == {s["path"] for s in snapshots}
+
+
 def test_the_programs_own_sitecustomize_runs_and_other_processes_stay_light(tmp_path, ledger_url):
     user_site = tmp_path / "user-site"
     user_site.mkdir()

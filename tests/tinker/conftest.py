@@ -48,3 +48,12 @@ def tinker_cookbook_bin() -> Path:
     from tests.envs import build_env
 
     return build_env("tinker-cookbook", REQUIREMENTS, torch=True)
+
+
+@pytest.fixture(scope="session")
+def tinker_cookbook_recorder_bin(tinker_cookbook_bin: Path) -> Path:
+    """tinker-cookbook's environment with the core of firetitan-track installed from a wheel of
+    this checkout, as a researcher installs it there (tests/envs.py install_project)."""
+    from tests.envs import install_project
+
+    return install_project(tinker_cookbook_bin, ())

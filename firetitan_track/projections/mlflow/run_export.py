@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from firetitan_track.events import RecordedEvent
 from firetitan_track.ids import file_name  # a stored id becomes a file name only once checked
-from firetitan_track.projections.audit import best_eval, eval_rows
+from firetitan_track.projections.audit import best_eval, eval_rows, is_eval_metric
 from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_METRICS_PER_CALL,
                                                      MAX_PARAMS_PER_CALL, MAX_TAGS_PER_CALL, PROMPTS_DATASET,
                                                      SNAPSHOT_MODEL_TYPE, TAG_BEST_IN_RUN, TAG_RUN, flatten,
@@ -241,7 +241,7 @@ class _ProgramMetrics:
             name = mlflow_key(key)
             if (name, int(step)) in self.from_steps or isinstance(value, bool):
                 continue
-            link = {"model_id": model} if model and key.startswith("eval/") else {}
+            link = {"model_id": model} if model and is_eval_metric(key) else {}
             out.append(Metric(name, float(value), ms(ev), int(step), **link))
         return out
 

@@ -1,0 +1,338 @@
+"""The wrappers that record a program written against Thinking Machines' ``tinker`` client (0.38),
+as patches.py records one on the FireTitan SDK: the same recording, the same events where they
+mean the same thing (README, Recording a program as it is; issue 25).
+
+What each Tinker call is in the ledger:
+
+- ``ServiceClient.create_lora_training_client`` and ``create_training_client_from_state[_with_optimizer]``:
+  a policy trainer (ProvisionRequested, then TrainerProvisioned with the training run id as its
+  trainer job id; from a state, StateLoaded, which resumes the run when it names a state the run
+  recorded);
+- ``TrainingClient.forward_backward[_custom]`` and ``optim_step``: a step (patches.py's own wrappers);
+  ``save_state``, ``load_state[_with_optimizer]``: DCP states (the same); tinker-cookbook's
+  ``checkpoint_utils.save_checkpoint_async`` gives the state its ``loop_state`` as data cursor;
+- ``TrainingClient.save_weights_for_sampler``: a sampler snapshot (always whole: ``base``);
+- a ``SamplingClient`` made on a training run's weights is that run's sampler publishing a new
+  weight version, a weight sync onto the "deployment" named by the training run id:
+  ``save_weights_and_get_sampling_client`` saves an ephemeral snapshot (its path is the sampling
+  session's id, the only name the client gets for it) and syncs it; ``create_sampling_client
+  (model_path=...)`` syncs the snapshot at that path. A sampling client on a base model serves
+  no snapshot;
+- ``SamplingClient.sample``: SamplesDrawn, tied to the snapshot and weight version *that client*
+  serves (a Tinker sampling client's weights never change), so an off-policy rollout counts
+  its staleness as the FireTitan recorder does;
+- tinker-cookbook's ``JsonLogger.log_metrics``: the program's own metrics (it writes them to its
+  ``metrics.jsonl``), tied to the snapshot of the sampling client the program last sampled from
+  (or scored with): tinker-cookbook's RL loop evaluates with an iteration's sampler, samples its
+  rollouts there, trains, makes the next iteration's sampler and only then logs.
+
+Tinker builds its clients inside coroutines on its own event loop: the outcome of a creation is
+recorded in the new client's ``__init__``, before the program can hold it; the call that began
+it passes what it knows (``_origin``) in a context variable, which the coroutine's task inherits
+(``asyncio.run_coroutine_threadsafe`` schedules it in a copy of the caller's context).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from firetitan_track import sdk_adapter
+from firetitan_track.recording import program
+from firetitan_track.recording.patches import (ObservedFuture, _arguments, _client_state, _data_cursor,
+                                               _forward_backward, _load_state, _optim_step, _quietly, _save_state,
+                                               _session, _wrap)
+from firetitan_track.recording.program import ProgramRecording
+
+__all__ = ["PATCHES"]
+
+_origin: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("firetitan_tinker_origin",
+                                                                                default=None)
+EPHEMERAL = "ephemeral"  # the name of a snapshot save_weights_and_get_sampling_client saves
+
+
+@dataclass(frozen=True)
+class _Served:
+    """What a sampling client serves: its "deployment" (the training run whose weights it holds,
+    or the base model), the snapshot, and that snapshot's weight version."""
+
+    deployment: str
+    snapshot_path: str | None
+    version: int
+
+
+def _begun(original: Any, origin: dict[str, Any], self: Any, args: tuple, kwargs: dict) -> Any:
+    """The program's creation call, with ``origin`` for the client its coroutine builds."""
+    token = _origin.set(origin)
+    try:
+        return _quietly(lambda: original(self, *args, **kwargs))
+    finally:
+        _origin.reset(token)
+
+
+# -- training clients --------------------------------------------------------------------------
+
+def _create_lora_training_client(original: Any) -> Callable[..., Any]:
+    def create_lora_training_client(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _session()
+        if session is None:
+            return original(self, *args, **kwargs)
+        given = _arguments(original, self, args, kwargs)
+        session.safely("create_lora_training_client", lambda: session.now(
+            "ProvisionRequested", role="policy", base_model=str(given.get("base_model")), shape=None,
+            lora_rank=int(given.get("rank") or 0), base_url=sdk_adapter.tinker_base_url(self)))
+        return _begun(original, {"kind": "training", "created": True}, self, args, kwargs)
+    return create_lora_training_client
+
+
+def _create_training_client_from_state(with_optimizer: bool) -> Callable[[Any], Callable[..., Any]]:
+    def make(original: Any) -> Callable[..., Any]:
+        def create_training_client_from_state(self: Any, *args: Any, **kwargs: Any) -> Any:
+            session = _session()
+            if session is None:
+                return original(self, *args, **kwargs)
+            path = str(_arguments(original, self, args, kwargs).get("path"))
+            # the base model is the state's, known once it is loaded (TrainerProvisioned names it)
+            session.safely("create_training_client_from_state", lambda: session.now(
+                "ProvisionRequested", role="policy", base_model=path, shape=None, lora_rank=0,
+                base_url=sdk_adapter.tinker_base_url(self)))
+            origin = {"kind": "training", "created": True, "state": path, "with_optimizer": with_optimizer}
+            return _begun(original, origin, self, args, kwargs)
+        return create_training_client_from_state
+    return make
+
+
+def _training_client_init(original: Any) -> Callable[..., Any]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        origin, session = _origin.get(), program.active()
+        if origin is not None and origin["kind"] == "training" and session is not None:
+            session.safely("recording a tinker training client", lambda: _trainer_made(session, self, origin))
+    return __init__
+
+
+def _trainer_made(session: ProgramRecording, client: Any, origin: dict[str, Any]) -> None:
+    run_id = sdk_adapter.tinker_training_run(client)
+    base_model, lora_rank = sdk_adapter.tinker_model(client)
+    _client_state(client).trainer_job_id = run_id
+    session.provisioned_here = session.synced_here = True  # its samplers are published from this process
+    session.now("TrainerProvisioned", role="policy", trainer_job_id=run_id, base_model=base_model, shape=None,
+                lora_rank=lora_rank, created=origin["created"])
+    if "state" in origin:
+        session.state_loaded(origin["state"], with_optimizer=origin["with_optimizer"], trainer_job_id=run_id)
+
+
+def _save_weights_for_sampler(original: Any) -> Callable[..., Any]:
+    def save_weights_for_sampler(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _session()
+        if session is None:
+            return original(self, *args, **kwargs)
+        name = str(_arguments(original, self, args, kwargs).get("name"))
+        intent = session.safely("save_weights_for_sampler", lambda: _snapshot_requested(session, name))
+        future = _quietly(lambda: original(self, *args, **kwargs))
+        if intent is None:
+            return future
+        return ObservedFuture(future, session,
+                              lambda out: session.calls.snapshot_saved(intent, path=out.path, kind="base",
+                                                                       base_path=None),
+                              lambda exc: session.call_failed("save_weights_for_sampler", "SnapshotRequested", exc))
+    return save_weights_for_sampler
+
+
+def _snapshot_requested(session: ProgramRecording, name: str) -> dict[str, Any]:
+    session.flush()  # the steps before this snapshot are recorded before it
+    return session.calls.snapshot_requested(name=name)
+
+
+# -- sampling clients ----------------------------------------------------------------------------
+
+def _save_weights_and_get_sampling_client(original: Any) -> Callable[..., Any]:
+    def save_weights_and_get_sampling_client(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _session()
+        if session is None:
+            return original(self, *args, **kwargs)
+        intent = session.safely("save_weights_and_get_sampling_client",
+                                lambda: _snapshot_requested(session, EPHEMERAL))
+        origin = {"kind": "sampler", "snapshot": intent, "deployment": sdk_adapter.tinker_training_run(self),
+                  "t0": time.perf_counter()}
+        return _begun(original, origin, self, args, kwargs)
+    return save_weights_and_get_sampling_client
+
+
+def _create_sampling_client(original: Any) -> Callable[..., Any]:
+    def create_sampling_client(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _session()
+        if session is None:
+            return original(self, *args, **kwargs)
+        given = _arguments(original, self, args, kwargs)
+        path = given.get("model_path")
+        origin: dict[str, Any] = {"kind": "sampler"}
+        if path:
+            deployment = sdk_adapter.tinker_run_of_path(str(path))
+            origin.update(deployment=deployment, sync=session.safely("create_sampling_client", lambda: (
+                session.calls.sync_requested(deployment_id=deployment, snapshot_path=str(path)))))
+        else:
+            origin.update(deployment=str(given.get("base_model")))
+        return _begun(original, origin, self, args, kwargs)
+    return create_sampling_client
+
+
+def _sampling_client_init(original: Any) -> Callable[..., Any]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        origin, session = _origin.get(), program.active()
+        if origin is not None and origin["kind"] == "sampler" and session is not None:
+            session.safely("recording a tinker sampling client", lambda: _sampler_made(session, self, origin))
+    return __init__
+
+
+def _sampler_made(session: ProgramRecording, client: Any, origin: dict[str, Any]) -> None:
+    deployment = origin["deployment"]
+    sync = origin.get("sync")
+    if origin.get("snapshot") is not None:  # an ephemeral snapshot, saved and served by this client
+        path = sdk_adapter.tinker_sampling_session(client)
+        session.calls.snapshot_saved(origin["snapshot"], path=path, kind="base", base_path=None)
+        sync = {**session.calls.sync_requested(deployment_id=deployment, snapshot_path=path), "t0": origin["t0"]}
+    served = _Served(deployment, None, 0)
+    if sync is not None:
+        served = _Served(deployment, sync["snapshot_path"], session.calls.synced(sync))
+    client.__dict__[_SERVED] = served
+
+
+_SERVED = "_firetitan_record_served"
+
+
+def _served(client: Any) -> _Served:
+    """What a sampling client serves; one the recorder did not see made (an unpickled copy in a
+    worker) is named by its sampling session, with no snapshot known."""
+    found = getattr(client, "__dict__", {}).get(_SERVED)
+    return found or _Served(sdk_adapter.tinker_sampling_session(client), None, 0)
+
+
+def _sample(original: Any) -> Callable[..., Any]:
+    def sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _session()
+        if session is None:
+            return original(self, *args, **kwargs)
+        served = _served(self)
+        session.last_sampler = (served.deployment, served.snapshot_path)
+        given = _arguments(original, self, args, kwargs)
+        future = _quietly(lambda: original(self, *args, **kwargs))
+        return ObservedFuture(future, session, lambda out: _samples_drawn(session, served, given, out))
+    return sample
+
+
+def _compute_logprobs(original: Any) -> Callable[..., Any]:
+    """Scoring through a sampling client (an NLL eval): no samples, but the sampler is used."""
+    def compute_logprobs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _session()
+        if session is not None:
+            served = _served(self)
+            session.last_sampler = (served.deployment, served.snapshot_path)
+        return original(self, *args, **kwargs)
+    return compute_logprobs
+
+
+def _samples_drawn(session: ProgramRecording, served: _Served, given: dict[str, Any], out: Any) -> None:
+    prompt = [int(t) for t in given["prompt"].to_ints()]
+    completions = [{"full_tokens": prompt + [int(t) for t in seq.tokens], "prompt_len": len(prompt), "text": None,
+                    "finish_reason": str(getattr(seq, "stop_reason", None))} for seq in out.sequences]
+    params = given.get("sampling_params")
+    fields = params.model_dump(exclude_none=True) if hasattr(params, "model_dump") else {}
+    sampling = {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool, list))}
+    sampling["n"] = int(given.get("num_samples") or len(completions))
+    published = session.calls.published.get(served.deployment, served.version)
+    session.samples_drawn(deployment=served.deployment, sent=(served.snapshot_path, served.version), call="sample",
+                          prompt={"prompt_token_ids": prompt}, completions=completions, sampling=sampling,
+                          returned=(served.snapshot_path, published))
+
+
+# -- tinker-cookbook: its checkpoints' loop state, its metrics -----------------------------------
+
+def _save_checkpoint_async(original: Any) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    async def save_checkpoint_async(*args: Any, **kwargs: Any) -> Any:
+        try:
+            loop_state = signature.bind(*args, **kwargs).arguments.get("loop_state")
+        except TypeError:
+            loop_state = None
+        token = _data_cursor.set(dict(loop_state) if isinstance(loop_state, dict) else None)
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            _data_cursor.reset(token)
+    return save_checkpoint_async
+
+
+def _json_logger_log_metrics(original: Any) -> Callable[..., Any]:
+    def log_metrics(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        session = program.active()
+        if session is not None:
+            given = _arguments(original, self, args, kwargs)
+            session.safely("recording log_metrics", lambda: session.metrics.from_call(
+                given.get("metrics"), given.get("step"), "metrics_file"))
+        return out
+    return log_metrics
+
+
+# -- which module gets which wrappers -----------------------------------------------------------
+
+def _service_client_module(module: Any) -> None:
+    service = getattr(module, "ServiceClient", None)
+    if isinstance(service, type):
+        _wrap(service, "create_lora_training_client", _create_lora_training_client)
+        _wrap(service, "create_training_client_from_state", _create_training_client_from_state(False))
+        _wrap(service, "create_training_client_from_state_with_optimizer", _create_training_client_from_state(True))
+        _wrap(service, "create_sampling_client", _create_sampling_client)
+
+
+def _training_client_module(module: Any) -> None:
+    client = getattr(module, "TrainingClient", None)
+    if isinstance(client, type):
+        _wrap(client, "__init__", _training_client_init)
+        _wrap(client, "forward_backward", _forward_backward)
+        _wrap(client, "forward_backward_custom", _forward_backward)
+        _wrap(client, "optim_step", _optim_step)
+        _wrap(client, "save_state", _save_state)
+        _wrap(client, "load_state", _load_state(with_optimizer=False))
+        _wrap(client, "load_state_with_optimizer", _load_state(with_optimizer=True))
+        _wrap(client, "save_weights_for_sampler", _save_weights_for_sampler)
+        _wrap(client, "save_weights_and_get_sampling_client", _save_weights_and_get_sampling_client)
+        _wrap(client, "create_sampling_client", _create_sampling_client)
+
+
+def _sampling_client_module(module: Any) -> None:
+    client = getattr(module, "SamplingClient", None)
+    if isinstance(client, type):
+        _wrap(client, "__init__", _sampling_client_init)
+        _wrap(client, "sample", _sample)
+        _wrap(client, "compute_logprobs", _compute_logprobs)
+
+
+def _cookbook_checkpoint_module(module: Any) -> None:
+    save = getattr(module, "save_checkpoint_async", None)
+    if callable(save) and not getattr(save, "__firetitan_recorded__", False):
+        wrapper = functools.wraps(save)(_save_checkpoint_async(save))
+        wrapper.__firetitan_recorded__ = True  # type: ignore[attr-defined]
+        module.save_checkpoint_async = wrapper
+
+
+def _cookbook_ml_log_module(module: Any) -> None:
+    logger = getattr(module, "JsonLogger", None)
+    if isinstance(logger, type):
+        _wrap(logger, "log_metrics", _json_logger_log_metrics)
+
+
+PATCHES: dict[str, Callable[[Any], None]] = {
+    "tinker.lib.public_interfaces.service_client": _service_client_module,
+    "tinker.lib.public_interfaces.training_client": _training_client_module,
+    "tinker.lib.public_interfaces.sampling_client": _sampling_client_module,
+    "tinker_cookbook.checkpoint_utils": _cookbook_checkpoint_module,
+    "tinker_cookbook.utils.ml_log": _cookbook_ml_log_module,
+}
