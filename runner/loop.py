@@ -37,6 +37,7 @@ from runner.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
 from runner.provision import connect, endpoint
 from runner.recipes import RECIPES, StepContext
+from runner.recipes.base import visible_text
 from runner.spec import Spec
 from runner.tasks import DataError, Example, eval_prompts, grade, load_jsonl, train_batch
 from runner.tasks.preference import Pair, load_pairs, pair_batch
@@ -262,9 +263,12 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         watch = BackendWatch(where.base_url).start()
         session = connect(spec, where, st, rec, inputs.api_key, needs_reference=recipe.needs_reference(spec))
         tracked, policy = session.tracked, session.policy
+        size = spec.recipe.batch_size * spec.recipe.micro_batches
         ctx = StepContext(spec, tracked, policy, session.reference, session.tokenizer,
                           adam=adam_params(dataclasses.asdict(spec.optim)), loop=loop,
-                          new_controller=lambda: _controller(spec))
+                          new_controller=lambda: _controller(spec), rec=rec,
+                          batch_of=lambda s: next_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=s,
+                                                        size=size, digits=spec.task.digits)[0])
         ctx.controller = ctx.new_controller()
 
         if st.last_state is not None:
@@ -285,13 +289,13 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             lease.check()  # a writer whose lease was taken over stops before it trains or writes again
             rec.step = ctx.step = step
             batch, cursor = next_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
-                                        size=spec.recipe.batch_size * spec.recipe.micro_batches,
-                                        digits=spec.task.digits)
+                                        size=size, digits=spec.task.digits)
+            ctx.step_record = {}
             metrics = recipe.train_step(ctx, batch)
             _check_finite(metrics, step, spec)
             rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor,
                        micro_batches=spec.recipe.micro_batches, metrics=metrics,
-                       optimizer=dataclasses.asdict(spec.optim))
+                       optimizer=dataclasses.asdict(spec.optim), **ctx.step_record)
             last = step == spec.run.steps
             if step % spec.schedule.eval_every == 0 or last:
                 result.last_score = _evaluate(ctx, inputs)
@@ -381,20 +385,16 @@ def _refusal(exc: BaseException) -> str:
 
 
 def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
-    sampler = ctx.sync_policy(f"eval-{ctx.step}")
+    # weights this step already published (async_grpo's sync after its optimizer step) are
+    # evaluated where they are served: a second sync would publish the same weights again
+    reuse = ctx.sampler is not None and ctx.serves == ctx.step
+    sampler = ctx.sampler if reuse else ctx.sync_policy(f"eval-{ctx.step}")
     s = inputs.spec.sampling
     res = ctx.run_async(ctx.tracked.evaluate(
         sampler, inputs.eval_set, snapshot_path=ctx.last_snapshot,
         sampling={"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature},
-        grade=lambda ex, text: grade(ex.answer, _visible(ctx.tokenizer, text)), controller=ctx.controller))
+        grade=lambda ex, text: grade(ex.answer, visible_text(ctx.tokenizer, text)), controller=ctx.controller))
     return res.score
-
-
-def _visible(tokenizer: Any, text: str) -> str:
-    """The completion as a reader sees it: special tokens (the end-of-turn marker) removed."""
-    for special in tokenizer.all_special_tokens:
-        text = text.replace(special, "")
-    return text
 
 
 def _close(tracked: TrackedService | None, lost: BackendLost | None = None) -> None:

@@ -2,9 +2,10 @@
 and ``train_step(ctx, batch) -> metrics`` (see runner.recipes.base). Preference recipes
 (``takes_pairs = True``) get runner.tasks.preference pairs as their batch."""
 
-from runner.recipes import dpo, grpo, orpo, sft
+from runner.recipes import async_grpo, dpo, grpo, orpo, sft
 from runner.recipes.base import Recipe, StepContext
 
-RECIPES: dict[str, Recipe] = {"sft": sft, "grpo": grpo, "dpo": dpo, "orpo": orpo}
+RECIPES: dict[str, Recipe] = {"sft": sft, "grpo": grpo, "dpo": dpo, "orpo": orpo,
+                              "async_grpo": async_grpo}
 
 __all__ = ["RECIPES", "Recipe", "StepContext"]
