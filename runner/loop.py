@@ -250,6 +250,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
            lease: Lease, on_eval: OnEval | None = None) -> RunResult:
     spec = inputs.spec
     recipe = RECIPES[spec.recipe.kind]
+    publish = getattr(recipe, "publish", None)
     _, _, next_batch = _training_data(spec)
     exporter = _start_exporter(rec, export_mlflow)
     loop = asyncio.new_event_loop()
@@ -296,6 +297,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor,
                        micro_batches=spec.recipe.micro_batches, metrics=metrics,
                        optimizer=dataclasses.asdict(spec.optim), **ctx.step_record)
+            if publish is not None:
+                publish(ctx)
             last = step == spec.run.steps
             if step % spec.schedule.eval_every == 0 or last:
                 result.last_score = _evaluate(ctx, inputs)

@@ -3,8 +3,9 @@
 corrected by clipped importance weights.
 
 Versions. Version v is the policy after v optimizer steps. Every step publishes one: one
-optimizer step, one snapshot + sync, then the version counts as published (StepCompleted).
-Step s trains version s-1 into version s.
+optimizer step, StepCompleted, then one snapshot + sync (``publish``, which the loop calls
+after recording the step), after which rollouts are sampled from it. Step s trains version
+s-1 into version s.
 
 Schedule (the cookbook's async admission, ``published + K + 1`` batches in flight, made
 exact). The rollouts of step b are sampled from version ``max(0, b-1-K)``: once version s-1
@@ -54,7 +55,7 @@ from runner.recipes.grpo import NO_COMPLETION, group_advantages
 from runner.spec import Spec
 from runner.tasks import Example, grade
 
-__all__ = ["needs_reference", "train_step", "sampled_from"]
+__all__ = ["needs_reference", "train_step", "publish", "sampled_from"]
 
 
 def needs_reference(spec: Spec) -> bool:
@@ -116,11 +117,16 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
 
     metrics, *sampled = ctx.run_async(train_while_sampling())
     pipe.ready.update({b.step: b for b in sampled})
-    if "skipped" in ctx.step_record:  # the weights did not change: the version is the served one
-        ctx.serves = s if ctx.serves == s - 1 else ctx.serves
-    else:
-        ctx.sync_policy(f"async-{s}")
     return metrics
+
+
+def publish(ctx: StepContext) -> None:
+    """After the step is recorded: snapshot its weights and sync them, so the next batch is
+    sampled from them (an eval of this step samples them too)."""
+    if "skipped" in ctx.step_record:  # the weights did not change: the served version is this one
+        ctx.serves = ctx.step if ctx.serves == ctx.step - 1 else ctx.serves
+    else:
+        ctx.sync_policy(f"async-{ctx.step}")
 
 
 # -- sampling ---------------------------------------------------------------------------------
@@ -266,8 +272,8 @@ def _train(ctx: StepContext, batch: Batch) -> dict[str, float]:
         if ref_logprobs is not None:
             kl = sum(((lp - ref.detach()) * m).sum() for lp, ref, m in zip(logprobs, ref_logprobs, masks)) / n_tokens
         loss = pg + r.kl_coef * kl
-        measured.update(loss=float(loss), pg_loss=float(pg), importance_weight=weight_sum / n_tokens,
-                        clipped=clipped / n_tokens, **({"kl": float(kl)} if ref_logprobs is not None else {}))
+        measured.update(loss=float(loss.detach()), pg_loss=float(pg.detach()), importance_weight=weight_sum / n_tokens,
+                        clipped=clipped / n_tokens, **({"kl": float(kl.detach())} if ref_logprobs is not None else {}))
         return loss, {}
 
     ctx.policy.forward_backward_custom(data, objective).result()

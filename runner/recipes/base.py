@@ -2,7 +2,9 @@
 and the datum builders (token sequences weighted on the part that is learned).
 
 A recipe is a module with ``needs_reference(spec) -> bool`` (whether the run must
-provision a frozen reference client) and ``train_step(ctx, batch) -> metrics``.
+provision a frozen reference client) and ``train_step(ctx, batch) -> metrics``; optionally
+``publish(ctx)``, which the loop calls once the step is recorded (async_grpo syncs the
+step's weights there, so a step's record precedes the snapshot it made).
 """
 
 from __future__ import annotations
