@@ -76,6 +76,21 @@ class Batch:
     version: int  # the weight version they were sampled from
     event_id: str | None  # their SamplesDrawn (None where nothing is recorded)
     rollouts: list[dict[str, Any]]  # per rollout: prompt (index in the batch), text, reward, tokens, logprobs
+    samples_digest: str | None = None  # the blob of [event id, index] of those with a completion (provenance)
+
+
+def _trainable(rollouts: list[dict[str, Any]]) -> list[int]:
+    """The rollouts with a completion: the ones a step trains on."""
+    return [n for n, x in enumerate(rollouts) if len(x["tokens"]) > x["prompt_len"]]
+
+
+def _admitted(ctx: StepContext, batch: Batch) -> Batch:
+    """Store the provenance rows of a recorded batch when it is admitted (while the trainer
+    trains another), not on the trainer's path."""
+    used = _trainable(batch.rollouts)
+    if ctx.rec is not None and batch.event_id is not None and used:
+        batch.samples_digest = ctx.rec.put_json([[batch.event_id, n] for n in used])
+    return batch
 
 
 class _Pipeline:
@@ -175,7 +190,7 @@ async def _sample_batch(ctx: StepContext, step: int, examples: list[Example]) ->
             sampling={"group_size": g, "max_tokens": r.max_tokens, "temperature": r.temperature},
             step=ctx.step, batch=step, call="sample_with_tokens")
         event_id = ev.event_id
-    return Batch(step, version, event_id, rollouts)
+    return _admitted(ctx, Batch(step, version, event_id, rollouts))
 
 
 # -- resume ------------------------------------------------------------------------------------
@@ -212,7 +227,8 @@ def _replay(ctx: StepContext, ev: Any) -> Batch:
     if ev.version in superseded_versions(rec.ledger.read(rec.run_id)):
         data = {k: v for k, v in ev.data.items() if k != "replayed_from"}
         event_id = rec.record("SamplesDrawn", **data, replayed_from=ev.data.get("replayed_from", ev.event_id)).event_id
-    return Batch(ev.data["batch"], ev.data["version_at_send"], event_id, rec.ledger.get_json(ev.data["completions_digest"]))
+    return _admitted(ctx, Batch(ev.data["batch"], ev.data["version_at_send"], event_id,
+                                rec.ledger.get_json(ev.data["completions_digest"])))
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -230,11 +246,10 @@ def _train(ctx: StepContext, batch: Batch) -> dict[str, float]:
         by_prompt.setdefault(x["prompt"], []).append(n)
     advantage = {n: a for ns in by_prompt.values()
                  for n, a in zip(ns, group_advantages([batch.rollouts[n]["reward"] for n in ns]))}
-    used = [n for n, x in enumerate(batch.rollouts) if len(x["tokens"]) > x["prompt_len"]]
-    if ctx.rec is not None and batch.event_id is not None:
+    used = _trainable(batch.rollouts)
+    if batch.event_id is not None:
         ctx.step_record["provenance"] = {"datums": len(used), "matched": len(used),
-                                         **({"samples_digest": ctx.rec.put_json([[batch.event_id, n] for n in used])}
-                                            if used else {})}
+                                         **({"samples_digest": batch.samples_digest} if batch.samples_digest else {})}
     if not used:
         return ctx.skip(NO_COMPLETION, {"rollouts": 0.0})
     offsets = version_offsets([lag] * len(used))
