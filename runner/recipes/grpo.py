@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from runner.recipes.base import StepContext, optim_metrics, weighted_datum, weights_of
+from runner.recipes.base import StepContext, optim_metrics, visible_text, weighted_datum, weights_of
 from runner.spec import Spec
 from runner.tasks import Example, grade
 
@@ -46,7 +46,7 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     groups = ctx.run_async(rollouts())
     data, masks, advantages, rewards = [], [], [], []
     for ex, group in zip(batch, groups):
-        rs = [grade(ex.answer, c.text) for c in group]
+        rs = [grade(ex.answer, visible_text(ctx.tokenizer, c.text)) for c in group]  # as the evals grade
         for c, r, a in zip(group, rs, group_advantages(rs)):
             if c.completion_len == 0:
                 continue
@@ -69,7 +69,7 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
         if ref_logprobs is not None:
             kl = sum(((lp - r.detach()) * m).sum() for lp, r, m in zip(logprobs, ref_logprobs, masks)) / n_tokens
         loss = pg + spec.kl_coef * kl
-        return loss, {"pg_loss": float(pg), "kl": float(kl)}
+        return loss, {"pg_loss": float(pg.detach()), "kl": float(kl.detach())}
 
     out = ctx.policy.forward_backward_custom(data, objective).result()
     opt = ctx.policy.optim_step(ctx.adam).result()
