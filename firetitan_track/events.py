@@ -185,9 +185,13 @@ CATALOGUE: dict[str, EventType] = _types(
           fields={"trainer_job_id": OPT_STRING, "created": BOOLEAN}, optional={"shared_with_policy": BOOLEAN}),
     # -- training --------------------------------------------------------------
     _type("StepCompleted",
-          "may be written with the next event (a step after the last saved state is redone on resume)",
+          "may be written with the next event (a step after the last saved state is redone on resume); "
+          "optional skipped: why no optimizer step ran (its metrics then hold only what was measured); "
+          "provenance and version_offsets as a recorded program's (below): the runner's async_grpo names "
+          "the rollouts each step trained on",
           fields={"step": INTEGER, "data_cursor": ANY, "micro_batches": INTEGER, "metrics": NUMBERS,
-                  "optimizer": OBJECT}),
+                  "optimizer": OBJECT},
+          optional={"skipped": STRING}),
     _type("TrajectoriesRecorded",
           "a multi-turn recipe's (igpo) episodes of one step, sampled from snapshot_path: the blob holds, per "
           "trajectory, its prompt, answer, outcome, baseline_logprob and turns (text, the environment's reply, "
@@ -278,12 +282,16 @@ CATALOGUE: dict[str, EventType] = _types(
           "when the call was sent and when it returned (None when none was recorded), the weight versions "
           "published to it by then (syncs and hotloads seen), the prompt and completions as blobs, one "
           "sha256 of the token ids per sampled sequence (prompt + completion), the sampling params and "
-          "the optimizer steps requested so far; optional call (the SDK method)",
+          "the optimizer steps requested so far; optional call (the SDK method). The runner's async_grpo "
+          "records one per batch of rollouts: batch (the step that trains on them), its versions count the "
+          "optimizer steps the served weights hold (one publication per step), and replayed_from (a resumed "
+          "run re-recording rollouts a crashed attempt sampled from weights the resumed history holds: the "
+          "event id they were first recorded under)",
           fields={"deployment": OPT_STRING, "snapshot_at_send": OPT_STRING, "snapshot_at_return": OPT_STRING,
                   "version_at_send": INTEGER, "version_at_return": INTEGER, "prompt_digest": DIGEST,
                   "completions_digest": DIGEST, "sequence_digests": _array_of(DIGEST), "sampling": OBJECT,
                   "step": INTEGER},
-          optional={"call": STRING},
+          optional={"call": STRING, "batch": INTEGER, "replayed_from": STRING},
           blobs=("prompt_digest", "completions_digest")),
     _type("MetricsLogged",
           "numbers a recorded program logged itself (source: metrics_file|wandb) under its own step; "

@@ -509,7 +509,11 @@ class TrackedService:
         ``snapshot_path``. A multi-turn task passes ``play(sampler, index, prompt, sampling)``,
         a coroutine giving the prompt's scored episodes ({"text", "score", ...} each) instead
         of one graded completion per sample.
+        An eval with no prompts, or whose sampling returned no completion,
+        has no score: it raises (ValueError) rather than record one it never measured.
         """
+        if not prompts:
+            raise ValueError("an eval needs at least one prompt: an empty prompt set has no score")
         eval_id = self._eval_started([p.to_json() for p in prompts], snapshot_path, sampling)
 
         async def one(i: int, p: Any) -> list[dict[str, Any]]:
@@ -524,7 +528,10 @@ class TrackedService:
         groups: list[list[dict[str, Any]]] = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         completions = [c for g in groups for c in g]
         server = controller.step_completed() if controller is not None and hasattr(controller, "step_completed") else {}
-        score = sum(c["score"] for c in completions) / max(1, len(completions))
+        if not completions:  # the eval stays open (EvalStarted without a score): nothing was measured
+            raise ValueError(f"eval {eval_id}: the deployment returned no completion for any of the "
+                             f"{len(prompts)} prompts, so there is no score to record")
+        score = sum(c["score"] for c in completions) / len(completions)
         self._eval_finished(eval_id, completions, score, server, getattr(controller, "window_size", None),
                             {"completions": len(completions), "correct": sum(c["score"] for c in completions)})
         return EvalResult(eval_id, score, completions, self._eval_digest)

@@ -250,6 +250,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
            lease: Lease, on_eval: OnEval | None = None) -> RunResult:
     spec = inputs.spec
     recipe = RECIPES[spec.recipe.kind]
+    publish = getattr(recipe, "publish", None)
     _, _, next_batch = _training_data(spec)
     exporter = _start_exporter(rec, export_mlflow)
     loop = asyncio.new_event_loop()
@@ -263,9 +264,12 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         watch = BackendWatch(where.base_url).start()
         session = connect(spec, where, st, rec, inputs.api_key, needs_reference=recipe.needs_reference(spec))
         tracked, policy = session.tracked, session.policy
+        size = spec.recipe.batch_size * spec.recipe.micro_batches
         ctx = StepContext(spec, tracked, policy, session.reference, session.tokenizer,
                           adam=adam_params(dataclasses.asdict(spec.optim)), loop=loop,
-                          new_controller=lambda: _controller(spec), rec=rec)
+                          new_controller=lambda: _controller(spec), rec=rec,
+                          batch_of=lambda s: next_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=s,
+                                                        size=size, digits=spec.task.digits)[0])
         ctx.controller = ctx.new_controller()
 
         if st.last_state is not None:
@@ -286,13 +290,15 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             lease.check()  # a writer whose lease was taken over stops before it trains or writes again
             rec.step = ctx.step = step
             batch, cursor = next_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
-                                        size=spec.recipe.batch_size * spec.recipe.micro_batches,
-                                        digits=spec.task.digits)
+                                        size=size, digits=spec.task.digits)
+            ctx.step_record = {}
             metrics = recipe.train_step(ctx, batch)
             _check_finite(metrics, step, spec)
             rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor,
                        micro_batches=spec.recipe.micro_batches, metrics=metrics,
-                       optimizer=dataclasses.asdict(spec.optim))
+                       optimizer=dataclasses.asdict(spec.optim), **ctx.step_record)
+            if publish is not None:
+                publish(ctx)
             last = step == spec.run.steps
             if step % spec.schedule.eval_every == 0 or last:
                 result.last_score = _evaluate(ctx, inputs)
@@ -382,7 +388,10 @@ def _refusal(exc: BaseException) -> str:
 
 
 def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
-    sampler = ctx.sync_policy(f"eval-{ctx.step}")
+    # weights this step already published (async_grpo's sync after its optimizer step) are
+    # evaluated where they are served: a second sync would publish the same weights again
+    reuse = ctx.sampler is not None and ctx.serves == ctx.step
+    sampler = ctx.sampler if reuse else ctx.sync_policy(f"eval-{ctx.step}")
     s = inputs.spec.sampling
     play = getattr(RECIPES[inputs.spec.recipe.kind], "play_eval", None)  # a multi-turn recipe plays episodes
     res = ctx.run_async(ctx.tracked.evaluate(

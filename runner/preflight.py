@@ -83,7 +83,7 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
     tokenizer = load_tokenizer(spec, tokenizer_path)  # a bad tokenizer is named however long the context
     if not context or context <= 0:
         return
-    rollouts = spec.recipe.max_tokens if spec.recipe.kind == "grpo" else 0
+    rollouts = spec.recipe.max_tokens if spec.recipe.kind in ("grpo", "async_grpo") else 0
     new_tokens = max(spec.sampling.max_tokens, rollouts)
     for key, tokens in (("sampling.max_tokens", spec.sampling.max_tokens), ("recipe.max_tokens", rollouts)):
         if tokens >= context:  # not even an empty prompt leaves room

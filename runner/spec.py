@@ -23,7 +23,7 @@ from runner.local.state import DEFAULT_STATE_DIR
 from runner.tasks import DEFAULT_EVAL_COUNT
 
 __all__ = ["Spec", "SpecError", "load_spec", "parse_overrides", "MAX_EVAL_COUNT", "MAX_COMPLETIONS_PER_PROMPT",
-           "MAX_STEP_EXAMPLES", "MAX_EVAL_COMPLETIONS", "MAX_NEW_TOKENS", "MAX_DIGITS", "RESOURCE_ID_RULE"]
+           "MAX_STEP_EXAMPLES", "MAX_EVAL_COMPLETIONS", "MAX_OFFPOLICY_VERSIONS", "MAX_NEW_TOKENS", "MAX_DIGITS", "RESOURCE_ID_RULE"]
 
 # Bounds on every size in a spec, checked before anything is written. What the service can
 # serve per sequence (prompt + new tokens within the model's context) is asked of the service
@@ -34,6 +34,7 @@ MAX_COMPLETIONS_PER_PROMPT = 128  # the completions API's range for n (fireworks
 MAX_STEP_EXAMPLES = 65_536  # examples (rollouts, for grpo) one optimizer step builds in memory
 MAX_EVAL_COMPLETIONS = 100_000  # eval.count x sampling.n: one eval's completions are one stored blob
 MAX_NEW_TOKENS = 1 << 20  # sampling/recipe max_tokens: no model's context is longer (preflight asks the real one)
+MAX_OFFPOLICY_VERSIONS = 64  # async_grpo: batches of rollouts sampled ahead of the trainer, held in memory
 MAX_DIGITS = 1_000  # built-in task operands; their prompts must also fit the context (preflight)
 # A resource id of the service (deployments, trainer jobs, models): a DNS label, as the
 # managed API and the local service accept them.
@@ -78,7 +79,7 @@ class CleanupSection:
 
 @dataclass(frozen=True)
 class RecipeSection:
-    kind: Literal["sft", "grpo", "dpo", "orpo", "igpo"] = "sft"
+    kind: Literal["sft", "grpo", "dpo", "orpo", "async_grpo", "igpo"] = "sft"
     batch_size: int = 16  # examples per micro-batch
     micro_batches: int = 1  # forward_backward calls accumulated per optimizer step
     group_size: int = 4  # grpo: rollouts per prompt
@@ -86,6 +87,9 @@ class RecipeSection:
     temperature: float = 1.0  # grpo: rollout temperature
     kl_coef: float = 0.0  # grpo: weight of the KL penalty to a frozen reference
     beta: float = 0.1  # dpo: scale of the implicit reward; orpo: weight of the odds-ratio term
+    # async_grpo: how many weight versions a batch's rollouts may lag the weights it trains (0: on-policy)
+    max_offpolicy_versions: int = 0
+    clip_epsilon: float = 0.2  # async_grpo: importance weights are clipped to [1 - eps, 1 + eps]
     # igpo (multi-turn; group_size, max_tokens per turn, temperature and kl_coef as for grpo)
     turns: int = 4  # igpo: most turns per episode
     gamma: float = 0.95  # igpo: discount of later turns' rewards in a turn's advantage
@@ -205,6 +209,12 @@ class Spec:
         self._check_sizes(bad)
         if self.recipe.beta <= 0:
             raise bad("recipe.beta", f"must be positive, got {self.recipe.beta}")
+        if not 0 <= self.recipe.max_offpolicy_versions <= MAX_OFFPOLICY_VERSIONS:
+            raise bad("recipe.max_offpolicy_versions", f"must be 0 (on-policy) to {MAX_OFFPOLICY_VERSIONS} (each "
+                                                       "version ahead is one batch of rollouts held in memory), got "
+                                                       f"{self.recipe.max_offpolicy_versions}")
+        if not 0 < self.recipe.clip_epsilon < 1:
+            raise bad("recipe.clip_epsilon", f"must be in (0, 1), got {self.recipe.clip_epsilon}")
         if not 0 <= self.recipe.gamma <= 1:
             raise bad("recipe.gamma", f"must be in [0, 1], got {self.recipe.gamma}")
         self._check_multi_turn(bad)
@@ -258,7 +268,7 @@ class Spec:
         for key, (value, limit, why) in at_most.items():
             if value > limit:
                 raise bad(key, f"must be at most {limit} ({why}), got {value}")
-        grouped = r.kind in ("grpo", "igpo")
+        grouped = r.kind in ("grpo", "async_grpo", "igpo")  # recipes that sample group_size rollouts per prompt
         per_step = r.batch_size * r.micro_batches * (r.group_size if grouped else 1)
         if per_step > MAX_STEP_EXAMPLES:
             what = "recipe.batch_size x recipe.micro_batches" + (" x recipe.group_size" if grouped else "")

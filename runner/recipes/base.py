@@ -2,7 +2,9 @@
 and the datum builders (token sequences weighted on the part that is learned).
 
 A recipe is a module with ``needs_reference(spec) -> bool`` (whether the run must
-provision a frozen reference client) and ``train_step(ctx, batch) -> metrics``.
+provision a frozen reference client) and ``train_step(ctx, batch) -> metrics``; optionally
+``publish(ctx)``, which the loop calls once the step is recorded (async_grpo syncs the
+step's weights there, so a step's record precedes the snapshot it made).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from firetitan_track.tracking import TrackedService
 from runner.spec import Spec
 from runner.tasks import Example
 
-__all__ = ["Recipe", "StepContext", "weighted_datum", "masked_datum", "visible_text", "answer_datum", "chunks", "optim_metrics", "step_on_pairs"]
+__all__ = ["Recipe", "StepContext", "weighted_datum", "masked_datum", "visible_text", "answer_datum", "chunks",
+           "optim_metrics", "step_on_pairs"]
 
 
 @dataclass
@@ -37,6 +40,11 @@ class StepContext:
     last_snapshot: str | None = None
     controller: Any = field(default=None)
     memo: dict[str, Any] = field(default_factory=dict)  # what a recipe keeps across the steps of one attempt
+    rec: Any = None  # the run's Recorder (None where nothing is recorded: a benchmark's bare loop)
+    batch_of: Callable[[int], list[Any]] | None = None  # the training batch of any step (a pure function of it)
+    sampler: Any = None  # the sampler of the last sync
+    serves: int | None = None  # the step whose trained weights the deployment serves (None: not known)
+    step_record: dict[str, Any] = field(default_factory=dict)  # extra StepCompleted fields of this step
 
     @property
     def micro_batches(self) -> int:
@@ -45,12 +53,22 @@ class StepContext:
     def run_async(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
-    def sync_policy(self, name: str) -> Any:
-        """Snapshot the policy and hot-load it onto the deployment; return its sampler."""
+    def sync_policy(self, name: str, *, trained_through: int | None = None) -> Any:
+        """Snapshot the policy and hot-load it onto the deployment; return its sampler.
+        ``trained_through``: the last step whose optimizer step the weights hold (default:
+        this step), so an eval of the same weights reuses the sync instead of publishing again."""
         self.last_snapshot = self.policy.save_weights_for_sampler(name).result().path
         self.controller = self.new_controller()
-        return self.tracked.create_deployment_sampler(model_path=self.last_snapshot, tokenizer=self.tokenizer,
-                                                      concurrency_controller=self.controller)
+        self.sampler = self.tracked.create_deployment_sampler(model_path=self.last_snapshot, tokenizer=self.tokenizer,
+                                                              concurrency_controller=self.controller)
+        self.serves = self.step if trained_through is None else trained_through
+        return self.sampler
+
+    def skip(self, reason: str, metrics: dict[str, float]) -> dict[str, float]:
+        """A step that ran no optimizer step: recorded as skipped, with its reason and only
+        the metrics it measured (no loss it never computed)."""
+        self.step_record["skipped"] = reason
+        return metrics
 
 
 class Recipe(Protocol):

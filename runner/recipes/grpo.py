@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from runner.recipes.base import StepContext, optim_metrics, weighted_datum, weights_of
+from runner.recipes.base import StepContext, optim_metrics, visible_text, weighted_datum, weights_of
 from runner.spec import Spec
 from runner.tasks import Example, grade
 
@@ -22,8 +22,18 @@ def needs_reference(spec: Spec) -> bool:
     return spec.recipe.kl_coef > 0
 
 
+def group_advantages(rewards: list[float]) -> list[float]:
+    """Each rollout's reward minus its group's mean reward (the group: one prompt's rollouts)."""
+    mean = sum(rewards) / len(rewards) if rewards else 0.0
+    return [r - mean for r in rewards]
+
+
+NO_COMPLETION = "no rollout has a completion: nothing to train on, no optimizer step ran"
+
+
 def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
-    sampler = ctx.sync_policy(f"rollout-{ctx.step}")
+    # the weights hold the steps before this one: an eval of this step must sync its own
+    sampler = ctx.sync_policy(f"rollout-{ctx.step}", trained_through=ctx.step - 1)
     spec = ctx.spec.recipe
 
     async def rollouts() -> list[list[Any]]:
@@ -36,18 +46,17 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     groups = ctx.run_async(rollouts())
     data, masks, advantages, rewards = [], [], [], []
     for ex, group in zip(batch, groups):
-        rs = [grade(ex.answer, c.text) for c in group]
-        mean = sum(rs) / max(1, len(rs))
-        for c, r in zip(group, rs):
+        rs = [grade(ex.answer, visible_text(ctx.tokenizer, c.text)) for c in group]  # as the evals grade
+        for c, r, a in zip(group, rs, group_advantages(rs)):
             if c.completion_len == 0:
                 continue
             d = weighted_datum(list(c.full_tokens), c.prompt_len)
             data.append(d)
             masks.append(weights_of(d))
-            advantages.append(r - mean)
+            advantages.append(a)
             rewards.append(r)
     if not data:
-        return {"reward": 0.0, "loss": 0.0}
+        return ctx.skip(NO_COMPLETION, {"rollouts": 0.0})
 
     return {"reward": sum(rewards) / len(rewards), **policy_gradient(ctx, data, masks, advantages)}
 
@@ -73,7 +82,9 @@ def policy_gradient(ctx: StepContext, data: list[Any], masks: list[torch.Tensor]
 
     out = ctx.policy.forward_backward_custom(data, objective).result()
     opt = ctx.policy.optim_step(ctx.adam).result()
-    metrics = {"loss": float((out.metrics or {}).get("loss:sum", 0.0)), "rollouts": float(len(data))}
+    metrics = {"rollouts": float(len(data))}
+    if "loss:sum" in (out.metrics or {}):  # what the trainer did not report is left out, not zeroed
+        metrics["loss"] = float(out.metrics["loss:sum"])
     metrics.update({k: float(v) for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))})
     metrics.update(optim_metrics(opt))
     return metrics

@@ -7,6 +7,8 @@ lost machine); only the moment is chosen, by wrapping two functions from outside
     CRASH_AT=midstep:3            inside step 3, after forward_backward, before optim_step
     CRASH_AT=before:ModelPromoted:1  just before the 1st ModelPromoted would be recorded
                                      (the service has answered; the ledger does not know)
+    CRASH_AT=rollout:14           as async_grpo sends its 14th rollout (the ones before it
+                                  in flight or returned: mid-sampling)
 
 CRASH_SIGNAL=TERM sends a real SIGTERM instead, at the same point.
 
@@ -64,6 +66,20 @@ def _install(point: str) -> None:
             return original(self, params)
 
         tracking.TrackedTrainingClient.optim_step = optim_step
+    elif kind == "rollout":
+        from runner.recipes import async_grpo
+
+        nth = int(rest[0])
+        original = async_grpo._sample_one
+        sent = {"n": 0}
+
+        async def sample_one(*args, **kwargs):
+            sent["n"] += 1
+            if sent["n"] == nth:
+                _die()
+            return await original(*args, **kwargs)
+
+        async_grpo._sample_one = sample_one
     else:
         raise SystemExit(f"bad CRASH_AT {point!r}")
 
