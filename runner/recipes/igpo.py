@@ -168,7 +168,7 @@ def turn_advantages(gains: list[list[float]], outcomes: list[float], gamma: floa
 
 
 def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
-    sampler = ctx.sync_policy(f"rollout-{ctx.step}")
+    sampler = ctx.sync_policy(f"rollout-{ctx.step}", trained_through=ctx.step - 1)
     spec, r = ctx.spec, ctx.spec.recipe
 
     async def rollouts() -> list[Episode]:
