@@ -22,7 +22,13 @@ Prints one JSON object:
   holds for the same model after one step (measured here, not computed).
   Target: <= 0.05.
 
-Usage: ``python benchmarks/local_service.py [--device cpu|cuda] [--rounds N]``.
+Also printed: ``torch_threads`` (intra-op threads of this process; the service, started from
+it, inherits ``OMP_NUM_THREADS``) and ``load_avg_1m`` before and after each part. On a shared
+2-core machine, two intra-op threads per process spin-wait on each other whenever anything
+else runs, and steps then take several times their idle time on both sides; with
+``OMP_NUM_THREADS=1`` (for both sides alike) the ratios hold steady under such load.
+
+Usage: ``[OMP_NUM_THREADS=1] python benchmarks/local_service.py [--device cpu|cuda] [--rounds N]``.
 """
 
 from __future__ import annotations
@@ -117,16 +123,19 @@ class RawTorchLoop:
 
 def time_interleaved(sdk_step, raw_step, rounds: int, steps_per_round: int) -> tuple[float, float, int]:
     """Median ms of each step. The two alternate step by step, so a shared machine's
-    load, which drifts over seconds, hits both alike."""
+    load, which drifts over seconds, hits both alike; which goes first alternates by round,
+    so neither always follows the other (whose threads may still be winding down)."""
     for _ in range(3):  # warm-up: allocator, autograd graph, connections
         sdk_step()
         raw_step()
     times: dict[str, list[float]] = {"sdk": [], "raw": []}
-    for _ in range(rounds * steps_per_round):
-        for key, step in (("sdk", sdk_step), ("raw", raw_step)):
-            start = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - start)
+    for r in range(rounds):
+        order = (("sdk", sdk_step), ("raw", raw_step))
+        for _ in range(steps_per_round):
+            for key, step in order if r % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                step()
+                times[key].append(time.perf_counter() - start)
     return 1e3 * statistics.median(times["sdk"]), 1e3 * statistics.median(times["raw"]), len(times["sdk"])
 
 
@@ -239,16 +248,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps-per-round", type=int, default=8)
+    parser.add_argument("--skip", action="append", default=[], choices=["training", "lora", "sampling"],
+                        help="leave out a part (repeatable)")
     args = parser.parse_args()
     logging.getLogger("fireworks").setLevel(logging.ERROR)
 
     from runner.local.supervisor import local_service
 
+    import os
+
+    import torch
+
     with local_service(device=args.device) as info:
-        result = {"device": args.device, "base_model": info.base_model, "batch": [BATCH, SEQ_LEN]}
-        result.update(bench_training(info, args.device, args.rounds, args.steps_per_round))
-        result.update(bench_lora(info, args.device, args.rounds, args.steps_per_round))
-        result.update(bench_sampling(info, args.rounds))
+        result = {"device": args.device, "base_model": info.base_model, "batch": [BATCH, SEQ_LEN],
+                  "torch_threads": torch.get_num_threads(), "load_avg_1m": {"start": round(os.getloadavg()[0], 2)}}
+        for part, bench in (("training", lambda: bench_training(info, args.device, args.rounds, args.steps_per_round)),
+                            ("lora", lambda: bench_lora(info, args.device, args.rounds, args.steps_per_round)),
+                            ("sampling", lambda: bench_sampling(info, args.rounds))):
+            if part in args.skip:
+                continue
+            result.update(bench())
+            result["load_avg_1m"][part] = round(os.getloadavg()[0], 2)
     result["targets"] = {"train_step_ratio_vs_raw_torch": "<= 1.5", "sampling_speedup_adaptive_vs_sequential": ">= 4",
                          "lora_train_step_ratio_vs_raw_peft": "<= 1.3", "lora_optimizer_state_fraction": "<= 0.05"}
     print(json.dumps(result))

@@ -289,9 +289,10 @@ class TrainerRuntime:
 
 # -- request decoding -------------------------------------------------------------
 
-def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[list, str, dict | None]:
-    """(engine Examples, loss_fn, loss_fn_config) from a forward(_backward)_input: decoded
-    here, checked against the model by the engine's own rules (a 400 at once)."""
+def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[Any, str, dict | None]:
+    """(an engine Batch, loss_fn, loss_fn_config) from a forward(_backward)_input: decoded
+    here, checked against the model by the engine's own rules (a 400 at once) and padded
+    into tensors, so the worker goes straight to the model."""
     if not isinstance(fb_input, dict):
         raise ApiError(400, "missing forward_backward_input / forward_input object")
     loss_fn = fb_input.get("loss_fn")
@@ -312,8 +313,7 @@ def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[list, str, 
             raise ApiError(400, f"data[{index}].loss_fn_inputs must be an object")
         inputs = {name: decode_tensor(value, name) for name, value in raw_inputs.items()}
         examples.append(example_cls(tokens=tokens, inputs=inputs))
-    _engine().check_examples(examples, loss_fn, runtime.vocab_size, runtime.max_context)
-    return examples, loss_fn, config
+    return _engine().prepare_batch(examples, loss_fn, runtime.vocab_size, runtime.max_context), loss_fn, config
 
 
 def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -497,9 +497,9 @@ class TrainerPlane:
 
     async def forward(self, request: Request):
         def build(runtime: TrainerRuntime, body: dict):
-            examples, loss_fn, config = decode_examples(runtime, body.get("forward_input"))
+            batch, loss_fn, config = decode_examples(runtime, body.get("forward_input"))
             base_only = runtime.is_base_only(body["model_id"])
-            return lambda trainer: forward_payload(trainer.forward(examples, loss_fn, config, base_only=base_only))
+            return lambda trainer: forward_payload(trainer.forward(batch, loss_fn, config, base_only=base_only))
         return await self._queued(request, "forward", build)
 
     async def forward_backward(self, request: Request):
@@ -507,8 +507,8 @@ class TrainerPlane:
             if runtime.spec.forward_only:
                 raise ApiError(400, f"trainer {runtime.spec.job_id} is forward-only (a frozen reference); "
                                     "forward_backward is not available")
-            examples, loss_fn, config = decode_examples(runtime, body.get("forward_backward_input"))
-            return lambda trainer: forward_payload(trainer.forward_backward(examples, loss_fn, config))
+            batch, loss_fn, config = decode_examples(runtime, body.get("forward_backward_input"))
+            return lambda trainer: forward_payload(trainer.forward_backward(batch, loss_fn, config))
         return await self._queued(request, "forward_backward", build)
 
     async def optim_step(self, request: Request):

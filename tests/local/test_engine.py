@@ -11,7 +11,7 @@ import torch
 
 from runner.local import catalogue
 from runner.local import model as model_io
-from runner.local.engine import EngineError, Example, GenRequest, Sampler, Trainer
+from runner.local.engine import EngineError, Example, GenRequest, Sampler, Trainer, prepare_batch
 
 TINY = "local/tiny-qwen3"
 ADAM = {"learning_rate": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
@@ -396,10 +396,23 @@ def test_lora_trains_adapters_only_and_snapshots_merge_exactly(tmp_path):
     (lambda ex: ex.tokens.clear(), "no input tokens"),
 ])
 def test_bad_datums_raise_clear_engine_errors(trainer, mutate, message):
-    ex = Example([1, 2, 3, 4, 5], {"target_tokens": torch.tensor([2, 3, 4, 5, 6]), "weights": torch.ones(5)})
+    good, ex = (Example([1, 2, 3, 4, 5], {"target_tokens": torch.tensor([2, 3, 4, 5, 6]), "weights": torch.ones(5)})
+                for _ in range(2))
     mutate(ex)
-    with pytest.raises(EngineError, match=message):
-        trainer.forward_backward([ex])
+    # The whole batch is checked at once; the one it refuses is named by its index.
+    with pytest.raises(EngineError, match=message) as refused:
+        trainer.forward_backward([good, ex])
+    assert "datum 1" in str(refused.value)
+
+
+def test_a_prepared_batch_runs_as_its_datums_and_only_under_its_loss(trainer):
+    examples = random_examples(3, 6)
+    batch = prepare_batch(examples, "cross_entropy", trainer.vocab_size, trainer.max_context_length)
+    by_datums, by_batch = trainer.forward(examples), trainer.forward(batch)
+    assert by_datums.metrics == by_batch.metrics
+    assert all(torch.equal(a, b) for a, b in zip(by_datums.logprobs, by_batch.logprobs))
+    with pytest.raises(EngineError, match="prepared for loss 'cross_entropy' cannot run loss 'ppo'"):
+        trainer.forward(batch, "ppo")
 
 
 def test_other_bad_requests_raise_engine_errors(trainer):
