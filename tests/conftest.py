@@ -3,6 +3,15 @@ use) one real local service and one real ``mlflow server`` over HTTP."""
 
 from __future__ import annotations
 
+import os
+
+# `make test` runs two workers, one per core. Each test process (and every service or program it
+# starts) keeps one OpenMP thread: two 2-thread pools on two busy cores spin-wait on each other
+# (benchmarks/local_service.py measured a raw train step at 1.19 s on two threads against
+# 0.165 s on one, at load 3). Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import socket
 import subprocess
 import sys
