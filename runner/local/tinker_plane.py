@@ -59,7 +59,7 @@ from .state import ServiceState, check_name, now_rfc3339, read_json, state_ref
 from .tinker_proto import (EncodedSequence, WireError, decode_forward_backward, decompress,
                            encode_forward_backward_output, encode_sample_response)
 from .trainer_plane import LONG_POLL_S, RESULT_TTL_S, TrainerRuntime, lora_settings
-from .wire import ApiError, encode_tensor, field, json_body, json_response
+from .wire import ApiError, encode_tensor, field, json_body, json_response, read_body
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -217,23 +217,6 @@ class TinkerPlane:
         self._samples: dict[str, _SampleFuture] = {}
         self._request_counter = itertools.count(1)
         self._last_request: dict[str, str] = {}  # job id -> when a Tinker request last reached it (RFC 3339)
-
-    # -- request bodies -------------------------------------------------------------------
-
-    @staticmethod
-    async def _raw(request: Request, limit: int) -> bytes:
-        """The body, or a 413 as soon as it is known to exceed ``limit`` (protobuf bodies; JSON
-        bodies go through ``wire.json_body``, whose limit is the service's)."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {declared} bytes exceeds the local service's limit of {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body exceeds the local service's limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -477,7 +460,7 @@ class TinkerPlane:
     async def forward_backward(self, request: Request) -> Response:
         content_type = request.headers.get("content-type", "")
         if PROTOBUF in content_type:
-            raw = await self._raw(request, MAX_PROTO_BODY)
+            raw = await read_body(request, MAX_PROTO_BODY)  # JSON bodies: json_body, the service's limit
             try:
                 decoded = decode_forward_backward(decompress(raw, request.headers.get("content-encoding")))
             except WireError as exc:
