@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from runner.recipes.base import StepContext, masked_datum, prompt_tokens, visible_text, weighted_datum
-from runner.recipes.grpo import needs_reference, policy_gradient
+from runner.recipes.grpo import group_advantages, needs_reference, policy_gradient
 from runner.spec import Spec
 from runner.tasks import TASKS, Example, seed_of
 
@@ -138,12 +138,6 @@ def answer_scores(ctx: StepContext, episodes: list[Episode], answers: list[str])
     return scores
 
 
-def _centered(values: list[float]) -> list[float]:
-    """``values`` less their mean (grpo's group-relative baseline)."""
-    mean = sum(values) / len(values) if values else 0.0
-    return [v - mean for v in values]
-
-
 def turn_advantages(gains: list[list[float]], outcomes: list[float], gamma: float) -> list[list[float]]:
     """Per episode of one group, per turn: the information gains (every turn) less their mean
     over all the group's turns, plus the outcome less the group's mean outcome (at the last
@@ -152,8 +146,8 @@ def turn_advantages(gains: list[list[float]], outcomes: list[float], gamma: floa
     The two are centered, as grpo's rewards are, not scaled to unit variance: while the
     policy holds no belief about the answer its gains are noise of a few thousandths of a
     nat, and scaling them up would make that noise weigh as much as the outcome."""
-    flat_gain = _centered([x for g in gains for x in g])
-    outcome = _centered(outcomes)
+    flat_gain = group_advantages([x for g in gains for x in g])
+    outcome = group_advantages(outcomes)
     advantages, at = [], 0
     for g, o in zip(gains, outcome):
         rewards = flat_gain[at:at + len(g)]
