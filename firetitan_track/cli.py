@@ -14,19 +14,24 @@ import dataclasses
 import datetime as dt
 import json
 import sys
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import click
 
 from firetitan_track.errors import UserError
-from firetitan_track.ledger import Ledger, default_ledger_url
 from firetitan_track.redact import redact_text
-from firetitan_track.store import HEAD_REVISION, UPGRADE_HINT, absolute_url, revision_status, upgrade_schema
+from firetitan_track.urls import absolute_url, default_ledger_url
+
+# The database layer (ledger, store, SQLAlchemy) is imported by the commands that open a
+# ledger, when they run: the shared helpers here stay light, so a command that need not wait
+# for it (``record`` starts its program before it opens the ledger) does not.
+if TYPE_CHECKING:
+    from firetitan_track.ledger import Ledger
 
 
 def absolute_uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A click callback for options that name a store by URL: a relative SQLite path is made
-    absolute as the command line is read (``store.absolute_url``)."""
+    absolute as the command line is read (``urls.absolute_url``)."""
     return absolute_url(value) if value else value
 
 
@@ -50,6 +55,8 @@ def user_errors() -> Iterator[None]:
 def reading_ledger(ctx: click.Context) -> Iterator[Ledger]:
     """The ledger for a command that only reads: it never creates one (a missing SQLite
     file is an error saying so), and a UserError becomes a message and exit status 1."""
+    from firetitan_track.ledger import Ledger
+
     with user_errors():
         ledger = Ledger.open(ledger_url(ctx), create=False)
         try:
@@ -225,6 +232,8 @@ def db() -> None:
 @click.pass_context
 def upgrade(ctx: click.Context) -> None:
     """Create the ledger tables, or bring them to the current revision."""
+    from firetitan_track.store import upgrade_schema
+
     with user_errors():
         before, after = upgrade_schema(ledger_url(ctx))
     if before == after:
@@ -237,6 +246,8 @@ def upgrade(ctx: click.Context) -> None:
 @click.pass_context
 def current(ctx: click.Context) -> None:
     """Print the ledger's schema revision and whether it is the head."""
+    from firetitan_track.store import HEAD_REVISION, UPGRADE_HINT, revision_status
+
     with user_errors():
         revision, head = revision_status(ledger_url(ctx))
     if revision == head:
@@ -267,6 +278,7 @@ def bundle(ctx: click.Context, run_ids: tuple[str, ...], sweep_ids: tuple[str, .
 def import_(ctx: click.Context, path: str) -> None:
     """Add a bundle's runs to the ledger, after verifying it; importing again adds nothing."""
     from firetitan_track.bundle import import_bundle, importable_bundle
+    from firetitan_track.ledger import Ledger
 
     with user_errors():
         found = importable_bundle(path)  # before the ledger is opened: a bad file creates nothing

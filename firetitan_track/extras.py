@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import re
-from importlib import metadata
 
 from firetitan_track.errors import UserError
 
@@ -52,6 +51,8 @@ def _normalize(name: str) -> str:
 def requirements(extra: str) -> tuple[str, ...] | None:
     """The distributions ``extra`` adds, as the installed package declares them; None where
     firetitan-track itself is not installed (its code run from a bare source tree)."""
+    from importlib import metadata  # here, not at import: the command line's start stays light
+
     try:
         declared = metadata.requires(DIST) or []
     except metadata.PackageNotFoundError:
@@ -68,6 +69,8 @@ def requirements(extra: str) -> tuple[str, ...] | None:
 
 def missing(extra: str) -> list[str]:
     """The distributions of ``extra`` that are not installed (none known: an empty list)."""
+    from importlib import metadata
+
     gone = []
     for name in requirements(extra) or ():
         try:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from firetitan_track.errors import UserError
 
 __all__ = ["RUN_ID_RULE", "SWEEP_STREAM_PREFIX", "UnsafeId", "is_run_id", "is_stream_id", "run_id_problem",
-           "file_name"]
+           "check_run_id", "file_name"]
 
 RUN_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 SWEEP_STREAM_PREFIX = "sweep:"  # a sweep's own stream: "sweep:<sweep id>"
@@ -49,6 +49,18 @@ def run_id_problem(value: Any, secrets: Sequence[str] = ()) -> str | None:
     if any(s in value for s in secrets):
         return "a run id must not contain the value of a credential in the environment"
     return None
+
+
+def check_run_id(run_id: str) -> None:
+    """Refuse an id a new run cannot take: the rule for a run (not a sweep's stream), and no
+    credential's value in it (ids are shown and exported unredacted). A UserError names why."""
+    from firetitan_track.redact import secret_values
+
+    if not is_run_id(run_id):
+        raise UserError(f"run id {run_id!r}: use {RUN_ID_RULE}")
+    if any(secret in run_id for secret in secret_values()):
+        raise UserError("the run id holds the value of a credential in the environment (FIREWORKS_API_KEY or "
+                        "another key): run ids are shown, stored and exported as they are; choose another")
 
 
 def file_name(value: Any, suffix: str = "") -> str:

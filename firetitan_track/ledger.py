@@ -37,31 +37,22 @@ from firetitan_track import blobs as blob_store
 from firetitan_track.blobs import is_digest, redacted_json, sha256_hex
 from firetitan_track.events import (CATALOGUE, SIGNED_AFTER, InvalidEvent, NewEvent, RecordedEvent, blob_references,
                                     digest_references, payload_problem, upcast, validate)
-from firetitan_track.ids import RUN_ID_RULE, is_run_id, run_id_problem
+from firetitan_track.ids import run_id_problem
 from firetitan_track.redact import secret_values
 from firetitan_track.signing import (HeadCheck, SignedHead, SigningKey, check_heads, should_sign, signing_key_for,
                                      trust_problems)
-from firetitan_track.store import CommitWatch, LedgerError, Store, absolute_url, checkpoints, commit_watch, open_store
+from firetitan_track.store import CommitWatch, LedgerError, Store, checkpoints, commit_watch, open_store
 from firetitan_track.store import blobs as blob_table
 from firetitan_track.store import events as event_table
 from firetitan_track.store import signed_heads as head_table
 
-__all__ = ["DEFAULT_LEDGER_URL", "default_ledger_url", "Ledger", "LedgerError", "ConcurrencyError", "NotFound",
+__all__ = ["Ledger", "LedgerError", "ConcurrencyError", "NotFound",
            "CorruptLedger", "StoreFailure", "VIEW_ERRORS", "unreadable", "RunInfo", "Problem",
-           "GENESIS_HASH", "event_hash", "check_chain", "check_stream", "VerifyReport", "RowView", "check_run_id"]
+           "GENESIS_HASH", "event_hash", "check_chain", "check_stream", "VerifyReport", "RowView"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
 _HEX_PREFIX = re.compile(r"[0-9a-f]{6,63}")  # a digest prefix worth looking up
 _json_str = json.encoder.encode_basestring  # == json.dumps(s, ensure_ascii=False), in C
-
-
-DEFAULT_LEDGER_URL = "sqlite:///.firetitan/ledger.db"  # relative to the current directory
-
-
-def default_ledger_url() -> str:
-    """FIRETITAN_LEDGER when set, else the SQLite file under the current directory
-    (a relative SQLite path made absolute now: see ``store.absolute_url``)."""
-    return absolute_url(os.environ.get("FIRETITAN_LEDGER") or DEFAULT_LEDGER_URL)
 
 
 class ConcurrencyError(LedgerError):
@@ -605,16 +596,6 @@ def _check_run_id(run_id: str, secrets: list[str]) -> None:
     problem = run_id_problem(run_id, secrets)
     if problem is not None:
         raise LedgerError(problem)
-
-
-def check_run_id(run_id: str) -> None:
-    """Refuse an id a new run cannot take: ids.py's rule for a run (not a sweep's stream), and
-    no credential's value in it (ids are shown and exported unredacted)."""
-    if not is_run_id(run_id):
-        raise LedgerError(f"run id {run_id!r}: use {RUN_ID_RULE}")
-    if any(secret in run_id for secret in secret_values()):
-        raise LedgerError("the run id holds the value of a credential in the environment (FIREWORKS_API_KEY or "
-                          "another key): run ids are shown, stored and exported as they are; choose another")
 
 
 def _prepare(ev: NewEvent, secrets: list[str]) -> _Pending:

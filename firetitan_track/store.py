@@ -53,6 +53,7 @@ from sqlalchemy.pool import StaticPool
 
 from firetitan_track.errors import UserError
 from firetitan_track.extras import MissingExtra
+from firetitan_track.urls import absolute_url
 
 __all__ = [
     "LedgerError",
@@ -66,7 +67,6 @@ __all__ = [
     "open_engine_for_url",
     "revision_status",
     "mask_url",
-    "absolute_url",
     "sqlite_path",
     "upgrade_schema",
     "schema_revision",
@@ -174,24 +174,6 @@ def mask_url(url: str | URL) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return str(url)
-
-
-# sqlite:///PATH (any driver): PATH relative to the current directory unless it starts with "/"
-_SQLITE_FILE_URL = re.compile(r"(sqlite(?:\+\w+)?:///)([^?]*)(.*)", re.DOTALL)
-
-
-def absolute_url(url: str) -> str:
-    """``url`` with a relative SQLite file made absolute against the current directory.
-
-    A relative ``sqlite:///`` URL names a different file after a ``chdir``, while every
-    cache keyed by the URL text (SQLAlchemy's pool, MLflow's store map) keeps the first
-    one: the same text would name two stores. URLs are resolved once, where they are
-    read (command line, environment, default); other URLs are returned unchanged.
-    """
-    m = _SQLITE_FILE_URL.fullmatch(url)
-    if m is None or m.group(2) in ("", ":memory:") or m.group(2).startswith("/"):
-        return url
-    return f"{m.group(1)}{os.path.abspath(m.group(2))}{m.group(3)}"
 
 
 def _parse(url: str) -> URL:

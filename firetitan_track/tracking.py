@@ -751,7 +751,8 @@ def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = N
 
         autolog(run_id=run_id, ledger_url=ledger_url)
         return service
-    from firetitan_track.ledger import Ledger, default_ledger_url
+    from firetitan_track.ledger import Ledger
+    from firetitan_track.urls import default_ledger_url
     from firetitan_track.redact import redact
 
     ledger = Ledger.open(ledger_url or default_ledger_url())

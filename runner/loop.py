@@ -29,7 +29,8 @@ from firetitan_track.projections.run_state import RunState, continue_command, fo
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import InvalidEvent
-from firetitan_track.ledger import StoreFailure, check_run_id
+from firetitan_track.ids import check_run_id
+from firetitan_track.ledger import StoreFailure
 from runner.backend_watch import BackendLost, BackendWatch
 from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loop, is_interrupt
 from runner.chain import load_upstream, resolve_upstream

@@ -12,8 +12,7 @@ from click.testing import CliRunner
 
 from firetitan_track import Ledger
 from firetitan_track.events import new_event
-from firetitan_track.ledger import default_ledger_url
-from firetitan_track.store import absolute_url
+from firetitan_track.urls import absolute_url, default_ledger_url
 
 
 @pytest.mark.parametrize("url, expected", [

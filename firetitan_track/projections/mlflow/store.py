@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from firetitan_track.store import absolute_url
+from firetitan_track.urls import absolute_url
 
 # The project's tracking store: `export` writes here by default and `ui` serves it.
 # A sqlite store keeps its artifacts in "mlartifacts" beside the database file.
