@@ -64,10 +64,11 @@ def autolog(run_id: str | None = None, *, ledger_url: str | None = None) -> str:
         program.active()
         return os.environ[boot.ENV_RUN]
 
-    from firetitan_track.ledger import Ledger, check_run_id, default_ledger_url
+    from firetitan_track.ids import check_run_id
+    from firetitan_track.ledger import Ledger
     from firetitan_track.recording.command import program_environment
     from firetitan_track.recording.run import begin, end, running_python
-    from firetitan_track.store import absolute_url
+    from firetitan_track.urls import absolute_url, default_ledger_url
 
     url = absolute_url(ledger_url) if ledger_url else default_ledger_url()
     rid = run_id or f"rec-{uuid.uuid4().hex[:10]}"
@@ -76,7 +77,8 @@ def autolog(run_id: str | None = None, *, ledger_url: str | None = None) -> str:
     run = begin(ledger, rid, command=running_python(), cwd=os.getcwd(), started_by="autolog",
                 interpreter=sys.executable, pid=os.getpid())
     record_dir = Path(tempfile.mkdtemp(prefix="firetitan-autolog-"))
-    os.environ.update(program_environment(rid, url, record_dir, run.attempt))  # for the program's children
+    os.environ.update(program_environment(rid, url, record_dir))  # for the program's children
+    boot.mark_begun(str(record_dir), attempt=run.attempt)
     _started.update(run_id=rid, run=run, record_dir=record_dir)
     atexit.register(_exited, end)  # registered before the recording's own flush, so it runs after it
     boot.start(None)  # also keeps the program's uncaught exception in the record folder

@@ -20,6 +20,12 @@ imports, in the program's environment):
 3. keeps the program's uncaught exception (``sys.excepthook``, chained) in the record
    folder, so ``record`` can say what the program failed with.
 
+``record`` starts the program first and begins the run (RunStarted, ProgramStarted) beside
+it, so the program's start does not wait on the ledger. The run's begin note (``begun.json``
+in the record folder: the attempt, or why the run could not begin) tells each of the
+program's processes that it may write: its first recorded call waits for it
+(``wait_until_begun``), so nothing consequential is called before the run exists.
+
 A process started with ``python -E`` or ``-I`` ignores ``PYTHONPATH`` and is not recorded.
 """
 
@@ -36,7 +42,7 @@ from typing import Any
 ENV_RUN = "FIRETITAN_RECORD_RUN"  # the run the program's processes record into
 ENV_LEDGER = "FIRETITAN_RECORD_LEDGER"  # its ledger URL
 ENV_DIR = "FIRETITAN_RECORD_DIR"  # the recorder's folder: this file (boot/), notes for `record`
-ENV_ATTEMPT = "FIRETITAN_RECORD_ATTEMPT"  # which attempt of the run this program is
+ENV_BEGINNER = "FIRETITAN_RECORD_BEGINNER"  # the pid of the process that begins the run (record, autolog)
 METRICS_FILE_ENV = "COOKBOOK_METRICS_FILE"  # where the cookbook appends the metrics it logs
 BOOT_MODULE = "_firetitan_record_boot"  # this module, as the recorder finds it again
 
@@ -55,6 +61,9 @@ WATCHED = (
     "tinker_cookbook.checkpoint_utils",
     "tinker_cookbook.utils.ml_log",
 )
+
+BEGUN_NOTE = "begun.json"
+BEGIN_WAIT_S = 600.0  # the longest a recorded call waits for the run to begin (a slow ledger)
 
 # the size of the metrics file when this process started: what it logs comes after
 metrics_offset_at_start = 0
@@ -76,6 +85,56 @@ def note(kind: str, text: str) -> None:
             out.write(text.rstrip("\n") + "\n")
     except OSError:
         pass
+
+
+def mark_begun(folder: str, *, attempt: int | None = None, error: str | None = None) -> None:
+    """Leave the run's begin note in ``folder``: the attempt, or the reason it did not begin."""
+    import json
+
+    tmp = os.path.join(folder, f".{BEGUN_NOTE}.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump({"attempt": attempt} if error is None else {"error": error}, out)
+    os.replace(tmp, os.path.join(folder, BEGUN_NOTE))  # whole or absent, never half-written
+
+
+def wait_until_begun(timeout_s: float = BEGIN_WAIT_S) -> int:
+    """The attempt this process records into, once the run has begun; waits for the begin
+    note while the process beginning the run (``ENV_BEGINNER``) is alive. Raises RuntimeError
+    with the reason when the run did not begin."""
+    import json
+    import time
+
+    folder = os.environ.get(ENV_DIR) or ""
+    path = os.path.join(folder, BEGUN_NOTE)
+    beginner = int(os.environ.get(ENV_BEGINNER) or 0)
+    deadline = time.monotonic() + timeout_s
+    pause = 0.002
+    while True:
+        try:
+            with open(path, encoding="utf-8") as f:
+                found = json.load(f)
+            break
+        except FileNotFoundError:
+            pass
+        if beginner and not _alive(beginner):
+            raise RuntimeError("the process recording this program ended before the run began")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the run did not begin within {timeout_s:.0f} s")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    if found.get("error"):
+        raise RuntimeError(f"the run could not begin: {found['error']}")
+    return int(found["attempt"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def _patch(name: str, module: Any) -> None:

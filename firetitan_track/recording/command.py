@@ -1,9 +1,14 @@
 """``firetitan-track record [--run-id ID] [--ledger URL] [--export-mlflow [URI]] -- COMMAND [ARGS...]``.
 
-Runs COMMAND as it is, recorded: this process is its parent. It writes RunStarted (what
-the program is) and ProgramStarted, starts the program with the recorder's
-``sitecustomize`` first on its ``PYTHONPATH`` (``boot.py``) and the run named in its
-environment, and, when the program ends, ProgramExited and RunCompleted or RunFailed.
+Runs COMMAND as it is, recorded: this process is its parent. It starts the program with the
+recorder's ``sitecustomize`` first on its ``PYTHONPATH`` (``boot.py``) and the run named in
+its environment, then, while the program starts up, opens the ledger and writes RunStarted
+(what the program is) and ProgramStarted, and leaves the run's begin note: the program's
+first recorded call waits for it, so the record starts before anything the program does
+with the SDK, and the program's start-up does not wait on the ledger. When the run cannot
+begin (the ledger is unreachable, the run id belongs to a runner run), the program is stopped
+before its first recorded call and ``record`` says why. When the program ends, ``record``
+writes ProgramExited and RunCompleted or RunFailed.
 The program's stdin, stdout and stderr are its own (inherited, not piped), and
 ``record`` exits with the program's exit status, or dies of the signal that killed it.
 
@@ -27,18 +32,18 @@ import click
 
 from firetitan_track.cli import absolute_uri, ledger_url, user_errors
 from firetitan_track.errors import UserError
-from firetitan_track.ledger import Ledger, check_run_id
+from firetitan_track.ids import check_run_id
 from firetitan_track.recording import boot
-from firetitan_track.recording.run import begin, end, python_of
 
 __all__ = ["record", "run_program", "program_environment"]
 
 
-def program_environment(run_id: str, ledger: str, record_dir: Path, attempt: int,
+def program_environment(run_id: str, ledger: str, record_dir: Path,
                         base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a recorded program runs in: its own, plus the recorder's boot folder
-    first on PYTHONPATH and the run to record into; a metrics file in the record folder
-    when the program names none (the cookbook writes its metrics there when one is named)."""
+    first on PYTHONPATH and the run to record into (this process begins it: the begin note
+    in ``record_dir`` says when); a metrics file in the record folder when the program names
+    none (the cookbook writes its metrics there when one is named)."""
     env = dict(os.environ if base is None else base)
     boot_dir = record_dir / "boot"
     boot_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +52,7 @@ def program_environment(run_id: str, ledger: str, record_dir: Path, attempt: int
     env[boot.ENV_RUN] = run_id
     env[boot.ENV_LEDGER] = ledger
     env[boot.ENV_DIR] = str(record_dir)
-    env[boot.ENV_ATTEMPT] = str(attempt)
+    env[boot.ENV_BEGINNER] = str(os.getpid())
     env.setdefault(boot.METRICS_FILE_ENV, str(record_dir / "metrics.jsonl"))
     return env
 
@@ -70,43 +75,69 @@ def run_program(command: list[str], *, ledger_url: str, run_id: str | None = Non
     _runnable(command)
     run_id = run_id or f"rec-{uuid.uuid4().hex[:10]}"
     check_run_id(run_id)
-    ledger = Ledger.open(ledger_url)
-    cwd = os.getcwd()
-    run = begin(ledger, run_id, command=command, cwd=cwd, started_by="record", interpreter=python_of(command))
-    click.echo(f"firetitan-track: recording {command[0]} as run {run_id} (attempt {run.attempt}) "
-               f"in {ledger.url}", err=True)
-    exporter = _start_exporter(ledger, run_id, export_mlflow)
     record_dir = Path(tempfile.mkdtemp(prefix="firetitan-record-"))
     forwarded: list[str] = []
+    ledger = exporter = None
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        forwarded.append(f"after firetitan-track record passed on {signal.Signals(signum).name}")
+        proc.send_signal(signum)
+
     try:
-        env = program_environment(run_id, ledger_url, record_dir, run.attempt)
-        try:
-            proc = subprocess.Popen(command, env=env)
+        try:  # the program first: its start-up overlaps the ledger's below
+            proc = subprocess.Popen(command, env=program_environment(run_id, ledger_url, record_dir))
         except OSError as exc:
-            end(run, exit_status=None, error=f"could not start: {exc}")
             raise UserError(f"cannot run {command[0]!r}: {exc}") from None
-
-        def pass_on(signum: int, _frame: Any) -> None:
-            forwarded.append(f"after firetitan-track record passed on {signal.Signals(signum).name}")
-            proc.send_signal(signum)
-
         previous = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGHUP)}
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal told the program
         try:
+            try:
+                from firetitan_track.ledger import Ledger
+                from firetitan_track.recording.run import begin
+
+                ledger = Ledger.open(ledger_url)
+                run = begin(ledger, run_id, command=command, cwd=os.getcwd(), started_by="record")
+            except BaseException as exc:
+                _stop_unbegun(proc, record_dir, exc)
+                raise
+            boot.mark_begun(str(record_dir), attempt=run.attempt)
+            click.echo(f"firetitan-track: recording {command[0]} as run {run_id} (attempt {run.attempt}) "
+                       f"in {ledger.url}", err=True)
+            exporter = _start_exporter(ledger, run_id, export_mlflow)
             status = proc.wait()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        from firetitan_track.recording.run import end
+
         end(run, exit_status=status, record_dir=record_dir, pid=proc.pid, forwarded=forwarded[-1] if forwarded else None)
     finally:
         if exporter is not None:
             exporter.stop()
         shutil.rmtree(record_dir, ignore_errors=True)
-        ledger.close()
+        if ledger is not None:
+            ledger.close()
     return status
 
 
-def _start_exporter(ledger: Ledger, run_id: str, tracking_uri: str | None) -> Any:
+def _stop_unbegun(proc: subprocess.Popen, record_dir: Path, why: BaseException) -> None:
+    """The run could not begin: stop the program, whose first recorded call is waiting for the
+    begin note, so it makes none. The note then says why, so that what a SIGTERM handler of the
+    program calls goes through unrecorded instead of waiting for a run that never begins."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        boot.mark_begun(str(record_dir), error=f"{type(why).__name__}: {why}")
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _start_exporter(ledger: Any, run_id: str, tracking_uri: str | None) -> Any:
     if not tracking_uri:
         return None
     from firetitan_track.projections.mlflow import LiveExporter

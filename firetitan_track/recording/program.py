@@ -391,17 +391,28 @@ def configure(*, run_id: str, ledger_url: str, attempt: int, record_dir: str | N
 
 
 def active() -> ProgramRecording | None:
-    """This process's recording, started on first use from the environment ``record`` set;
-    None when the process is not recorded (or its recording could not start)."""
+    """This process's recording, started on first use from the environment ``record`` set
+    (waiting, the first time, for the run to begin: boot.wait_until_begun); None when the
+    process is not recorded (or its recording could not start)."""
+    global _disabled
     if _session is not None or _disabled:
         return _session
     run_id = os.environ.get(boot.ENV_RUN)
     ledger_url = os.environ.get(boot.ENV_LEDGER)
     if not run_id or not ledger_url:
         return None
-    attempt = int(os.environ.get(boot.ENV_ATTEMPT) or 1)
-    return configure(run_id=run_id, ledger_url=ledger_url, attempt=attempt,
-                     record_dir=os.environ.get(boot.ENV_DIR))
+    with _lock:
+        if _session is not None or _disabled:
+            return _session
+        try:
+            attempt = boot.wait_until_begun()
+        except Exception as exc:
+            _disabled = True
+            reason = redact_text(f"recording run {run_id}: {exc}")
+            boot.note("degraded", reason)
+            print(f"firetitan-track: recording degraded ({reason}); the program goes on", file=sys.stderr)
+            return None
+    return configure(run_id=run_id, ledger_url=ledger_url, attempt=attempt, record_dir=os.environ.get(boot.ENV_DIR))
 
 
 def _forget_after_fork() -> None:

@@ -245,6 +245,47 @@ def test_bad_input_is_refused_and_writes_nothing(ledger_url, tmp_path):
     assert none.returncode == 2 and "Missing argument" in none.stderr
 
 
+def test_a_run_that_cannot_begin_stops_the_program_before_its_first_recorded_call(ledger_url, tmp_path):
+    """``record`` starts the program before it opens the ledger; when the run cannot begin, the
+    program is stopped, and a recorded call it reaches meanwhile waits for the run instead of
+    going ahead: here the program would write a marker file after its first recorded call."""
+    from firetitan_track.events import new_event
+
+    ledger = Ledger.open(ledger_url)
+    ledger.append("runner-run", [new_event("RunStarted", spec={"run": {"name": "r"}}, spec_digest="0" * 64,
+                                           code_version="x", seed=0, backend="local")], expected_version=0)
+    marker = tmp_path / "called"
+    program = ("from firetitan_track.recording import program\n"
+               "program.active()  # what every recorded call does first\n"
+               f"open({str(marker)!r}, 'w').write('called')\n"
+               "import time; time.sleep(60)\n")
+    taken = record(ledger_url, "--run-id", "runner-run", "--", sys.executable, "-c", program, timeout=60)
+    assert taken.returncode == 1 and "firetitan-track run" in taken.stderr
+    assert not marker.exists()
+    assert ledger.stream_version("runner-run") == 1
+
+
+def test_the_begin_note_gives_the_attempt_or_says_why_not(tmp_path, monkeypatch):
+    """What a recorded process waits for before its first write (boot.wait_until_begun)."""
+    from firetitan_track.recording import boot
+
+    monkeypatch.setenv(boot.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(boot.ENV_BEGINNER, str(os.getpid()))
+    with pytest.raises(RuntimeError, match="did not begin within"):
+        boot.wait_until_begun(timeout_s=0.05)
+    boot.mark_begun(str(tmp_path), attempt=3)
+    assert boot.wait_until_begun() == 3
+    boot.mark_begun(str(tmp_path), error="LedgerError: cannot reach the ledger")
+    with pytest.raises(RuntimeError, match="cannot reach the ledger"):
+        boot.wait_until_begun()
+    (tmp_path / boot.BEGUN_NOTE).unlink()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setenv(boot.ENV_BEGINNER, str(gone.pid))  # the process that was to begin the run has ended
+    with pytest.raises(RuntimeError, match="ended before the run began"):
+        boot.wait_until_begun(timeout_s=30)
+
+
 def test_unknown_calls_pass_through_and_a_failing_recorder_never_breaks_the_call():
     """The wrappers leave every method they do not know as it was. A bug inside the recorder
     cannot be caused for real, so a stand-in recording whose record step raises plays one."""
