@@ -306,7 +306,10 @@ def ui(sweep_id: str | None, run_id: str | None, host: str, port: int, backend_s
     click.echo(f"MLflow UI for {backend_store_uri}: {base}  (Ctrl-C to stop)")
     click.echo(f"open {opened}", nl=True)
     sys.stdout.flush()  # the link shows before the server's own output
-    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": backend_store_uri})
+    # MLflow's job runner (five huey consumers polling for GenAI jobs) serves nothing this view
+    # uses and keeps a core busy; a user who wants it sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_TRACKING_URI": backend_store_uri}
+    proc = subprocess.Popen(cmd, env=env)
     # a SIGTERM to this command must stop the server too, not orphan it
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
