@@ -37,4 +37,4 @@ bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .firetitan .envs
+	rm -rf $(VENV) .firetitan .envs  # the tests' environments are kept in ~/.cache/firetitan-track/test-envs

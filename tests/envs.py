@@ -3,10 +3,12 @@ code somewhere other than the project's own virtualenv: the cookbook's client
 environment (fireworks-ai 1.2.24 with tinker 0.23), a fresh environment holding only
 what a wheel of this project installs.
 
-An environment is a virtualenv built once from a pinned requirements file and kept
-under ``.envs/`` in the checkout (``FIRETITAN_TEST_ENVS`` moves it), keyed by the
-digest of that file: a changed pin builds a new one, an unchanged one is reused by
-every later test run. torch, where asked for, is installed first at the CPU build this
+An environment is a virtualenv built once from a pinned requirements file and kept in
+the user's cache (``~/.cache/firetitan-track/test-envs``, or under ``$XDG_CACHE_HOME``;
+``FIRETITAN_TEST_ENVS`` moves it), keyed by the digest of that file: a changed pin builds a
+new one, an unchanged one is reused by every later test run of every checkout of the
+project (a fresh clone, a worktree), as pip reuses its cache. The first run on a machine
+builds them (minutes: torch and the cookbook's client stack). torch, where asked for, is installed first at the CPU build this
 machine holds (a looser request would download a CUDA build).
 
 firetitan-track itself goes into such an environment as a user installs it: from a
@@ -53,7 +55,10 @@ TORCH = "torch==2.13.0"
 
 
 def envs_root() -> Path:
-    return Path(os.environ.get("FIRETITAN_TEST_ENVS") or ROOT / ".envs")
+    if os.environ.get("FIRETITAN_TEST_ENVS"):
+        return Path(os.environ["FIRETITAN_TEST_ENVS"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "firetitan-track" / "test-envs"
 
 
 def base_python() -> str:
