@@ -706,6 +706,13 @@ class RecordedEvent:
     recorded_at: float  # unix seconds, UTC
     hash: str
 
+    @functools.cached_property
+    def fact(self) -> Event | None:
+        """The event as its class (built from the payload as read, so already upcast); None for
+        a type this code does not know (written by a newer version)."""
+        et = CATALOGUE.get(self.type)
+        return et.cls.from_payload(self.data) if et is not None and et.cls is not None else None
+
 
 def new_event(type: str, event_id: str | None = None, **data: Any) -> NewEvent:
     """Build a NewEvent, checking the type and its fields now."""

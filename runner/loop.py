@@ -146,7 +146,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
         rec = Recorder(ledger, run_id, version=st.version)
         try:
             rec.record("RunResumed", from_step=st.resume_step,
-                       state_path=st.last_state["path"] if st.last_state else None,
+                       state_path=st.last_state.path if st.last_state else None,
                        superseded=to_supersede(events), attempt=st.attempts + 1)
         except ConcurrencyError:
             raise RunError(f"run {run_id} is being resumed by another process; this one stops") from None
@@ -255,7 +255,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
     exporter = _start_exporter(rec, export_mlflow)
     loop = asyncio.new_event_loop()
     tracked: TrackedService | None = None
-    result = RunResult(rec.run_id, "failed", st.step, st.last_score["score"] if st.last_score else None)
+    result = RunResult(rec.run_id, "failed", st.step, st.last_score.score if st.last_score else None)
     stop = StopSignals()
     watch: BackendWatch | None = None
     try:
@@ -273,8 +273,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         ctx.controller = ctx.new_controller()
 
         if st.last_state is not None:
-            policy.load_state_with_optimizer(st.last_state["path"],
-                                             source_job_id=st.last_state.get("trainer_job_id"))
+            policy.load_state_with_optimizer(st.last_state.path, source_job_id=st.last_state.trainer_job_id)
             start = st.resume_step
         else:  # nothing trained yet: the baseline eval, then the state every resume can fall back to
             start = 0

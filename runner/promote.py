@@ -60,7 +60,7 @@ def promotions(events: list[RecordedEvent]) -> dict[str, list[str]]:
 
 def _pending(events: list[RecordedEvent]) -> list[RecordedEvent]:
     """PromotionRequested events with no outcome yet (the process died in between), as the fold has them."""
-    waiting = {p["request_id"] for p in fold(events).pending_promotions}
+    waiting = set(fold(events).pending_promotions)
     return [ev for ev in events if ev.type == "PromotionRequested" and ev.event_id in waiting]
 
 

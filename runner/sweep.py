@@ -422,7 +422,7 @@ def _settle_study(ledger: Ledger, study: Any, plan: SweepPlan) -> None:
             events = ledger.read(t.run_id) if ledger.stream_version(t.run_id) else []
             st = fold(events, t.run_id)
             if st.status in FINISHED:
-                _tell(study, t, st.status, st.last_score["score"] if st.last_score else None)
+                _tell(study, t, st.status, st.last_score.score if st.last_score else None)
 
 
 def run_sweep(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int = 1, tracking_uri: str | None = None,

@@ -93,7 +93,7 @@ def end(run: ProgramRun, *, exit_status: int | None, record_dir: Path | None = N
     st = fold(rec.ledger.read(rec.run_id), rec.run_id)
     if outcome == "finished":
         rec.record("RunCompleted", final_step=st.step,
-                   final_snapshot=st.last_snapshot["path"] if st.last_snapshot else None)
+                   final_snapshot=st.last_snapshot.path if st.last_snapshot else None)
     else:
         rec.record("RunFailed", error=error or outcome, step=st.step)
 

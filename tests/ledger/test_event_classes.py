@@ -123,3 +123,77 @@ def test_a_field_annotation_is_its_json_kind() -> None:
     assert et.fields["deployment"].name == "a string or null"
     assert et.optional["batch"].name == "an integer"  # may be left out, not null
     assert CATALOGUE["ProvisionRequested"].optional["base_url"].name == "a string or null"
+
+
+# -- through the ledger ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger(tmp_path):  # type: ignore[no-untyped-def]
+    from firetitan_track import Ledger
+
+    with Ledger.open(f"sqlite:///{tmp_path}/ledger.db") as ledger:
+        yield ledger
+
+
+def _stored(ledger: Any, run_id: str) -> list[tuple[int, str]]:
+    import sqlalchemy as sa
+
+    with ledger.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text("SELECT schema_version, data FROM events WHERE run_id = :r "
+                                                       "ORDER BY version"), {"r": run_id})]
+
+
+def test_reading_gives_each_event_as_its_class(ledger: Any) -> None:
+    from firetitan_track.events import NewEvent
+
+    ledger.append("r", [NewEvent(name, data) for name, data in PAYLOADS.items()], 0)
+    for ev in ledger.read("r"):
+        assert type(ev.fact) is CATALOGUE[ev.type].cls
+        assert ev.fact.payload() == ev.data == PAYLOADS[ev.type]
+
+
+def test_a_field_from_a_newer_writer_survives_read_and_write(ledger: Any) -> None:
+    from firetitan_track.events import NewEvent
+
+    newer = {**PAYLOADS["StateSaved"], "shard_count": 8, "storage": {"tier": "cold"}}
+    ledger.append("newer", [NewEvent("StateSaved", newer)], 0)  # as a newer version writes it
+    [read] = ledger.read("newer")
+    assert read.fact.extra == {"shard_count": 8, "storage": {"tier": "cold"}}
+    assert read.fact.path == newer["path"]
+    ledger.append("copy", [NewEvent(read.fact.type_name, read.fact.payload())], 0)  # written back by this one
+    assert _stored(ledger, "copy") == _stored(ledger, "newer")
+
+
+class Scored(events.Event):
+    """a test type at schema version 2: v1 held score (0..1), v2 holds score_pct"""
+
+    schema_version = 2
+    score_pct: float
+    note: str | None = events.optional()
+
+
+def test_an_old_version_payload_is_upcast_into_its_class(ledger: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from firetitan_track.events import NewEvent
+
+    monkeypatch.setitem(CATALOGUE, "Scored", Scored.event_type())
+    monkeypatch.setitem(events._UPCASTERS, ("Scored", 1), lambda d: {"score_pct": d.pop("score") * 100, **d})
+    ledger.append("r", [NewEvent("Scored", {"score": 0.5, "seen_by": "v1"}, schema_version=1),
+                        NewEvent("Scored", Scored(score_pct=7.0).payload())], 0)
+    old, new = ledger.read("r")
+    assert old.fact == Scored(score_pct=50.0, extra={"seen_by": "v1"}) and old.schema_version == 2
+    assert new.fact == Scored(score_pct=7.0) and new.fact.note is None
+    assert _stored(ledger, "r")[0] == (1, '{"score":0.5,"seen_by":"v1"}')  # never rewritten
+    assert ledger.verify() == []
+
+
+def test_a_type_this_code_does_not_know_reads_as_no_class(ledger: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from firetitan_track.events import NewEvent
+    from firetitan_track.projections.run_state import fold
+
+    monkeypatch.setitem(CATALOGUE, "FromTheFuture", events.EventType("FromTheFuture", 1, ()))
+    ledger.append("r", [NewEvent("RunCompleted", PAYLOADS["RunCompleted"]), NewEvent("FromTheFuture", {"x": 1})], 0)
+    monkeypatch.delitem(CATALOGUE, "FromTheFuture")
+    completed, future = ledger.read("r")
+    assert future.fact is None and future.data == {"x": 1}
+    assert fold([completed, future]).status == "completed"  # the fold passes over it

@@ -76,7 +76,7 @@ def test_seed_loop_with_two_added_lines_is_recorded(local_info, ledger_url):
     assert types[-1] == "CleanupApplied"
     assert events[-1].data == {"trainer": "deleted", "deployment": "scaled_to_zero"}
     st = fold(events)
-    assert st.trainer_job_id and st.deployment_id == "seed-tracked" and st.last_score["score"] == scored["score"]
+    assert st.trainer_job_id and st.deployment_id == "seed-tracked" and st.last_score.score == scored["score"]
 
 
 def test_api_key_never_reaches_ledger_blobs_logs_or_service_log(local_url, local_state_dir, ledger_url, tmp_path):
