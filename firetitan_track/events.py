@@ -171,8 +171,9 @@ _OMITTED: Any = _Omitted()
 
 
 def optional(*, null: bool = False) -> Any:
-    """A field the payload may leave out (it then reads None); ``null=True``: it may also be
-    null. Left out and given as None are kept apart, so a payload reads back as it was written."""
+    """A field the payload may leave out (it then reads None; given as None, it is left out).
+    ``null=True``: it may also be null, and then left out and given as None are kept apart, so
+    a payload reads back as it was written."""
     return field(default=_OMITTED, metadata={"optional": True, "null": null})
 
 
@@ -189,7 +190,7 @@ class Event:
     type_name: ClassVar[str]  # the event's ``type``: the class's name
     schema_version: ClassVar[int] = 1
     blobs: ClassVar[tuple[str, ...]] = ()  # see EventType.blobs
-    _fields: ClassVar[tuple[tuple[str, bool], ...]] = ()  # (name, optional) per payload field
+    _fields: ClassVar[tuple[tuple[str, bool, bool], ...]] = ()  # (name, optional, may be null) per field
     _doc: ClassVar[str] = ""
 
     extra: dict[str, Any] = field(default_factory=dict)
@@ -200,35 +201,41 @@ class Event:
         cls._doc = " ".join((cls.__dict__.get("__doc__") or "").split())
         cls.type_name = cls.__name__
         dataclass(frozen=True, kw_only=True)(cls)
-        cls._fields = tuple((f.name, bool(f.metadata.get("optional"))) for f in dataclasses.fields(cls)
-                            if f.init and f.name != "extra")
+        cls._fields = tuple((f.name, bool(f.metadata.get("optional")), bool(f.metadata.get("null")))
+                            for f in dataclasses.fields(cls) if f.init and f.name != "extra")
 
     def __post_init__(self) -> None:
         given = []
-        for name, is_optional in self._fields:
+        for name, is_optional, null in self._fields:
             if is_optional:
-                if getattr(self, name) is _OMITTED:
+                value = getattr(self, name)
+                if value is _OMITTED or (value is None and not null):
                     object.__setattr__(self, name, None)
                 else:
                     given.append(name)
         object.__setattr__(self, "_given", frozenset(given))
-        clash = sorted(self.extra.keys() & {name for name, _ in self._fields})
+        clash = sorted(self.extra.keys() & {name for name, _, _ in self._fields})
         if clash:
             raise InvalidEvent(f"{self.type_name}: extra holds {', '.join(clash)}, which are fields of the event")
 
     def payload(self) -> dict[str, Any]:
         """The JSON object the ledger stores: every required field, the optional ones given,
         and the unknown ones read with it."""
-        data = {name: getattr(self, name) for name, is_optional in self._fields
+        data = {name: getattr(self, name) for name, is_optional, _ in self._fields
                 if not is_optional or name in self._given}
         data.update(self.extra)
         return data
 
+    def replace(self: E, **changes: Any) -> E:
+        """This event with ``changes``; an optional field left out stays left out (where
+        ``dataclasses.replace`` would give it as None)."""
+        return type(self).from_payload({**self.payload(), **changes})
+
     @classmethod
     def from_payload(cls: type[E], data: Mapping[str, Any]) -> E:
         """The event a stored (upcast) payload holds; fields this class does not know go to ``extra``."""
-        names = {name for name, _ in cls._fields}
-        missing = [name for name, is_optional in cls._fields if not is_optional and name not in data]
+        names = {name for name, _, _ in cls._fields}
+        missing = [name for name, is_optional, _ in cls._fields if not is_optional and name not in data]
         if missing:
             raise InvalidEvent(f"{cls.type_name}: missing {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names},
@@ -332,7 +339,8 @@ class RunCompleted(Event):
 
 
 class ProvisionRequested(Event):
-    """role: policy|reference; optional deployment_id, trainer_job_id (reuse), base_url (the service)"""
+    """role: policy|reference|teacher; optional deployment_id, trainer_job_id (reuse), base_url (the
+    service), sdk (a recorded program's SDK releases: {distribution: version})"""
 
     role: str
     base_model: str
@@ -341,6 +349,7 @@ class ProvisionRequested(Event):
     deployment_id: str | None = optional(null=True)
     trainer_job_id: str | None = optional(null=True)
     base_url: str | None = optional(null=True)
+    sdk: dict[str, str] | None = optional()
 
 
 class TrainerProvisioned(Event):
@@ -358,12 +367,14 @@ class TrainerProvisioned(Event):
 class DeploymentProvisioned(Event):
     """created: null when the SDK does not say whether it made the deployment or found it
     (a recorded program's teacher); optional partial: true when provisioning failed after
-    the deployment was made"""
+    the deployment was made; optional role: teacher for a deployment a recorded program samples
+    from without training it"""
 
     deployment_id: str | None
     base_model: str
     created: bool | None
     partial: bool | None = optional()
+    role: str | None = optional()
 
 
 class ReferenceProvisioned(Event):
@@ -390,6 +401,11 @@ class StepCompleted(Event):
     metrics: dict[str, float]
     optimizer: dict[str, Any]
     skipped: str | None = optional()
+    # a recorded program's (see the note above ProgramStarted)
+    trainer_job_id: str | None = optional(null=True)
+    forward_backward: list[dict[str, float]] | None = optional()
+    provenance: dict[str, Any] | None = optional()
+    version_offsets: dict[str, float] | None = optional()
 
 
 class TrajectoriesRecorded(Event):
@@ -651,7 +667,7 @@ class StateLoaded(Event):
     path: str
     with_optimizer: bool
     step: int | None = optional(null=True)
-    data_cursor: Any = optional()
+    data_cursor: Any = optional(null=True)
     trainer_job_id: str | None = optional(null=True)
 
 
@@ -714,9 +730,16 @@ class RecordedEvent:
         return et.cls.from_payload(self.data) if et is not None and et.cls is not None else None
 
 
-def new_event(type: str, event_id: str | None = None, **data: Any) -> NewEvent:
-    """Build a NewEvent, checking the type and its fields now."""
-    ev = NewEvent(type, data, event_id or uuid.uuid4().hex)
+def new_event(event: Event | str, event_id: str | None = None, **data: Any) -> NewEvent:
+    """The NewEvent that appends ``event``, checked against its type now. A type's name and its
+    fields as keywords also work (a test writing a payload by hand)."""
+    if isinstance(event, Event):
+        if data:
+            raise TypeError(f"new_event({event.type_name}(...)) takes no fields as keywords: "
+                            f"got {', '.join(sorted(data))}")
+        ev = NewEvent(event.type_name, event.payload(), event_id or uuid.uuid4().hex)
+    else:
+        ev = NewEvent(event, data, event_id or uuid.uuid4().hex)
     validate(ev)
     return ev
 

@@ -197,3 +197,27 @@ def test_a_type_this_code_does_not_know_reads_as_no_class(ledger: Any, monkeypat
     completed, future = ledger.read("r")
     assert future.fact is None and future.data == {"x": 1}
     assert fold([completed, future]).status == "completed"  # the fold passes over it
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def test_new_event_takes_an_instance_and_writes_its_payload() -> None:
+    from firetitan_track.events import new_event
+
+    ev = new_event(events.CleanupApplied(trainer="deleted", deployment="kept", error=None, trainer_job_id=None))
+    # error may not be null: None leaves it out; trainer_job_id may be: None is written
+    assert (ev.type, ev.data) == ("CleanupApplied", {"trainer": "deleted", "deployment": "kept", "trainer_job_id": None})
+    with pytest.raises(InvalidEvent, match="RunFailed: step is a string"):
+        new_event(events.RunFailed(error="x", step="3"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes no fields as keywords"):
+        new_event(events.RunFailed(error="x", step=3), step=4)
+
+
+def test_replace_keeps_what_was_left_out_left_out() -> None:
+    drawn = events.SamplesDrawn.from_payload(PAYLOADS["SamplesDrawn"]).replace(call=None)
+    again = drawn.replace(replayed_from="cafe")
+    assert "call" not in again.payload() and again.payload()["replayed_from"] == "cafe"
+    asked = events.ProvisionRequested(role="reference", base_model="m", shape=None, lora_rank=0)
+    assert asked.replace(lora_rank=8).payload() == {"role": "reference", "base_model": "m", "shape": None,
+                                                    "lora_rank": 8}
