@@ -1,33 +1,44 @@
-"""The event catalogue: every fact the ledger records, with its schema version.
+"""The event catalogue: every fact the ledger records, one frozen dataclass per event type.
 
-An event is a JSON object with a ``type`` and a payload. Each type has a current
-schema version, its payload fields with their JSON kinds (required, and optional ones
-checked when present), and the fields that name stored blobs. ``payload_problem`` is
-the one check of a payload against its type: appends, imports and every read apply it,
-so a view can rely on what the catalogue lists. An event stored under an older version
-is upcast on read by the registered upcasters, never rewritten.
+An event is a JSON object with a ``type`` and a payload. Each type is a class below: its
+fields are its payload's fields, their annotations the JSON kinds they hold (a field with no
+default is required; one declared ``optional()`` may be left out, and reads None then), its
+``schema_version`` the current version, its ``blobs`` the fields that name stored blobs.
+``CATALOGUE`` is generated from the classes. ``payload_problem`` is the one check of a payload
+against its type: appends, imports and every read apply it, so a view can rely on what the
+class lists. An event stored under an older version is upcast on read by the registered
+upcasters, never rewritten; a field a newer writer added is kept (``Event.extra``) and written
+back unchanged.
 
-Intent/outcome pairs (``*Requested`` then the outcome) make a crash between
-"asked" and "done" visible in the log.
+Writers build an instance (``new_event(StepCompleted(step=3, ...))``); readers match on one
+(``RecordedEvent.fact``). Intent/outcome pairs (``*Requested`` then the outcome) make a crash
+between "asked" and "done" visible in the log.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
+import typing
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Mapping, TypeVar
 
 from firetitan_track.blobs import is_digest
 from firetitan_track.ids import RUN_ID_RULE, is_run_id
 
 __all__ = [
     "CATALOGUE",
+    "EVENT_CLASSES",
+    "Event",
     "EventType",
     "Kind",
     "NewEvent",
     "RecordedEvent",
     "UnknownEventType",
     "InvalidEvent",
+    "optional",
     "register_upcaster",
     "upcast",
     "new_event",
@@ -86,15 +97,48 @@ OBJECT = Kind("an object", lambda v: isinstance(v, dict))
 ARRAY = Kind("an array", lambda v: isinstance(v, list))
 ID = Kind(f"an id ({RUN_ID_RULE})", is_run_id)  # may become a file name: see ids.py
 DIGEST = Kind("a sha256 digest (64 lowercase hex)", is_digest)
-OPT_STRING, OPT_ID, OPT_INTEGER, OPT_NUMBER, OPT_BOOLEAN = (_optional(k) for k in (STRING, ID, INTEGER, NUMBER,
-                                                                                    BOOLEAN))
-NUMBERS = _object_of(NUMBER)  # metrics: name -> number
+
+# Annotations naming a kind a Python type cannot: a field's annotation is its JSON kind.
+Id = Annotated[str, ID]
+Digest = Annotated[str, DIGEST]
+Upstream = Annotated[dict[str, Any], _record(run_id=ID, state_path=STRING, step=INTEGER)]  # RunStarted.init_from
+CodeIdentity = Annotated[dict[str, Any], _record(packages=_object_of(STRING), python=STRING)]  # code_identity.py
+Trial = Annotated[dict[str, Any], _record(trial=INTEGER, run_id=ID, params=OBJECT)]  # SweepStarted.trials
+
+_SCALAR_KINDS: dict[Any, Kind] = {str: STRING, int: INTEGER, float: NUMBER, bool: BOOLEAN, Any: ANY,
+                                  dict: OBJECT, list: ARRAY}
+
+
+def _kind_of(annotation: Any) -> Kind:
+    """The JSON kind a field's annotation names: str, int, float, bool, Any, dict[str, X],
+    list[X], X | None, or Annotated[..., Kind] for one Python cannot name (Id, Digest)."""
+    if typing.get_origin(annotation) is Annotated:
+        return typing.get_args(annotation)[1]
+    if annotation in _SCALAR_KINDS:
+        return _SCALAR_KINDS[annotation]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        (rest,) = (a for a in args if a is not type(None))
+        return _optional(_kind_of(rest))
+    if origin is list:
+        return ARRAY if args[0] is Any else _array_of(_kind_of(args[0]))
+    if origin is dict:
+        return OBJECT if args[1] is Any else _object_of(_kind_of(args[1]))
+    raise TypeError(f"no JSON kind for the annotation {annotation!r}")
+
+
+def _without_none(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = tuple(a for a in typing.get_args(annotation) if a is not type(None))
+        return rest[0] if len(rest) == 1 else typing.Union[rest]
+    return annotation
 
 
 @dataclass(frozen=True)
 class EventType:
     """One event type: its current schema version, its fields with their JSON kinds (``fields``
-    required, ``optional`` checked when present), and the fields that name stored blobs.
+    required, ``optional`` checked when present), the fields that name stored blobs, and the
+    class it is (None only for a type a test makes up).
 
     ``blobs`` lists the fields whose digest names a blob the ledger must hold (``verify``
     reports a missing one; ``bundle`` carries it); ``name.*`` means every value of the object
@@ -110,214 +154,548 @@ class EventType:
     fields: Mapping[str, Kind] = field(default_factory=dict, compare=False)
     optional: Mapping[str, Kind] = field(default_factory=dict, compare=False)
     blobs: tuple[str, ...] = ()
+    cls: type[Event] | None = field(default=None, compare=False, repr=False)
 
 
-def _type(name: str, doc: str = "", *, fields: Mapping[str, Kind], optional: Mapping[str, Kind] | None = None,
-          blobs: tuple[str, ...] = (), version: int = 1) -> EventType:
-    return EventType(name, version, tuple(fields), doc, fields, optional or {}, blobs)
+# -- events as classes --------------------------------------------------------------------
 
 
-def _types(*entries: EventType) -> dict[str, EventType]:
-    return {e.name: e for e in entries}
+class _Omitted:
+    """The default of an optional field not given: the payload leaves it out."""
+
+    def __repr__(self) -> str:
+        return "<omitted>"
 
 
-_UPSTREAM = _record(run_id=ID, state_path=STRING, step=INTEGER)
-_CODE = _record(packages=_object_of(STRING), python=STRING)  # RunStarted.code (code_identity.py)
-_TRIAL = _record(trial=INTEGER, run_id=ID, params=OBJECT)
+_OMITTED: Any = _Omitted()
 
-CATALOGUE: dict[str, EventType] = _types(
-    # -- run lifecycle ---------------------------------------------------------
-    _type("RunStarted",
-          "spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets, "
-          "init_from (a chained run's upstream: run_id, status, state_path, step, trainer_job_id), "
-          "prompt_sets_masked ({set: strings the stored set masks of what the run used}), "
-          "rerun_data_differs (a rerun: the original's prompt_sets_masked), "
-          "code (which code ran, firetitan_track/code_identity.py: git {commit, dirty, root, changed "
-          "{path: sha256|null}, diff_digest, diff_bytes, diff_truncated} or null with no_git and files "
-          "{path: sha256}; entry {path, digest} and argv for a program; packages, python, device); "
-          "code_version is the firetitan-track version (a run before code was recorded has only it); "
-          "seed is null for a recorded program (firetitan-track record), whose spec is {program: ...}",
-          fields={"spec": OBJECT, "spec_digest": DIGEST, "code_version": STRING, "seed": OPT_INTEGER,
-                  "backend": STRING},
-          optional={"sweep_id": OPT_ID, "trial_params": _optional(OBJECT), "rerun_of": OPT_ID,
-                    "prompt_sets": _object_of(DIGEST), "init_from": _optional(_UPSTREAM),
-                    "prompt_sets_masked": NUMBERS, "rerun_data_differs": NUMBERS,
-                    "code": _optional(_CODE)},
-          blobs=("prompt_sets.*", "code.git.diff_digest")),
-    _type("RunResumed", "superseded: the versions of earlier training-history events no longer authoritative",
-          fields={"from_step": INTEGER, "state_path": OPT_STRING, "superseded": _array_of(INTEGER),
-                  "attempt": INTEGER}),
-    _type("Reconnected", "role: policy|reference|deployment; optional deployment_id",
-          fields={"role": STRING, "trainer_job_id": OPT_STRING, "reused": BOOLEAN},
-          optional={"deployment_id": OPT_STRING}),
-    _type("CleanupApplied",
-          "trainer: deleted|kept; deployment: scaled_to_zero|deleted|kept, as the service confirmed "
-          "them; failed (still there after the attempt) or unknown (not confirmed); optional error: why; "
-          "optional role and trainer_job_id: a resource other than the run's own session (a crashed "
-          "attempt's reference, a trainer a failed provisioning left behind)",
-          fields={"trainer": STRING, "deployment": STRING},
-          optional={"error": STRING, "role": STRING, "trainer_job_id": OPT_STRING}),
-    _type("RunFailed",
-          "error text (redacted); step: the step the run was on when it stopped, not the last one "
-          "completed: while step k trains it is k (one past the last StepCompleted), after step k "
-          "completed (during its snapshot, eval or state save) it is k, before the first step 0",
-          fields={"error": STRING, "step": INTEGER}),
-    _type("RunCompleted", fields={"final_step": INTEGER, "final_snapshot": OPT_STRING}),
-    # -- provisioning ----------------------------------------------------------
-    _type("ProvisionRequested",
-          "role: policy|reference; optional deployment_id, trainer_job_id (reuse), base_url (the service)",
-          fields={"role": STRING, "base_model": STRING, "shape": OPT_STRING, "lora_rank": INTEGER},
-          optional={"deployment_id": OPT_STRING, "trainer_job_id": OPT_STRING, "base_url": OPT_STRING}),
-    _type("TrainerProvisioned",
-          "optional partial: true when provisioning failed after the trainer was made (its cleanup follows)",
-          fields={"role": STRING, "trainer_job_id": OPT_STRING, "base_model": STRING, "shape": OPT_STRING,
-                  "lora_rank": INTEGER, "created": BOOLEAN},
-          optional={"partial": BOOLEAN}),
-    _type("DeploymentProvisioned",
-          "created: null when the SDK does not say whether it made the deployment or found it "
-          "(a recorded program's teacher); optional partial: true when provisioning failed after "
-          "the deployment was made",
-          fields={"deployment_id": OPT_STRING, "base_model": STRING, "created": OPT_BOOLEAN},
-          optional={"partial": BOOLEAN}),
-    _type("ReferenceProvisioned",
-          "optional shared_with_policy: true when the reference is the policy's own session with "
-          "adapters disabled (trainer_job_id is then the policy's job)",
-          fields={"trainer_job_id": OPT_STRING, "created": BOOLEAN}, optional={"shared_with_policy": BOOLEAN}),
-    # -- training --------------------------------------------------------------
-    _type("StepCompleted",
-          "may be written with the next event (a step after the last saved state is redone on resume); "
-          "optional skipped: why no optimizer step ran (its metrics then hold only what was measured); "
-          "provenance and version_offsets as a recorded program's (below): the runner's async_grpo names "
-          "the rollouts each step trained on",
-          fields={"step": INTEGER, "data_cursor": ANY, "micro_batches": INTEGER, "metrics": NUMBERS,
-                  "optimizer": OBJECT},
-          optional={"skipped": STRING}),
-    _type("TrajectoriesRecorded",
-          "a multi-turn recipe's (igpo) episodes of one step, sampled from snapshot_path: the blob holds, per "
-          "trajectory, its prompt, answer, outcome, baseline_logprob and turns (text, the environment's reply, "
-          "the answer's log-probability after it, info_gain, advantage, finish_reason, the request's seed); "
-          "trajectories and turns count them",
-          fields={"step": INTEGER, "snapshot_path": OPT_STRING, "trajectories_digest": DIGEST,
-                  "trajectories": INTEGER, "turns": INTEGER},
-          blobs=("trajectories_digest",)),
-    _type("StateSaveRequested", fields={"step": INTEGER, "name": STRING, "data_cursor": ANY}),
-    _type("StateSaved", "optional trainer_job_id: the job that saved it (a new job loads it by cross-job reference)",
-          fields={"step": INTEGER, "name": STRING, "path": STRING, "data_cursor": ANY},
-          optional={"trainer_job_id": OPT_STRING}),
-    _type("SnapshotRequested", fields={"step": INTEGER, "name": STRING}),
-    _type("SnapshotSaved", "kind: base|delta; base_path: the base snapshot a delta applies to (null for a base)",
-          fields={"step": INTEGER, "name": STRING, "path": STRING, "kind": STRING, "base_path": OPT_STRING}),
-    _type("SyncRequested", fields={"step": INTEGER, "deployment_id": OPT_STRING, "snapshot_path": STRING}),
-    _type("WeightsSynced", fields={"step": INTEGER, "deployment_id": OPT_STRING, "snapshot_path": STRING,
-                                   "duration_s": NUMBER}),
-    # -- evaluation ------------------------------------------------------------
-    _type("EvalStarted",
-          fields={"eval_id": ID, "step": INTEGER, "snapshot_path": OPT_STRING, "prompt_set_digest": DIGEST,
-                  "prompt_count": INTEGER, "sampling": OBJECT},
-          blobs=("prompt_set_digest",)),
-    _type("SamplesRecorded",
-          fields={"eval_id": ID, "completions_digest": DIGEST, "server_metrics": NUMBERS,
-                  "concurrency_window": OPT_NUMBER},
-          blobs=("completions_digest",)),
-    _type("EvalScored",
-          fields={"eval_id": ID, "step": INTEGER, "snapshot_path": OPT_STRING, "prompt_set_digest": DIGEST,
-                  "score": NUMBER, "metrics": OBJECT},
-          blobs=("prompt_set_digest",)),
-    # -- promotion (in the run's stream; never superseded) -------------------------
-    _type("PromotionRequested",
-          "the snapshot, the model id asked for, and the eval that justified it (eval_id and score "
-          "are null when a never-evaluated snapshot is promoted with --force); optional trainer_job_id, "
-          "checkpoint_id, forced",
-          fields={"snapshot_path": STRING, "model_id": STRING, "eval_id": OPT_ID, "score": OPT_NUMBER},
-          optional={"trainer_job_id": OPT_STRING, "checkpoint_id": OPT_STRING, "forced": BOOLEAN}),
-    _type("ModelPromoted",
-          "request_id: the PromotionRequested event's id; model: the promoted model's resource name; "
-          "optional eval_id, score, recovered (resolved after a crash between request and outcome)",
-          fields={"request_id": STRING, "snapshot_path": STRING, "model_id": STRING, "model": STRING},
-          optional={"eval_id": OPT_ID, "score": OPT_NUMBER, "recovered": BOOLEAN}),
-    _type("PromotionFailed", "the promotion did not happen (error redacted); a new request may follow",
-          fields={"request_id": STRING, "snapshot_path": STRING, "model_id": STRING, "error": STRING}),
-    _type("TrialPruned",
-          "a sweep trial stopped early by the sweep's pruner, after its cleanup: the eval step and "
-          "score it was judged on; the run is finished (status pruned)",
-          fields={"step": INTEGER, "score": NUMBER, "reason": STRING}),
-    # -- sweeps (stream id "sweep:<id>", see projections/compare.py) ---------------
-    _type("SweepStarted",
-          "trials: [{trial, run_id, params}] planned at the start ([] when trials are assigned as "
-          "the sweep goes); grid: a grid search's values ({} otherwise); optional search "
-          "(grid|random|tpe), space ({key: distribution text}), n_trials, prune (median|none), "
-          "overrides (--set, for every trial); spec_digest: the digest of the sweep's spec (an identity "
-          "joining workers compare)",
-          fields={"sweep_id": ID, "spec_digest": DIGEST, "grid": _object_of(ARRAY), "trials": _array_of(_TRIAL)},
-          optional={"search": STRING, "space": _object_of(STRING), "n_trials": INTEGER, "prune": STRING,
-                    "overrides": OBJECT}),
-    _type("TrialAssigned",
-          "a worker took the sweep's next trial: its index, its run, the sampled params and the "
-          "Optuna trial number they came from",
-          fields={"trial": INTEGER, "run_id": ID, "params": OBJECT, "optuna_trial": OPT_INTEGER}),
-    # -- recorded programs (firetitan-track record / autolog; firetitan_track/recording) --------
-    # Their RunStarted.spec is {"program": {...}} (command, cwd, entry script digest, sdk, backend);
-    # provisioning, snapshots, syncs, states, promotion and cleanup use the events above. A
-    # program's StepCompleted may also hold trainer_job_id, forward_backward (each micro-batch's
-    # metrics), provenance ({datums, matched, data_digest}) and version_offsets ({min, max, mean}:
-    # weight versions published before the step minus those published before each matched
-    # datum's sample was sent; absent when no datum matched a sample).
-    _type("ProgramStarted",
-          "attempt n of a recorded program's run: its command line (argv) and working directory; "
-          "optional started_by (record|autolog), pid, metrics_file",
-          fields={"attempt": INTEGER, "command": _array_of(STRING), "cwd": STRING},
-          optional={"started_by": STRING, "pid": INTEGER, "metrics_file": OPT_STRING}),
-    _type("ProgramExited",
-          "how attempt n ended: outcome finished|failed|killed; exit_status (None when unknown, the "
-          "negative signal number when killed); optional signal (its name), error (the uncaught "
-          "exception, redacted), recording_degraded (what the recorder could not record)",
-          fields={"attempt": INTEGER, "outcome": STRING, "exit_status": OPT_INTEGER},
-          optional={"signal": STRING, "error": STRING, "recording_degraded": _array_of(STRING)}),
-    _type("StepRequested",
-          "a recorded program sent the k-th optimizer step's first micro-batch (or its optim_step); "
-          "StepCompleted is the outcome; optional trainer_job_id",
-          fields={"step": INTEGER}, optional={"trainer_job_id": OPT_STRING}),
-    _type("SamplesDrawn",
-          "one sampling call: the deployment (its id, or the model it serves), the snapshot loaded on it "
-          "when the call was sent and when it returned (None when none was recorded), the weight versions "
-          "published to it by then (syncs and hotloads seen), the prompt and completions as blobs, one "
-          "sha256 of the token ids per sampled sequence (prompt + completion), the sampling params and "
-          "the optimizer steps requested so far; optional call (the SDK method). The runner's async_grpo "
-          "records one per batch of rollouts: batch (the step that trains on them), its versions count the "
-          "optimizer steps the served weights hold (one publication per step), and replayed_from (a resumed "
-          "run re-recording rollouts a crashed attempt sampled from weights the resumed history holds: the "
-          "event id they were first recorded under)",
-          fields={"deployment": OPT_STRING, "snapshot_at_send": OPT_STRING, "snapshot_at_return": OPT_STRING,
-                  "version_at_send": INTEGER, "version_at_return": INTEGER, "prompt_digest": DIGEST,
-                  "completions_digest": DIGEST, "sequence_digests": _array_of(DIGEST), "sampling": OBJECT,
-                  "step": INTEGER},
-          optional={"call": STRING, "batch": INTEGER, "replayed_from": STRING},
-          blobs=("prompt_digest", "completions_digest")),
-    _type("MetricsLogged",
-          "numbers a recorded program logged itself (source: metrics_file|wandb) under its own step; "
-          "optional snapshot_path and deployment (the snapshot loaded on the deployment when they were "
-          "logged; for a Tinker program, the snapshot of the sampling client it last used) and trainer_step (optimizer steps requested by then): an eval/* metric logged with no "
-          "snapshot loaded measured the trainer's weights at trainer_step",
-          fields={"step": OPT_INTEGER, "metrics": NUMBERS, "source": STRING},
-          optional={"snapshot_path": OPT_STRING, "deployment": OPT_STRING, "trainer_step": OPT_INTEGER}),
-    _type("StateLoaded",
-          "a recorded program loaded DCP state; optional step and data_cursor (of the StateSaved it names), "
-          "trainer_job_id",
-          fields={"path": STRING, "with_optimizer": BOOLEAN},
-          optional={"step": OPT_INTEGER, "data_cursor": ANY, "trainer_job_id": OPT_STRING}),
-    _type("CallFailed",
-          "a recorded call raised after its intent was recorded: the SDK method, the intent event's type "
-          "and the error (redacted); optional step",
-          fields={"call": STRING, "intent": STRING, "error": STRING}, optional={"step": OPT_INTEGER}),
-    _type("RecordingDegraded",
-          "the recorder could not record something and let the program go on: what and why; optional pid",
-          fields={"reason": STRING}, optional={"pid": INTEGER}),
-)
+
+def optional(*, null: bool = False) -> Any:
+    """A field the payload may leave out (it then reads None; given as None, it is left out).
+    ``null=True``: it may also be null, and then left out and given as None are kept apart, so
+    a payload reads back as it was written."""
+    return field(default=_OMITTED, metadata={"optional": True, "null": null})
+
+
+E = TypeVar("E", bound="Event")
+
+
+@typing.dataclass_transform(kw_only_default=True, field_specifiers=(field, optional))
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """The base of every event class: a subclass is a frozen, keyword-only dataclass whose
+    fields are its payload's. ``extra`` holds fields this code does not know (written by a
+    newer version), read and written back unchanged."""
+
+    type_name: ClassVar[str]  # the event's ``type``: the class's name
+    schema_version: ClassVar[int] = 1
+    blobs: ClassVar[tuple[str, ...]] = ()  # see EventType.blobs
+    _fields: ClassVar[tuple[tuple[str, bool, bool], ...]] = ()  # (name, optional, may be null) per field
+    _doc: ClassVar[str] = ""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    _given: frozenset[str] = field(default=frozenset(), init=False, repr=False)  # optional fields given
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._doc = " ".join((cls.__dict__.get("__doc__") or "").split())
+        cls.type_name = cls.__name__
+        dataclass(frozen=True, kw_only=True)(cls)
+        cls._fields = tuple((f.name, bool(f.metadata.get("optional")), bool(f.metadata.get("null")))
+                            for f in dataclasses.fields(cls) if f.init and f.name != "extra")
+
+    def __post_init__(self) -> None:
+        given = []
+        for name, is_optional, null in self._fields:
+            if is_optional:
+                value = getattr(self, name)
+                if value is _OMITTED or (value is None and not null):
+                    object.__setattr__(self, name, None)
+                else:
+                    given.append(name)
+        object.__setattr__(self, "_given", frozenset(given))
+        clash = sorted(self.extra.keys() & {name for name, _, _ in self._fields})
+        if clash:
+            raise InvalidEvent(f"{self.type_name}: extra holds {', '.join(clash)}, which are fields of the event")
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON object the ledger stores: every required field, the optional ones given,
+        and the unknown ones read with it."""
+        data = {name: getattr(self, name) for name, is_optional, _ in self._fields
+                if not is_optional or name in self._given}
+        data.update(self.extra)
+        return data
+
+    def replace(self: E, **changes: Any) -> E:
+        """This event with ``changes``; an optional field left out stays left out (where
+        ``dataclasses.replace`` would give it as None)."""
+        return type(self).from_payload({**self.payload(), **changes})
+
+    @classmethod
+    def from_payload(cls: type[E], data: Mapping[str, Any]) -> E:
+        """The event a stored (upcast) payload holds; fields this class does not know go to ``extra``."""
+        names = {name for name, _, _ in cls._fields}
+        missing = [name for name, is_optional, _ in cls._fields if not is_optional and name not in data]
+        if missing:
+            raise InvalidEvent(f"{cls.type_name}: missing {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    @functools.cache
+    def event_type(cls) -> EventType:
+        """This class as a catalogue entry: each field's JSON kind from its annotation."""
+        hints = typing.get_type_hints(cls, include_extras=True)
+        required: dict[str, Kind] = {}
+        optional_kinds: dict[str, Kind] = {}
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name == "extra":
+                continue
+            if f.metadata.get("optional"):
+                kind = _kind_of(_without_none(hints[f.name]))
+                optional_kinds[f.name] = _optional(kind) if f.metadata["null"] and kind is not ANY else kind
+            else:
+                required[f.name] = _kind_of(hints[f.name])
+        return EventType(cls.type_name, cls.schema_version, tuple(required), cls._doc, required, optional_kinds,
+                         cls.blobs, cls)
+
+
+# -- run lifecycle ---------------------------------------------------------
+
+
+class RunStarted(Event):
+    """spec (redacted) and its digest; optional: sweep_id, trial_params, rerun_of, prompt_sets,
+    init_from (a chained run's upstream: run_id, status, state_path, step, trainer_job_id),
+    prompt_sets_masked ({set: strings the stored set masks of what the run used}),
+    rerun_data_differs (a rerun: the original's prompt_sets_masked),
+    code (which code ran, firetitan_track/code_identity.py: git {commit, dirty, root, changed
+    {path: sha256|null}, diff_digest, diff_bytes, diff_truncated} or null with no_git and files
+    {path: sha256}; entry {path, digest} and argv for a program; packages, python, device);
+    code_version is the firetitan-track version (a run before code was recorded has only it);
+    seed is null for a recorded program (firetitan-track record), whose spec is {program: ...}"""
+
+    blobs = ("prompt_sets.*", "code.git.diff_digest")
+    spec: dict[str, Any]
+    spec_digest: Digest
+    code_version: str
+    seed: int | None
+    backend: str
+    sweep_id: Id | None = optional(null=True)
+    trial_params: dict[str, Any] | None = optional(null=True)
+    rerun_of: Id | None = optional(null=True)
+    prompt_sets: dict[str, Digest] | None = optional()
+    init_from: Upstream | None = optional(null=True)
+    prompt_sets_masked: dict[str, float] | None = optional()
+    rerun_data_differs: dict[str, float] | None = optional()
+    code: CodeIdentity | None = optional(null=True)
+
+
+class RunResumed(Event):
+    """superseded: the versions of earlier training-history events no longer authoritative"""
+
+    from_step: int
+    state_path: str | None
+    superseded: list[int]
+    attempt: int
+
+
+class Reconnected(Event):
+    """role: policy|reference|deployment; optional deployment_id"""
+
+    role: str
+    trainer_job_id: str | None
+    reused: bool
+    deployment_id: str | None = optional(null=True)
+
+
+class CleanupApplied(Event):
+    """trainer: deleted|kept; deployment: scaled_to_zero|deleted|kept, as the service confirmed
+    them; failed (still there after the attempt) or unknown (not confirmed); optional error: why;
+    optional role and trainer_job_id: a resource other than the run's own session (a crashed
+    attempt's reference, a trainer a failed provisioning left behind)"""
+
+    trainer: str
+    deployment: str
+    error: str | None = optional()
+    role: str | None = optional()
+    trainer_job_id: str | None = optional(null=True)
+
+
+class RunFailed(Event):
+    """error text (redacted); step: the step the run was on when it stopped, not the last one
+    completed: while step k trains it is k (one past the last StepCompleted), after step k
+    completed (during its snapshot, eval or state save) it is k, before the first step 0"""
+
+    error: str
+    step: int
+
+
+class RunCompleted(Event):
+    final_step: int
+    final_snapshot: str | None
+
+
+# -- provisioning ----------------------------------------------------------
+
+
+class ProvisionRequested(Event):
+    """role: policy|reference|teacher; optional deployment_id, trainer_job_id (reuse), base_url (the
+    service), sdk (a recorded program's SDK releases: {distribution: version})"""
+
+    role: str
+    base_model: str
+    shape: str | None
+    lora_rank: int
+    deployment_id: str | None = optional(null=True)
+    trainer_job_id: str | None = optional(null=True)
+    base_url: str | None = optional(null=True)
+    sdk: dict[str, str] | None = optional()
+
+
+class TrainerProvisioned(Event):
+    """optional partial: true when provisioning failed after the trainer was made (its cleanup follows)"""
+
+    role: str
+    trainer_job_id: str | None
+    base_model: str
+    shape: str | None
+    lora_rank: int
+    created: bool
+    partial: bool | None = optional()
+
+
+class DeploymentProvisioned(Event):
+    """created: null when the SDK does not say whether it made the deployment or found it
+    (a recorded program's teacher); optional partial: true when provisioning failed after
+    the deployment was made; optional role: teacher for a deployment a recorded program samples
+    from without training it"""
+
+    deployment_id: str | None
+    base_model: str
+    created: bool | None
+    partial: bool | None = optional()
+    role: str | None = optional()
+
+
+class ReferenceProvisioned(Event):
+    """optional shared_with_policy: true when the reference is the policy's own session with
+    adapters disabled (trainer_job_id is then the policy's job)"""
+
+    trainer_job_id: str | None
+    created: bool
+    shared_with_policy: bool | None = optional()
+
+
+# -- training --------------------------------------------------------------
+
+
+class StepCompleted(Event):
+    """may be written with the next event (a step after the last saved state is redone on resume);
+    optional skipped: why no optimizer step ran (its metrics then hold only what was measured);
+    provenance and version_offsets as a recorded program's (below): the runner's async_grpo names
+    the rollouts each step trained on"""
+
+    step: int
+    data_cursor: Any
+    micro_batches: int
+    metrics: dict[str, float]
+    optimizer: dict[str, Any]
+    skipped: str | None = optional()
+    # a recorded program's (see the note above ProgramStarted)
+    trainer_job_id: str | None = optional(null=True)
+    forward_backward: list[dict[str, float]] | None = optional()
+    provenance: dict[str, Any] | None = optional()
+    version_offsets: dict[str, float] | None = optional()
+
+
+class TrajectoriesRecorded(Event):
+    """a multi-turn recipe's (igpo) episodes of one step, sampled from snapshot_path: the blob holds, per
+    trajectory, its prompt, answer, outcome, baseline_logprob and turns (text, the environment's reply,
+    the answer's log-probability after it, info_gain, advantage, finish_reason, the request's seed);
+    trajectories and turns count them"""
+
+    blobs = ("trajectories_digest",)
+    step: int
+    snapshot_path: str | None
+    trajectories_digest: Digest
+    trajectories: int
+    turns: int
+
+
+class StateSaveRequested(Event):
+    step: int
+    name: str
+    data_cursor: Any
+
+
+class StateSaved(Event):
+    """optional trainer_job_id: the job that saved it (a new job loads it by cross-job reference)"""
+
+    step: int
+    name: str
+    path: str
+    data_cursor: Any
+    trainer_job_id: str | None = optional(null=True)
+
+
+class SnapshotRequested(Event):
+    step: int
+    name: str
+
+
+class SnapshotSaved(Event):
+    """kind: base|delta; base_path: the base snapshot a delta applies to (null for a base)"""
+
+    step: int
+    name: str
+    path: str
+    kind: str
+    base_path: str | None
+
+
+class SyncRequested(Event):
+    step: int
+    deployment_id: str | None
+    snapshot_path: str
+
+
+class WeightsSynced(Event):
+    step: int
+    deployment_id: str | None
+    snapshot_path: str
+    duration_s: float
+
+
+# -- evaluation ------------------------------------------------------------
+
+
+class EvalStarted(Event):
+    blobs = ("prompt_set_digest",)
+    eval_id: Id
+    step: int
+    snapshot_path: str | None
+    prompt_set_digest: Digest
+    prompt_count: int
+    sampling: dict[str, Any]
+
+
+class SamplesRecorded(Event):
+    blobs = ("completions_digest",)
+    eval_id: Id
+    completions_digest: Digest
+    server_metrics: dict[str, float]
+    concurrency_window: float | None
+
+
+class EvalScored(Event):
+    blobs = ("prompt_set_digest",)
+    eval_id: Id
+    step: int
+    snapshot_path: str | None
+    prompt_set_digest: Digest
+    score: float
+    metrics: dict[str, Any]
+
+
+# -- promotion (in the run's stream; never superseded) -------------------------
+
+
+class PromotionRequested(Event):
+    """the snapshot, the model id asked for, and the eval that justified it (eval_id and score
+    are null when a never-evaluated snapshot is promoted with --force); optional trainer_job_id,
+    checkpoint_id, forced"""
+
+    snapshot_path: str
+    model_id: str
+    eval_id: Id | None
+    score: float | None
+    trainer_job_id: str | None = optional(null=True)
+    checkpoint_id: str | None = optional(null=True)
+    forced: bool | None = optional()
+
+
+class ModelPromoted(Event):
+    """request_id: the PromotionRequested event's id; model: the promoted model's resource name;
+    optional eval_id, score, recovered (resolved after a crash between request and outcome)"""
+
+    request_id: str
+    snapshot_path: str
+    model_id: str
+    model: str
+    eval_id: Id | None = optional(null=True)
+    score: float | None = optional(null=True)
+    recovered: bool | None = optional()
+
+
+class PromotionFailed(Event):
+    """the promotion did not happen (error redacted); a new request may follow"""
+
+    request_id: str
+    snapshot_path: str
+    model_id: str
+    error: str
+
+
+class TrialPruned(Event):
+    """a sweep trial stopped early by the sweep's pruner, after its cleanup: the eval step and
+    score it was judged on; the run is finished (status pruned)"""
+
+    step: int
+    score: float
+    reason: str
+
+
+# -- sweeps (stream id "sweep:<id>", see projections/compare.py) ---------------
+
+
+class SweepStarted(Event):
+    """trials: [{trial, run_id, params}] planned at the start ([] when trials are assigned as
+    the sweep goes); grid: a grid search's values ({} otherwise); optional search
+    (grid|random|tpe), space ({key: distribution text}), n_trials, prune (median|none),
+    overrides (--set, for every trial); spec_digest: the digest of the sweep's spec (an identity
+    joining workers compare)"""
+
+    sweep_id: Id
+    spec_digest: Digest
+    grid: dict[str, list[Any]]
+    trials: list[Trial]
+    search: str | None = optional()
+    space: dict[str, str] | None = optional()
+    n_trials: int | None = optional()
+    prune: str | None = optional()
+    overrides: dict[str, Any] | None = optional()
+
+
+class TrialAssigned(Event):
+    """a worker took the sweep's next trial: its index, its run, the sampled params and the
+    Optuna trial number they came from"""
+
+    trial: int
+    run_id: Id
+    params: dict[str, Any]
+    optuna_trial: int | None
+
+
+# -- recorded programs (firetitan-track record / autolog; firetitan_track/recording) --------
+# Their RunStarted.spec is {"program": {...}} (command, cwd, entry script digest, sdk, backend);
+# provisioning, snapshots, syncs, states, promotion and cleanup use the events above. A
+# program's StepCompleted may also hold trainer_job_id, forward_backward (each micro-batch's
+# metrics), provenance ({datums, matched, data_digest}) and version_offsets ({min, max, mean}:
+# weight versions published before the step minus those published before each matched
+# datum's sample was sent; absent when no datum matched a sample).
+
+
+class ProgramStarted(Event):
+    """attempt n of a recorded program's run: its command line (argv) and working directory;
+    optional started_by (record|autolog), pid, metrics_file"""
+
+    attempt: int
+    command: list[str]
+    cwd: str
+    started_by: str | None = optional()
+    pid: int | None = optional()
+    metrics_file: str | None = optional(null=True)
+
+
+class ProgramExited(Event):
+    """how attempt n ended: outcome finished|failed|killed; exit_status (None when unknown, the
+    negative signal number when killed); optional signal (its name), error (the uncaught
+    exception, redacted), recording_degraded (what the recorder could not record)"""
+
+    attempt: int
+    outcome: str
+    exit_status: int | None
+    signal: str | None = optional()
+    error: str | None = optional()
+    recording_degraded: list[str] | None = optional()
+
+
+class StepRequested(Event):
+    """a recorded program sent the k-th optimizer step's first micro-batch (or its optim_step);
+    StepCompleted is the outcome; optional trainer_job_id"""
+
+    step: int
+    trainer_job_id: str | None = optional(null=True)
+
+
+class SamplesDrawn(Event):
+    """one sampling call: the deployment (its id, or the model it serves), the snapshot loaded on it
+    when the call was sent and when it returned (None when none was recorded), the weight versions
+    published to it by then (syncs and hotloads seen), the prompt and completions as blobs, one
+    sha256 of the token ids per sampled sequence (prompt + completion), the sampling params and
+    the optimizer steps requested so far; optional call (the SDK method). The runner's async_grpo
+    records one per batch of rollouts: batch (the step that trains on them), its versions count the
+    optimizer steps the served weights hold (one publication per step), and replayed_from (a resumed
+    run re-recording rollouts a crashed attempt sampled from weights the resumed history holds: the
+    event id they were first recorded under)"""
+
+    blobs = ("prompt_digest", "completions_digest")
+    deployment: str | None
+    snapshot_at_send: str | None
+    snapshot_at_return: str | None
+    version_at_send: int
+    version_at_return: int
+    prompt_digest: Digest
+    completions_digest: Digest
+    sequence_digests: list[Digest]
+    sampling: dict[str, Any]
+    step: int
+    call: str | None = optional()
+    batch: int | None = optional()
+    replayed_from: str | None = optional()
+
+
+class MetricsLogged(Event):
+    """numbers a recorded program logged itself (source: metrics_file|wandb) under its own step;
+    optional snapshot_path and deployment (the snapshot loaded on the deployment when they were
+    logged; for a Tinker program, the snapshot of the sampling client it last used) and trainer_step
+    (optimizer steps requested by then): an eval/* metric logged with no snapshot loaded measured
+    the trainer's weights at trainer_step"""
+
+    step: int | None
+    metrics: dict[str, float]
+    source: str
+    snapshot_path: str | None = optional(null=True)
+    deployment: str | None = optional(null=True)
+    trainer_step: int | None = optional(null=True)
+
+
+class StateLoaded(Event):
+    """a recorded program loaded DCP state; optional step and data_cursor (of the StateSaved it names),
+    trainer_job_id"""
+
+    path: str
+    with_optimizer: bool
+    step: int | None = optional(null=True)
+    data_cursor: Any = optional(null=True)
+    trainer_job_id: str | None = optional(null=True)
+
+
+class CallFailed(Event):
+    """a recorded call raised after its intent was recorded: the SDK method, the intent event's type
+    and the error (redacted); optional step"""
+
+    call: str
+    intent: str
+    error: str
+    step: int | None = optional(null=True)
+
+
+class RecordingDegraded(Event):
+    """the recorder could not record something and let the program go on: what and why; optional pid"""
+
+    reason: str
+    pid: int | None = optional()
+
+
+EVENT_CLASSES: tuple[type[Event], ...] = tuple(Event.__subclasses__())  # every class above, in order
+CATALOGUE: dict[str, EventType] = {cls.type_name: cls.event_type() for cls in EVENT_CLASSES}
+
 
 # A stream whose head is one of these is signed when it is appended (see signing.py): the end
 # of a run or trial, a promotion's outcome, and each step of a sweep's own stream.
-SIGNED_AFTER = frozenset({"RunCompleted", "RunFailed", "TrialPruned", "ModelPromoted", "PromotionFailed",
-                          "SweepStarted", "TrialAssigned", "ProgramExited"})
+SIGNED_AFTER = frozenset(cls.type_name for cls in (RunCompleted, RunFailed, TrialPruned, ModelPromoted, PromotionFailed,
+                                                    SweepStarted, TrialAssigned, ProgramExited))
 
 
 @dataclass(frozen=True)
@@ -344,10 +722,24 @@ class RecordedEvent:
     recorded_at: float  # unix seconds, UTC
     hash: str
 
+    @functools.cached_property
+    def fact(self) -> Event | None:
+        """The event as its class (built from the payload as read, so already upcast); None for
+        a type this code does not know (written by a newer version)."""
+        et = CATALOGUE.get(self.type)
+        return et.cls.from_payload(self.data) if et is not None and et.cls is not None else None
 
-def new_event(type: str, event_id: str | None = None, **data: Any) -> NewEvent:
-    """Build a NewEvent, checking the type and its fields now."""
-    ev = NewEvent(type, data, event_id or uuid.uuid4().hex)
+
+def new_event(event: Event | str, event_id: str | None = None, **data: Any) -> NewEvent:
+    """The NewEvent that appends ``event``, checked against its type now. A type's name and its
+    fields as keywords also work (a test writing a payload by hand)."""
+    if isinstance(event, Event):
+        if data:
+            raise TypeError(f"new_event({event.type_name}(...)) takes no fields as keywords: "
+                            f"got {', '.join(sorted(data))}")
+        ev = NewEvent(event.type_name, event.payload(), event_id or uuid.uuid4().hex)
+    else:
+        ev = NewEvent(event, data, event_id or uuid.uuid4().hex)
     validate(ev)
     return ev
 

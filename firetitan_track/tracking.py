@@ -30,7 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from firetitan_track import sdk_adapter
-from firetitan_track.events import RecordedEvent, new_event
+from firetitan_track.events import (CallFailed, CleanupApplied, DeploymentProvisioned, EvalScored, EvalStarted, Event,
+                                    ProvisionRequested, Reconnected, RecordedEvent, ReferenceProvisioned, RunStarted,
+                                    SamplesRecorded, SnapshotRequested, SnapshotSaved, StateSaved, StateSaveRequested,
+                                    StepCompleted, SyncRequested, TrainerProvisioned, WeightsSynced, new_event)
 from firetitan_track.ledger import Ledger
 from firetitan_track.redact import redact_text
 
@@ -70,13 +73,14 @@ class Recorder:
         self._pending: list[Any] = []
         self._pending_since = 0.0
 
-    def record(self, type: str, *, defer: bool = False, **data: Any) -> RecordedEvent | None:
-        """Append one event (with any deferred ones before it); None while it is deferred."""
-        event = new_event(type, **data)
+    def record(self, event: Event, *, defer: bool = False, event_id: str | None = None) -> RecordedEvent | None:
+        """Append one event (with any deferred ones before it); None while it is deferred. ``event_id``:
+        one chosen before (a fact other records name before it is written)."""
+        new = new_event(event, event_id=event_id)
         with self.lock:
             if not self._pending:
                 self._pending_since = time.monotonic()
-            self._pending.append(event)
+            self._pending.append(new)
             if defer and time.monotonic() - self._pending_since < self.max_delay_s:
                 return None
             return self.flush()[-1]
@@ -161,12 +165,13 @@ class CallRecorder:
         self.loaded: dict[str, str | None] = {}  # deployment -> snapshot path it serves
         self.published: dict[str, int] = {}  # deployment -> weight versions published to it
 
-    def _call(self, intent: str, name: str, call: Callable[[], Any]) -> Any:
+    def _call(self, intent: type[Event], name: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
         except Exception as exc:
             if self.record_failures:
-                self.rec.record("CallFailed", call=name, intent=intent, error=error_text(exc), step=self.rec.step)
+                self.rec.record(CallFailed(call=name, intent=intent.type_name, error=error_text(exc),
+                                           step=self.rec.step))
             raise
 
     # -- provisioning ----------------------------------------------------------------------
@@ -179,25 +184,24 @@ class CallRecorder:
         Reconnected (when reattaching), TrainerProvisioned and DeploymentProvisioned.
         ``deployment_created(id)`` says whether the deployment is new; without it the SDK is
         asked (None when it cannot say)."""
-        self.rec.record("ProvisionRequested", role="policy", base_model=base_model, shape=shape,
-                        lora_rank=lora_rank, deployment_id=deployment_id, trainer_job_id=reused_trainer,
-                        base_url=base_url, **extra)
-        client = self._call("ProvisionRequested", "create_training_client", call)
+        self.rec.record(ProvisionRequested(role="policy", base_model=base_model, shape=shape, lora_rank=lora_rank,
+                                           deployment_id=deployment_id, trainer_job_id=reused_trainer,
+                                           base_url=base_url, **extra))
+        client = self._call(ProvisionRequested, "create_training_client", call)
         job_id = sdk_adapter.trainer_job_id(service)
         deployment = sdk_adapter.deployment_id(service)
         if reused_trainer:
-            self.rec.record("Reconnected", role="policy", trainer_job_id=job_id, reused=job_id == reused_trainer,
-                            deployment_id=deployment)
-        self.rec.record("TrainerProvisioned", role="policy", trainer_job_id=job_id, base_model=base_model,
-                        shape=shape, lora_rank=lora_rank, created=job_id != reused_trainer)
+            self.rec.record(Reconnected(role="policy", trainer_job_id=job_id, reused=job_id == reused_trainer,
+                                        deployment_id=deployment))
+        self.rec.record(TrainerProvisioned(role="policy", trainer_job_id=job_id, base_model=base_model, shape=shape,
+                                           lora_rank=lora_rank, created=job_id != reused_trainer))
         if deployment is not None:
             if deployment_created is not None:
                 created = deployment_created(deployment)
             else:
                 reattached = sdk_adapter.deployment_reattached(service)
                 created = None if reattached is None else not reattached
-            self.rec.record("DeploymentProvisioned", deployment_id=deployment, base_model=base_model,
-                            created=created)
+            self.rec.record(DeploymentProvisioned(deployment_id=deployment, base_model=base_model, created=created))
             self.loaded.setdefault(deployment, None)
         return client
 
@@ -205,24 +209,24 @@ class CallRecorder:
                             shape: str | None) -> Any:
         """A frozen reference: the SDK names a separate reference trainer, or None when the
         reference is the policy's own session with its adapters disabled (a LoRA policy)."""
-        self.rec.record("ProvisionRequested", role="reference", base_model=base_model, shape=shape, lora_rank=0)
-        client = self._call("ProvisionRequested", "create_reference_client", call)
+        self.rec.record(ProvisionRequested(role="reference", base_model=base_model, shape=shape, lora_rank=0))
+        client = self._call(ProvisionRequested, "create_reference_client", call)
         job_id = sdk_adapter.reference_job_id(service)
         if job_id is None:
-            self.rec.record("ReferenceProvisioned", trainer_job_id=sdk_adapter.trainer_job_id(service),
-                            shared_with_policy=True, created=False)
+            self.rec.record(ReferenceProvisioned(trainer_job_id=sdk_adapter.trainer_job_id(service),
+                                                 shared_with_policy=True, created=False))
         else:
-            self.rec.record("ReferenceProvisioned", trainer_job_id=job_id, shared_with_policy=False, created=True)
+            self.rec.record(ReferenceProvisioned(trainer_job_id=job_id, shared_with_policy=False, created=True))
         return client
 
     def provision_teacher(self, call: Callable[[], Any], *, model: str, deployment: str | None,
                           creates: bool | None) -> Any:
         """A deployment the program samples from without training it (a distillation teacher)."""
-        self.rec.record("ProvisionRequested", role="teacher", base_model=model, shape=None, lora_rank=0,
-                        deployment_id=deployment)
-        sampler = self._call("ProvisionRequested", "create_inference_deployment_sampler", call)
-        self.rec.record("DeploymentProvisioned", deployment_id=deployment or model, base_model=model,
-                        created=creates, role="teacher")
+        self.rec.record(ProvisionRequested(role="teacher", base_model=model, shape=None, lora_rank=0,
+                                           deployment_id=deployment))
+        sampler = self._call(ProvisionRequested, "create_inference_deployment_sampler", call)
+        self.rec.record(DeploymentProvisioned(deployment_id=deployment or model, base_model=model, created=creates,
+                                              role="teacher"))
         return sampler
 
     # -- weights ---------------------------------------------------------------------------
@@ -231,46 +235,49 @@ class CallRecorder:
         """A sampler snapshot: SnapshotRequested, the save, SnapshotSaved (base or delta, and
         the base a delta applies to). ``call`` returns the SDK's result (``.path``)."""
         intent = self.snapshot_requested(name=name)
-        result = self._call("SnapshotRequested", "save_weights_for_sampler", call)
+        result = self._call(SnapshotRequested, "save_weights_for_sampler", call)
         self.snapshot_saved(intent, path=result.path, kind=kind, base_path=base_path)
         return result
 
-    def snapshot_requested(self, *, name: str) -> dict[str, Any]:
+    def snapshot_requested(self, *, name: str) -> SnapshotRequested:
         """The intent half of ``snapshot``, for a save whose outcome arrives later (a future)."""
-        intent = {"step": self.rec.step, "name": name}
-        self.rec.record("SnapshotRequested", **intent)
+        intent = SnapshotRequested(step=self.rec.step, name=name)
+        self.rec.record(intent)
         return intent
 
-    def snapshot_saved(self, intent: dict[str, Any], *, path: str, kind: str | None, base_path: str | None) -> None:
-        self.rec.record("SnapshotSaved", **intent, path=path, kind=kind, base_path=None if kind == "base" else base_path)
+    def snapshot_saved(self, intent: SnapshotRequested, *, path: str, kind: str | None, base_path: str | None) -> None:
+        self.rec.record(SnapshotSaved(step=intent.step, name=intent.name, path=path, kind=kind,
+                                      base_path=None if kind == "base" else base_path))
 
     def sync(self, call: Callable[[], Any], *, deployment_id: str | None, snapshot_path: str) -> Any:
         """A weight sync (hotload) onto a deployment: SyncRequested, the call, WeightsSynced. The
         deployment then serves the snapshot, one more weight version published to it."""
-        intent = self.sync_requested(deployment_id=deployment_id, snapshot_path=snapshot_path)
-        result = self._call("SyncRequested", "hotload", call)
+        pending = self.sync_requested(deployment_id=deployment_id, snapshot_path=snapshot_path)
+        result = self._call(SyncRequested, "hotload", call)
         if result is False:  # the SDK's hotload_and_wait answers False when the deployment never took it
             if self.record_failures:
-                self.rec.record("CallFailed", call="hotload", intent="SyncRequested", step=intent["step"],
-                                error=f"the deployment did not load {snapshot_path}")
+                self.rec.record(CallFailed(call="hotload", intent=SyncRequested.type_name, step=pending.intent.step,
+                                           error=f"the deployment did not load {snapshot_path}"))
             return result
-        self.synced(intent)
+        self.synced(pending)
         return result
 
-    def sync_requested(self, *, deployment_id: str | None, snapshot_path: str) -> dict[str, Any]:
+    def sync_requested(self, *, deployment_id: str | None, snapshot_path: str) -> PendingSync:
         """The intent half of ``sync``, for a sync whose outcome arrives later (a Tinker sampling
         client made on saved weights)."""
-        intent = {"step": self.rec.step, "deployment_id": deployment_id, "snapshot_path": snapshot_path}
-        self.rec.record("SyncRequested", **intent)
-        return {**intent, "t0": time.perf_counter()}
+        intent = SyncRequested(step=self.rec.step, deployment_id=deployment_id, snapshot_path=snapshot_path)
+        self.rec.record(intent)
+        return PendingSync(intent, time.perf_counter())
 
-    def synced(self, intent: dict[str, Any]) -> int:
+    def synced(self, pending: PendingSync) -> int:
         """WeightsSynced: the deployment serves the snapshot, one more weight version published to
         it; returns that version."""
-        fields = {k: v for k, v in intent.items() if k != "t0"}
-        self.rec.record("WeightsSynced", **fields, duration_s=round(time.perf_counter() - intent["t0"], 6))
-        key = intent["deployment_id"] or ""
-        self.loaded[key] = intent["snapshot_path"]
+        intent = pending.intent
+        self.rec.record(WeightsSynced(step=intent.step, deployment_id=intent.deployment_id,
+                                      snapshot_path=intent.snapshot_path,
+                                      duration_s=round(time.perf_counter() - pending.t0, 6)))
+        key = intent.deployment_id or ""
+        self.loaded[key] = intent.snapshot_path
         self.published[key] = self.published.get(key, 0) + 1
         return self.published[key]
 
@@ -278,18 +285,27 @@ class CallRecorder:
                    trainer_job_id: str | None) -> Any:
         """DCP state (weights + optimizer): StateSaveRequested, the save, StateSaved."""
         intent = self.state_save_requested(name=name, data_cursor=data_cursor)
-        result = self._call("StateSaveRequested", "save_state", call)
+        result = self._call(StateSaveRequested, "save_state", call)
         self.state_saved(intent, path=result.path, trainer_job_id=trainer_job_id)
         return result
 
-    def state_save_requested(self, *, name: str, data_cursor: Any) -> dict[str, Any]:
+    def state_save_requested(self, *, name: str, data_cursor: Any) -> StateSaveRequested:
         """The intent half of ``save_state``, for a save whose outcome arrives later (a future)."""
-        intent = {"step": self.rec.step, "name": name, "data_cursor": data_cursor}
-        self.rec.record("StateSaveRequested", **intent)
+        intent = StateSaveRequested(step=self.rec.step, name=name, data_cursor=data_cursor)
+        self.rec.record(intent)
         return intent
 
-    def state_saved(self, intent: dict[str, Any], *, path: str, trainer_job_id: str | None) -> None:
-        self.rec.record("StateSaved", **intent, path=path, trainer_job_id=trainer_job_id)
+    def state_saved(self, intent: StateSaveRequested, *, path: str, trainer_job_id: str | None) -> None:
+        self.rec.record(StateSaved(step=intent.step, name=intent.name, path=path, data_cursor=intent.data_cursor,
+                                   trainer_job_id=trainer_job_id))
+
+
+@dataclass(frozen=True)
+class PendingSync:
+    """A sync whose intent is recorded: WeightsSynced follows with the time since ``t0``."""
+
+    intent: SyncRequested
+    t0: float  # time.perf_counter() when the sync was asked for
 
 
 def error_text(exc: BaseException) -> str:
@@ -382,9 +398,9 @@ class TrackedTrainingClient:
 
         def record(response: Any) -> None:
             self._rec.step += 1
-            self._rec.record("StepCompleted", defer=True, step=self._rec.step, data_cursor=None,
-                             micro_batches=micro_batches, metrics=numeric(getattr(response, "metrics", None)),
-                             optimizer=adam.model_dump(exclude_none=True))
+            self._rec.record(StepCompleted(step=self._rec.step, data_cursor=None, micro_batches=micro_batches,
+                                           metrics=numeric(getattr(response, "metrics", None)),
+                                           optimizer=adam.model_dump(exclude_none=True)), defer=True)
 
         return _StepFuture(future, record)
 
@@ -550,17 +566,18 @@ class TrackedService:
         self._eval_digest = self._rec.put_json(prompt_set)
         self._eval_snapshot = snapshot_path
         eval_id = uuid.uuid4().hex[:12]
-        self._rec.record("EvalStarted", eval_id=eval_id, step=self._rec.step, snapshot_path=snapshot_path,
-                         prompt_set_digest=self._eval_digest, prompt_count=len(prompt_set), sampling=dict(sampling))
+        self._rec.record(EvalStarted(eval_id=eval_id, step=self._rec.step, snapshot_path=snapshot_path,
+                                     prompt_set_digest=self._eval_digest, prompt_count=len(prompt_set),
+                                     sampling=dict(sampling)))
         return eval_id
 
     def _eval_finished(self, eval_id: str, completions: list[dict[str, Any]], score: float,
                        server_metrics: dict[str, Any], window: Any, metrics: dict[str, Any]) -> None:
-        self._rec.record("SamplesRecorded", eval_id=eval_id, completions_digest=self._rec.put_json(completions),
-                         server_metrics={k: float(v) for k, v in (server_metrics or {}).items()},
-                         concurrency_window=window)
-        self._rec.record("EvalScored", eval_id=eval_id, step=self._rec.step, snapshot_path=self._eval_snapshot,
-                         prompt_set_digest=self._eval_digest, score=score, metrics=metrics)
+        self._rec.record(SamplesRecorded(eval_id=eval_id, completions_digest=self._rec.put_json(completions),
+                                         server_metrics={k: float(v) for k, v in (server_metrics or {}).items()},
+                                         concurrency_window=window))
+        self._rec.record(EvalScored(eval_id=eval_id, step=self._rec.step, snapshot_path=self._eval_snapshot,
+                                    prompt_set_digest=self._eval_digest, score=score, metrics=metrics))
 
     # -- cleanup --------------------------------------------------------------------------
 
@@ -629,7 +646,8 @@ def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, 
     finally:
         if done_into is not None:
             done_into.update(done)
-        rec.record("CleanupApplied", **done, **({"error": "; ".join(errors)} if errors else {}))
+        rec.record(CleanupApplied(trainer=done["trainer"], deployment=done["deployment"],
+                                  error="; ".join(errors) or None))
 
 
 def clean_up(handle: Any, wanted: dict[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -765,8 +783,8 @@ def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = N
         body = redact(json.loads(json.dumps(spec or {}, default=str)))
         from firetitan_track.code_identity import program_identity
 
-        rec.record("RunStarted", spec=body, spec_digest=rec.put_json(body), code_version=code_version(),
-                   code=program_identity(ledger.put_blob), seed=seed, backend=backend)
+        rec.record(RunStarted(spec=body, spec_digest=rec.put_json(body), code_version=code_version(),
+                              code=program_identity(ledger.put_blob), seed=seed, backend=backend))
     return TrackedService(service, rec, base_model=getattr(cfg, "base_model", ""),
                           shape=getattr(cfg, "training_shape_id", None), lora_rank=getattr(cfg, "lora_rank", 0),
                           deployment_id=getattr(cfg, "deployment_id", None), auto_steps=True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from firetitan_track.errors import UserError
+from firetitan_track.events import StateSaved
 from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.run_state import authoritative, fold
 from runner.spec import Spec
@@ -48,20 +49,19 @@ def resolve_upstream(ledger: Ledger, spec: Spec) -> dict[str, Any] | None:
         if theirs.get(key) != mine:
             raise ChainError(f"{where}: this run's model.{key} is {mine!r} but run {run_id}'s is "
                              f"{theirs.get(key)!r}; a run starts only from the same model and LoRA rank")
-    states = [ev for ev in authoritative(events) if ev.type == "StateSaved"]
+    states = [ev.fact for ev in authoritative(events) if isinstance(ev.fact, StateSaved)]
     if at:
-        chosen = [ev for ev in states if ev.data["step"] == int(at)]
+        chosen = [saved for saved in states if saved.step == int(at)]
         if not chosen:
-            steps = ", ".join(str(ev.data["step"]) for ev in states) or "none"
+            steps = ", ".join(str(saved.step) for saved in states) or "none"
             raise ChainError(f"{where}: run {run_id} saved no state at step {at} (its states: steps {steps})")
         state = chosen[-1]
     elif states:
         state = states[-1]
     else:
         raise ChainError(f"{where}: run {run_id} saved no state to start from")
-    return {"run_id": run_id, "status": st.status, "state_path": state.data["path"],
-            "state_name": state.data["name"], "step": state.data["step"],
-            "trainer_job_id": state.data.get("trainer_job_id")}
+    return {"run_id": run_id, "status": st.status, "state_path": state.path, "state_name": state.name,
+            "step": state.step, "trainer_job_id": state.trainer_job_id}
 
 
 def load_upstream(policy: Any, reference: Any, upstream: dict[str, Any], *, shared_reference: bool) -> None:

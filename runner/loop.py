@@ -28,7 +28,8 @@ from firetitan_track.errors import UserError
 from firetitan_track.projections.run_state import RunState, continue_command, fold, to_supersede
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
-from firetitan_track.events import InvalidEvent
+from firetitan_track.events import (InvalidEvent, RunCompleted, RunFailed, RunResumed, RunStarted, StepCompleted,
+                                    TrialPruned)
 from firetitan_track.ids import check_run_id
 from firetitan_track.ledger import StoreFailure
 from runner.backend_watch import BackendLost, BackendWatch
@@ -111,13 +112,11 @@ def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: i
             prompt_sets["train"] = ledger.put_json([e.to_json() for e in inputs.train_data])
         masked = _masked(inputs)
         try:
-            rec.record("RunStarted", spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
-                       code_version=code_version(), code=_code_identity(ledger, spec), seed=spec.run.seed,
-                       backend=spec.backend.kind,
-                       sweep_id=sweep_id, trial_params=trial_params, rerun_of=rerun_of, prompt_sets=prompt_sets,
-                       **({"prompt_sets_masked": masked} if masked else {}),
-                       **_rerun_differs(ledger, rerun_of),
-                       init_from=inputs.init_from)
+            rec.record(RunStarted(spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
+                                  code_version=code_version(), code=_code_identity(ledger, spec), seed=spec.run.seed,
+                                  backend=spec.backend.kind, sweep_id=sweep_id, trial_params=trial_params,
+                                  rerun_of=rerun_of, prompt_sets=prompt_sets, prompt_sets_masked=masked or None,
+                                  rerun_data_differs=_rerun_differs(ledger, rerun_of), init_from=inputs.init_from))
         except ConcurrencyError:
             raise RunError(f"run {run_id} was started by another process at the same time") from None
         return _drive(rec, inputs, RunState(run_id=run_id, version=rec.version), export_mlflow, progress,
@@ -146,9 +145,8 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
         inputs = _recorded_inputs(ledger, spec, st)
         rec = Recorder(ledger, run_id, version=st.version)
         try:
-            rec.record("RunResumed", from_step=st.resume_step,
-                       state_path=st.last_state["path"] if st.last_state else None,
-                       superseded=to_supersede(events), attempt=st.attempts + 1)
+            rec.record(RunResumed(from_step=st.resume_step, state_path=st.last_state.path if st.last_state else None,
+                                  superseded=to_supersede(events), attempt=st.attempts + 1))
         except ConcurrencyError:
             raise RunError(f"run {run_id} is being resumed by another process; this one stops") from None
         st = fold(ledger.read(run_id), run_id)
@@ -256,7 +254,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
     exporter = _start_exporter(rec, export_mlflow)
     loop = asyncio.new_event_loop()
     tracked: TrackedService | None = None
-    result = RunResult(rec.run_id, "failed", st.step, st.last_score["score"] if st.last_score else None)
+    result = RunResult(rec.run_id, "failed", st.step, st.last_score.score if st.last_score else None)
     stop = StopSignals()
     watch: BackendWatch | None = None
     try:
@@ -274,8 +272,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         ctx.controller = ctx.new_controller()
 
         if st.last_state is not None:
-            policy.load_state_with_optimizer(st.last_state["path"],
-                                             source_job_id=st.last_state.get("trainer_job_id"))
+            policy.load_state_with_optimizer(st.last_state.path, source_job_id=st.last_state.trainer_job_id)
             start = st.resume_step
         else:  # nothing trained yet: the baseline eval, then the state every resume can fall back to
             start = 0
@@ -295,9 +292,9 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             ctx.step_record = {}
             metrics = recipe.train_step(ctx, batch)
             _check_finite(metrics, step, spec)
-            rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor,
-                       micro_batches=spec.recipe.micro_batches, metrics=metrics,
-                       optimizer=dataclasses.asdict(spec.optim), **ctx.step_record)
+            rec.record(StepCompleted(step=step, data_cursor=cursor, micro_batches=spec.recipe.micro_batches,
+                                     metrics=metrics, optimizer=dataclasses.asdict(spec.optim), **ctx.step_record),
+                       defer=True)
             if publish is not None:
                 publish(ctx)
             last = step == spec.run.steps
@@ -314,7 +311,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         watch.stop()
         _close(tracked)
         stop.finish()  # a SIGTERM from here on lands on a finished run: it completes, exit status 0
-        rec.record("RunCompleted", final_step=spec.run.steps, final_snapshot=ctx.last_snapshot)
+        rec.record(RunCompleted(final_step=spec.run.steps, final_snapshot=ctx.last_snapshot))
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
         lost = watch.lost if watch is not None else None
@@ -332,9 +329,9 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
                 _close(tracked, lost)
             finally:
                 if isinstance(cause, StopEarly):
-                    rec.record("TrialPruned", step=cause.step, score=cause.score, reason=cause.reason)
+                    rec.record(TrialPruned(step=cause.step, score=cause.score, reason=cause.reason))
                 else:
-                    rec.record("RunFailed", error=error_text(cause), step=rec.step)
+                    rec.record(RunFailed(error=error_text(cause), step=rec.step))
         except (KeyboardInterrupt, Terminated) as again:  # a second Ctrl-C (or SIGTERM) during cleanup
             stopped = RunInterrupted(rec.run_id, f"{str(cause) or 'interrupted (Ctrl-C)'}, then interrupted again "
                                      "while cleaning up (its cleanup is recorded as far as it got)",
@@ -456,14 +453,13 @@ def _masked(inputs: Inputs) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n}
 
 
-def _rerun_differs(ledger: Ledger, rerun_of: str | None) -> dict[str, Any]:
+def _rerun_differs(ledger: Ledger, rerun_of: str | None) -> dict[str, float] | None:
     """A rerun trains on the original's stored prompt sets: where secrets were masked in
     them, the rerun's data differ from what the original saw; say so, in its RunStarted."""
     if rerun_of is None:
-        return {}
-    started = next((ev for ev in ledger.read(rerun_of) if ev.type == "RunStarted"), None)
-    masked = started.data.get("prompt_sets_masked") if started is not None else None
-    return {"rerun_data_differs": masked} if masked else {}
+        return None
+    started = next((ev.fact for ev in ledger.read(rerun_of) if isinstance(ev.fact, RunStarted)), None)
+    return (started.prompt_sets_masked or None) if started is not None else None
 
 
 def _restart_hint(spec: Spec) -> str:

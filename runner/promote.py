@@ -20,7 +20,8 @@ import click
 
 from firetitan_track import Ledger, sdk_adapter
 from firetitan_track.errors import UserError
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import (ModelPromoted, PromotionFailed, PromotionRequested, Reconnected, RecordedEvent,
+                                    SnapshotSaved, TrainerProvisioned)
 from firetitan_track.projections.audit import eval_rows
 from firetitan_track.projections.run_state import authoritative, fold
 from firetitan_track.tracking import Recorder, error_text
@@ -53,26 +54,27 @@ def promotions(events: list[RecordedEvent]) -> dict[str, list[str]]:
     """Snapshot path -> the model ids promoted from it, in the order they were promoted."""
     out: dict[str, list[str]] = {}
     for ev in events:
-        if ev.type == "ModelPromoted":
-            out.setdefault(ev.data["snapshot_path"], []).append(ev.data["model_id"])
+        if isinstance(promoted := ev.fact, ModelPromoted):
+            out.setdefault(promoted.snapshot_path, []).append(promoted.model_id)
     return out
 
 
-def _pending(events: list[RecordedEvent]) -> list[RecordedEvent]:
-    """PromotionRequested events with no outcome yet (the process died in between), as the fold has them."""
-    waiting = {p["request_id"] for p in fold(events).pending_promotions}
-    return [ev for ev in events if ev.type == "PromotionRequested" and ev.event_id in waiting]
+def _pending(events: list[RecordedEvent]) -> dict[str, PromotionRequested]:
+    """PromotionRequested events with no outcome yet (the process died in between), by event id, as the
+    fold has them."""
+    return fold(events).pending_promotions
 
 
-def _snapshot_jobs(events: list[RecordedEvent]) -> dict[str, dict[str, Any]]:
-    """Snapshot path -> its SnapshotSaved payload plus the policy trainer job that saved it."""
+def _snapshot_jobs(events: list[RecordedEvent]) -> dict[str, str | None]:
+    """Snapshot path -> the policy trainer job that saved it."""
     job: str | None = None
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, str | None] = {}
     for ev in authoritative(events):
-        if ev.type in ("TrainerProvisioned", "Reconnected") and ev.data.get("role") == "policy":
-            job = ev.data["trainer_job_id"]
-        elif ev.type == "SnapshotSaved":
-            out[ev.data["path"]] = {**ev.data, "trainer_job_id": job}
+        match ev.fact:
+            case TrainerProvisioned(role="policy") | Reconnected(role="policy") as provisioned:
+                job = provisioned.trainer_job_id
+            case SnapshotSaved() as saved:
+                out[saved.path] = job
     return out
 
 
@@ -131,18 +133,18 @@ def resolve_pending(rec: Recorder, events: list[RecordedEvent], service: Any = N
     if not pending:
         return 0
     service = service or _Service(spec_dict or {}, rec.run_id)
-    for ev in pending:
-        d = ev.data
-        model = service.model(d["model_id"])
+    for request_id, asked in pending.items():
+        model = service.model(asked.model_id)
         source = (model or {}).get("sourceCheckpoint", "")
-        if model is not None and (not d.get("checkpoint_id") or source.endswith(f"/checkpoints/{d['checkpoint_id']}")):
-            rec.record("ModelPromoted", request_id=ev.event_id, snapshot_path=d["snapshot_path"],
-                       model_id=d["model_id"], model=model.get("name", d["model_id"]), eval_id=d["eval_id"],
-                       score=d["score"], recovered=True)
+        if model is not None and (not asked.checkpoint_id or source.endswith(f"/checkpoints/{asked.checkpoint_id}")):
+            rec.record(ModelPromoted(request_id=request_id, snapshot_path=asked.snapshot_path, model_id=asked.model_id,
+                                     model=model.get("name", asked.model_id), eval_id=asked.eval_id,
+                                     score=asked.score, recovered=True))
         else:
-            rec.record("PromotionFailed", request_id=ev.event_id, snapshot_path=d["snapshot_path"],
-                       model_id=d["model_id"], error="the promoting process stopped before the service answered, "
-                                                     "and the service has no such model from this snapshot")
+            rec.record(PromotionFailed(request_id=request_id, snapshot_path=asked.snapshot_path,
+                                       model_id=asked.model_id,
+                                       error="the promoting process stopped before the service answered, "
+                                             "and the service has no such model from this snapshot"))
     return len(pending)
 
 
@@ -173,31 +175,30 @@ def promote(run_id: str, *, ledger_url: str, model_id: str, snapshot: str | None
             raise PromotionError(f"snapshot {path!r} of run {run_id} was never evaluated; promote it anyway "
                                  "with --force, or pick an evaluated one (--best)")
         for ev in events:
-            if ev.type == "ModelPromoted" and ev.data["model_id"] == model_id:
-                if ev.data["snapshot_path"] == path:  # the same promotion again: nothing to do
-                    return Promotion(run_id, path, model_id, ev.data["model"], ev.data.get("eval_id"),
-                                     ev.data.get("score"), already=True)
+            if isinstance(done := ev.fact, ModelPromoted) and done.model_id == model_id:
+                if done.snapshot_path == path:  # the same promotion again: nothing to do
+                    return Promotion(run_id, path, model_id, done.model, done.eval_id, done.score, already=True)
                 raise PromotionError(f"model id {model_id!r} was already promoted from snapshot "
-                                     f"{ev.data['snapshot_path']!r} of run {run_id}; choose another id")
+                                     f"{done.snapshot_path!r} of run {run_id}; choose another id")
 
-        job_id = _snapshot_jobs(events)[path]["trainer_job_id"]
+        job_id = _snapshot_jobs(events)[path]
         service = service or _Service(st.spec or {}, run_id)
         name = service.checkpoint_name(job_id, path)
         eval_id, score = (row.eval_id, row.score) if row is not None else (None, None)
-        request = rec.record("PromotionRequested", snapshot_path=path, model_id=model_id, eval_id=eval_id,
-                             score=score, trainer_job_id=job_id, checkpoint_id=name.rsplit("/", 1)[-1],
-                             forced=row is None)
+        request = rec.record(PromotionRequested(snapshot_path=path, model_id=model_id, eval_id=eval_id, score=score,
+                                                trainer_job_id=job_id, checkpoint_id=name.rsplit("/", 1)[-1],
+                                                forced=row is None))
         assert request is not None
         try:
             model = service.promote(name, model_id)
         except Exception as exc:
-            rec.record("PromotionFailed", request_id=request.event_id, snapshot_path=path, model_id=model_id,
-                       error=error_text(exc))
+            rec.record(PromotionFailed(request_id=request.event_id, snapshot_path=path, model_id=model_id,
+                                       error=error_text(exc)))
             raise PromotionError(f"promoting snapshot {path!r} of run {run_id} to {model_id!r} failed: "
                                  f"{error_text(exc)}") from None
         resource = model.get("name", model_id)
-        rec.record("ModelPromoted", request_id=request.event_id, snapshot_path=path, model_id=model_id,
-                   model=resource, eval_id=eval_id, score=score)
+        rec.record(ModelPromoted(request_id=request.event_id, snapshot_path=path, model_id=model_id, model=resource,
+                                 eval_id=eval_id, score=score))
         return Promotion(run_id, path, model_id, resource, eval_id, score)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from firetitan_track.events import CleanupApplied, DeploymentProvisioned, TrainerProvisioned
 from firetitan_track.projections.run_state import RunState
 from firetitan_track.tracking import Recorder, TrackedService, error_text
 from runner.spec import Spec
@@ -124,11 +125,11 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
         return
     shape = shape_ref(spec.model.training_shape)
     if made_trainer:
-        rec.record("TrainerProvisioned", role="policy", trainer_job_id=job_id, base_model=spec.model.base_model,
-                   shape=shape, lora_rank=spec.model.lora_rank, created=True, partial=True)
+        rec.record(TrainerProvisioned(role="policy", trainer_job_id=job_id, base_model=spec.model.base_model,
+                                      shape=shape, lora_rank=spec.model.lora_rank, created=True, partial=True))
     if made_deployment:
-        rec.record("DeploymentProvisioned", deployment_id=deployment_id, base_model=spec.model.base_model,
-                   created=True, partial=True)
+        rec.record(DeploymentProvisioned(deployment_id=deployment_id, base_model=spec.model.base_model, created=True,
+                                         partial=True))
     handle = SimpleNamespace(
         trainer_manager=TrainerJobManager(api_key=api_key, base_url=where.base_url) if made_trainer else None,
         trainer_endpoint=SimpleNamespace(job_id=job_id),
@@ -141,8 +142,8 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
     error = f"provisioning failed ({error_text(cause)}) after it made " + " and ".join(
         what for what, made in ((f"trainer {job_id}", made_trainer), (f"deployment {deployment_id}", made_deployment))
         if made)
-    rec.record("CleanupApplied", **done, role="policy", trainer_job_id=job_id if made_trainer else None,
-               error="; ".join([error, *why]))
+    rec.record(CleanupApplied(trainer=done["trainer"], deployment=done["deployment"], role="policy",
+                              trainer_job_id=job_id if made_trainer else None, error="; ".join([error, *why])))
 
 
 def _trainer_alive(where: Endpoint, api_key: str, job_id: str | None) -> bool:
@@ -173,5 +174,6 @@ def _retire_reference(where: Endpoint, api_key: str, job_id: str, rec: Recorder)
 
     TrainerJobManager(api_key=api_key, base_url=where.base_url).delete(job_id)  # logs a failure, returns
     gone = not _trainer_alive(where, api_key, job_id)  # recorded as the service confirms it
-    rec.record("CleanupApplied", trainer="deleted" if gone else "failed", deployment="kept", role="reference",
-               trainer_job_id=job_id, **({} if gone else {"error": f"trainer {job_id} is still there after its delete"}))
+    rec.record(CleanupApplied(trainer="deleted" if gone else "failed", deployment="kept", role="reference",
+                              trainer_job_id=job_id,
+                              error=None if gone else f"trainer {job_id} is still there after its delete"))

@@ -32,6 +32,7 @@ import click
 from firetitan_track import ConcurrencyError, Ledger, new_event
 from firetitan_track.cli import ledger_url, user_errors
 from firetitan_track.errors import UserError
+from firetitan_track.events import SweepStarted, TrialAssigned
 from firetitan_track.extras import require
 from firetitan_track.projections.compare import sweep_stream, sweep_trials
 from firetitan_track.projections.run_state import fold
@@ -193,19 +194,19 @@ def record_sweep(ledger: Ledger, spec: Spec, plan: SweepPlan) -> None:
     if ledger.stream_version(stream) == 0:
         ledger.put_json(spec.to_dict())  # stored redacted, under spec.digest(): `blob` shows it
         grid = ({k: list(d.choices) for k, d in plan.space.items()} if plan.search == "grid" else {})
-        event = new_event("SweepStarted", sweep_id=plan.sweep_id, grid=grid, trials=[],
-                          overrides=plan.overrides, spec_digest=spec.digest(), **mine)
+        event = new_event(SweepStarted(sweep_id=plan.sweep_id, grid=grid, trials=[], overrides=plan.overrides,
+                                       spec_digest=spec.digest(), **mine))
         try:
             ledger.append(stream, [event], expected_version=0)
             return
         except ConcurrencyError:
             pass  # recorded meanwhile by another worker: check it matches below
-    recorded = next(ev for ev in ledger.read(stream) if ev.type == "SweepStarted").data
-    theirs = {"search": recorded.get("search", "grid"),
-              "space": recorded.get("space") or {k: Dist("choice", choices=tuple(v)).text()
-                                                  for k, v in recorded["grid"].items()},
-              "n_trials": recorded.get("n_trials", len(recorded["trials"])), "prune": recorded.get("prune", "none")}
-    differ = _spec_differences(ledger, recorded["spec_digest"], spec)
+    recorded = next(ev.fact for ev in ledger.read(stream) if isinstance(ev.fact, SweepStarted))
+    theirs = {"search": "grid" if recorded.search is None else recorded.search,
+              "space": recorded.space or {k: Dist("choice", choices=tuple(v)).text() for k, v in recorded.grid.items()},
+              "n_trials": len(recorded.trials) if recorded.n_trials is None else recorded.n_trials,
+              "prune": "none" if recorded.prune is None else recorded.prune}
+    differ = _spec_differences(ledger, recorded.spec_digest, spec)
     differ += [(k, theirs[k], mine[k]) for k in mine if _canonical(mine[k]) != _canonical(theirs[k])]
     if differ:
         raise SweepError(f"sweep {plan.sweep_id} was started with another spec or search: "
@@ -297,8 +298,8 @@ def _next_job(ledger: Ledger, study: Any, plan: SweepPlan, tried: set[int]) -> t
         trial = Trial(len(trials), trial_run_id(plan.sweep_id, len(trials)), dict(asked.params), asked.number)
         lease = acquire(ledger, trial.run_id)
         try:
-            ledger.append(stream, [new_event("TrialAssigned", trial=trial.trial, run_id=trial.run_id,
-                                             params=trial.params, optuna_trial=trial.optuna_trial)],
+            ledger.append(stream, [new_event(TrialAssigned(trial=trial.trial, run_id=trial.run_id, params=trial.params,
+                                                           optuna_trial=trial.optuna_trial))],
                           expected_version=len(events))
         except BaseException:
             lease.release()
@@ -330,7 +331,7 @@ class _sweep_lock:
 
 
 def _trials(events: list[Any]) -> list[Trial]:
-    numbers = {ev.data["trial"]: ev.data["optuna_trial"] for ev in events if ev.type == "TrialAssigned"}
+    numbers = {ev.fact.trial: ev.fact.optuna_trial for ev in events if isinstance(ev.fact, TrialAssigned)}
     return [Trial(t["trial"], t["run_id"], t["params"], numbers.get(t["trial"])) for t in sweep_trials(events)]
 
 
@@ -422,7 +423,7 @@ def _settle_study(ledger: Ledger, study: Any, plan: SweepPlan) -> None:
             events = ledger.read(t.run_id) if ledger.stream_version(t.run_id) else []
             st = fold(events, t.run_id)
             if st.status in FINISHED:
-                _tell(study, t, st.status, st.last_score["score"] if st.last_score else None)
+                _tell(study, t, st.status, st.last_score.score if st.last_score else None)
 
 
 def run_sweep(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int = 1, tracking_uri: str | None = None,

@@ -153,14 +153,12 @@ def replay(ctx: click.Context, run_id: str, as_json: bool) -> None:
 
     Exits 1 when the chain is broken.
     """
-    from dataclasses import asdict
-
     with reading_ledger(ctx) as ledger:
         result = replay_view(ledger, run_id)
     if as_json:
         _echo_json({"run_id": run_id, "events": result.events, "superseded": result.superseded,
                     "intact": result.intact, "problems": [str(p) for p in result.problems],
-                    "state": asdict(result.state), "evals": [r.to_dict() for r in result.evals]})
+                    "state": result.state.to_dict(), "evals": [r.to_dict() for r in result.evals]})
     else:
         st = result.state
         click.echo(f"run {run_id}: {result.events} events, {result.superseded} superseded; "
@@ -170,10 +168,10 @@ def replay(ctx: click.Context, run_id: str, as_json: bool) -> None:
         for name in ("status", "step", "data_cursor", "attempts", "trainer_job_id", "deployment_id",
                      "backend", "sweep_id", "open_intent", "error"):
             click.echo(f"  {name:15} {_fmt(getattr(st, name))}")
-        click.echo(f"  {'last state':15} {_fmt((st.last_state or {}).get('path'))}")
-        click.echo(f"  {'last snapshot':15} {_fmt((st.last_snapshot or {}).get('path'))}")
-        last = st.last_score or {}
-        click.echo(f"  {'last score':15} {_fmt(last.get('score'))} (step {_fmt(last.get('step'))})")
+        click.echo(f"  {'last state':15} {_fmt(st.last_state and st.last_state.path)}")
+        click.echo(f"  {'last snapshot':15} {_fmt(st.last_snapshot and st.last_snapshot.path)}")
+        last = st.last_score
+        click.echo(f"  {'last score':15} {_fmt(last and last.score)} (step {_fmt(last and last.step)})")
         click.echo(f"  {'evals':15} {len(result.evals)}")
     if not result.intact:
         ctx.exit(1)

@@ -8,23 +8,30 @@ run reads exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import (CallFailed, CleanupApplied, DeploymentProvisioned, EvalScored, EvalStarted, Event,
+                                    MetricsLogged, ModelPromoted, ProgramExited, ProgramStarted, PromotionFailed,
+                                    PromotionRequested, ProvisionRequested, Reconnected, RecordedEvent,
+                                    ReferenceProvisioned, RunCompleted, RunFailed, RunResumed, RunStarted,
+                                    SamplesDrawn, SamplesRecorded, SnapshotRequested, SnapshotSaved, StateLoaded,
+                                    StateSaved, StateSaveRequested, StepCompleted, StepRequested, SyncRequested,
+                                    TrainerProvisioned, TrajectoriesRecorded, TrialPruned, WeightsSynced)
 from firetitan_track.ledger import VIEW_ERRORS, unreadable
 
 __all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY",
            "status_row", "continue_command", "pending_promotion_text"]
 
 # Events that describe the training history (and so can be superseded by a resume).
-TRAINING_HISTORY = frozenset({
-    "StepCompleted", "StateSaveRequested", "StateSaved", "SnapshotRequested", "SnapshotSaved",
-    "SyncRequested", "WeightsSynced", "EvalStarted", "SamplesRecorded", "EvalScored",
-    "TrajectoriesRecorded",  # a multi-turn recipe's episodes of a step (runner/recipes/igpo.py)
+TRAINING_HISTORY = frozenset(cls.type_name for cls in (
+    StepCompleted, StateSaveRequested, StateSaved, SnapshotRequested, SnapshotSaved,
+    SyncRequested, WeightsSynced, EvalStarted, SamplesRecorded, EvalScored,
+    TrajectoriesRecorded,  # a multi-turn recipe's episodes of a step (runner/recipes/igpo.py)
     # a recorded program's (firetitan_track/recording)
-    "StepRequested", "SamplesDrawn", "MetricsLogged", "StateLoaded", "CallFailed",
-})
+    StepRequested, SamplesDrawn, MetricsLogged, StateLoaded, CallFailed,
+))
 
 
 @dataclass
@@ -46,14 +53,15 @@ class RunState:
     trainer_job_id: str | None = None
     reference_job_id: str | None = None
     deployment_id: str | None = None
-    last_state: dict[str, Any] | None = None  # StateSaved payload (+ "version")
-    last_snapshot: dict[str, Any] | None = None  # SnapshotSaved payload
-    last_sync: dict[str, Any] | None = None
-    last_score: dict[str, Any] | None = None  # EvalScored payload
+    last_state: StateSaved | None = None
+    last_state_version: int | None = None  # the stream version last_state was recorded at
+    last_snapshot: SnapshotSaved | None = None
+    last_sync: WeightsSynced | None = None
+    last_score: EvalScored | None = None
     last_metrics: dict[str, Any] | None = None
     attempts: int = 1
     error: str | None = None
-    cleanup: dict[str, Any] | None = None
+    cleanup: CleanupApplied | None = None
     open_intent: str | None = None  # an intent whose outcome never arrived (crash between the two)
     open_intents: dict[str, int] = field(default_factory=dict)  # intent type -> how many are open
     # a recorded program's run (firetitan-track record / autolog): RunStarted.spec["program"]
@@ -61,34 +69,48 @@ class RunState:
     program_attempts: int = 0  # ProgramStarted events: attempts of the program
     command: list[str] | None = None  # the last attempt's command line and working directory
     cwd: str | None = None
-    outcome: dict[str, Any] | None = None  # the last ProgramExited
-    # promotions requested whose outcome is not recorded yet: PromotionRequested payloads plus
-    # "request_id" (the event id the outcome names); `promote` again or `resume` settles them
-    pending_promotions: list[dict[str, Any]] = field(default_factory=list)
+    outcome: ProgramExited | None = None  # the last ProgramExited
+    # promotions requested whose outcome is not recorded yet, by request id (the event id the
+    # outcome names); `promote` again or `resume` settles them
+    pending_promotions: dict[str, PromotionRequested] = field(default_factory=dict)
 
     @property
     def resume_step(self) -> int:
         """The step the last saved state holds: a resume continues after it."""
-        return int(self.last_state["step"]) if self.last_state else 0
+        return self.last_state.step if self.last_state else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as JSON (``replay --json``): an event it keeps as its payload, the last
+        state with the version it was recorded at, a pending promotion with its request id."""
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "last_state_version"}
+        for name, value in row.items():
+            if isinstance(value, Event):
+                row[name] = value.payload()
+        if self.last_state is not None:
+            row["last_state"]["version"] = self.last_state_version
+        row["pending_promotions"] = [{**p.payload(), "request_id": request_id}
+                                     for request_id, p in self.pending_promotions.items()]
+        return row
 
 
-_OUTCOME_OF = {
-    "ProvisionRequested": ("TrainerProvisioned", "ReferenceProvisioned", "DeploymentProvisioned"),
-    "StateSaveRequested": ("StateSaved",),
-    "SnapshotRequested": ("SnapshotSaved",),
-    "SyncRequested": ("WeightsSynced",),
-    "EvalStarted": ("EvalScored",),
-    "StepRequested": ("StepCompleted",),
-    "PromotionRequested": ("ModelPromoted", "PromotionFailed"),
+_OUTCOME_OF: dict[type[Event], tuple[type[Event], ...]] = {
+    ProvisionRequested: (TrainerProvisioned, ReferenceProvisioned, DeploymentProvisioned),
+    StateSaveRequested: (StateSaved,),
+    SnapshotRequested: (SnapshotSaved,),
+    SyncRequested: (WeightsSynced,),
+    EvalStarted: (EvalScored,),
+    StepRequested: (StepCompleted,),
+    PromotionRequested: (ModelPromoted, PromotionFailed),
 }
-_INTENT_OF = {o: i for i, outs in _OUTCOME_OF.items() for o in outs}
+_INTENTS = frozenset(cls.type_name for cls in _OUTCOME_OF)
+_INTENT_OF = {o.type_name: i.type_name for i, outs in _OUTCOME_OF.items() for o in outs}
 
 
 def superseded_versions(events: Iterable[RecordedEvent]) -> set[int]:
     out: set[int] = set()
     for ev in events:
-        if ev.type == "RunResumed":
-            out.update(ev.data.get("superseded") or ())
+        if isinstance(resumed := ev.fact, RunResumed):
+            out.update(resumed.superseded or ())
     return out
 
 
@@ -105,7 +127,7 @@ def to_supersede(events: Sequence[RecordedEvent]) -> list[int]:
     authoritative history recorded after the last saved state (all of them when no
     state was saved)."""
     history = authoritative(events)
-    states = [ev.version for ev in history if ev.type == "StateSaved"]
+    states = [ev.version for ev in history if ev.type == StateSaved.type_name]
     cut = states[-1] if states else -1
     return [ev.version for ev in history if ev.version > cut and ev.type in TRAINING_HISTORY]
 
@@ -125,90 +147,81 @@ def fold(events: Sequence[RecordedEvent], run_id: str | None = None) -> RunState
 
 
 def _apply(st: RunState, ev: RecordedEvent) -> None:
-    t, d = ev.type, ev.data
-    _track_intents(st, t, d)
+    fact = ev.fact
+    if fact is None:
+        return  # a type a newer version wrote: nothing this state keeps
+    _track_intents(st, fact)
 
-    if t == "StepCompleted":
-        st.step = d["step"]
-        st.data_cursor = d["data_cursor"]
-        st.last_metrics = d["metrics"]
-    elif t == "StateSaved":
-        st.last_state = {**d, "version": ev.version}
-    elif t == "SnapshotSaved":
-        st.last_snapshot = d
-    elif t == "WeightsSynced":
-        st.last_sync = d
-    elif t == "EvalScored":
-        st.last_score = d
-    elif t == "RunStarted":
-        st.status = "running"
-        st.spec = d["spec"]
-        st.spec_digest = d["spec_digest"]
-        st.seed = d["seed"]
-        st.backend = d["backend"]
-        st.sweep_id = d.get("sweep_id")
-        st.rerun_of = d.get("rerun_of")
-        st.init_from = d.get("init_from")
-        st.prompt_sets = dict(d.get("prompt_sets") or {})
-        program = d["spec"].get("program") if isinstance(d["spec"], dict) else None
-        st.program = program if isinstance(program, dict) else None
-        st.code = d.get("code")
-    elif t == "TrainerProvisioned":
-        if d["role"] == "reference":
-            st.reference_job_id = d["trainer_job_id"]
-        else:
-            st.trainer_job_id = d["trainer_job_id"]
-    elif t == "ReferenceProvisioned":
-        # a reference that shares the policy's session has no trainer of its own to retire
-        st.reference_job_id = None if d.get("shared_with_policy") else d["trainer_job_id"]
-    elif t == "DeploymentProvisioned":
-        st.deployment_id = d["deployment_id"]
-    elif t == "Reconnected":
-        if d["role"] == "reference":
-            st.reference_job_id = d["trainer_job_id"]
-        elif d["role"] == "deployment":
-            st.deployment_id = d.get("deployment_id") or st.deployment_id
-        else:
-            st.trainer_job_id = d["trainer_job_id"]
-            st.deployment_id = d.get("deployment_id") or st.deployment_id
-    elif t == "RunResumed":
-        st.status = "running"
-        st.attempts = d["attempt"]
-        st.error = None
-        # the superseded events are already left out; roll the cursor back to the state
-        if st.last_state is not None:
-            st.step = st.last_state["step"]
-            st.data_cursor = st.last_state["data_cursor"]
-    elif t == "RunFailed":
-        st.status = "failed"
-        st.error = d["error"]
-    elif t == "RunCompleted":
-        st.status = "completed"
-    elif t == "TrialPruned":
-        st.status = "pruned"
-    elif t == "CleanupApplied":
-        st.cleanup = d
-    elif t == "ProgramStarted":
-        st.status = "running"
-        st.program_attempts += 1
-        st.attempts = d["attempt"]
-        st.command, st.cwd = list(d["command"]), d["cwd"]
-        st.error = None
-    elif t == "ProgramExited":
-        st.outcome = d
-    elif t == "StateLoaded" and d.get("step") is not None:
-        st.step = d["step"]  # the program continues from the state it loaded
-        st.data_cursor = d.get("data_cursor")
-    elif t == "PromotionRequested":
-        st.pending_promotions.append({**d, "request_id": ev.event_id})
-    elif t in ("ModelPromoted", "PromotionFailed"):
-        st.pending_promotions = [p for p in st.pending_promotions if p["request_id"] != d["request_id"]]
+    match fact:
+        case StepCompleted():
+            st.step, st.data_cursor, st.last_metrics = fact.step, fact.data_cursor, fact.metrics
+        case StateSaved():
+            st.last_state, st.last_state_version = fact, ev.version
+        case SnapshotSaved():
+            st.last_snapshot = fact
+        case WeightsSynced():
+            st.last_sync = fact
+        case EvalScored():
+            st.last_score = fact
+        case RunStarted():
+            st.status = "running"
+            st.spec, st.spec_digest, st.seed, st.backend = fact.spec, fact.spec_digest, fact.seed, fact.backend
+            st.sweep_id, st.rerun_of, st.init_from = fact.sweep_id, fact.rerun_of, fact.init_from
+            st.prompt_sets = dict(fact.prompt_sets or {})
+            program = fact.spec.get("program") if isinstance(fact.spec, dict) else None
+            st.program = program if isinstance(program, dict) else None
+            st.code = fact.code
+        case TrainerProvisioned(role="reference"):
+            st.reference_job_id = fact.trainer_job_id
+        case TrainerProvisioned():
+            st.trainer_job_id = fact.trainer_job_id
+        case ReferenceProvisioned():
+            # a reference that shares the policy's session has no trainer of its own to retire
+            st.reference_job_id = None if fact.shared_with_policy else fact.trainer_job_id
+        case DeploymentProvisioned():
+            st.deployment_id = fact.deployment_id
+        case Reconnected(role="reference"):
+            st.reference_job_id = fact.trainer_job_id
+        case Reconnected(role="deployment"):
+            st.deployment_id = fact.deployment_id or st.deployment_id
+        case Reconnected():
+            st.trainer_job_id = fact.trainer_job_id
+            st.deployment_id = fact.deployment_id or st.deployment_id
+        case RunResumed():
+            st.status, st.attempts, st.error = "running", fact.attempt, None
+            # the superseded events are already left out; roll the cursor back to the state
+            if st.last_state is not None:
+                st.step, st.data_cursor = st.last_state.step, st.last_state.data_cursor
+        case RunFailed():
+            st.status, st.error = "failed", fact.error
+        case RunCompleted():
+            st.status = "completed"
+        case TrialPruned():
+            st.status = "pruned"
+        case CleanupApplied():
+            st.cleanup = fact
+        case ProgramStarted():
+            st.status = "running"
+            st.program_attempts += 1
+            st.attempts = fact.attempt
+            st.command, st.cwd = list(fact.command), fact.cwd
+            st.error = None
+        case ProgramExited():
+            st.outcome = fact
+        case StateLoaded() if fact.step is not None:
+            st.step = fact.step  # the program continues from the state it loaded
+            st.data_cursor = fact.data_cursor
+        case PromotionRequested():
+            st.pending_promotions[ev.event_id] = fact
+        case ModelPromoted() | PromotionFailed():
+            st.pending_promotions.pop(fact.request_id, None)
 
 
-def _track_intents(st: RunState, t: str, d: dict[str, Any]) -> None:
+def _track_intents(st: RunState, fact: Event) -> None:
     """Count open intents per type: pipelined steps and concurrent calls each close their own."""
-    intent = d.get("intent") if t == "CallFailed" else _INTENT_OF.get(t)
-    if t in _OUTCOME_OF:
+    t = fact.type_name
+    intent = fact.intent if isinstance(fact, CallFailed) else _INTENT_OF.get(t)
+    if t in _INTENTS:
         st.open_intents[t] = st.open_intents.get(t, 0) + 1
         st.open_intent = t
     elif intent is not None and st.open_intents.get(intent, 0) > 0:
@@ -226,9 +239,11 @@ def status_row(st: RunState) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run_id": st.run_id, "status": st.status, "step": st.step, "version": st.version,
         "attempts": st.attempts, "trainer_job_id": st.trainer_job_id, "deployment_id": st.deployment_id,
-        "last_state": st.last_state and {k: st.last_state[k] for k in ("step", "path")},
-        "last_snapshot": st.last_snapshot and {k: st.last_snapshot[k] for k in ("step", "path", "kind")},
-        "last_score": st.last_score and {k: st.last_score[k] for k in ("step", "score", "snapshot_path")},
+        "last_state": st.last_state and {"step": st.last_state.step, "path": st.last_state.path},
+        "last_snapshot": st.last_snapshot and {"step": st.last_snapshot.step, "path": st.last_snapshot.path,
+                                               "kind": st.last_snapshot.kind},
+        "last_score": st.last_score and {"step": st.last_score.step, "score": st.last_score.score,
+                                         "snapshot_path": st.last_score.snapshot_path},
         "pending_intent": st.open_intent, "error": st.error,
         "pending_promotion": pending_promotion_text(st),
     }
@@ -237,18 +252,18 @@ def status_row(st: RunState) -> dict[str, Any]:
     import shlex
 
     if st.last_state is not None:
-        cursor = st.last_state.get("data_cursor")
-        row["last_state"] = {"step": st.last_state["step"], "name": st.last_state["name"],
-                             "path": st.last_state["path"],
+        cursor = st.last_state.data_cursor
+        row["last_state"] = {"step": st.last_state.step, "name": st.last_state.name, "path": st.last_state.path,
                              **({"data_consumed": cursor["data_consumed"]}
                                 if isinstance(cursor, dict) and "data_consumed" in cursor else {}),
-                             **({"trainer_job_id": st.last_state["trainer_job_id"]}
-                                if st.last_state.get("trainer_job_id") else {})}
+                             **({"trainer_job_id": st.last_state.trainer_job_id}
+                                if st.last_state.trainer_job_id else {})}
     row["pending_intents"] = dict(st.open_intents) or None
     row["command"] = shlex.join(st.command or st.program.get("command") or [])
     row["cwd"] = st.cwd or st.program.get("cwd")
     if st.outcome is not None:
-        row["outcome"] = {k: st.outcome[k] for k in ("outcome", "exit_status", "signal") if k in st.outcome}
+        exited = st.outcome.payload()
+        row["outcome"] = {k: exited[k] for k in ("outcome", "exit_status", "signal") if k in exited}
     row["continue"] = continue_command(st)
     return row
 
@@ -270,8 +285,8 @@ def pending_promotion_text(st: RunState) -> str | None:
     promoting process stopped in between), and how each settles; None when there are none."""
     if not st.pending_promotions:
         return None
-    asked = "; ".join(f"{p['model_id']} from {p['snapshot_path']}" for p in st.pending_promotions)
-    first = st.pending_promotions[0]
+    asked = "; ".join(f"{p.model_id} from {p.snapshot_path}" for p in st.pending_promotions.values())
+    first = next(iter(st.pending_promotions.values()))
     return (f"requested, outcome not recorded: {asked}. The service is asked whether it happened by "
-            f"`firetitan-track promote {st.run_id} --snapshot {first['snapshot_path']} --model-id "
-            f"{first['model_id']}` (the same promotion again) or `firetitan-track resume {st.run_id}`")
+            f"`firetitan-track promote {st.run_id} --snapshot {first.snapshot_path} --model-id "
+            f"{first.model_id}` (the same promotion again) or `firetitan-track resume {st.run_id}`")

@@ -34,6 +34,8 @@ import inspect
 from typing import Any, Callable
 
 from firetitan_track import sdk_adapter
+from firetitan_track.events import (ModelPromoted, PromotionFailed, PromotionRequested, StateSaveRequested,
+                                    StepRequested)
 from firetitan_track.recording import program
 from firetitan_track.recording.program import PendingStep, ProgramRecording
 from firetitan_track.recording.provenance import datum_sequence, sequence_digest
@@ -314,13 +316,13 @@ def _optim_step(original: Any) -> Callable[..., Any]:
             future = _quietly(lambda: original(self, *args, **kwargs))
         except Exception as exc:
             if pending is not None:
-                session.safely("optim_step", lambda: session.call_failed("optim_step", "StepRequested", exc,
+                session.safely("optim_step", lambda: session.call_failed("optim_step", StepRequested, exc,
                                                                          pending.step))
             raise
         if pending is None:
             return future
         return ObservedFuture(future, session, lambda out: session.step_completed(pending, out),
-                              lambda exc: session.call_failed("optim_step", "StepRequested", exc, pending.step))
+                              lambda exc: session.call_failed("optim_step", StepRequested, exc, pending.step))
     return optim_step
 
 
@@ -344,18 +346,18 @@ def _save_state(original: Any) -> Callable[..., Any]:
         try:
             future = _quietly(lambda: original(self, name, *args, **kwargs))
         except Exception as exc:
-            session.safely("save_state", lambda: session.call_failed("save_state", "StateSaveRequested", exc))
+            session.safely("save_state", lambda: session.call_failed("save_state", StateSaveRequested, exc))
             raise
         if intent is None:
             return future
         return ObservedFuture(
             future, session,
             lambda out: session.calls.state_saved(intent, path=out.path, trainer_job_id=state.trainer_job_id),
-            lambda exc: session.call_failed("save_state", "StateSaveRequested", exc))
+            lambda exc: session.call_failed("save_state", StateSaveRequested, exc))
     return save_state
 
 
-def _state_save_requested(session: ProgramRecording, name: str) -> dict[str, Any]:
+def _state_save_requested(session: ProgramRecording, name: str) -> StateSaveRequested:
     session.flush()  # the steps before this state are recorded before it
     return session.calls.state_save_requested(name=name, data_cursor=_data_cursor.get())
 
@@ -470,20 +472,19 @@ def _promote_checkpoint(original: Any) -> Callable[..., Any]:
         given = _arguments(original, self, args, kwargs)
         ref = str(given.get("name") or given.get("checkpoint_id") or "")
         snapshot, model_id = ref.rstrip("/").rsplit("/", 1)[-1], given.get("output_model_id")
-        requested = session.safely("promote_checkpoint", lambda: session.now(
-            "PromotionRequested", snapshot_path=snapshot, model_id=model_id, eval_id=None, score=None,
-            trainer_job_id=given.get("job_id") or _job_of(ref), checkpoint_id=snapshot))
+        requested = session.safely("promote_checkpoint", lambda: session.now(PromotionRequested(
+            snapshot_path=snapshot, model_id=model_id, eval_id=None, score=None,
+            trainer_job_id=given.get("job_id") or _job_of(ref), checkpoint_id=snapshot)))
         request_id = requested.event_id if requested is not None else None
         try:
             model = original(self, *args, **kwargs)
         except Exception as exc:
-            session.safely("promote_checkpoint", lambda: session.now(
-                "PromotionFailed", request_id=request_id, snapshot_path=snapshot, model_id=model_id,
-                error=error_text(exc)))
+            session.safely("promote_checkpoint", lambda: session.now(PromotionFailed(
+                request_id=request_id, snapshot_path=snapshot, model_id=model_id, error=error_text(exc))))
             raise
-        session.safely("promote_checkpoint", lambda: session.now(
-            "ModelPromoted", request_id=request_id, snapshot_path=snapshot, model_id=model_id,
-            model=model.get("name") if isinstance(model, dict) else None))
+        session.safely("promote_checkpoint", lambda: session.now(ModelPromoted(
+            request_id=request_id, snapshot_path=snapshot, model_id=model_id,
+            model=model.get("name") if isinstance(model, dict) else None)))
         return model
     return promote_checkpoint
 

@@ -31,7 +31,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from firetitan_track.events import NewEvent, RecordedEvent, new_event
+from firetitan_track.events import (CallFailed, Event, MetricsLogged, NewEvent, ProgramStarted, RecordedEvent,
+                                    RecordingDegraded, RunResumed, SamplesDrawn, StateLoaded, StateSaved,
+                                    StepCompleted, StepRequested, WeightsSynced, new_event)
 from firetitan_track.ledger import Ledger
 from firetitan_track.recording import boot
 from firetitan_track.recording.metrics import ProgramMetrics
@@ -68,7 +70,7 @@ class _ProgramRecorder(Recorder):
         super().__init__(*args, **kwargs)
         self._session = session
 
-    def record(self, type: str, *, defer: bool = False, **data: Any) -> RecordedEvent | None:
+    def record(self, event: Event, *, defer: bool = False, event_id: str | None = None) -> RecordedEvent | None:
         """Record after every fact the program's threads queued before it (order is causal)."""
         with self.lock:
             try:
@@ -76,9 +78,9 @@ class _ProgramRecorder(Recorder):
             except Exception as exc:
                 self._session.degraded("storing queued blobs", exc)
             try:
-                return super().record(type, defer=defer, **data)
+                return super().record(event, defer=defer, event_id=event_id)
             except Exception as exc:
-                self._session.degraded(f"recording {type}", exc)
+                self._session.degraded(f"recording {event.type_name}", exc)
                 return None
 
     def flush(self) -> list[RecordedEvent]:
@@ -126,19 +128,19 @@ class ProgramRecording:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def now(self, type: str, **data: Any) -> RecordedEvent | None:
+    def now(self, event: Event, *, event_id: str | None = None) -> RecordedEvent | None:
         """Record an intent or outcome now, after every queued fact."""
-        return self.rec.record(type, **data)
+        return self.rec.record(event, event_id=event_id)
 
-    def fact(self, type: str, *, event_id: str | None = None, **data: Any) -> None:
+    def fact(self, event: Event, *, event_id: str | None = None) -> None:
         """Queue a fact for the writer thread (checked against the catalogue now)."""
         try:
-            event = new_event(type, event_id=event_id, **data)
+            new = new_event(event, event_id=event_id)
         except Exception as exc:
-            self.degraded(f"recording {type}", exc)
+            self.degraded(f"recording {event.type_name}", exc)
             return
         with self._queue_lock:
-            self._facts.append(event)
+            self._facts.append(new)
 
     def blob(self, obj: Any) -> str:
         """The digest ``obj`` is stored under; stored by the writer before any event that names it."""
@@ -207,7 +209,7 @@ class ProgramRecording:
             self._warned = True
             print(f"firetitan-track: recording degraded ({reason}); the program goes on", file=sys.stderr)
         if where != "writing to the ledger":
-            self.fact("RecordingDegraded", reason=reason, pid=os.getpid())
+            self.fact(RecordingDegraded(reason=reason, pid=os.getpid()))
 
     def safely(self, where: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -239,17 +241,17 @@ class ProgramRecording:
                 self.degraded("reading the run", exc)
                 return
             for ev in events:
-                d = ev.data
-                if ev.type == "ProgramStarted" and d["attempt"] == self.attempt:
-                    self._this_attempt = True  # versions are counted within an attempt, as its trainer counts them
-                elif ev.type == "WeightsSynced" and not self.synced_here:
-                    key = d["deployment_id"] or ""
-                    self.calls.loaded[key] = d["snapshot_path"]
-                    if self._this_attempt:
-                        self.calls.published[key] = self.calls.published.get(key, 0) + 1
-                elif ev.type == "SamplesDrawn":
-                    self.samples.add(d["sequence_digests"], event_id=ev.event_id, deployment=d["deployment"],
-                                     version_at_send=d["version_at_send"])
+                match ev.fact:
+                    case ProgramStarted(attempt=self.attempt):
+                        self._this_attempt = True  # versions are counted within an attempt, as its trainer counts
+                    case WeightsSynced() as synced if not self.synced_here:
+                        key = synced.deployment_id or ""
+                        self.calls.loaded[key] = synced.snapshot_path
+                        if self._this_attempt:
+                            self.calls.published[key] = self.calls.published.get(key, 0) + 1
+                    case SamplesDrawn() as drawn:
+                        self.samples.add(drawn.sequence_digests, event_id=ev.event_id, deployment=drawn.deployment,
+                                         version_at_send=drawn.version_at_send)
             if events:
                 self._seen_version = events[-1].version + 1
 
@@ -273,13 +275,13 @@ class ProgramRecording:
         else:
             deployment = self.deployment_serving()
             snapshot = self.calls.loaded.get(deployment) if deployment else None
-        self.fact("MetricsLogged", step=step, metrics=metrics, source=source, snapshot_path=snapshot,
-                  deployment=deployment, trainer_step=self.steps_requested)
+        self.fact(MetricsLogged(step=step, metrics=metrics, source=source, snapshot_path=snapshot,
+                                deployment=deployment, trainer_step=self.steps_requested))
 
     def step_sent(self, pending: PendingStep) -> None:
         """The intent of the next optimizer step (its first micro-batch is about to go)."""
         self.metrics.poll()
-        self.now("StepRequested", step=self.steps_requested + 1, trainer_job_id=pending.trainer_job_id)
+        self.now(StepRequested(step=self.steps_requested + 1, trainer_job_id=pending.trainer_job_id))
 
     def step_requested(self, pending: PendingStep, optimizer: dict[str, Any]) -> None:
         """optim_step is called: number the step and measure how stale its data are."""
@@ -299,15 +301,15 @@ class ProgramRecording:
         if pending.matched:
             provenance["samples_digest"] = self.blob([[ref.event_id, ref.index] for ref in pending.matched])
         offsets = version_offsets(pending.offsets)
-        self.fact("StepCompleted", step=pending.step, data_cursor=None, micro_batches=pending.micro_batches,
-                  metrics=numeric(getattr(response, "metrics", None)), optimizer=pending.optimizer,
-                  trainer_job_id=pending.trainer_job_id, forward_backward=list(pending.forward_backward),
-                  provenance=provenance, **({"version_offsets": offsets} if offsets else {}))
+        self.fact(StepCompleted(step=pending.step, data_cursor=None, micro_batches=pending.micro_batches,
+                                metrics=numeric(getattr(response, "metrics", None)), optimizer=pending.optimizer,
+                                trainer_job_id=pending.trainer_job_id, forward_backward=list(pending.forward_backward),
+                                provenance=provenance, version_offsets=offsets or None))
 
-    def call_failed(self, call: str, intent: str, exc: BaseException, step: int | None = None) -> None:
+    def call_failed(self, call: str, intent: type[Event], exc: BaseException, step: int | None = None) -> None:
         if isinstance(exc, Exception):
-            self.now("CallFailed", call=call, intent=intent, error=error_text(exc),
-                     step=self.rec.step if step is None else step)
+            self.now(CallFailed(call=call, intent=intent.type_name, error=error_text(exc),
+                                step=self.rec.step if step is None else step))
 
     def samples_drawn(self, *, deployment: str, sent: tuple[str | None, int], call: str, prompt: Any,
                       completions: list[dict[str, Any]], sampling: dict[str, Any],
@@ -329,10 +331,10 @@ class ProgramRecording:
         # a process that trains nothing (a rollout worker) hands its samples to the trainer: they are
         # in the run before the call returns, so the trainer process finds them
         record = self.fact if self.provisioned_here else self.now
-        record("SamplesDrawn", event_id=event_id, deployment=deployment, snapshot_at_send=sent[0],
-               snapshot_at_return=returned[0], version_at_send=sent[1], version_at_return=returned[1],
-               prompt_digest=self.blob(prompt), completions_digest=self.blob(stored), sequence_digests=digests,
-               sampling=sampling, step=self.steps_requested, call=call)
+        record(SamplesDrawn(deployment=deployment, snapshot_at_send=sent[0], snapshot_at_return=returned[0],
+                            version_at_send=sent[1], version_at_return=returned[1], prompt_digest=self.blob(prompt),
+                            completions_digest=self.blob(stored), sequence_digests=digests, sampling=sampling,
+                            step=self.steps_requested, call=call), event_id=event_id)
 
     def state_loaded(self, path: str, *, with_optimizer: bool, trainer_job_id: str | None) -> None:
         """DCP state loaded: when the run recorded its save, the program continues from that
@@ -342,29 +344,32 @@ class ProgramRecording:
 
         self.flush()
         events = authoritative(self.ledger.read(self.run_id))
-        saved = next((ev for ev in reversed(events) if ev.type == "StateSaved" and _names_state(path, ev.data)),
-                     None)
-        extra: dict[str, Any] = {"trainer_job_id": trainer_job_id}
-        if saved is not None:
-            extra.update(step=saved.data["step"], data_cursor=saved.data.get("data_cursor"))
-            started = [ev.version for ev in events if ev.type == "ProgramStarted"]
-            this_attempt = started[-1] if started else 0
-            if saved.version < this_attempt:
-                superseded = [ev.version for ev in events
-                              if saved.version < ev.version < this_attempt and ev.type in TRAINING_HISTORY]
-                self.now("RunResumed", from_step=saved.data["step"], state_path=saved.data["path"],
-                         superseded=superseded, attempt=self.attempt)
-            self.continue_from(saved.data["step"])
-        self.now("StateLoaded", path=path, with_optimizer=with_optimizer, **extra)
+        saved = next((ev for ev in reversed(events)
+                      if isinstance(ev.fact, StateSaved) and _names_state(path, ev.fact)), None)
+        if saved is None:
+            self.now(StateLoaded(path=path, with_optimizer=with_optimizer, trainer_job_id=trainer_job_id))
+            return
+        state = saved.fact
+        assert isinstance(state, StateSaved)
+        started = [ev.version for ev in events if isinstance(ev.fact, ProgramStarted)]
+        this_attempt = started[-1] if started else 0
+        if saved.version < this_attempt:
+            superseded = [ev.version for ev in events
+                          if saved.version < ev.version < this_attempt and ev.type in TRAINING_HISTORY]
+            self.now(RunResumed(from_step=state.step, state_path=state.path, superseded=superseded,
+                                attempt=self.attempt))
+        self.continue_from(state.step)
+        self.now(StateLoaded(path=path, with_optimizer=with_optimizer, trainer_job_id=trainer_job_id, step=state.step,
+                             data_cursor=state.data_cursor))
 
 
-def _names_state(path: str, saved: dict[str, Any]) -> bool:
+def _names_state(path: str, saved: StateSaved) -> bool:
     """Whether a load of ``path`` loads the state ``saved`` recorded (by its path, or by its
     name inside a resolved or cross-job reference)."""
-    if path == saved.get("path"):
+    if path == saved.path:
         return True
     tail = path.rstrip("/").rsplit("/", 1)[-1]
-    return tail in (saved.get("path"), saved.get("name"))
+    return tail in (saved.path, saved.name)
 
 
 # -- the process's recording ----------------------------------------------------------------

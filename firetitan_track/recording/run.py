@@ -28,6 +28,7 @@ from typing import Any
 
 from firetitan_track.blobs import json_digest
 from firetitan_track.errors import UserError
+from firetitan_track.events import ProgramExited, ProgramStarted, RunCompleted, RunFailed, RunStarted
 from firetitan_track.ledger import Ledger
 from firetitan_track.projections.run_state import fold
 from firetitan_track.redact import redact_text
@@ -62,9 +63,9 @@ def begin(ledger: Ledger, run_id: str, *, command: list[str], cwd: str, started_
     else:
         spec = describe_program(command, cwd, interpreter)
         code = program_code_fields(command, cwd, interpreter, put_blob=ledger.put_blob)
-        rec.record("RunStarted", spec=spec, spec_digest=json_digest(spec), code_version=code["code_version"],
-                   code=code["code"], seed=None, backend=spec["program"]["backend"])
-    rec.record("ProgramStarted", attempt=attempt, command=list(command), cwd=cwd, started_by=started_by, **started)
+        rec.record(RunStarted(spec=spec, spec_digest=json_digest(spec), code_version=code["code_version"],
+                              code=code["code"], seed=None, backend=spec["program"]["backend"]))
+    rec.record(ProgramStarted(attempt=attempt, command=list(command), cwd=cwd, started_by=started_by, **started))
     return ProgramRun(rec, attempt)
 
 
@@ -87,15 +88,13 @@ def end(run: ProgramRun, *, exit_status: int | None, record_dir: Path | None = N
         outcome, signame = ("finished" if not exit_status and error is None else "failed"), None
         if outcome == "failed" and not error:
             error = f"exited with status {exit_status}" + (f" ({forwarded})" if forwarded else "")
-    rec.record("ProgramExited", attempt=run.attempt, outcome=outcome, exit_status=exit_status,
-               **({"signal": signame} if signame else {}), **({"error": error} if error else {}),
-               **({"recording_degraded": list(degraded)} if degraded else {}))
+    rec.record(ProgramExited(attempt=run.attempt, outcome=outcome, exit_status=exit_status, signal=signame or None,
+                             error=error or None, recording_degraded=list(degraded) or None))
     st = fold(rec.ledger.read(rec.run_id), rec.run_id)
     if outcome == "finished":
-        rec.record("RunCompleted", final_step=st.step,
-                   final_snapshot=st.last_snapshot["path"] if st.last_snapshot else None)
+        rec.record(RunCompleted(final_step=st.step, final_snapshot=st.last_snapshot.path if st.last_snapshot else None))
     else:
-        rec.record("RunFailed", error=error or outcome, step=st.step)
+        rec.record(RunFailed(error=error or outcome, step=st.step))
 
 
 def _last_note(record_dir: Path, kind: str, pid: int) -> str | None:

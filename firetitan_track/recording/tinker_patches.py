@@ -35,6 +35,7 @@ it passes what it knows (``_origin``) in a context variable, which the coroutine
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import inspect
 import time
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from firetitan_track import sdk_adapter
+from firetitan_track.events import ProvisionRequested, SnapshotRequested, TrainerProvisioned
 from firetitan_track.recording import program
 from firetitan_track.recording.patches import (ObservedFuture, _arguments, _client_state, _data_cursor,
                                                _forward_backward, _load_state, _optim_step, _quietly, _save_state,
@@ -82,9 +84,9 @@ def _create_lora_training_client(original: Any) -> Callable[..., Any]:
         if session is None:
             return original(self, *args, **kwargs)
         given = _arguments(original, self, args, kwargs)
-        session.safely("create_lora_training_client", lambda: session.now(
-            "ProvisionRequested", role="policy", base_model=str(given.get("base_model")), shape=None,
-            lora_rank=int(given.get("rank") or 0), base_url=sdk_adapter.tinker_base_url(self)))
+        session.safely("create_lora_training_client", lambda: session.now(ProvisionRequested(
+            role="policy", base_model=str(given.get("base_model")), shape=None,
+            lora_rank=int(given.get("rank") or 0), base_url=sdk_adapter.tinker_base_url(self))))
         return _begun(original, {"kind": "training", "created": True}, self, args, kwargs)
     return create_lora_training_client
 
@@ -97,9 +99,8 @@ def _create_training_client_from_state(with_optimizer: bool) -> Callable[[Any], 
                 return original(self, *args, **kwargs)
             path = str(_arguments(original, self, args, kwargs).get("path"))
             # the base model is the state's, known once it is loaded (TrainerProvisioned names it)
-            session.safely("create_training_client_from_state", lambda: session.now(
-                "ProvisionRequested", role="policy", base_model=path, shape=None, lora_rank=0,
-                base_url=sdk_adapter.tinker_base_url(self)))
+            session.safely("create_training_client_from_state", lambda: session.now(ProvisionRequested(
+                role="policy", base_model=path, shape=None, lora_rank=0, base_url=sdk_adapter.tinker_base_url(self))))
             origin = {"kind": "training", "created": True, "state": path, "with_optimizer": with_optimizer}
             return _begun(original, origin, self, args, kwargs)
         return create_training_client_from_state
@@ -120,8 +121,8 @@ def _trainer_made(session: ProgramRecording, client: Any, origin: dict[str, Any]
     base_model, lora_rank = sdk_adapter.tinker_model(client)
     _client_state(client).trainer_job_id = run_id
     session.provisioned_here = session.synced_here = True  # its samplers are published from this process
-    session.now("TrainerProvisioned", role="policy", trainer_job_id=run_id, base_model=base_model, shape=None,
-                lora_rank=lora_rank, created=origin["created"])
+    session.now(TrainerProvisioned(role="policy", trainer_job_id=run_id, base_model=base_model, shape=None,
+                                   lora_rank=lora_rank, created=origin["created"]))
     if "state" in origin:
         session.state_loaded(origin["state"], with_optimizer=origin["with_optimizer"], trainer_job_id=run_id)
 
@@ -139,11 +140,11 @@ def _save_weights_for_sampler(original: Any) -> Callable[..., Any]:
         return ObservedFuture(future, session,
                               lambda out: session.calls.snapshot_saved(intent, path=out.path, kind="base",
                                                                        base_path=None),
-                              lambda exc: session.call_failed("save_weights_for_sampler", "SnapshotRequested", exc))
+                              lambda exc: session.call_failed("save_weights_for_sampler", SnapshotRequested, exc))
     return save_weights_for_sampler
 
 
-def _snapshot_requested(session: ProgramRecording, name: str) -> dict[str, Any]:
+def _snapshot_requested(session: ProgramRecording, name: str) -> SnapshotRequested:
     session.flush()  # the steps before this snapshot are recorded before it
     return session.calls.snapshot_requested(name=name)
 
@@ -196,10 +197,11 @@ def _sampler_made(session: ProgramRecording, client: Any, origin: dict[str, Any]
     if origin.get("snapshot") is not None:  # an ephemeral snapshot, saved and served by this client
         path = sdk_adapter.tinker_sampling_session(client)
         session.calls.snapshot_saved(origin["snapshot"], path=path, kind="base", base_path=None)
-        sync = {**session.calls.sync_requested(deployment_id=deployment, snapshot_path=path), "t0": origin["t0"]}
+        sync = dataclasses.replace(session.calls.sync_requested(deployment_id=deployment, snapshot_path=path),
+                                   t0=origin["t0"])
     served = _Served(deployment, None, 0)
     if sync is not None:
-        served = _Served(deployment, sync["snapshot_path"], session.calls.synced(sync))
+        served = _Served(deployment, sync.intent.snapshot_path, session.calls.synced(sync))
     client.__dict__[_SERVED] = served
 
 

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from firetitan_track.events import SamplesDrawn
 from firetitan_track.recording.provenance import sequence_digest, version_offsets
 from runner.recipes.base import StepContext, optim_metrics, visible_text, weighted_datum, weights_of
 from runner.recipes.grpo import NO_COMPLETION, group_advantages
@@ -181,14 +182,14 @@ async def _sample_batch(ctx: StepContext, step: int, examples: list[Example]) ->
     event_id = None
     if ctx.rec is not None:
         r = spec.recipe
-        ev = ctx.rec.record(
-            "SamplesDrawn", deployment=ctx.tracked.deployment_id, snapshot_at_send=snapshot,
+        ev = ctx.rec.record(SamplesDrawn(
+            deployment=ctx.tracked.deployment_id, snapshot_at_send=snapshot,
             snapshot_at_return=snapshot, version_at_send=version, version_at_return=version,
             prompt_digest=ctx.rec.put_json([ex.to_json() for ex in examples]),
             completions_digest=ctx.rec.put_json(rollouts),
             sequence_digests=[sequence_digest(x["tokens"]) for x in rollouts],
             sampling={"group_size": g, "max_tokens": r.max_tokens, "temperature": r.temperature},
-            step=ctx.step, batch=step, call="sample_with_tokens")
+            step=ctx.step, batch=step, call="sample_with_tokens"))
         event_id = ev.event_id
     return _admitted(ctx, Batch(step, version, event_id, rollouts))
 
@@ -208,13 +209,13 @@ def _recorded_batches(ctx: StepContext, *, resumed_at: int) -> dict[int, Any]:
     kept = {ev.version for ev in authoritative(events)}
     found: dict[int, Any] = {}
     for ev in events:
-        d = ev.data
-        if ev.type != "SamplesDrawn" or d.get("batch") is None or d["batch"] <= resumed_at \
-                or d["version_at_send"] > resumed_at:
+        drawn = ev.fact
+        if not isinstance(drawn, SamplesDrawn) or drawn.batch is None or drawn.batch <= resumed_at \
+                or drawn.version_at_send > resumed_at:
             continue
-        held = found.get(d["batch"])
+        held = found.get(drawn.batch)
         if held is None or ev.version in kept or held.version not in kept:
-            found[d["batch"]] = ev
+            found[drawn.batch] = ev
     return found
 
 
@@ -223,12 +224,12 @@ def _replay(ctx: StepContext, ev: Any) -> Batch:
     rec = ctx.rec
     from firetitan_track.projections.run_state import superseded_versions
 
-    event_id = ev.event_id
+    event_id, drawn = ev.event_id, ev.fact
     if ev.version in superseded_versions(rec.ledger.read(rec.run_id)):
-        data = {k: v for k, v in ev.data.items() if k != "replayed_from"}
-        event_id = rec.record("SamplesDrawn", **data, replayed_from=ev.data.get("replayed_from", ev.event_id)).event_id
-    return _admitted(ctx, Batch(ev.data["batch"], ev.data["version_at_send"], event_id,
-                                rec.ledger.get_json(ev.data["completions_digest"])))
+        again = drawn.replace(replayed_from=ev.event_id if drawn.replayed_from is None else drawn.replayed_from)
+        event_id = rec.record(again).event_id
+    return _admitted(ctx, Batch(drawn.batch, drawn.version_at_send, event_id,
+                                rec.ledger.get_json(drawn.completions_digest)))
 
 
 # -- training ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from firetitan_track.events import TrajectoriesRecorded
 from runner.recipes.base import StepContext, masked_datum, prompt_tokens, visible_text, weighted_datum
 from runner.recipes.grpo import group_advantages, needs_reference, policy_gradient
 from runner.spec import Spec
@@ -208,9 +209,9 @@ def _record(ctx: StepContext, batch: list[Example], episodes: list[Episode], sco
                        "answer": batch[n // group].answer, "outcome": o, "baseline_logprob": s[0],
                        "turns": [{**turn, "answer_logprob": s[t + 1], "info_gain": g[t], "advantage": a[t]}
                                  for t, turn in enumerate(ep.turns)]})
-    ctx.rec.record("TrajectoriesRecorded", defer=True, step=ctx.step, snapshot_path=ctx.last_snapshot,
-                   trajectories_digest=ctx.rec.put_json(stored), trajectories=len(stored),
-                   turns=sum(len(ep.turns) for ep in episodes))
+    ctx.rec.record(TrajectoriesRecorded(step=ctx.step, snapshot_path=ctx.last_snapshot,
+                                        trajectories_digest=ctx.rec.put_json(stored), trajectories=len(stored),
+                                        turns=sum(len(ep.turns) for ep in episodes)), defer=True)
 
 
 def episode_budget(spec: Spec, tokenizer: Any, example: Example, new_tokens: int) -> int:

@@ -98,7 +98,7 @@ class RunWriter:
         events = self.ledger.read(self.run_id)
         state = fold(events).last_state
         dropped = to_supersede(events)
-        self.emit("RunResumed", from_step=state["step"], state_path=state["path"],
+        self.emit("RunResumed", from_step=state.step, state_path=state.path,
                   superseded=dropped, attempt=2)
         # snapshots taken after the state are gone; the next one re-derives from the same base
         return dropped

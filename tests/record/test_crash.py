@@ -74,5 +74,5 @@ def test_killed_mid_step_then_continued_from_what_status_prints(cookbook_recorde
     assert [ev.data["step"] for ev in history if ev.type == "StepCompleted"] == [1, 2, 3, 4]
     final = fold(events)
     assert (final.status, final.step, final.open_intent, final.attempts) == ("completed", 4, None, 2)
-    assert final.last_state["data_cursor"] == {"data_consumed": 4}
+    assert final.last_state.data_cursor == {"data_consumed": 4}
     assert not ledger.verify("crash")

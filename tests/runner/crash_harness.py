@@ -43,11 +43,11 @@ def _install(point: str) -> None:
         original = tracking.Recorder.record
         seen = {"n": 0}
 
-        def record(self, type, **data):
-            if type == target and kind == "before" and seen["n"] + 1 == nth:
+        def record(self, event, **kwargs):
+            if event.type_name == target and kind == "before" and seen["n"] + 1 == nth:
                 _die()
-            ev = original(self, type, **data)
-            if type == target:
+            ev = original(self, event, **kwargs)
+            if event.type_name == target:
                 seen["n"] += 1
                 if seen["n"] == nth:
                     _die()

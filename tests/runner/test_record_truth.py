@@ -163,9 +163,9 @@ def test_a_second_ctrl_c_during_cleanup_still_says_how_to_continue(tmp_path, loc
         import os, signal
         from firetitan_track import tracking
         record, close = tracking.Recorder.record, tracking.TrackedService.close
-        def first(self, type, **data):
-            ev = record(self, type, **data)
-            if type == "StateSaved":
+        def first(self, event, **kw):
+            ev = record(self, event, **kw)
+            if event.type_name == "StateSaved":
                 os.kill(os.getpid(), signal.SIGINT)
             return ev
         def second(self, **kw):

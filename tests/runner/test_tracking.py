@@ -76,7 +76,7 @@ def test_seed_loop_with_two_added_lines_is_recorded(local_info, ledger_url):
     assert types[-1] == "CleanupApplied"
     assert events[-1].data == {"trainer": "deleted", "deployment": "scaled_to_zero"}
     st = fold(events)
-    assert st.trainer_job_id and st.deployment_id == "seed-tracked" and st.last_score["score"] == scored["score"]
+    assert st.trainer_job_id and st.deployment_id == "seed-tracked" and st.last_score.score == scored["score"]
 
 
 def test_api_key_never_reaches_ledger_blobs_logs_or_service_log(local_url, local_state_dir, ledger_url, tmp_path):
@@ -102,19 +102,20 @@ def test_recorder_recognises_its_own_events_committed_before_an_interrupt(ledger
     import pytest
 
     from firetitan_track import ConcurrencyError
+    from firetitan_track.events import CleanupApplied, RunCompleted, RunFailed, StepCompleted
     from firetitan_track.tracking import Recorder
 
     ledger = Ledger.open(ledger_url)
     rec = Recorder(ledger, "r", version=0)
-    rec.record("RunFailed", error="x", step=0)
-    rec.record("StepCompleted", defer=True, step=1, data_cursor=None, micro_batches=1, metrics={}, optimizer={})
+    rec.record(RunFailed(error="x", step=0))
+    rec.record(StepCompleted(step=1, data_cursor=None, micro_batches=1, metrics={}, optimizer={}), defer=True)
     # the commit happens, then the interrupt: the recorder never learns its new version
     ledger.append("r", list(rec._pending), expected_version=rec.version)
-    rec.record("CleanupApplied", trainer="kept", deployment="kept")
+    rec.record(CleanupApplied(trainer="kept", deployment="kept"))
     assert [ev.type for ev in ledger.read("r")] == ["RunFailed", "StepCompleted", "CleanupApplied"]
     assert rec.version == 3
 
     other = Recorder(ledger, "r", version=3)
-    other.record("RunCompleted", final_step=1, final_snapshot=None)
+    other.record(RunCompleted(final_step=1, final_snapshot=None))
     with pytest.raises(ConcurrencyError):
-        rec.record("RunCompleted", final_step=1, final_snapshot=None)
+        rec.record(RunCompleted(final_step=1, final_snapshot=None))
