@@ -108,8 +108,14 @@ _INTENT_OF = {o.type_name: i.type_name for i, outs in _OUTCOME_OF.items() for o 
 
 def superseded_versions(events: Iterable[RecordedEvent]) -> set[int]:
     out: set[int] = set()
-    for ev in events:
-        if isinstance(resumed := ev.fact, RunResumed):
+    for ev in events:  # only a RunResumed is built (and checked) here; the fold names any other
+        if ev.type != RunResumed.type_name:
+            continue
+        try:
+            resumed = ev.fact
+        except VIEW_ERRORS as exc:
+            raise unreadable(ev, exc) from None
+        if isinstance(resumed, RunResumed):
             out.update(resumed.superseded or ())
     return out
 
