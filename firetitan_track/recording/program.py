@@ -388,18 +388,23 @@ def configure(*, run_id: str, ledger_url: str, attempt: int, record_dir: str | N
                 _session = ProgramRecording(run_id=run_id, ledger_url=ledger_url, attempt=attempt,
                                             record_dir=record_dir)
             except Exception as exc:
-                _disabled = True
-                reason = redact_text(f"cannot open the ledger {ledger_url}: {error_text(exc)}")
-                boot.note("degraded", reason)
-                print(f"firetitan-track: recording degraded ({reason}); the program goes on", file=sys.stderr)
+                _give_up(f"cannot open the ledger {ledger_url}: {error_text(exc)}")
         return _session
+
+
+def _give_up(reason: str) -> None:
+    """This process records nothing more, and says why (once, on stderr and in the record folder)."""
+    global _disabled
+    _disabled = True
+    reason = redact_text(reason)
+    boot.note("degraded", reason)
+    print(f"firetitan-track: recording degraded ({reason}); the program goes on", file=sys.stderr)
 
 
 def active() -> ProgramRecording | None:
     """This process's recording, started on first use from the environment ``record`` set
     (waiting, the first time, for the run to begin: boot.wait_until_begun); None when the
     process is not recorded (or its recording could not start)."""
-    global _disabled
     if _session is not None or _disabled:
         return _session
     run_id = os.environ.get(boot.ENV_RUN)
@@ -412,10 +417,7 @@ def active() -> ProgramRecording | None:
         try:
             attempt = boot.wait_until_begun()
         except Exception as exc:
-            _disabled = True
-            reason = redact_text(f"recording run {run_id}: {exc}")
-            boot.note("degraded", reason)
-            print(f"firetitan-track: recording degraded ({reason}); the program goes on", file=sys.stderr)
+            _give_up(f"recording run {run_id}: {exc}")
             return None
     return configure(run_id=run_id, ledger_url=ledger_url, attempt=attempt, record_dir=os.environ.get(boot.ENV_DIR))
 
