@@ -32,9 +32,9 @@ import click
 from firetitan_track import ConcurrencyError, Ledger, new_event
 from firetitan_track.cli import ledger_url, user_errors
 from firetitan_track.errors import UserError
-from firetitan_track.events import SweepStarted, TrialAssigned
+from firetitan_track.events import SweepStarted, TrialAssigned, sweep_trials
 from firetitan_track.extras import require
-from firetitan_track.projections.compare import sweep_stream, sweep_trials
+from firetitan_track.ids import sweep_stream
 from firetitan_track.projections.run_state import fold
 from runner.lease import Lease, LeaseHeld, acquire, try_acquire
 from runner.search import (DISTRIBUTIONS, PRUNERS, SEARCHES, Dist, SweepError, grid_size, open_study,

@@ -29,9 +29,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import RecordedEvent, sweep_trials
+from firetitan_track.ids import SWEEP_STREAM_PREFIX, sweep_stream
 from firetitan_track.ledger import Ledger, LedgerError, NotFound
-from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, compare_sweep, sweep_stream, sweep_trials
+from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.mlflow.keys import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL,
                                                      MAX_TAGS_PER_CALL, MODEL_TRAINING, TAG_EVENTS,
                                                      TAG_EXPERIMENT_KIND, TAG_GIT_COMMIT, TAG_PARENT, TAG_RUN,
