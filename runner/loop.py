@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
-from firetitan_track.projections.run_state import RunState, continue_command, fold, to_supersede
+from firetitan_track.projections.run_state import FINISHED, RunState, continue_command, fold, to_supersede
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import (InvalidEvent, RunCompleted, RunFailed, RunResumed, RunStarted, StepCompleted,
@@ -134,7 +134,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
         if resolve_pending(Recorder(ledger, run_id, version=st.version), events, spec_dict=st.spec):
             events = ledger.read(run_id)
             st = fold(events, run_id)
-        if st.status in ("completed", "pruned"):
+        if st.status in FINISHED:
             raise RunError(f"run {run_id} already {st.status} at step {st.step}; nothing to resume")
         if st.spec is None:
             raise RunError(f"run {run_id} has no RunStarted event; it cannot be resumed")

@@ -35,7 +35,7 @@ from firetitan_track.errors import UserError
 from firetitan_track.events import SweepStarted, TrialAssigned, sweep_trials
 from firetitan_track.extras import require
 from firetitan_track.ids import sweep_stream
-from firetitan_track.projections.run_state import fold
+from firetitan_track.projections.run_state import FINISHED, fold
 from runner.lease import Lease, LeaseHeld, acquire, try_acquire
 from runner.search import (DISTRIBUTIONS, PRUNERS, SEARCHES, Dist, SweepError, grid_size, open_study,
                            parse_grid, parse_params, sampler_for)
@@ -44,7 +44,6 @@ from runner.spec import Spec
 __all__ = ["Trial", "TrialOutcome", "SweepError", "SweepPlan", "plan_sweep", "record_sweep", "work",
            "run_sweep", "trial_run_id", "default_sweep_id", "sweep"]
 
-FINISHED = ("completed", "pruned")
 _LOCK_WAIT_S = 120.0
 _POLL_S = 1.0  # how often a worker with nothing to take looks again
 

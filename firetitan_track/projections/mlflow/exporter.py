@@ -43,7 +43,7 @@ from firetitan_track.projections.mlflow.ui import sweep_view
 from firetitan_track.projections.mlflow.store import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI,
                                                       checkpoint_name, local_artifact_root, resolve_tracking_uri,
                                                       sqlite_path)
-from firetitan_track.projections.run_state import RunState, authoritative, fold
+from firetitan_track.projections.run_state import FINISHED, RunState, authoritative, fold
 from firetitan_track.redact import redact_text
 
 @dataclass
@@ -345,7 +345,7 @@ class MlflowExporter:
         statuses = [t.status for t in trials]
         # trials a sweep has not assigned yet are still to come
         statuses += ["new"] * (started.data.get("n_trials", len(statuses)) - len(statuses))
-        if all(s in ("completed", "pruned") for s in statuses):
+        if all(s in FINISHED for s in statuses):
             status = "completed"
         elif "failed" in statuses and not {"running", "new"} & set(statuses):
             status = "failed"
@@ -360,7 +360,7 @@ class MlflowExporter:
         points = [Metric(mlflow_key(f"best_score/{t.run_id}"), float(t.best_score),
                          int(round(t.best_scored_at * 1000)), 0) for t in scored]
         tags = {"trials_started": str(sum(s != "new" for s in statuses)),
-                "trials_finished": str(sum(s in ("completed", "pruned", "failed") for s in statuses))}
+                "trials_finished": str(sum(s in (*FINISHED, "failed") for s in statuses))}
         best = max(scored, key=lambda t: (t.best_score, -t.trial), default=None)
         if best is not None:
             points.append(Metric("best_score", float(best.best_score), int(round(best.best_scored_at * 1000)), 0))
