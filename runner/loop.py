@@ -37,7 +37,7 @@ from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loo
 from runner.chain import load_upstream, resolve_upstream
 from runner.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
-from runner.provision import connect, endpoint
+from runner.provision import api_key, connect, endpoint
 from runner.recipes import RECIPES, StepContext
 from runner.recipes.base import visible_text
 from runner.spec import Spec
@@ -232,14 +232,10 @@ def _training_data(spec: Spec) -> tuple[Any, Any, Any]:
 
 
 def _api_key(spec: Spec) -> str:
-    if spec.backend.kind == "fireworks":
-        key = os.environ.get("FIREWORKS_API_KEY", "")
-        if not key:
-            raise RunError(f"{spec.source}: backend.kind = \"fireworks\" needs FIREWORKS_API_KEY in the environment")
-        return key
-    # The local service accepts any key; a key in the environment is used as-is, so the
-    # secret-scanning tests exercise the same path as the managed service.
-    return os.environ.get("FIREWORKS_API_KEY") or "local"
+    key = api_key(spec)
+    if key is None:
+        raise RunError(f"{spec.source}: backend.kind = \"fireworks\" needs FIREWORKS_API_KEY in the environment")
+    return key
 
 
 # -- the loop -------------------------------------------------------------------------------------
