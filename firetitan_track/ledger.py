@@ -341,6 +341,14 @@ class Ledger:
                 _check_read(run_id, first, before, rows, newest)
             return [_from_row(r, check) for r in rows]
 
+    def read_or_empty(self, run_id: str) -> list[RecordedEvent]:
+        """The run's whole stream, checked as :meth:`read` checks it, or [] when the ledger holds
+        no such stream (yet): a trial its sweep has not started, a sweep not recorded yet."""
+        try:
+            return self.read(run_id)
+        except NotFound:
+            return []
+
     def stream_version(self, run_id: str) -> int:
         """How many events the run's stream holds (0 if none)."""
         with self._reading(), self.engine.connect() as conn:

@@ -335,7 +335,7 @@ def _trials(events: list[Any]) -> list[Trial]:
 
 
 def _status(ledger: Ledger, run_id: str) -> str:
-    return fold(ledger.read(run_id), run_id).status if ledger.stream_version(run_id) else "new"
+    return fold(ledger.read_or_empty(run_id), run_id).status
 
 
 def trial_spec(spec: Spec, trial: Trial) -> Spec:
@@ -419,8 +419,7 @@ def _settle_study(ledger: Ledger, study: Any, plan: SweepPlan) -> None:
     running = {ft.number for ft in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
     for t in _trials(ledger.read(sweep_stream(plan.sweep_id))):
         if t.optuna_trial in running:
-            events = ledger.read(t.run_id) if ledger.stream_version(t.run_id) else []
-            st = fold(events, t.run_id)
+            st = fold(ledger.read_or_empty(t.run_id), t.run_id)
             if st.status in FINISHED:
                 _tell(study, t, st.status, st.last_score.score if st.last_score else None)
 

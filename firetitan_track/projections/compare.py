@@ -36,13 +36,13 @@ class TrialSummary:
 
 def compare_sweep(ledger: Ledger, sweep_id: str) -> list[TrialSummary]:
     """Per trial: its params, status, and its best score with the snapshot that produced it."""
-    events = ledger.read(sweep_stream(sweep_id)) if _has_stream(ledger, sweep_stream(sweep_id)) else []
+    events = ledger.read_or_empty(sweep_stream(sweep_id))
     started = [ev for ev in events if ev.type == "SweepStarted"]
     if not started:
         raise NotFound(f"no sweep {sweep_id!r} in the ledger")
     out = []
     for trial in sweep_trials(events):
-        run_events = ledger.read(trial["run_id"]) if _has_stream(ledger, trial["run_id"]) else []
+        run_events = ledger.read_or_empty(trial["run_id"])
         st = fold(run_events, trial["run_id"])
         best = best_eval(eval_rows(run_events))
         out.append(TrialSummary(
@@ -53,10 +53,3 @@ def compare_sweep(ledger: Ledger, sweep_id: str) -> list[TrialSummary]:
             best_scored_at=best.scored_at if best else None,
         ))
     return out
-
-
-def _has_stream(ledger: Ledger, stream: str) -> bool:
-    try:
-        return ledger.stream_version(stream) > 0
-    except NotFound:
-        return False

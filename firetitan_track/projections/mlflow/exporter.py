@@ -266,8 +266,7 @@ class MlflowExporter:
         return run.info.run_id
 
     def _trial_number(self, sweep_id: str, run_id: str) -> int | None:
-        stream = sweep_stream(sweep_id)
-        events = self.ledger.read(stream) if self.ledger.stream_version(stream) else []
+        events = self.ledger.read_or_empty(sweep_stream(sweep_id))
         return next((t["trial"] for t in sweep_trials(events) if t["run_id"] == run_id), None)
 
     def _delete(self, run_id: str, ml_run: str) -> None:
@@ -302,7 +301,7 @@ class MlflowExporter:
             return found
         # started when the sweep was recorded (not when it was exported), so an export of an
         # imported sweep equals the original's
-        stream = self.ledger.read(sweep_stream(sweep_id)) if self.ledger.stream_version(sweep_stream(sweep_id)) else []
+        stream = self.ledger.read_or_empty(sweep_stream(sweep_id))
         run = self.client.create_run(self.experiment_id, start_time=ms(stream[0]) if stream else None, tags={
             TAG_SWEEP_PARENT: sweep_id, TAG_RUN_NAME: f"sweep {sweep_id}", "sweep_id": sweep_id})
         return run.info.run_id
