@@ -238,7 +238,8 @@ class MlflowExporter:
         state = fold(stream, run_id)
         if ml_run is None:
             ml_run = self._create_run(run_id, stream, state.sweep_id)
-        writes = RunExport(self, run_id, ml_run, history, shown)
+        writes = RunExport(self.client, self.experiment_id, self.ledger, self.models_of(run_id), run_id, ml_run,
+                           history, shown, artifacts=self.artifacts)
         writes.run()
         changed = self._status.get(ml_run) != state.status
         if changed:
