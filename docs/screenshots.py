@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))  # the browser tests' page helpers
 
 from firetitan_track import Ledger, NotFound  # noqa: E402
 from firetitan_track.urls import default_ledger_url  # noqa: E402
-from firetitan_track.projections.compare import compare_sweep, sweep_stream  # noqa: E402
+from firetitan_track.ids import sweep_stream  # noqa: E402
+from firetitan_track.projections.compare import compare_sweep  # noqa: E402
 from firetitan_track.projections.mlflow import DEFAULT_EXPERIMENT, MlflowExporter  # noqa: E402
 from firetitan_track.projections.mlflow.ui import link  # noqa: E402
 from tests.ui.pages import (close_assistant, hide_view_banner, open_page, open_sweep_view,  # noqa: E402

@@ -50,8 +50,8 @@ import sqlalchemy as sa
 
 from firetitan_track.blobs import canonical_json, is_digest, redacted_json, sha256_hex
 from firetitan_track.errors import UserError
-from firetitan_track.events import CATALOGUE, blob_references
-from firetitan_track.ids import RUN_ID_RULE, is_stream_id
+from firetitan_track.events import CATALOGUE, blob_references, sweep_trials
+from firetitan_track.ids import RUN_ID_RULE, is_stream_id, sweep_stream
 from firetitan_track.ledger import Ledger, LedgerError, NotFound, Problem, RowView, check_stream
 from firetitan_track.redact import may_need_redaction, redact_bytes, secret_values
 from firetitan_track.signing import HeadCheck, SignedHead, check_heads
@@ -196,8 +196,6 @@ def write_bundle(ledger: Ledger, out: str | os.PathLike[str], run_ids: Sequence[
 
 
 def _stream_names(ledger: Ledger, run_ids: Sequence[str], sweep_ids: Sequence[str]) -> list[str]:
-    from firetitan_track.projections.compare import sweep_stream, sweep_trials
-
     names = list(dict.fromkeys(run_ids))
     for sweep_id in sweep_ids:
         stream = sweep_stream(sweep_id)

@@ -46,6 +46,7 @@ __all__ = [
     "blob_references",
     "digest_references",
     "SIGNED_AFTER",
+    "sweep_trials",
 ]
 
 
@@ -545,7 +546,7 @@ class TrialPruned(Event):
     reason: str
 
 
-# -- sweeps (stream id "sweep:<id>", see projections/compare.py) ---------------
+# -- sweeps (stream id "sweep:<id>", ids.sweep_stream) ----------------------------
 
 
 class SweepStarted(Event):
@@ -574,6 +575,18 @@ class TrialAssigned(Event):
     run_id: Id
     params: dict[str, Any]
     optuna_trial: int | None
+
+
+def sweep_trials(events: list[RecordedEvent]) -> list[dict[str, Any]]:
+    """A sweep stream's trials, ``{trial, run_id, params}`` in trial order: those its
+    SweepStarted planned, then those its workers were assigned as it went."""
+    trials = {}
+    for ev in events:
+        if ev.type == "SweepStarted":
+            trials.update({t["trial"]: t for t in ev.data["trials"]})
+        elif ev.type == "TrialAssigned":
+            trials[ev.data["trial"]] = {k: ev.data[k] for k in ("trial", "run_id", "params")}
+    return [trials[k] for k in sorted(trials)]
 
 
 # -- recorded programs (firetitan-track record / autolog; firetitan_track/recording) --------

@@ -20,11 +20,16 @@ from typing import Any, Sequence
 from firetitan_track.errors import UserError
 
 __all__ = ["RUN_ID_RULE", "SWEEP_STREAM_PREFIX", "UnsafeId", "is_run_id", "is_stream_id", "run_id_problem",
-           "check_run_id", "file_name"]
+           "check_run_id", "file_name", "sweep_stream"]
 
 RUN_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 SWEEP_STREAM_PREFIX = "sweep:"  # a sweep's own stream: "sweep:<sweep id>"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def sweep_stream(sweep_id: str) -> str:
+    """The ledger stream that records a sweep."""
+    return f"{SWEEP_STREAM_PREFIX}{sweep_id}"
 
 
 class UnsafeId(UserError, ValueError):

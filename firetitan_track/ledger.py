@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from firetitan_track import blobs as blob_store
 from firetitan_track.blobs import is_digest, redacted_json, sha256_hex
+from firetitan_track.errors import first_line
 from firetitan_track.events import (CATALOGUE, SIGNED_AFTER, InvalidEvent, NewEvent, RecordedEvent, blob_references,
                                     digest_references, payload_problem, upcast, validate)
 from firetitan_track.ids import run_id_problem
@@ -269,7 +270,7 @@ class Ledger:
             # committed meanwhile shows up here, on the unique index
             return self._after_conflict(run_id, expected_version, pending)
         except DBAPIError as e:
-            raise StoreFailure(f"cannot write to the ledger at {self.url}: {_first_line(e)}; nothing of this "
+            raise StoreFailure(f"cannot write to the ledger at {self.url}: {first_line(e)}; nothing of this "
                                "write was stored (check the disk has space and the file is writable)") from None
         return _recorded_from_rows(rows, positions)
 
@@ -298,7 +299,7 @@ class Ledger:
             raise CorruptLedger(f"the ledger at {self.url} is damaged: {e}; run `firetitan-track verify` "
                                 "to find every damaged event") from None
         except DBAPIError as e:
-            raise StoreFailure(f"cannot read the ledger at {self.url}: {_first_line(e)}") from None
+            raise StoreFailure(f"cannot read the ledger at {self.url}: {first_line(e)}") from None
 
     def _where_ids_are(self, run_id: str, pending: list[_Pending]) -> str:
         ids = [p.event_id for p in pending]
@@ -339,6 +340,14 @@ class Ledger:
             if check:
                 _check_read(run_id, first, before, rows, newest)
             return [_from_row(r, check) for r in rows]
+
+    def read_or_empty(self, run_id: str) -> list[RecordedEvent]:
+        """The run's whole stream, checked as :meth:`read` checks it, or [] when the ledger holds
+        no such stream (yet): a trial its sweep has not started, a sweep not recorded yet."""
+        try:
+            return self.read(run_id)
+        except NotFound:
+            return []
 
     def stream_version(self, run_id: str) -> int:
         """How many events the run's stream holds (0 if none)."""
@@ -634,11 +643,6 @@ def _non_finite_value(data: Any, where: str) -> str:
     for key in where.split("."):
         data = data[int(key)] if isinstance(data, (list, tuple)) else data[key]
     return str(data)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _chain(run_id: str, first_version: int, prev_hash: str, pending: list[_Pending],

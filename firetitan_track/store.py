@@ -51,7 +51,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from firetitan_track.errors import UserError
+from firetitan_track.errors import UserError, first_line
 from firetitan_track.extras import MissingExtra
 from firetitan_track.urls import absolute_url
 
@@ -497,7 +497,7 @@ def _ensure_schema(store: Store, upgrade: bool) -> None:
         with store.engine.connect() as conn:
             current = schema_revision(conn)
     except DBAPIError as e:
-        raise LedgerError(f"cannot reach the ledger database at {store.url}: {_first_line(e)}") from None
+        raise LedgerError(f"cannot reach the ledger database at {store.url}: {first_line(e)}") from None
     if current == HEAD_REVISION:
         return
     if current is not None and current not in _known_revisions():
@@ -510,11 +510,6 @@ def _ensure_schema(store: Store, upgrade: bool) -> None:
             f"this firetitan-track needs {HEAD_REVISION}: run `{UPGRADE_HINT}` "
             "with the same --ledger or FIRETITAN_LEDGER")
     _upgrade(store)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -- revisions (Alembic) ----------------------------------------------------------
@@ -557,7 +552,7 @@ def _upgrade(store: Store) -> None:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
     except DBAPIError as e:
-        raise LedgerError(f"cannot upgrade the ledger at {store.url}: {_first_line(e)}") from None
+        raise LedgerError(f"cannot upgrade the ledger at {store.url}: {first_line(e)}") from None
 
 
 def upgrade_schema(url: str) -> tuple[str | None, str]:
@@ -586,7 +581,7 @@ def current_revision(store: Store) -> str | None:
         with store.engine.connect() as conn:
             return schema_revision(conn)
     except DBAPIError as e:
-        raise LedgerError(f"cannot reach the ledger database at {store.url}: {_first_line(e)}") from None
+        raise LedgerError(f"cannot reach the ledger database at {store.url}: {first_line(e)}") from None
 
 
 def revision_status(url: str) -> tuple[str | None, str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from firetitan_track.errors import UserError
 from firetitan_track.events import StateSaved
-from firetitan_track.ledger import Ledger, NotFound
+from firetitan_track.ledger import Ledger
 from firetitan_track.projections.run_state import authoritative, fold
 from runner.spec import Spec
 
@@ -33,10 +33,7 @@ def resolve_upstream(ledger: Ledger, spec: Spec) -> dict[str, Any] | None:
         return None
     run_id, _, at = ref.partition("@")
     where = f"{spec.source}: model.init_from = {ref!r}"
-    try:
-        events = ledger.read(run_id)
-    except NotFound:
-        events = []
+    events = ledger.read_or_empty(run_id)
     if not events:
         raise ChainError(f"{where}: the ledger holds no run {run_id!r}")
     st = fold(events, run_id)

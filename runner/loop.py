@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
-from firetitan_track.projections.run_state import RunState, continue_command, fold, to_supersede
+from firetitan_track.projections.run_state import FINISHED, RunState, continue_command, fold, to_supersede
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import (InvalidEvent, RunCompleted, RunFailed, RunResumed, RunStarted, StepCompleted,
@@ -37,7 +37,7 @@ from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loo
 from runner.chain import load_upstream, resolve_upstream
 from runner.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
-from runner.provision import connect, endpoint
+from runner.provision import api_key, connect, endpoint
 from runner.recipes import RECIPES, StepContext
 from runner.recipes.base import visible_text
 from runner.spec import Spec
@@ -134,7 +134,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
         if resolve_pending(Recorder(ledger, run_id, version=st.version), events, spec_dict=st.spec):
             events = ledger.read(run_id)
             st = fold(events, run_id)
-        if st.status in ("completed", "pruned"):
+        if st.status in FINISHED:
             raise RunError(f"run {run_id} already {st.status} at step {st.step}; nothing to resume")
         if st.spec is None:
             raise RunError(f"run {run_id} has no RunStarted event; it cannot be resumed")
@@ -232,14 +232,10 @@ def _training_data(spec: Spec) -> tuple[Any, Any, Any]:
 
 
 def _api_key(spec: Spec) -> str:
-    if spec.backend.kind == "fireworks":
-        key = os.environ.get("FIREWORKS_API_KEY", "")
-        if not key:
-            raise RunError(f"{spec.source}: backend.kind = \"fireworks\" needs FIREWORKS_API_KEY in the environment")
-        return key
-    # The local service accepts any key; a key in the environment is used as-is, so the
-    # secret-scanning tests exercise the same path as the managed service.
-    return os.environ.get("FIREWORKS_API_KEY") or "local"
+    key = api_key(spec)
+    if key is None:
+        raise RunError(f"{spec.source}: backend.kind = \"fireworks\" needs FIREWORKS_API_KEY in the environment")
+    return key
 
 
 # -- the loop -------------------------------------------------------------------------------------

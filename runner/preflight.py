@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from firetitan_track.errors import first_line
 from runner.spec import MAX_EVAL_COMPLETIONS, MAX_EVAL_COUNT, Spec, SpecError
 
 __all__ = ["check_against_service", "check_sizes", "check_context", "load_tokenizer"]
@@ -46,17 +47,17 @@ def check_against_service(spec: Spec, *, base_url: str | None, api_key: str, tok
                             f"(HTTP {status})") from None
         if status is not None:
             raise SpecError(f"{spec.source}: model.base_model: the service would not describe {model!r} "
-                            f"(HTTP {status}): {_first_line(exc)}") from None
+                            f"(HTTP {status}): {first_line(exc)}") from None
         if not isinstance(exc, ValueError):  # a ValueError: it answered, without the moe flag
             raise
     shape = shape_ref(spec.model.training_shape)
     try:
         profile = client.resolve_training_profile(shape)
     except ValueError as exc:  # a malformed resource name, refused by the SDK itself
-        raise SpecError(f"{spec.source}: model.training_shape: {_first_line(exc)}") from None
+        raise SpecError(f"{spec.source}: model.training_shape: {first_line(exc)}") from None
     except RuntimeError as exc:
         raise SpecError(f"{spec.source}: model.training_shape: the service refuses {shape!r}: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     if spec.model.lora_rank > 0 and not profile.supports_lora:
         raise SpecError(f"{spec.source}: model.lora_rank: training shape {shape!r} is full-parameter "
                         f"(trainer mode {profile.trainer_mode or 'POLICY_TRAINER'}); it refuses LoRA rank "
@@ -134,15 +135,10 @@ def load_tokenizer(spec: Spec, path: str) -> Any:
     except (OSError, ValueError, TypeError, KeyError) as exc:
         key = "model.tokenizer" if spec.model.tokenizer else "backend"
         raise SpecError(f"{spec.source}: {key}: cannot load a tokenizer from {path!r} "
-                        f"({type(exc).__name__}: {_first_line(exc)}); give a folder holding tokenizer files, "
+                        f"({type(exc).__name__}: {first_line(exc)}); give a folder holding tokenizer files, "
                         "or leave model.tokenizer empty for the local service's own") from None
 
 
 def _chat_len(tokenizer: Any, example: Any) -> int:
     return len(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
                                              return_dict=False))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().removeprefix("ERROR: ")  # the SDK's formatted errors open with it
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,7 +12,6 @@ promoting a snapshot again to the same model id changes nothing.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -87,17 +86,14 @@ class _Service:
     def __init__(self, spec_dict: dict[str, Any], run_id: str):
         from fireworks.training.sdk import TrainerJobManager
 
-        from runner.provision import endpoint
+        from runner.provision import api_key, endpoint
         from runner.spec import Spec
 
         spec = Spec.from_dict(spec_dict, source=f"run {run_id}")
-        if spec.backend.kind == "fireworks":
-            key = os.environ.get("FIREWORKS_API_KEY", "")
-            if not key:
-                raise PromotionError(f"run {run_id} trained on the managed service: promoting needs "
-                                     "FIREWORKS_API_KEY in the environment")
-        else:
-            key = os.environ.get("FIREWORKS_API_KEY") or "local"
+        key = api_key(spec)
+        if key is None:
+            raise PromotionError(f"run {run_id} trained on the managed service: promoting needs "
+                                 "FIREWORKS_API_KEY in the environment")
         self.base_model = spec.model.base_model
         self.client = TrainerJobManager(api_key=key, base_url=endpoint(spec).base_url)
 

@@ -9,6 +9,7 @@ network failure propagates, so a blip never silently provisions a second trainer
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from firetitan_track.projections.run_state import RunState
 from firetitan_track.tracking import Recorder, TrackedService, error_text
 from runner.spec import Spec
 
-__all__ = ["Endpoint", "Session", "endpoint", "shape_ref", "connect"]
+__all__ = ["Endpoint", "Session", "api_key", "endpoint", "shape_ref", "connect"]
 
 # Job states from which a trainer cannot be reconnected to.
 _GONE_STATES = frozenset({"", "JOB_STATE_DELETED", "JOB_STATE_DELETING", "JOB_STATE_FAILED",
@@ -54,6 +55,17 @@ def endpoint(spec: Spec) -> Endpoint:
 
     info = ensure_running(spec.backend.state_dir, device=spec.backend.device)
     return Endpoint(info.base_url, spec.model.tokenizer or info.tokenizer_path)
+
+
+def api_key(spec: Spec) -> str | None:
+    """The key the run's service is called with: FIREWORKS_API_KEY. The managed service needs
+    it (None when it is not set; the caller says what cannot go on without it). The local
+    service accepts any key; a key in the environment is used as-is, so the secret-scanning
+    tests exercise the same path as the managed service."""
+    key = os.environ.get("FIREWORKS_API_KEY", "")
+    if spec.backend.kind == "fireworks":
+        return key or None
+    return key or "local"
 
 
 def shape_ref(shape: str) -> str:

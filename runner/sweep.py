@@ -32,10 +32,10 @@ import click
 from firetitan_track import ConcurrencyError, Ledger, new_event
 from firetitan_track.cli import ledger_url, user_errors
 from firetitan_track.errors import UserError
-from firetitan_track.events import SweepStarted, TrialAssigned
+from firetitan_track.events import SweepStarted, TrialAssigned, sweep_trials
 from firetitan_track.extras import require
-from firetitan_track.projections.compare import sweep_stream, sweep_trials
-from firetitan_track.projections.run_state import fold
+from firetitan_track.ids import sweep_stream
+from firetitan_track.projections.run_state import FINISHED, fold
 from runner.lease import Lease, LeaseHeld, acquire, try_acquire
 from runner.search import (DISTRIBUTIONS, PRUNERS, SEARCHES, Dist, SweepError, grid_size, open_study,
                            parse_grid, parse_params, sampler_for)
@@ -44,7 +44,6 @@ from runner.spec import Spec
 __all__ = ["Trial", "TrialOutcome", "SweepError", "SweepPlan", "plan_sweep", "record_sweep", "work",
            "run_sweep", "trial_run_id", "default_sweep_id", "sweep"]
 
-FINISHED = ("completed", "pruned")
 _LOCK_WAIT_S = 120.0
 _POLL_S = 1.0  # how often a worker with nothing to take looks again
 
@@ -336,7 +335,7 @@ def _trials(events: list[Any]) -> list[Trial]:
 
 
 def _status(ledger: Ledger, run_id: str) -> str:
-    return fold(ledger.read(run_id), run_id).status if ledger.stream_version(run_id) else "new"
+    return fold(ledger.read_or_empty(run_id), run_id).status
 
 
 def trial_spec(spec: Spec, trial: Trial) -> Spec:
@@ -420,8 +419,7 @@ def _settle_study(ledger: Ledger, study: Any, plan: SweepPlan) -> None:
     running = {ft.number for ft in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
     for t in _trials(ledger.read(sweep_stream(plan.sweep_id))):
         if t.optuna_trial in running:
-            events = ledger.read(t.run_id) if ledger.stream_version(t.run_id) else []
-            st = fold(events, t.run_id)
+            st = fold(ledger.read_or_empty(t.run_id), t.run_id)
             if st.status in FINISHED:
                 _tell(study, t, st.status, st.last_score.score if st.last_score else None)
 

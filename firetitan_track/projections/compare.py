@@ -9,31 +9,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import sweep_trials
+from firetitan_track.ids import sweep_stream
 from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.audit import best_eval, eval_rows
-from firetitan_track.ids import SWEEP_STREAM_PREFIX
 from firetitan_track.projections.run_state import fold
 
-__all__ = ["TrialSummary", "compare_sweep", "sweep_stream", "sweep_trials", "SWEEP_STREAM_PREFIX"]
-
-
-
-def sweep_stream(sweep_id: str) -> str:
-    """The ledger stream that records a sweep."""
-    return f"{SWEEP_STREAM_PREFIX}{sweep_id}"
-
-
-def sweep_trials(events: list[RecordedEvent]) -> list[dict[str, Any]]:
-    """A sweep stream's trials, ``{trial, run_id, params}`` in trial order: those its
-    SweepStarted planned, then those its workers were assigned as it went."""
-    trials = {}
-    for ev in events:
-        if ev.type == "SweepStarted":
-            trials.update({t["trial"]: t for t in ev.data["trials"]})
-        elif ev.type == "TrialAssigned":
-            trials[ev.data["trial"]] = {k: ev.data[k] for k in ("trial", "run_id", "params")}
-    return [trials[k] for k in sorted(trials)]
+__all__ = ["TrialSummary", "compare_sweep"]
 
 
 @dataclass
@@ -54,13 +36,13 @@ class TrialSummary:
 
 def compare_sweep(ledger: Ledger, sweep_id: str) -> list[TrialSummary]:
     """Per trial: its params, status, and its best score with the snapshot that produced it."""
-    events = ledger.read(sweep_stream(sweep_id)) if _has_stream(ledger, sweep_stream(sweep_id)) else []
+    events = ledger.read_or_empty(sweep_stream(sweep_id))
     started = [ev for ev in events if ev.type == "SweepStarted"]
     if not started:
         raise NotFound(f"no sweep {sweep_id!r} in the ledger")
     out = []
     for trial in sweep_trials(events):
-        run_events = ledger.read(trial["run_id"]) if _has_stream(ledger, trial["run_id"]) else []
+        run_events = ledger.read_or_empty(trial["run_id"])
         st = fold(run_events, trial["run_id"])
         best = best_eval(eval_rows(run_events))
         out.append(TrialSummary(
@@ -71,10 +53,3 @@ def compare_sweep(ledger: Ledger, sweep_id: str) -> list[TrialSummary]:
             best_scored_at=best.scored_at if best else None,
         ))
     return out
-
-
-def _has_stream(ledger: Ledger, stream: str) -> bool:
-    try:
-        return ledger.stream_version(stream) > 0
-    except NotFound:
-        return False

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from firetitan_track.events import RecordedEvent
+from firetitan_track.ids import SWEEP_STREAM_PREFIX
 from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.audit import EvalRow, eval_rows, read_run, upstream
-from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX
 from firetitan_track.projections.run_state import authoritative
 
 __all__ = ["Lineage", "lineage"]

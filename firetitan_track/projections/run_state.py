@@ -22,7 +22,11 @@ from firetitan_track.events import (CallFailed, CleanupApplied, DeploymentProvis
 from firetitan_track.ledger import VIEW_ERRORS, unreadable
 
 __all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY",
-           "status_row", "continue_command", "pending_promotion_text"]
+           "FINISHED", "status_row", "continue_command", "pending_promotion_text"]
+
+# The statuses of a run that is over for good: `resume` refuses it, a sweep counts the trial
+# done. A failed run is not among them: it can be resumed.
+FINISHED = ("completed", "pruned")
 
 # Events that describe the training history (and so can be superseded by a resume).
 TRAINING_HISTORY = frozenset(cls.type_name for cls in (

@@ -1,6 +1,6 @@
 """The local trainer: real forward/backward passes, AdamW, snapshots and state.
 
-The HTTP layer decodes the SDK's wire types into `Example`s and calls a
+The HTTP layer decodes the SDK's wire types into `Datum`s and calls a
 `Trainer`; everything here is synchronous and not thread-safe, so the server
 runs one call at a time per trainer, in the order the requests were sequenced.
 
@@ -30,14 +30,15 @@ from . import model as model_io
 from .catalogue import EngineError, resolve
 
 __all__ = [
-    "Batch", "EngineError", "Example", "ForwardResult", "LoraSettings", "Trainer", "Sampler", "GenRequest", "GenResult",
-    "SUPPORTED_LOSSES", "adam_params", "check_examples", "check_loss_fn", "prepare_batch", "weights_digest",
+    "Batch", "EngineError", "Datum", "ForwardResult", "LoraSettings", "Trainer", "Sampler", "GenRequest", "GenResult",
+    "SUPPORTED_LOSSES", "adam_hyperparams", "check_examples", "check_loss_fn", "prepare_batch", "weights_digest",
 ]
 
 
 @dataclass
-class Example:
-    """One datum: model input tokens, and loss inputs aligned with them (length T each)."""
+class Datum:
+    """One datum of a forward(_backward) request, as the SDK names it (not a task's Example):
+    model input tokens, and loss inputs aligned with them (length T each)."""
 
     tokens: list[int]
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -140,7 +141,7 @@ class Batch:
                      {k: v.to(device) for k, v in self.inputs.items()}, self.lengths, self.loss_fn)
 
 
-def check_examples(examples: list[Example], loss_fn: str, vocab_size: int, max_context: int) -> None:
+def check_examples(examples: list[Datum], loss_fn: str, vocab_size: int, max_context: int) -> None:
     """Every rule a batch of datums must meet, in one place: the trainer planes call it
     (through ``prepare_batch``) when a request arrives, a 400 at once.
 
@@ -157,11 +158,11 @@ def check_examples(examples: list[Example], loss_fn: str, vocab_size: int, max_c
         _check_each_example(examples, loss_fn, vocab_size, max_context)
 
 
-def _present_keys(examples: list[Example]) -> list[str]:
+def _present_keys(examples: list[Datum]) -> list[str]:
     return [k for k in ("target_tokens", *_FLOAT_INPUTS) if any(k in ex.inputs for ex in examples)]
 
 
-def _batch_is_valid(examples: list[Example], loss_fn: str, vocab_size: int, max_context: int) -> bool:
+def _batch_is_valid(examples: list[Datum], loss_fn: str, vocab_size: int, max_context: int) -> bool:
     """True only if ``_check_each_example`` would pass, decided with a few whole-batch
     tensor operations instead of a few per datum (the difference is a millisecond a step)."""
     required = LOSS_INPUTS[loss_fn]
@@ -192,7 +193,7 @@ def _batch_is_valid(examples: list[Example], loss_fn: str, vocab_size: int, max_
     return True
 
 
-def _check_each_example(examples: list[Example], loss_fn: str, vocab_size: int, max_context: int) -> None:
+def _check_each_example(examples: list[Datum], loss_fn: str, vocab_size: int, max_context: int) -> None:
     """The rules datum by datum: raises naming the first datum (and position) at fault."""
     required = LOSS_INPUTS[loss_fn]
     present = _present_keys(examples)
@@ -228,7 +229,7 @@ def _check_each_example(examples: list[Example], loss_fn: str, vocab_size: int, 
                 raise EngineError(f"datum {i}: loss_fn_inputs[{key!r}] holds NaN or infinite values")
 
 
-def prepare_batch(examples: list[Example], loss_fn: str, vocab_size: int, max_context: int) -> Batch:
+def prepare_batch(examples: list[Datum], loss_fn: str, vocab_size: int, max_context: int) -> Batch:
     """``examples`` checked (``check_examples``) and right-padded into CPU tensors."""
     check_examples(examples, loss_fn, vocab_size, max_context)
     lengths = [len(ex.tokens) for ex in examples]
@@ -278,7 +279,7 @@ _LORA_TARGETS = {"train_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
                  "train_unembed": ("lm_head",)}
 
 
-def adam_params(adam: dict) -> dict[str, float]:
+def adam_hyperparams(adam: dict) -> dict[str, float]:
     """``adam_params`` of an optim_step request, validated, with defaults filled in."""
     if not isinstance(adam, dict):
         raise EngineError("adam_params must be an object")
@@ -425,7 +426,7 @@ class Trainer:
 
     # -- passes
 
-    def forward(self, examples: list[Example] | Batch, loss_fn: str = "cross_entropy",
+    def forward(self, examples: list[Datum] | Batch, loss_fn: str = "cross_entropy",
                 loss_fn_config: dict | None = None, *, base_only: bool = False) -> ForwardResult:
         """Logprobs and loss without gradients. ``base_only`` on a LoRA trainer runs the
         frozen base with the adapters disabled (the seed's shared-session reference)."""
@@ -438,13 +439,13 @@ class Trainer:
                     return self._run(examples, loss_fn, loss_fn_config, backward=False)
             return self._run(examples, loss_fn, loss_fn_config, backward=False)
 
-    def forward_backward(self, examples: list[Example] | Batch, loss_fn: str = "cross_entropy",
+    def forward_backward(self, examples: list[Datum] | Batch, loss_fn: str = "cross_entropy",
                          loss_fn_config: dict | None = None) -> ForwardResult:
         if self.forward_only:
             raise EngineError("this trainer is forward-only (a reference model); forward_backward is not allowed")
         return self._run(examples, loss_fn, loss_fn_config, backward=True)
 
-    def _run(self, data: list[Example] | Batch, loss_fn, loss_fn_config, *, backward: bool) -> ForwardResult:
+    def _run(self, data: list[Datum] | Batch, loss_fn, loss_fn_config, *, backward: bool) -> ForwardResult:
         config = dict(loss_fn_config or {})
         if not isinstance(data, Batch):
             data = prepare_batch(data, loss_fn, self.vocab_size, self.max_context_length)
@@ -479,7 +480,7 @@ class Trainer:
     def optim_step(self, adam: dict, grad_accumulation_normalization: str | None = None) -> dict[str, float]:
         if self.forward_only:
             raise EngineError("this trainer is forward-only (a reference model); optim_step is not allowed")
-        hp = adam_params(adam)
+        hp = adam_hyperparams(adam)
         mode = grad_normalization(grad_accumulation_normalization)
         params = [p for p in self._trainable() if p.grad is not None]
         self._normalise_grads(params, mode)

@@ -446,7 +446,7 @@ class TinkerPlane:
         for datum in data:
             inputs = {name: torch.from_numpy(np.array(value, dtype=np.int64 if name == "target_tokens" else np.float32))
                       for name, value in datum.inputs.items()}
-            examples.append(engine.Example(tokens=datum.tokens, inputs=inputs))
+            examples.append(engine.Datum(tokens=datum.tokens, inputs=inputs))
         engine.check_examples(examples, loss_fn, runtime.vocab_size, runtime.max_context)
         return examples
 
@@ -488,7 +488,7 @@ class TinkerPlane:
             if body.get("optimizer_params") is not None:
                 raise ApiError(400, "optimizer_params (a non-Adam optimizer step) is not available locally: "
                                     "the local trainer runs AdamW (send adam_params)")
-            params = load_engine().adam_params(field(body, "adam_params", dict))
+            params = load_engine().adam_hyperparams(field(body, "adam_params", dict))
 
             def work(trainer: Any) -> dict:
                 metrics = trainer.optim_step(params)

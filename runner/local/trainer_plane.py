@@ -304,7 +304,7 @@ def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[Any, str, d
     data = fb_input.get("data")
     if not isinstance(data, list):
         raise ApiError(400, "data must be a list of datums")
-    example_cls = _engine().Example
+    example_cls = _engine().Datum
     examples = []
     for index, datum in enumerate(data):
         tokens = datum_tokens(datum, index)
@@ -516,7 +516,7 @@ class TrainerPlane:
             if runtime.spec.forward_only:
                 raise ApiError(400, f"trainer {runtime.spec.job_id} is forward-only; optim_step is not available")
             # Validated here, by the engine's own rules, so a bad value is a 400 at once.
-            params = _engine().adam_params(field(body, "adam_params", dict))
+            params = _engine().adam_hyperparams(field(body, "adam_params", dict))
             normalization = _engine().grad_normalization(body.get("grad_accumulation_normalization"))
 
             def work(trainer: Any) -> dict:

@@ -176,6 +176,11 @@ class LedgerConformance:
         with pytest.raises(NotFound):
             ledger.verify("no-such-run")
 
+    def test_read_or_empty_reads_a_stream_and_gives_nothing_for_one_never_written(self, ledger: Ledger) -> None:
+        recorded = ledger.append("r", [run_started(), step(0)], 0)
+        assert ledger.read_or_empty("r") == recorded
+        assert ledger.read_or_empty("never-written") == []
+
     def test_runs_lists_each_stream(self, ledger: Ledger) -> None:
         ledger.append("a", [run_started(), step(0)], 0)
         ledger.append("b", [run_started()], 0)

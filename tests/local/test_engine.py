@@ -11,7 +11,7 @@ import torch
 
 from runner.local import catalogue
 from runner.local import model as model_io
-from runner.local.engine import EngineError, Example, GenRequest, Sampler, Trainer, prepare_batch
+from runner.local.engine import Datum, EngineError, GenRequest, Sampler, Trainer, prepare_batch
 
 TINY = "local/tiny-qwen3"
 ADAM = {"learning_rate": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
@@ -31,29 +31,29 @@ def reverse_pair(rng: random.Random, digits: int = 4) -> tuple[list[int], list[i
     return chat_prompt(f"reverse {s}"), list(s[::-1].encode()) + [catalogue.IM_END_ID]
 
 
-def sft_example(prompt: list[int], completion: list[int]) -> Example:
+def sft_example(prompt: list[int], completion: list[int]) -> Datum:
     """Next-token datum with the loss on the completion only (Tinker's layout)."""
     full = prompt + completion
     weights = [0.0] * (len(prompt) - 1) + [1.0] * len(completion)
-    return Example(full[:-1], {"target_tokens": torch.tensor(full[1:]), "weights": torch.tensor(weights)})
+    return Datum(full[:-1], {"target_tokens": torch.tensor(full[1:]), "weights": torch.tensor(weights)})
 
 
-def random_examples(n: int, length: int, seed: int = 0) -> list[Example]:
+def random_examples(n: int, length: int, seed: int = 0) -> list[Datum]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         toks = torch.randint(0, 256, (length + 1 - i % 3,), generator=g)  # ragged lengths
-        out.append(Example(toks[:-1].tolist(), {"target_tokens": toks[1:].clone(),
+        out.append(Datum(toks[:-1].tolist(), {"target_tokens": toks[1:].clone(),
                                                 "weights": torch.rand(len(toks) - 1, generator=g)}))
     return out
 
 
-def policy_examples(trainer: Trainer, n: int = 4, length: int = 12, seed: int = 0) -> list[Example]:
+def policy_examples(trainer: Trainer, n: int = 4, length: int = 12, seed: int = 0) -> list[Datum]:
     """Examples whose sampling logprobs equal the trainer's current ones (ratio 1)."""
     g = torch.Generator().manual_seed(seed)
     base = random_examples(n, length, seed)
     current = trainer.forward(base).logprobs
-    return [Example(ex.tokens, {"target_tokens": ex.inputs["target_tokens"], "logprobs": lp.clone(),
+    return [Datum(ex.tokens, {"target_tokens": ex.inputs["target_tokens"], "logprobs": lp.clone(),
                                 "advantages": torch.randn(len(ex.tokens), generator=g)})
             for ex, lp in zip(base, current)]
 
@@ -228,12 +228,12 @@ def test_custom_loss_via_linearised_cross_entropy_matches_autograd(tmp_path):
     custom_loss(logps).backward()
 
     via_wire = Trainer(TINY, state_dir=tmp_path / "b")
-    zero_weighted = [Example(ex.tokens, {"target_tokens": ex.inputs["target_tokens"],
+    zero_weighted = [Datum(ex.tokens, {"target_tokens": ex.inputs["target_tokens"],
                                          "weights": torch.zeros(len(ex.tokens))}) for ex in examples]
     forward = via_wire.forward(zero_weighted, "cross_entropy")
     leaves = [lp.clone().requires_grad_(True) for lp in forward.logprobs]
     custom_loss(leaves).backward()
-    linear = [Example(ex.tokens, {"target_tokens": ex.inputs["target_tokens"], "weights": -leaf.grad})
+    linear = [Datum(ex.tokens, {"target_tokens": ex.inputs["target_tokens"], "weights": -leaf.grad})
               for ex, leaf in zip(examples, leaves)]
     via_wire.forward_backward(linear, "cross_entropy")
     for name, grad in grads_of(direct).items():  # padded batch vs one-by-one: float noise only
@@ -396,7 +396,7 @@ def test_lora_trains_adapters_only_and_snapshots_merge_exactly(tmp_path):
     (lambda ex: ex.tokens.clear(), "no input tokens"),
 ])
 def test_bad_datums_raise_clear_engine_errors(trainer, mutate, message):
-    good, ex = (Example([1, 2, 3, 4, 5], {"target_tokens": torch.tensor([2, 3, 4, 5, 6]), "weights": torch.ones(5)})
+    good, ex = (Datum([1, 2, 3, 4, 5], {"target_tokens": torch.tensor([2, 3, 4, 5, 6]), "weights": torch.ones(5)})
                 for _ in range(2))
     mutate(ex)
     # The whole batch is checked at once; the one it refuses is named by its index.
@@ -416,7 +416,7 @@ def test_a_prepared_batch_runs_as_its_datums_and_only_under_its_loss(trainer):
 
 
 def test_other_bad_requests_raise_engine_errors(trainer):
-    too_long = Example([1] * 513, {"target_tokens": torch.ones(513, dtype=torch.int64)})
+    too_long = Datum([1] * 513, {"target_tokens": torch.ones(513, dtype=torch.int64)})
     with pytest.raises(EngineError, match="513 tokens long, beyond the model's context length of 512"):
         trainer.forward([too_long])
     with pytest.raises(EngineError, match="unknown loss function 'dapo'.*cross_entropy, importance_sampling, ppo"):
@@ -464,7 +464,7 @@ def test_sampler_logprobs_match_trainer_forward(reversal_run):
     prompt, _ = held_out[0]
     out = sampler.generate([GenRequest(prompt, max_tokens=6, temperature=1.0, seed=5)])[0]
     full = prompt + out.token_ids
-    ex = Example(full[:-1], {"target_tokens": torch.tensor(full[1:])})
+    ex = Datum(full[:-1], {"target_tokens": torch.tensor(full[1:])})
     lp = trainer.forward([ex]).logprobs[0][len(prompt) - 1:]
     torch.testing.assert_close(torch.tensor(out.logprobs), lp, rtol=0, atol=1e-4)
 

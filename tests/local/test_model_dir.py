@@ -170,7 +170,7 @@ def test_a_running_service_without_the_checkpoint_is_not_reused(checkpoint, serv
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_other_supported_architectures_generate_and_train(tmp_path, architecture):
     """The engine on its own: each supported architecture's checkpoint, as transformers computes it."""
-    from runner.local.engine import Example, GenRequest, Sampler, Trainer
+    from runner.local.engine import Datum, GenRequest, Sampler, Trainer
 
     directory = _write_checkpoint(tmp_path / f"{architecture}-ckpt", architecture, tie=False)
     card = catalogue.load_model_dir(directory, f"accounts/test/models/{architecture}-ckpt")
@@ -181,6 +181,6 @@ def test_other_supported_architectures_generate_and_train(tmp_path, architecture
     assert out.token_ids == expected_tokens
     assert out.logprobs == pytest.approx(expected_logprobs, abs=1e-4)
     full = prompt + expected_tokens
-    trained = Trainer(card.name, state_dir=tmp_path).forward([Example(full[:-1], {
+    trained = Trainer(card.name, state_dir=tmp_path).forward([Datum(full[:-1], {
         "target_tokens": torch.tensor(full[1:])})]).logprobs[0]
     assert trained[len(prompt) - 1:].tolist() == pytest.approx(expected_logprobs, abs=1e-4)

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 import runner.loop
 from firetitan_track import Ledger
 from runner.cli import main
-from firetitan_track.projections.compare import compare_sweep, sweep_stream
+from firetitan_track.ids import sweep_stream
+from firetitan_track.projections.compare import compare_sweep
 from runner.search import grid_points, parse_grid, parse_params
 from runner.sweep import SweepError, plan_sweep, trial_run_id
 from tests.projections.streams import RunWriter

@@ -16,7 +16,8 @@ import pytest
 
 from firetitan_track import Ledger
 from firetitan_track.projections.audit import audit
-from firetitan_track.projections.compare import compare_sweep, sweep_stream
+from firetitan_track.ids import sweep_stream
+from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.run_state import fold
 from firetitan_track.store import upgrade_schema
 from tests.helpers import needs_postgres, small_spec

@@ -29,9 +29,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import RecordedEvent, sweep_trials
+from firetitan_track.ids import SWEEP_STREAM_PREFIX, sweep_stream
 from firetitan_track.ledger import Ledger, LedgerError, NotFound
-from firetitan_track.projections.compare import SWEEP_STREAM_PREFIX, compare_sweep, sweep_stream, sweep_trials
+from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.mlflow.keys import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL,
                                                      MAX_TAGS_PER_CALL, MODEL_TRAINING, TAG_EVENTS,
                                                      TAG_EXPERIMENT_KIND, TAG_GIT_COMMIT, TAG_PARENT, TAG_RUN,
@@ -42,7 +43,7 @@ from firetitan_track.projections.mlflow.ui import sweep_view
 from firetitan_track.projections.mlflow.store import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI,
                                                       checkpoint_name, local_artifact_root, resolve_tracking_uri,
                                                       sqlite_path)
-from firetitan_track.projections.run_state import RunState, authoritative, fold
+from firetitan_track.projections.run_state import FINISHED, RunState, authoritative, fold
 from firetitan_track.redact import redact_text
 
 @dataclass
@@ -237,7 +238,8 @@ class MlflowExporter:
         state = fold(stream, run_id)
         if ml_run is None:
             ml_run = self._create_run(run_id, stream, state.sweep_id)
-        writes = RunExport(self, run_id, ml_run, history, shown)
+        writes = RunExport(self.client, self.experiment_id, self.ledger, self.models_of(run_id), run_id, ml_run,
+                           history, shown, artifacts=self.artifacts)
         writes.run()
         changed = self._status.get(ml_run) != state.status
         if changed:
@@ -265,8 +267,7 @@ class MlflowExporter:
         return run.info.run_id
 
     def _trial_number(self, sweep_id: str, run_id: str) -> int | None:
-        stream = sweep_stream(sweep_id)
-        events = self.ledger.read(stream) if self.ledger.stream_version(stream) else []
+        events = self.ledger.read_or_empty(sweep_stream(sweep_id))
         return next((t["trial"] for t in sweep_trials(events) if t["run_id"] == run_id), None)
 
     def _delete(self, run_id: str, ml_run: str) -> None:
@@ -301,7 +302,7 @@ class MlflowExporter:
             return found
         # started when the sweep was recorded (not when it was exported), so an export of an
         # imported sweep equals the original's
-        stream = self.ledger.read(sweep_stream(sweep_id)) if self.ledger.stream_version(sweep_stream(sweep_id)) else []
+        stream = self.ledger.read_or_empty(sweep_stream(sweep_id))
         run = self.client.create_run(self.experiment_id, start_time=ms(stream[0]) if stream else None, tags={
             TAG_SWEEP_PARENT: sweep_id, TAG_RUN_NAME: f"sweep {sweep_id}", "sweep_id": sweep_id})
         return run.info.run_id
@@ -344,7 +345,7 @@ class MlflowExporter:
         statuses = [t.status for t in trials]
         # trials a sweep has not assigned yet are still to come
         statuses += ["new"] * (started.data.get("n_trials", len(statuses)) - len(statuses))
-        if all(s in ("completed", "pruned") for s in statuses):
+        if all(s in FINISHED for s in statuses):
             status = "completed"
         elif "failed" in statuses and not {"running", "new"} & set(statuses):
             status = "failed"
@@ -359,7 +360,7 @@ class MlflowExporter:
         points = [Metric(mlflow_key(f"best_score/{t.run_id}"), float(t.best_score),
                          int(round(t.best_scored_at * 1000)), 0) for t in scored]
         tags = {"trials_started": str(sum(s != "new" for s in statuses)),
-                "trials_finished": str(sum(s in ("completed", "pruned", "failed") for s in statuses))}
+                "trials_finished": str(sum(s in (*FINISHED, "failed") for s in statuses))}
         best = max(scored, key=lambda t: (t.best_score, -t.trial), default=None)
         if best is not None:
             points.append(Metric("best_score", float(best.best_score), int(round(best.best_scored_at * 1000)), 0))

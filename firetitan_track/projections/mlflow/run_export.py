@@ -12,10 +12,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from firetitan_track.events import RecordedEvent
 from firetitan_track.ids import file_name  # a stored id becomes a file name only once checked
+from firetitan_track.ledger import Ledger
 from firetitan_track.projections.audit import best_eval, eval_rows, is_eval_metric
 from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_METRICS_PER_CALL,
                                                      MAX_PARAMS_PER_CALL, MAX_TAGS_PER_CALL, PROMPTS_DATASET,
@@ -24,17 +25,22 @@ from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_MET
                                                      param_value, quote)
 from firetitan_track.redact import redact, redact_bytes
 
-if TYPE_CHECKING:
-    from firetitan_track.projections.mlflow.exporter import MlflowExporter
-
 
 class RunExport:
-    """One MLflow run brought up to its ledger stream: models, datasets, params, metrics, artifacts."""
+    """One MLflow run brought up to its ledger stream: models, datasets, params, metrics, artifacts.
 
-    def __init__(self, exporter: MlflowExporter, run_id: str, ml_run: str,
-                 history: list[RecordedEvent], shown: int) -> None:
-        self.exporter = exporter
-        self.client = exporter.client
+    It is handed what it writes with (the exporter depends on it, never the other way): the
+    MLflow client and experiment, the ledger the blobs come from, and ``models``, the run's
+    LoggedModels so far (snapshot path -> model id), which it extends with those it creates.
+    """
+
+    def __init__(self, client: Any, experiment_id: str, ledger: Ledger, models: dict[str, str], run_id: str,
+                 ml_run: str, history: list[RecordedEvent], shown: int, *, artifacts: bool) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.ledger = ledger
+        self.models = models
+        self.artifacts = artifacts
         self.run_id = run_id
         self.ml_run = ml_run
         self.history = history  # the authoritative stream, for context
@@ -51,7 +57,7 @@ class RunExport:
         self._metrics(models, datasets)
         self._tag_promotions(models)
         self._mark_models(models)
-        if self.exporter.artifacts:
+        if self.artifacts:
             self._artifacts()
 
     def _params(self) -> None:
@@ -78,7 +84,7 @@ class RunExport:
         """A LoggedModel per sampler snapshot (found again by path); path -> model id."""
         from mlflow.entities import LoggedModelOutput
 
-        models = self.exporter.models_of(self.run_id)
+        models = self.models
         outputs = []
         for ev in self.new:
             if ev.type != "SnapshotSaved" or ev.data["path"] in models:
@@ -87,7 +93,7 @@ class RunExport:
             info = {"snapshot_path": d["path"], "kind": d["kind"], "base_path": d["base_path"] or "",
                     "step": str(d["step"]), "snapshot_name": d["name"]}
             model = self.client.create_logged_model(
-                self.exporter.experiment_id, name=model_name(self.run_id, d["step"]), source_run_id=self.ml_run,
+                self.experiment_id, name=model_name(self.run_id, d["step"]), source_run_id=self.ml_run,
                 tags={TAG_RUN: self.run_id, **info}, params=info, model_type=SNAPSHOT_MODEL_TYPE)
             self.client.finalize_logged_model(model.model_id, "READY")
             models[d["path"]] = model.model_id
@@ -115,7 +121,7 @@ class RunExport:
         best = best_eval(eval_rows(self.history))
         best_model = models.get(best.snapshot_path) if best else None
         marked = self.client.search_logged_models(
-            [self.exporter.experiment_id],
+            [self.experiment_id],
             filter_string=f"tags.{TAG_RUN} = {quote(self.run_id)} AND tags.{TAG_BEST_IN_RUN} = 'true'")
         for model in marked:
             if model.model_id != best_model:
@@ -209,12 +215,12 @@ class RunExport:
         digest = (code.get("git") or {}).get("diff_digest")
         if digest:
             patch = folder / "diff.patch"
-            patch.write_bytes(redact_bytes(self.exporter.ledger.get_blob(digest)))
+            patch.write_bytes(redact_bytes(self.ledger.get_blob(digest)))
             files.append((patch, "code"))
         return files
 
     def _blob(self, digest: str) -> Any:
-        return redact(self.exporter.ledger.get_json(digest))
+        return redact(self.ledger.get_json(digest))
 
 
 class _ProgramMetrics:
