@@ -70,6 +70,7 @@ def async_loop_s(info, ledger_url: str | None, steps: int, tag: str) -> float:
     from transformers import AutoTokenizer
 
     from firetitan_track import Ledger
+    from firetitan_track.events import StepCompleted
     from firetitan_track.tracking import Recorder, TrackedService, adam_params
     from runner.recipes import async_grpo
     from runner.recipes.base import StepContext
@@ -102,8 +103,8 @@ def async_loop_s(info, ledger_url: str | None, steps: int, tag: str) -> float:
             rec.step = step
         metrics = async_grpo.train_step(ctx, batch)
         if rec is not None:
-            rec.record("StepCompleted", defer=True, step=step, data_cursor=cursor, micro_batches=1, metrics=metrics,
-                       optimizer=dataclasses.asdict(spec.optim), **ctx.step_record)
+            rec.record(StepCompleted(step=step, data_cursor=cursor, micro_batches=1, metrics=metrics,
+                                     optimizer=dataclasses.asdict(spec.optim), **ctx.step_record), defer=True)
         async_grpo.publish(ctx)
     elapsed = time.perf_counter() - start
     loop.close()

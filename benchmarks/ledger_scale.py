@@ -59,6 +59,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from firetitan_track import events  # noqa: E402
+
 STEPS_PER_S = 10
 EVAL_EVERY = 25
 VARIANTS = {
@@ -123,17 +125,22 @@ class _Writes:
         self.latencies: list[float] = []
         self.queued: list[float] = []
 
-    async def record(self, rec, type: str, defer: bool = False, **data) -> None:  # type: ignore[no-untyped-def]
+    async def record(self, rec, event, defer: bool = False) -> None:  # type: ignore[no-untyped-def]
         submitted = time.monotonic()
 
         def call() -> None:
             start = time.monotonic()
-            wrote = rec.record(type, defer=defer, **data)
+            wrote = rec.record(event, defer=defer)
             if wrote is not None and start >= self.warm:
                 self.latencies.append(time.monotonic() - start)
                 self.queued.append(start - submitted)
 
         await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+
+def _step(step: int):  # type: ignore[no-untyped-def]
+    return events.StepCompleted(step=step, data_cursor={"step": step}, micro_batches=1, metrics={"loss": 1.0 / step},
+                                optimizer={"learning_rate": 1e-3})
 
 
 async def _one_run(ledger, writes: _Writes, run_id: str, t0: float, end: float) -> int:  # type: ignore[no-untyped-def]
@@ -143,8 +150,8 @@ async def _one_run(ledger, writes: _Writes, run_id: str, t0: float, end: float) 
     loop = asyncio.get_running_loop()
     lease = await loop.run_in_executor(writes.executor, acquire, ledger, run_id)
     rec = Recorder(ledger, run_id, version=0)
-    await writes.record(rec, "RunStarted", spec={"run": {"name": run_id}}, spec_digest="cd" * 32,
-                        code_version="bench", seed=0, backend="local")
+    await writes.record(rec, events.RunStarted(spec={"run": {"name": run_id}}, spec_digest="cd" * 32,
+                                               code_version="bench", seed=0, backend="local"))
     step, due = 0, t0
     while True:
         due += 1 / STEPS_PER_S
@@ -156,14 +163,12 @@ async def _one_run(ledger, writes: _Writes, run_id: str, t0: float, end: float) 
         step += 1
         if not rec._pending and step % EVAL_EVERY:
             # a deferred step that opens a batch writes nothing: no thread needed
-            rec.record("StepCompleted", defer=True, step=step, data_cursor={"step": step}, micro_batches=1,
-                       metrics={"loss": 1.0 / step}, optimizer={"learning_rate": 1e-3})
+            rec.record(_step(step), defer=True)
         else:
-            await writes.record(rec, "StepCompleted", defer=True, step=step, data_cursor={"step": step},
-                                micro_batches=1, metrics={"loss": 1.0 / step}, optimizer={"learning_rate": 1e-3})
+            await writes.record(rec, _step(step), defer=True)
         if step % EVAL_EVERY == 0:
             for type, data in _eval_events(run_id, step):
-                await writes.record(rec, type, **data)
+                await writes.record(rec, getattr(events, type)(**data))
     await loop.run_in_executor(writes.executor, rec.flush)
     await loop.run_in_executor(writes.executor, lease.release)
     return rec.version
