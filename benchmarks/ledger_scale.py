@@ -284,8 +284,20 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
     sampler = threading.Thread(target=_sample_waits, args=(url, sampling, waits))
     sampler.start()
     latencies, queued, appended, sim_cpu = [], [], 0, 0.0
+    import queue
+
     for _ in procs:
-        lat, q, n, cpu = out.get()
+        while True:  # a writer that died (an error in it) never reports: stop, do not wait for ever
+            try:
+                lat, q, n, cpu = out.get(timeout=5)
+                break
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    sampling.set()
+                    for p in procs + [follower]:
+                        p.terminate()
+                    raise SystemExit(f"a simulator process failed (exit {dead[0]}); its traceback is above")
         latencies += lat
         queued += q
         appended += n
