@@ -61,8 +61,8 @@ def begin(ledger: Ledger, run_id: str, *, command: list[str], cwd: str, started_
                                   "the program into a new run id, or continue that run with `firetitan-track resume`")
         attempt = st.program_attempts + 1
     else:
-        spec = describe_program(command, cwd, interpreter)
         code = program_code_fields(command, cwd, interpreter, put_blob=ledger.put_blob)
+        spec = describe_program(command, cwd, code["entry"], interpreter)
         rec.record(RunStarted(spec=spec, spec_digest=json_digest(spec), code_version=code["code_version"],
                               code=code["code"], seed=None, backend=spec["program"]["backend"]))
     rec.record(ProgramStarted(attempt=attempt, command=list(command), cwd=cwd, started_by=started_by, **started))
@@ -127,14 +127,16 @@ def _signal_name(number: int) -> str:
 
 # -- what RunStarted says of a program -------------------------------------------------------------
 
-def describe_program(command: list[str], cwd: str, interpreter: str | None = None) -> dict[str, Any]:
-    """RunStarted's spec for a recorded program: ``{"program": {...}}``."""
+def describe_program(command: list[str], cwd: str, entry: dict[str, Any],
+                     interpreter: str | None = None) -> dict[str, Any]:
+    """RunStarted's spec for a recorded program: ``{"program": {...}}``; ``entry`` is
+    program_code_fields' (the entry script and its digest, read once)."""
     python = interpreter or python_of(command)
     # the service the program's environment names: the FireTitan SDK's, else the tinker client's
     base_url = os.environ.get("FIREWORKS_BASE_URL") or os.environ.get("TINKER_BASE_URL") or DEFAULT_BASE_URL
     return {"program": {
         "command": list(command), "cwd": cwd, "python": python,
-        "entry": program_code_fields(command, cwd, python)["entry"],
+        "entry": entry,
         "sdk": sdk_versions_of(python) if python else {},
         "backend": base_url,
     }}
