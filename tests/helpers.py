@@ -45,6 +45,21 @@ def small_spec(tmp_path: Path, base_url: str, name: str = "small", **sections: d
     return path
 
 
+def completed_run(tmp_path_factory: pytest.TempPathFactory, local_url: str, name: str, run_id: str,
+                  **sections: dict) -> tuple[Path, str]:
+    """A module's uninterrupted reference run, in this process: ``small_spec`` with ``sections``
+    (named ``name``) run to completion as ``run_id`` into a SQLite ledger of its own. Returns
+    (the spec's path, the ledger URL)."""
+    from runner.loop import run_spec
+    from runner.spec import load_spec
+
+    tmp = tmp_path_factory.mktemp(f"{name}-run")
+    url = f"sqlite:///{tmp}/ledger.db"
+    spec = small_spec(tmp, local_url, name=name, **sections)
+    assert run_spec(load_spec(spec), ledger_url=url, run_id=run_id, progress=False).status == "completed"
+    return spec, url
+
+
 def cli(ledger_url: str, *args: str, crash_at: str | None = None, crash_signal: str = "KILL",
         timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the firetitan-track CLI in its own process (optionally signalled, SIGKILL by

@@ -15,7 +15,7 @@ from firetitan_track import Ledger
 from firetitan_track.projections.lineage import lineage
 from firetitan_track.projections.run_state import authoritative, fold
 
-from tests.helpers import cli, small_spec
+from tests.helpers import cli, completed_run
 
 # 4 steps, one version of lag (K = 1): step 1 trains rollouts of version 0, steps 2-4 of
 # version s-2; batches 1 and 2 are sampled from version 0, batch b > 2 from version b-2,
@@ -61,13 +61,7 @@ def history(ledger_url: str, run_id: str) -> list[tuple]:
 @pytest.fixture(scope="module")
 def reference(local_url, tmp_path_factory):
     """One uninterrupted run: what every resumed run must reproduce, and what the record says."""
-    tmp = tmp_path_factory.mktemp("async-reference")
-    url = f"sqlite:///{tmp}/ledger.db"
-    spec = small_spec(tmp, local_url, name="async", **ASYNC)
-    from runner.loop import run_spec
-    from runner.spec import load_spec
-
-    assert run_spec(load_spec(spec), ledger_url=url, run_id="ref", progress=False).status == "completed"
+    spec, url = completed_run(tmp_path_factory, local_url, "async", "ref", **ASYNC)
     return spec, url, history(url, "ref")
 
 

@@ -17,7 +17,7 @@ from runner.loop import resume_run, run_spec
 from runner.spec import load_spec
 from runner.tasks import DataError, TASKS, _rng
 from runner.tasks.preference import Pair, load_pairs, pair_batch
-from tests.helpers import cli, small_spec, trainer_state
+from tests.helpers import cli, completed_run, small_spec, trainer_state
 
 DPO = {"recipe": {"kind": "dpo", "batch_size": 4, "beta": 0.1}}
 
@@ -84,11 +84,7 @@ def test_a_dpo_spec_with_supervised_jsonl_data_is_refused_before_anything_is_wri
 @pytest.fixture(scope="module")
 def dpo_run(local_url, tmp_path_factory):
     """One uninterrupted DPO run: 4 steps, states at 0, 2, 4."""
-    tmp = tmp_path_factory.mktemp("dpo")
-    url = f"sqlite:///{tmp}/ledger.db"
-    spec = small_spec(tmp, local_url, name="dpo", **DPO)
-    assert run_spec(load_spec(spec), ledger_url=url, run_id="dpo", progress=False).status == "completed"
-    return spec, url
+    return completed_run(tmp_path_factory, local_url, "dpo", "dpo", **DPO)
 
 
 def test_dpo_records_loss_margin_accuracy_against_a_separate_frozen_reference(dpo_run, local_url):

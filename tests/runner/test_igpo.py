@@ -14,11 +14,11 @@ from firetitan_track import Ledger
 from firetitan_track.projections.lineage import lineage
 from firetitan_track.projections.run_state import authoritative, fold
 from runner.cli import main
-from runner.loop import rerun, resume_run, run_spec
+from runner.loop import rerun, resume_run
 from runner.recipes.igpo import turn_advantages
-from runner.spec import Spec, SpecError, load_spec
+from runner.spec import Spec, SpecError
 from runner.tasks import TASKS, Reply, train_batch
-from tests.helpers import cli, small_spec
+from tests.helpers import cli, completed_run, small_spec
 
 IGPO = {"recipe": {"kind": "igpo", "batch_size": 2, "group_size": 2, "max_tokens": 2, "turns": 3},
         "task": {"name": "search", "digits": 1}, "run": {"steps": 3}, "schedule": {"save_every": 2, "eval_every": 3},
@@ -86,11 +86,7 @@ def test_igpo_specs_that_cannot_run_are_refused_naming_the_key(sections, key):
 @pytest.fixture(scope="module")
 def igpo_run(local_url, tmp_path_factory):
     """One uninterrupted IGPO run: 3 steps, states at 0, 2, 3, evals at 0 and 3."""
-    tmp = tmp_path_factory.mktemp("igpo")
-    url = f"sqlite:///{tmp}/ledger.db"
-    spec = small_spec(tmp, local_url, name="igpo", **IGPO)
-    assert run_spec(load_spec(spec), ledger_url=url, run_id="igpo", progress=False).status == "completed"
-    return spec, url
+    return completed_run(tmp_path_factory, local_url, "igpo", "igpo", **IGPO)
 
 
 def test_an_igpo_run_records_each_trajectorys_turns_gains_and_the_snapshot_that_sampled_them(igpo_run):

@@ -12,7 +12,7 @@ import pytest
 from firetitan_track import Ledger
 from firetitan_track.projections.run_state import authoritative, fold
 
-from tests.helpers import HARNESS, REPO, cli, small_spec, trainer_state
+from tests.helpers import HARNESS, REPO, cli, completed_run, small_spec, trainer_state
 
 # Where the runner dies. Steps run 1..4; states at 0, 2, 4; evals at 0, 2, 4.
 CRASH_POINTS = [
@@ -136,13 +136,8 @@ LORA_CRASH_POINTS = [
 
 @pytest.fixture(scope="module")
 def lora_reference(local_url, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lora-reference")
-    url = f"sqlite:///{tmp}/ledger.db"
-    spec = small_spec(tmp, local_url, name="lora", model={"lora_rank": 8, "training_shape": "ts-local-tiny-lora"})
-    from runner.loop import run_spec  # in this process: only the crashed runs need their own
-    from runner.spec import load_spec
-
-    assert run_spec(load_spec(spec), ledger_url=url, run_id="lora", progress=False).status == "completed"
+    spec, url = completed_run(tmp_path_factory, local_url, "lora", "lora",
+                              model={"lora_rank": 8, "training_shape": "ts-local-tiny-lora"})
     events = Ledger.open(url).read("lora")
     assert {ev.data["lora_rank"] for ev in events if ev.type == "TrainerProvisioned"} == {8}
     return spec, history(url, "lora")
