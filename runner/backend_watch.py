@@ -9,6 +9,11 @@ leaves the runner waiting, silently, for as long as anyone lets it.
 included, proves it alive; when nothing has answered for ``window_s`` the watch
 stops the main thread the way a signal does, with ``BackendLost``, and the run goes
 through its cleanup path (which then skips the calls it knows cannot answer).
+
+Some SDK calls give up on a dead service sooner than the window: the run then fails
+with that call's error before the watch has decided. ``settle`` decides at once, with
+one probe, so such a run is recorded as a lost service too and its cleanup does not
+wait a minute on calls that cannot answer.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class BackendWatch:
         self.window_s = window_s if window_s is not None else float(env) if env else DEFAULT_WINDOW_S
         self.interval_s = min(5.0, max(0.5, self.window_s / 6))
         self.lost: BackendLost | None = None
+        self._last_answer = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._main = threading.current_thread() is threading.main_thread()
@@ -89,6 +95,16 @@ class BackendWatch:
         if self.lost is not None:
             raise self.lost
 
+    def settle(self) -> BackendLost | None:
+        """Whether the service is lost, decided now (after ``stop``: the run has failed and
+        is about to clean up). Lost when the watch found it so, or when one probe now gets
+        no answer; None when the service answers."""
+        if self.lost is None:
+            why = unreachable(self.base_url)
+            if why is not None:
+                self.lost = BackendLost(self.base_url, time.monotonic() - self._last_answer, why)
+        return self.lost
+
     def _raise(self, signum: int, frame: Any) -> None:
         if self.lost is not None:
             raise self.lost
@@ -96,16 +112,15 @@ class BackendWatch:
     def _watch(self) -> None:
         import httpx
 
-        last_answer = time.monotonic()
         with httpx.Client(timeout=_PROBE_TIMEOUT_S) as client:
             while not self._stop.wait(self.interval_s):
                 try:
                     client.get(self.base_url + "/")
-                    last_answer = time.monotonic()
+                    self._last_answer = time.monotonic()
                     continue
                 except httpx.HTTPError as exc:
                     error = str(exc) or type(exc).__name__
-                silent = time.monotonic() - last_answer
+                silent = time.monotonic() - self._last_answer
                 if silent >= self.window_s and not self._stop.is_set():
                     self.lost = BackendLost(self.base_url, silent, error)
                     if self._main:

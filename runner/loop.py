@@ -310,10 +310,13 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         rec.record(RunCompleted(final_step=spec.run.steps, final_snapshot=ctx.last_snapshot))
         return result
     except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
-        lost = watch.lost if watch is not None else None
         if watch is not None:
             watch.stop()
-        cause = lost or stop.cause(exc)
+        cause = stop.cause(exc)
+        # a call that gave up on a dead service before the watch's window: lost all the same
+        # (not asked where the ledger refused this process: it records nothing more)
+        lost = watch.settle() if watch is not None and not isinstance(cause, (StoreFailure, LeaseLost)) else None
+        cause = lost or cause
         if isinstance(cause, StoreFailure):
             raise _unrecorded_stop(rec, tracked, cause) from None
         if isinstance(cause, LeaseLost):
