@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import (EvalScored, EvalStarted, MetricsLogged, ModelPromoted, RecordedEvent, RunStarted,
+                                     SamplesRecorded, SnapshotSaved, WeightsSynced)
 from firetitan_track.ledger import VIEW_ERRORS, Ledger, unknown_run, unreadable
 from firetitan_track.projections.run_state import authoritative
 
@@ -78,42 +79,41 @@ def eval_rows(events: Sequence[RecordedEvent]) -> list[EvalRow]:
     ev = None
     try:
         for ev in authoritative(events):
-            d = ev.data
-            if ev.type == "SnapshotSaved":
-                kinds[d["path"]] = d["kind"]
-            elif ev.type == "WeightsSynced":
-                synced[d["snapshot_path"]] = float(d["duration_s"])
-            elif ev.type == "EvalStarted":
-                path = d["snapshot_path"]
-                rows[d["eval_id"]] = EvalRow(
-                    eval_id=d["eval_id"], step=d["step"], snapshot_path=path,
-                    snapshot_kind=kinds.get(path), prompt_set_digest=d["prompt_set_digest"],
-                    prompt_count=d["prompt_count"], sampling=dict(d["sampling"]), score=None,
-                    sync_duration_s=synced.get(path),
-                )
-            elif ev.type == "SamplesRecorded" and d["eval_id"] in rows:
-                rows[d["eval_id"]].completions_digest = d["completions_digest"]
-            elif ev.type == "EvalScored" and d["eval_id"] in rows:
-                row = rows[d["eval_id"]]
-                row.score = float(d["score"])
-                row.metrics = dict(d.get("metrics") or {})
-                row.scored_at = ev.recorded_at
-            elif ev.type == "ModelPromoted":
-                promoted.setdefault(d["snapshot_path"], []).append(d["model_id"])
-            elif ev.type == "MetricsLogged":
-                row = _program_eval(ev)
-                if row is not None:
-                    rows[row.eval_id] = row
+            match ev.fact:
+                case SnapshotSaved(path=path, kind=kind):
+                    kinds[path] = kind
+                case WeightsSynced(snapshot_path=path, duration_s=duration):
+                    synced[path] = float(duration)
+                case EvalStarted() as e:
+                    rows[e.eval_id] = EvalRow(
+                        eval_id=e.eval_id, step=e.step, snapshot_path=e.snapshot_path,
+                        snapshot_kind=kinds.get(e.snapshot_path or ""), prompt_set_digest=e.prompt_set_digest,
+                        prompt_count=e.prompt_count, sampling=dict(e.sampling), score=None,
+                        sync_duration_s=synced.get(e.snapshot_path or ""),
+                    )
+                case SamplesRecorded(eval_id=eval_id, completions_digest=digest) if eval_id in rows:
+                    rows[eval_id].completions_digest = digest
+                case EvalScored(eval_id=eval_id, score=score, metrics=metrics) if eval_id in rows:
+                    row = rows[eval_id]
+                    row.score = float(score)
+                    row.metrics = dict(metrics or {})
+                    row.scored_at = ev.recorded_at
+                case ModelPromoted(snapshot_path=path, model_id=model_id):
+                    promoted.setdefault(path, []).append(model_id)
+                case MetricsLogged() as logged:
+                    row = _program_eval(ev.event_id, ev.recorded_at, logged)
+                    if row is not None:
+                        rows[row.eval_id] = row
         if _is_program(events):
             _tie_to_snapshots(list(rows.values()), events, kinds, synced)
             evaluated = {r.snapshot_path for r in rows.values()}
             for ev in authoritative(events):
-                if ev.type == "SnapshotSaved" and ev.data["path"] not in evaluated:
-                    evaluated.add(ev.data["path"])
+                if isinstance(snap := ev.fact, SnapshotSaved) and snap.path not in evaluated:
+                    evaluated.add(snap.path)
                     rows[f"snapshot@{ev.version}"] = EvalRow(
-                        eval_id=f"snapshot@{ev.version}", step=ev.data["step"], snapshot_path=ev.data["path"],
-                        snapshot_kind=ev.data["kind"], prompt_set_digest=None, prompt_count=None, sampling={},
-                        score=None, sync_duration_s=synced.get(ev.data["path"]), source="snapshot")
+                        eval_id=f"snapshot@{ev.version}", step=snap.step, snapshot_path=snap.path,
+                        snapshot_kind=snap.kind, prompt_set_digest=None, prompt_count=None, sampling={},
+                        score=None, sync_duration_s=synced.get(snap.path), source="snapshot")
     except VIEW_ERRORS as exc:  # a stored event its type does not describe: named, never a traceback
         raise unreadable(ev, exc) from None
     for row in rows.values():
@@ -121,22 +121,25 @@ def eval_rows(events: Sequence[RecordedEvent]) -> list[EvalRow]:
     return list(rows.values())
 
 
+def _started(events: Sequence[RecordedEvent]) -> RunStarted | None:
+    return next((ev.fact for ev in events if isinstance(ev.fact, RunStarted)), None)
+
+
 def _is_program(events: Sequence[RecordedEvent]) -> bool:
     """A recorded program's run (firetitan-track record, autolog)."""
-    started = next((ev.data for ev in events if ev.type == "RunStarted"), None)
-    return isinstance(started, dict) and isinstance(started.get("spec"), dict) and "program" in started["spec"]
+    started = _started(events)
+    return started is not None and isinstance(started.spec, dict) and "program" in started.spec
 
 
-def _program_eval(ev: RecordedEvent) -> EvalRow | None:
+def _program_eval(event_id: str, recorded_at: float, logged: MetricsLogged) -> EvalRow | None:
     """The eval/* metrics of one MetricsLogged, as a row (None when it holds none)."""
-    d = ev.data
-    scores = {k: v for k, v in d["metrics"].items() if is_eval_metric(k)}
+    scores = {k: v for k, v in logged.metrics.items() if is_eval_metric(k)}
     if not scores:
         return None
-    served = d.get("snapshot_path")
-    return EvalRow(eval_id=ev.event_id[:12], step=d["step"] if d["step"] is not None else d.get("trainer_step"),
+    served = logged.snapshot_path
+    return EvalRow(eval_id=event_id[:12], step=logged.step if logged.step is not None else logged.trainer_step,
                    snapshot_path=served, snapshot_kind=None, prompt_set_digest=None, prompt_count=None,
-                   sampling={}, score=None, metrics=scores, scored_at=ev.recorded_at, source="program",
+                   sampling={}, score=None, metrics=scores, scored_at=recorded_at, source="program",
                    measured_on="deployment" if served else "trainer")
 
 
@@ -146,10 +149,10 @@ def _tie_to_snapshots(rows: list[EvalRow], events: Sequence[RecordedEvent], kind
     weights: the snapshot saved from them (at that optimizer step) is the one it scores."""
     saved_at: dict[int, str] = {}
     for ev in authoritative(events):
-        if ev.type == "SnapshotSaved":
-            saved_at.setdefault(int(ev.data["step"]), ev.data["path"])
-            kinds[ev.data["path"]] = ev.data["kind"]
-    trainer_steps = {ev.event_id[:12]: ev.data.get("trainer_step") for ev in events if ev.type == "MetricsLogged"}
+        if isinstance(snap := ev.fact, SnapshotSaved):
+            saved_at.setdefault(int(snap.step), snap.path)
+            kinds[snap.path] = snap.kind
+    trainer_steps = {ev.event_id[:12]: ev.fact.trainer_step for ev in events if isinstance(ev.fact, MetricsLogged)}
     for row in rows:
         if row.source != "program":
             continue
@@ -161,17 +164,18 @@ def _tie_to_snapshots(rows: list[EvalRow], events: Sequence[RecordedEvent], kind
 
 def upstream(events: Sequence[RecordedEvent]) -> dict[str, Any] | None:
     """A chained run's upstream (RunStarted.init_from: run, state, step), None for a run from scratch."""
-    return next((ev.data.get("init_from") for ev in events if ev.type == "RunStarted"), None)
+    started = _started(events)
+    return started.init_from if started is not None else None
 
 
 def code_line(events: Sequence[RecordedEvent]) -> str:
     """Which code produced the run's scores, in a line: its commit and whether the tree was dirty
     (the recorded diff's digest, for ``blob``), the files outside git, or the version alone for
     a run recorded before code identity."""
-    started = next((ev.data for ev in events if ev.type == "RunStarted"), {})
-    code = started.get("code")
+    started = _started(events)
+    code = started.code if started is not None else None
     if code is None:
-        return f"code: not recorded (firetitan-track {started.get('code_version', '-')})"
+        return f"code: not recorded (firetitan-track {started.code_version if started is not None else '-'})"
     git = code.get("git")
     if git is None:
         return f"code: {code.get('no_git') or 'no git repository'}; {len(code.get('files') or {})} file(s) by digest"

@@ -31,7 +31,7 @@ from typing import Any
 
 from firetitan_track.code_identity import code_differences
 from firetitan_track.errors import UserError
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import RecordedEvent, RunStarted, StepCompleted
 from firetitan_track.ledger import Ledger, LedgerError
 from firetitan_track.projections.audit import eval_rows, read_run
 from firetitan_track.projections.mlflow.keys import flatten
@@ -96,18 +96,18 @@ def diff_runs(ledger: Ledger, run_a: str, run_b: str) -> RunDiff:
     step, fields = _first_divergence(events_a, events_b)
     return RunDiff(
         a=run_a, b=run_b,
-        spec=_differing(flatten(start_a.get("spec") or {}), flatten(start_b.get("spec") or {})),
-        prompt_sets=_prompt_sets(ledger, start_a.get("prompt_sets") or {}, start_b.get("prompt_sets") or {},
-                                 start_a.get("prompt_sets_masked") or {}, start_b.get("prompt_sets_masked") or {}),
+        spec=_differing(flatten(start_a.spec or {}), flatten(start_b.spec or {})),
+        prompt_sets=_prompt_sets(ledger, start_a.prompt_sets or {}, start_b.prompt_sets or {},
+                                 start_a.prompt_sets_masked or {}, start_b.prompt_sets_masked or {}),
         code=_code(start_a, start_b),
         first_divergent_step=step, divergence=fields, scores=_scores(events_a, events_b),
     )
 
 
-def _started(run_id: str, events: list[RecordedEvent]) -> dict[str, Any]:
+def _started(run_id: str, events: list[RecordedEvent]) -> RunStarted:
     for ev in events:
-        if ev.type == "RunStarted":
-            return ev.data
+        if isinstance(ev.fact, RunStarted):
+            return ev.fact
     raise NotATrainingRun(f"{run_id} is not a training run (its stream has no RunStarted event)")
 
 
@@ -118,25 +118,25 @@ def _differing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]
 # -- code --------------------------------------------------------------------------------
 
 
-def _code(start_a: dict[str, Any], start_b: dict[str, Any]) -> dict[str, Any]:
-    ca, cb = start_a.get("code"), start_b.get("code")
+def _code(start_a: RunStarted, start_b: RunStarted) -> dict[str, Any]:
+    ca, cb = start_a.code, start_b.code
     differences: dict[str, Any] = {}
     if ca is not None and cb is not None:
         differences = code_differences(ca, cb)
     elif (ca is None) != (cb is None):
         differences["recorded"] = {"a": ca is not None, "b": cb is not None}
-    if start_a.get("code_version") != start_b.get("code_version"):
-        differences["code_version"] = {"a": start_a.get("code_version"), "b": start_b.get("code_version")}
+    if start_a.code_version != start_b.code_version:
+        differences["code_version"] = {"a": start_a.code_version, "b": start_b.code_version}
     return {"same": not (differences.keys() - {"argv"}), "a": _code_summary(start_a), "b": _code_summary(start_b),
             "differences": differences}
 
 
-def _code_summary(started: dict[str, Any]) -> dict[str, Any]:
-    code = started.get("code")
+def _code_summary(started: RunStarted) -> dict[str, Any]:
+    code = started.code
     git = (code or {}).get("git")
     return {"recorded": code is not None, "commit": git.get("commit") if git else None,
             "dirty": git.get("dirty") if git else None, "no_git": (code or {}).get("no_git"),
-            "code_version": started.get("code_version")}
+            "code_version": started.code_version}
 
 
 # -- prompt sets -------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def _examples(ledger: Ledger, digest: str | None) -> list[Any] | None:
 
 
 def _steps(events: list[RecordedEvent]) -> dict[int, dict[str, Any]]:
-    return {ev.data["step"]: ev.data for ev in events if ev.type == "StepCompleted"}
+    return {ev.fact.step: ev.data for ev in events if isinstance(ev.fact, StepCompleted)}
 
 
 def _first_divergence(events_a: list[RecordedEvent],

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import RecordedEvent, SamplesDrawn, SnapshotSaved, StepCompleted, TrajectoriesRecorded
 from firetitan_track.ids import SWEEP_STREAM_PREFIX
 from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.audit import EvalRow, eval_rows, read_run, upstream
@@ -48,7 +48,7 @@ def lineage(ledger: Ledger, snapshot_path: str, run_id: str | None = None) -> Li
         if rid.startswith(SWEEP_STREAM_PREFIX):
             continue
         events = authoritative(read_run(ledger, rid))
-        if any(ev.type == "SnapshotSaved" and ev.data["path"] == snapshot_path for ev in events):
+        if any(isinstance(ev.fact, SnapshotSaved) and ev.fact.path == snapshot_path for ev in events):
             found = _lineage_in(rid, events, snapshot_path)
             found.data, found.drawn_on = _data_behind(ledger, events, found.snapshot["version"])
             return found
@@ -63,10 +63,10 @@ def _lineage_in(run_id: str, events: list[RecordedEvent], path: str) -> Lineage:
     since_previous_from = 0  # index into steps where the current snapshot's own steps begin
     target: dict[str, Any] | None = None
     for ev in events:
-        if ev.type == "StepCompleted":
-            steps.append({"step": ev.data["step"], "data_cursor": ev.data["data_cursor"]})
-        elif ev.type == "SnapshotSaved":
-            snap = {**ev.data, "version": ev.version, "recorded_at": ev.recorded_at}
+        if isinstance(fact := ev.fact, StepCompleted):
+            steps.append({"step": fact.step, "data_cursor": fact.data_cursor})
+        elif isinstance(fact, SnapshotSaved):
+            snap = {**fact.payload(), "version": ev.version, "recorded_at": ev.recorded_at}
             snapshots[snap["path"]] = snap
             if snap["path"] == path:
                 target = snap
@@ -100,31 +100,31 @@ _NOT_RECORDED = "(not recorded)"  # a sample drawn before any sync the run recor
 def _data_behind(ledger: Ledger, events: list[RecordedEvent],
                  until_version: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Each step before the snapshot (``until_version``) with the samples it trained on."""
-    drawn = {ev.event_id: ev.data for ev in events if ev.type == "SamplesDrawn"}
+    drawn = {ev.event_id: ev.fact for ev in events if isinstance(ev.fact, SamplesDrawn)}
     steps: list[dict[str, Any]] = []
     total: dict[str, int] = {}
     for ev in events:
         if ev.version >= until_version:
             break
-        if ev.type == "TrajectoriesRecorded":  # a runner's multi-turn recipe: one step's episodes
-            on = ev.data["snapshot_path"] or _NOT_RECORDED
-            steps.append({"step": ev.data["step"], "trajectories": ev.data["trajectories"],
-                          "turns": ev.data["turns"], "trajectories_digest": ev.data["trajectories_digest"],
-                          "drawn_on": {on: ev.data["trajectories"]}})
-            total[on] = total.get(on, 0) + ev.data["trajectories"]
+        fact = ev.fact
+        if isinstance(fact, TrajectoriesRecorded):  # a runner's multi-turn recipe: one step's episodes
+            on = fact.snapshot_path or _NOT_RECORDED
+            steps.append({"step": fact.step, "trajectories": fact.trajectories, "turns": fact.turns,
+                          "trajectories_digest": fact.trajectories_digest, "drawn_on": {on: fact.trajectories}})
+            total[on] = total.get(on, 0) + fact.trajectories
             continue
-        provenance = ev.data.get("provenance") if ev.type == "StepCompleted" else None
+        provenance = fact.provenance if isinstance(fact, StepCompleted) else None
         if not isinstance(provenance, dict):
             continue
-        row: dict[str, Any] = {"step": ev.data["step"], "datums": provenance.get("datums"),
+        row: dict[str, Any] = {"step": fact.step, "datums": provenance.get("datums"),
                                "matched": provenance.get("matched"), "drawn_on": {}}
-        if ev.data.get("version_offsets"):
-            row["version_offsets"] = ev.data["version_offsets"]
+        if fact.version_offsets:
+            row["version_offsets"] = fact.version_offsets
         if provenance.get("samples_digest"):
             row["samples_digest"] = provenance["samples_digest"]
             for event_id, _index in ledger.get_json(provenance["samples_digest"]):
-                sample = drawn.get(event_id) or {}
-                on = sample.get("snapshot_at_send") or _NOT_RECORDED
+                sample = drawn.get(event_id)
+                on = (sample.snapshot_at_send if sample is not None else None) or _NOT_RECORDED
                 row["drawn_on"][on] = row["drawn_on"].get(on, 0) + 1
                 total[on] = total.get(on, 0) + 1
         steps.append(row)
