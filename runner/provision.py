@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from firetitan_track.events import CleanupApplied, DeploymentProvisioned, TrainerProvisioned
+from firetitan_track.events import (CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned,
+                                    TrainerProvisioned)
 from firetitan_track.projections.run_state import RunState
 from firetitan_track.tracking import Recorder, TrackedService, error_text
 from runner.spec import Spec
@@ -93,8 +94,9 @@ def connect(spec: Spec, where: Endpoint, st: RunState, rec: Recorder, api_key: s
         training_shape_id=shape, deployment_id=deployment_id,
         learning_rate=spec.optim.learning_rate, replica_count=1, trainer_job_id=trainer_id,
         gradient_accumulation_steps=None,  # the SDK's default (1) only logs a deprecation; micro-batches are ours
-        cleanup_trainer_on_close=spec.cleanup.trainer == "delete",
-        cleanup_deployment_on_close=None if spec.cleanup.deployment == "keep" else spec.cleanup.deployment,
+        cleanup_trainer_on_close=spec.cleanup.trainer == CleanupAction.DELETE,
+        cleanup_deployment_on_close=None if spec.cleanup.deployment == CleanupAction.KEEP
+        else spec.cleanup.deployment.value,
     )
     tracked = TrackedService(
         service, rec, base_model=spec.model.base_model, shape=shape,
@@ -112,7 +114,7 @@ def connect(spec: Spec, where: Endpoint, st: RunState, rec: Recorder, api_key: s
         raise
     if needs_reference:
         session.reference = tracked.create_reference_client(lora_rank=spec.model.lora_rank)
-        if st.reference_job_id and spec.cleanup.trainer == "delete":
+        if st.reference_job_id and spec.cleanup.trainer == CleanupAction.DELETE:
             _retire_reference(where, api_key, st.reference_job_id, rec)
     return session
 
@@ -147,9 +149,9 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
         trainer_endpoint=SimpleNamespace(job_id=job_id),
         deployment_manager=DeploymentManager(api_key=api_key, base_url=where.base_url) if made_deployment else None,
         deployment=SimpleNamespace(deployment_id=deployment_id) if made_deployment else None)
-    wanted = {"trainer": "deleted" if spec.cleanup.trainer == "delete" and made_trainer else "kept",
-              "deployment": {"scale_to_zero": "scaled_to_zero", "delete": "deleted"}.get(spec.cleanup.deployment, "kept")
-              if made_deployment else "kept"}
+    kept = CleanupOutcome.KEPT
+    wanted = {"trainer": spec.cleanup.trainer.outcome if made_trainer else kept,
+              "deployment": spec.cleanup.deployment.outcome if made_deployment else kept}
     done, why = clean_up(handle, wanted)
     error = f"provisioning failed ({error_text(cause)}) after it made " + " and ".join(
         what for what, made in ((f"trainer {job_id}", made_trainer), (f"deployment {deployment_id}", made_deployment))
@@ -186,6 +188,7 @@ def _retire_reference(where: Endpoint, api_key: str, job_id: str, rec: Recorder)
 
     TrainerJobManager(api_key=api_key, base_url=where.base_url).delete(job_id)  # logs a failure, returns
     gone = not _trainer_alive(where, api_key, job_id)  # recorded as the service confirms it
-    rec.record(CleanupApplied(trainer="deleted" if gone else "failed", deployment="kept", role="reference",
+    rec.record(CleanupApplied(trainer=CleanupOutcome.DELETED if gone else CleanupOutcome.FAILED,
+                              deployment=CleanupOutcome.KEPT, role="reference",
                               trainer_job_id=job_id,
                               error=None if gone else f"trainer {job_id} is still there after its delete"))
