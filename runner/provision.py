@@ -17,9 +17,9 @@ from firetitan_track.events import (CleanupAction, CleanupApplied, CleanupOutcom
                                     TrainerProvisioned)
 from firetitan_track.projections.run_state import RunState
 from firetitan_track.tracking import Recorder, TrackedService, error_text
-from runner.spec import Spec
+from runner.spec import Spec, SpecError
 
-__all__ = ["Endpoint", "Session", "api_key", "endpoint", "shape_ref", "connect"]
+__all__ = ["Endpoint", "Session", "api_key", "endpoint", "served_tokenizer", "shape_ref", "connect"]
 
 # Job states from which a trainer cannot be reconnected to.
 _GONE_STATES = frozenset({"", "JOB_STATE_DELETED", "JOB_STATE_DELETING", "JOB_STATE_FAILED",
@@ -45,17 +45,46 @@ class Session:
 
 def endpoint(spec: Spec) -> Endpoint:
     """Where the run's service is: the managed API, a given base_url, or the embedded
-    local service (started when none runs on the spec's state dir)."""
+    local service (started when none runs on the spec's state dir). A local service's
+    tokenizer (unless the spec names one) is the one that service says it serves."""
     if spec.backend.kind == "fireworks":
         return Endpoint(spec.backend.base_url or None, spec.model.tokenizer)
-    from runner.local.catalogue import tokenizer_path
-
     if spec.backend.base_url:
-        return Endpoint(spec.backend.base_url, spec.model.tokenizer or tokenizer_path())
+        base_url = spec.backend.base_url
+        return Endpoint(base_url, spec.model.tokenizer or served_tokenizer(spec, base_url, api_key(spec) or ""))
     from runner.local.supervisor import ensure_running
 
-    info = ensure_running(spec.backend.state_dir, device=spec.backend.device)
+    info = ensure_running(spec.backend.state_dir, device=spec.backend.device)  # its service.json
     return Endpoint(info.base_url, spec.model.tokenizer or info.tokenizer_path)
+
+
+INFO_PATH = "/local/v1/info"  # what a local service says of itself (`local info --json`, service.json)
+_INFO_TIMEOUT_S = 10.0
+
+
+def served_tokenizer(spec: Spec, base_url: str, key: str) -> str:
+    """The tokenizer the local service at ``base_url`` serves its default model with, as it
+    says (GET /local/v1/info; a service started with --token wants it as the API key). One
+    request, no retries: a URL where nothing answers is refused at once, as preflight refuses it."""
+    import httpx
+
+    where = "backend.base_url"
+    try:
+        answer = httpx.get(base_url.rstrip("/") + INFO_PATH, headers={"Authorization": f"Bearer {key}"},
+                           timeout=_INFO_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise SpecError(f"{spec.source}: {where}: no service answers at {base_url} "
+                        f"({str(exc) or type(exc).__name__})") from None
+    try:
+        path = answer.json().get("tokenizer_path") if answer.status_code == 200 else None
+    except (ValueError, AttributeError):
+        path = None
+    if not isinstance(path, str) or not path:
+        raise SpecError(f"{spec.source}: {where}: the service at {base_url} does not say which tokenizer it "
+                        f"serves (GET {INFO_PATH}: HTTP {answer.status_code}); point backend.base_url at a "
+                        "firetitan-track local service (with FIREWORKS_API_KEY set to its token, if it has one), "
+                        "or name the tokenizer in model.tokenizer")
+    return path
 
 
 def api_key(spec: Spec) -> str | None:

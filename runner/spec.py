@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 from firetitan_track.errors import UserError
 from firetitan_track.events import CleanupAction
 
-from runner.local.state import DEFAULT_STATE_DIR
+from runner.local.supervisor import DEFAULT_STATE_DIR  # the launcher's: where it keeps a service it starts
 
 from runner.tasks import DEFAULT_EVAL_COUNT
 
