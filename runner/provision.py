@@ -157,9 +157,10 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
 
     from fireworks.training.sdk import DeploymentManager, TrainerJobManager
 
+    from firetitan_track import sdk_adapter
     from firetitan_track.tracking import clean_up
 
-    config = getattr(service, "_managed_config", None)
+    config = sdk_adapter.managed_config(service)
     job_id = getattr(config, "trainer_job_id", None)
     made_trainer = bool(job_id) and job_id != reused_trainer and _trainer_alive(where, api_key, job_id)
     deployment_id = spec.model.deployment_id
