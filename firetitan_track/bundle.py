@@ -33,6 +33,7 @@ imported (a bundle cannot be redacted after the fact without breaking its chains
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -44,22 +45,27 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from firetitan_track.blobs import canonical_json, is_digest, redacted_json, sha256_hex
 from firetitan_track.errors import UserError
 from firetitan_track.events import CATALOGUE, blob_references, sweep_trials
-from firetitan_track.ids import RUN_ID_RULE, is_stream_id, sweep_stream
-from firetitan_track.ledger import Ledger, LedgerError, NotFound, Problem, RowView, check_stream
+from firetitan_track.ids import RUN_ID_RULE, is_stream_id, run_id_problem, sweep_stream
+from firetitan_track.ledger import Ledger, LedgerError, NotFound, Problem, check_chain, check_stream, unknown_run
 from firetitan_track.redact import may_need_redaction, redact_bytes, secret_values
 from firetitan_track.signing import HeadCheck, SignedHead, check_heads
+from firetitan_track.store import Store
 from firetitan_track.store import blobs as blob_table
+from firetitan_track.store import events as event_table
+from firetitan_track.store import signed_heads as head_table
 
 __all__ = ["BundleError", "BundleProblem", "Bundle", "BlobEntry", "BundleSummary", "ImportReport", "Limits",
            "FORMAT", "FORMAT_VERSION", "write_bundle", "read_bundle", "bundle_blobs", "importable_bundle",
-           "import_bundle"]
+           "import_bundle", "import_streams", "StreamStore", "RowView", "ROW_KEYS"]
 
 FORMAT = "firetitan-track bundle"
 FORMAT_VERSION = 2  # raise on any change an older reader would misread (2: signed heads)
@@ -97,7 +103,7 @@ class BlobEntry:
 
 @dataclass
 class Bundle:
-    """A bundle as read: its manifest, its streams (rows as ``Ledger.stored_rows`` gives them),
+    """A bundle as read: its manifest, its streams (rows as ``StreamStore.rows`` gives them),
     its blobs (checked, not kept: ``bundle_blobs`` reads them again one at a time), its
     signed heads and what they vouch for, and what verification found wrong (empty: intact)."""
 
@@ -153,8 +159,9 @@ def write_bundle(ledger: Ledger, out: str | os.PathLike[str], run_ids: Sequence[
     names = _stream_names(ledger, run_ids, sweep_ids)
     if not names:
         raise BundleError("name at least one run or --sweep to bundle")
-    streams = {name: ledger.stored_rows(name) for name in names}
-    heads = {name: ledger.signed_heads(name) for name in names}
+    store = StreamStore(ledger)
+    streams = {name: store.rows(name) for name in names}
+    heads = {name: store.heads(name) for name in names}
     for name, rows in streams.items():
         problem = check_stream(name, [RowView(r) for r in rows])
         problems = [f"version {v}: {why}" for v, why in check_heads(name, [r["hash"] for r in rows],
@@ -162,7 +169,7 @@ def write_bundle(ledger: Ledger, out: str | os.PathLike[str], run_ids: Sequence[
         if problem is not None or problems:
             raise BundleError(f"run {name} does not verify in this ledger ({problem or problems[0]}); run "
                               "`firetitan-track verify` to find every damaged event; no bundle was written")
-    blobs = _referenced_blobs(ledger, streams)
+    blobs = _referenced_blobs(store, streams)
     _refuse_secrets(streams, blobs)
 
     members: list[tuple[str, bytes]] = []
@@ -207,7 +214,7 @@ def _stream_names(ledger: Ledger, run_ids: Sequence[str], sweep_ids: Sequence[st
     return list(dict.fromkeys(names))
 
 
-def _referenced_blobs(ledger: Ledger, streams: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[str, bytes]]:
+def _referenced_blobs(store: StreamStore, streams: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[str, bytes]]:
     """Every stored blob whose digest appears anywhere in the events (``*_digest`` fields, the
     prompt-set map of RunStarted, ...). A digest of a blob field (EventType.blobs) with no blob
     is refused: the bundle would carry a run whose record is incomplete; any other digest
@@ -220,14 +227,7 @@ def _referenced_blobs(ledger: Ledger, streams: dict[str, list[dict[str, Any]]]) 
             wanted.update(_digests(data))
             for field_name, digest in blob_references(r["type"], data):
                 required.setdefault(digest, f"run {name} version {r['version']} ({r['type']}.{field_name})")
-    found: dict[str, tuple[str, bytes]] = {}
-    ordered = sorted(wanted)
-    with ledger.engine.connect() as conn:
-        for i in range(0, len(ordered), 500):
-            stmt = sa.select(blob_table.c.digest, blob_table.c.media_type, blob_table.c.data).where(
-                blob_table.c.digest.in_(ordered[i:i + 500]))
-            for digest, media_type, data in conn.execute(stmt):
-                found[digest] = (media_type, bytes(data))
+    found = store.blobs(wanted)
     for digest, where in required.items():
         if digest not in found:
             raise BundleError(f"{where} names blob {digest}, which the ledger does not hold (deleted?); run "
@@ -721,7 +721,7 @@ def _stream_rows(bundle: Bundle, entry: dict[str, Any], body: bytes) -> list[dic
             bundle.problems.append(BundleProblem(f"{file} line {n}", f"names run {row['run_id']!r}, not {name!r}"))
             return None
         rows.append(row)
-    problem = check_stream(name, [_Row(r) for r in rows])
+    problem = check_stream(name, [RowView(r) for r in rows])
     if problem is not None:
         bundle.problems.append(_chain_problem(problem))
     elif len(rows) != entry["events"] or (rows and rows[-1]["hash"] != entry["head_hash"]):
@@ -751,13 +751,6 @@ def _check_signed_heads(bundle: Bundle) -> None:
         check = check_heads(name, [r["hash"] for r in rows], by_stream.get(name, []))
         bundle.head_checks[name] = check
         bundle.problems += [BundleProblem(f"run {name} version {v}", why) for v, why in check.problems]
-
-
-class _Row:
-    """A row dict read by attribute, as check_chain reads database rows."""
-
-    def __init__(self, row: dict[str, Any]) -> None:
-        self.__dict__.update(row)
 
 
 def _chain_problem(p: Problem) -> BundleProblem:
@@ -823,7 +816,7 @@ def import_bundle(ledger: Ledger, bundle: Bundle | str | os.PathLike[str]) -> Im
     """
     if not isinstance(bundle, Bundle):
         bundle = importable_bundle(bundle)
-    written = ledger.import_rows(bundle.streams, _without_secrets(bundle_blobs(bundle)), bundle.heads)
+    written = import_streams(ledger, bundle.streams, _without_secrets(bundle_blobs(bundle)), bundle.heads)
     return ImportReport(written, len(bundle.blobs))
 
 
@@ -846,3 +839,166 @@ def _refuse_newer_events(bundle: Bundle) -> None:
                         f"{r['type']} schema version {r['schema_version']} (this one knows {known.version})")
                 raise BundleError(f"{bundle.path}: run {name} version {r['version']} has {what}: it was "
                                   "written by a newer firetitan-track; upgrade to import it")
+
+
+def import_streams(ledger: Ledger, streams: dict[str, list[dict[str, Any]]],
+                   blobs: Iterable[tuple[str, str, bytes]] = (),
+                   heads: Iterable[SignedHead] = ()) -> dict[str, int]:
+    """Write streams recorded elsewhere as they are, with the blobs they reference and the
+    signed heads that vouch for them, in one transaction: event ids, versions, payload text,
+    times and hashes unchanged (so ``verify`` passes here), positions this ledger's own.
+
+    ``streams`` maps a run id to its rows (``StreamStore.rows`` of the source), an intact chain
+    from version 0 whose every payload its event type accepts, checked here as an append would
+    check them (run ids, columns, chain, payloads); ``blobs`` are (digest, media type, bytes),
+    each checked as it is written (they may be read lazily, one at a time); ``heads`` are kept
+    when they verify and their stream reaches them. A stream this ledger holds must share its
+    history (its stored versions hash alike), and only the versions it lacks are written;
+    otherwise LedgerError, and nothing at all is written. Returns the number of events
+    written per stream.
+    """
+    secrets = secret_values()
+    incoming: dict[str, list[RowView]] = {}
+    for run_id, rows in streams.items():
+        problem = run_id_problem(run_id, secrets)
+        if problem is not None:
+            raise LedgerError(problem)
+        ns = [RowView(r) for r in rows]
+        if any(r.run_id != run_id for r in ns):
+            raise LedgerError(f"run {run_id!r}: an imported row names another run")
+        problem = check_stream(run_id, ns)
+        if problem is not None:
+            raise LedgerError(f"cannot import {problem}")
+        incoming[run_id] = ns
+    vouched = [h for h in heads if h.run_id in incoming
+               and not check_heads(h.run_id, [r.hash for r in incoming[h.run_id]], [h]).problems]
+    written: dict[str, int] = {}
+    store = StreamStore(ledger)
+    with store.importing() as tx:
+        new_rows: list[RowView] = []
+        for run_id, rows in incoming.items():
+            held = tx.held(run_id)
+            problem = check_chain(run_id, held)
+            if problem is not None:
+                raise LedgerError(f"run {run_id!r} here is damaged ({problem}); nothing was imported")
+            for mine, theirs in zip(held, rows):
+                if mine.hash != theirs.hash:
+                    raise LedgerError(f"run {run_id!r} already exists in {store.url} with a different history "
+                                      f"(version {mine.version} differs); nothing was imported")
+            new_rows += rows[len(held):]
+            written[run_id] = max(0, len(rows) - len(held))
+        for digest, media_type, data in blobs:  # one at a time: a bundle's blobs need not fit in memory
+            if sha256_hex(data) != digest:
+                raise LedgerError(f"cannot import blob {digest}: its content does not hash to it; "
+                                  "nothing was imported")
+            tx.add_blob(digest, media_type, data)
+        tx.add_heads(vouched)
+        tx.add_events(new_rows)
+    return written
+
+
+# -- the ledger's store, as bundles see it ----------------------------------------------------
+
+# An event row as a ledger stores it and a bundle carries it: every column but ``position``,
+# which each ledger gives in its own commit order.
+ROW_KEYS = tuple(c.name for c in event_table.c if c.name != "position")
+
+
+class RowView:
+    """A row given as a dict (``StreamStore.rows``, a bundle's), read by attribute like a database
+    row, as ``check_stream`` reads rows; LedgerError when a column is missing or of another type
+    than the ledger stores."""
+
+    __slots__ = ROW_KEYS
+    _TYPES = {"version": int, "schema_version": int, "recorded_at": float}  # else str
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        for k in ROW_KEYS:
+            value = row.get(k)
+            if type(value) is not self._TYPES.get(k, str):
+                shown = repr(value)
+                raise LedgerError(f"an imported event's {k} is {shown if len(shown) <= 60 else shown[:57] + '...'}, "
+                                  f"not a {self._TYPES.get(k, str).__name__}")
+            setattr(self, k, value)
+
+    def stored(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ROW_KEYS}
+
+
+class StreamStore:
+    """All a bundle touches of a ledger's database: a stream's rows and signed heads as stored,
+    the blobs they name, and one transaction that adds rows chained elsewhere, with their blobs
+    and heads. Rows go in as they are, past ``Ledger.append`` (they are already chained and
+    hashed), but in the ledger's commit order (store.py), so followers never skip one."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._store: Store = ledger.store
+        self.url = ledger.url
+
+    def rows(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's events exactly as stored (``data`` is the hashed payload text), in version
+        order; NotFound when there is no such run."""
+        with self._store.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(_stream_select(run_id)).mappings()]
+        if not rows:
+            raise unknown_run(run_id)
+        return rows
+
+    def heads(self, run_id: str) -> list[SignedHead]:
+        """The stream's signed heads, oldest first."""
+        return self._ledger.signed_heads(run_id)
+
+    def blobs(self, digests: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        """{digest: (media type, bytes)} of those of ``digests`` the ledger holds (unchecked)."""
+        found: dict[str, tuple[str, bytes]] = {}
+        ordered = sorted(digests)
+        with self._store.engine.connect() as conn:
+            for i in range(0, len(ordered), 500):
+                stmt = sa.select(blob_table.c.digest, blob_table.c.media_type, blob_table.c.data).where(
+                    blob_table.c.digest.in_(ordered[i:i + 500]))
+                for digest, media_type, data in conn.execute(stmt):
+                    found[digest] = (media_type, bytes(data))
+        return found
+
+    @contextlib.contextmanager
+    def importing(self) -> Iterator[_Import]:
+        """One import's transaction: all it adds commits together, or nothing does. A concurrent
+        write to a stream it adds to (the unique version index) is a LedgerError."""
+        duplicate = (IntegrityError, self._store.engine.dialect.loaded_dbapi.IntegrityError)
+        try:
+            with self._store.append_transaction() as conn:
+                yield _Import(self._store, conn)
+        except duplicate:
+            raise LedgerError("the import conflicted with a concurrent write; nothing was imported, "
+                              "retry") from None
+
+
+class _Import:
+    """What an import transaction may do (``StreamStore.importing``)."""
+
+    def __init__(self, store: Store, conn: Connection) -> None:
+        self._store, self._conn = store, conn
+
+    def held(self, run_id: str) -> list[Any]:
+        """The stream's rows this ledger holds now, in version order."""
+        return self._conn.execute(_stream_select(run_id)).all()
+
+    def add_blob(self, digest: str, media_type: str, data: bytes) -> None:
+        self._conn.execute(self._store.insert_ignoring_duplicates(blob_table),
+                           {"digest": digest, "media_type": media_type, "size": len(data), "data": data})
+
+    def add_heads(self, heads: Sequence[SignedHead]) -> None:
+        if heads:
+            self._conn.execute(self._store.insert_ignoring_duplicates(head_table), [h.to_dict() for h in heads])
+
+    def add_events(self, rows: Sequence[RowView]) -> None:
+        """Insert the rows, taking the commit-order lock first (the last thing the import does)."""
+        if rows:
+            self._store.take_commit_order(self._conn)
+            self._conn.execute(event_table.insert(), [r.stored() for r in rows])
+
+
+def _stream_select(run_id: str) -> sa.Select:
+    return (sa.select(*(event_table.c[k] for k in ROW_KEYS)).where(event_table.c.run_id == run_id)
+            .order_by(event_table.c.version))

@@ -18,6 +18,7 @@ between "asked" and "done" visible in the log.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import types
 import typing
@@ -31,6 +32,8 @@ from firetitan_track.ids import RUN_ID_RULE, is_run_id
 __all__ = [
     "CATALOGUE",
     "EVENT_CLASSES",
+    "CleanupAction",
+    "CleanupOutcome",
     "Event",
     "EventType",
     "Kind",
@@ -110,11 +113,18 @@ _SCALAR_KINDS: dict[Any, Kind] = {str: STRING, int: INTEGER, float: NUMBER, bool
                                   dict: OBJECT, list: ARRAY}
 
 
+def _one_of(values: tuple[str, ...]) -> Kind:
+    return Kind("one of " + ", ".join(map(repr, values)), lambda v: isinstance(v, str) and v in values)
+
+
 def _kind_of(annotation: Any) -> Kind:
     """The JSON kind a field's annotation names: str, int, float, bool, Any, dict[str, X],
-    list[X], X | None, or Annotated[..., Kind] for one Python cannot name (Id, Digest)."""
+    list[X], X | None, a str-valued Enum (one of its values), or Annotated[..., Kind] for one
+    Python cannot name (Id, Digest)."""
     if typing.get_origin(annotation) is Annotated:
         return typing.get_args(annotation)[1]
+    if isinstance(annotation, type) and issubclass(annotation, enum.StrEnum):
+        return _one_of(tuple(m.value for m in annotation))
     if annotation in _SCALAR_KINDS:
         return _SCALAR_KINDS[annotation]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -309,17 +319,55 @@ class Reconnected(Event):
     deployment_id: str | None = optional(null=True)
 
 
+class CleanupOutcome(enum.StrEnum):
+    """What became of a resource when its run closed, as CleanupApplied records it (the
+    values are the ledger's words; a member is the str it stands for, so an old payload's
+    string and a member compare equal and serialise the same)."""
+
+    DELETED = "deleted"
+    KEPT = "kept"
+    SCALED_TO_ZERO = "scaled_to_zero"
+    FAILED = "failed"  # attempted, and the resource is still there
+    UNKNOWN = "unknown"  # attempted (or meant to be), and the service could not confirm it
+
+
+class CleanupAction(enum.StrEnum):
+    """What a cleanup policy asks for a resource when its run closes: a spec's ``[cleanup]``
+    (trainer: delete|keep; deployment: scale_to_zero|delete|keep), in the words the SDK's
+    ``cleanup_deployment_on_close`` takes."""
+
+    DELETE = "delete"
+    KEEP = "keep"
+    SCALE_TO_ZERO = "scale_to_zero"
+
+    @property
+    def outcome(self) -> CleanupOutcome:
+        """The outcome this action records when it is done."""
+        return {CleanupAction.DELETE: CleanupOutcome.DELETED, CleanupAction.KEEP: CleanupOutcome.KEPT,
+                CleanupAction.SCALE_TO_ZERO: CleanupOutcome.SCALED_TO_ZERO}[self]
+
+
 class CleanupApplied(Event):
     """trainer: deleted|kept; deployment: scaled_to_zero|deleted|kept, as the service confirmed
-    them; failed (still there after the attempt) or unknown (not confirmed); optional error: why;
-    optional role and trainer_job_id: a resource other than the run's own session (a crashed
-    attempt's reference, a trainer a failed provisioning left behind)"""
+    them; failed (still there after the attempt) or unknown (not confirmed) (CleanupOutcome);
+    optional error: why; optional role and trainer_job_id: a resource other than the run's own
+    session (a crashed attempt's reference, a trainer a failed provisioning left behind)"""
 
-    trainer: str
-    deployment: str
+    trainer: CleanupOutcome
+    deployment: CleanupOutcome
     error: str | None = optional()
     role: str | None = optional()
     trainer_job_id: str | None = optional(null=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("trainer", "deployment"):  # a stored payload's string reads as its member
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, CleanupOutcome(value))
+            except ValueError:
+                raise InvalidEvent(f"CleanupApplied: {name} is {value!r}, not one of "
+                                   f"{', '.join(m.value for m in CleanupOutcome)}") from None
 
 
 class RunFailed(Event):

@@ -12,8 +12,10 @@
   and stored; old schema versions are upcast on read, never rewritten.
 - Nothing read is trusted: ``read`` checks the chain of what it returns, each payload
   against its type and the newest signed head; ``get_blob`` checks the content still
-  hashes to its digest; ``import_rows`` checks rows, payloads and run ids as an append
-  would. A damaged read raises CorruptLedger naming the run and version.
+  hashes to its digest. A damaged read raises CorruptLedger naming the run and version.
+
+Carrying runs between ledgers (export and import, rows as stored) is bundle.py's, which
+works on the store underneath (``Ledger.store``) through a narrow interface of its own.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from firetitan_track.store import signed_heads as head_table
 
 __all__ = ["Ledger", "LedgerError", "ConcurrencyError", "NotFound",
            "CorruptLedger", "StoreFailure", "VIEW_ERRORS", "unreadable", "RunInfo", "Problem",
-           "GENESIS_HASH", "event_hash", "check_chain", "check_stream", "VerifyReport", "RowView"]
+           "GENESIS_HASH", "event_hash", "check_chain", "check_stream", "VerifyReport"]
 
 GENESIS_HASH = ""  # the prev_hash of version 0
 _HEX_PREFIX = re.compile(r"[0-9a-f]{6,63}")  # a digest prefix worth looking up
@@ -208,6 +210,12 @@ class Ledger:
     def url(self) -> str:
         """The URL, password masked."""
         return self._store.url
+
+    @property
+    def store(self) -> Store:
+        """The database underneath (store.py), for what works on rows as stored rather than on
+        events: bundle.py's export and import."""
+        return self._store
 
     def close(self) -> None:
         self._store.close()
@@ -446,82 +454,6 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(self._store.upsert(checkpoints, "name", {"name": name, "position": position}))
 
-    # -- copying runs between ledgers (bundles) -------------------------------------
-
-    def stored_rows(self, run_id: str) -> list[dict[str, Any]]:
-        """The run's events exactly as stored (``data`` is the hashed payload text), for
-        carrying them to another ledger; NotFound when there is no such run."""
-        stmt = sa.select(*_COLUMNS).where(event_table.c.run_id == run_id).order_by(event_table.c.version)
-        with self.engine.connect() as conn:
-            rows = [{k: getattr(r, k) for k in _ROW_KEYS} for r in conn.execute(stmt)]
-        if not rows:
-            raise unknown_run(run_id)
-        return rows
-
-    def import_rows(self, streams: dict[str, list[dict[str, Any]]],
-                    blobs: Iterable[tuple[str, str, bytes]] = (),
-                    heads: Iterable[SignedHead] = ()) -> dict[str, int]:
-        """Write streams recorded elsewhere as they are, with the blobs they reference and the
-        signed heads that vouch for them, in one transaction: event ids, versions, payload text,
-        times and hashes unchanged (so ``verify`` passes here), positions this ledger's own.
-
-        ``streams`` maps a run id to its rows (``stored_rows`` of the source), an intact chain
-        from version 0 whose every payload its event type accepts; ``blobs`` are (digest, media
-        type, bytes), each checked as it is written (they may be read lazily, one at a time);
-        ``heads`` are kept when they verify and their stream reaches them. A stream this ledger
-        holds must share its history (its stored versions hash alike), and only the versions it
-        lacks are written; otherwise LedgerError, and nothing at all is written. Returns the
-        number of events written per stream.
-        """
-        secrets = secret_values()
-        incoming: dict[str, list[Any]] = {}
-        for run_id, rows in streams.items():
-            _check_run_id(run_id, secrets)
-            ns = [RowView(r) for r in rows]
-            if any(r.run_id != run_id for r in ns):
-                raise LedgerError(f"run {run_id!r}: an imported row names another run")
-            problem = check_stream(run_id, ns)
-            if problem is not None:
-                raise LedgerError(f"cannot import {problem}")
-            incoming[run_id] = ns
-        head_rows = []
-        for h in heads:
-            rows = incoming.get(h.run_id)
-            if rows is not None and not check_heads(h.run_id, [r.hash for r in rows], [h]).problems:
-                head_rows.append(h.to_dict())
-        written: dict[str, int] = {}
-        stmt = sa.select(*_COLUMNS).order_by(event_table.c.version)
-        try:
-            with self._store.append_transaction() as conn:
-                new_rows: list[dict[str, Any]] = []
-                for run_id, rows in incoming.items():
-                    held = conn.execute(stmt.where(event_table.c.run_id == run_id)).all()
-                    problem = check_chain(run_id, held)
-                    if problem is not None:
-                        raise LedgerError(f"run {run_id!r} here is damaged ({problem}); nothing was imported")
-                    for mine, theirs in zip(held, rows):
-                        if mine.hash != theirs.hash:
-                            raise LedgerError(
-                                f"run {run_id!r} already exists in {self.url} with a different history "
-                                f"(version {mine.version} differs); nothing was imported")
-                    new_rows += [{k: getattr(r, k) for k in _ROW_KEYS} for r in rows[len(held):]]
-                    written[run_id] = max(0, len(rows) - len(held))
-                for digest, media_type, data in blobs:  # one at a time: a bundle's blobs need not fit in memory
-                    if sha256_hex(data) != digest:
-                        raise LedgerError(f"cannot import blob {digest}: its content does not hash to it; "
-                                          "nothing was imported")
-                    conn.execute(self._store.insert_ignoring_duplicates(blob_table),
-                                 {"digest": digest, "media_type": media_type, "size": len(data), "data": data})
-                if head_rows:
-                    conn.execute(self._store.insert_ignoring_duplicates(head_table), head_rows)
-                if new_rows:
-                    self._store.take_commit_order(conn)
-                    conn.execute(event_table.insert(), new_rows)
-        except self._duplicate_errors:
-            raise LedgerError("the import conflicted with a concurrent write; nothing was imported, "
-                              "retry") from None
-        return written
-
     def signed_heads(self, run_id: str) -> list[SignedHead]:
         """Every signed head of a stream, oldest first (what ``bundle`` carries)."""
         with self._reading(), self.engine.connect() as conn:
@@ -583,23 +515,6 @@ class VerifyReport:
 
 
 # -- helpers ----------------------------------------------------------------------
-
-class RowView:
-    """A row given as a dict (``stored_rows``, a bundle's), read by attribute like a database row;
-    LedgerError when a column is missing or of another type than the ledger stores."""
-
-    __slots__ = tuple(_ROW_KEYS)
-    _TYPES = {"version": int, "schema_version": int, "recorded_at": float}  # else str
-
-    def __init__(self, row: dict[str, Any]) -> None:
-        for k in _ROW_KEYS:
-            value = row.get(k)
-            if type(value) is not self._TYPES.get(k, str):
-                shown = repr(value)
-                raise LedgerError(f"an imported event's {k} is {shown if len(shown) <= 60 else shown[:57] + '...'}, "
-                                  f"not a {self._TYPES.get(k, str).__name__}")
-            setattr(self, k, value)
-
 
 def _check_run_id(run_id: str, secrets: list[str]) -> None:
     problem = run_id_problem(run_id, secrets)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from firetitan_track import sdk_adapter
-from firetitan_track.events import (CallFailed, CleanupApplied, DeploymentProvisioned, EvalScored, EvalStarted, Event,
+from firetitan_track.events import (CallFailed, CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned, EvalScored, EvalStarted, Event,
                                     ProvisionRequested, Reconnected, RecordedEvent, ReferenceProvisioned, RunStarted,
                                     SamplesRecorded, SnapshotRequested, SnapshotSaved, StateSaved, StateSaveRequested,
                                     StepCompleted, SyncRequested, TrainerProvisioned, WeightsSynced, new_event)
@@ -38,7 +38,8 @@ from firetitan_track.ledger import Ledger
 from firetitan_track.redact import redact_text
 
 __all__ = ["Recorder", "CallRecorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track",
-           "adam_params", "code_version", "error_text", "close_and_confirm", "cleanup_policy", "clean_up"]
+           "adam_params", "code_version", "error_text", "close_and_confirm", "cleanup_policy", "clean_up",
+           "Cleanup"]
 
 adam_params = sdk_adapter.adam_params  # the seed's tinker.AdamParams, as the installed SDK takes it
 
@@ -470,7 +471,7 @@ class TrackedService:
         self._auto_steps = auto_steps  # a researcher's own loop: steps and samples recorded as they happen
         self._pending: list[dict[str, Any]] = []  # own-loop samples awaiting log_score
         self._closed = False
-        self.cleanup: dict[str, str] = {}  # what close() recorded
+        self.cleanup: Cleanup = {}  # what close() recorded
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._service, name)
@@ -581,7 +582,7 @@ class TrackedService:
 
     # -- cleanup --------------------------------------------------------------------------
 
-    def close(self, *, backend_lost: str | None = None) -> dict[str, str]:
+    def close(self, *, backend_lost: str | None = None) -> Cleanup:
         """Apply the cleanup policies and record what was confirmed done (see ``close_and_confirm``)."""
         if self._closed:
             return self.cleanup
@@ -591,8 +592,13 @@ class TrackedService:
         return self.cleanup
 
 
+# {"trainer": ..., "deployment": ...}: what a cleanup did (or, as a policy, is to do) to each
+Cleanup = dict[str, CleanupOutcome]
+_NOTHING: Cleanup = {"trainer": CleanupOutcome.KEPT, "deployment": CleanupOutcome.KEPT}
+
+
 def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, owns_reattached: bool = False,
-                      backend_lost: str | None = None, done_into: dict[str, str] | None = None) -> dict[str, str]:
+                      backend_lost: str | None = None, done_into: Cleanup | None = None) -> Cleanup:
     """Close ``service`` (``close`` is its SDK close), apply its cleanup policies, and record
     CleanupApplied with what the service confirmed done.
 
@@ -610,7 +616,7 @@ def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, 
     """
     handle = sdk_adapter.managed_handle(service)
     wanted = cleanup_policy(sdk_adapter.managed_config(service))
-    done = {"trainer": "kept", "deployment": "kept"}
+    done = dict(_NOTHING)
     errors: list[str] = []
     try:
         if backend_lost is not None:
@@ -620,7 +626,7 @@ def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, 
         if handle is not None:  # what the SDK's close will do
             done = cleanup_policy(handle)
 
-        def attempt() -> dict[str, str]:
+        def attempt() -> Cleanup:
             close()
             if handle is not None and owns_reattached:
                 return _clean_reattached(handle, wanted, done)
@@ -632,7 +638,8 @@ def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, 
             errors.append(redact_text(f"{type(exc).__name__}: {exc}") if isinstance(exc, Exception)
                           else "interrupted while cleaning up")
             # whatever was attempted may or may not have happened
-            attempted = {k: done[k] if done[k] != "kept" or not owns_reattached else wanted[k] for k in done}
+            attempted = {k: done[k] if done[k] != CleanupOutcome.KEPT or not owns_reattached else wanted[k]
+                         for k in done}
             if isinstance(exc, Exception) and not isinstance(exc, TimeoutError) and handle is not None:
                 done, unconfirmed = _confirmed(handle, attempted)  # the service still answers: ask it
                 errors += unconfirmed
@@ -650,24 +657,24 @@ def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, 
                                   error="; ".join(errors) or None))
 
 
-def clean_up(handle: Any, wanted: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+def clean_up(handle: Any, wanted: Cleanup) -> tuple[Cleanup, list[str]]:
     """Apply the cleanup policy ``wanted`` to the resources ``handle`` names (as the SDK's
     handle does: trainer_manager + trainer_endpoint.job_id, deployment_manager + deployment)
     and confirm each action with the service, as ``close`` does; for resources no SDK handle
     owns (what a failed provisioning left). Returns what was done and why anything was not."""
-    nothing = {"trainer": "kept", "deployment": "kept"}
     try:
-        done = _bounded(lambda: _clean_reattached(handle, wanted, nothing), CLEANUP_TIMEOUT_S)
+        done = _bounded(lambda: _clean_reattached(handle, wanted, _NOTHING), CLEANUP_TIMEOUT_S)
     except Exception as exc:
         done, why = _confirmed(handle, wanted)  # attempted, perhaps in part: ask the service
         return done, [redact_text(f"{type(exc).__name__}: {exc}"), *why]
     return _confirmed(handle, done)
 
 
-def _unconfirmed(actions: dict[str, str]) -> dict[str, str]:
+def _unconfirmed(actions: Cleanup) -> Cleanup:
     """What a cleanup that could not be confirmed records: ``unknown`` for each action
     meant to happen (kept stays kept)."""
-    return {k: "kept" if v == "kept" else "unknown" for k, v in actions.items()}
+    return {k: CleanupOutcome.KEPT if v == CleanupOutcome.KEPT else CleanupOutcome.UNKNOWN
+            for k, v in actions.items()}
 
 
 CLEANUP_TIMEOUT_S = 60.0  # the SDK's own calls retry for up to 5 minutes each
@@ -696,58 +703,64 @@ def _bounded(fn: Callable[[], Any], timeout_s: float) -> Any:
     return box["value"]
 
 
-def _confirmed(handle: Any, done: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+def _confirmed(handle: Any, done: Cleanup) -> tuple[Cleanup, list[str]]:
     """``done`` as the service confirms it: an action whose resource is still there is
     ``failed``; one the service cannot confirm is ``unknown``. Also the reasons."""
-    out, why = dict(done), []
+    out: Cleanup = dict(done)
+    why: list[str] = []
     job_id = getattr(getattr(handle, "trainer_endpoint", None), "job_id", None)
-    if done["trainer"] == "deleted" and job_id and handle.trainer_manager is not None:
+    if done["trainer"] == CleanupOutcome.DELETED and job_id and handle.trainer_manager is not None:
         try:
             job = _bounded(lambda: handle.trainer_manager.try_get(job_id), CONFIRM_TIMEOUT_S)
             state = str(job.get("state", "")) if isinstance(job, dict) else ""
             if job is not None and state not in _GONE_JOB_STATES:
-                out["trainer"] = "failed"
+                out["trainer"] = CleanupOutcome.FAILED
                 why.append(f"trainer {job_id} is still {state or 'there'} after its delete")
         except Exception as exc:
-            out["trainer"] = "unknown"
+            out["trainer"] = CleanupOutcome.UNKNOWN
             why.append(redact_text(f"trainer {job_id} delete unconfirmed: {type(exc).__name__}: {exc}"))
     deployment = getattr(handle, "deployment", None)
-    if done["deployment"] in ("scaled_to_zero", "deleted") and deployment is not None \
+    if done["deployment"] in (CleanupOutcome.SCALED_TO_ZERO, CleanupOutcome.DELETED) and deployment is not None \
             and handle.deployment_manager is not None:
         dep_id = deployment.deployment_id
         try:
             record = _bounded(lambda: sdk_adapter.deployment_record(handle, dep_id), CONFIRM_TIMEOUT_S)
             if record is None:
-                out["deployment"] = "deleted"
+                out["deployment"] = CleanupOutcome.DELETED
             elif int(record.get("maxReplicaCount", 1) or 0) == 0:
-                out["deployment"] = "scaled_to_zero"
+                out["deployment"] = CleanupOutcome.SCALED_TO_ZERO
             else:
-                out["deployment"] = "failed"
+                out["deployment"] = CleanupOutcome.FAILED
                 why.append(f"deployment {dep_id} still allows {record.get('maxReplicaCount')} replica(s) "
                            f"after its {done['deployment'].replace('_', ' ')}")
         except Exception as exc:
-            out["deployment"] = "unknown"
+            out["deployment"] = CleanupOutcome.UNKNOWN
             why.append(redact_text(f"deployment {dep_id} {done['deployment']} unconfirmed: "
                                    f"{type(exc).__name__}: {exc}"))
     return out, why
 
 
-def cleanup_policy(config: Any) -> dict[str, str]:
-    """A provisioning config's (or the SDK handle's) cleanup flags, in the ledger's words."""
+def cleanup_policy(config: Any) -> Cleanup:
+    """A provisioning config's (or the SDK handle's) cleanup flags, in the ledger's words (a
+    deployment action the SDK holds that is neither delete nor scale_to_zero keeps it)."""
     delete_trainer, deployment_action = sdk_adapter.cleanup_flags(config)
-    deployment = {"scale_to_zero": "scaled_to_zero", "delete": "deleted"}.get(str(deployment_action or ""), "kept")
-    return {"trainer": "deleted" if delete_trainer else "kept", "deployment": deployment}
+    try:
+        action = CleanupAction(str(deployment_action or CleanupAction.KEEP))
+    except ValueError:
+        action = CleanupAction.KEEP
+    return {"trainer": CleanupOutcome.DELETED if delete_trainer else CleanupOutcome.KEPT, "deployment": action.outcome}
 
 
-def _clean_reattached(handle: Any, wanted: dict[str, str], done: dict[str, str]) -> dict[str, str]:
+def _clean_reattached(handle: Any, wanted: Cleanup, done: Cleanup) -> Cleanup:
     done = dict(done)
-    if wanted["trainer"] == "deleted" and done["trainer"] == "kept" and handle.trainer_manager is not None:
+    kept = CleanupOutcome.KEPT
+    if wanted["trainer"] == CleanupOutcome.DELETED and done["trainer"] == kept and handle.trainer_manager is not None:
         handle.trainer_manager.delete(handle.trainer_endpoint.job_id)
-        done["trainer"] = "deleted"
+        done["trainer"] = CleanupOutcome.DELETED
     deployment = getattr(handle, "deployment", None)
-    if wanted["deployment"] != "kept" and done["deployment"] == "kept" and deployment is not None \
+    if wanted["deployment"] != kept and done["deployment"] == kept and deployment is not None \
             and handle.deployment_manager is not None:
-        if wanted["deployment"] == "scaled_to_zero":
+        if wanted["deployment"] == CleanupOutcome.SCALED_TO_ZERO:
             handle.deployment_manager.scale_to_zero(deployment.deployment_id)
         else:
             handle.deployment_manager.delete(deployment.deployment_id)

@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from firetitan_track.events import CleanupApplied, DeploymentProvisioned, TrainerProvisioned
+from firetitan_track.events import (CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned,
+                                    TrainerProvisioned)
 from firetitan_track.projections.run_state import RunState
 from firetitan_track.tracking import Recorder, TrackedService, error_text
-from runner.spec import Spec
+from runner.spec import Spec, SpecError
 
-__all__ = ["Endpoint", "Session", "api_key", "endpoint", "shape_ref", "connect"]
+__all__ = ["Endpoint", "Session", "api_key", "endpoint", "served_tokenizer", "shape_ref", "connect"]
 
 # Job states from which a trainer cannot be reconnected to.
 _GONE_STATES = frozenset({"", "JOB_STATE_DELETED", "JOB_STATE_DELETING", "JOB_STATE_FAILED",
@@ -44,17 +45,46 @@ class Session:
 
 def endpoint(spec: Spec) -> Endpoint:
     """Where the run's service is: the managed API, a given base_url, or the embedded
-    local service (started when none runs on the spec's state dir)."""
+    local service (started when none runs on the spec's state dir). A local service's
+    tokenizer (unless the spec names one) is the one that service says it serves."""
     if spec.backend.kind == "fireworks":
         return Endpoint(spec.backend.base_url or None, spec.model.tokenizer)
-    from runner.local.catalogue import tokenizer_path
-
     if spec.backend.base_url:
-        return Endpoint(spec.backend.base_url, spec.model.tokenizer or tokenizer_path())
+        base_url = spec.backend.base_url
+        return Endpoint(base_url, spec.model.tokenizer or served_tokenizer(spec, base_url, api_key(spec) or ""))
     from runner.local.supervisor import ensure_running
 
-    info = ensure_running(spec.backend.state_dir, device=spec.backend.device)
+    info = ensure_running(spec.backend.state_dir, device=spec.backend.device)  # its service.json
     return Endpoint(info.base_url, spec.model.tokenizer or info.tokenizer_path)
+
+
+INFO_PATH = "/local/v1/info"  # what a local service says of itself (`local info --json`, service.json)
+_INFO_TIMEOUT_S = 10.0
+
+
+def served_tokenizer(spec: Spec, base_url: str, key: str) -> str:
+    """The tokenizer the local service at ``base_url`` serves its default model with, as it
+    says (GET /local/v1/info; a service started with --token wants it as the API key). One
+    request, no retries: a URL where nothing answers is refused at once, as preflight refuses it."""
+    import httpx
+
+    where = "backend.base_url"
+    try:
+        answer = httpx.get(base_url.rstrip("/") + INFO_PATH, headers={"Authorization": f"Bearer {key}"},
+                           timeout=_INFO_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise SpecError(f"{spec.source}: {where}: no service answers at {base_url} "
+                        f"({str(exc) or type(exc).__name__})") from None
+    try:
+        path = answer.json().get("tokenizer_path") if answer.status_code == 200 else None
+    except (ValueError, AttributeError):
+        path = None
+    if not isinstance(path, str) or not path:
+        raise SpecError(f"{spec.source}: {where}: the service at {base_url} does not say which tokenizer it "
+                        f"serves (GET {INFO_PATH}: HTTP {answer.status_code}); point backend.base_url at a "
+                        "firetitan-track local service (with FIREWORKS_API_KEY set to its token, if it has one), "
+                        "or name the tokenizer in model.tokenizer")
+    return path
 
 
 def api_key(spec: Spec) -> str | None:
@@ -93,8 +123,9 @@ def connect(spec: Spec, where: Endpoint, st: RunState, rec: Recorder, api_key: s
         training_shape_id=shape, deployment_id=deployment_id,
         learning_rate=spec.optim.learning_rate, replica_count=1, trainer_job_id=trainer_id,
         gradient_accumulation_steps=None,  # the SDK's default (1) only logs a deprecation; micro-batches are ours
-        cleanup_trainer_on_close=spec.cleanup.trainer == "delete",
-        cleanup_deployment_on_close=None if spec.cleanup.deployment == "keep" else spec.cleanup.deployment,
+        cleanup_trainer_on_close=spec.cleanup.trainer == CleanupAction.DELETE,
+        cleanup_deployment_on_close=None if spec.cleanup.deployment == CleanupAction.KEEP
+        else spec.cleanup.deployment.value,
     )
     tracked = TrackedService(
         service, rec, base_model=spec.model.base_model, shape=shape,
@@ -112,7 +143,7 @@ def connect(spec: Spec, where: Endpoint, st: RunState, rec: Recorder, api_key: s
         raise
     if needs_reference:
         session.reference = tracked.create_reference_client(lora_rank=spec.model.lora_rank)
-        if st.reference_job_id and spec.cleanup.trainer == "delete":
+        if st.reference_job_id and spec.cleanup.trainer == CleanupAction.DELETE:
             _retire_reference(where, api_key, st.reference_job_id, rec)
     return session
 
@@ -126,9 +157,10 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
 
     from fireworks.training.sdk import DeploymentManager, TrainerJobManager
 
+    from firetitan_track import sdk_adapter
     from firetitan_track.tracking import clean_up
 
-    config = getattr(service, "_managed_config", None)
+    config = sdk_adapter.managed_config(service)
     job_id = getattr(config, "trainer_job_id", None)
     made_trainer = bool(job_id) and job_id != reused_trainer and _trainer_alive(where, api_key, job_id)
     deployment_id = spec.model.deployment_id
@@ -147,9 +179,9 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
         trainer_endpoint=SimpleNamespace(job_id=job_id),
         deployment_manager=DeploymentManager(api_key=api_key, base_url=where.base_url) if made_deployment else None,
         deployment=SimpleNamespace(deployment_id=deployment_id) if made_deployment else None)
-    wanted = {"trainer": "deleted" if spec.cleanup.trainer == "delete" and made_trainer else "kept",
-              "deployment": {"scale_to_zero": "scaled_to_zero", "delete": "deleted"}.get(spec.cleanup.deployment, "kept")
-              if made_deployment else "kept"}
+    kept = CleanupOutcome.KEPT
+    wanted = {"trainer": spec.cleanup.trainer.outcome if made_trainer else kept,
+              "deployment": spec.cleanup.deployment.outcome if made_deployment else kept}
     done, why = clean_up(handle, wanted)
     error = f"provisioning failed ({error_text(cause)}) after it made " + " and ".join(
         what for what, made in ((f"trainer {job_id}", made_trainer), (f"deployment {deployment_id}", made_deployment))
@@ -186,6 +218,7 @@ def _retire_reference(where: Endpoint, api_key: str, job_id: str, rec: Recorder)
 
     TrainerJobManager(api_key=api_key, base_url=where.base_url).delete(job_id)  # logs a failure, returns
     gone = not _trainer_alive(where, api_key, job_id)  # recorded as the service confirms it
-    rec.record(CleanupApplied(trainer="deleted" if gone else "failed", deployment="kept", role="reference",
+    rec.record(CleanupApplied(trainer=CleanupOutcome.DELETED if gone else CleanupOutcome.FAILED,
+                              deployment=CleanupOutcome.KEPT, role="reference",
                               trainer_job_id=job_id,
                               error=None if gone else f"trainer {job_id} is still there after its delete"))

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from firetitan_track.errors import UserError
+from firetitan_track.events import CleanupAction
 
-from runner.local.state import DEFAULT_STATE_DIR
+from runner.local.supervisor import DEFAULT_STATE_DIR  # the launcher's: where it keeps a service it starts
 
 from runner.tasks import DEFAULT_EVAL_COUNT
 
@@ -73,8 +74,11 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class CleanupSection:
-    trainer: Literal["delete", "keep"] = "delete"
-    deployment: Literal["scale_to_zero", "delete", "keep"] = "scale_to_zero"
+    """What the run's close does to its trainer and deployment (CleanupApplied records the outcome)."""
+
+    trainer: Literal[CleanupAction.DELETE, CleanupAction.KEEP] = CleanupAction.DELETE
+    deployment: Literal[CleanupAction.SCALE_TO_ZERO, CleanupAction.DELETE, CleanupAction.KEEP] = \
+        CleanupAction.SCALE_TO_ZERO
 
 
 @dataclass(frozen=True)
@@ -384,9 +388,10 @@ def _build_section(cls: type, raw: Mapping[str, Any], section: str, source: str)
 def _coerce(typ: Any, value: Any, key: str, source: str) -> Any:
     if typing.get_origin(typ) is Literal:
         allowed = typing.get_args(typ)
-        if value not in allowed:
-            raise SpecError(f"{source}: {key}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        return value
+        if value not in allowed:  # (an enum member equals the string it stands for)
+            raise SpecError(f"{source}: {key}: must be one of {', '.join(repr(str(a)) for a in allowed)}, "
+                            f"got {value!r}")
+        return allowed[allowed.index(value)]  # the choice itself: an enum's member where the choices are one
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is int and isinstance(value, bool) or not isinstance(value, typ):

@@ -379,23 +379,40 @@ def _pruning(study: Any, t: Trial) -> Callable[[int, float], str | None] | None:
     """The loop's eval hook: report the score to the study; a reason to stop when the median rule prunes."""
     if t.optuna_trial is None:
         return None
-    import optuna
-
-    frozen = study.get_trials(deepcopy=False)
-    match = [ft for ft in frozen if ft.number == t.optuna_trial]
-    if not match or match[0].state != optuna.trial.TrialState.RUNNING:
+    found = running_trial(study, t.optuna_trial)
+    if found is None:
         return None
-    trial = optuna.trial.Trial(study, match[0]._trial_id)
+    trial, reported = found
 
     def on_eval(step: int, score: float) -> str | None:
-        if step in trial.storage.get_trial(trial._trial_id).intermediate_values:
+        if step in reported:
             return None  # reported by an earlier attempt (a resumed trial redoes its steps)
         trial.report(score, step)
+        reported.add(step)
         if trial.should_prune():
             return f"pruned at step {step}: eval score {score:.3f} is below the median of earlier trials"
         return None
 
     return on_eval
+
+
+def running_trial(study: Any, number: int) -> tuple[Any, set[int]] | None:
+    """The study's running trial ``number`` as an ``optuna.trial.Trial`` that reports to it,
+    and the steps already reported on it; None when the trial is no longer running.
+
+    The sweep's one access past Optuna's public API: a ``Trial`` for a trial that already
+    exists (asked by this worker or one that died) is built from the trial's storage id,
+    which Optuna keeps private on the FrozenTrial (``_trial_id``); ``study.ask`` only hands
+    out new or enqueued trials, and ``study.tell`` (public, by number) reports no
+    intermediate values. Checked against the installed Optuna by tests/projections/test_sweep.py.
+    Only the trial's own run reports on it (the run lease), so the steps reported are those
+    stored now plus those reported through the returned trial."""
+    import optuna
+
+    match = [ft for ft in study.get_trials(deepcopy=False) if ft.number == number]
+    if not match or match[0].state != optuna.trial.TrialState.RUNNING:
+        return None
+    return optuna.trial.Trial(study, match[0]._trial_id), set(match[0].intermediate_values)
 
 
 def _tell(study: Any, t: Trial, status: str, score: float | None) -> None:

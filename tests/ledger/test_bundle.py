@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from firetitan_track import Ledger
 from firetitan_track.blobs import canonical_json
-from firetitan_track.bundle import BundleError, bundle_blobs, read_bundle
+from firetitan_track.bundle import BundleError, StreamStore, bundle_blobs, read_bundle
 from firetitan_track.projections.audit import audit
 from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.lineage import lineage
@@ -80,7 +80,7 @@ def test_bundle_holds_the_runs_and_every_blob_they_reference(source: str, bundle
     assert list(found.streams) == STREAMS
     ledger = Ledger.open(source)
     for name in STREAMS:
-        assert found.streams[name] == ledger.stored_rows(name)
+        assert found.streams[name] == StreamStore(ledger).rows(name)
     started = ledger.read("lr-t0")[0].data
     referenced = {started["prompt_sets"]["eval"]} | {
         ev.data["completions_digest"] for name in STREAMS for ev in ledger.read(name) if ev.type == "SamplesRecorded"}

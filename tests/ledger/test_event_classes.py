@@ -125,6 +125,23 @@ def test_a_field_annotation_is_its_json_kind() -> None:
     assert CATALOGUE["ProvisionRequested"].optional["base_url"].name == "a string or null"
 
 
+def test_a_cleanup_outcome_is_one_of_the_ledgers_words_and_an_old_payload_reads_as_its_member() -> None:
+    from firetitan_track.events import CleanupOutcome
+
+    et = CATALOGUE["CleanupApplied"]
+    assert et.fields["trainer"].name == "one of 'deleted', 'kept', 'scaled_to_zero', 'failed', 'unknown'"
+    old = {"trainer": "failed", "deployment": "unknown", "error": "still there"}  # as a ledger stored it
+    assert payload_problem(et, old) is None
+    fact = events.CleanupApplied.from_payload(old)
+    assert (fact.trainer, fact.deployment) == (CleanupOutcome.FAILED, CleanupOutcome.UNKNOWN)
+    assert type(fact.trainer) is CleanupOutcome
+    assert canonical_json(fact.payload()) == canonical_json(old)
+    assert payload_problem(et, {"trainer": "scaled_down", "deployment": "kept"}) == (
+        "trainer is a string 'scaled_down', not one of 'deleted', 'kept', 'scaled_to_zero', 'failed', 'unknown'")
+    with pytest.raises(InvalidEvent, match="CleanupApplied: deployment is 'scale_to_zero'"):
+        events.CleanupApplied(trainer=CleanupOutcome.KEPT, deployment="scale_to_zero")  # an action, not an outcome
+
+
 # -- through the ledger ----------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from runner.cli import main
 from firetitan_track.ids import sweep_stream
 from firetitan_track.projections.compare import compare_sweep
 from runner.search import grid_points, parse_grid, parse_params
-from runner.sweep import SweepError, plan_sweep, trial_run_id
+from runner.sweep import SweepError, plan_sweep, running_trial, trial_run_id
 from tests.projections.streams import RunWriter
 
 SPEC = Path(__file__).parents[2] / "examples" / "reverse_sft.toml"
@@ -91,6 +91,29 @@ def test_grid_and_param_parsing() -> None:
                           "optim.beta1=float:0.8:0.95", "task.name=choice:reverse,add"])
     assert [d.text() for d in space.values()] == ["log:0.0001:0.01", "int:4:16", "float:0.8:0.95",
                                                   "choice:reverse,add"]
+
+
+def test_a_running_trial_is_reopened_on_the_installed_optuna_and_reports_to_the_same_trial() -> None:
+    """running_trial is the sweep's one access past Optuna's public API (a FrozenTrial's
+    storage id); this holds it to the installed release: a worker that did not ask the trial
+    reports to it, sees what an earlier attempt reported, and gets nothing once it is told."""
+    import optuna
+
+    from runner.search import pruner_for
+
+    study = optuna.create_study(direction="maximize", pruner=pruner_for("median"))
+    asked = study.ask()
+    asked.report(0.5, 1)  # an earlier attempt's eval
+    found = running_trial(study, asked.number)
+    assert found is not None
+    trial, reported = found
+    assert reported == {1}
+    trial.report(0.75, 2)
+    assert study.trials[asked.number].intermediate_values == {1: 0.5, 2: 0.75}
+    assert not trial.should_prune()  # no finished trial yet: the median rule has no bar
+    study.tell(asked.number, 0.75)
+    assert running_trial(study, asked.number) is None
+    assert running_trial(study, asked.number + 1) is None  # never asked
 
 
 def test_the_sweep_id_follows_from_the_spec_and_search() -> None:

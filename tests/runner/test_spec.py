@@ -46,6 +46,25 @@ def test_wrong_type_is_named(tmp_path):
         load_spec(write(tmp_path, '[backend]\nkind = "cloud"\n'))
 
 
+def test_cleanup_policies_read_as_actions_and_record_as_the_strings_they_were(tmp_path):
+    from firetitan_track.blobs import canonical_json
+    from firetitan_track.events import CleanupAction, CleanupOutcome
+
+    spec = load_spec(write(tmp_path, '[cleanup]\ntrainer = "keep"\ndeployment = "delete"\n'))
+    assert spec.cleanup.trainer is CleanupAction.KEEP and spec.cleanup.deployment is CleanupAction.DELETE
+    assert (spec.cleanup.trainer.outcome, spec.cleanup.deployment.outcome) == (CleanupOutcome.KEPT,
+                                                                                CleanupOutcome.DELETED)
+    # the recorded spec (and so its digest) holds the words the file did: a rerun reads it back the same
+    recorded = json.loads(canonical_json(spec.to_dict()))
+    assert recorded["cleanup"] == {"trainer": "keep", "deployment": "delete"}
+    assert Spec.from_dict(recorded) == spec
+    assert Spec().cleanup.deployment is CleanupAction.SCALE_TO_ZERO
+    with pytest.raises(SpecError, match=r"cleanup\.trainer: must be one of 'delete', 'keep', got 'scale_to_zero'"):
+        load_spec(write(tmp_path, '[cleanup]\ntrainer = "scale_to_zero"\n'))
+    with pytest.raises(SpecError, match=r"cleanup\.deployment: must be one of 'scale_to_zero', 'delete', 'keep'"):
+        spec.with_overrides({"cleanup.deployment": "scaled_to_zero"})
+
+
 def test_bad_values_are_named(tmp_path):
     with pytest.raises(SpecError, match=r"run\.steps: must be at least 1"):
         load_spec(write(tmp_path, "[run]\nsteps = 0\n"))
