@@ -76,7 +76,12 @@ class CorruptLedger(LedgerError):
 
 
 class StoreFailure(LedgerError):
-    """The database refused a read or write (disk full, I/O error, read-only, gone)."""
+    """The database refused a read or write (disk full, I/O error, read-only, gone).
+
+    ``cleanup``: what a caller cleaned up although the record of it was refused (the
+    trainer and deployment outcomes), for the message that says so."""
+
+    cleanup: dict[str, str] | None = None
 
 
 # What a view's code raises when a stored event is not what its type promises (an event

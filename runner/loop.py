@@ -474,7 +474,11 @@ def _unrecorded_stop(rec: Recorder, tracked: TrackedService | None, cause: BaseE
         _close(tracked)
     except Exception:  # the cleanup ran; only its record failed
         pass
-    done = ", ".join(f"{k} {v}" for k, v in (tracked.cleanup if tracked is not None else {}).items())
+    if tracked is not None:
+        cleanup = tracked.cleanup
+    else:  # a provisioning the refusal cut short cleaned up what it had made
+        cleanup = cause.cleanup if isinstance(cause, StoreFailure) else None
+    done = ", ".join(f"{k} {v}" for k, v in (cleanup or {}).items())
     return RunError(f"run {rec.run_id} stopped: {cause}. Its cleanup ran ({done or 'nothing to clean up'}) "
                     "but could not be recorded; once the ledger can be written again, continue it with: "
                     f"firetitan-track resume {rec.run_id}")

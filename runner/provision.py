@@ -15,6 +15,7 @@ from typing import Any
 
 from firetitan_track.events import (CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned,
                                     TrainerProvisioned)
+from firetitan_track.ledger import StoreFailure
 from firetitan_track.projections.run_state import RunState
 from firetitan_track.tracking import Recorder, TrackedService, error_text
 from runner.spec import Spec, SpecError
@@ -167,13 +168,6 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
     made_deployment = existing_deployment is None and _deployment_exists(where, api_key, deployment_id)
     if not made_trainer and not made_deployment:
         return
-    shape = shape_ref(spec.model.training_shape)
-    if made_trainer:
-        rec.record(TrainerProvisioned(role="policy", trainer_job_id=job_id, base_model=spec.model.base_model,
-                                      shape=shape, lora_rank=spec.model.lora_rank, created=True, partial=True))
-    if made_deployment:
-        rec.record(DeploymentProvisioned(deployment_id=deployment_id, base_model=spec.model.base_model, created=True,
-                                         partial=True))
     handle = SimpleNamespace(
         trainer_manager=TrainerJobManager(api_key=api_key, base_url=where.base_url) if made_trainer else None,
         trainer_endpoint=SimpleNamespace(job_id=job_id),
@@ -182,12 +176,25 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
     kept = CleanupOutcome.KEPT
     wanted = {"trainer": spec.cleanup.trainer.outcome if made_trainer else kept,
               "deployment": spec.cleanup.deployment.outcome if made_deployment else kept}
+    # cleaned up before it is recorded: a ledger that refuses the record (the failure may be
+    # that very refusal) must not leave a trainer running
     done, why = clean_up(handle, wanted)
+    shape = shape_ref(spec.model.training_shape)
     error = f"provisioning failed ({error_text(cause)}) after it made " + " and ".join(
         what for what, made in ((f"trainer {job_id}", made_trainer), (f"deployment {deployment_id}", made_deployment))
         if made)
-    rec.record(CleanupApplied(trainer=done["trainer"], deployment=done["deployment"], role="policy",
-                              trainer_job_id=job_id if made_trainer else None, error="; ".join([error, *why])))
+    try:
+        if made_trainer:
+            rec.record(TrainerProvisioned(role="policy", trainer_job_id=job_id, base_model=spec.model.base_model,
+                                          shape=shape, lora_rank=spec.model.lora_rank, created=True, partial=True))
+        if made_deployment:
+            rec.record(DeploymentProvisioned(deployment_id=deployment_id, base_model=spec.model.base_model,
+                                             created=True, partial=True))
+        rec.record(CleanupApplied(trainer=done["trainer"], deployment=done["deployment"], role="policy",
+                                  trainer_job_id=job_id if made_trainer else None, error="; ".join([error, *why])))
+    except StoreFailure as refused:
+        refused.cleanup = done  # what ran, for the message saying it could not be recorded
+        raise
 
 
 def _trainer_alive(where: Endpoint, api_key: str, job_id: str | None) -> bool:
