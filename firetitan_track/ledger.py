@@ -275,11 +275,8 @@ class Ledger:
         sql = self._sql
         try:
             with self._store.append_transaction() as conn:
-                cursor = conn.connection.cursor()
-                cursor.execute(sql.head, {"run_id": run_id})
-                head = cursor.fetchone()
+                head = self._store.read_head(conn, sql.head, run_id)  # (and the lease's fence)
                 actual, prev_hash = (head[0] + 1, head[1]) if head else (0, GENESIS_HASH)
-                self._store.check_fence(conn, run_id)  # after the head read: see store.py
                 if actual != expected_version:
                     stored = _already_stored(conn, run_id, expected_version, pending)
                     if stored is None:
@@ -290,20 +287,24 @@ class Ledger:
                 signed = key.sign(run_id, last_version, rows[-1]["hash"]).to_dict() if key is not None else None
                 if not self._store.is_sqlite:
                     positions = self._store.insert_and_commit(
-                        conn, sql.insert_returning, rows, also=[(sql.signed_head, signed)] if signed else [])
-                elif len(rows) == 1:
-                    cursor.execute(sql.insert_returning, rows[0])
-                    positions = [cursor.fetchone()[0]]
+                        conn, sql.insert, rows, sql.positions,
+                        {"run_id": run_id, "first": expected_version, "end": expected_version + len(rows)},
+                        also=[(sql.signed_head, signed)] if signed else [])
                 else:
-                    # executemany cannot return rows; the positions are read back
-                    # inside the same locked transaction
-                    cursor.executemany(sql.insert, rows)
-                    cursor.execute(sql.positions, {"run_id": run_id, "first": expected_version,
-                                                   "end": expected_version + len(rows)})
-                    positions = [r[0] for r in cursor.fetchall()]
-                cursor.close()
-                if signed is not None and self._store.is_sqlite:  # (SQLite commits as the block ends)
-                    conn.execute(head_table.insert(), signed)
+                    cursor = conn.connection.cursor()
+                    if len(rows) == 1:
+                        cursor.execute(sql.insert_returning, rows[0])
+                        positions = [cursor.fetchone()[0]]
+                    else:
+                        # executemany cannot return rows; the positions are read back
+                        # inside the same locked transaction
+                        cursor.executemany(sql.insert, rows)
+                        cursor.execute(sql.positions, {"run_id": run_id, "first": expected_version,
+                                                       "end": expected_version + len(rows)})
+                        positions = [r[0] for r in cursor.fetchall()]
+                    cursor.close()
+                    if signed is not None:  # (SQLite commits as the block ends)
+                        conn.execute(head_table.insert(), signed)
         except self._duplicate_errors:
             # the head was read unlocked (store.py): a writer that committed meanwhile
             # shows up here, on the unique index

@@ -321,17 +321,27 @@ class Store:
             with conn.begin():
                 yield conn
 
-    def check_fence(self, conn: Connection, run_id: str) -> None:
-        """LeaseLost unless this append to a fenced run still holds its lease token (PostgreSQL;
-        a SQLite lease is a file lock). The row is locked FOR SHARE, so a takeover waits until
-        this append commits. Called after the stream head is read: the lock gives the
-        transaction its xid, which must come after the head it read (see the opening)."""
-        token = self._fences.get(run_id)
-        if token is None or self.is_sqlite:
-            return
-        held = conn.exec_driver_sql(_FENCE_SQL, {"run_id": run_id}).scalar()
-        if held != token:
-            raise LeaseLost(run_id, f" (its token is {held}, this process held {token})")
+    def read_head(self, conn: Connection, head_sql: str, run_id: str) -> tuple | None:
+        """The row ``head_sql`` reads, the head of the stream an append to ``run_id`` goes after.
+        For a fenced run on PostgreSQL (a SQLite lease is a file lock) the lease token is checked
+        in the same round trip, after the head: LeaseLost unless this process still holds it.
+        That check locks the lease row FOR SHARE (a takeover waits until this append commits),
+        which gives the transaction its xid, and the xid must come after the head read (see the
+        module's opening)."""
+        params = {"run_id": run_id}
+        token = None if self.is_sqlite else self._fences.get(run_id)
+        if token is None:
+            cursor = conn.connection.cursor()
+            cursor.execute(head_sql, params)
+            return cursor.fetchone()
+        driver = conn.connection.driver_connection
+        with driver.pipeline():
+            head = driver.execute(head_sql, params)
+            fence = driver.execute(_FENCE_SQL, params)
+        held = fence.fetchone()
+        if held is None or held[0] != token:
+            raise LeaseLost(run_id, f" (its token is {held[0] if held else None}, this process held {token})")
+        return head.fetchone()
 
     def notify_followers(self, conn: Connection) -> None:
         """Queue a wake-up for followers, delivered when ``conn``'s transaction commits
@@ -340,26 +350,26 @@ class Store:
         if not self.is_sqlite:
             conn.exec_driver_sql(f"SELECT pg_notify('{COMMIT_CHANNEL}', '')")
 
-    def insert_and_commit(self, conn: Connection, insert_returning: str, rows: list[dict],
-                          also: list[tuple[str, dict]] = ()) -> list[int]:
-        """PostgreSQL: insert ``rows`` (and run each ``also`` statement in the same transaction),
-        commit, then notify followers from a transaction of its own, all pipelined (see the
-        module's opening); returns the rows' positions. The transaction is over when this
-        returns (the caller's transaction block then has nothing left to commit)."""
+    def insert_and_commit(self, conn: Connection, insert: str, rows: list[dict], positions: str,
+                          positions_params: dict, also: list[tuple[str, dict]] = ()) -> list[int]:
+        """PostgreSQL: insert ``rows``, read back their positions (``positions``, in version order),
+        run each ``also`` statement in the same transaction, commit, then notify followers from a
+        transaction of its own: all pipelined, in one round trip (see the module's opening).
+        Returns the positions. The transaction is over when this returns (the caller's
+        transaction block then has nothing left to commit)."""
         driver = conn.connection.driver_connection
         with driver.pipeline():
-            cursor = driver.cursor()
-            cursor.executemany(insert_returning, rows, returning=True)
+            # executemany(returning=True) would wait for the inserts' results before going on
+            driver.cursor().executemany(insert, rows)
+            read_back = driver.execute(positions, positions_params)
             for statement, params in also:
                 driver.execute(statement, params)
-            driver.commit()  # (a sync: the append is durable before the notification is sent)
+            # COMMIT as a statement: driver.commit() would wait for it (a sync) and the next
+            # statement would wait for a BEGIN. The server runs the notification after the
+            # commit, in an implicit transaction of its own that ends at the pipeline's sync.
+            driver.execute("COMMIT")
             driver.execute(_NOTIFY_SQL)
-            driver.commit()
-        positions = []
-        while True:
-            positions.append(cursor.fetchone()[0])
-            if not cursor.nextset():
-                return positions
+        return [r[0] for r in read_back.fetchall()]
 
     def insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
         return self._dialect_insert(table).on_conflict_do_nothing()
