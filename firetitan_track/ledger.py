@@ -141,7 +141,7 @@ class FollowCursor:
     position: int = 0
 
 
-class Followed(list):  # list[RecordedEvent]
+class Followed(list[RecordedEvent]):
     """What ``follow`` returns: the events, in follow order, and ``cursor``, where to go on from
     (the last event's; the cursor asked for when there is none)."""
 
@@ -274,7 +274,7 @@ class Ledger:
                else None)
         sql = self._sql
         try:
-            with self._store.append_transaction() as conn:
+            with self._store.append_transaction(begun_by_head=True) as conn:
                 head = self._store.read_head(conn, sql.head, run_id)  # (and the lease's fence)
                 actual, prev_hash = (head[0] + 1, head[1]) if head else (0, GENESIS_HASH)
                 if actual != expected_version:

@@ -7,26 +7,31 @@ once, never skipping one that committed late:
 - SQLite: an append runs in ``BEGIN IMMEDIATE``, taking the database's single write
   lock before it reads the stream head. Insert order is then commit order, and a
   follower reads ``position > p`` in position order.
-- PostgreSQL: appends run side by side, unlocked, so positions (drawn from a sequence)
-  commit out of order. Each row also records the id of the transaction that wrote it
-  (``events.xid``, ``pg_current_xact_id()`` as a 64-bit number, which never wraps
-  around), set by the column's default so that no writer can leave it out. A follower
-  reads only rows whose xid is below its snapshot's ``xmin`` (every transaction below
-  it has finished: its rows are all visible or never will be), in ``(xid, position)``
-  order, and its cursor is that pair. A row written later has an xid at or above that
-  ``xmin``, so it sorts after the cursor, even when its transaction drew its position
-  before another's that committed first (position and xid are not taken in one step).
+- PostgreSQL: appends run side by side, unlocked, so they commit in any order of
+  their positions (drawn from a sequence). Each row also records the id of the
+  transaction that wrote it (``events.xid``: ``pg_current_xact_id()``, 64 bits, never
+  wrapping around), set by the column's default so that no writer can leave it out. A
+  follower reads only rows whose xid is below its snapshot's ``xmin`` (every
+  transaction below it has finished: its rows are all visible or never will be), in
+  ``(xid, position)`` order, and its cursor is that pair. A row written later has an
+  xid at or above that ``xmin``, so it sorts after the cursor, even when its
+  transaction drew its position before another's that committed first (a position and
+  an xid are not taken in one step). ``xmin`` is the whole server's: a transaction that
+  writes anywhere on it and stays open holds followers back, never makes them skip
+  (``Ledger.settle`` waits until what committed before it can be followed).
   An append reads the stream head before it writes anything (before its xid exists),
   so within a stream ``(xid, position)`` grows with the version and a follower sees a
   stream in order. Two appends to one stream race on the ``(run_id, version)`` unique
   index: the loser's insert waits for the winner's commit and fails, as a
-  ConcurrencyError. The insert and the COMMIT are sent pipelined, in one round trip.
-  Rows written before the column existed hold 0: they sort first, in position order,
-  which was their commit order (a commit-order lock serialized appends then).
+  ConcurrencyError. An append is two round trips, pipelined: BEGIN, the head read and
+  the lease check (below); then the insert, its positions read back, COMMIT and the
+  notification (below). Rows written before the column existed hold 0: they sort
+  first, in position order, which was their commit order (a commit-order lock
+  serialized appends then).
 
 Followers wake on commit rather than polling: on PostgreSQL an append, once committed,
-sends a ``NOTIFY`` on :data:`COMMIT_CHANNEL` from a transaction of its own (in the same
-pipeline), which :class:`CommitWatch` listens for on a connection of its own. Not from
+sends a ``NOTIFY`` on :data:`COMMIT_CHANNEL` from a transaction of its own (in its last
+round trip), which :class:`CommitWatch` listens for on a connection of its own. Not from
 the append's transaction: a NOTIFY takes a database-wide lock from its transaction's
 pre-commit to the end of its commit (PostgreSQL keeps its queue in commit order), which
 would serialize every append's WAL flush again; the notifying transaction skips the
@@ -312,14 +317,32 @@ class Store:
             self._fences[run_id] = token
 
     @contextlib.contextmanager
-    def append_transaction(self) -> Iterator[Connection]:
+    def append_transaction(self, *, begun_by_head: bool = False) -> Iterator[Connection]:
         """A transaction for one append (or import). On SQLite it holds the database's write
-        lock from the start; on PostgreSQL it takes nothing until it writes."""
+        lock from the start; on PostgreSQL it takes nothing until it writes. With
+        ``begun_by_head`` (an append) :meth:`read_head` begins the PostgreSQL transaction
+        itself, in the round trip of its reads: the driver is left in autocommit mode till
+        the transaction ends, or it would send a BEGIN of its own and wait for it."""
         with self.engine.connect() as conn:
             if self.is_sqlite:
                 conn = conn.execution_options(ledger_write=True)
-            with conn.begin():
-                yield conn
+                with conn.begin():
+                    yield conn
+                return
+            if not begun_by_head:
+                with conn.begin():
+                    yield conn
+                return
+            from psycopg.pq import TransactionStatus
+
+            driver = conn.connection.driver_connection
+            driver.autocommit = True
+            try:
+                with conn.begin():  # (its commit or rollback ends the BEGIN read_head sent)
+                    yield conn
+            finally:
+                if driver.info.transaction_status == TransactionStatus.IDLE:
+                    driver.autocommit = False  # as the pool lends it (a broken one is discarded)
 
     def read_head(self, conn: Connection, head_sql: str, run_id: str) -> tuple | None:
         """The row ``head_sql`` reads, the head of the stream an append to ``run_id`` goes after.
@@ -329,18 +352,20 @@ class Store:
         which gives the transaction its xid, and the xid must come after the head read (see the
         module's opening)."""
         params = {"run_id": run_id}
-        token = None if self.is_sqlite else self._fences.get(run_id)
-        if token is None:
+        if self.is_sqlite:
             cursor = conn.connection.cursor()
             cursor.execute(head_sql, params)
             return cursor.fetchone()
+        token = self._fences.get(run_id)
         driver = conn.connection.driver_connection
         with driver.pipeline():
+            driver.execute("BEGIN")  # (append_transaction(begun_by_head=True) left this to us)
             head = driver.execute(head_sql, params)
-            fence = driver.execute(_FENCE_SQL, params)
-        held = fence.fetchone()
-        if held is None or held[0] != token:
-            raise LeaseLost(run_id, f" (its token is {held[0] if held else None}, this process held {token})")
+            fence = driver.execute(_FENCE_SQL, params) if token is not None else None
+        if fence is not None:
+            held = fence.fetchone()
+            if held is None or held[0] != token:
+                raise LeaseLost(run_id, f" (its token is {held[0] if held else None}, this process held {token})")
         return head.fetchone()
 
     def notify_followers(self, conn: Connection) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from firetitan_track import Ledger, SchemaOutOfDate
+from firetitan_track import ConcurrencyError, Ledger, SchemaOutOfDate
 from firetitan_track.bundle import StreamStore, import_streams
 from firetitan_track.ledger import FollowCursor, Followed
+from firetitan_track.store import LeaseLost, Store, _parse, upgrade_schema
 from firetitan_track.store import events as event_table
-from firetitan_track.store import upgrade_schema
 from tests.conformance.base import LedgerConformance, run_started, step
 from tests.helpers import needs_postgres
 
@@ -140,3 +140,36 @@ class TestPostgresLedger(LedgerConformance):
             assert [e.run_id for e in ledger.follow(0)] == ["r"]
         finally:
             engine.dispose()
+
+    def test_an_append_gives_its_connection_back_as_the_pool_lent_it(self, ledger_url: str) -> None:
+        """An append sends its own BEGIN (with its first reads, store.read_head), the driver in
+        autocommit meanwhile. Whatever the append's outcome, the connection goes back to the
+        pool out of autocommit, so a later transaction through it is still one transaction."""
+        one = Ledger(Store(sa.create_engine(_parse(ledger_url), pool_size=1, max_overflow=0), "one connection"))
+        try:
+            with one.engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO run_leases VALUES ('r', 1, 'test', 1e12)")
+            one.fence("r", 1)
+            first = step(0)
+
+            def lent_in_autocommit() -> bool:
+                with one.engine.connect() as conn:
+                    return conn.connection.driver_connection.autocommit
+
+            one.append("r", [first], 0)
+            assert not lent_in_autocommit()
+            assert [e.event_id for e in one.append("r", [first], 0)] == [first.event_id]  # already stored
+            assert not lent_in_autocommit()
+            with pytest.raises(ConcurrencyError):
+                one.append("r", [step(1)], 0)
+            assert not lent_in_autocommit()
+            one.fence("r", 2)
+            with pytest.raises(LeaseLost):
+                one.append("r", [step(1)], 1)
+            assert not lent_in_autocommit()
+            with pytest.raises(ZeroDivisionError), one.engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO checkpoints (name, position) VALUES ('half', 1)")
+                1 / 0
+            assert one.get_checkpoint("half") == FollowCursor(), "a transaction was committed in parts"
+        finally:
+            one.close()
