@@ -259,6 +259,9 @@ def _sample_waits(url: str, stop: threading.Event, counts: collections.Counter) 
         while not stop.wait(0.1):
             for (what,) in conn.exec_driver_sql(query):
                 counts[what] += 1
+            # pg_stat_activity is read once per transaction and kept till it ends: without
+            # this every sample would repeat the first
+            conn.rollback()
     engine.dispose()
 
 
