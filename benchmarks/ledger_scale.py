@@ -19,7 +19,8 @@ Prints one JSON object:
   (the Recorder call in its thread); ``sim_queue_p99_ms``: how long a write waited for a
   free thread of the simulator's pool (the simulator's own cost, not the ledger's);
 - ``pg_lost_or_duplicated``: over every level, events the follower missed or saw twice,
-  plus positions it saw out of order (0: every committed event once, in commit order);
+  plus events it saw out of their stream's version order (0: every committed event once,
+  each stream in order);
 - ``follow_latency_p99_ms``: from an event's ``recorded_at`` (taken just before its
   insert) to the follower holding it, at the top load held; ``sqlite_follow_latency_p99_ms``
   the same for a SQLite ledger written by another process; ``follower_idle_cpu_s_per_s``
@@ -27,7 +28,7 @@ Prints one JSON object:
 - per level: ``cpu_share`` of the machine (all cores over the measured window) taken by
   the simulator's processes, by PostgreSQL's and by the follower, and ``pg_waits``: what
   PostgreSQL's active backends were doing (``pg_stat_activity`` sampled every 100 ms:
-  CPU, or the wait event: WAL fsync, the commit-order lock, ...);
+  CPU, or the wait event: WAL fsync, a lock, ...);
 - ``variants``: with ``--variants``, the first level that missed the goal measured again
   under each server setting a team might change (``synchronous_commit=off``, group
   commit through ``commit_delay``), each applied to the writers' sessions only.
@@ -202,22 +203,26 @@ def writer_process(url: str, run_ids: list[str], pool: int, start_at: float, war
     out.put((writes.latencies, writes.queued, sum(appended), cpu))
 
 
-def follower_process(url: str, after: int, done: mp.Event, out: mp.Queue) -> None:
-    """Follows everything after ``after``: woken by the commit watch, never busy-polling."""
-    from firetitan_track import Ledger
+def follower_process(url: str, after: tuple[int, int], done: mp.Event, out: mp.Queue) -> None:
+    """Follows every stream begun after the cursor ``after``: woken by the commit watch, never
+    busy-polling."""
+    from firetitan_track import FollowCursor, Ledger
 
     ledger = Ledger.open(url)
     watch = ledger.watch_commits()
-    last, seen, disorder, delays = after, {}, 0, []
+    cursor, seen, next_version, disorder, delays = FollowCursor(*after), {}, {}, 0, []
     cpu0 = time.process_time()
     while True:
         finished = done.is_set()  # read before following: an empty page after it means drained
-        batch = ledger.follow(last, limit=5000)
+        if finished:
+            ledger.settle()  # what committed before `done` can all be followed now
+        batch = ledger.follow(cursor, limit=5000)
+        cursor = batch.cursor
         now = time.time()
         for ev in batch:
-            if ev.position <= last:
+            if ev.version != next_version.get(ev.run_id, 0):
                 disorder += 1
-            last = ev.position
+            next_version[ev.run_id] = ev.version + 1
             key = (ev.run_id, ev.version)
             seen[key] = seen.get(key, 0) + 1
             delays.append(now - ev.recorded_at)
@@ -254,6 +259,9 @@ def _sample_waits(url: str, stop: threading.Event, counts: collections.Counter) 
         while not stop.wait(0.1):
             for (what,) in conn.exec_driver_sql(query):
                 counts[what] += 1
+            # pg_stat_activity is read once per transaction and kept till it ends: without
+            # this every sample would repeat the first
+            conn.rollback()
     engine.dispose()
 
 
@@ -271,7 +279,7 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
     start_at = time.monotonic() + 3.0 + runs / 400  # every process is up and leased before the runs begin
     procs = [ctx.Process(target=writer_process, args=(writer_url or url, ids[p::processes], pool, start_at, warm_s,
                                                        duration_s, out)) for p in range(processes)]
-    after = _max_position(url)
+    after = _end_cursor(url)
     follower = ctx.Process(target=follower_process, args=(url, after, done, follow_out))
     follower.start()
     for p in procs:
@@ -311,7 +319,7 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
     done.set()
     unique, duplicated, disorder, delays, follow_cpu = follow_out.get()
     follower.join()
-    stored = _max_position(url, count_after=after)
+    stored = _end_cursor(url, count_after=after)
     capacity = wall * (os.cpu_count() or 1)
     samples = sum(waits.values()) or 1
     return {"runs": runs, "appends": len(latencies), "appended_events": appended, "stored_events": stored,
@@ -328,14 +336,19 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
             "pg_waits": {k: round(v / samples, 3) for k, v in waits.most_common(6)}}
 
 
-def _max_position(url: str, count_after: int | None = None) -> int:
-    """The ledger's last position; with ``count_after``, how many events lie after that position."""
+def _end_cursor(url: str, count_after: tuple[int, int] | None = None):  # type: ignore[no-untyped-def]
+    """A follow cursor (xid, position) at or after every event stored, with nothing being written;
+    with ``count_after``, how many events lie after that cursor."""
+    import sqlalchemy as sa
+
     from firetitan_track import Ledger
 
     with Ledger.open(url) as ledger, ledger.engine.connect() as conn:
         if count_after is None:
-            return conn.exec_driver_sql("SELECT coalesce(max(position), 0) FROM events").scalar()
-        return conn.exec_driver_sql("SELECT count(*) FROM events WHERE position > %(p)s", {"p": count_after}).scalar()
+            return tuple(conn.exec_driver_sql("SELECT coalesce(max(xid), 0), coalesce(max(position), 0) "
+                                              "FROM events").one())
+        return conn.execute(sa.text("SELECT count(*) FROM events WHERE (xid, position) > (:x, :p)"),
+                            {"x": count_after[0], "p": count_after[1]}).scalar()
 
 
 def batched(url: str, seconds: float = 5.0, batch: int = 100) -> float:
@@ -368,16 +381,17 @@ def _sqlite_writer(url: str, n: int, every_s: float) -> None:
 
 def follower_idle_cpu(url: str, seconds: float = 5.0) -> float:
     """CPU seconds per second a follower spends waiting while nothing is written."""
-    from firetitan_track import Ledger
+    from firetitan_track import FollowCursor, Ledger
 
     ledger = Ledger.open(url)
     watch = ledger.watch_commits()
     watch.wait(0.0)
     stop = threading.Event()
     cpu0, end = time.process_time(), time.monotonic() + seconds
+    after = FollowCursor(*_end_cursor(url))
     while time.monotonic() < end:
         watch.wait_or_stop(stop, poll_s=1.0)
-        ledger.follow(10**15)
+        ledger.follow(after)
     cpu = time.process_time() - cpu0
     watch.close()
     ledger.close()
@@ -389,10 +403,10 @@ def sqlite_follow(n: int = 200, every_s: float = 0.02) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/ledger.db"
-        _max_position(url)  # created and migrated before either side starts
+        _end_cursor(url)  # created and migrated before either side starts
         idle = follower_idle_cpu(url)
         out, done = ctx.Queue(), ctx.Event()
-        follower = ctx.Process(target=follower_process, args=(url, 0, done, out))
+        follower = ctx.Process(target=follower_process, args=(url, (0, 0), done, out))
         follower.start()
         writer = ctx.Process(target=_sqlite_writer, args=(url, n, every_s))
         writer.start()

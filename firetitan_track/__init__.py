@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "NewEvent": "events", "RecordedEvent": "events", "new_event": "events",
     "ConcurrencyError": "ledger", "Ledger": "ledger", "Problem": "ledger", "RunInfo": "ledger",
-    "NotFound": "ledger",
+    "NotFound": "ledger", "FollowCursor": "ledger",
     "redact": "redact", "redact_text": "redact",
     "TrackedService": "tracking", "track": "tracking",
     "autolog": "recording",
@@ -23,7 +23,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from firetitan_track.events import NewEvent, RecordedEvent, new_event
-    from firetitan_track.ledger import ConcurrencyError, Ledger, NotFound, Problem, RunInfo
+    from firetitan_track.ledger import ConcurrencyError, FollowCursor, Ledger, NotFound, Problem, RunInfo
     from firetitan_track.recording import autolog
     from firetitan_track.redact import redact, redact_text
     from firetitan_track.store import LedgerError, SchemaOutOfDate
@@ -46,6 +46,7 @@ __all__ = [
     "LedgerError",
     "ConcurrencyError",
     "NotFound",
+    "FollowCursor",
     "SchemaOutOfDate",
     "NewEvent",
     "RecordedEvent",

@@ -846,7 +846,8 @@ def import_streams(ledger: Ledger, streams: dict[str, list[dict[str, Any]]],
                    heads: Iterable[SignedHead] = ()) -> dict[str, int]:
     """Write streams recorded elsewhere as they are, with the blobs they reference and the
     signed heads that vouch for them, in one transaction: event ids, versions, payload text,
-    times and hashes unchanged (so ``verify`` passes here), positions this ledger's own.
+    times and hashes unchanged (so ``verify`` passes here), positions (and writing transaction)
+    this ledger's own.
 
     ``streams`` maps a run id to its rows (``StreamStore.rows`` of the source), an intact chain
     from version 0 whose every payload its event type accepts, checked here as an append would
@@ -899,9 +900,9 @@ def import_streams(ledger: Ledger, streams: dict[str, list[dict[str, Any]]],
 
 # -- the ledger's store, as bundles see it ----------------------------------------------------
 
-# An event row as a ledger stores it and a bundle carries it: every column but ``position``,
-# which each ledger gives in its own commit order.
-ROW_KEYS = tuple(c.name for c in event_table.c if c.name != "position")
+# An event row as a ledger stores it and a bundle carries it: every column but ``position`` and
+# ``xid``, which each ledger gives its rows itself (its follow order, store.py).
+ROW_KEYS = tuple(c.name for c in event_table.c if c.name not in ("position", "xid"))
 
 
 class RowView:
@@ -929,7 +930,8 @@ class StreamStore:
     """All a bundle touches of a ledger's database: a stream's rows and signed heads as stored,
     the blobs they name, and one transaction that adds rows chained elsewhere, with their blobs
     and heads. Rows go in as they are, past ``Ledger.append`` (they are already chained and
-    hashed), but in the ledger's commit order (store.py), so followers never skip one."""
+    hashed), but with this ledger's positions and writing transaction (store.py), so followers
+    never skip one: the transaction reads the streams it adds to before it writes anything."""
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
@@ -993,10 +995,10 @@ class _Import:
             self._conn.execute(self._store.insert_ignoring_duplicates(head_table), [h.to_dict() for h in heads])
 
     def add_events(self, rows: Sequence[RowView]) -> None:
-        """Insert the rows, taking the commit-order lock first (the last thing the import does)."""
+        """Insert the rows (the last thing the import does) and notify followers at its commit."""
         if rows:
-            self._store.take_commit_order(self._conn)
             self._conn.execute(event_table.insert(), [r.stored() for r in rows])
+            self._store.notify_followers(self._conn)
 
 
 def _stream_select(run_id: str) -> sa.Select:

@@ -3,7 +3,8 @@
 - ``append`` names the version it expects; a mismatch is a ConcurrencyError, so of
   two writers on one run exactly one wins. Re-appending events already stored at
   those versions (same event ids) is acknowledged and writes nothing.
-- Every event gets a global ``position`` in commit order, for followers.
+- Every event gets a global ``position``; ``follow`` reads every stream's events once each,
+  never skipping one that committed late, from a ``FollowCursor`` (store.py says how).
 - ``hash = sha256(prev_hash + canonical JSON of the event)``; ``verify`` recomputes
   the chain, checks every blob an event names is there and still hashes to its
   digest, and checks the stream still reaches each head the ledger signed
@@ -44,12 +45,12 @@ from firetitan_track.ids import run_id_problem
 from firetitan_track.redact import secret_values
 from firetitan_track.signing import (HeadCheck, SignedHead, SigningKey, check_heads, should_sign, signing_key_for,
                                      trust_problems)
-from firetitan_track.store import CommitWatch, LedgerError, Store, checkpoints, commit_watch, open_store
+from firetitan_track.store import FOLLOW_HORIZON, NEXT_TRANSACTION, CommitWatch, LedgerError, Store, checkpoints, commit_watch, open_store
 from firetitan_track.store import blobs as blob_table
 from firetitan_track.store import events as event_table
 from firetitan_track.store import signed_heads as head_table
 
-__all__ = ["Ledger", "LedgerError", "ConcurrencyError", "NotFound",
+__all__ = ["Ledger", "LedgerError", "ConcurrencyError", "NotFound", "FollowCursor", "Followed",
            "CorruptLedger", "StoreFailure", "VIEW_ERRORS", "unreadable", "RunInfo", "Problem",
            "GENESIS_HASH", "event_hash", "check_chain", "check_stream", "VerifyReport"]
 
@@ -131,6 +132,35 @@ def event_hash(prev_hash: str, run_id: str, version: int, event_id: str, type: s
             f'"recorded_at":{recorded_at!r},"run_id":{_json_str(run_id)},'
             f'"schema_version":{schema_version},"type":{_json_str(type)},"version":{version}}}')
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+@dataclass(frozen=True, order=True)
+class FollowCursor:
+    """How far a follower has read: past the event at ``position`` written by transaction
+    ``xid``. Followers read in (xid, position) order; ``xid`` is 0 on SQLite (its commit order
+    is position order) and for rows written before PostgreSQL ledgers recorded it (revision
+    0004), so a position kept by an older follower is ``FollowCursor(0, position)``. A cursor
+    belongs to the ledger it was read from."""
+
+    xid: int = 0
+    position: int = 0
+
+
+class Followed(list[RecordedEvent]):
+    """What ``follow`` returns: the events, in follow order, and ``cursor``, where to go on from
+    (the last event's; the cursor asked for when there is none)."""
+
+    def __init__(self, events: Iterable[RecordedEvent], cursor: FollowCursor) -> None:
+        super().__init__(events)
+        self.cursor = cursor
+
+
+def _as_cursor(after: FollowCursor | int) -> FollowCursor:
+    if isinstance(after, FollowCursor):
+        return after
+    if type(after) is not int or after < 0:
+        raise LedgerError(f"a follow cursor is a FollowCursor or a position >= 0, not {after!r}")
+    return FollowCursor(0, after)
 
 
 @dataclass(frozen=True)
@@ -249,10 +279,8 @@ class Ledger:
                else None)
         sql = self._sql
         try:
-            with self._store.append_transaction(run_id) as conn:
-                cursor = conn.connection.cursor()
-                cursor.execute(sql.head, {"run_id": run_id})
-                head = cursor.fetchone()
+            with self._store.append_transaction(begun_by_head=True) as conn:
+                head = self._store.read_head(conn, sql.head, run_id)  # (and the lease's fence)
                 actual, prev_hash = (head[0] + 1, head[1]) if head else (0, GENESIS_HASH)
                 if actual != expected_version:
                     stored = _already_stored(conn, run_id, expected_version, pending)
@@ -264,23 +292,27 @@ class Ledger:
                 signed = key.sign(run_id, last_version, rows[-1]["hash"]).to_dict() if key is not None else None
                 if not self._store.is_sqlite:
                     positions = self._store.insert_and_commit(
-                        conn, sql.insert_returning, rows, also=[(sql.signed_head, signed)] if signed else [])
-                elif len(rows) == 1:
-                    cursor.execute(sql.insert_returning, rows[0])
-                    positions = [cursor.fetchone()[0]]
+                        conn, sql.insert, rows, sql.positions,
+                        {"run_id": run_id, "first": expected_version, "end": expected_version + len(rows)},
+                        also=[(sql.signed_head, signed)] if signed else [])
                 else:
-                    # executemany cannot return rows; the positions are read back
-                    # inside the same locked transaction
-                    cursor.executemany(sql.insert, rows)
-                    cursor.execute(sql.positions, {"run_id": run_id, "first": expected_version,
-                                                   "end": expected_version + len(rows)})
-                    positions = [r[0] for r in cursor.fetchall()]
-                cursor.close()
-                if signed is not None and self._store.is_sqlite:  # (SQLite commits as the block ends)
-                    conn.execute(head_table.insert(), signed)
+                    cursor = conn.connection.cursor()
+                    if len(rows) == 1:
+                        cursor.execute(sql.insert_returning, rows[0])
+                        positions = [cursor.fetchone()[0]]
+                    else:
+                        # executemany cannot return rows; the positions are read back
+                        # inside the same locked transaction
+                        cursor.executemany(sql.insert, rows)
+                        cursor.execute(sql.positions, {"run_id": run_id, "first": expected_version,
+                                                       "end": expected_version + len(rows)})
+                        positions = [r[0] for r in cursor.fetchall()]
+                    cursor.close()
+                    if signed is not None:  # (SQLite commits as the block ends)
+                        conn.execute(head_table.insert(), signed)
         except self._duplicate_errors:
-            # the head was read before the commit-order lock (store.py): a writer that
-            # committed meanwhile shows up here, on the unique index
+            # the head was read unlocked (store.py): a writer that committed meanwhile
+            # shows up here, on the unique index
             return self._after_conflict(run_id, expected_version, pending)
         except DBAPIError as e:
             raise StoreFailure(f"cannot write to the ledger at {self.url}: {first_line(e)}; nothing of this "
@@ -367,19 +399,51 @@ class Ledger:
         with self._reading(), self.engine.connect() as conn:
             return _stream_version(conn, run_id)
 
-    def follow(self, after_position: int = 0, limit: int = 1000,
-               run_ids: Sequence[str] | None = None) -> list[RecordedEvent]:
-        """Up to ``limit`` events with position > ``after_position``, in position order.
-
-        Calling again with the last position seen never skips an event: positions
-        are assigned in commit order (see store.py).
+    def follow(self, after: FollowCursor | int = 0, limit: int = 1000,
+               run_ids: Sequence[str] | None = None) -> Followed:
+        """Up to ``limit`` events after the cursor ``after``, in follow order; the result's
+        ``cursor`` is where to go on from. Following on from each result's cursor gives every
+        event exactly once, each stream's in version order, never skipping one that
+        committed late: on SQLite follow order is position order (its appends commit in
+        it), on PostgreSQL it is (writing transaction, position), read only below the
+        snapshot's xmin (see store.py). An int is a position, ``FollowCursor(0, position)``:
+        exact on SQLite and for a PostgreSQL ledger's rows older than revision 0004; rows
+        written since all follow it (read again, never skipped).
         """
-        stmt = sa.select(*_COLUMNS).where(event_table.c.position > after_position)
+        cursor = _as_cursor(after)
+        xid = event_table.c.xid
+        if self._store.is_sqlite:
+            stmt = (sa.select(*_COLUMNS, xid).where(event_table.c.position > cursor.position)
+                    .order_by(event_table.c.position))
+        else:
+            stmt = (sa.select(*_COLUMNS, xid)
+                    .where(sa.tuple_(xid, event_table.c.position) > sa.tuple_(cursor.xid, cursor.position),
+                           xid < FOLLOW_HORIZON)
+                    .order_by(xid, event_table.c.position))
         if run_ids is not None:
             stmt = stmt.where(event_table.c.run_id.in_(list(run_ids)))
-        stmt = stmt.order_by(event_table.c.position).limit(limit)
         with self._reading(), self.engine.connect() as conn:
-            return [_from_row(r) for r in conn.execute(stmt)]
+            rows = conn.execute(stmt.limit(limit)).all()
+        if rows:
+            cursor = FollowCursor(rows[-1].xid, rows[-1].position)
+        return Followed([_from_row(r[:-1]) for r in rows], cursor)
+
+    def settle(self, timeout_s: float = 30.0) -> bool:
+        """Wait until ``follow`` can read every event committed before this call (a follower's
+        last read before it stops, a one-shot export); False if ``timeout_s`` passed first.
+        At once on SQLite. On PostgreSQL a follower reads below the oldest transaction still
+        writing anywhere on the database server (store.py): this waits for those that had
+        begun writing when it was called, so a transaction left open holds it back."""
+        if self._store.is_sqlite:
+            return True
+        deadline = time.monotonic() + timeout_s
+        with self._reading(), self.engine.connect() as conn:
+            bound = conn.execute(sa.select(NEXT_TRANSACTION)).scalar()
+            while conn.execute(sa.select(FOLLOW_HORIZON)).scalar() < bound:  # a new snapshot each time
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.002)
+        return True
 
     def watch_commits(self) -> CommitWatch:
         """A watch that wakes a follower when an append may have committed (LISTEN/NOTIFY on
@@ -449,15 +513,19 @@ class Ledger:
             raise CorruptLedger(f"the ledger at {self.url} is damaged: blob {digest} is not valid JSON; "
                                 "run `firetitan-track verify` to find every damaged event and blob") from None
 
-    def get_checkpoint(self, name: str) -> int:
-        """A follower's last processed position (0 when it has none)."""
+    def get_checkpoint(self, name: str) -> FollowCursor:
+        """A follower's stored cursor (the start when it has none). One stored by a follower
+        before revision 0004 (a position alone) reads as ``FollowCursor(0, position)``."""
         with self.engine.connect() as conn:
-            pos = conn.execute(sa.select(checkpoints.c.position).where(checkpoints.c.name == name)).scalar()
-        return pos or 0
+            row = conn.execute(sa.select(checkpoints.c.xid, checkpoints.c.position)
+                               .where(checkpoints.c.name == name)).first()
+        return FollowCursor(row.xid, row.position) if row is not None else FollowCursor()
 
-    def set_checkpoint(self, name: str, position: int) -> None:
+    def set_checkpoint(self, name: str, cursor: FollowCursor | int) -> None:
+        cursor = _as_cursor(cursor)
         with self.engine.begin() as conn:
-            conn.execute(self._store.upsert(checkpoints, "name", {"name": name, "position": position}))
+            conn.execute(self._store.upsert(checkpoints, "name", {"name": name, "position": cursor.position,
+                                                                  "xid": cursor.xid}))
 
     def signed_heads(self, run_id: str) -> list[SignedHead]:
         """Every signed head of a stream, oldest first (what ``bundle`` carries)."""
@@ -470,9 +538,9 @@ class Ledger:
         """Check every stream (or one run's); an empty list means intact.
 
         Returns one Problem per broken stream (its first bad version: a version missing, a hash
-        that does not chain, a payload its event type refuses, positions out of order), one per
-        signed head the stream no longer matches (events removed, history rewritten, a
-        signature altered), one per missing or altered blob an event names, and a stream
+        that does not chain, a payload its event type refuses, positions or writing transactions
+        out of version order), one per signed head the stream no longer matches (events removed,
+        history rewritten, a signature altered), one per missing or altered blob an event names, and a stream
         signed by heads but holding no events (a run removed). With ``trusted`` (public keys,
         signing.load_trusted), a stream not vouched for to its end by one of them is a problem too.
         """
@@ -480,7 +548,7 @@ class Ledger:
 
     def verify_report(self, run_id: str | None = None, trusted: set[str] | None = None) -> VerifyReport:
         """``verify``, with what each stream's signed heads say (who vouches for how much)."""
-        stmt = sa.select(*_COLUMNS).order_by(event_table.c.run_id, event_table.c.version)
+        stmt = sa.select(*_COLUMNS, event_table.c.xid).order_by(event_table.c.run_id, event_table.c.version)
         heads_stmt = sa.select(head_table).order_by(head_table.c.run_id, head_table.c.version)
         if run_id is not None:
             stmt = stmt.where(event_table.c.run_id == run_id)
@@ -682,11 +750,15 @@ def check_stream(run_id: str, rows: Sequence[Any]) -> Problem | None:
 
 
 def _positions_problem(run_id: str, rows: Sequence[Any]) -> Problem | None:
-    """Positions are this ledger's commit order: within a stream they grow with the version."""
+    """Within a stream, positions and follow order (xid, position) grow with the version (store.py
+    says why): a follower then sees each stream in version order."""
     for before, after in zip(rows, rows[1:]):
         if after.position <= before.position:
             return Problem(run_id, after.version, f"its position {after.position} is not after version "
                                                   f"{before.version}'s {before.position}: positions were altered")
+        if after.xid < before.xid:
+            return Problem(run_id, after.version, f"its writing transaction {after.xid} is before version "
+                                                  f"{before.version}'s {before.xid}: the xid column was altered")
     return None
 
 

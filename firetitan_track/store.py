@@ -1,33 +1,49 @@
 """Where the ledger lives: its tables, opening a database by URL, and schema revisions.
 
 SQLite (the default, a file in WAL mode) and PostgreSQL are both reached through
-SQLAlchemy Core. The one thing the two do differently is how appends are
-serialized, so that insert order equals commit order (a follower reading
-``position > p`` then never skips an event that committed late):
+SQLAlchemy Core. They differ in how a follower (the MLflow exporter) reads every event
+once, never skipping one that committed late:
 
-- SQLite: an append runs in ``BEGIN IMMEDIATE``, taking the database's single
-  write lock before it reads the stream head;
-- PostgreSQL: an append reads the stream head and prepares its rows unlocked, then
-  takes a transaction-level advisory lock (the *commit-order lock*) just before its
-  insert and holds it to the end of its commit. Positions are drawn from the
-  sequence while the lock is held and the lock is released only after the commit is
-  visible, so positions become visible in increasing order. Two appends to one
-  stream still race on the ``(run_id, version)`` unique index: the loser's insert
-  waits for the winner's commit and fails, as a ConcurrencyError. The lock, the
-  insert and the COMMIT are sent pipelined, in one round trip: the lock is held for
-  the server's own work (the insert and the WAL flush of the commit), never for a
-  network round trip or the client's scheduling. ``LOCK TABLE events IN EXCLUSIVE
-  MODE`` (the mechanism before it) spanned the whole append, head read included.
+- SQLite: an append runs in ``BEGIN IMMEDIATE``, taking the database's single write
+  lock before it reads the stream head. Insert order is then commit order, and a
+  follower reads ``position > p`` in position order.
+- PostgreSQL: appends run side by side, unlocked, so they commit in any order of
+  their positions (drawn from a sequence). Each row also records the id of the
+  transaction that wrote it (``events.xid``: ``pg_current_xact_id()``, 64 bits, never
+  wrapping around), set by the column's default so that no writer can leave it out. A
+  follower reads only rows whose xid is below its snapshot's ``xmin`` (every
+  transaction below it has finished: its rows are all visible or never will be), in
+  ``(xid, position)`` order, and its cursor is that pair. A row written later has an
+  xid at or above that ``xmin``, so it sorts after the cursor, even when its
+  transaction drew its position before another's that committed first (a position and
+  an xid are not taken in one step). ``xmin`` is the whole server's: a transaction that
+  writes anywhere on it and stays open holds followers back, never makes them skip
+  (``Ledger.settle`` waits until what committed before it can be followed).
+  An append reads the stream head before it writes anything (before its xid exists),
+  so within a stream ``(xid, position)`` grows with the version and a follower sees a
+  stream in order. Two appends to one stream race on the ``(run_id, version)`` unique
+  index: the loser's insert waits for the winner's commit and fails, as a
+  ConcurrencyError. An append is two round trips, pipelined: BEGIN, the head read and
+  the lease check (below); then the insert, its positions read back, COMMIT and the
+  notification (below). Rows written before the column existed hold 0: they sort
+  first, in position order, which was their commit order (a commit-order lock
+  serialized appends then).
 
-Followers wake on commit rather than polling: on PostgreSQL the commit-order lock's
-statement also queues a ``NOTIFY`` on :data:`COMMIT_CHANNEL` (delivered when the append
-commits, after its rows are visible), which :class:`CommitWatch` listens for on a
-connection of its own; on SQLite it watches the database and WAL files, which every
-commit writes. Either way a follower still polls at its own interval as the fallback.
+Followers wake on commit rather than polling: on PostgreSQL an append, once committed,
+sends a ``NOTIFY`` on :data:`COMMIT_CHANNEL` from a transaction of its own (in its last
+round trip), which :class:`CommitWatch` listens for on a connection of its own. Not from
+the append's transaction: a NOTIFY takes a database-wide lock from its transaction's
+pre-commit to the end of its commit (PostgreSQL keeps its queue in commit order), which
+would serialize every append's WAL flush again; the notifying transaction skips the
+flush wait (``synchronous_commit off``), so it holds that lock only for a moment. On
+SQLite the watch looks at the database and WAL files, which every commit writes. Either
+way a follower still polls at its own interval as the fallback (a transaction outside
+the ledger, a lease renewal say, can hold rows back for a moment and notifies no one).
 
 An append to a run whose writer holds a lease in the database (run_leases)
-also checks the lease's fencing token inside its transaction: a writer whose lease
-was taken over stops with LeaseLost instead of writing.
+also checks the lease's fencing token inside its transaction, right after it reads the
+head (the check locks the lease row, which gives the transaction its xid): a writer
+whose lease was taken over stops with LeaseLost instead of writing.
 
 The schema is owned by the Alembic scripts in ``firetitan_track/schema/`` (package data,
 so an installed wheel creates and upgrades ledgers); the tables below mirror the head
@@ -49,6 +65,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import StaticPool
 
 from firetitan_track.errors import UserError, first_line
@@ -58,6 +75,8 @@ from firetitan_track.urls import absolute_url
 __all__ = [
     "LedgerError",
     "LeaseLost",
+    "FOLLOW_HORIZON",
+    "NEXT_TRANSACTION",
     "SchemaOutOfDate",
     "HEAD_REVISION",
     "Store",
@@ -79,7 +98,7 @@ __all__ = [
 ]
 
 # The Alembic head this code is written against (tests check it matches SCHEMA_DIR).
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 UPGRADE_HINT = "firetitan-track db upgrade"
 
@@ -103,6 +122,35 @@ class LeaseLost(LedgerError):
 
 metadata = sa.MetaData()
 
+
+class _WritingTransaction(sa.sql.expression.ColumnElement):
+    """events.xid's default: on PostgreSQL the id of the transaction that inserts the row
+    (xid8, as a bigint: 32 bits of epoch over 32 of xid, far from the sign bit); on SQLite
+    0, since its single writer commits in position order."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+@compiles(_WritingTransaction, "postgresql")
+def _writing_transaction_postgres(element, compiler, **kw):  # type: ignore[no-untyped-def]
+    return "(pg_current_xact_id())::text::bigint"
+
+
+@compiles(_WritingTransaction)
+def _writing_transaction_other(element, compiler, **kw):  # type: ignore[no-untyped-def]
+    return "0"
+
+
+def _snapshot_bound(bound):  # type: ignore[no-untyped-def]
+    return sa.cast(sa.cast(bound(sa.func.pg_current_snapshot()), sa.Text), sa.BigInteger)
+
+
+# What a PostgreSQL follower may read: rows of transactions below its snapshot's xmin, all finished.
+FOLLOW_HORIZON = _snapshot_bound(sa.func.pg_snapshot_xmin)
+# The first transaction id not yet handed out: every commit so far is below it.
+NEXT_TRANSACTION = _snapshot_bound(sa.func.pg_snapshot_xmax)
+
 events = sa.Table(
     "events", metadata,
     # global order for followers; AUTOINCREMENT on SQLite so a position is never reused
@@ -116,6 +164,9 @@ events = sa.Table(
     sa.Column("data", sa.Text, nullable=False),  # canonical JSON, exactly the hashed text
     sa.Column("recorded_at", sa.Double, nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+    # the writing transaction (PostgreSQL; 0 on SQLite and for rows older than the column):
+    # followers read in (xid, position) order, see the module's opening
+    sa.Column("xid", sa.BigInteger, nullable=False, server_default=_WritingTransaction()),
     sa.UniqueConstraint("run_id", "version", name="uq_events_run_version"),
     sa.UniqueConstraint("run_id", "event_id", name="uq_events_run_event_id"),
     sqlite_autoincrement=True,
@@ -129,10 +180,16 @@ blobs = sa.Table(
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
+# PostgreSQL followers page by (xid, position); SQLite's never reads xid, so it has no index.
+sa_event.listen(events, "after_create", sa.DDL("CREATE INDEX ix_events_xid_position ON events (xid, position)")
+                .execute_if(dialect="postgresql"))
+
+# A follower's cursor (ledger.FollowCursor); a checkpoint from before xid existed reads as (0, position).
 checkpoints = sa.Table(
     "checkpoints", metadata,
     sa.Column("name", sa.String, primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("xid", sa.BigInteger, nullable=False, server_default=sa.text("0")),
 )
 
 # One writer per run across machines (PostgreSQL; the writer takes and renews it). A row is never
@@ -158,12 +215,11 @@ signed_heads = sa.Table(
     sa.PrimaryKeyConstraint("run_id", "version", "public_key", name="pk_signed_heads"),
 )
 
-# The key of the commit-order lock (pg_advisory_xact_lock). Advisory locks are
-# database-wide: ledgers in several schemas of one database share it (correct, slower).
-COMMIT_ORDER_LOCK = 7202
-# Appends notify this channel as they commit (PostgreSQL); CommitWatch listens on it.
+# Appends notify this channel once they commit (PostgreSQL); CommitWatch listens on it.
 COMMIT_CHANNEL = "firetitan_ledger"
 _FENCE_SQL = "SELECT token FROM run_leases WHERE run_id = %(run_id)s FOR SHARE"
+# a transaction of its own, its commit not waiting for the WAL flush (set_config(..., true): this transaction only)
+_NOTIFY_SQL = f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{COMMIT_CHANNEL}', '')"
 
 
 # -- URLs ------------------------------------------------------------------------
@@ -261,51 +317,84 @@ class Store:
             self._fences[run_id] = token
 
     @contextlib.contextmanager
-    def append_transaction(self, run_id: str | None = None) -> Iterator[Connection]:
-        """A transaction for one append to ``run_id``. On SQLite it holds the database's
-        write lock from the start; on PostgreSQL the caller takes the commit-order lock
-        with :meth:`take_commit_order` just before it inserts. A fenced run's lease token
-        is checked first (FOR SHARE: a takeover waits until this append commits)."""
-        token = self._fences.get(run_id) if run_id is not None else None
+    def append_transaction(self, *, begun_by_head: bool = False) -> Iterator[Connection]:
+        """A transaction for one append (or import). On SQLite it holds the database's write
+        lock from the start; on PostgreSQL it takes nothing until it writes. With
+        ``begun_by_head`` (an append) :meth:`read_head` begins the PostgreSQL transaction
+        itself, in the round trip of its reads: the driver is left in autocommit mode till
+        the transaction ends, or it would send a BEGIN of its own and wait for it."""
         with self.engine.connect() as conn:
             if self.is_sqlite:
                 conn = conn.execution_options(ledger_write=True)
-            with conn.begin():
-                if token is not None and not self.is_sqlite:
-                    held = conn.exec_driver_sql(_FENCE_SQL, {"run_id": run_id}).scalar()
-                    if held != token:
-                        raise LeaseLost(run_id or "", f" (its token is {held}, this process held {token})")
-                yield conn
+                with conn.begin():
+                    yield conn
+                return
+            if not begun_by_head:
+                with conn.begin():
+                    yield conn
+                return
+            from psycopg.pq import TransactionStatus
 
-    def take_commit_order(self, conn: Connection) -> None:
-        """Called in an append transaction right before it inserts events: from here to the
-        end of its commit, no other append inserts (PostgreSQL; SQLite's BEGIN IMMEDIATE
-        already serializes the whole append)."""
+            driver = conn.connection.driver_connection
+            driver.autocommit = True
+            try:
+                with conn.begin():  # (its commit or rollback ends the BEGIN read_head sent)
+                    yield conn
+            finally:
+                if driver.info.transaction_status == TransactionStatus.IDLE:
+                    driver.autocommit = False  # as the pool lends it (a broken one is discarded)
+
+    def read_head(self, conn: Connection, head_sql: str, run_id: str) -> tuple | None:
+        """The row ``head_sql`` reads, the head of the stream an append to ``run_id`` goes after.
+        For a fenced run on PostgreSQL (a SQLite lease is a file lock) the lease token is checked
+        in the same round trip, after the head: LeaseLost unless this process still holds it.
+        That check locks the lease row FOR SHARE (a takeover waits until this append commits),
+        which gives the transaction its xid, and the xid must come after the head read (see the
+        module's opening)."""
+        params = {"run_id": run_id}
+        if self.is_sqlite:
+            cursor = conn.connection.cursor()
+            cursor.execute(head_sql, params)
+            return cursor.fetchone()
+        token = self._fences.get(run_id)
+        driver = conn.connection.driver_connection
+        with driver.pipeline():
+            driver.execute("BEGIN")  # (append_transaction(begun_by_head=True) left this to us)
+            head = driver.execute(head_sql, params)
+            fence = driver.execute(_FENCE_SQL, params) if token is not None else None
+        if fence is not None:
+            held = fence.fetchone()
+            if held is None or held[0] != token:
+                raise LeaseLost(run_id, f" (its token is {held[0] if held else None}, this process held {token})")
+        return head.fetchone()
+
+    def notify_followers(self, conn: Connection) -> None:
+        """Queue a wake-up for followers, delivered when ``conn``'s transaction commits
+        (PostgreSQL). For the rare big write (an import); an append notifies after its
+        commit instead (insert_and_commit), see the module's opening."""
         if not self.is_sqlite:
-            # the notification is queued now and delivered at commit, once the rows are
-            # visible; the lock already serializes these commits, so it costs no extra wait
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK}), "
-                                 f"pg_notify('{COMMIT_CHANNEL}', '')")
+            conn.exec_driver_sql(f"SELECT pg_notify('{COMMIT_CHANNEL}', '')")
 
-    def insert_and_commit(self, conn: Connection, insert_returning: str, rows: list[dict],
-                          also: list[tuple[str, dict]] = ()) -> list[int]:
-        """PostgreSQL: take the commit-order lock, insert ``rows`` (and run each ``also``
-        statement in the same transaction) and commit, pipelined (see the module's opening);
-        returns the rows' positions. The transaction is over when this returns (the caller's
+    def insert_and_commit(self, conn: Connection, insert: str, rows: list[dict], positions: str,
+                          positions_params: dict, also: list[tuple[str, dict]] = ()) -> list[int]:
+        """PostgreSQL: insert ``rows``, read back their positions (``positions``, in version order),
+        run each ``also`` statement in the same transaction, commit, then notify followers from a
+        transaction of its own: all pipelined, in one round trip (see the module's opening).
+        Returns the positions. The transaction is over when this returns (the caller's
         transaction block then has nothing left to commit)."""
         driver = conn.connection.driver_connection
         with driver.pipeline():
-            driver.execute(f"SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK}), pg_notify('{COMMIT_CHANNEL}', '')")
-            cursor = driver.cursor()
-            cursor.executemany(insert_returning, rows, returning=True)
+            # executemany(returning=True) would wait for the inserts' results before going on
+            driver.cursor().executemany(insert, rows)
+            read_back = driver.execute(positions, positions_params)
             for statement, params in also:
                 driver.execute(statement, params)
-            driver.commit()
-        positions = []
-        while True:
-            positions.append(cursor.fetchone()[0])
-            if not cursor.nextset():
-                return positions
+            # COMMIT as a statement: driver.commit() would wait for it (a sync) and the next
+            # statement would wait for a BEGIN. The server runs the notification after the
+            # commit, in an implicit transaction of its own that ends at the pipeline's sync.
+            driver.execute("COMMIT")
+            driver.execute(_NOTIFY_SQL)
+        return [r[0] for r in read_back.fetchall()]
 
     def insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
         return self._dialect_insert(table).on_conflict_do_nothing()

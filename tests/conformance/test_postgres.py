@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 
-from firetitan_track import Ledger, SchemaOutOfDate
-from firetitan_track.store import upgrade_schema
-from tests.conformance.base import LedgerConformance
+from firetitan_track import ConcurrencyError, Ledger, SchemaOutOfDate
+from firetitan_track.bundle import StreamStore, import_streams
+from firetitan_track.ledger import FollowCursor, Followed
+from firetitan_track.store import LeaseLost, Store, _parse, upgrade_schema
+from firetitan_track.store import events as event_table
+from tests.conformance.base import LedgerConformance, run_started, step
 from tests.helpers import needs_postgres
 
 pytestmark = needs_postgres
@@ -45,3 +52,124 @@ class TestPostgresLedger(LedgerConformance):
         engine.dispose()
         with pytest.raises(SchemaOutOfDate, match="from_the_future"):
             Ledger.open(ledger_url)
+
+    # -- followers and appends that commit out of position order ----------------------------
+
+    @staticmethod
+    def _row(tmp_path: Path, run_id: str) -> dict[str, Any]:
+        """A stream's first event as the ledger stores it (chained, hashed), to insert by hand."""
+        with Ledger.open(f"sqlite:///{tmp_path / 'rows.db'}") as scratch:
+            scratch.append(run_id, [run_started()], 0)
+            [row] = StreamStore(scratch).rows(run_id)
+        return row
+
+    @staticmethod
+    def _follow_until(ledger: Ledger, cursor: FollowCursor, count: int, timeout_s: float = 30.0) -> Followed:
+        """Follow on from ``cursor`` until ``count`` events came (another session's transaction
+        on the server may hold rows back for a moment), then once more: nothing else comes."""
+        got: list = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < count and time.monotonic() < deadline:
+            batch = ledger.follow(cursor)
+            got += batch
+            cursor = batch.cursor
+        assert ledger.settle()
+        assert ledger.follow(cursor) == [], "an event followed twice"
+        return Followed(got, cursor)
+
+    def test_a_follower_waits_for_an_append_that_drew_its_position_first_and_commits_last(
+            self, ledger: Ledger, tmp_path: Path) -> None:
+        """Writer A inserts and holds its transaction open; writer B appends after it and commits
+        first. B's position is after A's, so a follower reading positions alone would pass A's
+        by. The follower delivers nothing until A commits, then both, each once, A's first."""
+        early = self._row(tmp_path, "early")
+        with ledger.engine.connect() as held:
+            held.execute(event_table.insert(), early)  # A: inserted, not committed
+            [late] = ledger.append("late", [step(0)], 0)  # B: committed
+            for _ in range(20):
+                assert ledger.follow(0) == [], "a follower passed an append still in flight"
+            held.commit()
+        followed = self._follow_until(ledger, FollowCursor(), 2)
+        assert [(e.run_id, e.version) for e in followed] == [("early", 0), ("late", 0)]
+        assert followed[0].position < late.position  # the commits finished out of position order
+        assert ledger.verify() == []
+
+    def test_a_position_drawn_before_the_transaction_id_is_not_skipped(self, ledger: Ledger,
+                                                                       tmp_path: Path) -> None:
+        """A transaction draws its position (the sequence) before it has an xid: a later one gets
+        a higher position and a lower xid and commits first, and the follower delivers it. The
+        first one's row (lower position) must still come: its xid is above the follower's cursor."""
+        with ledger.engine.connect() as conn:
+            drawn = conn.exec_driver_sql("SELECT nextval(pg_get_serial_sequence('events', 'position'))").scalar()
+            conn.commit()  # (nextval may have taken an xid of its own, to log the sequence: ended here)
+        [late] = ledger.append("late", [step(0)], 0)
+        first = self._follow_until(ledger, FollowCursor(), 1)
+        assert [e.run_id for e in first] == ["late"] and first.cursor.position > drawn
+        with ledger.engine.begin() as conn:  # only now does that transaction get its xid
+            conn.execute(event_table.insert(), {**self._row(tmp_path, "early"), "position": drawn})
+        second = self._follow_until(ledger, first.cursor, 1)
+        assert [(e.run_id, e.position) for e in second] == [("early", drawn)]
+        assert drawn < late.position
+
+    def test_imported_rows_are_followed_as_this_ledgers_own(self, ledger: Ledger, tmp_path: Path) -> None:
+        """An import writes rows chained elsewhere; their position and writing transaction are
+        this ledger's, so a follower past what was here before sees them."""
+        ledger.append("here", [run_started()], 0)
+        assert ledger.settle()
+        before = ledger.follow(0)
+        with Ledger.open(f"sqlite:///{tmp_path / 'elsewhere.db'}") as elsewhere:
+            elsewhere.append("there", [run_started(), step(0)], 0)
+            rows = StreamStore(elsewhere).rows("there")
+        assert import_streams(ledger, {"there": rows}) == {"there": 2}
+        after = self._follow_until(ledger, before.cursor, 2)
+        assert [(e.run_id, e.version) for e in after] == [("there", 0), ("there", 1)]
+
+    def test_a_long_open_transaction_holds_followers_back_and_settle_says_so(self, ledger: Ledger,
+                                                                              ledger_url: str) -> None:
+        """Any transaction on the server that has written holds followers back until it ends
+        (the price of reading below xmin): ``settle`` reports it instead of waiting for ever."""
+        engine = sa.create_engine(ledger_url)
+        try:
+            with engine.connect() as other:
+                other.exec_driver_sql("SELECT pg_current_xact_id()")  # a transaction holding an xid
+                ledger.append("r", [run_started()], 0)
+                assert ledger.settle(timeout_s=0.3) is False
+                assert ledger.follow(0) == []
+                other.rollback()
+            assert ledger.settle()
+            assert [e.run_id for e in ledger.follow(0)] == ["r"]
+        finally:
+            engine.dispose()
+
+    def test_an_append_gives_its_connection_back_as_the_pool_lent_it(self, ledger_url: str) -> None:
+        """An append sends its own BEGIN (with its first reads, store.read_head), the driver in
+        autocommit meanwhile. Whatever the append's outcome, the connection goes back to the
+        pool out of autocommit, so a later transaction through it is still one transaction."""
+        one = Ledger(Store(sa.create_engine(_parse(ledger_url), pool_size=1, max_overflow=0), "one connection"))
+        try:
+            with one.engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO run_leases VALUES ('r', 1, 'test', 1e12)")
+            one.fence("r", 1)
+            first = step(0)
+
+            def lent_in_autocommit() -> bool:
+                with one.engine.connect() as conn:
+                    return conn.connection.driver_connection.autocommit
+
+            one.append("r", [first], 0)
+            assert not lent_in_autocommit()
+            assert [e.event_id for e in one.append("r", [first], 0)] == [first.event_id]  # already stored
+            assert not lent_in_autocommit()
+            with pytest.raises(ConcurrencyError):
+                one.append("r", [step(1)], 0)
+            assert not lent_in_autocommit()
+            one.fence("r", 2)
+            with pytest.raises(LeaseLost):
+                one.append("r", [step(1)], 1)
+            assert not lent_in_autocommit()
+            with pytest.raises(ZeroDivisionError), one.engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO checkpoints (name, position) VALUES ('half', 1)")
+                1 / 0
+            assert one.get_checkpoint("half") == FollowCursor(), "a transaction was committed in parts"
+        finally:
+            one.close()

@@ -284,9 +284,11 @@ def test_import_into_postgres_is_the_same_history_and_idempotent(source: str, bu
     assert result.exit_code == 0, result.output
     with Ledger.open(source) as src, Ledger.open(empty_schema_url) as dst:
         _same_views(src, dst)
+        assert dst.settle()
         count = len(dst.follow(0, limit=10_000))
     assert "nothing new" in _cli(empty_schema_url, "import", str(bundle_file)).output
     with Ledger.open(empty_schema_url) as dst:
+        assert dst.settle()
         assert len(dst.follow(0, limit=10_000)) == count
 
 

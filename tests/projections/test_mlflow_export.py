@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from firetitan_track import Ledger, new_event
+from firetitan_track import FollowCursor, Ledger, new_event
 from firetitan_track.projections.audit import eval_rows
 from firetitan_track.projections.mlflow import (TAG_PARENT, LiveExporter, MlflowExporter,
                                                 export_mlflow)
@@ -264,10 +264,10 @@ def test_exporter_uses_no_checkpoint_for_a_subset(ledger: Ledger, mlflow_server:
     write_run(ledger, "r1", steps=2)
     exporter = MlflowExporter(ledger, mlflow_server, experiment=experiment, run_ids=["r1"])
     exporter.export()
-    assert ledger.get_checkpoint(exporter.checkpoint) == 0
+    assert ledger.get_checkpoint(exporter.checkpoint) == FollowCursor()
     everything = MlflowExporter(ledger, mlflow_server, experiment=experiment)
     everything.export()
-    assert ledger.get_checkpoint(everything.checkpoint) == ledger.read("r1")[-1].position
+    assert ledger.get_checkpoint(everything.checkpoint) == ledger.follow(0).cursor
 
 
 

@@ -4,9 +4,9 @@ One MLflow run per ledger run (found again by its ``ledger_run_id`` tag, never
 created twice), nested under one parent run per sweep. What one pass writes into
 one MLflow run is in run_export.py.
 
-Progress is kept in two places. The follower's global position is a ledger
+Progress is kept in two places. The follower's cursor (``Ledger.follow``) is a ledger
 checkpoint (``mlflow:<tracking uri>#<experiment>``), so ``export`` resumes where
-it stopped. Each MLflow run also carries ``ledger_events``: how much of its
+it stopped (a position kept by an older exporter still reads, see FollowCursor). Each MLflow run also carries ``ledger_events``: how much of its
 ledger stream it already shows, written last, so a crash mid-export only
 repeats idempotent writes, and a follower of a few runs needs no checkpoint.
 
@@ -31,7 +31,7 @@ from typing import Sequence
 
 from firetitan_track.events import RecordedEvent, sweep_trials
 from firetitan_track.ids import SWEEP_STREAM_PREFIX, sweep_stream
-from firetitan_track.ledger import Ledger, LedgerError, NotFound
+from firetitan_track.ledger import FollowCursor, Ledger, LedgerError, NotFound
 from firetitan_track.projections.compare import compare_sweep
 from firetitan_track.projections.mlflow.keys import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL,
                                                      MAX_TAGS_PER_CALL, MODEL_TRAINING, TAG_EVENTS,
@@ -48,14 +48,14 @@ from firetitan_track.redact import redact_text
 
 @dataclass
 class ExportReport:
-    position: int = 0  # the last global position handled
+    cursor: FollowCursor = field(default_factory=FollowCursor)  # how far the follower has read
     events: int = 0  # events read from the ledger
     runs: list[str] = field(default_factory=list)  # ledger runs written to
     metrics: int = 0  # metric points sent
     rebuilt: list[str] = field(default_factory=list)  # runs rewritten after a resume
 
     def add(self, other: ExportReport) -> None:
-        self.position = max(self.position, other.position)
+        self.cursor = max(self.cursor, other.cursor)
         self.events += other.events
         self.runs += [r for r in other.runs if r not in self.runs]
         self.metrics += other.metrics
@@ -65,7 +65,7 @@ class ExportReport:
 class MlflowExporter:
     """Projects ledger runs into an MLflow tracking store.
 
-    ``run_ids=None`` follows every run (position stored as a ledger checkpoint);
+    ``run_ids=None`` follows every run (its cursor stored as a ledger checkpoint);
     a list follows only those streams (``sweep:<id>`` streams included).
     """
 
@@ -88,7 +88,7 @@ class MlflowExporter:
         self._runs: dict[str, tuple[str, int]] = {}  # ledger run -> (MLflow run id, events shown)
         self._models: dict[str, dict[str, str]] = {}  # ledger run -> snapshot path -> model id
         self._status: dict[str, str] = {}  # MLflow run -> the status this exporter last set
-        self._position = (ledger.get_checkpoint(self.checkpoint) if self.run_ids is None else 0)
+        self._cursor = ledger.get_checkpoint(self.checkpoint) if self.run_ids is None else FollowCursor()
 
     @property
     def checkpoint(self) -> str:
@@ -96,30 +96,35 @@ class MlflowExporter:
 
     # -- the follower -------------------------------------------------------------
 
-    def export(self, batch: int = 5000) -> ExportReport:
-        """Catch up with the ledger: write every event after the stored position."""
-        report = ExportReport(position=self._position)
+    def export(self, batch: int = 5000, *, settle: bool = True) -> ExportReport:
+        """Catch up with the ledger: write every event after the stored cursor that committed
+        before this call (``settle``; on PostgreSQL that waits for the transactions still
+        writing, see ``Ledger.settle``), or, with ``settle=False``, every event readable now."""
+        if settle and not self.ledger.settle():
+            print("mlflow export: a transaction on the ledger's database has stayed open for "
+                  "30 s; the events after it are exported once it ends", file=sys.stderr, flush=True)
+        report = ExportReport(cursor=self._cursor)
         while True:
-            events = self.ledger.follow(self._position, limit=batch, run_ids=self.run_ids)
+            events = self.ledger.follow(self._cursor, limit=batch, run_ids=self.run_ids)
             if not events:
                 return report
             report.add(self._apply(events))
-            self._position = events[-1].position
-            report.position = self._position
+            self._cursor = report.cursor = events.cursor
             if self.run_ids is None:
-                self.ledger.set_checkpoint(self.checkpoint, self._position)
+                self.ledger.set_checkpoint(self.checkpoint, self._cursor)
 
     def follow(self, stop: threading.Event, poll_s: float = 1.0) -> ExportReport:
         """Export as events arrive until ``stop`` is set, then flush what is left.
 
         The follower wakes when an append commits (``Ledger.watch_commits``), and reads at
-        least every ``poll_s`` seconds whatever it hears."""
-        report = ExportReport(position=self._position)
+        least every ``poll_s`` seconds whatever it hears; once stopped, it settles
+        (``Ledger.settle``) and writes the rest."""
+        report = ExportReport(cursor=self._cursor)
         watch = self.ledger.watch_commits()
         try:
             while not stop.is_set():
                 try:
-                    report.add(self.export())
+                    report.add(self.export(settle=False))
                 except Exception as exc:  # e.g. the tracking server is down: the ledger keeps it all
                     print(f"mlflow export: {type(exc).__name__}: {exc}; retrying in {poll_s}s",
                           file=sys.stderr, flush=True)
