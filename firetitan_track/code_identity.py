@@ -98,6 +98,9 @@ class CodeDifferences(TypedDict, total=False):
     python: Change[str | None]
     device: Change[str | None]
     argv: Change[list[str] | None]
+    # the diff view's own: whether each run recorded its code at all, and firetitan-track's version
+    recorded: Change[bool]
+    code_version: Change[str]
 
 
 def code_identity(put_blob: PutBlob, code_dirs: Sequence[str | os.PathLike[str]], *,
