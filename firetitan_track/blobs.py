@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import TypeAlias, TypeGuard
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -18,8 +18,12 @@ from sqlalchemy.engine import Connection
 from firetitan_track.redact import may_need_redaction, redact, redact_bytes, secret_values
 from firetitan_track.store import LedgerError, Store, blobs
 
-__all__ = ["canonical_json", "sha256_hex", "is_digest", "put_blob", "put_json", "json_digest", "get_blob",
+__all__ = ["Json", "canonical_json", "sha256_hex", "is_digest", "put_blob", "put_json", "json_digest", "get_blob",
            "get_json"]
+
+# A JSON value as ``json.loads`` gives it: what a blob, an event's payload or a spec holds.
+# Values only encoded take ``object`` (the encoder refuses what JSON cannot hold).
+Json: TypeAlias = "dict[str, Json] | list[Json] | str | int | float | bool | None"
 
 JSON_MEDIA_TYPE = "application/json"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -28,7 +32,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def canonical_json(obj: Any) -> str:
+def canonical_json(obj: object) -> str:
     """One text per value: sorted keys, no spaces, UTF-8 kept as is."""
     return _CANONICAL.encode(obj)
 
@@ -37,7 +41,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def is_digest(value: Any) -> bool:
+def is_digest(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
@@ -57,25 +61,25 @@ def put_blob(store: Store, data: bytes, media_type: str = "application/octet-str
     return digest
 
 
-def redacted_json(obj: Any, secrets: list[str]) -> str:
+def redacted_json(obj: object, secrets: list[str]) -> str:
     """``obj`` as canonical JSON with secrets masked (the redaction walk only when needed)."""
     text = canonical_json(obj)
     return canonical_json(redact(obj, secrets)) if may_need_redaction(text, secrets) else text
 
 
-def _json_bytes(obj: Any) -> bytes:
+def _json_bytes(obj: object) -> bytes:
     try:
         return redacted_json(obj, secret_values()).encode()
     except (TypeError, ValueError) as e:
         raise LedgerError(f"cannot store a JSON blob: {e}") from None
 
 
-def put_json(store: Store, obj: Any) -> str:
+def put_json(store: Store, obj: object) -> str:
     """Store ``obj`` (secrets masked) as canonical JSON; return its digest."""
     return put_blob(store, _json_bytes(obj), JSON_MEDIA_TYPE)
 
 
-def json_digest(obj: Any) -> str:
+def json_digest(obj: object) -> str:
     """The digest ``put_json`` gives ``obj``, without storing it: every JSON digest the
     ledger records (spec, prompt sets, completions) is the digest of a blob."""
     return sha256_hex(redact_bytes(_json_bytes(obj)))
@@ -89,7 +93,7 @@ def get_blob(store: Store, digest: str) -> bytes:
     return data
 
 
-def get_json(store: Store, digest: str) -> Any:
+def get_json(store: Store, digest: str) -> Json:
     return json.loads(get_blob(store, digest))
 
 

@@ -45,7 +45,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import IO, Any, BinaryIO, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -238,7 +238,7 @@ def _referenced_blobs(store: StreamStore, streams: dict[str, list[dict[str, Any]
     return found
 
 
-def _digests(node: Any) -> Iterator[str]:
+def _digests(node: object) -> Iterator[str]:
     if is_digest(node):
         yield node
     elif isinstance(node, dict):
@@ -324,7 +324,7 @@ class _Inflater:
 
     _IN, _OUT = 64 * 1024, 1024 * 1024
 
-    def __init__(self, f: Any, limits: Limits, where: str) -> None:
+    def __init__(self, f: BinaryIO, limits: Limits, where: str) -> None:
         self._f = f
         self._where = where
         self._z = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -500,7 +500,7 @@ def _check_header(header: bytes) -> tuple[list[BundleProblem], str | None]:
     return [], digest.decode()
 
 
-def _skip_gzip_header(where: str, f: Any) -> None:
+def _skip_gzip_header(where: str, f: BinaryIO) -> None:
     """Past an RFC 1952 header of any shape (to read a foreign or damaged file far enough to say what it is)."""
     fixed = f.read(10)
     if len(fixed) < 10 or fixed[2] != 8:
@@ -608,7 +608,7 @@ def _shown_name(name: str) -> str:
     return name if _canonical_member(name) else repr(name)
 
 
-def _chunks(where: str, body: Any, size: int) -> Iterator[bytes]:
+def _chunks(where: str, body: IO[bytes], size: int) -> Iterator[bytes]:
     while size > 0:
         chunk = body.read(min(_CHUNK, size))
         if not chunk:
@@ -617,16 +617,16 @@ def _chunks(where: str, body: Any, size: int) -> Iterator[bytes]:
         yield chunk
 
 
-def _read_all(where: str, body: Any, size: int) -> bytes:
+def _read_all(where: str, body: IO[bytes], size: int) -> bytes:
     return b"".join(_chunks(where, body, size))
 
 
-def _drain(where: str, body: Any, size: int) -> None:
+def _drain(where: str, body: IO[bytes], size: int) -> None:
     for _ in _chunks(where, body, size):
         pass
 
 
-def _hash_member(where: str, body: Any, size: int) -> str:
+def _hash_member(where: str, body: IO[bytes], size: int) -> str:
     h = hashlib.sha256()
     for chunk in _chunks(where, body, size):
         h.update(chunk)
@@ -696,7 +696,7 @@ def _manifest(where: str, body: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _require(entry: Any, fields: dict[str, type]) -> None:
+def _require(entry: object, fields: dict[str, type]) -> None:
     if not isinstance(entry, dict):
         raise ValueError(f"an entry is {type(entry).__name__}, not an object")
     for name, kind in fields.items():

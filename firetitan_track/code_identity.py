@@ -40,12 +40,15 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Generic, Iterable, NotRequired, Sequence, TypedDict, TypeVar
 
 from firetitan_track.redact import redact_argv, redact_source
 
+if TYPE_CHECKING:
+    from firetitan_track.events import CodeIdentity
+
 __all__ = ["code_identity", "program_identity", "installed_versions", "code_differences", "RESULT_PACKAGES",
-           "MAX_DIFF_BYTES", "DIFF_MEDIA_TYPE"]
+           "MAX_DIFF_BYTES", "DIFF_MEDIA_TYPE", "GitIdentity", "Change", "CodeDifferences"]
 
 # The packages whose versions decide a run's results (the SDK, its types, the model stack).
 RESULT_PACKAGES = ("fireworks-ai", "tinker", "torch", "transformers", "peft")
@@ -60,18 +63,56 @@ _MAX_PATHSPECS = 500  # more changed paths than this: diff the whole tree (one l
 _SOURCE_SUFFIXES = (".py", ".pyx", ".toml", ".json", ".yaml", ".yml", ".jinja", ".sh")
 
 PutBlob = Callable[[bytes, str], str]
+T = TypeVar("T")
+
+
+class GitIdentity(TypedDict):
+    """A code identity's ``git`` (see above): the rest only when the tree is dirty."""
+
+    commit: str | None
+    dirty: bool
+    root: str
+    changed: NotRequired[dict[str, str | None]]
+    changed_more: NotRequired[int]
+    diff_digest: NotRequired[str]
+    diff_bytes: NotRequired[int]
+    diff_truncated: NotRequired[bool]
+
+
+class Change(TypedDict, Generic[T]):
+    """One way two code identities differ: its value in ``a``, and in ``b``."""
+
+    a: T
+    b: T
+
+
+class CodeDifferences(TypedDict, total=False):
+    """What ``code_differences`` finds, an entry per differing aspect (none: the same code)."""
+
+    commit: Change[str | None]
+    dirty: Change[bool]
+    files: list[str]
+    diff: Change[str | None]
+    entry: Change[dict[str, str] | None]  # {path, digest}
+    packages: dict[str, Change[str | None]]
+    python: Change[str | None]
+    device: Change[str | None]
+    argv: Change[list[str] | None]
+    # the diff view's own: whether each run recorded its code at all, and firetitan-track's version
+    recorded: Change[bool]
+    code_version: Change[str]
 
 
 def code_identity(put_blob: PutBlob, code_dirs: Sequence[str | os.PathLike[str]], *,
                   entry: str | os.PathLike[str] | None = None, argv: Sequence[str] | None = None,
-                  device: str | None = None) -> dict[str, Any]:
+                  device: str | None = None) -> CodeIdentity:
     """The code identity of a run whose code lives in ``code_dirs`` (the first decides the
     repository). ``put_blob(data, media_type) -> digest`` stores the diff (a ledger's
     ``put_blob``)."""
     dirs = [Path(d).resolve() for d in code_dirs]
     entry_path = Path(entry).resolve() if entry is not None else None
     status = _GitStatus.start(entry_path or dirs[0])
-    out: dict[str, Any] = {}
+    out: CodeIdentity = {}
     packages = installed_versions(RESULT_PACKAGES)  # while git works
     git, why = status.finish(put_blob) if status is not None else (None, "git is not installed")
     root = Path(git["root"]) if git else dirs[0]
@@ -92,7 +133,7 @@ def code_identity(put_blob: PutBlob, code_dirs: Sequence[str | os.PathLike[str]]
     return out
 
 
-def program_identity(put_blob: PutBlob, *, device: str | None = None) -> dict[str, Any]:
+def program_identity(put_blob: PutBlob, *, device: str | None = None) -> CodeIdentity:
     """The code identity of the program this process runs (``track()`` and ``record``): its
     entry script (``__main__``), that script's repository, and its command line."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -166,7 +207,7 @@ class _GitStatus:
             return None
         return cls(where, procs)
 
-    def finish(self, put_blob: PutBlob) -> tuple[dict[str, Any] | None, str]:
+    def finish(self, put_blob: PutBlob) -> tuple[GitIdentity | None, str]:
         results: dict[str, tuple[int, bytes, bytes]] = {}
         for name, proc in self.procs.items():
             try:
@@ -189,7 +230,7 @@ class _GitStatus:
         return _describe(root, porcelain, put_blob), ""
 
 
-def _describe(root: Path, porcelain: bytes, put_blob: PutBlob) -> dict[str, Any]:
+def _describe(root: Path, porcelain: bytes, put_blob: PutBlob) -> GitIdentity:
     commit: str | None = None
     tracked: list[str] = []
     untracked: list[str] = []
@@ -202,7 +243,7 @@ def _describe(root: Path, porcelain: bytes, put_blob: PutBlob) -> dict[str, Any]
             tracked.append(os.fsdecode(record.split(b" ", fields)[fields]))
         elif record.startswith(b"? "):
             untracked.append(os.fsdecode(record[2:]))
-    git: dict[str, Any] = {"commit": commit, "dirty": bool(tracked or untracked), "root": str(root)}
+    git: GitIdentity = {"commit": commit, "dirty": bool(tracked or untracked), "root": str(root)}
     if not git["dirty"]:
         return git
     paths = sorted(tracked + untracked)
@@ -315,13 +356,13 @@ def _relative(path: Path, root: Path) -> str:
 
 # -- comparing two identities (diff) -----------------------------------------------------------
 
-def code_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+def code_differences(a: CodeIdentity | None, b: CodeIdentity | None) -> CodeDifferences:
     """How code identity ``b`` differs from ``a``: one entry per differing aspect, each
     ``{"a": ..., "b": ...}`` (``files``: the paths whose content differs, when it can be
     told from the record). Empty when the code is the same. ``argv`` (how the program was
     invoked) is reported too; it is not code, and the caller decides what it counts for."""
     a, b = a or {}, b or {}
-    out: dict[str, Any] = {}
+    out: CodeDifferences = {}
     ga, gb = a.get("git"), b.get("git")
     commit_a = ga.get("commit") if ga else None
     commit_b = gb.get("commit") if gb else None
@@ -340,7 +381,8 @@ def code_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict
     if (ea or {}).get("digest") != (eb or {}).get("digest"):
         out["entry"] = {"a": ea, "b": eb}
     pa, pb = a.get("packages") or {}, b.get("packages") or {}
-    packages = {k: {"a": pa.get(k), "b": pb.get(k)} for k in sorted(pa.keys() | pb.keys()) if pa.get(k) != pb.get(k)}
+    packages: dict[str, Change[str | None]] = {k: {"a": pa.get(k), "b": pb.get(k)}
+                                                for k in sorted(pa.keys() | pb.keys()) if pa.get(k) != pb.get(k)}
     if packages:
         out["packages"] = packages
     for key in ("python", "device"):
@@ -351,7 +393,7 @@ def code_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict
     return out
 
 
-def _differing_files(a: dict[str, Any], b: dict[str, Any], *, same_commit: bool) -> list[str]:
+def _differing_files(a: CodeIdentity, b: CodeIdentity, *, same_commit: bool) -> list[str]:
     """Paths whose content differs, from the record alone: on one commit, the changed files'
     digests (a path one run did not change has the commit's content); outside git, the
     digests of the files that ran. Across commits the record cannot tell (the commits

@@ -23,7 +23,10 @@ import functools
 import json
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 __all__ = ["MASK", "is_secret_key", "redact", "redact_text", "redact_bytes", "secret_values",
            "may_need_redaction", "count_masked", "guard_output", "redact_source", "redact_argv"]
@@ -95,7 +98,7 @@ def _is_path(value: str) -> bool:
         return False
 
 
-def count_masked(obj: Any, secrets: list[str] | None = None) -> int:
+def count_masked(obj: object, secrets: list[str] | None = None) -> int:
     """How many strings (and secret-named entries) ``redact`` would change in ``obj``.
 
     Redaction also applies to training and eval data (a key pasted into a prompt);
@@ -132,8 +135,9 @@ def redact_bytes(data: bytes) -> bytes:
     return data
 
 
-def redact(obj: Any, secrets: list[str] | None = None) -> Any:
-    """A copy of a JSON-like value with secret-named entries and secret values masked.
+def redact(obj: object, secrets: list[str] | None = None) -> Any:
+    """A copy of a JSON-like value with secret-named entries and secret values masked (Any:
+    the value's own shape, a masked entry a string, a tuple a list).
 
     ``secrets`` (from ``secret_values()``) saves re-reading the environment per call.
     """
@@ -158,7 +162,7 @@ def _json_escaped(secret: str) -> str:
     return json.dumps(secret, ensure_ascii=False)[1:-1]
 
 
-def _redact(obj: Any, secrets: list[str]) -> Any:
+def _redact(obj: object, secrets: list[str]) -> Any:
     if isinstance(obj, str):
         return redact_text(obj, secrets)
     if isinstance(obj, dict):
@@ -170,7 +174,7 @@ def _redact(obj: Any, secrets: list[str]) -> Any:
     return obj
 
 
-def _has_value(value: Any) -> bool:
+def _has_value(value: object) -> bool:
     """A secret-named field that is null or empty holds nothing to hide; keep it readable."""
     return value is not None and value != ""
 
@@ -185,11 +189,11 @@ def guard_output() -> None:
     import threading
     import traceback
 
-    def excepthook(exc_type: Any, exc: Any, tb: Any) -> None:
+    def excepthook(exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None) -> None:
         sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
         sys.stderr.flush()
 
-    def thread_excepthook(args: Any) -> None:
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is not SystemExit:
             sys.stderr.write(f"Exception in thread {getattr(args.thread, 'name', '?')}:\n")
             excepthook(args.exc_type, args.exc_value, args.exc_traceback)
@@ -200,7 +204,7 @@ def guard_output() -> None:
     if getattr(factory, "redacting", False):
         return
 
-    def redacting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    def redacting(*args: object, **kwargs: object) -> logging.LogRecord:
         record = factory(*args, **kwargs)
         try:
             message = record.getMessage()

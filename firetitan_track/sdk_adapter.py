@@ -16,7 +16,14 @@ environment without it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
+
+# The SDK's own objects (services, clients, handles, configs, AdamParams) are Any here: this
+# module imports no SDK at import time, and the two releases it serves differ in their classes.
+# A function that only looks an attribute up takes ``object``.
 
 __all__ = ["sdk_versions", "managed_config", "managed_handle", "managed_base_url", "trainer_job_id",
            "deployment_id", "reference_job_id", "deployment_reattached", "deployment_record", "next_snapshot_kind", "rest_get",
@@ -39,31 +46,31 @@ def sdk_versions() -> dict[str, str]:
 
 # -- the provisioning a FiretitanServiceClient holds -------------------------------------------
 
-def managed_config(service: Any) -> Any:
+def managed_config(service: object) -> Any:
     """The FiretitanProvisioningConfig an SDK-managed service was built from (None for a
     service made another way)."""
     return getattr(service, "_managed_config", None)
 
 
-def managed_handle(service: Any) -> Any:
+def managed_handle(service: object) -> Any:
     """The SDK's handle on what it provisioned (trainer endpoint, managers, deployment);
     None until the first training client provisions it."""
     return getattr(service, "_managed_handle", None)
 
 
-def managed_base_url(service: Any) -> str | None:
+def managed_base_url(service: object) -> str | None:
     """The control-plane base URL an SDK-managed service talks to."""
     return getattr(service, "_managed_base_url", None)
 
 
-def trainer_job_id(service: Any) -> str | None:
+def trainer_job_id(service: object) -> str | None:
     """The policy trainer's job id, None before provisioning (the public ``trainer_job_id``
     raises instead)."""
     value = getattr(service, "managed_trainer_job_id", None)
     return value if isinstance(value, str) else None
 
 
-def deployment_id(service: Any) -> str | None:
+def deployment_id(service: object) -> str | None:
     """The service's deployment id, None when it has none (a recipe without sampling)."""
     handle = managed_handle(service)
     if handle is not None:
@@ -73,14 +80,14 @@ def deployment_id(service: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def reference_job_id(service: Any) -> str | None:
+def reference_job_id(service: object) -> str | None:
     """The separate frozen reference trainer's job id; None when the reference shares the
     policy's session (a LoRA policy) or none was made."""
     value = getattr(service, "reference_job_id", None)
     return value if isinstance(value, str) else None
 
 
-def deployment_reattached(service: Any) -> bool | None:
+def deployment_reattached(service: object) -> bool | None:
     """Right after provisioning: whether the SDK reattached to an existing deployment (True)
     or created it (False); None when the service has no deployment or cannot say."""
     handle = managed_handle(service)
@@ -90,14 +97,14 @@ def deployment_reattached(service: Any) -> bool | None:
     return flag if isinstance(flag, bool) else None
 
 
-def cleanup_flags(config_or_handle: Any) -> tuple[bool, str | None]:
+def cleanup_flags(config_or_handle: object) -> tuple[bool, str | None]:
     """(delete the trainer on close, what to do with the deployment on close) as the SDK
     holds them on a provisioning config or on its handle."""
     return (bool(getattr(config_or_handle, "cleanup_trainer_on_close", False)),
             getattr(config_or_handle, "cleanup_deployment_on_close", None))
 
 
-def deployment_record(handle: Any, deployment_id: str) -> dict[str, Any] | None:
+def deployment_record(handle: object, deployment_id: str) -> dict[str, Any] | None:
     """The control plane's raw deployment record (None: no such deployment). The public
     ``DeploymentManager.get`` returns a DeploymentInfo without the replica counts that tell
     a scale-to-zero happened."""
@@ -108,7 +115,7 @@ def deployment_record(handle: Any, deployment_id: str) -> dict[str, Any] | None:
     return record
 
 
-def rest_get(manager: Any, path: str, *, timeout: float = 30) -> Any:
+def rest_get(manager: Any, path: str, *, timeout: float = 30) -> httpx.Response:
     """GET ``path`` on the control plane with the manager's auth headers: the SDK has no
     public call for some reads (a model by id). Returns the httpx response."""
     return manager._get(path, timeout=timeout)
@@ -116,7 +123,7 @@ def rest_get(manager: Any, path: str, *, timeout: float = 30) -> Any:
 
 # -- training clients --------------------------------------------------------------------------
 
-def next_snapshot_kind(client: Any, requested: str | None) -> str | None:
+def next_snapshot_kind(client: object, requested: str | None) -> str | None:
     """The checkpoint type (``base``, ``delta``, ...) the client's next
     ``save_weights_for_sampler(checkpoint_type=requested)`` will write, as the SDK decides
     it (a full base first in a session, deltas after it, always a base under LoRA);
@@ -130,7 +137,7 @@ def next_snapshot_kind(client: Any, requested: str | None) -> str | None:
         return requested
 
 
-def adam_params(params: Any) -> Any:
+def adam_params(params: object) -> Any:
     """The installed SDK's AdamParams from any AdamParams-like object or dict.
 
     The seed passes Thinking Machines' ``tinker.AdamParams``, which fireworks-ai 1.2.30's
@@ -148,7 +155,7 @@ def adam_params(params: Any) -> Any:
     return AdamParams(**{k: v for k, v in fields.items() if k in AdamParams.model_fields})
 
 
-def optimizer_fields(params: Any) -> dict[str, Any]:
+def optimizer_fields(params: object) -> dict[str, object]:
     """An AdamParams-like object (either release's class, a dataclass, a dict) as its set fields."""
     if isinstance(params, dict):
         fields = dict(params)
@@ -163,26 +170,26 @@ def optimizer_fields(params: Any) -> dict[str, Any]:
 
 # -- Thinking Machines' tinker client (0.38), for programs written against it ----------------------
 
-def is_tinker_service(service: Any) -> bool:
+def is_tinker_service(service: object) -> bool:
     """Whether ``service`` is Thinking Machines' ``tinker.ServiceClient`` (not the FireTitan SDK's)."""
     cls = type(service)
     return cls.__name__ == "ServiceClient" and (cls.__module__ == "tinker" or cls.__module__.startswith("tinker."))
 
 
-def tinker_base_url(service: Any) -> str | None:
+def tinker_base_url(service: object) -> str | None:
     """The URL a ``tinker.ServiceClient`` was given (None: the client's default, or unknown)."""
     url = getattr(service, "_base_url", None)
     return url if isinstance(url, str) else None
 
 
-def tinker_training_run(client: Any) -> str | None:
+def tinker_training_run(client: object) -> str | None:
     """A tinker TrainingClient's training run (its public ``model_id``; ``tinker://`` paths and the
     REST calls name the run by it)."""
     run = getattr(client, "__dict__", {}).get("model_id")  # a future of a client has none of its own
     return str(run) if run is not None else None
 
 
-def tinker_model(client: Any) -> tuple[str, int]:
+def tinker_model(client: object) -> tuple[str, int]:
     """(base model name, LoRA rank: 0 for full parameters) of a tinker TrainingClient, from the
     model info the client fetched when it was made."""
     info = getattr(client, "__dict__", {}).get("_info")
@@ -191,7 +198,7 @@ def tinker_model(client: Any) -> tuple[str, int]:
     return str(name or ""), int(rank or 0)
 
 
-def tinker_sampling_session(client: Any) -> str:
+def tinker_sampling_session(client: object) -> str:
     """The sampling session a tinker SamplingClient samples through."""
     return str(getattr(client, "__dict__", {}).get("_sampling_session_id") or "")
 

@@ -27,21 +27,58 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, Mapping, Protocol, Sequence, TypedDict, TypeVar
 
 from firetitan_track import sdk_adapter
 from firetitan_track.events import (CallFailed, CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned, EvalScored, EvalStarted, Event,
-                                    ProvisionRequested, Reconnected, RecordedEvent, ReferenceProvisioned, RunStarted,
-                                    SamplesRecorded, SnapshotRequested, SnapshotSaved, StateSaved, StateSaveRequested,
+                                    NewEvent, ProvisionRequested, Reconnected, RecordedEvent, ReferenceProvisioned,
+                                    RunStarted, SamplesRecorded, SnapshotRequested, SnapshotSaved, StateSaved, StateSaveRequested,
                                     StepCompleted, SyncRequested, TrainerProvisioned, WeightsSynced, new_event)
 from firetitan_track.ledger import Ledger
 from firetitan_track.redact import redact_text
+
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
 
 __all__ = ["Recorder", "CallRecorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track",
            "adam_params", "code_version", "error_text", "close_and_confirm", "cleanup_policy", "clean_up",
            "Cleanup"]
 
 adam_params = sdk_adapter.adam_params  # the seed's tinker.AdamParams, as the installed SDK takes it
+
+# The SDK's services, clients, samplers, futures and handles are Any here, as in sdk_adapter: the
+# SDK is not imported at import time, and what passes through to it is its business.
+
+T = TypeVar("T")
+
+
+class Saved(Protocol):
+    """What an SDK save (sampler snapshot, DCP state) gives back: where it put what it saved."""
+
+    @property
+    def path(self) -> str: ...
+
+
+S = TypeVar("S", bound=Saved)
+
+
+class EvalPrompt(Protocol):
+    """What ``TrackedService.evaluate`` needs of a prompt: its messages, and the form the prompt set stores."""
+
+    def chat(self) -> list[dict[str, str]]: ...
+
+    def to_json(self) -> object: ...
+
+
+P = TypeVar("P", bound=EvalPrompt)
+
+
+class OwnSample(TypedDict):
+    """A sampling call in a researcher's own loop, kept until ``log_score`` ties it to a score."""
+
+    messages: list[dict[str, str]]
+    sampling: dict[str, object]  # n, max_tokens, temperature
+    completions: list[dict[str, object]]  # text, finish_reason, completion_len
 
 
 class Recorder:
@@ -71,7 +108,7 @@ class Recorder:
         self.max_delay_s = max_delay_s
         self.interleave = interleave
         self.lock = threading.RLock()
-        self._pending: list[Any] = []
+        self._pending: list[NewEvent] = []
         self._pending_since = 0.0
 
     def record(self, event: Event, *, defer: bool = False, event_id: str | None = None) -> RecordedEvent | None:
@@ -136,10 +173,10 @@ class Recorder:
                 continue  # yet another writer got in first: read the head again
         raise ConcurrencyError(self.run_id, self.version, self.ledger.stream_version(self.run_id))
 
-    def put_json(self, obj: Any) -> str:
+    def put_json(self, obj: object) -> str:
         return self.ledger.put_json(obj)
 
-    def queue(self, events: Sequence[Any]) -> None:
+    def queue(self, events: Sequence[NewEvent]) -> None:
         """Events built elsewhere (``new_event``), to be written before the next one recorded."""
         with self.lock:
             if events and not self._pending:
@@ -166,7 +203,7 @@ class CallRecorder:
         self.loaded: dict[str, str | None] = {}  # deployment -> snapshot path it serves
         self.published: dict[str, int] = {}  # deployment -> weight versions published to it
 
-    def _call(self, intent: type[Event], name: str, call: Callable[[], Any]) -> Any:
+    def _call(self, intent: type[Event], name: str, call: Callable[[], T]) -> T:
         try:
             return call()
         except Exception as exc:
@@ -177,17 +214,17 @@ class CallRecorder:
 
     # -- provisioning ----------------------------------------------------------------------
 
-    def provision_policy(self, service: Any, call: Callable[[], Any], *, base_model: str, shape: str | None,
+    def provision_policy(self, service: object, call: Callable[[], T], *, base_model: str, shape: str | None,
                          lora_rank: int, deployment_id: str | None, reused_trainer: str | None = None,
                          deployment_created: Callable[[str], bool | None] | None = None,
-                         base_url: str | None = None, **extra: Any) -> Any:
+                         base_url: str | None = None, sdk: dict[str, str] | None = None) -> T:
         """A policy trainer (and the deployment the service brings): ProvisionRequested, then
         Reconnected (when reattaching), TrainerProvisioned and DeploymentProvisioned.
         ``deployment_created(id)`` says whether the deployment is new; without it the SDK is
-        asked (None when it cannot say)."""
+        asked (None when it cannot say). ``sdk``: a recorded program's SDK releases."""
         self.rec.record(ProvisionRequested(role="policy", base_model=base_model, shape=shape, lora_rank=lora_rank,
                                            deployment_id=deployment_id, trainer_job_id=reused_trainer,
-                                           base_url=base_url, **extra))
+                                           base_url=base_url, sdk=sdk))
         client = self._call(ProvisionRequested, "create_training_client", call)
         job_id = sdk_adapter.trainer_job_id(service)
         deployment = sdk_adapter.deployment_id(service)
@@ -206,8 +243,8 @@ class CallRecorder:
             self.loaded.setdefault(deployment, None)
         return client
 
-    def provision_reference(self, service: Any, call: Callable[[], Any], *, base_model: str,
-                            shape: str | None) -> Any:
+    def provision_reference(self, service: object, call: Callable[[], T], *, base_model: str,
+                            shape: str | None) -> T:
         """A frozen reference: the SDK names a separate reference trainer, or None when the
         reference is the policy's own session with its adapters disabled (a LoRA policy)."""
         self.rec.record(ProvisionRequested(role="reference", base_model=base_model, shape=shape, lora_rank=0))
@@ -220,8 +257,8 @@ class CallRecorder:
             self.rec.record(ReferenceProvisioned(trainer_job_id=job_id, shared_with_policy=False, created=True))
         return client
 
-    def provision_teacher(self, call: Callable[[], Any], *, model: str, deployment: str | None,
-                          creates: bool | None) -> Any:
+    def provision_teacher(self, call: Callable[[], T], *, model: str, deployment: str | None,
+                          creates: bool | None) -> T:
         """A deployment the program samples from without training it (a distillation teacher)."""
         self.rec.record(ProvisionRequested(role="teacher", base_model=model, shape=None, lora_rank=0,
                                            deployment_id=deployment))
@@ -232,7 +269,7 @@ class CallRecorder:
 
     # -- weights ---------------------------------------------------------------------------
 
-    def snapshot(self, call: Callable[[], Any], *, name: str, kind: str | None, base_path: str | None) -> Any:
+    def snapshot(self, call: Callable[[], S], *, name: str, kind: str | None, base_path: str | None) -> S:
         """A sampler snapshot: SnapshotRequested, the save, SnapshotSaved (base or delta, and
         the base a delta applies to). ``call`` returns the SDK's result (``.path``)."""
         intent = self.snapshot_requested(name=name)
@@ -250,7 +287,7 @@ class CallRecorder:
         self.rec.record(SnapshotSaved(step=intent.step, name=intent.name, path=path, kind=kind,
                                       base_path=None if kind == "base" else base_path))
 
-    def sync(self, call: Callable[[], Any], *, deployment_id: str | None, snapshot_path: str) -> Any:
+    def sync(self, call: Callable[[], T], *, deployment_id: str | None, snapshot_path: str) -> T:
         """A weight sync (hotload) onto a deployment: SyncRequested, the call, WeightsSynced. The
         deployment then serves the snapshot, one more weight version published to it."""
         pending = self.sync_requested(deployment_id=deployment_id, snapshot_path=snapshot_path)
@@ -282,15 +319,15 @@ class CallRecorder:
         self.published[key] = self.published.get(key, 0) + 1
         return self.published[key]
 
-    def save_state(self, call: Callable[[], Any], *, name: str, data_cursor: Any,
-                   trainer_job_id: str | None) -> Any:
+    def save_state(self, call: Callable[[], S], *, name: str, data_cursor: Json,
+                   trainer_job_id: str | None) -> S:
         """DCP state (weights + optimizer): StateSaveRequested, the save, StateSaved."""
         intent = self.state_save_requested(name=name, data_cursor=data_cursor)
         result = self._call(StateSaveRequested, "save_state", call)
         self.state_saved(intent, path=result.path, trainer_job_id=trainer_job_id)
         return result
 
-    def state_save_requested(self, *, name: str, data_cursor: Any) -> StateSaveRequested:
+    def state_save_requested(self, *, name: str, data_cursor: Json) -> StateSaveRequested:
         """The intent half of ``save_state``, for a save whose outcome arrives later (a future)."""
         intent = StateSaveRequested(step=self.rec.step, name=name, data_cursor=data_cursor)
         self.rec.record(intent)
@@ -321,14 +358,14 @@ class EvalResult:
     prompt_set_digest: str
 
 
-class Resolved:
+class Resolved(Generic[T]):
     """An already-finished future: tracked calls wait for the outcome so they can record it,
     and hand the SDK's result back in the shape the SDK does (``.result().path``)."""
 
-    def __init__(self, value: Any):
+    def __init__(self, value: T):
         self._value = value
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> T:
         return self._value
 
 
@@ -350,7 +387,7 @@ class _StepFuture:
         return getattr(self._future, name)
 
 
-def numeric(metrics: Any) -> dict[str, float]:
+def numeric(metrics: Mapping[str, object] | None) -> dict[str, float]:
     """The finite-or-not numbers of an SDK metrics dict (others left out, none invented)."""
     return {str(k): float(v) for k, v in (metrics or {}).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -390,14 +427,14 @@ class TrackedTrainingClient:
         self._micro_batches += 1
         return self._client.forward_backward_custom(*args, **kwargs)
 
-    def optim_step(self, params: Any, *args: Any, **kwargs: Any) -> Any:
+    def optim_step(self, params: object, *args: Any, **kwargs: Any) -> Any:
         adam = adam_params(params)
         future = self._client.optim_step(adam, *args, **kwargs)
         micro_batches, self._micro_batches = self._micro_batches, 0
         if not self._auto_steps:
             return future
 
-        def record(response: Any) -> None:
+        def record(response: object) -> None:
             self._rec.step += 1
             self._rec.record(StepCompleted(step=self._rec.step, data_cursor=None, micro_batches=micro_batches,
                                            metrics=numeric(getattr(response, "metrics", None)),
@@ -405,7 +442,7 @@ class TrackedTrainingClient:
 
         return _StepFuture(future, record)
 
-    def save_state(self, name: str, *args: Any, data_cursor: Any = None, **kwargs: Any) -> Resolved:
+    def save_state(self, name: str, *args: Any, data_cursor: Json = None, **kwargs: Any) -> Resolved:
         """Save DCP state (weights + optimizer), recorded with the step and data cursor."""
         return Resolved(self._calls.save_state(lambda: self._client.save_state(name, *args, **kwargs).result(),
                                                name=name, data_cursor=data_cursor, trainer_job_id=self._job_id))
@@ -432,7 +469,7 @@ class TrackedSampler:
     """A deployment sampler in a researcher's own loop: its samples are kept until
     ``TrackedService.log_score`` ties them, with their prompts, to a score."""
 
-    def __init__(self, sampler: Any, pending: list[dict[str, Any]]):
+    def __init__(self, sampler: Any, pending: list[OwnSample]):
         self._sampler = sampler
         self._pending = pending
 
@@ -469,7 +506,7 @@ class TrackedService:
         self._base_url = base_url
         self._owns_reattached = owns_reattached
         self._auto_steps = auto_steps  # a researcher's own loop: steps and samples recorded as they happen
-        self._pending: list[dict[str, Any]] = []  # own-loop samples awaiting log_score
+        self._pending: list[OwnSample] = []  # own-loop samples awaiting log_score
         self._closed = False
         self.cleanup: Cleanup = {}  # what close() recorded
 
@@ -516,9 +553,10 @@ class TrackedService:
 
     # -- evaluation --------------------------------------------------------------------
 
-    async def evaluate(self, sampler: Any, prompts: Sequence[Any], *, snapshot_path: str | None,
-                       sampling: dict[str, Any], grade: Callable[[Any, str], float],
-                       controller: Any = None, play: Callable[..., Any] | None = None) -> EvalResult:
+    async def evaluate(self, sampler: Any, prompts: Sequence[P], *, snapshot_path: str | None,
+                       sampling: dict[str, Any], grade: Callable[[P, str], float], controller: object = None,
+                       play: Callable[[Any, int, P, dict[str, Any]], Awaitable[list[dict[str, Any]]]] | None = None,
+                       ) -> EvalResult:
         """Sample every prompt through the deployment, grade, and record the eval.
 
         ``prompts`` are objects with ``chat()`` (the messages) and ``to_json()`` (the stored form);
@@ -533,7 +571,7 @@ class TrackedService:
             raise ValueError("an eval needs at least one prompt: an empty prompt set has no score")
         eval_id = self._eval_started([p.to_json() for p in prompts], snapshot_path, sampling)
 
-        async def one(i: int, p: Any) -> list[dict[str, Any]]:
+        async def one(i: int, p: P) -> list[dict[str, Any]]:
             if play is not None:
                 return [{"prompt": i, **episode} for episode in await play(sampler, i, p, sampling)]
             outs = await sampler.sample_with_tokens(messages=p.chat(), n=sampling["n"],
@@ -563,7 +601,8 @@ class TrackedService:
         self._eval_finished(eval_id, completions, float(score), {}, None, dict(metrics or {}))
         return eval_id
 
-    def _eval_started(self, prompt_set: list[Any], snapshot_path: str | None, sampling: dict[str, Any]) -> str:
+    def _eval_started(self, prompt_set: list[object], snapshot_path: str | None,
+                      sampling: Mapping[str, object]) -> str:
         self._eval_digest = self._rec.put_json(prompt_set)
         self._eval_snapshot = snapshot_path
         eval_id = uuid.uuid4().hex[:12]
@@ -573,7 +612,8 @@ class TrackedService:
         return eval_id
 
     def _eval_finished(self, eval_id: str, completions: list[dict[str, Any]], score: float,
-                       server_metrics: dict[str, Any], window: Any, metrics: dict[str, Any]) -> None:
+                       server_metrics: Mapping[str, float] | None, window: float | None,
+                       metrics: dict[str, float]) -> None:
         self._rec.record(SamplesRecorded(eval_id=eval_id, completions_digest=self._rec.put_json(completions),
                                          server_metrics={k: float(v) for k, v in (server_metrics or {}).items()},
                                          concurrency_window=window))
@@ -597,7 +637,7 @@ Cleanup = dict[str, CleanupOutcome]
 _NOTHING: Cleanup = {"trainer": CleanupOutcome.KEPT, "deployment": CleanupOutcome.KEPT}
 
 
-def close_and_confirm(rec: Recorder, service: Any, close: Callable[[], Any], *, owns_reattached: bool = False,
+def close_and_confirm(rec: Recorder, service: object, close: Callable[[], object], *, owns_reattached: bool = False,
                       backend_lost: str | None = None, done_into: Cleanup | None = None) -> Cleanup:
     """Close ``service`` (``close`` is its SDK close), apply its cleanup policies, and record
     CleanupApplied with what the service confirmed done.
@@ -682,7 +722,7 @@ CONFIRM_TIMEOUT_S = 20.0
 _GONE_JOB_STATES = ("JOB_STATE_DELETED", "JOB_STATE_DELETING")
 
 
-def _bounded(fn: Callable[[], Any], timeout_s: float) -> Any:
+def _bounded(fn: Callable[[], T], timeout_s: float) -> T:
     """``fn()`` in a daemon thread, given up on (TimeoutError) after ``timeout_s``: a call
     to a service that stopped answering must not hold the run's stop for minutes."""
     box: dict[str, Any] = {}
@@ -740,7 +780,7 @@ def _confirmed(handle: Any, done: Cleanup) -> tuple[Cleanup, list[str]]:
     return out, why
 
 
-def cleanup_policy(config: Any) -> Cleanup:
+def cleanup_policy(config: object) -> Cleanup:
     """A provisioning config's (or the SDK handle's) cleanup flags, in the ledger's words (a
     deployment action the SDK holds that is neither delete nor scale_to_zero keeps it)."""
     delete_trainer, deployment_action = sdk_adapter.cleanup_flags(config)

@@ -10,12 +10,16 @@ mlflow/ (the MLflow export) and run_state.py (the resume plan).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from firetitan_track.events import (EvalScored, EvalStarted, MetricsLogged, ModelPromoted, RecordedEvent, RunStarted,
                                      SamplesRecorded, SnapshotSaved, WeightsSynced)
 from firetitan_track.ledger import VIEW_ERRORS, Ledger, unknown_run, unreadable
 from firetitan_track.projections.run_state import authoritative
+
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
+    from firetitan_track.events import Upstream
 
 __all__ = ["EvalRow", "eval_rows", "best_eval", "audit", "read_run", "code_line", "is_eval_metric"]
 
@@ -48,9 +52,9 @@ class EvalRow:
     snapshot_kind: str | None  # base | delta; None when the snapshot event is missing
     prompt_set_digest: str | None
     prompt_count: int | None
-    sampling: dict[str, Any]
+    sampling: dict[str, Json]
     score: float | None  # None: the eval started but never scored (or a program's: see metrics)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Json] = field(default_factory=dict)
     sync_duration_s: float | None = None
     completions_digest: str | None = None
     scored_at: float | None = None  # unix seconds of the EvalScored (or MetricsLogged) event
@@ -58,7 +62,7 @@ class EvalRow:
     source: str = "eval"  # eval | program | snapshot
     measured_on: str | None = None  # a program's eval: deployment | trainer
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -133,7 +137,7 @@ def _is_program(events: Sequence[RecordedEvent]) -> bool:
 
 def _program_eval(event_id: str, recorded_at: float, logged: MetricsLogged) -> EvalRow | None:
     """The eval/* metrics of one MetricsLogged, as a row (None when it holds none)."""
-    scores = {k: v for k, v in logged.metrics.items() if is_eval_metric(k)}
+    scores: dict[str, Json] = {k: v for k, v in logged.metrics.items() if is_eval_metric(k)}
     if not scores:
         return None
     served = logged.snapshot_path
@@ -162,7 +166,7 @@ def _tie_to_snapshots(rows: list[EvalRow], events: Sequence[RecordedEvent], kind
         row.sync_duration_s = synced.get(row.snapshot_path or "")
 
 
-def upstream(events: Sequence[RecordedEvent]) -> dict[str, Any] | None:
+def upstream(events: Sequence[RecordedEvent]) -> Upstream | None:
     """A chained run's upstream (RunStarted.init_from: run, state, step), None for a run from scratch."""
     started = _started(events)
     return started.init_from if started is not None else None

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Mapping
 
 import click
 
@@ -29,12 +29,16 @@ from firetitan_track.projections.mlflow.store import (DEFAULT_ARTIFACT_ROOT, DEF
 from firetitan_track.projections.replay import replay as replay_view
 from firetitan_track.projections.run_state import fold, status_row
 
+if TYPE_CHECKING:
+    from firetitan_track.events import Upstream
+    from firetitan_track.projections.lineage import StepRow
 
-def _echo_json(obj: Any) -> None:
+
+def _echo_json(obj: object) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def _fmt(value: object, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -42,7 +46,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _sampling(params: dict[str, Any]) -> str:
+def _sampling(params: Mapping[str, object]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 
@@ -65,7 +69,7 @@ def _score(row: EvalRow) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in sorted(row.metrics.items())) + f" ({on})"
 
 
-def _upstream_line(up: dict[str, Any] | None) -> str:
+def _upstream_line(up: Upstream | None) -> str:
     """Where a chained run started (empty for a run from scratch)."""
     if not up:
         return ""
@@ -136,7 +140,7 @@ def lineage(ctx: click.Context, snapshot_path: str, run_id: str | None, as_json:
         click.echo("evals     none used this snapshot")
 
 
-def _step_span(steps: list[dict[str, Any]]) -> str:
+def _step_span(steps: list[StepRow]) -> str:
     if not steps:
         return "no steps"
     first, last = steps[0], steps[-1]

@@ -7,13 +7,16 @@ there shows here and in the MLflow export without a change in this module.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from firetitan_track.events import SweepStarted, sweep_trials
 from firetitan_track.ids import sweep_stream
 from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.audit import best_eval, eval_rows
 from firetitan_track.projections.run_state import fold
+
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
 
 __all__ = ["TrialSummary", "compare_sweep"]
 
@@ -22,7 +25,7 @@ __all__ = ["TrialSummary", "compare_sweep"]
 class TrialSummary:
     trial: int
     run_id: str
-    params: dict[str, Any]
+    params: dict[str, Json]  # the trial's sampled values, by spec key
     status: str  # as the run's fold says (running, completed, failed, ...), or new: never started
     step: int
     best_score: float | None
@@ -30,7 +33,7 @@ class TrialSummary:
     best_snapshot: str | None
     best_scored_at: float | None = None  # unix seconds of the best score's EvalScored
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 

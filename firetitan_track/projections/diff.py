@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Mapping, TypedDict
 
-from firetitan_track.code_identity import code_differences
+from firetitan_track.code_identity import Change, CodeDifferences, code_differences
 from firetitan_track.errors import UserError
 from firetitan_track.events import RecordedEvent, RunStarted, StepCompleted
 from firetitan_track.ledger import Ledger, LedgerError
@@ -37,9 +37,33 @@ from firetitan_track.projections.audit import eval_rows, read_run
 from firetitan_track.projections.mlflow.keys import flatten
 from firetitan_track.projections.run_state import authoritative
 
-__all__ = ["RunDiff", "PromptSetDiff", "ScoreDiff", "diff_runs", "report", "LOSS_REL_TOL"]
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
+
+__all__ = ["RunDiff", "PromptSetDiff", "ScoreDiff", "CodeSummary", "CodeComparison", "diff_runs", "report",
+           "LOSS_REL_TOL"]
 
 LOSS_REL_TOL = 1e-6
+
+
+class CodeSummary(TypedDict):
+    """One run's code, in brief: whether it was recorded, its commit and dirty flag (None
+    outside git), why there was no git, and the firetitan-track version."""
+
+    recorded: bool
+    commit: str | None
+    dirty: bool | None
+    no_git: str | None
+    code_version: str
+
+
+class CodeComparison(TypedDict):
+    """``RunDiff.code``: see the module docstring."""
+
+    same: bool
+    a: CodeSummary
+    b: CodeSummary
+    differences: CodeDifferences
 
 
 @dataclass
@@ -66,11 +90,11 @@ class ScoreDiff:
 class RunDiff:
     a: str
     b: str
-    spec: dict[str, dict[str, Any]]  # differing key -> {"a": ..., "b": ...}
+    spec: dict[str, Change[object]]  # differing key -> {"a": ..., "b": ...}
     prompt_sets: dict[str, PromptSetDiff]
-    code: dict[str, Any]  # {"same", "a", "b", "differences"}: see the module docstring
+    code: CodeComparison
     first_divergent_step: int | None
-    divergence: dict[str, dict[str, Any]] = field(default_factory=dict)  # at that step: field -> {"a", "b"}
+    divergence: dict[str, Change[object]] = field(default_factory=dict)  # at that step: field -> {"a", "b"}
     scores: list[ScoreDiff] = field(default_factory=list)
 
     @property
@@ -78,7 +102,7 @@ class RunDiff:
         return (not self.spec and all(p.same for p in self.prompt_sets.values()) and not self.code["differences"]
                 and self.first_divergent_step is None and all(s.gap == 0 for s in self.scores))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {"a": self.a, "b": self.b, "identical": self.identical, "spec": self.spec,
                 "prompt_sets": {k: asdict(v) for k, v in self.prompt_sets.items()},
                 "code": self.code, "first_divergent_step": self.first_divergent_step,
@@ -111,16 +135,16 @@ def _started(run_id: str, events: list[RecordedEvent]) -> RunStarted:
     raise NotATrainingRun(f"{run_id} is not a training run (its stream has no RunStarted event)")
 
 
-def _differing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _differing(a: Mapping[str, object], b: Mapping[str, object]) -> dict[str, Change[object]]:
     return {k: {"a": a.get(k), "b": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 # -- code --------------------------------------------------------------------------------
 
 
-def _code(start_a: RunStarted, start_b: RunStarted) -> dict[str, Any]:
+def _code(start_a: RunStarted, start_b: RunStarted) -> CodeComparison:
     ca, cb = start_a.code, start_b.code
-    differences: dict[str, Any] = {}
+    differences: CodeDifferences = {}
     if ca is not None and cb is not None:
         differences = code_differences(ca, cb)
     elif (ca is None) != (cb is None):
@@ -131,7 +155,7 @@ def _code(start_a: RunStarted, start_b: RunStarted) -> dict[str, Any]:
             "differences": differences}
 
 
-def _code_summary(started: RunStarted) -> dict[str, Any]:
+def _code_summary(started: RunStarted) -> CodeSummary:
     code = started.code
     git = (code or {}).get("git")
     return {"recorded": code is not None, "commit": git.get("commit") if git else None,
@@ -161,7 +185,7 @@ def _prompt_sets(ledger: Ledger, sets_a: dict[str, str], sets_b: dict[str, str],
     return out
 
 
-def _examples(ledger: Ledger, digest: str | None) -> list[Any] | None:
+def _examples(ledger: Ledger, digest: str | None) -> list[Json] | None:
     if digest is None:
         return []
     try:
@@ -174,12 +198,12 @@ def _examples(ledger: Ledger, digest: str | None) -> list[Any] | None:
 # -- training ----------------------------------------------------------------------------
 
 
-def _steps(events: list[RecordedEvent]) -> dict[int, dict[str, Any]]:
-    return {ev.fact.step: ev.data for ev in events if isinstance(ev.fact, StepCompleted)}
+def _steps(events: list[RecordedEvent]) -> dict[int, StepCompleted]:
+    return {ev.fact.step: ev.fact for ev in events if isinstance(ev.fact, StepCompleted)}
 
 
 def _first_divergence(events_a: list[RecordedEvent],
-                      events_b: list[RecordedEvent]) -> tuple[int | None, dict[str, dict[str, Any]]]:
+                      events_b: list[RecordedEvent]) -> tuple[int | None, dict[str, Change[object]]]:
     steps_a, steps_b = _steps(events_a), _steps(events_b)
     for step in sorted(steps_a.keys() | steps_b.keys()):
         a, b = steps_a.get(step), steps_b.get(step)
@@ -191,12 +215,13 @@ def _first_divergence(events_a: list[RecordedEvent],
     return None, {}
 
 
-def _step_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for name in ("data_cursor", "micro_batches"):
-        if a.get(name) != b.get(name):
-            out[name] = {"a": a.get(name), "b": b.get(name)}
-    for k, v in _differing(flatten(a.get("optimizer") or {}), flatten(b.get("optimizer") or {})).items():
+def _step_differences(a: StepCompleted, b: StepCompleted) -> dict[str, Change[object]]:
+    out: dict[str, Change[object]] = {}
+    if a.data_cursor != b.data_cursor:
+        out["data_cursor"] = {"a": a.data_cursor, "b": b.data_cursor}
+    if a.micro_batches != b.micro_batches:
+        out["micro_batches"] = {"a": a.micro_batches, "b": b.micro_batches}
+    for k, v in _differing(flatten(a.optimizer or {}), flatten(b.optimizer or {})).items():
         out[f"optimizer.{k}"] = v
     losses_a, losses_b = _losses(a), _losses(b)
     for k in sorted(losses_a.keys() | losses_b.keys()):
@@ -206,8 +231,8 @@ def _step_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[st
     return out
 
 
-def _losses(step: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in flatten(step.get("metrics") or {}).items()
+def _losses(step: StepCompleted) -> dict[str, float]:
+    return {k: float(v) for k, v in flatten(step.metrics or {}).items()
             if "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -258,7 +283,7 @@ def report(d: RunDiff) -> str:
     return "\n".join(lines)
 
 
-def _code_lines(code: dict[str, Any]) -> list[str]:
+def _code_lines(code: CodeComparison) -> list[str]:
     a, b, diff = code["a"], code["b"], code["differences"]
     if "recorded" in diff:
         who = "a" if diff["recorded"]["a"] else "b"
@@ -333,7 +358,7 @@ def _gap(s: ScoreDiff) -> str:
     return f" ({s.gap:+.4g})" if s.gap else ""
 
 
-def _v(value: Any) -> str:
+def _v(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -7,7 +7,7 @@ off-policy history, counted in weight versions (``version_offsets``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from firetitan_track.events import RecordedEvent, SamplesDrawn, SnapshotSaved, StepCompleted, TrajectoriesRecorded
 from firetitan_track.ids import SWEEP_STREAM_PREFIX
@@ -15,27 +15,53 @@ from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.audit import EvalRow, eval_rows, read_run, upstream
 from firetitan_track.projections.run_state import authoritative
 
-__all__ = ["Lineage", "lineage"]
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
+    from firetitan_track.events import Upstream
+
+__all__ = ["Lineage", "StepRow", "StepData", "lineage"]
+
+
+class StepRow(TypedDict):
+    """A step behind a snapshot: its number and the data cursor it started from."""
+
+    step: int
+    data_cursor: Json
+
+
+class StepData(TypedDict):
+    """Where one step's data came from (``Lineage.data``): the samples it trained on, or a
+    multi-turn recipe's trajectories, and the snapshots they were drawn on."""
+
+    step: int
+    drawn_on: dict[str, int]
+    datums: NotRequired[Json]
+    matched: NotRequired[Json]
+    version_offsets: NotRequired[dict[str, float]]
+    samples_digest: NotRequired[str]
+    trajectories: NotRequired[int]
+    turns: NotRequired[int]
+    trajectories_digest: NotRequired[str]
 
 
 @dataclass
 class Lineage:
     run_id: str
     snapshot: dict[str, Any]  # the SnapshotSaved payload (+ version, recorded_at)
-    steps: list[dict[str, Any]]  # every step from the start up to the snapshot: step, data_cursor
-    since_previous: list[dict[str, Any]]  # the steps since the previous snapshot
+    steps: list[StepRow]  # every step from the start up to the snapshot
+    since_previous: list[StepRow]  # the steps since the previous snapshot
     previous_snapshot: str | None
     base_chain: list[dict[str, Any]]  # this snapshot, then the base it applies to, ... down to a base
     evals: list[EvalRow]
-    upstream: dict[str, Any] | None = None  # a chained run's start: the upstream run, its state and step
+    upstream: Upstream | None = None  # a chained run's start: the upstream run, its state and step
     # per step up to the snapshot, where its data came from: datums, matched (to recorded samples),
     # version_offsets, drawn_on ({snapshot the samples were drawn on: how many}); for a runner's
     # multi-turn recipe (igpo), trajectories, turns, trajectories_digest and drawn_on; empty when
     # the run recorded neither (a runner's single-turn run, supervised data)
-    data: list[dict[str, Any]] = field(default_factory=list)
+    data: list[StepData] = field(default_factory=list)
     drawn_on: dict[str, int] = field(default_factory=dict)  # over all those steps
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         out = asdict(self)
         out["evals"] = [r.to_dict() for r in self.evals]
         return out
@@ -58,7 +84,7 @@ def lineage(ledger: Ledger, snapshot_path: str, run_id: str | None = None) -> Li
 
 def _lineage_in(run_id: str, events: list[RecordedEvent], path: str) -> Lineage:
     snapshots: dict[str, dict[str, Any]] = {}
-    steps: list[dict[str, Any]] = []
+    steps: list[StepRow] = []
     previous: str | None = None
     since_previous_from = 0  # index into steps where the current snapshot's own steps begin
     target: dict[str, Any] | None = None
@@ -98,10 +124,10 @@ _NOT_RECORDED = "(not recorded)"  # a sample drawn before any sync the run recor
 
 
 def _data_behind(ledger: Ledger, events: list[RecordedEvent],
-                 until_version: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+                 until_version: int) -> tuple[list[StepData], dict[str, int]]:
     """Each step before the snapshot (``until_version``) with the samples it trained on."""
     drawn = {ev.event_id: ev.fact for ev in events if isinstance(ev.fact, SamplesDrawn)}
-    steps: list[dict[str, Any]] = []
+    steps: list[StepData] = []
     total: dict[str, int] = {}
     for ev in events:
         if ev.version >= until_version:
@@ -116,8 +142,8 @@ def _data_behind(ledger: Ledger, events: list[RecordedEvent],
         provenance = fact.provenance if isinstance(fact, StepCompleted) else None
         if not isinstance(provenance, dict):
             continue
-        row: dict[str, Any] = {"step": fact.step, "datums": provenance.get("datums"),
-                               "matched": provenance.get("matched"), "drawn_on": {}}
+        row: StepData = {"step": fact.step, "datums": provenance.get("datums"),
+                         "matched": provenance.get("matched"), "drawn_on": {}}
         if fact.version_offsets:
             row["version_offsets"] = fact.version_offsets
         if provenance.get("samples_digest"):

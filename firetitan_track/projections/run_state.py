@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from firetitan_track.events import (CallFailed, CleanupApplied, DeploymentProvisioned, EvalScored, EvalStarted, Event,
                                     MetricsLogged, ModelPromoted, ProgramExited, ProgramStarted, PromotionFailed,
@@ -20,6 +20,10 @@ from firetitan_track.events import (CallFailed, CleanupApplied, DeploymentProvis
                                     StateSaved, StateSaveRequested, StepCompleted, StepRequested, SyncRequested,
                                     TrainerProvisioned, TrajectoriesRecorded, TrialPruned, WeightsSynced)
 from firetitan_track.ledger import VIEW_ERRORS, unreadable
+
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
+    from firetitan_track.events import CodeIdentity, Upstream
 
 __all__ = ["RunState", "fold", "authoritative", "superseded_versions", "to_supersede", "TRAINING_HISTORY",
            "FINISHED", "status_row", "continue_command", "pending_promotion_text"]
@@ -49,11 +53,11 @@ class RunState:
     backend: str | None = None
     sweep_id: str | None = None
     rerun_of: str | None = None
-    init_from: dict[str, Any] | None = None  # a chained run's upstream: run, state, step
-    code: dict[str, Any] | None = None  # which code ran (RunStarted.code; None for a run before it was recorded)
+    init_from: Upstream | None = None  # a chained run's upstream: run, state, step
+    code: CodeIdentity | None = None  # which code ran (RunStarted.code; None for a run before it was recorded)
     prompt_sets: dict[str, str] = field(default_factory=dict)
     step: int = 0  # last completed step
-    data_cursor: Any = None
+    data_cursor: Json = None
     trainer_job_id: str | None = None
     reference_job_id: str | None = None
     deployment_id: str | None = None
@@ -62,7 +66,7 @@ class RunState:
     last_snapshot: SnapshotSaved | None = None
     last_sync: WeightsSynced | None = None
     last_score: EvalScored | None = None
-    last_metrics: dict[str, Any] | None = None
+    last_metrics: dict[str, float] | None = None  # the last StepCompleted's
     attempts: int = 1
     error: str | None = None
     cleanup: CleanupApplied | None = None
@@ -83,7 +87,7 @@ class RunState:
         """The step the last saved state holds: a resume continues after it."""
         return self.last_state.step if self.last_state else 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """The state as JSON (``replay --json``): an event it keeps as its payload, the last
         state with the version it was recorded at, a pending promotion with its request id."""
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "last_state_version"}
@@ -242,11 +246,11 @@ def _track_intents(st: RunState, fact: Event) -> None:
             st.open_intent = next(reversed(st.open_intents), None)
 
 
-def status_row(st: RunState) -> dict[str, Any]:
+def status_row(st: RunState) -> dict[str, object]:
     """Where a run stands, as ``status`` prints it. For a recorded program also what the
     program needs to continue: its command line (and folder), and the newest resumable
     state with the data cursor saved with it (the cookbook's ``data_consumed``)."""
-    row: dict[str, Any] = {
+    row: dict[str, object] = {
         "run_id": st.run_id, "status": st.status, "step": st.step, "version": st.version,
         "attempts": st.attempts, "trainer_job_id": st.trainer_job_id, "deployment_id": st.deployment_id,
         "last_state": st.last_state and {"step": st.last_state.step, "path": st.last_state.path},

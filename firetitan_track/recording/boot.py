@@ -37,7 +37,10 @@ import importlib.util
 import os
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from types import ModuleType, TracebackType
 
 ENV_RUN = "FIRETITAN_RECORD_RUN"  # the run the program's processes record into
 ENV_LEDGER = "FIRETITAN_RECORD_LEDGER"  # its ledger URL
@@ -69,7 +72,7 @@ BEGIN_WAIT_S = 600.0  # the longest a recorded call waits for the run to begin (
 metrics_offset_at_start = 0
 
 
-def started() -> Any:
+def started() -> ModuleType:
     """This process's boot module: the sitecustomize copy that ran at start-up, or this one
     (``autolog`` in a process ``record`` did not start)."""
     return sys.modules.get(BOOT_MODULE, sys.modules[__name__])
@@ -137,7 +140,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _patch(name: str, module: Any) -> None:
+def _patch(name: str, module: ModuleType) -> None:
     try:
         from firetitan_track.recording import patches
     except Exception as exc:  # firetitan-track is not installed where the program runs
@@ -161,14 +164,14 @@ def _degraded(reason: str) -> None:
 class _Loader(importlib.abc.Loader):
     """The module's own loader, then the recorder's patch."""
 
-    def __init__(self, inner: Any, name: str):
+    def __init__(self, inner: importlib.abc.Loader, name: str):
         self._inner = inner
         self._name = name
 
-    def create_module(self, spec: Any) -> Any:
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._inner.create_module(spec)
 
-    def exec_module(self, module: Any) -> None:
+    def exec_module(self, module: ModuleType) -> None:
         self._inner.exec_module(module)
         module.__loader__ = self._inner  # the module keeps the loader it would have had
         _patch(self._name, module)
@@ -183,7 +186,8 @@ class PostImportHook(importlib.abc.MetaPathFinder):
     def __init__(self) -> None:
         self._finding = threading.local()
 
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in WATCHED or getattr(self._finding, fullname, False):
             return None
         setattr(self._finding, fullname, True)
@@ -216,7 +220,7 @@ def install() -> None:
 def _keep_uncaught_exceptions() -> None:
     previous = sys.excepthook
 
-    def hook(kind: Any, value: Any, tb: Any) -> None:
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         if value is not None and not isinstance(value, KeyboardInterrupt):
             note("exception", f"{kind.__name__}: {value}")
         previous(kind, value, tb)

@@ -29,7 +29,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from firetitan_track.events import (CallFailed, Event, MetricsLogged, NewEvent, ProgramStarted, RecordedEvent,
                                     RecordingDegraded, RunResumed, SamplesDrawn, StateLoaded, StateSaved,
@@ -37,7 +37,7 @@ from firetitan_track.events import (CallFailed, Event, MetricsLogged, NewEvent, 
 from firetitan_track.ledger import Ledger
 from firetitan_track.recording import boot
 from firetitan_track.recording.metrics import ProgramMetrics
-from firetitan_track.recording.provenance import SampleIndex, version_offsets
+from firetitan_track.recording.provenance import SampleIndex, SampleRef, version_offsets
 from firetitan_track.redact import redact_text
 from firetitan_track.tracking import CallRecorder, Recorder, error_text, numeric
 
@@ -45,6 +45,7 @@ __all__ = ["ProgramRecording", "PendingStep", "active", "configure"]
 
 WRITE_EVERY_S = 0.5  # the longest a queued fact waits to be written
 _MAX_QUEUED = 100_000  # facts kept while the ledger does not take them; older ones are dropped
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,8 +58,8 @@ class PendingStep:
     micro_batches: int = 0
     forward_backward: list[dict[str, float]] = field(default_factory=list)
     step: int | None = None  # set by its optim_step
-    optimizer: dict[str, Any] = field(default_factory=dict)
-    matched: list[Any] = field(default_factory=list)  # the SampleRefs its datums came from
+    optimizer: dict[str, object] = field(default_factory=dict)
+    matched: list[SampleRef] = field(default_factory=list)  # the samples its datums came from
     offsets: list[int] = field(default_factory=list)
 
 
@@ -66,8 +67,9 @@ class _ProgramRecorder(Recorder):
     """The run's writer, for a program: a write that fails degrades the recording instead of
     raising into the program (its events stay queued and go with the next write that works)."""
 
-    def __init__(self, session: ProgramRecording, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, session: ProgramRecording, ledger: Ledger, run_id: str, version: int | None = None, *,
+                 max_delay_s: float = 1.0, interleave: bool = False):
+        super().__init__(ledger, run_id, version, max_delay_s=max_delay_s, interleave=interleave)
         self._session = session
 
     def record(self, event: Event, *, defer: bool = False, event_id: str | None = None) -> RecordedEvent | None:
@@ -118,7 +120,7 @@ class ProgramRecording:
         self._this_attempt = False  # whether that reading has reached this attempt's ProgramStarted
         self._catch_up_lock = threading.Lock()
         self._facts: list[NewEvent] = []
-        self._blobs: list[Any] = []
+        self._blobs: list[object] = []
         self._queue_lock = threading.Lock()
         self._closed = False
         self._stop = threading.Event()
@@ -142,7 +144,7 @@ class ProgramRecording:
         with self._queue_lock:
             self._facts.append(new)
 
-    def blob(self, obj: Any) -> str:
+    def blob(self, obj: object) -> str:
         """The digest ``obj`` is stored under; stored by the writer before any event that names it."""
         from firetitan_track.blobs import json_digest
 
@@ -211,7 +213,7 @@ class ProgramRecording:
         if where != "writing to the ledger":
             self.fact(RecordingDegraded(reason=reason, pid=os.getpid()))
 
-    def safely(self, where: str, fn: Callable[[], Any]) -> Any:
+    def safely(self, where: str, fn: Callable[[], T]) -> T | None:
         try:
             return fn()
         except Exception as exc:
@@ -267,7 +269,7 @@ class ProgramRecording:
         served = [d for d, path in self.calls.loaded.items() if path is not None]
         return served[-1] if served else None
 
-    def metrics_logged(self, *, step: Any, metrics: dict[str, float], source: str) -> None:
+    def metrics_logged(self, *, step: int | None, metrics: dict[str, float], source: str) -> None:
         """The program's own numbers, tied to the weights its samples came from when it logged
         them: what its deployment serves, or for a Tinker program the sampler it last used."""
         if self.last_sampler is not None:
@@ -283,7 +285,7 @@ class ProgramRecording:
         self.metrics.poll()
         self.now(StepRequested(step=self.steps_requested + 1, trainer_job_id=pending.trainer_job_id))
 
-    def step_requested(self, pending: PendingStep, optimizer: dict[str, Any]) -> None:
+    def step_requested(self, pending: PendingStep, optimizer: dict[str, object]) -> None:
         """optim_step is called: number the step and measure how stale its data are."""
         pending.step = self.next_step()
         pending.optimizer = optimizer
@@ -296,7 +298,7 @@ class ProgramRecording:
                 pending.matched.append(ref)
                 pending.offsets.append(published.get(ref.deployment, 0) - ref.version_at_send)
 
-    def step_completed(self, pending: PendingStep, response: Any) -> None:
+    def step_completed(self, pending: PendingStep, response: object) -> None:
         provenance: dict[str, Any] = {"datums": pending.datums, "matched": len(pending.matched)}
         if pending.matched:
             provenance["samples_digest"] = self.blob([[ref.event_id, ref.index] for ref in pending.matched])
@@ -311,7 +313,7 @@ class ProgramRecording:
             self.now(CallFailed(call=call, intent=intent.type_name, error=error_text(exc),
                                 step=self.rec.step if step is None else step))
 
-    def samples_drawn(self, *, deployment: str, sent: tuple[str | None, int], call: str, prompt: Any,
+    def samples_drawn(self, *, deployment: str, sent: tuple[str | None, int], call: str, prompt: object,
                       completions: list[dict[str, Any]], sampling: dict[str, Any],
                       returned: tuple[str | None, int] | None = None) -> None:
         """One sampling call. ``completions``: each sampled sequence as ``full_tokens`` (prompt and

@@ -12,9 +12,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from firetitan_track.events import RecordedEvent
+from firetitan_track.events import (EvalScored, EvalStarted, MetricsLogged, ModelPromoted, RecordedEvent, RunStarted,
+                                     SamplesRecorded, SnapshotSaved, StepCompleted, TrajectoriesRecorded, WeightsSynced)
 from firetitan_track.ids import file_name  # a stored id becomes a file name only once checked
 from firetitan_track.ledger import Ledger
 from firetitan_track.projections.audit import best_eval, eval_rows, is_eval_metric
@@ -24,6 +25,9 @@ from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_MET
                                                      is_identifier, mlflow_key, model_name, ms, numbers,
                                                      param_value, quote)
 from firetitan_track.redact import redact, redact_bytes
+
+if TYPE_CHECKING:  # mlflow is imported where it is used: the core installs without it
+    from mlflow.entities import Metric
 
 
 class RunExport:
@@ -46,8 +50,8 @@ class RunExport:
         self.history = history  # the authoritative stream, for context
         self.new = [ev for ev in history if ev.version >= shown]  # what this pass must show
         # prompt sets the MLflow run already holds (logged and uploaded by an earlier pass)
-        self.known_prompts = {ev.data["prompt_set_digest"] for ev in history
-                              if ev.type == "EvalStarted" and ev.version < shown}
+        self.known_prompts = {ev.fact.prompt_set_digest for ev in history
+                              if isinstance(ev.fact, EvalStarted) and ev.version < shown}
         self.metric_count = 0
 
     def run(self) -> None:
@@ -65,12 +69,12 @@ class RunExport:
         deployment, service) as tags of the same name."""
         from mlflow.entities import Param, RunTag
 
-        started = next((ev for ev in self.new if ev.type == "RunStarted"), None)
+        started = next((ev.fact for ev in self.new if isinstance(ev.fact, RunStarted)), None)
         if started is None:
             return
         # the ledger stored the spec redacted; redact again so no key can reach MLflow
-        spec = flatten(redact(started.data["spec"]))
-        swept = set(started.data.get("trial_params") or {})
+        spec = flatten(redact(started.spec))
+        swept = set(started.trial_params or {})
         params = [Param(mlflow_key(k), param_value(v)) for k, v in sorted(spec.items())
                   if k in swept or not is_identifier(k)]
         tags = [RunTag(mlflow_key(k), param_value(v)) for k, v in sorted(spec.items())
@@ -87,36 +91,36 @@ class RunExport:
         models = self.models
         outputs = []
         for ev in self.new:
-            if ev.type != "SnapshotSaved" or ev.data["path"] in models:
+            snap = ev.fact
+            if not isinstance(snap, SnapshotSaved) or snap.path in models:
                 continue
-            d = ev.data
-            info = {"snapshot_path": d["path"], "kind": d["kind"], "base_path": d["base_path"] or "",
-                    "step": str(d["step"]), "snapshot_name": d["name"]}
+            info = {"snapshot_path": snap.path, "kind": snap.kind, "base_path": snap.base_path or "",
+                    "step": str(snap.step), "snapshot_name": snap.name}
             model = self.client.create_logged_model(
-                self.experiment_id, name=model_name(self.run_id, d["step"]), source_run_id=self.ml_run,
+                self.experiment_id, name=model_name(self.run_id, snap.step), source_run_id=self.ml_run,
                 tags={TAG_RUN: self.run_id, **info}, params=info, model_type=SNAPSHOT_MODEL_TYPE)
             self.client.finalize_logged_model(model.model_id, "READY")
-            models[d["path"]] = model.model_id
-            outputs.append(LoggedModelOutput(model.model_id, int(d["step"])))
+            models[snap.path] = model.model_id
+            outputs.append(LoggedModelOutput(model.model_id, int(snap.step)))
         if outputs:
             self.client.log_outputs(self.ml_run, outputs)
         return models
 
     def _tag_promotions(self, models: dict[str, str]) -> None:
         """Tag a snapshot's LoggedModel with every model id promoted from it (``promoted_as``)."""
-        fresh = {ev.data["snapshot_path"] for ev in self.new if ev.type == "ModelPromoted"}
+        fresh = {ev.fact.snapshot_path for ev in self.new if isinstance(ev.fact, ModelPromoted)}
         for path in fresh & set(models):
-            ids = [ev.data["model_id"] for ev in self.history
-                   if ev.type == "ModelPromoted" and ev.data["snapshot_path"] == path]
+            ids = [ev.fact.model_id for ev in self.history
+                   if isinstance(ev.fact, ModelPromoted) and ev.fact.snapshot_path == path]
             self.client.set_logged_model_tags(models[path], {"promoted_as": ",".join(ids)})
 
     def _mark_models(self, models: dict[str, str]) -> None:
         """Tag each snapshot's model with the prompt set it was scored on, and mark the run's best."""
         for ev in self.new:
-            if ev.type == "EvalStarted" and ev.data["snapshot_path"] in models:
-                self.client.set_logged_model_tags(models[ev.data["snapshot_path"]],
-                                                  {"prompt_set_digest": ev.data["prompt_set_digest"]})
-        if not any(ev.type == "EvalScored" for ev in self.new):
+            if isinstance(opened := ev.fact, EvalStarted) and opened.snapshot_path in models:
+                self.client.set_logged_model_tags(models[opened.snapshot_path],
+                                                  {"prompt_set_digest": opened.prompt_set_digest})
+        if not any(isinstance(ev.fact, EvalScored) for ev in self.new):
             return
         best = best_eval(eval_rows(self.history))
         best_model = models.get(best.snapshot_path) if best else None
@@ -133,9 +137,9 @@ class RunExport:
         """Log each prompt set first used in this pass; ledger digest -> MLflow digest."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        used = {ev.data["prompt_set_digest"]: ev.data["prompt_count"]
-                for ev in self.history if ev.type == "EvalStarted"}
-        fresh = {ev.data["prompt_set_digest"] for ev in self.new if ev.type == "EvalStarted"} - self.known_prompts
+        used = {ev.fact.prompt_set_digest: ev.fact.prompt_count
+                for ev in self.history if isinstance(ev.fact, EvalStarted)}
+        fresh = {ev.fact.prompt_set_digest for ev in self.new if isinstance(ev.fact, EvalStarted)} - self.known_prompts
         inputs = []
         for digest in fresh:
             # MLflow holds 36 characters of a digest: a prefix of the ledger's sha256,
@@ -153,31 +157,33 @@ class RunExport:
     def _metrics(self, models: dict[str, str], datasets: dict[str, str]) -> None:
         from mlflow.entities import Metric
 
-        eval_steps = {ev.data["eval_id"]: ev.data["step"] for ev in self.history if ev.type == "EvalStarted"}
+        eval_steps = {ev.fact.eval_id: ev.fact.step for ev in self.history if isinstance(ev.fact, EvalStarted)}
         program = _ProgramMetrics(self.history, models)
         points: list[Metric] = []
         for ev in self.new:
-            d, ts = ev.data, ms(ev)
-            if ev.type == "StepCompleted":
-                for key, value in {**numbers(d["metrics"], "train"),
-                                   **numbers(d["optimizer"], "optim"),
-                                   **numbers(d.get("version_offsets"), "train/version_offset")}.items():
-                    points.append(Metric(key, value, ts, int(d["step"])))
-            elif ev.type == "MetricsLogged":
-                points += program.points(ev)
-            elif ev.type == "WeightsSynced":
-                points.append(Metric("sync/duration_s", float(d["duration_s"]), ts, int(d["step"])))
-            elif ev.type == "SamplesRecorded" and d["eval_id"] in eval_steps:
-                step = int(eval_steps[d["eval_id"]])
-                for key, value in {**numbers(d["server_metrics"], "eval/server"),
-                                   **numbers(d["concurrency_window"], "eval/concurrency_window")}.items():
-                    points.append(Metric(key, value, ts, step))
-            elif ev.type == "EvalScored":
-                link = {"model_id": models.get(d["snapshot_path"])}
-                if d["prompt_set_digest"] in datasets:
-                    link.update(dataset_name=PROMPTS_DATASET, dataset_digest=datasets[d["prompt_set_digest"]])
-                for key, value in {"eval/score": float(d["score"]), **numbers(d["metrics"], "eval")}.items():
-                    points.append(Metric(key, value, ts, int(d["step"]), **link))
+            ts = ms(ev)
+            match ev.fact:
+                case StepCompleted() as done:
+                    for key, value in {**numbers(done.metrics, "train"),
+                                       **numbers(done.optimizer, "optim"),
+                                       **numbers(done.version_offsets, "train/version_offset")}.items():
+                        points.append(Metric(key, value, ts, int(done.step)))
+                case MetricsLogged() as logged:
+                    points += program.points(ev, logged)
+                case WeightsSynced(duration_s=duration, step=step):
+                    points.append(Metric("sync/duration_s", float(duration), ts, int(step)))
+                case SamplesRecorded(eval_id=eval_id) as samples if eval_id in eval_steps:
+                    step = int(eval_steps[eval_id])
+                    for key, value in {**numbers(samples.server_metrics, "eval/server"),
+                                       **numbers(samples.concurrency_window, "eval/concurrency_window")}.items():
+                        points.append(Metric(key, value, ts, step))
+                case EvalScored() as scored:
+                    path = scored.snapshot_path
+                    link = {"model_id": models.get(path) if path is not None else None}
+                    if scored.prompt_set_digest in datasets:
+                        link.update(dataset_name=PROMPTS_DATASET, dataset_digest=datasets[scored.prompt_set_digest])
+                    for key, value in {"eval/score": float(scored.score), **numbers(scored.metrics, "eval")}.items():
+                        points.append(Metric(key, value, ts, int(scored.step), **link))
         for i in range(0, len(points), MAX_METRICS_PER_CALL):
             self.client.log_batch(self.ml_run, metrics=points[i:i + MAX_METRICS_PER_CALL])
         self.metric_count = len(points)
@@ -187,20 +193,21 @@ class RunExport:
             files: list[tuple[Path, str | None]] = []
             prompts = set(self.known_prompts)
             for ev in self.new:
-                if ev.type == "RunStarted":
-                    files.append((_write_json(tmp, "spec.json", redact(ev.data["spec"])), None))
-                    files += self._code_files(tmp, ev.data.get("code"))
-                elif ev.type == "EvalStarted" and ev.data["prompt_set_digest"] not in prompts:
-                    digest = ev.data["prompt_set_digest"]
-                    prompts.add(digest)
-                    files.append((_write_json(tmp, f"{digest}.json", self._blob(digest)), "prompts"))
-                elif ev.type == "SamplesRecorded":
-                    body = self._blob(ev.data["completions_digest"])
-                    files.append((_write_json(tmp, file_name(ev.data["eval_id"], ".json"), body), "completions"))
-                elif ev.type == "TrajectoriesRecorded":  # a multi-turn recipe's episodes of one step
-                    body = self._blob(ev.data["trajectories_digest"])
-                    files.append((_write_json(tmp, f"step-{ev.data['step']}.json", body), "trajectories"))
-            if any(ev.type == "EvalScored" for ev in self.new):
+                match ev.fact:
+                    case RunStarted(spec=spec, code=code):
+                        files.append((_write_json(tmp, "spec.json", redact(spec)), None))
+                        files += self._code_files(tmp, code)
+                    case EvalStarted(prompt_set_digest=digest) if digest not in prompts:
+                        prompts.add(digest)
+                        files.append((_write_json(tmp, f"{digest}.json", self._blob(digest)), "prompts"))
+                    case SamplesRecorded(eval_id=eval_id, completions_digest=digest):
+                        body = self._blob(digest)
+                        files.append((_write_json(tmp, file_name(eval_id, ".json"), body), "completions"))
+                    case TrajectoriesRecorded(step=step, trajectories_digest=digest):
+                        # a multi-turn recipe's episodes of one step
+                        body = self._blob(digest)
+                        files.append((_write_json(tmp, f"step-{step}.json", body), "trajectories"))
+            if any(isinstance(ev.fact, EvalScored) for ev in self.new):
                 files.append((_plot_scores(self.history, Path(tmp) / "eval_score.png"), None))
             for path, folder in files:
                 self.client.log_artifact(self.ml_run, str(path), folder)
@@ -231,19 +238,19 @@ class _ProgramMetrics:
     def __init__(self, history: list[RecordedEvent], models: dict[str, str]):
         self.models = models
         self.measured = {r.eval_id: r.snapshot_path for r in eval_rows(history) if r.source == "program"}
-        self.from_steps = {(key, int(ev.data["step"])) for ev in history if ev.type == "StepCompleted"
-                           for key in numbers(ev.data["metrics"], "train")}
+        self.from_steps = {(key, int(ev.fact.step)) for ev in history if isinstance(ev.fact, StepCompleted)
+                           for key in numbers(ev.fact.metrics, "train")}
 
-    def points(self, ev: RecordedEvent) -> list[Any]:
+    def points(self, ev: RecordedEvent, logged: MetricsLogged) -> list[Metric]:
+        """The points of ``logged``, the fact ``ev`` records (its id and time name the points)."""
         from mlflow.entities import Metric
 
-        d = ev.data
-        step = d["step"] if d["step"] is not None else d.get("trainer_step")
+        step = logged.step if logged.step is not None else logged.trainer_step
         if not isinstance(step, (int, float)):
             return []
         model = self.models.get(self.measured.get(ev.event_id[:12]) or "")
         out = []
-        for key, value in d["metrics"].items():
+        for key, value in logged.metrics.items():
             name = mlflow_key(key)
             if (name, int(step)) in self.from_steps or isinstance(value, bool):
                 continue
