@@ -99,7 +99,7 @@ class ProgramMetrics:
             self._logged(step if step is not None else data.get("step"), data, source)
 
     def _logged(self, step: Any, obj: dict[str, Any], source: str) -> None:
-        step = step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+        step = _step(step)
         other = self._seen["wandb" if source == "metrics_file" else "metrics_file"]
         mine = self._seen[source]
         metrics = {}
@@ -114,3 +114,13 @@ class ProgramMetrics:
             mine.clear()
         if metrics:
             self._session.metrics_logged(step=step, metrics=metrics, source=source)
+
+
+def _step(value: object) -> int | None:
+    """A logged step as MetricsLogged takes it: a whole number (a JSON file's ``3.0`` is step 3);
+    anything else (a fraction, a string, a bool) is no step."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return value
