@@ -41,8 +41,8 @@ from runner.provision import api_key, connect, endpoint
 from runner.recipes import RECIPES, StepContext
 from runner.recipes.base import visible_text
 from runner.spec import Spec
-from runner.tasks import DataError, Example, eval_prompts, grade, load_jsonl, train_batch
-from runner.tasks.preference import Pair, load_pairs, pair_batch
+from runner.tasks import DataError, Example, eval_prompts, grade
+from runner.tasks.preference import Pair
 
 __all__ = ["RunResult", "RunError", "RunInterrupted", "run_spec", "resume_run", "rerun"]
 
@@ -199,8 +199,8 @@ def _code_identity(ledger: Ledger, spec: Spec) -> dict[str, Any]:
 def _read_inputs(spec: Spec) -> Inputs:
     api_key = _api_key(spec)
     try:
-        load, _, _ = _training_data(spec)
-        train = load(spec.resolve_path(spec.task.data), what="data file") if spec.task.data else None
+        data = RECIPES[spec.recipe.kind].data
+        train = data.load(spec.resolve_path(spec.task.data), what="data file") if spec.task.data else None
         if spec.eval.prompts == "builtin":
             if train is not None:
                 raise RunError(f"{spec.source}: eval.prompts: a JSONL data set needs a JSONL prompt file "
@@ -218,17 +218,9 @@ def _read_inputs(spec: Spec) -> Inputs:
 def _recorded_inputs(ledger: Ledger, spec: Spec, st: RunState) -> Inputs:
     """The prompt sets exactly as the run recorded them (files may have changed since)."""
     evals = [Example.from_json(o) for o in ledger.get_json(st.prompt_sets["eval"])]
-    _, item, _ = _training_data(spec)
+    item = RECIPES[spec.recipe.kind].data.from_json
     train = [item(o) for o in ledger.get_json(st.prompt_sets["train"])] if "train" in st.prompt_sets else None
     return Inputs(spec, evals, train, _api_key(spec), st.init_from)
-
-
-def _training_data(spec: Spec) -> tuple[Any, Any, Any]:
-    """How the recipe's training data is read, restored from the record, and batched:
-    preference recipes (dpo, orpo) train on pairs, the others on single examples."""
-    if getattr(RECIPES[spec.recipe.kind], "takes_pairs", False):
-        return load_pairs, Pair.from_json, pair_batch
-    return load_jsonl, Example.from_json, train_batch
 
 
 def _api_key(spec: Spec) -> str:
@@ -245,8 +237,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
            lease: Lease, on_eval: OnEval | None = None) -> RunResult:
     spec = inputs.spec
     recipe = RECIPES[spec.recipe.kind]
-    publish = getattr(recipe, "publish", None)
-    _, _, next_batch = _training_data(spec)
+    next_batch = recipe.data.batch
     exporter = _start_exporter(rec, export_mlflow)
     loop = asyncio.new_event_loop()
     tracked: TrackedService | None = None
@@ -257,7 +248,7 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
         rec.step = st.resume_step
         where = endpoint(spec)
         watch = BackendWatch(where.base_url).start()
-        session = connect(spec, where, st, rec, inputs.api_key, needs_reference=recipe.needs_reference(spec))
+        session = connect(spec, where, st, rec, inputs.api_key, needs_reference=spec.recipe.settings.needs_reference())
         tracked, policy = session.tracked, session.policy
         size = spec.recipe.batch_size * spec.recipe.micro_batches
         ctx = StepContext(spec, tracked, policy, session.reference, session.tokenizer,
@@ -291,8 +282,8 @@ def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | Non
             rec.record(StepCompleted(step=step, data_cursor=cursor, micro_batches=spec.recipe.micro_batches,
                                      metrics=metrics, optimizer=dataclasses.asdict(spec.optim), **ctx.step_record),
                        defer=True)
-            if publish is not None:
-                publish(ctx)
+            if recipe.publish is not None:
+                recipe.publish(ctx)
             last = step == spec.run.steps
             if step % spec.schedule.eval_every == 0 or last:
                 result.last_score = _evaluate(ctx, inputs)
@@ -387,7 +378,7 @@ def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
     reuse = ctx.sampler is not None and ctx.serves == ctx.step
     sampler = ctx.sampler if reuse else ctx.sync_policy(f"eval-{ctx.step}")
     s = inputs.spec.sampling
-    play = getattr(RECIPES[inputs.spec.recipe.kind], "play_eval", None)  # a multi-turn recipe plays episodes
+    play = RECIPES[inputs.spec.recipe.kind].play_eval  # a multi-turn recipe plays episodes
     res = ctx.run_async(ctx.tracked.evaluate(
         sampler, inputs.eval_set, snapshot_path=ctx.last_snapshot,
         sampling={"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature},
