@@ -42,8 +42,7 @@ class StepContext:
     adam: Any  # the SDK's AdamParams for every optim_step
     loop: asyncio.AbstractEventLoop
     new_controller: Callable[[], Any]  # a fresh concurrency controller per sync
-    step: int = 0
-    rec: Any = None  # the run's Recorder: what a recipe records of its step beyond the metrics
+    step: int = 0  # the step being trained (begin_step)
     last_snapshot: str | None = None
     controller: Any = field(default=None)
     memo: dict[str, Any] = field(default_factory=dict)  # what a recipe keeps across the steps of one attempt
@@ -61,6 +60,14 @@ class StepContext:
     def settings(self) -> Any:
         """The recipe's own typed settings (its Recipe.settings class)."""
         return self.spec.recipe.settings
+
+    def begin_step(self, step: int) -> None:
+        """Step ``step`` starts: the recorder's events from here on belong to it, and its
+        StepCompleted has no extra fields yet."""
+        self.step = step
+        if self.rec is not None:
+            self.rec.step = step
+        self.step_record = {}
 
     def run_async(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
