@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ from firetitan_track.ids import run_id_problem
 from firetitan_track.redact import secret_values
 from firetitan_track.signing import (HeadCheck, SignedHead, SigningKey, check_heads, should_sign, signing_key_for,
                                      trust_problems)
-from firetitan_track.store import FOLLOW_HORIZON, NEXT_TRANSACTION, CommitWatch, LedgerError, Store, checkpoints, commit_watch, open_store
+from firetitan_track.store import (FOLLOW_HORIZON, NEXT_TRANSACTION, CommitWatch, LedgerError, Store, checkpoints,
+                                   commit_watch, open_store)
 from firetitan_track.store import blobs as blob_table
 from firetitan_track.store import events as event_table
 from firetitan_track.store import signed_heads as head_table
@@ -493,8 +493,6 @@ class Ledger:
     def _full_digest(self, digest: str) -> str:
         if is_digest(digest) or not _HEX_PREFIX.fullmatch(digest):
             return digest
-        from firetitan_track.store import blobs as blob_table
-
         with self.engine.connect() as conn:
             found = conn.execute(sa.select(blob_table.c.digest).where(blob_table.c.digest.startswith(digest))
                                  .order_by(blob_table.c.digest).limit(2)).scalars().all()

@@ -7,6 +7,10 @@ from its ledger alone: the last StateSaved gives the step, the DCP path and the
 data cursor; the events recorded after it are marked superseded and redone, so
 the authoritative history equals that of an uninterrupted run.
 
+The entry points (run, resume, rerun) fix a run's inputs and record its start;
+an ``Attempt`` then sets up, trains and closes; a failure ends it as ``classify``
+sorts it (what is cleaned up, the event that ends the record, what the caller gets).
+
 Provisioning and reconnection live in runner.provision, signals in
 runner.interrupts, what a step does in runner.recipes.
 """
@@ -21,15 +25,15 @@ import re
 import signal
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Literal
 
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
 from firetitan_track.projections.run_state import FINISHED, RunState, continue_command, fold, to_supersede
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
-from firetitan_track.events import (InvalidEvent, RunCompleted, RunFailed, RunResumed, RunStarted, StepCompleted,
-                                    TrialPruned)
+from firetitan_track.events import (Event, InvalidEvent, RunCompleted, RunFailed, RunResumed, RunStarted,
+                                    StepCompleted, TrialPruned)
 from firetitan_track.ids import check_run_id
 from firetitan_track.ledger import StoreFailure
 from runner.backend_watch import BackendLost, BackendWatch
@@ -37,12 +41,12 @@ from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loo
 from runner.chain import load_upstream, resolve_upstream
 from runner.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
-from runner.provision import api_key, connect, endpoint
-from runner.recipes import RECIPES, StepContext
+from runner.provision import Endpoint, api_key, connect, endpoint
+from runner.recipes import RECIPES, Recipe, StepContext
 from runner.recipes.base import visible_text
-from runner.spec import Spec
-from runner.tasks import DataError, Example, eval_prompts, grade, load_jsonl, train_batch
-from runner.tasks.preference import Pair, load_pairs, pair_batch
+from runner.spec import BackendSection, ConcurrencySection, Spec
+from runner.tasks import DataError, Example, eval_prompts, grade
+from runner.tasks.preference import Pair
 
 __all__ = ["RunResult", "RunError", "RunInterrupted", "run_spec", "resume_run", "rerun"]
 
@@ -52,6 +56,16 @@ _RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # what a spec's run.name loses 
 
 class RunError(UserError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+class NotResumable(RunError):
+    """A failure that resuming cannot fix: the recorded spec would fail the same way."""
+
+
+class ServiceLost(RunError):
+    """The service stopped answering mid-run; the run's record is complete. The SDK's
+    clients still hold calls to the dead service: their thread pools and finalizers wait on
+    it when the interpreter exits (seconds to minutes), so the command line exits at once."""
 
 
 class StopEarly(Exception):
@@ -85,42 +99,85 @@ class Inputs:
     api_key: str
     init_from: dict[str, Any] | None = None  # a chained run's upstream state (runner.chain)
 
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.spec.recipe.kind]
+
+    @classmethod
+    def read(cls, spec: Spec) -> "Inputs":
+        """The spec's data and prompt files (or its task's built-in sets), and the API key."""
+        key = _api_key(spec)
+        try:
+            data = RECIPES[spec.recipe.kind].data
+            train = data.load(spec.resolve_path(spec.task.data), what="data file") if spec.task.data else None
+            if spec.eval.prompts == "builtin":
+                if train is not None:
+                    raise RunError(f"{spec.source}: eval.prompts: a JSONL data set needs a JSONL prompt file "
+                                   "(there is no built-in held-out set for it)")
+                evals = eval_prompts(spec.task.name, None, seed=spec.run.seed, count=spec.eval.count,
+                                     digits=spec.task.digits)
+            else:
+                evals = eval_prompts(spec.task.name, spec.resolve_path(spec.eval.prompts), seed=spec.run.seed,
+                                     count=spec.eval.count, digits=spec.task.digits)
+        except DataError as e:
+            raise RunError(str(e)) from None
+        return cls(spec, evals, train, key)
+
+    def masked(self) -> dict[str, int]:
+        """Per prompt set, how many strings the ledger stores masked (a secret pasted into the data)."""
+        from firetitan_track.redact import count_masked
+
+        sets = {"eval": self.eval_set, "train": self.train_data or []}
+        counts = {name: count_masked([e.to_json() for e in items]) for name, items in sets.items()}
+        return {name: n for name, n in counts.items() if n}
+
+    @classmethod
+    def recorded(cls, ledger: Ledger, spec: Spec, st: RunState) -> "Inputs":
+        """The prompt sets exactly as the run recorded them (files may have changed since)."""
+        evals = [Example.from_json(o) for o in ledger.get_json(st.prompt_sets["eval"])]
+        item = RECIPES[spec.recipe.kind].data.from_json
+        train = [item(o) for o in ledger.get_json(st.prompt_sets["train"])] if "train" in st.prompt_sets else None
+        return cls(spec, evals, train, _api_key(spec), st.init_from)
+
+
+def _api_key(spec: Spec) -> str:
+    key = api_key(spec)
+    if key is None:
+        raise RunError(f"{spec.source}: backend.kind = \"fireworks\" needs FIREWORKS_API_KEY in the environment")
+    return key
+
+
+@dataclass(frozen=True)
+class Driving:
+    """What the caller asks of every attempt of a run."""
+
+    export_mlflow: str | None = None  # an MLflow tracking URI to export to as the run goes
+    progress: bool = True  # a progress bar
+    lease: Lease | None = None  # the run's lease, when the caller (a sweep worker) holds it already
+    on_eval: OnEval | None = None  # a sweep's pruner
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a new run comes from, as its RunStarted records it."""
+
+    sweep_id: str | None = None
+    trial_params: dict[str, Any] | None = None
+    rerun_of: str | None = None  # the recorded run a rerun repeats
+
 
 # -- entry points --------------------------------------------------------------------------
 
 
 def run_spec(spec: Spec, *, ledger_url: str, run_id: str | None = None, steps: int | None = None,
              sweep_id: str | None = None, trial_params: dict[str, Any] | None = None,
-             export_mlflow: str | None = None, progress: bool = True, rerun_of: str | None = None,
-             inputs: Inputs | None = None, lease: Lease | None = None, on_eval: OnEval | None = None) -> RunResult:
+             export_mlflow: str | None = None, progress: bool = True, lease: Lease | None = None,
+             on_eval: OnEval | None = None) -> RunResult:
     """Start a new run of ``spec`` and drive it to the end."""
     if steps is not None:
         spec = spec.with_overrides({"run.steps": steps})
-    if run_id is None:  # an empty --run-id is refused below, not replaced
-        run_id = f"{_RUN_ID_UNSAFE.sub('-', spec.run.name)}-{uuid.uuid4().hex[:8]}"
-    check_run_id(run_id)
-    inputs = inputs or _read_inputs(spec)
-    ledger = _run_ledger(ledger_url)
-    if ledger.stream_version(run_id) > 0:
-        raise RunError(f"run {run_id} already exists in the ledger: use `firetitan-track resume {run_id}`")
-    _preflight(inputs)
-    inputs.init_from = resolve_upstream(ledger, spec)
-    with _lease(ledger, run_id, lease) as lease:
-        rec = Recorder(ledger, run_id, version=0)
-        prompt_sets = {"eval": ledger.put_json([e.to_json() for e in inputs.eval_set])}
-        if inputs.train_data is not None:
-            prompt_sets["train"] = ledger.put_json([e.to_json() for e in inputs.train_data])
-        masked = _masked(inputs)
-        try:
-            rec.record(RunStarted(spec=redact(spec.to_dict()), spec_digest=ledger.put_json(spec.to_dict()),
-                                  code_version=code_version(), code=_code_identity(ledger, spec), seed=spec.run.seed,
-                                  backend=spec.backend.kind, sweep_id=sweep_id, trial_params=trial_params,
-                                  rerun_of=rerun_of, prompt_sets=prompt_sets, prompt_sets_masked=masked or None,
-                                  rerun_data_differs=_rerun_differs(ledger, rerun_of), init_from=inputs.init_from))
-        except ConcurrencyError:
-            raise RunError(f"run {run_id} was started by another process at the same time") from None
-        return _drive(rec, inputs, RunState(run_id=run_id, version=rec.version), export_mlflow, progress,
-                      lease, on_eval)
+    return _start(spec, None, ledger_url=ledger_url, run_id=run_id, origin=Origin(sweep_id, trial_params),
+                  driving=Driving(export_mlflow, progress, lease, on_eval))
 
 
 def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None, progress: bool = True,
@@ -142,7 +199,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
         spec = Spec.from_dict(st.spec, source=f"run {run_id}")
         if steps is not None:
             spec = spec.with_overrides({"run.steps": steps})
-        inputs = _recorded_inputs(ledger, spec, st)
+        inputs = Inputs.recorded(ledger, spec, st)
         rec = Recorder(ledger, run_id, version=st.version)
         try:
             rec.record(RunResumed(from_step=st.resume_step, state_path=st.last_state.path if st.last_state else None,
@@ -150,7 +207,7 @@ def resume_run(run_id: str, *, ledger_url: str, export_mlflow: str | None = None
         except ConcurrencyError:
             raise RunError(f"run {run_id} is being resumed by another process; this one stops") from None
         st = fold(ledger.read(run_id), run_id)
-        return _drive(rec, inputs, st, export_mlflow, progress, lease, on_eval)
+        return Attempt(rec, inputs, st, Driving(export_mlflow, progress, lease, on_eval)).run()
 
 
 def rerun(run_id: str, *, ledger_url: str, new_run_id: str | None = None, progress: bool = True,
@@ -164,11 +221,46 @@ def rerun(run_id: str, *, ledger_url: str, new_run_id: str | None = None, progre
         raise RunError(f"run {run_id} has no RunStarted event; nothing to rerun")
     _refuse_recorded_program(st, "rerun")
     spec = Spec.from_dict(st.spec, source=f"run {run_id}")
-    inputs = _recorded_inputs(ledger, spec, st)
+    inputs = Inputs.recorded(ledger, spec, st)
     if new_run_id is None:
         new_run_id = f"{run_id}-rerun-{uuid.uuid4().hex[:6]}"
-    return run_spec(spec, ledger_url=ledger_url, run_id=new_run_id, rerun_of=run_id, inputs=inputs,
-                    progress=progress, export_mlflow=export_mlflow)
+    return _start(spec, inputs, ledger_url=ledger_url, run_id=new_run_id, origin=Origin(rerun_of=run_id),
+                  driving=Driving(export_mlflow, progress))
+
+
+def _start(spec: Spec, inputs: Inputs | None, *, ledger_url: str, run_id: str | None, origin: Origin,
+           driving: Driving) -> RunResult:
+    """Check a new run (its inputs: ``inputs``, or read from the spec's files) against the
+    ledger and the service, record its start, and drive its first attempt."""
+    if run_id is None:  # an empty --run-id is refused below, not replaced
+        run_id = f"{_RUN_ID_UNSAFE.sub('-', spec.run.name)}-{uuid.uuid4().hex[:8]}"
+    check_run_id(run_id)
+    inputs = inputs or Inputs.read(spec)
+    ledger = _run_ledger(ledger_url)
+    if ledger.stream_version(run_id) > 0:
+        raise RunError(f"run {run_id} already exists in the ledger: use `firetitan-track resume {run_id}`")
+    where = endpoint(spec)  # resolved once a run: the preflight asks it, the attempt drives it
+    _preflight(inputs, where)
+    inputs.init_from = resolve_upstream(ledger, spec)
+    with _lease(ledger, run_id, driving.lease) as lease:
+        rec = Recorder(ledger, run_id, version=0)
+        prompt_sets = {"eval": ledger.put_json([e.to_json() for e in inputs.eval_set])}
+        if inputs.train_data is not None:
+            prompt_sets["train"] = ledger.put_json([e.to_json() for e in inputs.train_data])
+        masked = inputs.masked()
+        recorded = spec.to_dict()
+        try:
+            rec.record(RunStarted(spec=redact(recorded), spec_digest=ledger.put_json(recorded),
+                                  code_version=code_version(), code=_code_identity(ledger, spec.backend),
+                                  seed=spec.run.seed, backend=spec.backend.kind, sweep_id=origin.sweep_id,
+                                  trial_params=origin.trial_params, rerun_of=origin.rerun_of, prompt_sets=prompt_sets,
+                                  prompt_sets_masked=masked or None,
+                                  rerun_data_differs=_rerun_differs(ledger, origin.rerun_of),
+                                  init_from=inputs.init_from))
+        except ConcurrencyError:
+            raise RunError(f"run {run_id} was started by another process at the same time") from None
+        return Attempt(rec, inputs, RunState(run_id=run_id, version=rec.version),
+                       dataclasses.replace(driving, lease=lease), where).run()
 
 
 def _refuse_recorded_program(st: RunState, what: str) -> None:
@@ -179,7 +271,7 @@ def _refuse_recorded_program(st: RunState, what: str) -> None:
                        f"{continue_command(st)}")
 
 
-def _code_identity(ledger: Ledger, spec: Spec) -> dict[str, Any]:
+def _code_identity(ledger: Ledger, backend: BackendSection) -> dict[str, Any]:
     """The code this run executes (RunStarted.code): the runner's and the ledger's source
     folders (the project's checkout, or the installed packages), and the device the embedded
     local service trains on (unknown for a service the spec only names by URL)."""
@@ -187,180 +279,216 @@ def _code_identity(ledger: Ledger, spec: Spec) -> dict[str, Any]:
     import runner
     from firetitan_track.code_identity import code_identity
 
-    device = ({"local": spec.backend.device if not spec.backend.base_url else None,
-               "fireworks": "fireworks"}.get(spec.backend.kind))
+    device = ({"local": backend.device if not backend.base_url else None, "fireworks": "fireworks"}.get(backend.kind))
     return code_identity(ledger.put_blob, [os.path.dirname(runner.__file__), os.path.dirname(firetitan_track.__file__)],
                          device=device)
 
 
-# -- inputs -------------------------------------------------------------------------------------
+# -- an attempt ------------------------------------------------------------------------------------
 
 
-def _read_inputs(spec: Spec) -> Inputs:
-    api_key = _api_key(spec)
-    try:
-        load, _, _ = _training_data(spec)
-        train = load(spec.resolve_path(spec.task.data), what="data file") if spec.task.data else None
-        if spec.eval.prompts == "builtin":
-            if train is not None:
-                raise RunError(f"{spec.source}: eval.prompts: a JSONL data set needs a JSONL prompt file "
-                               "(there is no built-in held-out set for it)")
-            evals = eval_prompts(spec.task.name, None, seed=spec.run.seed, count=spec.eval.count,
-                                 digits=spec.task.digits)
-        else:
-            evals = eval_prompts(spec.task.name, spec.resolve_path(spec.eval.prompts), seed=spec.run.seed,
-                                 count=spec.eval.count, digits=spec.task.digits)
-    except DataError as e:
-        raise RunError(str(e)) from None
-    return Inputs(spec, evals, train, api_key)
+class Attempt:
+    """One attempt of a run, from its state ``st``: set up (the service, the clients, the
+    step context, the weights it starts from), train to the last step, close. Whatever
+    stops it cleans up and leaves a resumable run, as ``classify`` sorts it."""
 
+    def __init__(self, rec: Recorder, inputs: Inputs, st: RunState, driving: Driving,
+                 where: Endpoint | None = None) -> None:
+        self.rec, self.inputs, self.st, self.driving = rec, inputs, st, driving
+        self.spec, self.recipe = inputs.spec, inputs.recipe
+        self.batch = _batches(inputs)
+        self.where = where  # the endpoint a new run's preflight resolved (resolved once a run)
+        self.result = RunResult(rec.run_id, "failed", st.step, st.last_score.score if st.last_score else None)
+        self.tracked: TrackedService | None = None
+        self.watch: BackendWatch | None = None
+        self.loop: asyncio.AbstractEventLoop  # run() makes these, set_up() the context
+        self.stop: StopSignals
+        self.ctx: StepContext
 
-def _recorded_inputs(ledger: Ledger, spec: Spec, st: RunState) -> Inputs:
-    """The prompt sets exactly as the run recorded them (files may have changed since)."""
-    evals = [Example.from_json(o) for o in ledger.get_json(st.prompt_sets["eval"])]
-    _, item, _ = _training_data(spec)
-    train = [item(o) for o in ledger.get_json(st.prompt_sets["train"])] if "train" in st.prompt_sets else None
-    return Inputs(spec, evals, train, _api_key(spec), st.init_from)
+    def run(self) -> RunResult:
+        exporter = _start_exporter(self.rec, self.driving.export_mlflow)
+        self.loop = asyncio.new_event_loop()
+        self.stop = StopSignals()
+        try:
+            self.train(self.set_up())
+            return self.close()
+        except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
+            outcome = self.end(exc)
+            if outcome.pruned is not None:
+                self.result.status, self.result.final_step = "pruned", outcome.pruned.step
+                return self.result
+            if outcome.error is not None:
+                raise outcome.error from None
+            exc.add_note(f"run {self.rec.run_id} is recorded as failed; after fixing the cause, continue it with "
+                         f"`firetitan-track resume {self.rec.run_id}`")
+            raise
+        finally:
+            self.stop.restore()
+            if self.watch is not None:
+                self.watch.stop()
+            close_loop(self.loop)
+            if exporter is not None:
+                exporter.stop()
 
-
-def _training_data(spec: Spec) -> tuple[Any, Any, Any]:
-    """How the recipe's training data is read, restored from the record, and batched:
-    preference recipes (dpo, orpo) train on pairs, the others on single examples."""
-    if getattr(RECIPES[spec.recipe.kind], "takes_pairs", False):
-        return load_pairs, Pair.from_json, pair_batch
-    return load_jsonl, Example.from_json, train_batch
-
-
-def _api_key(spec: Spec) -> str:
-    key = api_key(spec)
-    if key is None:
-        raise RunError(f"{spec.source}: backend.kind = \"fireworks\" needs FIREWORKS_API_KEY in the environment")
-    return key
-
-
-# -- the loop -------------------------------------------------------------------------------------
-
-
-def _drive(rec: Recorder, inputs: Inputs, st: RunState, export_mlflow: str | None, progress: bool,
-           lease: Lease, on_eval: OnEval | None = None) -> RunResult:
-    spec = inputs.spec
-    recipe = RECIPES[spec.recipe.kind]
-    publish = getattr(recipe, "publish", None)
-    _, _, next_batch = _training_data(spec)
-    exporter = _start_exporter(rec, export_mlflow)
-    loop = asyncio.new_event_loop()
-    tracked: TrackedService | None = None
-    result = RunResult(rec.run_id, "failed", st.step, st.last_score.score if st.last_score else None)
-    stop = StopSignals()
-    watch: BackendWatch | None = None
-    try:
+    def set_up(self) -> int:
+        """Provision or reattach, restore the saved state (or eval the initial weights and save
+        state 0); the step it trains from."""
+        rec, st, spec = self.rec, self.st, self.spec
         rec.step = st.resume_step
-        where = endpoint(spec)
-        watch = BackendWatch(where.base_url).start()
-        session = connect(spec, where, st, rec, inputs.api_key, needs_reference=recipe.needs_reference(spec))
-        tracked, policy = session.tracked, session.policy
-        size = spec.recipe.batch_size * spec.recipe.micro_batches
-        ctx = StepContext(spec, tracked, policy, session.reference, session.tokenizer,
-                          adam=adam_params(dataclasses.asdict(spec.optim)), loop=loop,
-                          new_controller=lambda: _controller(spec), rec=rec,
-                          batch_of=lambda s: next_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=s,
-                                                        size=size, digits=spec.task.digits)[0])
-        ctx.controller = ctx.new_controller()
-
+        where = self.where or endpoint(spec)
+        self.watch = BackendWatch(where.base_url).start()
+        session = connect(spec, where, st, rec, self.inputs.api_key,
+                          needs_reference=spec.recipe.settings.needs_reference())
+        self.tracked, policy = session.tracked, session.policy
+        # the context's callbacks hold no reference to the attempt: a cycle through it would leave
+        # the SDK's clients to the garbage collector, whose finalizers then run inside whichever
+        # event loop is running (a sweep worker's next trial's) instead of when the attempt ends
+        concurrency, batch = spec.concurrency, self.batch
+        self.ctx = StepContext(spec, self.tracked, policy, session.reference, session.tokenizer,
+                               adam=adam_params(dataclasses.asdict(spec.optim)), loop=self.loop,
+                               new_controller=lambda: _controller(concurrency), rec=rec,
+                               batch_of=lambda s: batch(s)[0])
+        self.ctx.controller = self.ctx.new_controller()
         if st.last_state is not None:
             policy.load_state_with_optimizer(st.last_state.path, source_job_id=st.last_state.trainer_job_id)
-            start = st.resume_step
-        else:  # nothing trained yet: the baseline eval, then the state every resume can fall back to
-            start = 0
-            if inputs.init_from is not None:  # a chained run starts from its upstream's weights
-                load_upstream(policy, session.reference, inputs.init_from,
-                              shared_reference=spec.model.lora_rank > 0)
-            result.last_score = _evaluate(ctx, inputs)
-            policy.save_state("step-0", data_cursor=None).result()
+            return st.resume_step
+        # nothing trained yet: the baseline eval, then the state every resume can fall back to
+        if self.inputs.init_from is not None:  # a chained run starts from its upstream's weights
+            load_upstream(policy, session.reference, self.inputs.init_from, shared_reference=spec.model.lora_rank > 0)
+        self.result.last_score = self.evaluate()
+        policy.save_state("step-0", data_cursor=None).result()
+        return 0
 
-        for step in _progress(range(start + 1, spec.run.steps + 1), progress, start, spec.run.steps):
-            stop.check()
-            watch.check()
-            lease.check()  # a writer whose lease was taken over stops before it trains or writes again
-            rec.step = ctx.step = step
-            batch, cursor = next_batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step,
-                                        size=size, digits=spec.task.digits)
-            ctx.step_record = {}
-            metrics = recipe.train_step(ctx, batch)
-            _check_finite(metrics, step, spec)
-            rec.record(StepCompleted(step=step, data_cursor=cursor, micro_batches=spec.recipe.micro_batches,
-                                     metrics=metrics, optimizer=dataclasses.asdict(spec.optim), **ctx.step_record),
-                       defer=True)
-            if publish is not None:
-                publish(ctx)
-            last = step == spec.run.steps
-            if step % spec.schedule.eval_every == 0 or last:
-                result.last_score = _evaluate(ctx, inputs)
-                reason = on_eval(step, result.last_score) if on_eval is not None else None
-                if reason:
-                    raise StopEarly(reason, step, result.last_score)
-            if step % spec.schedule.save_every == 0 or last:
-                policy.save_state(f"step-{step}", data_cursor=cursor).result()
-            _show(progress, metrics, result.last_score)
-            result.final_step = step
-        result.status = "completed"
-        watch.stop()
-        _close(tracked)
-        stop.finish()  # a SIGTERM from here on lands on a finished run: it completes, exit status 0
-        rec.record(RunCompleted(final_step=spec.run.steps, final_snapshot=ctx.last_snapshot))
-        return result
-    except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
-        if watch is not None:
-            watch.stop()
-        cause = stop.cause(exc)
+    def train(self, start: int) -> None:
+        """The steps after ``start``, each checked first for a stop, a lost service, a lost lease."""
+        last = self.spec.run.steps
+        with Progress(self.driving.progress, start, last) as progress:
+            for step in range(start + 1, last + 1):
+                self.stop.check()
+                self.watch.check()
+                self.driving.lease.check()  # a writer whose lease was taken over stops before it trains or writes again
+                metrics = self.step(step)
+                progress.advance(metrics, self.result.last_score)
+                self.result.final_step = step
+
+    def step(self, step: int) -> dict[str, float]:
+        """Train one step and record it; then, on schedule, eval (and ask ``on_eval``) and save state."""
+        ctx, spec, schedule = self.ctx, self.spec, self.spec.schedule
+        ctx.begin_step(step)
+        batch, cursor = self.batch(step)
+        metrics = self.recipe.train_step(ctx, batch)
+        _check_finite(metrics, step, spec.optim.learning_rate)
+        self.rec.record(StepCompleted(step=step, data_cursor=cursor, micro_batches=spec.recipe.micro_batches,
+                                      metrics=metrics, optimizer=dataclasses.asdict(spec.optim), **ctx.step_record),
+                        defer=True)
+        if self.recipe.publish is not None:
+            self.recipe.publish(ctx)
+        last = step == spec.run.steps
+        if step % schedule.eval_every == 0 or last:
+            score = self.result.last_score = self.evaluate()
+            reason = self.driving.on_eval(step, score) if self.driving.on_eval is not None else None
+            if reason:
+                raise StopEarly(reason, step, score)
+        if step % schedule.save_every == 0 or last:
+            ctx.policy.save_state(f"step-{step}", data_cursor=cursor).result()
+        return metrics
+
+    def evaluate(self) -> float:
+        """Sample the eval prompts from the current weights and score them."""
+        ctx = self.ctx
+        # weights this step already published (async_grpo's sync after its optimizer step) are
+        # evaluated where they are served: a second sync would publish the same weights again
+        reuse = ctx.sampler is not None and ctx.serves == ctx.step
+        sampler = ctx.sampler if reuse else ctx.sync_policy(f"eval-{ctx.step}")
+        s = self.spec.sampling
+        play = self.recipe.play_eval  # a multi-turn recipe plays episodes
+        res = ctx.run_async(ctx.tracked.evaluate(
+            sampler, self.inputs.eval_set, snapshot_path=ctx.last_snapshot,
+            sampling={"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature},
+            grade=lambda ex, text: grade(ex.answer, visible_text(ctx.tokenizer, text)), controller=ctx.controller,
+            play=(lambda smp, i, ex, sampling: play(ctx, smp, i, ex, sampling)) if play is not None else None))
+        return res.score
+
+    def close(self) -> RunResult:
+        """Every step trained: clean up, then record the run completed."""
+        self.result.status = "completed"
+        self.watch.stop()
+        _close(self.tracked)
+        self.stop.finish()  # a SIGTERM from here on lands on a finished run: it completes, exit status 0
+        self.rec.record(RunCompleted(final_step=self.spec.run.steps, final_snapshot=self.ctx.last_snapshot))
+        return self.result
+
+    def end(self, exc: BaseException) -> "Outcome":
+        """A failed attempt: clean up and record its end as ``classify`` sorts what stopped it."""
+        rec = self.rec
+        if self.watch is not None:
+            self.watch.stop()
+        cause = self.stop.cause(exc)
         # a call that gave up on a dead service before the watch's window: lost all the same
         # (not asked where the ledger refused this process: it records nothing more)
-        lost = watch.settle() if watch is not None and not isinstance(cause, (StoreFailure, LeaseLost)) else None
+        lost = self.watch.settle() if self.watch is not None and not isinstance(cause, (StoreFailure, LeaseLost)) \
+            else None
         cause = lost or cause
-        if isinstance(cause, StoreFailure):
-            raise _unrecorded_stop(rec, tracked, cause) from None
-        if isinstance(cause, LeaseLost):
-            # another writer drives the run now: the trainer and deployment are its own,
-            # and the ledger takes nothing more from this process
-            raise RunError(str(cause)) from None
+        outcome = classify(cause, run_id=rec.run_id, step=rec.step, backend=self.spec.backend)
+        if outcome.cleanup == "unrecorded":
+            raise _unrecorded_stop(rec, self.tracked, cause) from None
+        if outcome.cleanup == "none":
+            return outcome
         try:
             try:
-                _close(tracked, lost)
+                _close(self.tracked, lost)
             finally:
-                if isinstance(cause, StopEarly):
-                    rec.record(TrialPruned(step=cause.step, score=cause.score, reason=cause.reason))
-                else:
-                    rec.record(RunFailed(error=error_text(cause), step=rec.step))
+                rec.record(outcome.last_event)
         except (KeyboardInterrupt, Terminated) as again:  # a second Ctrl-C (or SIGTERM) during cleanup
             stopped = RunInterrupted(rec.run_id, f"{str(cause) or 'interrupted (Ctrl-C)'}, then interrupted again "
                                      "while cleaning up (its cleanup is recorded as far as it got)",
                                      signal.SIGTERM if isinstance(again, Terminated) else signal.SIGINT)
             stopped.cleanup_done = False
             raise stopped from None
-        if isinstance(cause, StopEarly):
-            result.status, result.final_step = "pruned", cause.step
-            return result
-        if lost is not None:
-            raise ServiceLost(f"run {rec.run_id} stopped: {lost}. Its cleanup could be neither done nor confirmed "
-                           f"(recorded as unknown). {_restart_hint(spec)}continue it with: "
-                           f"firetitan-track resume {rec.run_id}") from None
-        if isinstance(cause, (NotResumable, InvalidEvent)) or _status_code(cause) in (400, 422):
-            # a request the service refused as malformed is refused again on every resume
-            raise RunError(f"run {rec.run_id} failed: {_refusal(cause)}. Resume replays the recorded spec "
-                           "and would fail the same way: start a new run with the spec changed") from None
-        if is_interrupt(cause):
-            raise RunInterrupted(rec.run_id, str(cause) or "interrupted (Ctrl-C)",
-                                 signal.SIGTERM if isinstance(cause, Terminated) else signal.SIGINT) from None
-        exc.add_note(f"run {rec.run_id} is recorded as failed; after fixing the cause, continue it with "
-                     f"`firetitan-track resume {rec.run_id}`")
-        raise
-    finally:
-        stop.restore()
-        if watch is not None:
-            watch.stop()
-        close_loop(loop)
-        if exporter is not None:
-            exporter.stop()
+        return outcome
+
+
+# -- how a failed attempt ends --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a failed attempt ends: its cleanup, the event that ends its record, and what its
+    caller gets (``error`` raised; ``pruned``: a pruned result; neither: the exception itself)."""
+
+    # recorded: clean up, recording it, then the last event; unrecorded: the ledger refused a
+    # write, clean up all the same; none: the run is no longer this process's
+    cleanup: Literal["recorded", "unrecorded", "none"]
+    last_event: Event | None = None
+    error: BaseException | None = None
+    pruned: StopEarly | None = None
+
+
+def classify(cause: BaseException, *, run_id: str, step: int, backend: BackendSection) -> Outcome:
+    """What ``cause`` (what stopped an attempt at ``step``) leaves: pure, it records nothing."""
+    if isinstance(cause, StoreFailure):
+        return Outcome("unrecorded")
+    if isinstance(cause, LeaseLost):
+        # another writer drives the run now: the trainer and deployment are its own,
+        # and the ledger takes nothing more from this process
+        return Outcome("none", error=RunError(str(cause)))
+    if isinstance(cause, StopEarly):
+        return Outcome("recorded", TrialPruned(step=cause.step, score=cause.score, reason=cause.reason), pruned=cause)
+    failed = RunFailed(error=error_text(cause), step=step)
+    if isinstance(cause, BackendLost):
+        return Outcome("recorded", failed, ServiceLost(
+            f"run {run_id} stopped: {cause}. Its cleanup could be neither done nor confirmed (recorded as "
+            f"unknown). {_restart_hint(backend)}continue it with: firetitan-track resume {run_id}"))
+    if isinstance(cause, (NotResumable, InvalidEvent)) or _status_code(cause) in (400, 422):
+        # a request the service refused as malformed is refused again on every resume
+        return Outcome("recorded", failed, RunError(
+            f"run {run_id} failed: {_refusal(cause)}. Resume replays the recorded spec and would fail the same "
+            "way: start a new run with the spec changed"))
+    if is_interrupt(cause):
+        return Outcome("recorded", failed, RunInterrupted(
+            run_id, str(cause) or "interrupted (Ctrl-C)",
+            signal.SIGTERM if isinstance(cause, Terminated) else signal.SIGINT))
+    return Outcome("recorded", failed)  # the exception itself, with how to resume
 
 
 def _status_code(exc: BaseException) -> int | None:
@@ -384,87 +512,10 @@ def _refusal(exc: BaseException) -> str:
     return redact_text(f"the service refused {what} (HTTP {_status_code(exc)}): {reason}")
 
 
-def _evaluate(ctx: StepContext, inputs: Inputs) -> float:
-    # weights this step already published (async_grpo's sync after its optimizer step) are
-    # evaluated where they are served: a second sync would publish the same weights again
-    reuse = ctx.sampler is not None and ctx.serves == ctx.step
-    sampler = ctx.sampler if reuse else ctx.sync_policy(f"eval-{ctx.step}")
-    s = inputs.spec.sampling
-    play = getattr(RECIPES[inputs.spec.recipe.kind], "play_eval", None)  # a multi-turn recipe plays episodes
-    res = ctx.run_async(ctx.tracked.evaluate(
-        sampler, inputs.eval_set, snapshot_path=ctx.last_snapshot,
-        sampling={"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature},
-        grade=lambda ex, text: grade(ex.answer, visible_text(ctx.tokenizer, text)), controller=ctx.controller,
-        play=(lambda smp, i, ex, sampling: play(ctx, smp, i, ex, sampling)) if play is not None else None))
-    return res.score
-
-
-def _close(tracked: TrackedService | None, lost: BackendLost | None = None) -> None:
-    if tracked is not None:
-        tracked.close(backend_lost=str(lost) if lost is not None else None)
-
-
-class NotResumable(RunError):
-    """A failure that resuming cannot fix: the recorded spec would fail the same way."""
-
-
-class ServiceLost(RunError):
-    """The service stopped answering mid-run; the run's record is complete. The SDK's
-    clients still hold calls to the dead service: their thread pools and finalizers wait on
-    it when the interpreter exits (seconds to minutes), so the command line exits at once."""
-
-
-def _check_finite(metrics: dict[str, float], step: int, spec: Spec) -> None:
-    """A non-finite loss is a diverged run, not a number to record (the ledger refuses it)."""
-    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
-    if bad:
-        raise NotResumable(f"step {step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}: training diverged "
-                           f"(optim.learning_rate = {spec.optim.learning_rate})")
-
-
-def _run_ledger(url: str) -> Ledger:
-    """The ledger a run writes: never an in-memory one, whose record ends with the process."""
-    from firetitan_track.store import sqlite_path
-
-    if url.startswith("sqlite") and sqlite_path(url) is None:
-        raise RunError(f"ledger {url!r} is in memory: the run's record would be lost when it ends; "
-                       "use sqlite:///PATH (or postgresql+psycopg://...)")
-    return Ledger.open(url)
-
-
-def _preflight(inputs: Inputs) -> None:
-    """Ask the service about everything the spec names, before anything is written."""
-    from runner.preflight import check_against_service
-
-    spec = inputs.spec
-    where = endpoint(spec)
-    check_against_service(spec, base_url=where.base_url, api_key=inputs.api_key,
-                          tokenizer_path=where.tokenizer_path, eval_set=inputs.eval_set,
-                          train_data=inputs.train_data)
-
-
-def _masked(inputs: Inputs) -> dict[str, int]:
-    """Per prompt set, how many strings the ledger stores masked (a secret pasted into the data)."""
-    from firetitan_track.redact import count_masked
-
-    sets = {"eval": inputs.eval_set, "train": inputs.train_data or []}
-    counts = {name: count_masked([e.to_json() for e in items]) for name, items in sets.items()}
-    return {name: n for name, n in counts.items() if n}
-
-
-def _rerun_differs(ledger: Ledger, rerun_of: str | None) -> dict[str, float] | None:
-    """A rerun trains on the original's stored prompt sets: where secrets were masked in
-    them, the rerun's data differ from what the original saw; say so, in its RunStarted."""
-    if rerun_of is None:
-        return None
-    started = next((ev.fact for ev in ledger.read(rerun_of) if isinstance(ev.fact, RunStarted)), None)
-    return (started.prompt_sets_masked or None) if started is not None else None
-
-
-def _restart_hint(spec: Spec) -> str:
-    if spec.backend.kind == "local" and not spec.backend.base_url:
+def _restart_hint(backend: BackendSection) -> str:
+    if backend.kind == "local" and not backend.base_url:
         return ("Resume starts the local service again (or start it yourself: firetitan-track local up "
-                f"--state-dir {spec.backend.state_dir}); ")
+                f"--state-dir {backend.state_dir}); ")
     return "When the service answers again, "
 
 
@@ -487,10 +538,58 @@ def _unrecorded_stop(rec: Recorder, tracked: TrackedService | None, cause: BaseE
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-def _controller(spec: Spec) -> Any:
+def _close(tracked: TrackedService | None, lost: BackendLost | None = None) -> None:
+    if tracked is not None:
+        tracked.close(backend_lost=str(lost) if lost is not None else None)
+
+
+def _check_finite(metrics: dict[str, float], step: int, learning_rate: float) -> None:
+    """A non-finite loss is a diverged run, not a number to record (the ledger refuses it)."""
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise NotResumable(f"step {step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}: training diverged "
+                           f"(optim.learning_rate = {learning_rate})")
+
+
+def _run_ledger(url: str) -> Ledger:
+    """The ledger a run writes: never an in-memory one, whose record ends with the process."""
+    from firetitan_track.store import sqlite_path
+
+    if url.startswith("sqlite") and sqlite_path(url) is None:
+        raise RunError(f"ledger {url!r} is in memory: the run's record would be lost when it ends; "
+                       "use sqlite:///PATH (or postgresql+psycopg://...)")
+    return Ledger.open(url)
+
+
+def _preflight(inputs: Inputs, where: Endpoint) -> None:
+    """Ask the service at ``where`` about everything the spec names, before anything is written."""
+    from runner.preflight import check_against_service
+
+    check_against_service(inputs.spec, base_url=where.base_url, api_key=inputs.api_key,
+                          tokenizer_path=where.tokenizer_path, eval_set=inputs.eval_set,
+                          train_data=inputs.train_data)
+
+
+def _rerun_differs(ledger: Ledger, rerun_of: str | None) -> dict[str, float] | None:
+    """A rerun trains on the original's stored prompt sets: where secrets were masked in
+    them, the rerun's data differ from what the original saw; say so, in its RunStarted."""
+    if rerun_of is None:
+        return None
+    started = next((ev.fact for ev in ledger.read(rerun_of) if isinstance(ev.fact, RunStarted)), None)
+    return (started.prompt_sets_masked or None) if started is not None else None
+
+
+def _batches(inputs: Inputs) -> Callable[[int], tuple[list[Any], dict[str, int]]]:
+    """A step's training batch and the data cursor after it (a pure function of the step)."""
+    spec, data = inputs.spec, inputs.recipe.data
+    size = spec.recipe.batch_size * spec.recipe.micro_batches
+    return lambda step: data.batch(spec.task.name, inputs.train_data, seed=spec.run.seed, step=step, size=size,
+                                   digits=spec.task.digits)
+
+
+def _controller(c: ConcurrencySection) -> Any:
     from fireworks.training.sdk.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
 
-    c = spec.concurrency
     if c.mode == "fixed":
         return FixedConcurrencyController(c.initial)
     return AdaptiveConcurrencyController(initial_window=c.initial, max_window=c.max)
@@ -514,25 +613,25 @@ def _lease(ledger: Ledger, run_id: str, given: Lease | None) -> Lease:
     return given
 
 
-_bar: Any = None
+class Progress:
+    """An attempt's progress bar (when ``enabled``): a step at a time, with its loss and the last score."""
 
+    def __init__(self, enabled: bool, start: int, total: int) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
 
-def _progress(steps: range, enabled: bool, start: int, total: int) -> Iterator[int]:
-    global _bar
-    if not enabled:
-        yield from steps
-        return
-    from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
-    with tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
-        _bar = bar
-        for step in steps:
-            yield step
-            bar.update(1)
-        _bar = None
+    def __enter__(self) -> "Progress":
+        return self
 
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
-def _show(enabled: bool, metrics: dict[str, float], score: float | None) -> None:
-    if enabled and _bar is not None:
-        _bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                         score="-" if score is None else f"{score:.2f}", refresh=False)
+    def advance(self, metrics: dict[str, float], score: float | None) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                 score="-" if score is None else f"{score:.2f}", refresh=False)
+            self.bar.update(1)

@@ -14,7 +14,7 @@ import re
 from typing import Any, Sequence
 
 from firetitan_track.errors import first_line
-from runner.spec import MAX_EVAL_COMPLETIONS, MAX_EVAL_COUNT, Spec, SpecError
+from runner.spec import MAX_EVAL_COMPLETIONS, MAX_EVAL_COUNT, KeyCheck, Spec, SpecError
 
 __all__ = ["check_against_service", "check_sizes", "check_context", "load_tokenizer"]
 
@@ -81,18 +81,19 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
                   train_data: Sequence[Any] | None) -> None:
     """Every eval prompt plus its sampled tokens, and every JSONL training example, fits
     ``context`` tokens. Built-in training data is short by construction."""
+    from runner.recipes import RECIPES
+
     tokenizer = load_tokenizer(spec, tokenizer_path)  # a bad tokenizer is named however long the context
     if not context or context <= 0:
         return
-    rollouts = spec.recipe.max_tokens if spec.recipe.kind in ("grpo", "async_grpo") else 0
-    new_tokens = max(spec.sampling.max_tokens, rollouts)
-    for key, tokens in (("sampling.max_tokens", spec.sampling.max_tokens), ("recipe.max_tokens", rollouts)):
-        if tokens >= context:  # not even an empty prompt leaves room
-            raise SpecError(f"{spec.source}: {key}: {tokens} new tokens do not fit the model's context of "
-                            f"{context} tokens (as the service reports it)")
-    if spec.recipe.kind == "igpo":
-        _check_episodes(spec, context, tokenizer, eval_set)
+    recipe = RECIPES[spec.recipe.kind]
+    _check_new_tokens(spec, "sampling.max_tokens", spec.sampling.max_tokens, context)
+    if recipe.check_context is not None:  # its sequences are its own (a multi-turn recipe's episodes)
+        recipe.check_context(spec, KeyCheck(spec.source), context, tokenizer, eval_set)
         return
+    rollouts = spec.recipe.settings.new_tokens()
+    _check_new_tokens(spec, "recipe.max_tokens", rollouts, context)
+    new_tokens = max(spec.sampling.max_tokens, rollouts)
     for i, example in enumerate(eval_set):
         prompt = _chat_len(tokenizer, example)
         n = prompt + spec.sampling.max_tokens
@@ -110,19 +111,10 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
                             f"model's context of {context}")
 
 
-def _check_episodes(spec: Spec, context: int, tokenizer: Any, eval_set: Sequence[Any]) -> None:
-    """A multi-turn episode (igpo) grows by a turn and a reply at a time: the longest one, of
-    an eval prompt (the task's training prompts are of the same form), must fit ``context``."""
-    from runner.recipes.igpo import episode_budget
-
-    for key, new_tokens in (("sampling.max_tokens", spec.sampling.max_tokens),
-                            ("recipe.max_tokens", spec.recipe.max_tokens)):
-        for i, example in enumerate(eval_set):
-            n = episode_budget(spec, tokenizer, example, new_tokens)
-            if n > context:
-                raise SpecError(f"{spec.source}: {key}: an episode of eval prompt {i + 1} may take {n} tokens "
-                                f"({spec.recipe.turns} turns of {new_tokens} tokens with the task's replies), "
-                                f"more than the model's context of {context}; lower recipe.turns or {key}")
+def _check_new_tokens(spec: Spec, key: str, tokens: int, context: int) -> None:
+    if tokens >= context:  # not even an empty prompt leaves room
+        raise SpecError(f"{spec.source}: {key}: {tokens} new tokens do not fit the model's context of "
+                        f"{context} tokens (as the service reports it)")
 
 
 def load_tokenizer(spec: Spec, path: str) -> Any:

@@ -8,6 +8,7 @@ needs: a run records it (redacted) and ``rerun`` rebuilds from the record.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import tomllib
@@ -23,19 +24,20 @@ from runner.local.supervisor import DEFAULT_STATE_DIR  # the launcher's: where i
 
 from runner.tasks import DEFAULT_EVAL_COUNT
 
-__all__ = ["Spec", "SpecError", "load_spec", "parse_overrides", "MAX_EVAL_COUNT", "MAX_COMPLETIONS_PER_PROMPT",
-           "MAX_STEP_EXAMPLES", "MAX_EVAL_COMPLETIONS", "MAX_OFFPOLICY_VERSIONS", "MAX_NEW_TOKENS", "MAX_DIGITS", "RESOURCE_ID_RULE"]
+__all__ = ["Spec", "SpecError", "KeyCheck", "load_spec", "parse_overrides", "MAX_EVAL_COUNT",
+           "MAX_COMPLETIONS_PER_PROMPT", "MAX_STEP_EXAMPLES", "MAX_EVAL_COMPLETIONS", "MAX_NEW_TOKENS", "MAX_DIGITS",
+           "RESOURCE_ID_RULE"]
 
 # Bounds on every size in a spec, checked before anything is written. What the service can
 # serve per sequence (prompt + new tokens within the model's context) is asked of the service
 # by runner.preflight; these are the bounds that hold whatever the service says, each from
-# the service's contract or from what one run holds in memory at once.
+# the service's contract or from what one run holds in memory at once (a recipe's own, such as
+# async_grpo's MAX_OFFPOLICY_VERSIONS, are in its module).
 MAX_EVAL_COUNT = 10_000  # every eval samples each prompt through the deployment
 MAX_COMPLETIONS_PER_PROMPT = 128  # the completions API's range for n (fireworks types: 1 <= n <= 128)
 MAX_STEP_EXAMPLES = 65_536  # examples (rollouts, for grpo) one optimizer step builds in memory
 MAX_EVAL_COMPLETIONS = 100_000  # eval.count x sampling.n: one eval's completions are one stored blob
 MAX_NEW_TOKENS = 1 << 20  # sampling/recipe max_tokens: no model's context is longer (preflight asks the real one)
-MAX_OFFPOLICY_VERSIONS = 64  # async_grpo: batches of rollouts sampled ahead of the trainer, held in memory
 MAX_DIGITS = 1_000  # built-in task operands; their prompts must also fit the context (preflight)
 # A resource id of the service (deployments, trainer jobs, models): a DNS label, as the
 # managed API and the local service accept them.
@@ -45,6 +47,36 @@ _RESOURCE_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 class SpecError(UserError, ValueError):
     """A spec that cannot run; the message names the file and the key."""
+
+
+class KeyCheck:
+    """The spec's checks of its values: ``bad(key, why)`` is the SpecError naming the
+    spec's source and the key; the methods raise it for the common bounds. Recipes check
+    their own keys with it (and import nothing of this module but for type checking)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, key: str, why: str) -> SpecError:
+        return SpecError(f"{self.source}: {key}: {why}")
+
+    def at_least(self, key: str, value: int, least: int = 1) -> None:
+        if value < least:
+            raise self(key, f"must be at least {least}, got {value}")
+
+    def not_negative(self, key: str, value: float) -> None:
+        if value < 0:
+            raise self(key, f"must not be negative, got {value}")
+
+    def at_most(self, key: str, value: int, limit: int, why: str) -> None:
+        if value > limit:
+            raise self(key, f"must be at most {limit} ({why}), got {value}")
+
+    def completions_per_request(self, key: str, value: int, why: str) -> None:
+        self.at_most(key, value, MAX_COMPLETIONS_PER_PROMPT, why)
+
+    def new_tokens(self, key: str, value: int) -> None:
+        self.at_most(key, value, MAX_NEW_TOKENS, "no model's context is longer")
 
 
 @dataclass(frozen=True)
@@ -81,22 +113,55 @@ class CleanupSection:
         CleanupAction.SCALE_TO_ZERO
 
 
+def _recipe_defaults() -> dict[str, Any]:
+    from runner.recipes import SETTINGS_KEYS
+
+    return {key: default for key, (_, default) in SETTINGS_KEYS.items()}
+
+
 @dataclass(frozen=True)
 class RecipeSection:
-    kind: Literal["sft", "grpo", "dpo", "orpo", "async_grpo", "igpo"] = "sft"
+    """[recipe]: which recipe trains (``kind``: a recipe of runner.recipes), how large a step
+    is, and the recipe's own settings. The table is flat: beside ``kind`` sit the keys of
+    every recipe's settings (runner.recipes.SETTINGS_KEYS), each at its default where the
+    file leaves it out, and a run records them all; ``settings`` reads the kind's own out of
+    them, typed, and each recipe checks its keys."""
+
+    kind: str = "sft"
     batch_size: int = 16  # examples per micro-batch
     micro_batches: int = 1  # forward_backward calls accumulated per optimizer step
-    group_size: int = 4  # grpo: rollouts per prompt
-    max_tokens: int = 16  # grpo: rollout length
-    temperature: float = 1.0  # grpo: rollout temperature
-    kl_coef: float = 0.0  # grpo: weight of the KL penalty to a frozen reference
-    beta: float = 0.1  # dpo: scale of the implicit reward; orpo: weight of the odds-ratio term
-    # async_grpo: how many weight versions a batch's rollouts may lag the weights it trains (0: on-policy)
-    max_offpolicy_versions: int = 0
-    clip_epsilon: float = 0.2  # async_grpo: importance weights are clipped to [1 - eps, 1 + eps]
-    # igpo (multi-turn; group_size, max_tokens per turn, temperature and kl_coef as for grpo)
-    turns: int = 4  # igpo: most turns per episode
-    gamma: float = 0.95  # igpo: discount of later turns' rewards in a turn's advantage
+    values: Mapping[str, Any] = field(default_factory=_recipe_defaults, hash=False)  # every recipe's keys
+
+    @classmethod
+    def keys(cls) -> dict[str, Any]:
+        """The table's keys and their types."""
+        from runner.recipes import RECIPES, SETTINGS_KEYS
+
+        return {"kind": Literal[tuple(RECIPES)], "batch_size": int, "micro_batches": int,
+                **{key: typ for key, (typ, _) in SETTINGS_KEYS.items()}}
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> "RecipeSection":
+        own = {k: table[k] for k in ("kind", "batch_size", "micro_batches") if k in table}
+        return cls(**own, values={**_recipe_defaults(), **{k: v for k, v in table.items() if k not in own}})
+
+    def as_table(self) -> dict[str, Any]:
+        return {"kind": self.kind, "batch_size": self.batch_size, "micro_batches": self.micro_batches,
+                **self.values}
+
+    @functools.cached_property
+    def settings(self) -> Any:
+        """The kind's settings (its Recipe.settings class) read from the table."""
+        from runner.recipes import RECIPES
+
+        return RECIPES[self.kind].read_settings(self.values)
+
+    def check(self, bad: KeyCheck) -> None:
+        """Every recipe checks its keys, whichever recipe runs: a recorded spec holds them all."""
+        from runner.recipes import RECIPES
+
+        for recipe in RECIPES.values():
+            recipe.read_settings(self.values).check(bad)
 
 
 @dataclass(frozen=True)
@@ -175,25 +240,22 @@ class Spec:
         return spec
 
     def _check(self, source: str) -> None:
-        def bad(key: str, why: str) -> SpecError:
-            return SpecError(f"{source}: {key}: {why}")
-
+        bad = KeyCheck(source)
         positive = {
             "run.steps": self.run.steps, "recipe.batch_size": self.recipe.batch_size,
-            "recipe.micro_batches": self.recipe.micro_batches, "recipe.group_size": self.recipe.group_size,
-            "recipe.max_tokens": self.recipe.max_tokens, "schedule.save_every": self.schedule.save_every,
+            "recipe.micro_batches": self.recipe.micro_batches, "schedule.save_every": self.schedule.save_every,
             "schedule.eval_every": self.schedule.eval_every,
             "sampling.n": self.sampling.n, "sampling.max_tokens": self.sampling.max_tokens,
             "concurrency.initial": self.concurrency.initial, "concurrency.max": self.concurrency.max,
-            "task.digits": self.task.digits, "recipe.turns": self.recipe.turns,
+            "task.digits": self.task.digits,
         }
         for key, value in positive.items():
-            if value < 1:
-                raise bad(key, f"must be at least 1, got {value}")
+            bad.at_least(key, value)
         for section, values in self.to_dict().items():  # TOML spells nan and inf; neither trains anything
             for key, value in values.items():
                 if isinstance(value, float) and not math.isfinite(value):
                     raise bad(f"{section}.{key}", f"must be a finite number, got {value}")
+        self.recipe.check(bad)
         o = self.optim
         if o.learning_rate <= 0:
             raise bad("optim.learning_rate", f"must be positive, got {o.learning_rate}")
@@ -203,24 +265,12 @@ class Spec:
         if o.eps <= 0:
             raise bad("optim.eps", f"must be positive, got {o.eps}")
         for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip_norm", o.grad_clip_norm),
-                           ("recipe.temperature", self.recipe.temperature), ("recipe.kl_coef", self.recipe.kl_coef),
                            ("sampling.temperature", self.sampling.temperature)):
-            if value < 0:
-                raise bad(key, f"must not be negative, got {value}")
+            bad.not_negative(key, value)
         if not 0 <= self.eval.count <= MAX_EVAL_COUNT:
             raise bad("eval.count", f"must be 0 (the whole prompt file, or {DEFAULT_EVAL_COUNT} built-in prompts) "
                                     f"to {MAX_EVAL_COUNT}, got {self.eval.count}")
         self._check_sizes(bad)
-        if self.recipe.beta <= 0:
-            raise bad("recipe.beta", f"must be positive, got {self.recipe.beta}")
-        if not 0 <= self.recipe.max_offpolicy_versions <= MAX_OFFPOLICY_VERSIONS:
-            raise bad("recipe.max_offpolicy_versions", f"must be 0 (on-policy) to {MAX_OFFPOLICY_VERSIONS} (each "
-                                                       "version ahead is one batch of rollouts held in memory), got "
-                                                       f"{self.recipe.max_offpolicy_versions}")
-        if not 0 < self.recipe.clip_epsilon < 1:
-            raise bad("recipe.clip_epsilon", f"must be in (0, 1), got {self.recipe.clip_epsilon}")
-        if not 0 <= self.recipe.gamma <= 1:
-            raise bad("recipe.gamma", f"must be in [0, 1], got {self.recipe.gamma}")
         self._check_multi_turn(bad)
         run_id, at, step = self.model.init_from.partition("@")
         if self.model.init_from and (not run_id or (at and not step.isdigit())):
@@ -238,44 +288,44 @@ class Spec:
             if self.task.name not in TASKS:
                 raise bad("task.name", f"unknown built-in task {self.task.name!r} (known: {', '.join(sorted(TASKS))})")
 
-    def _check_multi_turn(self, bad: Any) -> None:
-        """igpo plays a built-in multi-turn task, and only igpo plays one."""
+    def _check_multi_turn(self, bad: KeyCheck) -> None:
+        """A multi-turn recipe (igpo) plays a built-in multi-turn task, and only such a recipe plays one."""
+        from runner.recipes import RECIPES
         from runner.tasks import TASKS
 
         task = TASKS.get(self.task.name)
         multi = [name for name, t in sorted(TASKS.items()) if t.multi_turn]
-        if self.recipe.kind == "igpo":
+        kind = f'recipe.kind = "{self.recipe.kind}"'
+        if RECIPES[self.recipe.kind].multi_turn:
             if self.task.data:
-                raise bad("task.data", "recipe.kind = \"igpo\" plays a built-in multi-turn task; "
+                raise bad("task.data", f"{kind} plays a built-in multi-turn task; "
                                        f"leave task.data empty and set task.name (one of: {', '.join(multi)})")
             if task is not None and not task.multi_turn:
-                raise bad("task.name", f"{self.task.name!r} is a single-turn task; recipe.kind = \"igpo\" "
+                raise bad("task.name", f"{self.task.name!r} is a single-turn task; {kind} "
                                        f"plays a multi-turn one (one of: {', '.join(multi)})")
             if self.eval.prompts != "builtin":
-                raise bad("eval.prompts", "recipe.kind = \"igpo\" evaluates on the task's built-in held-out "
+                raise bad("eval.prompts", f"{kind} evaluates on the task's built-in held-out "
                                           "episodes; set eval.prompts = \"builtin\"")
         elif task is not None and task.multi_turn and not self.task.data:
-            raise bad("recipe.kind", f"task {self.task.name!r} is multi-turn: only recipe.kind = \"igpo\" "
+            players = " or ".join(f'recipe.kind = "{k}"' for k, r in RECIPES.items() if r.multi_turn)
+            raise bad("recipe.kind", f"task {self.task.name!r} is multi-turn: only {players} "
                                      f"plays it, not {self.recipe.kind!r}")
 
-    def _check_sizes(self, bad: Any) -> None:
-        """The bounds above (the context-dependent ones are runner.preflight's)."""
+    def _check_sizes(self, bad: KeyCheck) -> None:
+        """The bounds above (the context-dependent ones are runner.preflight's; a recipe's own
+        keys, its settings')."""
         r, sm = self.recipe, self.sampling
         at_most = {"sampling.n": (sm.n, MAX_COMPLETIONS_PER_PROMPT, "the completions API's largest n"),
-                   "recipe.group_size": (r.group_size, MAX_COMPLETIONS_PER_PROMPT,
-                                         "rollouts per prompt are one completions request's n"),
                    "sampling.max_tokens": (sm.max_tokens, MAX_NEW_TOKENS, "no model's context is longer"),
-                   "recipe.max_tokens": (r.max_tokens, MAX_NEW_TOKENS, "no model's context is longer"),
                    "task.digits": (self.task.digits, MAX_DIGITS, "each prompt must also fit the model's context"),
                    "concurrency.max": (self.concurrency.max, MAX_EVAL_COUNT,
                                        "no eval has more requests in flight than prompts")}
         for key, (value, limit, why) in at_most.items():
-            if value > limit:
-                raise bad(key, f"must be at most {limit} ({why}), got {value}")
-        grouped = r.kind in ("grpo", "async_grpo", "igpo")  # recipes that sample group_size rollouts per prompt
-        per_step = r.batch_size * r.micro_batches * (r.group_size if grouped else 1)
+            bad.at_most(key, value, limit, why)
+        group = r.settings.rollouts_per_prompt()  # recipes that sample group_size rollouts per prompt
+        per_step = r.batch_size * r.micro_batches * (group or 1)
         if per_step > MAX_STEP_EXAMPLES:
-            what = "recipe.batch_size x recipe.micro_batches" + (" x recipe.group_size" if grouped else "")
+            what = "recipe.batch_size x recipe.micro_batches" + (" x recipe.group_size" if group is not None else "")
             raise bad("recipe.batch_size", f"{what} = {per_step} examples per optimizer step; at most "
                                            f"{MAX_STEP_EXAMPLES} (one step's batch is built in memory)")
         completions = (self.eval.count or DEFAULT_EVAL_COUNT) * sm.n
@@ -299,7 +349,7 @@ class Spec:
     # -- views -----------------------------------------------------------------
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
+        return {f.name: _table(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in ("source", "base_dir")}
 
     def digest(self) -> str:
@@ -374,15 +424,19 @@ def _kind(value: Any) -> str:
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
+def _table(section: Any) -> dict[str, Any]:
+    """A section as its TOML table."""
+    return section.as_table() if isinstance(section, RecipeSection) else dataclasses.asdict(section)
+
+
 def _build_section(cls: type, raw: Mapping[str, Any], section: str, source: str) -> Any:
-    fields = _fields(cls)
+    keys = cls.keys() if cls is RecipeSection else {name: f.type for name, f in _fields(cls).items()}
     values = {}
     for key, value in raw.items():
-        f = fields.get(key)
-        if f is None:
-            raise SpecError(f"{source}: unknown key {section}.{key} (known in [{section}]: {', '.join(fields)})")
-        values[key] = _coerce(f.type, value, f"{section}.{key}", source)
-    return cls(**values)
+        if key not in keys:
+            raise SpecError(f"{source}: unknown key {section}.{key} (known in [{section}]: {', '.join(keys)})")
+        values[key] = _coerce(keys[key], value, f"{section}.{key}", source)
+    return cls.from_table(values) if cls is RecipeSection else cls(**values)
 
 
 def _coerce(typ: Any, value: Any, key: str, source: str) -> Any:

@@ -45,23 +45,41 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from firetitan_track.events import SamplesDrawn
 from firetitan_track.recording.provenance import sequence_digest, version_offsets
-from runner.recipes.base import StepContext, optim_metrics, visible_text, weighted_datum, weights_of
+from runner.recipes import grpo
+from runner.recipes.base import Recipe, StepContext, optim_metrics, visible_text, weighted_datum, weights_of
 from runner.recipes.grpo import NO_COMPLETION, group_advantages
-from runner.spec import Spec
 from runner.tasks import Example, grade
 
-__all__ = ["needs_reference", "train_step", "publish", "sampled_from"]
+if TYPE_CHECKING:
+    from runner.spec import KeyCheck
+
+__all__ = ["RECIPE", "Settings", "MAX_OFFPOLICY_VERSIONS", "train_step", "publish", "sampled_from"]
+
+MAX_OFFPOLICY_VERSIONS = 64  # batches of rollouts sampled ahead of the trainer, held in memory
 
 
-def needs_reference(spec: Spec) -> bool:
-    """A frozen reference only when the objective has a KL term."""
-    return spec.recipe.kl_coef > 0
+@dataclass(frozen=True)
+class Settings(grpo.Settings):
+    """grpo's, with the bound on the rollouts' lag and the importance weights' clip."""
+
+    # how many weight versions a batch's rollouts may lag the weights it trains (0: on-policy)
+    max_offpolicy_versions: int = 0
+    clip_epsilon: float = 0.2  # importance weights are clipped to [1 - eps, 1 + eps]
+
+    def check(self, bad: KeyCheck) -> None:
+        super().check(bad)
+        if not 0 <= self.max_offpolicy_versions <= MAX_OFFPOLICY_VERSIONS:
+            raise bad("recipe.max_offpolicy_versions", f"must be 0 (on-policy) to {MAX_OFFPOLICY_VERSIONS} (each "
+                                                       "version ahead is one batch of rollouts held in memory), got "
+                                                       f"{self.max_offpolicy_versions}")
+        if not 0 < self.clip_epsilon < 1:
+            raise bad("recipe.clip_epsilon", f"must be in (0, 1), got {self.clip_epsilon}")
 
 
 def sampled_from(batch: int, max_offpolicy: int) -> int:
@@ -110,7 +128,7 @@ def _pipeline(ctx: StepContext) -> _Pipeline:
 
 
 def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
-    s, r = ctx.step, ctx.spec.recipe
+    s, r = ctx.step, ctx.settings
     k, last = r.max_offpolicy_versions, ctx.spec.run.steps
     pipe = _pipeline(ctx)
     due = [b for b in range(s, min(s + k, last) + 1) if b not in pipe.ready]
@@ -153,20 +171,20 @@ def _seed(run_seed: int, batch: int, prompt: int, completion: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1  # the service takes 63 bits
 
 
-async def _sample_one(sampler: Any, example: Example, *, seed: int, spec: Spec) -> Any:
+async def _sample_one(sampler: Any, example: Example, *, seed: int, settings: Settings) -> Any:
     """One rollout: n=1 with its own seed (n>1 in one call would share the seed)."""
-    r = spec.recipe
-    out = await sampler.sample_with_tokens(messages=example.chat(), n=1, max_tokens=r.max_tokens,
-                                           temperature=r.temperature, logprobs=True, seed=seed)
+    out = await sampler.sample_with_tokens(messages=example.chat(), n=1, max_tokens=settings.max_tokens,
+                                           temperature=settings.temperature, logprobs=True, seed=seed)
     return out[0]
 
 
 async def _sample_batch(ctx: StepContext, step: int, examples: list[Example]) -> Batch:
     """Sample step ``step``'s rollouts from the served version and record their admission."""
-    spec, g = ctx.spec, ctx.spec.recipe.group_size
+    r: Settings = ctx.settings
+    seed, g = ctx.spec.run.seed, r.group_size
     version, snapshot, sampler = ctx.serves, ctx.last_snapshot, ctx.sampler
     assert version is not None and sampler is not None
-    outs = await asyncio.gather(*(_sample_one(sampler, ex, seed=_seed(spec.run.seed, step, i, j), spec=spec)
+    outs = await asyncio.gather(*(_sample_one(sampler, ex, seed=_seed(seed, step, i, j), settings=r)
                                   for i, ex in enumerate(examples) for j in range(g)))
     rollouts = []
     for n, c in enumerate(outs):
@@ -181,7 +199,6 @@ async def _sample_batch(ctx: StepContext, step: int, examples: list[Example]) ->
                          "reward": grade(ex.answer, visible_text(ctx.tokenizer, c.text))})
     event_id = None
     if ctx.rec is not None:
-        r = spec.recipe
         ev = ctx.rec.record(SamplesDrawn(
             deployment=ctx.tracked.deployment_id, snapshot_at_send=snapshot,
             snapshot_at_return=snapshot, version_at_send=version, version_at_return=version,
@@ -237,7 +254,7 @@ def _replay(ctx: StepContext, ev: Any) -> Batch:
 
 def _train(ctx: StepContext, batch: Batch) -> dict[str, float]:
     """One optimizer step on ``batch`` (the clipped importance-weighted objective above)."""
-    s, r = ctx.step, ctx.spec.recipe
+    s, r = ctx.step, ctx.settings
     lag = s - 1 - batch.version
     if not 0 <= lag <= r.max_offpolicy_versions:  # the schedule admits nothing staler
         raise RuntimeError(f"step {s}: rollouts of version {batch.version} are {lag} versions behind; "
@@ -296,3 +313,6 @@ def _train(ctx: StepContext, batch: Batch) -> dict[str, float]:
     opt = ctx.policy.optim_step(ctx.adam).result()
     rewards = [batch.rollouts[n]["reward"] for n in used]
     return {"reward": sum(rewards) / len(rewards), "rollouts": float(len(used)), **measured, **optim_metrics(opt)}
+
+
+RECIPE = Recipe("async_grpo", train_step, Settings, publish=publish)

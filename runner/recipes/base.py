@@ -1,26 +1,33 @@
-"""What every recipe shares: the context a training step runs in, the recipe interface,
-and the datum builders (token sequences weighted on the part that is learned).
+"""What every recipe shares: the context a training step runs in, the recipe interface
+(``Recipe``, its ``RecipeSettings``, the ``TrainingData`` it trains on), and the datum
+builders (token sequences weighted on the part that is learned).
 
-A recipe is a module with ``needs_reference(spec) -> bool`` (whether the run must
-provision a frozen reference client) and ``train_step(ctx, batch) -> metrics``; optionally
-``publish(ctx)``, which the loop calls once the step is recorded (async_grpo syncs the
-step's weights there, so a step's record precedes the snapshot it made).
+A recipe is one module of runner.recipes that defines ``RECIPE = Recipe(...)``: its kind,
+its ``train_step(ctx, batch) -> metrics``, its typed settings (a frozen dataclass whose
+fields are its keys of the spec's [recipe] table, and which answers whether the run needs a
+frozen reference and how many new tokens a rollout samples), whether it trains on
+examples or preference pairs, and the optional hooks below. The package finds it there:
+nothing else names it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from firetitan_track.tracking import TrackedService
-from runner.spec import Spec
-from runner.tasks import Example
+from runner.tasks import Example, load_jsonl, train_batch
+from runner.tasks.preference import Pair, load_pairs, pair_batch
 
-__all__ = ["Recipe", "StepContext", "weighted_datum", "masked_datum", "visible_text", "answer_datum", "chunks",
-           "optim_metrics", "step_on_pairs"]
+if TYPE_CHECKING:  # the spec module reads the registry of recipes: recipes import nothing of it to run
+    from runner.spec import KeyCheck, Spec
+
+__all__ = ["Recipe", "RecipeSettings", "TrainingData", "EXAMPLES", "PAIRS", "StepContext", "weighted_datum",
+           "masked_datum", "visible_text", "answer_datum", "chunks", "optim_metrics", "step_on_pairs"]
 
 
 @dataclass
@@ -35,8 +42,7 @@ class StepContext:
     adam: Any  # the SDK's AdamParams for every optim_step
     loop: asyncio.AbstractEventLoop
     new_controller: Callable[[], Any]  # a fresh concurrency controller per sync
-    step: int = 0
-    rec: Any = None  # the run's Recorder: what a recipe records of its step beyond the metrics
+    step: int = 0  # the step being trained (begin_step)
     last_snapshot: str | None = None
     controller: Any = field(default=None)
     memo: dict[str, Any] = field(default_factory=dict)  # what a recipe keeps across the steps of one attempt
@@ -49,6 +55,19 @@ class StepContext:
     @property
     def micro_batches(self) -> int:
         return self.spec.recipe.micro_batches
+
+    @property
+    def settings(self) -> Any:
+        """The recipe's own typed settings (its Recipe.settings class)."""
+        return self.spec.recipe.settings
+
+    def begin_step(self, step: int) -> None:
+        """Step ``step`` starts: the recorder's events from here on belong to it, and its
+        StepCompleted has no extra fields yet."""
+        self.step = step
+        if self.rec is not None:
+            self.rec.step = step
+        self.step_record = {}
 
     def run_async(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -71,10 +90,72 @@ class StepContext:
         return metrics
 
 
-class Recipe(Protocol):
-    def needs_reference(self, spec: Spec) -> bool: ...
+@dataclass(frozen=True)
+class RecipeSettings:
+    """A recipe's own keys of [recipe]: a recipe subclasses it as a frozen dataclass whose
+    fields (with their defaults) are those keys. A key two recipes share (grpo's
+    ``group_size``, which async_grpo and igpo inherit) means one thing: one type, one default."""
 
-    def train_step(self, ctx: StepContext, batch: list[Example]) -> dict[str, float]: ...
+    def check(self, bad: KeyCheck) -> None:
+        """Raise ``bad("recipe.KEY", why)`` (or a bound of ``bad``'s) for a value no run can train with."""
+
+    def needs_reference(self) -> bool:
+        """Whether the run provisions a frozen reference client for the objective."""
+        return False
+
+    def new_tokens(self) -> int:
+        """How many new tokens one rollout samples (0: the recipe samples nothing to train on)."""
+        return 0
+
+    def rollouts_per_prompt(self) -> int | None:
+        """How many rollouts a step samples per prompt (None: each example is trained once)."""
+        return None
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a recipe trains on, and how it is read from a JSONL file, restored from the
+    record, and cut into the batch of a step (a pure function of seed and step)."""
+
+    load: Callable[..., list[Any]]  # (path, *, what) -> items
+    from_json: Callable[[dict[str, Any]], Any]
+    batch: Callable[..., tuple[list[Any], dict[str, int]]]  # (task, data, *, seed, step, size, digits)
+
+
+EXAMPLES = TrainingData(load_jsonl, Example.from_json, train_batch)  # prompt and answer
+PAIRS = TrainingData(load_pairs, Pair.from_json, pair_batch)  # prompt, chosen and rejected answer
+
+# a multi-turn recipe's eval: (ctx, sampler, prompt index, example, sampling) -> one record per episode
+PlayEval = Callable[[StepContext, Any, int, Example, dict[str, Any]], Any]
+# a check that raises ``bad(key, why)`` where a sequence of the run's cannot fit the model's
+# context: (spec, bad, context, tokenizer, eval set)
+CheckContext = Callable[["Spec", "KeyCheck", int, Any, Sequence[Example]], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one training step does, and what the run must provide for it."""
+
+    kind: str  # recipe.kind in a spec
+    train_step: Callable[[StepContext, list[Any]], dict[str, float]]
+    settings: type[RecipeSettings] = RecipeSettings  # its typed keys of [recipe]
+    data: TrainingData = EXAMPLES  # examples, or preference pairs
+    # called once the step is recorded (async_grpo syncs the step's weights there, so a
+    # step's record precedes the snapshot it made)
+    publish: Callable[[StepContext], None] | None = None
+    play_eval: PlayEval | None = None  # a multi-turn recipe plays its eval's episodes itself
+    # a recipe whose sequences are more than a prompt and its new tokens (a multi-turn
+    # recipe's episodes) checks they fit the model's context itself
+    check_context: CheckContext | None = None
+
+    @property
+    def multi_turn(self) -> bool:
+        """It plays a built-in multi-turn task (and only such a recipe plays one)."""
+        return self.play_eval is not None
+
+    def read_settings(self, values: Mapping[str, Any]) -> Any:
+        """Its settings out of a [recipe] table's values (every recipe's keys)."""
+        return self.settings(**{f.name: values[f.name] for f in dataclasses.fields(self.settings)})
 
 
 def weighted_datum(tokens: Sequence[int], first_learned: int) -> Any:

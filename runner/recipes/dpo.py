@@ -17,23 +17,31 @@ resumed run rebuilds holds exactly the values the crashed attempt's held.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from runner.recipes.base import StepContext, answer_datum, step_on_pairs, weights_of
-from runner.spec import Spec
+from runner.recipes.base import PAIRS, Recipe, RecipeSettings, StepContext, answer_datum, step_on_pairs, weights_of
 from runner.tasks.preference import Pair
 
-__all__ = ["needs_reference", "train_step", "pair_data", "sequence_logprob"]
+if TYPE_CHECKING:
+    from runner.spec import KeyCheck
 
-# Preference recipes train on pairs, not on single examples (the loop asks which).
-takes_pairs = True
+__all__ = ["RECIPE", "Settings", "train_step", "pair_data", "sequence_logprob"]
 
 
-def needs_reference(spec: Spec) -> bool:
-    return True
+@dataclass(frozen=True)
+class Settings(RecipeSettings):
+    beta: float = 0.1  # scale of the implicit reward
+
+    def check(self, bad: KeyCheck) -> None:
+        if self.beta <= 0:
+            raise bad("recipe.beta", f"must be positive, got {self.beta}")
+
+    def needs_reference(self) -> bool:
+        return True
 
 
 def pair_data(tokenizer: Any, pair: Pair) -> tuple[Any, Any]:
@@ -87,7 +95,7 @@ def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
     """One optimizer step over the batch's pairs, accumulated over the micro-batches."""
     if ctx.reference is None:
         raise RuntimeError("DPO needs a frozen reference client; the run provisioned none")
-    beta = ctx.spec.recipe.beta
+    beta = ctx.settings.beta
     data = [pair_data(ctx.tokenizer, p) for p in batch]
     refs = _cache(ctx).lookup(ctx.reference, data)
 
@@ -103,3 +111,6 @@ def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
                       "chosen_reward": reward_c.mean(), "rejected_reward": reward_r.mean()}
 
     return step_on_pairs(ctx, list(zip(data, refs)), pair_loss)
+
+
+RECIPE = Recipe("dpo", train_step, Settings, PAIRS)  # preference pairs, not single examples

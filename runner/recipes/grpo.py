@@ -8,18 +8,44 @@ rollouts, so the ledger shows which weights produced every rollout.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runner.recipes.base import StepContext, optim_metrics, visible_text, weighted_datum, weights_of
-from runner.spec import Spec
+from runner.recipes.base import (Recipe, RecipeSettings, StepContext, optim_metrics, visible_text, weighted_datum,
+                                 weights_of)
 from runner.tasks import Example, grade
 
+if TYPE_CHECKING:
+    from runner.spec import KeyCheck
 
-def needs_reference(spec: Spec) -> bool:
-    """A frozen reference only when the objective has a KL term."""
-    return spec.recipe.kl_coef > 0
+
+@dataclass(frozen=True)
+class Settings(RecipeSettings):
+    group_size: int = 4  # rollouts per prompt
+    max_tokens: int = 16  # rollout length
+    temperature: float = 1.0  # rollout temperature
+    kl_coef: float = 0.0  # weight of the KL penalty to a frozen reference
+
+    def check(self, bad: KeyCheck) -> None:
+        bad.at_least("recipe.group_size", self.group_size)
+        bad.at_least("recipe.max_tokens", self.max_tokens)
+        bad.not_negative("recipe.temperature", self.temperature)
+        bad.not_negative("recipe.kl_coef", self.kl_coef)
+        bad.completions_per_request("recipe.group_size", self.group_size,
+                                    "rollouts per prompt are one completions request's n")
+        bad.new_tokens("recipe.max_tokens", self.max_tokens)
+
+    def needs_reference(self) -> bool:
+        """A frozen reference only when the objective has a KL term."""
+        return self.kl_coef > 0
+
+    def new_tokens(self) -> int:
+        return self.max_tokens
+
+    def rollouts_per_prompt(self) -> int | None:
+        return self.group_size
 
 
 def group_advantages(rewards: list[float]) -> list[float]:
@@ -34,14 +60,14 @@ NO_COMPLETION = "no rollout has a completion: nothing to train on, no optimizer 
 def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     # the weights hold the steps before this one: an eval of this step must sync its own
     sampler = ctx.sync_policy(f"rollout-{ctx.step}", trained_through=ctx.step - 1)
-    spec = ctx.spec.recipe
+    settings: Settings = ctx.settings
 
     async def rollouts() -> list[list[Any]]:
         import asyncio
 
         return await asyncio.gather(*(sampler.sample_with_tokens(
-            messages=ex.chat(), n=spec.group_size, max_tokens=spec.max_tokens,
-            temperature=spec.temperature) for ex in batch))
+            messages=ex.chat(), n=settings.group_size, max_tokens=settings.max_tokens,
+            temperature=settings.temperature) for ex in batch))
 
     groups = ctx.run_async(rollouts())
     data, masks, advantages, rewards = [], [], [], []
@@ -66,7 +92,7 @@ def policy_gradient(ctx: StepContext, data: list[Any], masks: list[torch.Tensor]
     """One optimizer step on ``-advantage * log-prob`` over each datum's masked tokens (an
     advantage per sequence, or per token: a tensor the datum's length), plus the KL penalty
     to the frozen reference when there is one; the loss and optimizer metrics."""
-    spec = ctx.spec.recipe
+    settings: Settings = ctx.settings
     ref_logprobs = None
     if ctx.reference is not None:
         ref_logprobs = [o["logprobs"].to_torch() for o in ctx.reference.forward(data, "cross_entropy").result().loss_fn_outputs]
@@ -77,7 +103,7 @@ def policy_gradient(ctx: StepContext, data: list[Any], masks: list[torch.Tensor]
         kl = torch.zeros(())
         if ref_logprobs is not None:
             kl = sum(((lp - r.detach()) * m).sum() for lp, r, m in zip(logprobs, ref_logprobs, masks)) / n_tokens
-        loss = pg + spec.kl_coef * kl
+        loss = pg + settings.kl_coef * kl
         return loss, {"pg_loss": float(pg.detach()), "kl": float(kl.detach())}
 
     out = ctx.policy.forward_backward_custom(data, objective).result()
@@ -88,3 +114,6 @@ def policy_gradient(ctx: StepContext, data: list[Any], masks: list[torch.Tensor]
     metrics.update({k: float(v) for k, v in (out.metrics or {}).items() if isinstance(v, (int, float))})
     metrics.update(optim_metrics(opt))
     return metrics
+
+
+RECIPE = Recipe("grpo", train_step, Settings)

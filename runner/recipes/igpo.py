@@ -24,17 +24,35 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from firetitan_track.events import TrajectoriesRecorded
-from runner.recipes.base import StepContext, masked_datum, prompt_tokens, visible_text, weighted_datum
-from runner.recipes.grpo import group_advantages, needs_reference, policy_gradient
-from runner.spec import Spec
+from runner.recipes import grpo
+from runner.recipes.base import Recipe, StepContext, masked_datum, prompt_tokens, visible_text, weighted_datum
+from runner.recipes.grpo import group_advantages, policy_gradient
 from runner.tasks import TASKS, Example, seed_of
 
-__all__ = ["needs_reference", "train_step", "play_eval", "turn_advantages", "episode_budget"]
+if TYPE_CHECKING:
+    from runner.spec import KeyCheck, Spec
+
+__all__ = ["RECIPE", "Settings", "train_step", "play_eval", "turn_advantages", "episode_budget", "check_episodes"]
+
+
+@dataclass(frozen=True)
+class Settings(grpo.Settings):
+    """grpo's (group_size episodes per prompt, max_tokens per turn), with the episode's length
+    and the discount of its later turns."""
+
+    turns: int = 4  # most turns per episode
+    gamma: float = 0.95  # discount of later turns' rewards in a turn's advantage
+
+    def check(self, bad: KeyCheck) -> None:
+        super().check(bad)
+        bad.at_least("recipe.turns", self.turns)
+        if not 0 <= self.gamma <= 1:
+            raise bad("recipe.gamma", f"must be in [0, 1], got {self.gamma}")
 
 
 @dataclass
@@ -106,10 +124,10 @@ async def play_eval(ctx: StepContext, sampler: Any, index: int, example: Example
     """The eval's episodes of one held-out prompt (``sampling.n`` of them, sampled with the
     eval's sampling settings; seeded by (run seed, step, prompt, episode) when sampled at a
     temperature): scored 1.0 when solved within ``recipe.turns``."""
-    spec = ctx.spec
+    spec, turns = ctx.spec, ctx.settings.turns
 
     async def one(k: int) -> dict[str, Any]:
-        ep = await play(sampler, ctx.tokenizer, example, task=spec.task.name, turns=spec.recipe.turns,
+        ep = await play(sampler, ctx.tokenizer, example, task=spec.task.name, turns=turns,
                         max_tokens=sampling["max_tokens"], temperature=sampling["temperature"],
                         seed=("igpo-eval", spec.run.seed, ctx.step, index, k))
         return {"text": _transcript(ep), "turns": [{"text": t["text"], "reply": t["reply"]} for t in ep.turns],
@@ -164,7 +182,7 @@ def turn_advantages(gains: list[list[float]], outcomes: list[float], gamma: floa
 
 def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     sampler = ctx.sync_policy(f"rollout-{ctx.step}", trained_through=ctx.step - 1)
-    spec, r = ctx.spec, ctx.spec.recipe
+    spec, r = ctx.spec, ctx.settings
 
     async def rollouts() -> list[Episode]:
         return list(await asyncio.gather(*(
@@ -202,7 +220,7 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
 def _record(ctx: StepContext, batch: list[Example], episodes: list[Episode], scores: list[list[float]],
             gains: list[list[float]], outcomes: list[float], advantages: list[list[float]]) -> None:
     """TrajectoriesRecorded: the step's episodes as one blob, with the snapshot that sampled them."""
-    group = ctx.spec.recipe.group_size
+    group = ctx.settings.group_size
     stored = []
     for n, (ep, s, g, o, a) in enumerate(zip(episodes, scores, gains, outcomes, advantages)):
         stored.append({"prompt": n // group, "episode": n % group, "messages": batch[n // group].chat(),
@@ -214,10 +232,27 @@ def _record(ctx: StepContext, batch: list[Example], episodes: list[Episode], sco
                                         turns=sum(len(ep.turns) for ep in episodes)), defer=True)
 
 
-def episode_budget(spec: Spec, tokenizer: Any, example: Example, new_tokens: int) -> int:
-    """The most tokens an episode of ``example`` can hold with ``new_tokens`` per turn: the
-    prompt, every turn closed by its end-of-turn token and the longest reply, then the answer
-    scored after the last reply."""
-    longest_reply = max(len(reply_tokens(tokenizer, text)) for text in TASKS[spec.task.name].replies)
+def episode_budget(task: str, turns: int, tokenizer: Any, example: Example, new_tokens: int) -> int:
+    """The most tokens an episode of ``example`` can hold with at most ``turns`` turns of
+    ``new_tokens`` each: the prompt, every turn closed by its end-of-turn token and the longest
+    reply of ``task``, then the answer scored after the last reply."""
+    longest_reply = max(len(reply_tokens(tokenizer, text)) for text in TASKS[task].replies)
     answer = len(tokenizer.encode(example.answer, add_special_tokens=False)) + 1
-    return len(prompt_tokens(tokenizer, example)) + spec.recipe.turns * (new_tokens + 1 + longest_reply) + answer
+    return len(prompt_tokens(tokenizer, example)) + turns * (new_tokens + 1 + longest_reply) + answer
+
+
+def check_episodes(spec: Spec, bad: KeyCheck, context: int, tokenizer: Any, eval_set: Sequence[Example]) -> None:
+    """An episode grows by a turn and a reply at a time: the longest one, of an eval prompt (the
+    task's training prompts are of the same form), must fit ``context`` (runner.preflight)."""
+    turns = spec.recipe.settings.turns
+    for key, new_tokens in (("sampling.max_tokens", spec.sampling.max_tokens),
+                            ("recipe.max_tokens", spec.recipe.settings.max_tokens)):
+        for i, example in enumerate(eval_set):
+            n = episode_budget(spec.task.name, turns, tokenizer, example, new_tokens)
+            if n > context:
+                raise bad(key, f"an episode of eval prompt {i + 1} may take {n} tokens ({turns} turns of "
+                               f"{new_tokens} tokens with the task's replies), more than the model's context of "
+                               f"{context}; lower recipe.turns or {key}")
+
+
+RECIPE = Recipe("igpo", train_step, Settings, play_eval=play_eval, check_context=check_episodes)

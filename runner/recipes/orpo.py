@@ -9,23 +9,26 @@ of an answer (for ``margin`` and ``accuracy``) is ``beta * avg``, as ORPO report
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from runner.recipes.base import StepContext, step_on_pairs, weights_of
+from runner.recipes import dpo
+from runner.recipes.base import PAIRS, Recipe, StepContext, step_on_pairs, weights_of
 from runner.recipes.dpo import pair_data, sequence_logprob
-from runner.spec import Spec
 from runner.tasks.preference import Pair
 
-__all__ = ["needs_reference", "train_step"]
-
-takes_pairs = True
+__all__ = ["RECIPE", "Settings", "train_step"]
 
 
-def needs_reference(spec: Spec) -> bool:
-    return False
+@dataclass(frozen=True)
+class Settings(dpo.Settings):
+    """dpo's ``beta``, here the weight of the odds-ratio term; no reference."""
+
+    def needs_reference(self) -> bool:
+        return False
 
 
 def _mean_logprob(logprobs: torch.Tensor, datum: Any) -> torch.Tensor:
@@ -40,7 +43,7 @@ def _log_odds(avg: torch.Tensor) -> torch.Tensor:
 
 def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
     """One optimizer step over the batch's pairs, accumulated over the micro-batches."""
-    beta = ctx.spec.recipe.beta
+    beta = ctx.settings.beta
     data = [pair_data(ctx.tokenizer, p) for p in batch]
 
     def pair_loss(lp_c: list[torch.Tensor], lp_r: list[torch.Tensor], d_c: list[Any], d_r: list[Any],
@@ -55,3 +58,6 @@ def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
                       "accuracy": (margin > 0).float().mean()}
 
     return step_on_pairs(ctx, [(d, None) for d in data], pair_loss)
+
+
+RECIPE = Recipe("orpo", train_step, Settings, PAIRS)

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from runner.recipes.base import StepContext, answer_datum, chunks, optim_metrics, weights_of
-from runner.spec import Spec
+from runner.recipes.base import Recipe, StepContext, answer_datum, chunks, optim_metrics, weights_of
 from runner.tasks import Example
-
-
-def needs_reference(spec: Spec) -> bool:
-    return False
 
 
 def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
@@ -24,3 +19,6 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     opt = ctx.policy.optim_step(ctx.adam).result()
     loss = {"loss": sum(map(float, losses)) / max(tokens, 1.0)} if None not in losses else {}
     return {**loss, "tokens": tokens, **optim_metrics(opt)}
+
+
+RECIPE = Recipe("sft", train_step)

@@ -180,7 +180,8 @@ def test_an_eval_of_no_prompts_is_refused_not_scored(ledger):
 
 
 def test_max_offpolicy_versions_is_bounded_before_anything_runs():
-    from runner.spec import MAX_OFFPOLICY_VERSIONS, Spec, SpecError
+    from runner.recipes.async_grpo import MAX_OFFPOLICY_VERSIONS
+    from runner.spec import Spec, SpecError
 
     for bad in (-1, MAX_OFFPOLICY_VERSIONS + 1):
         with pytest.raises(SpecError, match="recipe.max_offpolicy_versions"):

@@ -120,18 +120,18 @@ def test_what_the_service_refuses_is_refused_before_anything_is_written(tmp_path
 
 def test_a_diverged_loss_is_not_recorded_and_not_offered_to_resume(tmp_path, local_url, ledger_url,
                                                                    monkeypatch):
-    from runner.recipes import sft
+    import dataclasses
+
+    from runner.recipes import RECIPES, sft
 
     # The local service reports a non-finite loss as null, which the SDK refuses to parse,
     # so a NaN loss cannot reach the runner from it for real: step 2's real metrics are
     # handed back with the loss the managed service would report.
-    real = sft.train_step
-
     def diverging(ctx, batch):
-        metrics = real(ctx, batch)
+        metrics = sft.train_step(ctx, batch)
         return {**metrics, "loss": float("nan")} if ctx.step == 2 else metrics
 
-    monkeypatch.setattr(sft, "train_step", diverging)
+    monkeypatch.setitem(RECIPES, "sft", dataclasses.replace(sft.RECIPE, train_step=diverging))
     spec = load_spec(small_spec(tmp_path, local_url, name="nan", run={"steps": 3},
                                 schedule={"eval_every": 10, "save_every": 10}, eval={"count": 1}))
     with pytest.raises(RunError, match=r"step 2: loss = nan: training diverged") as caught:

@@ -206,3 +206,61 @@ def test_eval_count_applies_to_prompt_files_and_bounds_builtin_sets(tmp_path):
         eval_prompts("reverse", p, seed=0, count=6, digits=4)
     assert len(eval_prompts("reverse", None, seed=0, count=0, digits=4)) == 32
     assert len(eval_prompts("reverse", None, seed=0, count=7, digits=4)) == 7
+
+
+ECHO_RECIPE = '''
+from dataclasses import dataclass
+
+from runner.recipes.base import PAIRS, Recipe, RecipeSettings
+
+
+@dataclass(frozen=True)
+class Settings(RecipeSettings):
+    echoes: int = 2
+
+    def check(self, bad):
+        bad.at_least("recipe.echoes", self.echoes)
+
+    def needs_reference(self):
+        return self.echoes > 2
+
+
+def train_step(ctx, batch):
+    return {"pairs": float(len(batch))}
+
+
+RECIPE = Recipe("echo", train_step, Settings, PAIRS)
+'''
+
+
+def test_a_recipe_is_one_module(tmp_path, monkeypatch):
+    """A module of runner.recipes that defines RECIPE is a recipe, with no other edit: the spec
+    takes its kind and its own [recipe] keys (typed, checked, recorded), and the others' keys
+    still load beside them; a spec of another kind gets the new key at its default."""
+    import sys
+
+    import runner.recipes
+
+    (tmp_path / "echo.py").write_text(ECHO_RECIPE)
+    monkeypatch.setattr(runner.recipes, "__path__", [*runner.recipes.__path__, str(tmp_path)])
+    try:
+        found = runner.recipes.discover()
+        monkeypatch.setattr(runner.recipes, "RECIPES", found)
+        monkeypatch.setattr(runner.recipes, "SETTINGS_KEYS", runner.recipes.settings_keys(found))
+        echo = sys.modules["runner.recipes.echo"]
+        assert list(found)[-1] == "echo" and found["echo"] is echo.RECIPE
+
+        spec = Spec.from_dict({"recipe": {"kind": "echo", "echoes": 3, "group_size": 8}}, source="s.toml")
+        assert spec.recipe.settings == echo.Settings(echoes=3)
+        assert spec.recipe.settings.needs_reference() and spec.recipe.settings.new_tokens() == 0
+        assert spec.to_dict()["recipe"]["echoes"] == 3 and spec.to_dict()["recipe"]["group_size"] == 8
+        assert Spec.from_dict(spec.to_dict()) == spec  # as a run records it and a resume reads it
+        assert found["echo"].data is runner.recipes.base.PAIRS
+        with pytest.raises(SpecError, match=r"s.toml: recipe.echoes: must be at least 1, got 0"):
+            Spec.from_dict({"recipe": {"kind": "echo", "echoes": 0}}, source="s.toml")
+        with pytest.raises(SpecError, match=r"recipe.kind: must be one of 'sft', .*'igpo', 'echo', got 'ppo'"):
+            Spec.from_dict({"recipe": {"kind": "ppo"}})
+        assert Spec.from_dict({"recipe": {"kind": "sft"}}).to_dict()["recipe"]["echoes"] == 2
+    finally:  # the package as it was (monkeypatch restores its registry and path)
+        sys.modules.pop("runner.recipes.echo", None)
+        vars(runner.recipes).pop("echo", None)
