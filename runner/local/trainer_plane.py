@@ -34,7 +34,8 @@ from starlette.routing import Route
 from . import catalogue, load_engine
 from .catalogue import EngineError
 from .state import ServiceState, check_name, now_rfc3339, read_json, split_state_ref, state_ref
-from .wire import ApiError, datum_tokens, decode_tensor, encode_tensor, field, json_body, json_response
+from .wire import (ApiError, datum_tokens, decode_tensor, dense_columns, encode_floats, field, json_body,
+                   json_response)
 
 log = logging.getLogger("runner.local.trainer")
 
@@ -304,7 +305,13 @@ def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[Any, str, d
     data = fb_input.get("data")
     if not isinstance(data, list):
         raise ApiError(400, "data must be a list of datums")
-    example_cls = _engine().Datum
+    engine = _engine()
+    columns = dense_columns(data)
+    if columns is not None:  # the usual request: read as a whole batch
+        batch = engine.prepare_dense_batch(*columns, loss_fn, runtime.vocab_size, runtime.max_context)
+        if batch is not None:
+            return batch, loss_fn, config
+    example_cls = engine.Datum
     examples = []
     for index, datum in enumerate(data):
         tokens = datum_tokens(datum, index)
@@ -313,7 +320,7 @@ def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[Any, str, d
             raise ApiError(400, f"data[{index}].loss_fn_inputs must be an object")
         inputs = {name: decode_tensor(value, name) for name, value in raw_inputs.items()}
         examples.append(example_cls(tokens=tokens, inputs=inputs))
-    return _engine().prepare_batch(examples, loss_fn, runtime.vocab_size, runtime.max_context), loss_fn, config
+    return engine.prepare_batch(examples, loss_fn, runtime.vocab_size, runtime.max_context), loss_fn, config
 
 
 def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -329,7 +336,7 @@ def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def forward_payload(result: Any) -> dict:
     return {
         "loss_fn_output_type": "TensorData",
-        "loss_fn_outputs": [{"logprobs": encode_tensor(logprobs)} for logprobs in result.logprobs],
+        "loss_fn_outputs": [{"logprobs": encode_floats(values)} for values in result.logprob_lists()],
         "metrics": _metrics(result.metrics),
     }
 
