@@ -524,7 +524,9 @@ class Trainer:
             raise EngineError("this trainer is forward-only (a reference model); optim_step is not allowed")
         hp = adam_hyperparams(adam)
         mode = grad_normalization(grad_accumulation_normalization)
-        params = [p for p in self._trainable() if p.grad is not None]
+        # The optimizer holds exactly the trainable parameters, in model order (_new_optimizer):
+        # no walk over every module each step.
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         self._normalise_grads(params, mode)
         grads = [p.grad for p in params]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0

@@ -200,13 +200,17 @@ class TrainerRuntime:
             self._done_at[request_id] = time.monotonic()
 
     def _prune(self) -> None:
+        # _done_at is in completion order, so the expired ones come first: each request
+        # looks at those alone, not at every result of the last RESULT_TTL_S.
         if len(self._done_at) < 256:
             return
         cutoff = time.monotonic() - RESULT_TTL_S
-        for request_id, done_at in list(self._done_at.items()):
-            if done_at < cutoff:
-                del self._done_at[request_id]
-                self._futures.pop(request_id, None)
+        while self._done_at:
+            request_id, done_at = next(iter(self._done_at.items()))
+            if done_at >= cutoff:
+                break
+            del self._done_at[request_id]
+            self._futures.pop(request_id, None)
 
     async def wait(self, request_id: str, timeout: float) -> dict | None:
         """The result payload, or None if it is not ready within ``timeout``."""
