@@ -94,6 +94,7 @@ class TrainerRuntime:
         self.lora: Any = None  # the policy model's engine.LoraSettings, from its create_model
         self._engine_error: str | None = None
         self._work: queue.Queue[_Pending | None] = queue.Queue()
+        self._held: list[_Pending] | None = None  # work kept back until the loop's next turn
         self._futures: dict[str, asyncio.Future] = {}
         self._done_at: dict[str, float] = {}
         self._models: dict[str, _ModelSequence] = {}
@@ -125,8 +126,18 @@ class TrainerRuntime:
         self._models.pop(model_id, None)
 
     def submit(self, op: str, fn: Callable[[Any], dict], *, model_id: str | None = None,
-               seq_id: int | None = None) -> str:
-        """Queue ``fn(engine_trainer)``; returns the request id the client polls."""
+               seq_id: int | None = None, after_response: bool = False) -> str:
+        """Queue ``fn(engine_trainer)``; returns the request id the client polls.
+
+        ``after_response``: the worker gets the work on the event loop's next turn, once the
+        handler calling this has written its response (which it does without yielding). A
+        worker started at once takes the GIL from the loop in the middle of that response
+        (Python threads hand the GIL over every few ms), so the client learned its request id,
+        and sent the retrieve_future that collects the result, only a switch interval or two
+        later; for a short call (optim_step) that is on the step's critical path."""
+        if after_response and self._held is None:
+            self._held = []
+            self.loop.call_soon(self._release_held)
         if model_id is not None and seq_id is not None:
             seq = self._models.get(model_id)
             if seq is None:
@@ -148,7 +159,7 @@ class TrainerRuntime:
                 self.loop.call_later(SEQUENCE_GAP_TIMEOUT_S + 0.1, self._expire_gaps, model_id)
             return pending.request_id
         pending = self._new_pending(op, fn)
-        self._work.put(pending)
+        self._enqueue(pending)
         return pending.request_id
 
     def skip_seq(self, model_id: str | None, seq_id: Any) -> None:
@@ -170,13 +181,24 @@ class TrainerRuntime:
 
     def _release(self, seq: _ModelSequence, seq_id: int, pending: _Pending | None) -> None:
         if pending is not None and pending.request_id:
-            self._work.put(pending)
+            self._enqueue(pending)
         seq.next_seq = seq_id + 1
         while seq.next_seq in seq.waiting:
             queued = seq.waiting.pop(seq.next_seq)
             if queued.request_id:
-                self._work.put(queued)
+                self._enqueue(queued)
             seq.next_seq += 1
+
+    def _enqueue(self, pending: _Pending) -> None:
+        if self._held is not None:  # behind held work, in order
+            self._held.append(pending)
+        else:
+            self._work.put(pending)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for pending in held:
+            self._work.put(pending)
 
     def _expire_gaps(self, model_id: str) -> None:
         seq = self._models.get(model_id)
@@ -289,6 +311,7 @@ class TrainerRuntime:
         return self._ensure_engine()
 
     def stop(self) -> None:
+        self._release_held()  # what was queued before still runs first
         self._work.put(None)
 
 
@@ -463,7 +486,7 @@ class TrainerPlane:
         except ApiError:
             runtime.skip_seq(model_id, seq_id)
             raise
-        request_id = runtime.submit(op, work, model_id=model_id, seq_id=seq_id)
+        request_id = runtime.submit(op, work, model_id=model_id, seq_id=seq_id, after_response=True)
         return json_response({"request_id": request_id, "model_id": model_id})
 
     async def create_model(self, request: Request):
