@@ -35,7 +35,7 @@ from . import catalogue, load_engine
 from .catalogue import EngineError
 from .state import ServiceState, check_name, now_rfc3339, read_json, split_state_ref, state_ref
 from .wire import (ApiError, datum_tokens, decode_tensor, dense_columns, encode_floats, field, json_body,
-                   json_response)
+                   json_response, result_response)
 
 log = logging.getLogger("runner.local.trainer")
 
@@ -361,11 +361,24 @@ def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def forward_payload(result: Any) -> dict:
-    return {
-        "loss_fn_output_type": "TensorData",
-        "loss_fn_outputs": [{"logprobs": encode_floats(values)} for values in result.logprob_lists()],
-        "metrics": _metrics(result.metrics),
-    }
+    """A forward(_backward) result, encoded when it is retrieved (``wire.result_response``):
+    as protobuf for a client that accepts it, as the SDK does for this result (it then reads
+    each datum's logprobs straight from the bytes instead of parsing and validating JSON
+    numbers), else as JSON. Both carry the same float32 logprobs and float metrics under the
+    same output type, so the SDK builds the same ForwardBackwardOutput from either."""
+    metrics = _metrics(result.metrics)
+
+    def as_proto() -> bytes:
+        from .tinker_proto import encode_forward_backward_output
+
+        return encode_forward_backward_output([logprobs.numpy() for logprobs in result.logprobs], metrics,
+                                              output_type="TensorData")
+
+    def as_json() -> dict:
+        return {"loss_fn_output_type": "TensorData",
+                "loss_fn_outputs": [{"logprobs": encode_floats(values)} for values in result.logprob_lists()],
+                "metrics": metrics}
+    return {"_proto": as_proto, "_json": as_json}
 
 
 # -- the plane -----------------------------------------------------------------------
@@ -458,7 +471,7 @@ class TrainerPlane:
         payload = await runtime.wait(request_id, LONG_POLL_S)
         if payload is None:
             return json_response({"type": "try_again", "request_id": request_id, "queue_state": "active"})
-        return json_response(payload)
+        return result_response(payload, request)
 
     # -- queued operations --------------------------------------------------------------
 

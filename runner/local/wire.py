@@ -34,6 +34,20 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
 
 
+PROTOBUF = "application/x-protobuf"
+
+
+def result_response(payload: dict, request: Request) -> Response:
+    """A finished call's payload, as the client retrieving it asked for it. A payload that
+    can go as protobuf holds two encoders, ``{"_proto": ..., "_json": ...}``, and only the one
+    the request's Accept header picks is called; any other payload is JSON as it stands."""
+    if "_proto" not in payload:
+        return json_response(payload)
+    if PROTOBUF in request.headers.get("accept", ""):
+        return Response(payload["_proto"](), media_type=PROTOBUF)
+    return json_response(payload["_json"]())
+
+
 def error_response(status: int, message: str) -> Response:
     # Google-style error body: the SDK's parse_api_error reads error.message.
     body = {"error": {"code": status, "message": message, "status": _GRPC_STATUS.get(status, "UNKNOWN")}}

@@ -37,3 +37,30 @@ def test_work_held_for_the_response_reaches_the_worker_next_turn_and_in_order(tm
     results = asyncio.run(scenario())
     assert ran == ["first", "second", "plain"]
     assert results == [{"ran": "first"}, {"ran": "second"}, {"ran": "plain"}]
+
+
+def test_a_forward_result_reads_the_same_to_the_sdk_as_protobuf_and_as_json(tmp_path):
+    """The SDK asks for protobuf when it retrieves a forward(_backward) result; what it builds
+    from those bytes must be what it builds from the JSON answer (values, shapes, metrics)."""
+    import numpy as np
+    import orjson
+    import torch
+    from fireworks.training.sdk._core.lib._pydantic_conv import deserialize_json_response
+    from fireworks.training.sdk._core.proto.response_conv import deserialize_proto_response
+    from fireworks.training.sdk.types import ForwardBackwardOutput
+
+    from runner.local.engine import Datum, Trainer
+    from runner.local.trainer_plane import forward_payload
+
+    trainer = Trainer("local/tiny-qwen3", state_dir=tmp_path, seed=0)
+    examples = [Datum(list(range(3, 3 + n)), {"target_tokens": torch.arange(4, 4 + n)}) for n in (7, 5, 6)]
+    payload = forward_payload(trainer.forward_backward(examples, "cross_entropy"))
+    from_proto = deserialize_proto_response(payload["_proto"](), ForwardBackwardOutput)
+    from_json = deserialize_json_response(orjson.loads(orjson.dumps(payload["_json"]())), ForwardBackwardOutput)
+    assert from_proto.loss_fn_output_type == from_json.loss_fn_output_type == "TensorData"
+    assert from_proto.metrics == from_json.metrics and from_json.metrics["num_tokens:sum"] == 18.0
+    assert len(from_proto.loss_fn_outputs) == len(from_json.loss_fn_outputs) == 3
+    for got, want, n in zip(from_proto.loss_fn_outputs, from_json.loss_fn_outputs, (7, 5, 6)):
+        a, b = got["logprobs"], want["logprobs"]
+        assert (a.dtype, list(a.shape)) == (b.dtype, list(b.shape)) == ("float32", [n])
+        assert np.array_equal(a.to_numpy(), b.to_numpy())
