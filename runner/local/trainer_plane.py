@@ -660,7 +660,12 @@ class TrainerPlane:
 
     def routes(self) -> list[Route]:
         base = "/training/v1/rlorTrainerJobs/{account}/{job}/api/v1"
+        # A training step's calls first: Starlette tries the patterns in order.
         table = [
+            ("/retrieve_future", self.retrieve_future, ["POST"]),
+            ("/forward_backward", self.forward_backward, ["POST"]),
+            ("/optim_step", self.optim_step, ["POST"]),
+            ("/forward", self.forward, ["POST"]),
             ("/healthz", self.healthz, ["GET"]),
             ("/client/config", self.client_config, ["POST"]),
             ("/create_session", self.create_session, ["POST"]),
@@ -670,15 +675,11 @@ class TrainerPlane:
             ("/get_info", self.get_info, ["POST"]),
             ("/create_model", self.create_model, ["POST"]),
             ("/unload_model", self.unload_model, ["POST"]),
-            ("/forward", self.forward, ["POST"]),
-            ("/forward_backward", self.forward_backward, ["POST"]),
-            ("/optim_step", self.optim_step, ["POST"]),
             ("/save_weights_for_sampler", self.save_weights_for_sampler, ["POST"]),
             ("/save_weights", self.save_weights, ["POST"]),
             ("/load_weights", self.load_weights, ["POST"]),
             ("/weights_info", self.weights_info, ["POST"]),
             ("/list_checkpoints", self.list_checkpoints, ["GET"]),
-            ("/retrieve_future", self.retrieve_future, ["POST"]),
             ("/local/weights_digest", self.weights_digest, ["GET"]),
             ("/local/optimizer", self.optimizer_info, ["GET"]),
         ]
