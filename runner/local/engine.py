@@ -16,6 +16,7 @@ weights = -dLoss/dlogprob, both ordinary calls.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -31,7 +32,8 @@ from .catalogue import EngineError, resolve
 
 __all__ = [
     "Batch", "EngineError", "Datum", "ForwardResult", "LoraSettings", "Trainer", "Sampler", "GenRequest", "GenResult",
-    "SUPPORTED_LOSSES", "adam_hyperparams", "check_examples", "check_loss_fn", "prepare_batch", "weights_digest",
+    "SUPPORTED_LOSSES", "adam_hyperparams", "check_examples", "check_loss_fn", "prepare_batch", "prepare_dense_batch",
+    "weights_digest",
 ]
 
 
@@ -48,6 +50,13 @@ class Datum:
 class ForwardResult:
     logprobs: list[torch.Tensor]   # per example, float32 on CPU, logprob of target_tokens[t]
     metrics: dict[str, float]      # "name:reduction" keys, as the SDK's chunk merger requires
+    padded: torch.Tensor | None = None  # [B, L]: the logprobs right-padded, whose rows they view
+
+    def logprob_lists(self) -> list[list[float]]:
+        """Each example's logprobs as Python floats, converted for the whole batch at once."""
+        if self.padded is None:
+            return [logprobs.tolist() for logprobs in self.logprobs]
+        return [row[:len(logprobs)] for row, logprobs in zip(self.padded.tolist(), self.logprobs)]
 
 
 # --- losses ----------------------------------------------------------------------
@@ -245,6 +254,40 @@ def prepare_batch(examples: list[Datum], loss_fn: str, vocab_size: int, max_cont
                 for ex, n in zip(examples, lengths)]
         padded[key] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
     return Batch(input_ids, mask, padded, lengths, loss_fn)
+
+
+def prepare_dense_batch(tokens: list[list[int]], inputs: dict[str, torch.Tensor], loss_fn: str, vocab_size: int,
+                        max_context: int) -> Batch | None:
+    """What ``prepare_batch`` builds from the same datums, for datums of one length whose loss
+    inputs arrive as [B, L] tensors (``wire.dense_columns``: the SDK's usual request), in a few
+    whole-batch operations instead of a few per datum. None wherever ``check_examples`` might
+    refuse the datums: the caller then goes through ``prepare_batch``, whose messages name the
+    datum at fault."""
+    check_loss_fn(loss_fn)
+    shape = (len(tokens), len(tokens[0]) if tokens else 0)
+    if not 0 < shape[1] <= max_context or any(len(row) != shape[1] for row in tokens):
+        return None
+    if any(key not in inputs for key in LOSS_INPUTS[loss_fn]) or any(v.shape != shape for v in inputs.values()):
+        return None
+    if set(map(type, itertools.chain.from_iterable(tokens))) != {int}:  # bools and floats are not token ids
+        return None
+    try:
+        input_ids = torch.tensor(tokens, dtype=torch.int64)
+    except (OverflowError, RuntimeError):
+        return None
+    targets = inputs["target_tokens"]  # every loss needs them
+    if targets.is_floating_point():  # integral floats are allowed; the per-datum rules judge them
+        return None
+    for ids in (input_ids, targets):
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            return None
+    padded = {"target_tokens": targets}
+    for key in _FLOAT_INPUTS:
+        if key in inputs:
+            padded[key] = inputs[key].to(torch.float32)
+            if not torch.isfinite(padded[key]).all():
+                return None
+    return Batch(input_ids, torch.ones(shape, dtype=torch.float32), padded, [shape[1]] * shape[0], loss_fn)
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
@@ -472,8 +515,7 @@ class Trainer:
         for name, values in extra.items():
             metrics[f"{name}:mean"] = float((values * batch.mask).sum() / n_tokens)
         logp_cpu = logp.detach().to("cpu", torch.float32)
-        per_example = [logp_cpu[i, :n].clone() for i, n in enumerate(batch.lengths)]
-        return ForwardResult(per_example, metrics)
+        return ForwardResult([logp_cpu[i, :n] for i, n in enumerate(batch.lengths)], metrics, logp_cpu)
 
     # -- optimizer
 
@@ -482,7 +524,9 @@ class Trainer:
             raise EngineError("this trainer is forward-only (a reference model); optim_step is not allowed")
         hp = adam_hyperparams(adam)
         mode = grad_normalization(grad_accumulation_normalization)
-        params = [p for p in self._trainable() if p.grad is not None]
+        # The optimizer holds exactly the trainable parameters, in model order (_new_optimizer):
+        # no walk over every module each step.
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         self._normalise_grads(params, mode)
         grads = [p.grad for p in params]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0

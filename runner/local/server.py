@@ -135,11 +135,14 @@ def build_app(state_dir: Path, device: str = "cpu", info: dict | None = None, *,
     async def engine_error(request: Request, exc: catalogue.EngineError):
         return error_response(400, str(exc))
 
+    # The planes' paths are disjoint, so the order only decides how many patterns a request is
+    # tried against: the trainer data plane, which a training loop calls several times a step,
+    # comes first.
     routes = [
+        *trainers.routes(),
         Route("/local/v1/healthz", healthz, methods=["GET"]),
         Route("/local/v1/info", local_info, methods=["GET"]),
         *control.routes(),
-        *trainers.routes(),
         *inference.routes(),
         *tinker.routes(),
     ]

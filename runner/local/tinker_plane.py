@@ -59,7 +59,7 @@ from .state import ServiceState, check_name, now_rfc3339, read_json, state_ref
 from .tinker_proto import (EncodedSequence, WireError, decode_forward_backward, decompress,
                            encode_forward_backward_output, encode_sample_response)
 from .trainer_plane import LONG_POLL_S, RESULT_TTL_S, TrainerRuntime, lora_settings
-from .wire import ApiError, encode_tensor, field, json_body, json_response, read_body
+from .wire import PROTOBUF, ApiError, encode_tensor, field, json_body, json_response, read_body, result_response
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("runner.local.tinker")
 
-PROTOBUF = "application/x-protobuf"
 # A protobuf forward_backward body as sent (tinker_proto bounds it again decompressed).
 MAX_PROTO_BODY = 24 * 2**20
 MAX_SAMPLES = 64                 # num_samples of one asample request
@@ -655,7 +654,6 @@ class TinkerPlane:
     async def retrieve_future(self, request: Request) -> Response:
         body = await json_body(request)
         request_id = field(body, "request_id", str)
-        proto = PROTOBUF in request.headers.get("accept", "")
         if request_id in self._samples:
             entry = self._samples[request_id]
             try:
@@ -673,11 +671,7 @@ class TinkerPlane:
                 return json_response({"type": "try_again", "request_id": request_id, "queue_state": "active"})
         if "error" in payload:
             return json_response({"error": payload["error"], "category": payload.get("category", "unknown")})
-        if "_proto" in payload:
-            if proto:
-                return Response(payload["_proto"](), media_type=PROTOBUF)
-            return json_response(payload["_json"]())
-        return json_response(payload)
+        return result_response(payload, request)
 
     async def retrieve_futures(self, request: Request) -> Response:
         """A sampling session's completions after ``prev_cursor`` (long-polled), for one clone."""

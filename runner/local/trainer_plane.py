@@ -34,7 +34,8 @@ from starlette.routing import Route
 from . import catalogue, load_engine
 from .catalogue import EngineError
 from .state import ServiceState, check_name, now_rfc3339, read_json, split_state_ref, state_ref
-from .wire import ApiError, datum_tokens, decode_tensor, encode_tensor, field, json_body, json_response
+from .wire import (ApiError, datum_tokens, decode_tensor, dense_columns, encode_floats, field, json_body,
+                   json_response, result_response)
 
 log = logging.getLogger("runner.local.trainer")
 
@@ -93,6 +94,7 @@ class TrainerRuntime:
         self.lora: Any = None  # the policy model's engine.LoraSettings, from its create_model
         self._engine_error: str | None = None
         self._work: queue.Queue[_Pending | None] = queue.Queue()
+        self._held: list[_Pending] | None = None  # work kept back until the loop's next turn
         self._futures: dict[str, asyncio.Future] = {}
         self._done_at: dict[str, float] = {}
         self._models: dict[str, _ModelSequence] = {}
@@ -124,8 +126,18 @@ class TrainerRuntime:
         self._models.pop(model_id, None)
 
     def submit(self, op: str, fn: Callable[[Any], dict], *, model_id: str | None = None,
-               seq_id: int | None = None) -> str:
-        """Queue ``fn(engine_trainer)``; returns the request id the client polls."""
+               seq_id: int | None = None, after_response: bool = False) -> str:
+        """Queue ``fn(engine_trainer)``; returns the request id the client polls.
+
+        ``after_response``: the worker gets the work on the event loop's next turn, once the
+        handler calling this has written its response (which it does without yielding). A
+        worker started at once takes the GIL from the loop in the middle of that response
+        (Python threads hand the GIL over every few ms), so the client learned its request id,
+        and sent the retrieve_future that collects the result, only a switch interval or two
+        later; for a short call (optim_step) that is on the step's critical path."""
+        if after_response and self._held is None:
+            self._held = []
+            self.loop.call_soon(self._release_held)
         if model_id is not None and seq_id is not None:
             seq = self._models.get(model_id)
             if seq is None:
@@ -147,7 +159,7 @@ class TrainerRuntime:
                 self.loop.call_later(SEQUENCE_GAP_TIMEOUT_S + 0.1, self._expire_gaps, model_id)
             return pending.request_id
         pending = self._new_pending(op, fn)
-        self._work.put(pending)
+        self._enqueue(pending)
         return pending.request_id
 
     def skip_seq(self, model_id: str | None, seq_id: Any) -> None:
@@ -169,13 +181,24 @@ class TrainerRuntime:
 
     def _release(self, seq: _ModelSequence, seq_id: int, pending: _Pending | None) -> None:
         if pending is not None and pending.request_id:
-            self._work.put(pending)
+            self._enqueue(pending)
         seq.next_seq = seq_id + 1
         while seq.next_seq in seq.waiting:
             queued = seq.waiting.pop(seq.next_seq)
             if queued.request_id:
-                self._work.put(queued)
+                self._enqueue(queued)
             seq.next_seq += 1
+
+    def _enqueue(self, pending: _Pending) -> None:
+        if self._held is not None:  # behind held work, in order
+            self._held.append(pending)
+        else:
+            self._work.put(pending)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for pending in held:
+            self._work.put(pending)
 
     def _expire_gaps(self, model_id: str) -> None:
         seq = self._models.get(model_id)
@@ -199,13 +222,17 @@ class TrainerRuntime:
             self._done_at[request_id] = time.monotonic()
 
     def _prune(self) -> None:
+        # _done_at is in completion order, so the expired ones come first: each request
+        # looks at those alone, not at every result of the last RESULT_TTL_S.
         if len(self._done_at) < 256:
             return
         cutoff = time.monotonic() - RESULT_TTL_S
-        for request_id, done_at in list(self._done_at.items()):
-            if done_at < cutoff:
-                del self._done_at[request_id]
-                self._futures.pop(request_id, None)
+        while self._done_at:
+            request_id, done_at = next(iter(self._done_at.items()))
+            if done_at >= cutoff:
+                break
+            del self._done_at[request_id]
+            self._futures.pop(request_id, None)
 
     async def wait(self, request_id: str, timeout: float) -> dict | None:
         """The result payload, or None if it is not ready within ``timeout``."""
@@ -284,6 +311,7 @@ class TrainerRuntime:
         return self._ensure_engine()
 
     def stop(self) -> None:
+        self._release_held()  # what was queued before still runs first
         self._work.put(None)
 
 
@@ -304,7 +332,13 @@ def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[Any, str, d
     data = fb_input.get("data")
     if not isinstance(data, list):
         raise ApiError(400, "data must be a list of datums")
-    example_cls = _engine().Datum
+    engine = _engine()
+    columns = dense_columns(data)
+    if columns is not None:  # the usual request: read as a whole batch
+        batch = engine.prepare_dense_batch(*columns, loss_fn, runtime.vocab_size, runtime.max_context)
+        if batch is not None:
+            return batch, loss_fn, config
+    example_cls = engine.Datum
     examples = []
     for index, datum in enumerate(data):
         tokens = datum_tokens(datum, index)
@@ -313,7 +347,7 @@ def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[Any, str, d
             raise ApiError(400, f"data[{index}].loss_fn_inputs must be an object")
         inputs = {name: decode_tensor(value, name) for name, value in raw_inputs.items()}
         examples.append(example_cls(tokens=tokens, inputs=inputs))
-    return _engine().prepare_batch(examples, loss_fn, runtime.vocab_size, runtime.max_context), loss_fn, config
+    return engine.prepare_batch(examples, loss_fn, runtime.vocab_size, runtime.max_context), loss_fn, config
 
 
 def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -327,11 +361,24 @@ def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def forward_payload(result: Any) -> dict:
-    return {
-        "loss_fn_output_type": "TensorData",
-        "loss_fn_outputs": [{"logprobs": encode_tensor(logprobs)} for logprobs in result.logprobs],
-        "metrics": _metrics(result.metrics),
-    }
+    """A forward(_backward) result, encoded when it is retrieved (``wire.result_response``):
+    as protobuf for a client that accepts it, as the SDK does for this result (it then reads
+    each datum's logprobs straight from the bytes instead of parsing and validating JSON
+    numbers), else as JSON. Both carry the same float32 logprobs and float metrics under the
+    same output type, so the SDK builds the same ForwardBackwardOutput from either."""
+    metrics = _metrics(result.metrics)
+
+    def as_proto() -> bytes:
+        from .tinker_proto import encode_forward_backward_output
+
+        return encode_forward_backward_output([logprobs.numpy() for logprobs in result.logprobs], metrics,
+                                              output_type="TensorData")
+
+    def as_json() -> dict:
+        return {"loss_fn_output_type": "TensorData",
+                "loss_fn_outputs": [{"logprobs": encode_floats(values)} for values in result.logprob_lists()],
+                "metrics": metrics}
+    return {"_proto": as_proto, "_json": as_json}
 
 
 # -- the plane -----------------------------------------------------------------------
@@ -424,7 +471,7 @@ class TrainerPlane:
         payload = await runtime.wait(request_id, LONG_POLL_S)
         if payload is None:
             return json_response({"type": "try_again", "request_id": request_id, "queue_state": "active"})
-        return json_response(payload)
+        return result_response(payload, request)
 
     # -- queued operations --------------------------------------------------------------
 
@@ -452,7 +499,7 @@ class TrainerPlane:
         except ApiError:
             runtime.skip_seq(model_id, seq_id)
             raise
-        request_id = runtime.submit(op, work, model_id=model_id, seq_id=seq_id)
+        request_id = runtime.submit(op, work, model_id=model_id, seq_id=seq_id, after_response=True)
         return json_response({"request_id": request_id, "model_id": model_id})
 
     async def create_model(self, request: Request):
@@ -613,7 +660,12 @@ class TrainerPlane:
 
     def routes(self) -> list[Route]:
         base = "/training/v1/rlorTrainerJobs/{account}/{job}/api/v1"
+        # A training step's calls first: Starlette tries the patterns in order.
         table = [
+            ("/retrieve_future", self.retrieve_future, ["POST"]),
+            ("/forward_backward", self.forward_backward, ["POST"]),
+            ("/optim_step", self.optim_step, ["POST"]),
+            ("/forward", self.forward, ["POST"]),
             ("/healthz", self.healthz, ["GET"]),
             ("/client/config", self.client_config, ["POST"]),
             ("/create_session", self.create_session, ["POST"]),
@@ -623,15 +675,11 @@ class TrainerPlane:
             ("/get_info", self.get_info, ["POST"]),
             ("/create_model", self.create_model, ["POST"]),
             ("/unload_model", self.unload_model, ["POST"]),
-            ("/forward", self.forward, ["POST"]),
-            ("/forward_backward", self.forward_backward, ["POST"]),
-            ("/optim_step", self.optim_step, ["POST"]),
             ("/save_weights_for_sampler", self.save_weights_for_sampler, ["POST"]),
             ("/save_weights", self.save_weights, ["POST"]),
             ("/load_weights", self.load_weights, ["POST"]),
             ("/weights_info", self.weights_info, ["POST"]),
             ("/list_checkpoints", self.list_checkpoints, ["GET"]),
-            ("/retrieve_future", self.retrieve_future, ["POST"]),
             ("/local/weights_digest", self.weights_digest, ["GET"]),
             ("/local/optimizer", self.optimizer_info, ["GET"]),
         ]

@@ -34,6 +34,20 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
 
 
+PROTOBUF = "application/x-protobuf"
+
+
+def result_response(payload: dict, request: Request) -> Response:
+    """A finished call's payload, as the client retrieving it asked for it. A payload that
+    can go as protobuf holds two encoders, ``{"_proto": ..., "_json": ...}``, and only the one
+    the request's Accept header picks is called; any other payload is JSON as it stands."""
+    if "_proto" not in payload:
+        return json_response(payload)
+    if PROTOBUF in request.headers.get("accept", ""):
+        return Response(payload["_proto"](), media_type=PROTOBUF)
+    return json_response(payload["_json"]())
+
+
 def error_response(status: int, message: str) -> Response:
     # Google-style error body: the SDK's parse_api_error reads error.message.
     body = {"error": {"code": status, "message": message, "status": _GRPC_STATUS.get(status, "UNKNOWN")}}
@@ -133,6 +147,11 @@ def encode_tensor(tensor) -> dict:
     return {"data": tensor.reshape(-1).tolist(), "dtype": dtype, "shape": list(tensor.shape)}
 
 
+def encode_floats(values: list[float]) -> dict:
+    """A 1-D float32 tensor already converted to floats: what ``encode_tensor`` sends for it."""
+    return {"data": values, "dtype": "float32", "shape": [len(values)]}
+
+
 # -- datums --------------------------------------------------------------------
 
 def datum_tokens(datum: Any, index: int) -> list[int]:
@@ -153,6 +172,67 @@ def datum_tokens(datum: Any, index: int) -> list[int]:
             raise ApiError(400, f"data[{index}]: chunk tokens must be a list of ints")
         tokens.extend(chunk_tokens)
     return tokens
+
+
+def dense_columns(data: Any) -> tuple[list[list], dict[str, Any]] | None:
+    """The usual forward(_backward) ``data`` read as whole-batch columns: (each datum's token
+    list, {loss input name: [B, L] tensor}), when every datum is one encoded_text chunk of the
+    same length L and carries the same dense loss inputs, each L values of one dtype.
+
+    One ``torch.tensor`` per input converts every value as ``decode_tensor`` does datum by
+    datum. None for anything else (ragged, sparse, several chunks, a malformed field): that
+    request takes ``datum_tokens`` and ``decode_tensor``, whose messages name what is wrong."""
+    import torch
+
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+        return None
+    first_inputs = data[0].get("loss_fn_inputs")
+    if not isinstance(first_inputs, dict):
+        return None
+    dtypes: dict[str, Any] = {}
+    for name, obj in first_inputs.items():
+        dtype = obj.get("dtype") if isinstance(obj, dict) else None
+        if dtype not in ("float32", "int64"):
+            return None
+        dtypes[name] = dtype
+    tokens: list[list] = []
+    rows: dict[str, list[list]] = {name: [] for name in dtypes}
+    width = -1
+    for datum in data:
+        model_input = datum.get("model_input") if isinstance(datum, dict) else None
+        chunks = model_input.get("chunks") if isinstance(model_input, dict) else None
+        if not isinstance(chunks, list) or len(chunks) != 1 or not isinstance(chunks[0], dict):
+            return None
+        chunk = chunks[0]
+        chunk_tokens = chunk.get("tokens")
+        if chunk.get("type", "encoded_text") != "encoded_text" or not isinstance(chunk_tokens, list):
+            return None
+        if width < 0:
+            width = len(chunk_tokens)
+        inputs = datum.get("loss_fn_inputs")
+        if len(chunk_tokens) != width or not isinstance(inputs, dict) or inputs.keys() != rows.keys():
+            return None
+        tokens.append(chunk_tokens)
+        for name, obj in inputs.items():
+            values = obj.get("data") if isinstance(obj, dict) else None
+            if (not isinstance(values, list) or len(values) != width or obj.get("dtype") != dtypes[name]
+                    or obj.get("sparse_crow_indices") is not None):
+                return None
+            shape = obj.get("shape")
+            if shape is not None and not (type(shape) is list and len(shape) == 1 and type(shape[0]) is int
+                                          and shape[0] == width):
+                return None
+            rows[name].append(values)
+    columns = {}
+    for name, values in rows.items():
+        try:
+            column = torch.tensor(values, dtype=torch.float32 if dtypes[name] == "float32" else torch.int64)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            return None
+        if column.shape != (len(data), width):  # e.g. nested lists as values
+            return None
+        columns[name] = column
+    return tokens, columns
 
 
 def check_token_ids(tokens: list, where: str, *, vocab_size: int) -> None:

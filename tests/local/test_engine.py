@@ -11,7 +11,8 @@ import torch
 
 from runner.local import catalogue
 from runner.local import model as model_io
-from runner.local.engine import Datum, EngineError, GenRequest, Sampler, Trainer, prepare_batch
+from runner.local import wire
+from runner.local.engine import Datum, EngineError, GenRequest, Sampler, Trainer, prepare_batch, prepare_dense_batch
 
 TINY = "local/tiny-qwen3"
 ADAM = {"learning_rate": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
@@ -413,6 +414,63 @@ def test_a_prepared_batch_runs_as_its_datums_and_only_under_its_loss(trainer):
     assert all(torch.equal(a, b) for a, b in zip(by_datums.logprobs, by_batch.logprobs))
     with pytest.raises(EngineError, match="prepared for loss 'cross_entropy' cannot run loss 'ppo'"):
         trainer.forward(batch, "ppo")
+
+
+def _wire_datum(tokens: list, **inputs: tuple[list, str]) -> dict:
+    """A datum as the SDK sends it: one encoded_text chunk, dense loss inputs."""
+    return {"model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens}]},
+            "loss_fn_inputs": {name: {"data": data, "dtype": dtype, "shape": [len(data)]}
+                               for name, (data, dtype) in inputs.items()}}
+
+
+def _datum_by_datum(data: list[dict], loss_fn: str):
+    examples = [Datum(wire.datum_tokens(d, i), {k: wire.decode_tensor(v, k) for k, v in d["loss_fn_inputs"].items()})
+                for i, d in enumerate(data)]
+    return prepare_batch(examples, loss_fn, 259, 512)
+
+
+def test_a_request_read_as_a_whole_batch_prepares_what_datum_by_datum_would():
+    rng = random.Random(0)
+    rows = [[rng.randrange(259) for _ in range(9)] for _ in range(4)]
+    floats = [[rng.uniform(-2, 0) for _ in range(8)] for _ in range(4)]
+    requests = {
+        "cross_entropy": [_wire_datum(r[:-1], target_tokens=(r[1:], "int64")) for r in rows],
+        # integer weights, an input the losses ignore: converted and dropped as datum by datum
+        "importance_sampling": [_wire_datum(r[:-1], target_tokens=(r[1:], "int64"), weights=([1] * 8, "int64"),
+                                            logprobs=(f, "float32"), advantages=(f[::-1], "float32"),
+                                            note=([0.5] * 8, "float32")) for r, f in zip(rows, floats)],
+    }
+    for loss_fn, data in requests.items():
+        batch = prepare_dense_batch(*wire.dense_columns(data), loss_fn, 259, 512)
+        expected = _datum_by_datum(data, loss_fn)
+        assert list(batch.inputs) == list(expected.inputs) and batch.lengths == expected.lengths
+        for got, want in [(batch.input_ids, expected.input_ids), (batch.mask, expected.mask),
+                          *((batch.inputs[k], expected.inputs[k]) for k in expected.inputs)]:
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+    # What the whole-batch reading cannot vouch for goes datum by datum (None), which names the fault.
+    good = requests["cross_entropy"]
+    ragged = [_wire_datum(rows[0][:5], target_tokens=(rows[0][1:6], "int64")), *good[1:]]
+    sparse = [{**good[0], "loss_fn_inputs": {"target_tokens": {**good[0]["loss_fn_inputs"]["target_tokens"],
+                                                               "sparse_crow_indices": [0, 8]}}}, *good[1:]]
+    assert wire.dense_columns(ragged) is None and wire.dense_columns(sparse) is None
+    refused = {
+        "outside the vocabulary": [_wire_datum([999] * 8, target_tokens=(rows[0][1:], "int64")), *good[1:]],
+        "not an integer": [_wire_datum([True] * 8, target_tokens=(rows[0][1:], "int64")), *good[1:]],
+        "target token 300": [_wire_datum(rows[0][:-1], target_tokens=([300] * 8, "int64")), *good[1:]],
+        "NaN": [_wire_datum(rows[0][:-1], target_tokens=(rows[0][1:], "int64"),
+                            weights=([float("nan")] * 8, "float32")) for _ in range(2)],
+    }
+    for message, data in refused.items():
+        assert prepare_dense_batch(*wire.dense_columns(data), "cross_entropy", 259, 512) is None
+        with pytest.raises(EngineError, match=message):
+            _datum_by_datum(data, "cross_entropy")
+    assert prepare_dense_batch(*wire.dense_columns(good), "ppo", 259, 512) is None  # lacks ppo's inputs
+    # integral float targets are allowed, but only the datum-by-datum rules judge them
+    floats_as_targets = [_wire_datum(r[:-1], target_tokens=(r[1:], "float32")) for r in rows]
+    assert prepare_dense_batch(*wire.dense_columns(floats_as_targets), "cross_entropy", 259, 512) is None
+    assert torch.equal(_datum_by_datum(floats_as_targets, "cross_entropy").inputs["target_tokens"],
+                       _datum_by_datum(good, "cross_entropy").inputs["target_tokens"])
 
 
 def test_other_bad_requests_raise_engine_errors(trainer):
