@@ -29,7 +29,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from firetitan_track.events import RecordedEvent, sweep_trials
+from firetitan_track.events import (EvalScored, RecordedEvent, RunResumed, RunStarted, SweepStarted,
+                                     sweep_trials)
 from firetitan_track.ids import SWEEP_STREAM_PREFIX, sweep_stream
 from firetitan_track.ledger import FollowCursor, Ledger, LedgerError, NotFound
 from firetitan_track.projections.compare import compare_sweep
@@ -257,7 +258,7 @@ class MlflowExporter:
         if state.status in ("completed", "failed"):
             self._streams.pop(run_id, None)  # a resume re-reads it; keeps a long follower small
         # the parent follows its trials: look again only when one of them changed
-        rescored = any(ev.type == "EvalScored" for ev in writes.new) or run_id in report.rebuilt
+        rescored = any(isinstance(ev.fact, EvalScored) for ev in writes.new) or run_id in report.rebuilt
         return state.sweep_id if changed or rescored else None
 
     def _create_run(self, run_id: str, stream: list[RecordedEvent], sweep_id: str | None) -> str:
@@ -316,17 +317,17 @@ class MlflowExporter:
         from mlflow.entities import Param
 
         parent = self._sweep_parent(sweep_id)
-        started = next((ev for ev in stream if ev.type == "SweepStarted"), None)
+        started = next((ev.fact for ev in stream if isinstance(ev.fact, SweepStarted)), None)
         if started is None:
             return
-        params = [Param(mlflow_key(f"grid.{k}"), param_value(v)) for k, v in started.data["grid"].items()]
-        params += [Param(mlflow_key(f"space.{k}"), param_value(v)) for k, v in (started.data.get("space") or {}).items()
-                   if k not in started.data["grid"]]
-        params.append(Param("trials", str(started.data.get("n_trials", len(started.data["trials"])))))
-        params += [Param(k, str(started.data[k])) for k in ("search", "prune") if started.data.get(k)]
+        params = [Param(mlflow_key(f"grid.{k}"), param_value(v)) for k, v in started.grid.items()]
+        params += [Param(mlflow_key(f"space.{k}"), param_value(v)) for k, v in (started.space or {}).items()
+                   if k not in started.grid]
+        params.append(Param("trials", str(started.n_trials if started.n_trials is not None else len(started.trials))))
+        params += [Param(k, str(v)) for k, v in (("search", started.search), ("prune", started.prune)) if v]
         for i in range(0, len(params), MAX_PARAMS_PER_CALL):
             self.client.log_batch(parent, params=params[i:i + MAX_PARAMS_PER_CALL])
-        self._log_tags(parent, {"spec_digest": started.data["spec_digest"], TAG_EVENTS: str(len(stream))})
+        self._log_tags(parent, {"spec_digest": started.spec_digest, TAG_EVENTS: str(len(stream))})
         self._update_sweep(sweep_id)
 
     def _update_sweep(self, sweep_id: str) -> None:
@@ -342,14 +343,15 @@ class MlflowExporter:
             trials = compare_sweep(self.ledger, sweep_id)
         except NotFound:  # a trial exported before its sweep was recorded
             return
-        started = next(ev for ev in sweep if ev.type == "SweepStarted")
+        recorded = next(ev for ev in sweep if isinstance(ev.fact, SweepStarted))
+        started = recorded.fact
         # the sweep's saved view, the page `compare` and `ui --sweep` link to (written again as
         # trials change, so a store exported before views had them gains it)
-        swept = [mlflow_key(k) for k in (started.data.get("space") or started.data["grid"])]
-        self.client.set_experiment_tag(self.experiment_id, *sweep_view(sweep_id, swept, ms(started)))
+        swept = [mlflow_key(k) for k in (started.space or started.grid)]
+        self.client.set_experiment_tag(self.experiment_id, *sweep_view(sweep_id, swept, ms(recorded)))
         statuses = [t.status for t in trials]
         # trials a sweep has not assigned yet are still to come
-        statuses += ["new"] * (started.data.get("n_trials", len(statuses)) - len(statuses))
+        statuses += ["new"] * ((started.n_trials if started.n_trials is not None else len(statuses)) - len(statuses))
         if all(s in FINISHED for s in statuses):
             status = "completed"
         elif "failed" in statuses and not {"running", "new"} & set(statuses):
@@ -384,19 +386,19 @@ class MlflowExporter:
 
 def _supersedes_shown(stream: list[RecordedEvent], shown: int) -> bool:
     """True when a resume not yet exported supersedes events the MLflow run already shows."""
-    return any(ev.type == "RunResumed" and any(v < shown for v in ev.data.get("superseded") or ())
+    return any(isinstance(ev.fact, RunResumed) and any(v < shown for v in ev.fact.superseded or ())
                for ev in stream[shown:])
 
 
 def _run_tags(run_id: str, state: RunState, stream: list[RecordedEvent]) -> dict[str, str]:
-    started = next((ev.data for ev in stream if ev.type == "RunStarted"), {})
+    started = next((ev.fact for ev in stream if isinstance(ev.fact, RunStarted)), None)
     tags = {
         TAG_RUN: run_id,
         "trainer_job_id": state.trainer_job_id,
         "reference_job_id": state.reference_job_id,
         "deployment_id": state.deployment_id,
         "backend": state.backend,
-        "code_version": started.get("code_version"),
+        "code_version": started.code_version if started is not None else None,
         "sweep_id": state.sweep_id,
         "rerun_of": state.rerun_of,
         "spec_digest": state.spec_digest,
@@ -404,8 +406,8 @@ def _run_tags(run_id: str, state: RunState, stream: list[RecordedEvent]) -> dict
         "ledger_status": state.status,
         "attempts": state.attempts,
     }
-    if started.get("trial_params"):
-        tags["trial_params"] = json.dumps(started["trial_params"], sort_keys=True)
+    if started is not None and started.trial_params:
+        tags["trial_params"] = json.dumps(started.trial_params, sort_keys=True)
     code = state.code or {}
     if code.get("git"):  # MLflow's own tags for the code's commit (the UI's Version column)
         tags[TAG_GIT_COMMIT] = code["git"].get("commit")
