@@ -24,7 +24,7 @@ import types
 import typing
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, ClassVar, Iterator, Mapping, TypeVar
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
 
 from firetitan_track.blobs import is_digest
 from firetitan_track.ids import RUN_ID_RULE, is_run_id
@@ -39,6 +39,7 @@ __all__ = [
     "Kind",
     "NewEvent",
     "RecordedEvent",
+    "first_of",
     "UnknownEventType",
     "InvalidEvent",
     "optional",
@@ -789,6 +790,12 @@ class RecordedEvent:
         a type this code does not know (written by a newer version)."""
         et = CATALOGUE.get(self.type)
         return et.cls.from_payload(self.data) if et is not None and et.cls is not None else None
+
+
+def first_of(events: Iterable[RecordedEvent], cls: type[E]) -> E | None:
+    """The first of ``events`` that is a ``cls`` (RunStarted, SweepStarted, ...), as that class;
+    None when there is none."""
+    return next((ev.fact for ev in events if isinstance(ev.fact, cls)), None)
 
 
 def new_event(event: Event | str, event_id: str | None = None, **data: Any) -> NewEvent:

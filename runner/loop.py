@@ -33,7 +33,7 @@ from firetitan_track.projections.run_state import FINISHED, RunState, continue_c
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import (Event, InvalidEvent, RunCompleted, RunFailed, RunResumed, RunStarted,
-                                    StepCompleted, TrialPruned)
+                                    StepCompleted, TrialPruned, first_of)
 from firetitan_track.ids import check_run_id
 from firetitan_track.ledger import StoreFailure
 from runner.backend_watch import BackendLost, BackendWatch
@@ -575,7 +575,7 @@ def _rerun_differs(ledger: Ledger, rerun_of: str | None) -> dict[str, float] | N
     them, the rerun's data differ from what the original saw; say so, in its RunStarted."""
     if rerun_of is None:
         return None
-    started = next((ev.fact for ev in ledger.read(rerun_of) if isinstance(ev.fact, RunStarted)), None)
+    started = first_of(ledger.read(rerun_of), RunStarted)
     return (started.prompt_sets_masked or None) if started is not None else None
 
 

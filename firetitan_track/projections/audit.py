@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 from firetitan_track.events import (EvalScored, EvalStarted, MetricsLogged, ModelPromoted, RecordedEvent, RunStarted,
-                                     SamplesRecorded, SnapshotSaved, WeightsSynced)
+                                     SamplesRecorded, SnapshotSaved, WeightsSynced, first_of)
 from firetitan_track.ledger import VIEW_ERRORS, Ledger, unknown_run, unreadable
 from firetitan_track.projections.run_state import authoritative
 
@@ -125,13 +125,9 @@ def eval_rows(events: Sequence[RecordedEvent]) -> list[EvalRow]:
     return list(rows.values())
 
 
-def _started(events: Sequence[RecordedEvent]) -> RunStarted | None:
-    return next((ev.fact for ev in events if isinstance(ev.fact, RunStarted)), None)
-
-
 def _is_program(events: Sequence[RecordedEvent]) -> bool:
     """A recorded program's run (firetitan-track record, autolog)."""
-    started = _started(events)
+    started = first_of(events, RunStarted)
     return started is not None and isinstance(started.spec, dict) and "program" in started.spec
 
 
@@ -168,7 +164,7 @@ def _tie_to_snapshots(rows: list[EvalRow], events: Sequence[RecordedEvent], kind
 
 def upstream(events: Sequence[RecordedEvent]) -> Upstream | None:
     """A chained run's upstream (RunStarted.init_from: run, state, step), None for a run from scratch."""
-    started = _started(events)
+    started = first_of(events, RunStarted)
     return started.init_from if started is not None else None
 
 
@@ -176,7 +172,7 @@ def code_line(events: Sequence[RecordedEvent]) -> str:
     """Which code produced the run's scores, in a line: its commit and whether the tree was dirty
     (the recorded diff's digest, for ``blob``), the files outside git, or the version alone for
     a run recorded before code identity."""
-    started = _started(events)
+    started = first_of(events, RunStarted)
     code = started.code if started is not None else None
     if code is None:
         return f"code: not recorded (firetitan-track {started.code_version if started is not None else '-'})"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from firetitan_track.events import SweepStarted, sweep_trials
+from firetitan_track.events import SweepStarted, first_of, sweep_trials
 from firetitan_track.ids import sweep_stream
 from firetitan_track.ledger import Ledger, NotFound
 from firetitan_track.projections.audit import best_eval, eval_rows
@@ -40,8 +40,7 @@ class TrialSummary:
 def compare_sweep(ledger: Ledger, sweep_id: str) -> list[TrialSummary]:
     """Per trial: its params, status, and its best score with the snapshot that produced it."""
     events = ledger.read_or_empty(sweep_stream(sweep_id))
-    started = [ev for ev in events if isinstance(ev.fact, SweepStarted)]
-    if not started:
+    if first_of(events, SweepStarted) is None:
         raise NotFound(f"no sweep {sweep_id!r} in the ledger")
     out = []
     for trial in sweep_trials(events):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Mapping, TypedDict
 
 from firetitan_track.code_identity import Change, CodeDifferences, code_differences
 from firetitan_track.errors import UserError
-from firetitan_track.events import RecordedEvent, RunStarted, StepCompleted
+from firetitan_track.events import RecordedEvent, RunStarted, StepCompleted, first_of
 from firetitan_track.ledger import Ledger, LedgerError
 from firetitan_track.projections.audit import eval_rows, read_run
 from firetitan_track.projections.mlflow.keys import flatten
@@ -129,9 +129,9 @@ def diff_runs(ledger: Ledger, run_a: str, run_b: str) -> RunDiff:
 
 
 def _started(run_id: str, events: list[RecordedEvent]) -> RunStarted:
-    for ev in events:
-        if isinstance(ev.fact, RunStarted):
-            return ev.fact
+    started = first_of(events, RunStarted)
+    if started is not None:
+        return started
     raise NotATrainingRun(f"{run_id} is not a training run (its stream has no RunStarted event)")
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from firetitan_track.events import (EvalScored, RecordedEvent, RunResumed, RunStarted, SweepStarted,
-                                     sweep_trials)
+                                     first_of, sweep_trials)
 from firetitan_track.ids import SWEEP_STREAM_PREFIX, sweep_stream
 from firetitan_track.ledger import FollowCursor, Ledger, LedgerError, NotFound
 from firetitan_track.projections.compare import compare_sweep
@@ -317,7 +317,7 @@ class MlflowExporter:
         from mlflow.entities import Param
 
         parent = self._sweep_parent(sweep_id)
-        started = next((ev.fact for ev in stream if isinstance(ev.fact, SweepStarted)), None)
+        started = first_of(stream, SweepStarted)
         if started is None:
             return
         params = [Param(mlflow_key(f"grid.{k}"), param_value(v)) for k, v in started.grid.items()]
@@ -391,7 +391,7 @@ def _supersedes_shown(stream: list[RecordedEvent], shown: int) -> bool:
 
 
 def _run_tags(run_id: str, state: RunState, stream: list[RecordedEvent]) -> dict[str, str]:
-    started = next((ev.fact for ev in stream if isinstance(ev.fact, RunStarted)), None)
+    started = first_of(stream, RunStarted)
     tags = {
         TAG_RUN: run_id,
         "trainer_job_id": state.trainer_job_id,

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from firetitan_track.events import (EvalScored, EvalStarted, MetricsLogged, ModelPromoted, RecordedEvent, RunStarted,
-                                     SamplesRecorded, SnapshotSaved, StepCompleted, TrajectoriesRecorded, WeightsSynced)
+                                     SamplesRecorded, SnapshotSaved, StepCompleted, TrajectoriesRecorded, WeightsSynced,
+                                     first_of)
 from firetitan_track.ids import file_name  # a stored id becomes a file name only once checked
 from firetitan_track.ledger import Ledger
 from firetitan_track.projections.audit import best_eval, eval_rows, is_eval_metric
@@ -69,7 +70,7 @@ class RunExport:
         deployment, service) as tags of the same name."""
         from mlflow.entities import Param, RunTag
 
-        started = next((ev.fact for ev in self.new if isinstance(ev.fact, RunStarted)), None)
+        started = first_of(self.new, RunStarted)
         if started is None:
             return
         # the ledger stored the spec redacted; redact again so no key can reach MLflow
