@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from firetitan_track.errors import UserError
-from firetitan_track.events import StateSaved
+from firetitan_track.events import StateSaved, Upstream
 from firetitan_track.ledger import Ledger
 from firetitan_track.projections.run_state import authoritative, fold
-from runner.spec import Spec
+from runner.spec import KeyCheck, ModelSection
 
 __all__ = ["ChainError", "resolve_upstream", "load_upstream"]
 
@@ -26,13 +26,13 @@ class ChainError(UserError, ValueError):
     """A model.init_from that cannot be used; the message names this run's spec and the upstream."""
 
 
-def resolve_upstream(ledger: Ledger, spec: Spec) -> dict[str, Any] | None:
-    """The upstream state ``spec`` starts from (None without model.init_from)."""
-    ref = spec.model.init_from
+def resolve_upstream(ledger: Ledger, ours: ModelSection, bad: KeyCheck) -> Upstream | None:
+    """The upstream state a spec's [model] (``ours``) starts from (None without model.init_from)."""
+    ref = ours.init_from
     if not ref:
         return None
     run_id, _, at = ref.partition("@")
-    where = f"{spec.source}: model.init_from = {ref!r}"
+    where = f"{bad.source}: model.init_from = {ref!r}"
     events = ledger.read_or_empty(run_id)
     if not events:
         raise ChainError(f"{where}: the ledger holds no run {run_id!r}")
@@ -41,7 +41,6 @@ def resolve_upstream(ledger: Ledger, spec: Spec) -> dict[str, Any] | None:
         raise ChainError(f"{where}: run {run_id} is {st.status} at step {st.step}, not finished; finish it "
                          f"(`firetitan-track resume {run_id}`) or start from another run")
     theirs = (st.spec or {}).get("model", {})
-    ours = spec.model
     for key, mine in (("base_model", ours.base_model), ("lora_rank", ours.lora_rank)):
         if theirs.get(key) != mine:
             raise ChainError(f"{where}: this run's model.{key} is {mine!r} but run {run_id}'s is "
@@ -61,7 +60,7 @@ def resolve_upstream(ledger: Ledger, spec: Spec) -> dict[str, Any] | None:
             "step": state.step, "trainer_job_id": state.trainer_job_id}
 
 
-def load_upstream(policy: Any, reference: Any, upstream: dict[str, Any], *, shared_reference: bool) -> None:
+def load_upstream(policy: Any, reference: Any, upstream: Upstream, *, shared_reference: bool) -> None:
     """Load the upstream's weights into the policy (and into a separate frozen reference,
     so a DPO run after SFT measures itself against where it started)."""
     def load(client: Any) -> None:

@@ -33,7 +33,7 @@ from firetitan_track.projections.run_state import FINISHED, RunState, continue_c
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
 from firetitan_track.events import (Event, InvalidEvent, RunCompleted, RunFailed, RunResumed, RunStarted,
-                                    StepCompleted, TrialPruned, first_of)
+                                    StepCompleted, TrialPruned, Upstream, first_of)
 from firetitan_track.ids import check_run_id
 from firetitan_track.ledger import StoreFailure
 from runner.backend_watch import BackendLost, BackendWatch
@@ -41,6 +41,7 @@ from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loo
 from runner.chain import load_upstream, resolve_upstream
 from runner.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
+from runner.preflight import check_against_service, load_tokenizer
 from runner.provision import Endpoint, api_key, connect, endpoint
 from runner.recipes import RECIPES, Recipe, StepContext
 from runner.recipes.base import visible_text
@@ -97,7 +98,7 @@ class Inputs:
     eval_set: list[Example]
     train_data: list[Example] | list[Pair] | None
     api_key: str
-    init_from: dict[str, Any] | None = None  # a chained run's upstream state (runner.chain)
+    init_from: Upstream | None = None  # a chained run's upstream state (runner.chain)
 
     @property
     def recipe(self) -> Recipe:
@@ -141,7 +142,7 @@ class Inputs:
 
 
 def _api_key(spec: Spec) -> str:
-    key = api_key(spec)
+    key = api_key(spec.backend)
     if key is None:
         raise RunError(f"{spec.source}: backend.kind = \"fireworks\" needs FIREWORKS_API_KEY in the environment")
     return key
@@ -239,9 +240,9 @@ def _start(spec: Spec, inputs: Inputs | None, *, ledger_url: str, run_id: str | 
     ledger = _run_ledger(ledger_url)
     if ledger.stream_version(run_id) > 0:
         raise RunError(f"run {run_id} already exists in the ledger: use `firetitan-track resume {run_id}`")
-    where = endpoint(spec)  # resolved once a run: the preflight asks it, the attempt drives it
+    where = _endpoint(spec)  # resolved once a run: the preflight asks it, the attempt drives it
     _preflight(inputs, where)
-    inputs.init_from = resolve_upstream(ledger, spec)
+    inputs.init_from = resolve_upstream(ledger, spec.model, spec.bad)
     with _lease(ledger, run_id, driving.lease) as lease:
         rec = Recorder(ledger, run_id, version=0)
         prompt_sets = {"eval": ledger.put_json([e.to_json() for e in inputs.eval_set])}
@@ -335,16 +336,18 @@ class Attempt:
         state 0); the step it trains from."""
         rec, st, spec = self.rec, self.st, self.spec
         rec.step = st.resume_step
-        where = self.where or endpoint(spec)
+        where = self.where or _endpoint(spec)
+        tokenizer = load_tokenizer(where.tokenizer_path, named=bool(spec.model.tokenizer), bad=spec.bad)
         self.watch = BackendWatch(where.base_url).start()
-        session = connect(spec, where, st, rec, self.inputs.api_key,
+        session = connect(spec.model, spec.cleanup, where, st, rec, self.inputs.api_key,
+                          learning_rate=spec.optim.learning_rate, seed=spec.run.seed,
                           needs_reference=spec.recipe.settings.needs_reference())
         self.tracked, policy = session.tracked, session.policy
         # the context's callbacks hold no reference to the attempt: a cycle through it would leave
         # the SDK's clients to the garbage collector, whose finalizers then run inside whichever
         # event loop is running (a sweep worker's next trial's) instead of when the attempt ends
         concurrency, batch = spec.concurrency, self.batch
-        self.ctx = StepContext(spec, self.tracked, policy, session.reference, session.tokenizer,
+        self.ctx = StepContext(spec, self.tracked, policy, session.reference, tokenizer,
                                adam=adam_params(dataclasses.asdict(spec.optim)), loop=self.loop,
                                new_controller=lambda: _controller(concurrency), rec=rec,
                                batch_of=lambda s: batch(s)[0])
@@ -551,6 +554,10 @@ def _check_finite(metrics: dict[str, float], step: int, learning_rate: float) ->
                            f"(optim.learning_rate = {learning_rate})")
 
 
+def _endpoint(spec: Spec) -> Endpoint:
+    return endpoint(spec.backend, spec.model.tokenizer, spec.bad)
+
+
 def _run_ledger(url: str) -> Ledger:
     """The ledger a run writes: never an in-memory one, whose record ends with the process."""
     from firetitan_track.store import sqlite_path
@@ -563,8 +570,6 @@ def _run_ledger(url: str) -> Ledger:
 
 def _preflight(inputs: Inputs, where: Endpoint) -> None:
     """Ask the service at ``where`` about everything the spec names, before anything is written."""
-    from runner.preflight import check_against_service
-
     check_against_service(inputs.spec, base_url=where.base_url, api_key=inputs.api_key,
                           tokenizer_path=where.tokenizer_path, eval_set=inputs.eval_set,
                           train_data=inputs.train_data)

@@ -83,7 +83,8 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
     ``context`` tokens. Built-in training data is short by construction."""
     from runner.recipes import RECIPES
 
-    tokenizer = load_tokenizer(spec, tokenizer_path)  # a bad tokenizer is named however long the context
+    # a bad tokenizer is named however long the context
+    tokenizer = load_tokenizer(tokenizer_path, named=bool(spec.model.tokenizer), bad=spec.bad)
     if not context or context <= 0:
         return
     recipe = RECIPES[spec.recipe.kind]
@@ -117,18 +118,19 @@ def _check_new_tokens(spec: Spec, key: str, tokens: int, context: int) -> None:
                         f"{context} tokens (as the service reports it)")
 
 
-def load_tokenizer(spec: Spec, path: str) -> Any:
-    """The run's tokenizer; one that cannot be loaded is a SpecError naming model.tokenizer (not
-    the chained tracebacks transformers raises for a missing folder or an unknown name)."""
+def load_tokenizer(path: str, *, named: bool, bad: KeyCheck) -> Any:
+    """The run's tokenizer; one that cannot be loaded is a SpecError naming model.tokenizer
+    (``named``: the spec names it) or the backend that serves it, not the chained tracebacks
+    transformers raises for a missing folder or an unknown name."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        key = "model.tokenizer" if spec.model.tokenizer else "backend"
-        raise SpecError(f"{spec.source}: {key}: cannot load a tokenizer from {path!r} "
-                        f"({type(exc).__name__}: {first_line(exc)}); give a folder holding tokenizer files, "
-                        "or leave model.tokenizer empty for the local service's own") from None
+        raise bad("model.tokenizer" if named else "backend",
+                  f"cannot load a tokenizer from {path!r} ({type(exc).__name__}: {first_line(exc)}); give a "
+                  "folder holding tokenizer files, or leave model.tokenizer empty for the local service's own") \
+            from None
 
 
 def _chat_len(tokenizer: Any, example: Any) -> int:

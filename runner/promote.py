@@ -90,12 +90,13 @@ class _Service:
         from runner.spec import Spec
 
         spec = Spec.from_dict(spec_dict, source=f"run {run_id}")
-        key = api_key(spec)
+        key = api_key(spec.backend)
         if key is None:
             raise PromotionError(f"run {run_id} trained on the managed service: promoting needs "
                                  "FIREWORKS_API_KEY in the environment")
         self.base_model = spec.model.base_model
-        self.client = TrainerJobManager(api_key=key, base_url=endpoint(spec).base_url)
+        where = endpoint(spec.backend, spec.model.tokenizer, spec.bad)
+        self.client = TrainerJobManager(api_key=key, base_url=where.base_url)
 
     def checkpoint_name(self, job_id: str, snapshot_path: str) -> str:
         """The 4-segment checkpoint resource the control plane lists for this snapshot."""

@@ -18,7 +18,7 @@ from firetitan_track.events import (CleanupAction, CleanupApplied, CleanupOutcom
 from firetitan_track.ledger import StoreFailure
 from firetitan_track.projections.run_state import RunState
 from firetitan_track.tracking import Recorder, TrackedService, error_text
-from runner.spec import Spec, SpecError
+from runner.spec import BackendSection, CleanupSection, KeyCheck, ModelSection
 
 __all__ = ["Endpoint", "Session", "api_key", "endpoint", "served_tokenizer", "shape_ref", "connect"]
 
@@ -35,35 +35,34 @@ class Endpoint:
 
 @dataclass
 class Session:
-    """What a run drives: the tracked service, the policy (and reference) clients, the tokenizer."""
+    """What a run drives: the tracked service, the policy (and reference) clients."""
 
     tracked: TrackedService
-    policy: Any
+    policy: Any  # the SDK's training clients, as TrackedService wraps them
     reference: Any
-    tokenizer: Any
     endpoint: Endpoint
 
 
-def endpoint(spec: Spec) -> Endpoint:
-    """Where the run's service is: the managed API, a given base_url, or the embedded
-    local service (started when none runs on the spec's state dir). A local service's
-    tokenizer (unless the spec names one) is the one that service says it serves."""
-    if spec.backend.kind == "fireworks":
-        return Endpoint(spec.backend.base_url or None, spec.model.tokenizer)
-    if spec.backend.base_url:
-        base_url = spec.backend.base_url
-        return Endpoint(base_url, spec.model.tokenizer or served_tokenizer(spec, base_url, api_key(spec) or ""))
+def endpoint(backend: BackendSection, tokenizer: str, bad: KeyCheck) -> Endpoint:
+    """Where the run's service is (the spec's [backend]): the managed API, a given base_url,
+    or the embedded local service (started when none runs on its state dir). A local
+    service's tokenizer (unless the spec names one, ``tokenizer``) is the one that service
+    says it serves."""
+    if backend.kind == "fireworks":
+        return Endpoint(backend.base_url or None, tokenizer)
+    if backend.base_url:
+        return Endpoint(backend.base_url, tokenizer or served_tokenizer(backend.base_url, api_key(backend) or "", bad))
     from runner.local.supervisor import ensure_running
 
-    info = ensure_running(spec.backend.state_dir, device=spec.backend.device)  # its service.json
-    return Endpoint(info.base_url, spec.model.tokenizer or info.tokenizer_path)
+    info = ensure_running(backend.state_dir, device=backend.device)  # its service.json
+    return Endpoint(info.base_url, tokenizer or info.tokenizer_path)
 
 
 INFO_PATH = "/local/v1/info"  # what a local service says of itself (`local info --json`, service.json)
 _INFO_TIMEOUT_S = 10.0
 
 
-def served_tokenizer(spec: Spec, base_url: str, key: str) -> str:
+def served_tokenizer(base_url: str, key: str, bad: KeyCheck) -> str:
     """The tokenizer the local service at ``base_url`` serves its default model with, as it
     says (GET /local/v1/info; a service started with --token wants it as the API key). One
     request, no retries: a URL where nothing answers is refused at once, as preflight refuses it."""
@@ -74,27 +73,26 @@ def served_tokenizer(spec: Spec, base_url: str, key: str) -> str:
         answer = httpx.get(base_url.rstrip("/") + INFO_PATH, headers={"Authorization": f"Bearer {key}"},
                            timeout=_INFO_TIMEOUT_S)
     except httpx.HTTPError as exc:
-        raise SpecError(f"{spec.source}: {where}: no service answers at {base_url} "
-                        f"({str(exc) or type(exc).__name__})") from None
+        raise bad(where, f"no service answers at {base_url} ({str(exc) or type(exc).__name__})") from None
     try:
         path = answer.json().get("tokenizer_path") if answer.status_code == 200 else None
     except (ValueError, AttributeError):
         path = None
     if not isinstance(path, str) or not path:
-        raise SpecError(f"{spec.source}: {where}: the service at {base_url} does not say which tokenizer it "
-                        f"serves (GET {INFO_PATH}: HTTP {answer.status_code}); point backend.base_url at a "
-                        "firetitan-track local service (with FIREWORKS_API_KEY set to its token, if it has one), "
-                        "or name the tokenizer in model.tokenizer")
+        raise bad(where, f"the service at {base_url} does not say which tokenizer it serves (GET {INFO_PATH}: "
+                         f"HTTP {answer.status_code}); point backend.base_url at a firetitan-track local service "
+                         "(with FIREWORKS_API_KEY set to its token, if it has one), or name the tokenizer in "
+                         "model.tokenizer")
     return path
 
 
-def api_key(spec: Spec) -> str | None:
+def api_key(backend: BackendSection) -> str | None:
     """The key the run's service is called with: FIREWORKS_API_KEY. The managed service needs
     it (None when it is not set; the caller says what cannot go on without it). The local
     service accepts any key; a key in the environment is used as-is, so the secret-scanning
     tests exercise the same path as the managed service."""
     key = os.environ.get("FIREWORKS_API_KEY", "")
-    if spec.backend.kind == "fireworks":
+    if backend.kind == "fireworks":
         return key or None
     return key or "local"
 
@@ -104,53 +102,52 @@ def shape_ref(shape: str) -> str:
     return shape if "/" in shape else f"accounts/fireworks/trainingShapes/{shape}"
 
 
-def connect(spec: Spec, where: Endpoint, st: RunState, rec: Recorder, api_key: str, *,
-            needs_reference: bool) -> Session:
+def connect(model: ModelSection, cleanup: CleanupSection, where: Endpoint, st: RunState, rec: Recorder,
+            api_key: str, *, learning_rate: float, seed: int, needs_reference: bool) -> Session:
     """Provision (or, on a resume, reattach to) the run's trainer, deployment and reference
-    at ``where`` (the endpoint the caller resolved once for this attempt)."""
+    (the spec's [model], cleaned up under its [cleanup]) at ``where``, the endpoint the
+    caller resolved once for this attempt."""
     from fireworks.training.sdk import FiretitanServiceClient
 
-    from runner.preflight import load_tokenizer
-
-    tokenizer = load_tokenizer(spec, where.tokenizer_path)
-    shape = shape_ref(spec.model.training_shape)
+    shape = shape_ref(model.training_shape)
     resuming = st.resume_step > 0 or st.attempts > 1
     trainer_id = st.trainer_job_id if resuming and _trainer_alive(where, api_key, st.trainer_job_id) else None
-    deployment_id = st.deployment_id or spec.model.deployment_id
+    deployment_id = st.deployment_id or model.deployment_id
     existing_deployment = deployment_id if _deployment_exists(where, api_key, deployment_id) else None
     service = FiretitanServiceClient.from_firetitan_config(
-        api_key=api_key, base_url=where.base_url, base_model=spec.model.base_model,
-        tokenizer_model=where.tokenizer_path, lora_rank=spec.model.lora_rank,
+        api_key=api_key, base_url=where.base_url, base_model=model.base_model,
+        tokenizer_model=where.tokenizer_path, lora_rank=model.lora_rank,
         training_shape_id=shape, deployment_id=deployment_id,
-        learning_rate=spec.optim.learning_rate, replica_count=1, trainer_job_id=trainer_id,
+        learning_rate=learning_rate, replica_count=1, trainer_job_id=trainer_id,
         gradient_accumulation_steps=None,  # the SDK's default (1) only logs a deprecation; micro-batches are ours
-        cleanup_trainer_on_close=spec.cleanup.trainer == CleanupAction.DELETE,
-        cleanup_deployment_on_close=None if spec.cleanup.deployment == CleanupAction.KEEP
-        else spec.cleanup.deployment.value,
+        cleanup_trainer_on_close=cleanup.trainer == CleanupAction.DELETE,
+        cleanup_deployment_on_close=None if cleanup.deployment == CleanupAction.KEEP
+        else cleanup.deployment.value,
     )
     tracked = TrackedService(
-        service, rec, base_model=spec.model.base_model, shape=shape,
-        lora_rank=spec.model.lora_rank, deployment_id=spec.model.deployment_id,
+        service, rec, base_model=model.base_model, shape=shape,
+        lora_rank=model.lora_rank, deployment_id=model.deployment_id,
         reused_trainer_job_id=trainer_id, reused_deployment_id=existing_deployment,
         base_url=where.base_url, owns_reattached=True)
-    session = Session(tracked, None, None, tokenizer, where)
+    session = Session(tracked, None, None, where)
     try:
-        session.policy = tracked.create_training_client(base_model=spec.model.base_model,
-                                                        lora_rank=spec.model.lora_rank, seed=spec.run.seed)
+        session.policy = tracked.create_training_client(base_model=model.base_model,
+                                                        lora_rank=model.lora_rank, seed=seed)
     except BaseException as exc:
         # the SDK raises without cleaning up what it made before the failure (a trainer made,
         # then the deployment refused): record it and apply the spec's policy, then stop
-        _retire_partial(service, spec, where, api_key, rec, trainer_id, existing_deployment, exc)
+        _retire_partial(service, model, cleanup, where, api_key, rec, trainer_id, existing_deployment, exc)
         raise
     if needs_reference:
-        session.reference = tracked.create_reference_client(lora_rank=spec.model.lora_rank)
-        if st.reference_job_id and spec.cleanup.trainer == CleanupAction.DELETE:
+        session.reference = tracked.create_reference_client(lora_rank=model.lora_rank)
+        if st.reference_job_id and cleanup.trainer == CleanupAction.DELETE:
             _retire_reference(where, api_key, st.reference_job_id, rec)
     return session
 
 
-def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec: Recorder,
-                    reused_trainer: str | None, existing_deployment: str | None, cause: BaseException) -> None:
+def _retire_partial(service: Any, model: ModelSection, cleanup: CleanupSection, where: Endpoint, api_key: str,
+                    rec: Recorder, reused_trainer: str | None, existing_deployment: str | None,
+                    cause: BaseException) -> None:
     """What a failed provisioning made before it failed, recorded and cleaned up under the spec's
     policy. The SDK names the trainer job on its config before creating it; a deployment that
     is there now and was not before was made by this attempt."""
@@ -164,7 +161,7 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
     config = sdk_adapter.managed_config(service)
     job_id = getattr(config, "trainer_job_id", None)
     made_trainer = bool(job_id) and job_id != reused_trainer and _trainer_alive(where, api_key, job_id)
-    deployment_id = spec.model.deployment_id
+    deployment_id = model.deployment_id
     made_deployment = existing_deployment is None and _deployment_exists(where, api_key, deployment_id)
     if not made_trainer and not made_deployment:
         return
@@ -174,21 +171,21 @@ def _retire_partial(service: Any, spec: Spec, where: Endpoint, api_key: str, rec
         deployment_manager=DeploymentManager(api_key=api_key, base_url=where.base_url) if made_deployment else None,
         deployment=SimpleNamespace(deployment_id=deployment_id) if made_deployment else None)
     kept = CleanupOutcome.KEPT
-    wanted = {"trainer": spec.cleanup.trainer.outcome if made_trainer else kept,
-              "deployment": spec.cleanup.deployment.outcome if made_deployment else kept}
+    wanted = {"trainer": cleanup.trainer.outcome if made_trainer else kept,
+              "deployment": cleanup.deployment.outcome if made_deployment else kept}
     # cleaned up before it is recorded: a ledger that refuses the record (the failure may be
     # that very refusal) must not leave a trainer running
     done, why = clean_up(handle, wanted)
-    shape = shape_ref(spec.model.training_shape)
+    shape = shape_ref(model.training_shape)
     error = f"provisioning failed ({error_text(cause)}) after it made " + " and ".join(
         what for what, made in ((f"trainer {job_id}", made_trainer), (f"deployment {deployment_id}", made_deployment))
         if made)
     try:
         if made_trainer:
-            rec.record(TrainerProvisioned(role="policy", trainer_job_id=job_id, base_model=spec.model.base_model,
-                                          shape=shape, lora_rank=spec.model.lora_rank, created=True, partial=True))
+            rec.record(TrainerProvisioned(role="policy", trainer_job_id=job_id, base_model=model.base_model,
+                                          shape=shape, lora_rank=model.lora_rank, created=True, partial=True))
         if made_deployment:
-            rec.record(DeploymentProvisioned(deployment_id=deployment_id, base_model=spec.model.base_model,
+            rec.record(DeploymentProvisioned(deployment_id=deployment_id, base_model=model.base_model,
                                              created=True, partial=True))
         rec.record(CleanupApplied(trainer=done["trainer"], deployment=done["deployment"], role="policy",
                                   trainer_job_id=job_id if made_trainer else None, error="; ".join([error, *why])))

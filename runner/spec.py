@@ -359,6 +359,12 @@ class Spec:
 
         return json_digest(self.to_dict())
 
+    @property
+    def bad(self) -> KeyCheck:
+        """The spec's errors, each naming its source and the key at fault (for the parts of the
+        runner that are handed one section, not the spec)."""
+        return KeyCheck(self.source)
+
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else Path(self.base_dir) / p

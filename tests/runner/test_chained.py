@@ -57,7 +57,7 @@ def test_a_chained_run_starts_from_its_upstream_state_and_its_record_names_it(up
     assert audit.exit_code == 0 and f"started from run up at step 4 (state {last_state['path']})" in audit.output
 
     at_two = spec.with_overrides({"model.init_from": "up@2"})
-    assert resolve_upstream(led, at_two)["step"] == 2
+    assert resolve_upstream(led, at_two.model, at_two.bad)["step"] == 2
 
 
 def test_an_unusable_upstream_is_refused_naming_both_before_anything_is_written(upstream, local_url):

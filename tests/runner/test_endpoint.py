@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from runner.provision import endpoint
-from runner.spec import SpecError, load_spec
+from runner.provision import Endpoint, endpoint
+from runner.spec import Spec, SpecError, load_spec
 from tests.helpers import small_spec
+
+
+def _endpoint(spec: Spec) -> Endpoint:
+    return endpoint(spec.backend, spec.model.tokenizer, spec.bad)
 
 
 def test_a_base_url_of_another_local_service_gives_that_services_tokenizer(tmp_path: Path,
@@ -26,15 +30,15 @@ def test_a_base_url_of_another_local_service_gives_that_services_tokenizer(tmp_p
                        token=token) as info:
         spec = load_spec(small_spec(tmp_path, info.base_url, name="other"))
         monkeypatch.setenv("FIREWORKS_API_KEY", token)  # the run's key is the service's token
-        where = endpoint(spec)
+        where = _endpoint(spec)
         assert (where.base_url, where.tokenizer_path) == (info.base_url, str(checkpoint.resolve()))
         assert where.tokenizer_path != catalogue.tokenizer_path()  # what this installation would have said
         named = load_spec(small_spec(tmp_path, info.base_url, name="named", model={"tokenizer": "/my/tokenizer"}))
-        assert endpoint(named).tokenizer_path == "/my/tokenizer"  # the spec's own choice is not asked about
+        assert _endpoint(named).tokenizer_path == "/my/tokenizer"  # the spec's own choice is not asked about
         monkeypatch.setenv("FIREWORKS_API_KEY", "not-the-token")
         with pytest.raises(SpecError, match=r"backend\.base_url: the service at .* does not say which tokenizer it "
                                             r"serves \(GET /local/v1/info: HTTP 401\)"):
-            endpoint(spec)
+            _endpoint(spec)
 
 
 def test_a_base_url_where_nothing_answers_names_the_key(tmp_path: Path) -> None:
@@ -44,4 +48,4 @@ def test_a_base_url_where_nothing_answers_names_the_key(tmp_path: Path) -> None:
     spec = load_spec(small_spec(tmp_path, f"http://127.0.0.1:{port}", name="nobody"))
     with pytest.raises(SpecError, match=rf"nobody\.toml: backend\.base_url: no service answers at "
                                         rf"http://127\.0\.0\.1:{port} \("):
-        endpoint(spec)
+        _endpoint(spec)
