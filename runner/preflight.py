@@ -88,12 +88,12 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
     if not context or context <= 0:
         return
     recipe = RECIPES[spec.recipe.kind]
-    _check_new_tokens(spec, "sampling.max_tokens", spec.sampling.max_tokens, context)
+    _check_new_tokens(spec.bad, "sampling.max_tokens", spec.sampling.max_tokens, context)
     if recipe.check_context is not None:  # its sequences are its own (a multi-turn recipe's episodes)
-        recipe.check_context(spec, KeyCheck(spec.source), context, tokenizer, eval_set)
+        recipe.check_context(spec, spec.bad, context, tokenizer, eval_set)
         return
     rollouts = spec.recipe.settings.new_tokens()
-    _check_new_tokens(spec, "recipe.max_tokens", rollouts, context)
+    _check_new_tokens(spec.bad, "recipe.max_tokens", rollouts, context)
     new_tokens = max(spec.sampling.max_tokens, rollouts)
     for i, example in enumerate(eval_set):
         prompt = _chat_len(tokenizer, example)
@@ -112,10 +112,10 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
                             f"model's context of {context}")
 
 
-def _check_new_tokens(spec: Spec, key: str, tokens: int, context: int) -> None:
+def _check_new_tokens(bad: KeyCheck, key: str, tokens: int, context: int) -> None:
     if tokens >= context:  # not even an empty prompt leaves room
-        raise SpecError(f"{spec.source}: {key}: {tokens} new tokens do not fit the model's context of "
-                        f"{context} tokens (as the service reports it)")
+        raise bad(key, f"{tokens} new tokens do not fit the model's context of {context} tokens "
+                       "(as the service reports it)")
 
 
 def load_tokenizer(path: str, *, named: bool, bad: KeyCheck) -> Any:
