@@ -146,7 +146,7 @@ def _step(step: int):  # type: ignore[no-untyped-def]
 
 async def _one_run(ledger, writes: _Writes, run_id: str, t0: float, end: float) -> int:  # type: ignore[no-untyped-def]
     from firetitan_track.tracking import Recorder
-    from runner.lease import acquire
+    from firetitan_track.lease import acquire
 
     loop = asyncio.get_running_loop()
     lease = await loop.run_in_executor(writes.executor, acquire, ledger, run_id)

@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from firetitan_track import Ledger
+from firetitan_track.ledger import Ledger
 from firetitan_track.errors import UserError
 from firetitan_track.store import LeaseLost
 

@@ -43,7 +43,8 @@ the ledger, a lease renewal say, can hold rows back for a moment and notifies no
 An append to a run whose writer holds a lease in the database (run_leases)
 also checks the lease's fencing token inside its transaction, right after it reads the
 head (the check locks the lease row, which gives the transaction its xid): a writer
-whose lease was taken over stops with LeaseLost instead of writing.
+whose lease was taken over stops with LeaseLost instead of writing. Taking, renewing and
+releasing a lease (and SQLite's file lock) are lease.py's.
 
 The schema is owned by the Alembic scripts in ``firetitan_track/schema/`` (package data,
 so an installed wheel creates and upgrades ledgers); the tables below mirror the head

@@ -39,7 +39,7 @@ from firetitan_track.ledger import StoreFailure
 from runner.backend_watch import BackendLost, BackendWatch
 from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loop, is_interrupt
 from runner.chain import load_upstream, resolve_upstream
-from runner.lease import Lease, LeaseLost, acquire
+from firetitan_track.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
 from runner.preflight import check_against_service, load_tokenizer
 from runner.provision import Endpoint, api_key, connect, endpoint

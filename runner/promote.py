@@ -150,7 +150,7 @@ def promote(run_id: str, *, ledger_url: str, model_id: str, snapshot: str | None
     """Promote a snapshot of ``run_id`` to ``model_id`` and record it in the run's stream."""
     from fireworks.training.sdk.fireworks_client import validate_output_model_id
 
-    from runner.lease import acquire
+    from firetitan_track.lease import acquire
 
     if (snapshot is None) == (not best):
         raise PromotionError("name the snapshot: --snapshot PATH or --best (one of them)")

@@ -36,7 +36,7 @@ from firetitan_track.events import SweepStarted, TrialAssigned, sweep_trials
 from firetitan_track.extras import require
 from firetitan_track.ids import sweep_stream
 from firetitan_track.projections.run_state import FINISHED, fold
-from runner.lease import Lease, LeaseHeld, acquire, try_acquire
+from firetitan_track.lease import Lease, LeaseHeld, acquire, try_acquire
 from runner.search import (DISTRIBUTIONS, PRUNERS, SEARCHES, Dist, SweepError, grid_size, open_study,
                            parse_grid, parse_params, sampler_for)
 from runner.spec import Spec

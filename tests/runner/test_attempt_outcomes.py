@@ -11,7 +11,7 @@ from firetitan_track.events import RunFailed, TrialPruned
 from firetitan_track.ledger import StoreFailure
 from runner.backend_watch import BackendLost
 from runner.interrupts import RunInterrupted, Terminated
-from runner.lease import LeaseLost
+from firetitan_track.lease import LeaseLost
 from runner.loop import NotResumable, RunError, ServiceLost, StopEarly, classify
 from runner.spec import BackendSection
 

@@ -18,7 +18,7 @@ import pytest
 from firetitan_track import Ledger
 from firetitan_track.projections.run_state import fold
 from firetitan_track.store import upgrade_schema
-from runner.lease import LeaseHeld, acquire, try_acquire
+from firetitan_track.lease import LeaseHeld, acquire, try_acquire
 from tests.helpers import needs_postgres, small_spec
 from tests.runner.test_resume import history
 from tests.team.procs import LEASE_TTL_S, finish, machine, start, wait_stopped
