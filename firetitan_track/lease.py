@@ -36,6 +36,7 @@ from pathlib import Path
 
 from firetitan_track.ledger import Ledger
 from firetitan_track.errors import UserError
+from firetitan_track.processes import pid_alive
 from firetitan_track.store import LeaseLost
 
 __all__ = ["Lease", "LeaseHeld", "LeaseLost", "acquire", "try_acquire", "lease_ttl_s"]
@@ -64,13 +65,7 @@ def _dead_here(holder: str) -> bool:
     host, _, pid = holder.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, someone else's
-    return False
+    return not pid_alive(int(pid))
 
 
 class Lease:

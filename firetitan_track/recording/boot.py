@@ -107,6 +107,8 @@ def wait_until_begun(timeout_s: float = BEGIN_WAIT_S) -> int:
     import json
     import time
 
+    from firetitan_track.processes import pid_alive  # importable: the SDK's patches, its caller, are ours
+
     folder = os.environ.get(ENV_DIR) or ""
     path = os.path.join(folder, BEGUN_NOTE)
     beginner = int(os.environ.get(ENV_BEGINNER) or 0)
@@ -119,7 +121,7 @@ def wait_until_begun(timeout_s: float = BEGIN_WAIT_S) -> int:
             break
         except FileNotFoundError:
             pass
-        if beginner and not _alive(beginner):
+        if beginner and not pid_alive(beginner):
             raise RuntimeError("the process recording this program ended before the run began")
         if time.monotonic() > deadline:
             raise RuntimeError(f"the run did not begin within {timeout_s:.0f} s")
@@ -128,16 +130,6 @@ def wait_until_begun(timeout_s: float = BEGIN_WAIT_S) -> int:
     if found.get("error"):
         raise RuntimeError(f"the run could not begin: {found['error']}")
     return int(found["attempt"])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists, owned by someone else
-    return True
 
 
 def _patch(name: str, module: ModuleType) -> None:

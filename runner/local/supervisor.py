@@ -30,6 +30,7 @@ from typing import Iterator
 
 from firetitan_track.errors import UserError
 from firetitan_track.extras import require
+from firetitan_track.processes import pid_alive
 
 from .state import DEFAULT_STATE_DIR, INFO_FILE, LOG_FILE, START_LOCK_FILE, TOKEN_ENV, read_json
 
@@ -62,28 +63,13 @@ class ServiceError(UserError, RuntimeError):
     """The service cannot start or be reached; the message says why."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not alive for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _is_our_server(pid: int) -> bool:
     """Guard against pid reuse: only signal a process that runs our server module."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"runner.local.server" in f.read()
     except OSError:
-        return _pid_alive(pid)
+        return pid_alive(pid)
 
 
 def _servers_on(state_dir: Path) -> list[int]:
@@ -98,7 +84,7 @@ def _servers_on(state_dir: Path) -> list[int]:
             continue
         if b"runner.local.server" in args and b"--state-dir" in args:
             i = args.index(b"--state-dir")
-            if i + 1 < len(args) and args[i + 1] == wanted and _pid_alive(int(entry.name)):
+            if i + 1 < len(args) and args[i + 1] == wanted and pid_alive(int(entry.name)):
                 pids.append(int(entry.name))
     return pids
 
@@ -114,7 +100,7 @@ def _healthy(base_url: str, timeout: float = 2.0) -> bool:
 def running(state_dir: Path | str = DEFAULT_STATE_DIR) -> LocalServiceInfo | None:
     """The live service on ``state_dir``, or None (a stale info file is ignored)."""
     data = read_json(Path(state_dir) / INFO_FILE)
-    if not data or not _pid_alive(int(data.get("pid", 0))) or not _healthy(data["base_url"]):
+    if not data or not pid_alive(int(data.get("pid", 0))) or not _healthy(data["base_url"]):
         return None
     return LocalServiceInfo.from_file(data)
 
@@ -218,16 +204,16 @@ def stop(state_dir: Path | str = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> bo
             return False
         data = {"pid": orphans[0]}
     pid = int(data.get("pid", 0))
-    if not pid or not _pid_alive(pid) or not _is_our_server(pid):
+    if not pid or not pid_alive(pid) or not _is_our_server(pid):
         (state_dir / INFO_FILE).unlink(missing_ok=True)
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
-        while _pid_alive(pid):
+        while pid_alive(pid):
             time.sleep(0.05)
     (state_dir / INFO_FILE).unlink(missing_ok=True)
     return True
@@ -236,9 +222,9 @@ def stop(state_dir: Path | str = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> bo
 def kill(state_dir: Path | str) -> None:
     """SIGKILL the service (tests use it to simulate a crash); leaves its files as they are."""
     data = read_json(Path(state_dir) / INFO_FILE)
-    if data and _pid_alive(int(data["pid"])) and _is_our_server(int(data["pid"])):
+    if data and pid_alive(int(data["pid"])) and _is_our_server(int(data["pid"])):
         os.kill(int(data["pid"]), signal.SIGKILL)
-        while _pid_alive(int(data["pid"])):
+        while pid_alive(int(data["pid"])):
             time.sleep(0.02)
 
 
