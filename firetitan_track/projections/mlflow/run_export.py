@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # mlflow is imported where it is used: the core installs with
     from mlflow.entities import Metric
 
 
+@dataclass
 class RunExport:
     """One MLflow run brought up to its ledger stream: models, datasets, params, metrics, artifacts.
 
@@ -39,21 +41,25 @@ class RunExport:
     LoggedModels so far (snapshot path -> model id), which it extends with those it creates.
     """
 
-    def __init__(self, client: Any, experiment_id: str, ledger: Ledger, models: dict[str, str], run_id: str,
-                 ml_run: str, history: list[RecordedEvent], shown: int, *, artifacts: bool) -> None:
-        self.client = client
-        self.experiment_id = experiment_id
-        self.ledger = ledger
-        self.models = models
-        self.artifacts = artifacts
-        self.run_id = run_id
-        self.ml_run = ml_run
-        self.history = history  # the authoritative stream, for context
-        self.new = [ev for ev in history if ev.version >= shown]  # what this pass must show
-        # prompt sets the MLflow run already holds (logged and uploaded by an earlier pass)
-        self.known_prompts = {ev.fact.prompt_set_digest for ev in history
-                              if isinstance(ev.fact, EvalStarted) and ev.version < shown}
-        self.metric_count = 0
+    client: Any  # mlflow's MlflowClient (imported where it is used)
+    experiment_id: str
+    ledger: Ledger
+    models: dict[str, str]
+    run_id: str
+    ml_run: str
+    history: list[RecordedEvent]  # the authoritative stream, for context
+    shown: int  # the stream version the MLflow run already shows
+    _: KW_ONLY
+    artifacts: bool
+    new: list[RecordedEvent] = field(init=False)  # what this pass must show
+    known_prompts: set[str] = field(init=False)  # prompt sets the MLflow run already holds
+    metric_count: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.new = [ev for ev in self.history if ev.version >= self.shown]
+        # logged and uploaded by an earlier pass
+        self.known_prompts = {ev.fact.prompt_set_digest for ev in self.history
+                              if isinstance(ev.fact, EvalStarted) and ev.version < self.shown}
 
     def run(self) -> None:
         models = self._logged_models()
