@@ -262,7 +262,8 @@ def _trainer_states(base_url: str) -> dict[str, str]:
 def test_a_service_whose_state_dir_was_deleted_is_still_found_and_never_doubled(tmp_path):
     import shutil
 
-    from runner.local.supervisor import ServiceError, _pid_alive, ensure_running, start
+    from firetitan_track.processes import pid_alive
+    from runner.local.supervisor import ServiceError, ensure_running, start
 
     state_dir = tmp_path / "svc"
     info = start(state_dir)
@@ -272,9 +273,9 @@ def test_a_service_whose_state_dir_was_deleted_is_still_found_and_never_doubled(
             ensure_running(state_dir)  # what `resume` does: no second server on the same dir
         down = CliRunner().invoke(main, ["local", "down", "--state-dir", str(state_dir)])
         assert down.exit_code == 0 and "stopped the local service" in down.output, down.output
-        assert not _pid_alive(info.pid)
+        assert not pid_alive(info.pid)
     finally:
-        if _pid_alive(info.pid):
+        if pid_alive(info.pid):
             os.kill(info.pid, signal.SIGKILL)
 
 
