@@ -39,11 +39,23 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable, TypedDict
+
+if TYPE_CHECKING:
+    from firetitan_track.recording.run import ProgramRun
 
 __all__ = ["autolog"]
 
-_started: dict[str, Any] = {}  # this process's autolog: run id, attempt
+
+class _Started(TypedDict, total=False):
+    """This process's autolog: its run, and the record folder its processes leave notes in."""
+
+    run_id: str
+    run: ProgramRun
+    record_dir: Path
+
+
+_started: _Started = {}
 
 
 def autolog(run_id: str | None = None, *, ledger_url: str | None = None) -> str:
@@ -79,14 +91,14 @@ def autolog(run_id: str | None = None, *, ledger_url: str | None = None) -> str:
     record_dir = Path(tempfile.mkdtemp(prefix="firetitan-autolog-"))
     os.environ.update(program_environment(rid, url, record_dir))  # for the program's children
     boot.mark_begun(str(record_dir), attempt=run.attempt)
-    _started.update(run_id=rid, run=run, record_dir=record_dir)
+    _started.update({"run_id": rid, "run": run, "record_dir": record_dir})
     atexit.register(_exited, end)  # registered before the recording's own flush, so it runs after it
     boot.start(None)  # also keeps the program's uncaught exception in the record folder
     program.configure(run_id=rid, ledger_url=url, attempt=run.attempt, record_dir=str(record_dir))
     return rid
 
 
-def _exited(end: Any) -> None:
+def _exited(end: Callable[..., None]) -> None:
     """The program's end, as far as a process can see its own: finished, or failed with the
     uncaught exception its excepthook kept."""
     import shutil

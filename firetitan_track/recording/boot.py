@@ -168,7 +168,7 @@ class _Loader(importlib.abc.Loader):
         module.__loader__ = self._inner  # the module keeps the loader it would have had
         _patch(self._name, module)
 
-    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...: whatever the inner loader has
         return getattr(self._inner, name)
 
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -34,6 +34,12 @@ from firetitan_track.cli import absolute_uri, ledger_url, user_errors
 from firetitan_track.errors import UserError
 from firetitan_track.ids import check_run_id
 from firetitan_track.recording import boot
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from firetitan_track.ledger import Ledger
+    from firetitan_track.projections.mlflow import LiveExporter
 
 __all__ = ["record", "run_program", "program_environment"]
 
@@ -79,7 +85,7 @@ def run_program(command: list[str], *, ledger_url: str, run_id: str | None = Non
     forwarded: list[str] = []
     ledger = exporter = None
 
-    def pass_on(signum: int, _frame: Any) -> None:
+    def pass_on(signum: int, _frame: FrameType | None) -> None:
         forwarded.append(f"after firetitan-track record passed on {signal.Signals(signum).name}")
         proc.send_signal(signum)
 
@@ -137,7 +143,7 @@ def _stop_unbegun(proc: subprocess.Popen, record_dir: Path, why: BaseException) 
         proc.wait()
 
 
-def _start_exporter(ledger: Any, run_id: str, tracking_uri: str | None) -> Any:
+def _start_exporter(ledger: Ledger, run_id: str, tracking_uri: str | None) -> LiveExporter | None:
     if not tracking_uri:
         return None
     from firetitan_track.projections.mlflow import LiveExporter

@@ -26,7 +26,7 @@ import math
 import os
 import threading
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Mapping
 
 from firetitan_track.blobs import canonical_json
 from firetitan_track.recording import boot
@@ -39,9 +39,9 @@ __all__ = ["ProgramMetrics"]
 _MAX_LINE = 1 << 20  # a metrics line longer than this is not the cookbook's
 
 
-def _numbers(obj: dict[str, Any]) -> dict[str, float]:
+def _numbers(obj: Mapping[str, object]) -> dict[str, float]:
     """The finite numbers of a logged object (lists, strings, NaN left out: nothing invented)."""
-    out = {}
+    out: dict[str, float] = {}
     for key, value in obj.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[str(key)] = value
@@ -90,7 +90,7 @@ class ProgramMetrics:
                 if isinstance(obj, dict):
                     self._logged(obj.get("step"), obj, "metrics_file")
 
-    def from_call(self, data: Any, step: Any, source: str) -> None:
+    def from_call(self, data: object, step: object, source: str) -> None:
         """Numbers the program handed a logger (``wandb``: ``wandb.log``; ``metrics_file``: a logger
         whose call writes the program's metrics file, as tinker-cookbook's ``JsonLogger``)."""
         if not isinstance(data, dict):
@@ -98,7 +98,7 @@ class ProgramMetrics:
         with self._lock:
             self._logged(step if step is not None else data.get("step"), data, source)
 
-    def _logged(self, step: Any, obj: dict[str, Any], source: str) -> None:
+    def _logged(self, step: object, obj: Mapping[str, object], source: str) -> None:
         step = _step(step)
         other = self._seen["wandb" if source == "metrics_file" else "metrics_file"]
         mine = self._seen[source]

@@ -31,21 +31,32 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeAlias, TypeVar
 
 from firetitan_track import sdk_adapter
 from firetitan_track.events import (ModelPromoted, PromotionFailed, PromotionRequested, StateSaveRequested,
                                     StepRequested)
 from firetitan_track.recording import program
-from firetitan_track.recording.program import PendingStep, ProgramRecording
+from firetitan_track.recording.program import PendingStep, ProgramRecording, SampledSequence
 from firetitan_track.recording.provenance import datum_sequence, sequence_digest
 from firetitan_track.tracking import close_and_confirm, error_text, numeric
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from firetitan_track.blobs import Json
+
 __all__ = ["patch_module", "unpatch_all", "ObservedFuture", "PATCHES"]
 
+# Any stays where a value is the SDK's own: a wrapped method's arguments and result, the objects
+# it is called on, its futures and what they resolve to. Their classes differ between fireworks-ai
+# 1.2.24 and 1.2.30 (and tinker's), no SDK is imported here, and a wrapper passes them on untouched.
+Method: TypeAlias = "Callable[..., Any]"  # an SDK method, or the wrapper that replaces it
+T = TypeVar("T")
+
 _inside: contextvars.ContextVar[bool] = contextvars.ContextVar("firetitan_recorded_call", default=False)
-_data_cursor: contextvars.ContextVar[Any] = contextvars.ContextVar("firetitan_data_cursor", default=None)
-_PATCHED: list[tuple[type, str, Any]] = []  # (class, attribute, original), for unpatch_all
+_data_cursor: contextvars.ContextVar[Json] = contextvars.ContextVar("firetitan_data_cursor", default=None)
+_PATCHED: list[tuple[type, str, Method]] = []  # (class, attribute, original), for unpatch_all
 _STATE = "_firetitan_record_state"  # what the recorder keeps on an SDK object
 
 
@@ -54,7 +65,7 @@ def _session() -> ProgramRecording | None:
     return None if _inside.get() else program.active()
 
 
-def _state(obj: Any, make: Callable[[], Any]) -> Any:
+def _state(obj: object, make: Callable[[], T]) -> T:
     try:
         found = obj.__dict__.get(_STATE)
         if found is None:
@@ -65,7 +76,7 @@ def _state(obj: Any, make: Callable[[], Any]) -> Any:
         return make()
 
 
-def _wrap(cls: type, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
+def _wrap(cls: type, name: str, make: Callable[[Method], Method]) -> None:
     original = cls.__dict__.get(name)
     if original is None or getattr(original, "__firetitan_recorded__", False):
         return
@@ -82,7 +93,7 @@ def unpatch_all() -> None:
         setattr(cls, name, original)
 
 
-def _arguments(original: Any, self: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+def _arguments(original: Method, self: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by name, defaults filled in ({} when they do not bind)."""
     try:
         bound = inspect.signature(original).bind(self, *args, **kwargs)
@@ -92,13 +103,13 @@ def _arguments(original: Any, self: Any, args: tuple, kwargs: dict) -> dict[str,
     return dict(bound.arguments)
 
 
-def _recorded(session: ProgramRecording, where: str, call: Callable[[], Any],
-              record: Callable[[Callable[[], Any]], Any]) -> Any:
+def _recorded(session: ProgramRecording, where: str, call: Callable[[], T],
+              record: Callable[[Callable[[], T]], T]) -> T:
     """``record(call)`` records around the program's call; if the recorder itself fails, the
     call still happens once and its own result or exception is the program's."""
-    outcome: list[Any] = []
+    outcome: list[tuple[str, Any]] = []  # ("raised", the exception) or ("returned", the value)
 
-    def tracked() -> Any:
+    def tracked() -> T:
         try:
             value = call()
         except BaseException as exc:
@@ -121,7 +132,7 @@ def _recorded(session: ProgramRecording, where: str, call: Callable[[], Any],
         _inside.reset(token)
 
 
-def _quietly(call: Callable[[], Any]) -> Any:
+def _quietly(call: Callable[[], T]) -> T:
     """The program's call, with the SDK's own calls inside it left unrecorded."""
     token = _inside.set(True)
     try:
@@ -150,7 +161,7 @@ class ObservedFuture:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def _settle(self, value: Any = None, error: BaseException | None = None) -> None:
+    def _settle(self, value: object = None, error: BaseException | None = None) -> None:
         on_result, self._on_result = self._on_result, None
         if on_result is None:
             return
@@ -188,7 +199,7 @@ class ObservedFuture:
 
 # -- FiretitanServiceClient ------------------------------------------------------------------
 
-def _create_training_client(original: Any) -> Callable[..., Any]:
+def _create_training_client(original: Method) -> Method:
     def create_training_client(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         config = sdk_adapter.managed_config(self)
@@ -211,14 +222,14 @@ def _create_training_client(original: Any) -> Callable[..., Any]:
     return create_training_client
 
 
-def _adopt(session: ProgramRecording, client: Any, service: Any) -> None:
+def _adopt(session: ProgramRecording, client: object, service: object) -> None:
     """The policy client this process provisioned: it knows its trainer, and this process
     (which sees the deployment's syncs) reads the program's metrics file."""
     _state(client, lambda: _ClientState(None)).trainer_job_id = sdk_adapter.trainer_job_id(service)
     session.metrics.reads_file = session.provisioned_here = True
 
 
-def _create_reference_client(original: Any) -> Callable[..., Any]:
+def _create_reference_client(original: Method) -> Method:
     def create_reference_client(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         config = sdk_adapter.managed_config(self)
@@ -231,7 +242,7 @@ def _create_reference_client(original: Any) -> Callable[..., Any]:
     return create_reference_client
 
 
-def _create_inference_deployment_sampler(original: Any) -> Callable[..., Any]:
+def _create_inference_deployment_sampler(original: Method) -> Method:
     def create_inference_deployment_sampler(self: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -244,7 +255,7 @@ def _create_inference_deployment_sampler(original: Any) -> Callable[..., Any]:
     return create_inference_deployment_sampler
 
 
-def _close(original: Any) -> Callable[..., Any]:
+def _close(original: Method) -> Method:
     def close(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if (session is None or sdk_adapter.managed_handle(self) is None
@@ -269,11 +280,11 @@ class _ClientState:
         self.base_path: str | None = None
 
 
-def _client_state(client: Any) -> _ClientState:
+def _client_state(client: object) -> _ClientState:
     return _state(client, lambda: _ClientState(None))
 
 
-def _forward_backward(original: Any) -> Callable[..., Any]:
+def _forward_backward(original: Method) -> Method:
     def forward_backward(self: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -287,7 +298,7 @@ def _forward_backward(original: Any) -> Callable[..., Any]:
     return forward_backward
 
 
-def _micro_batch(session: ProgramRecording, client: Any, data: Any) -> PendingStep:
+def _micro_batch(session: ProgramRecording, client: object, data: Iterable[Any]) -> PendingStep:
     """Add a micro-batch to the client's next step (whose intent its first one records)."""
     state = _client_state(client)
     pending = state.pending
@@ -304,7 +315,7 @@ def _micro_batch(session: ProgramRecording, client: Any, data: Any) -> PendingSt
     return pending
 
 
-def _optim_step(original: Any) -> Callable[..., Any]:
+def _optim_step(original: Method) -> Method:
     def optim_step(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -326,7 +337,7 @@ def _optim_step(original: Any) -> Callable[..., Any]:
     return optim_step
 
 
-def _step_requested(session: ProgramRecording, client: Any, params: Any) -> PendingStep:
+def _step_requested(session: ProgramRecording, client: object, params: object) -> PendingStep:
     state = _client_state(client)
     pending, state.pending = state.pending, None
     if pending is None:  # an optimizer step with no micro-batch of its own
@@ -336,7 +347,7 @@ def _step_requested(session: ProgramRecording, client: Any, params: Any) -> Pend
     return pending
 
 
-def _save_state(original: Any) -> Callable[..., Any]:
+def _save_state(original: Method) -> Method:
     def save_state(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -362,8 +373,8 @@ def _state_save_requested(session: ProgramRecording, name: str) -> StateSaveRequ
     return session.calls.state_save_requested(name=name, data_cursor=_data_cursor.get())
 
 
-def _load_state(with_optimizer: bool) -> Callable[[Any], Callable[..., Any]]:
-    def make(original: Any) -> Callable[..., Any]:
+def _load_state(with_optimizer: bool) -> Callable[[Method], Method]:
+    def make(original: Method) -> Method:
         def load(self: Any, path: str, *args: Any, **kwargs: Any) -> Any:
             session = _session()
             if session is None:
@@ -377,7 +388,7 @@ def _load_state(with_optimizer: bool) -> Callable[[Any], Callable[..., Any]]:
     return make
 
 
-def _save_weights_for_sampler(original: Any) -> Callable[..., Any]:
+def _save_weights_for_sampler(original: Method) -> Method:
     def save_weights_for_sampler(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -404,7 +415,7 @@ def _save_weights_for_sampler(original: Any) -> Callable[..., Any]:
 
 # -- weight syncs, sampling, promotion ----------------------------------------------------------
 
-def _hotload_and_wait(original: Any) -> Callable[..., Any]:
+def _hotload_and_wait(original: Method) -> Method:
     def hotload_and_wait(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -418,7 +429,7 @@ def _hotload_and_wait(original: Any) -> Callable[..., Any]:
     return hotload_and_wait
 
 
-def _deployment_of(sampler: Any) -> str:
+def _deployment_of(sampler: object) -> str:
     """The deployment a sampler serves from: its id when its model names one, else the model."""
     model = str(getattr(sampler, "model", "") or "")
     return model.rsplit("/deployments/", 1)[1].split("/")[0] if "/deployments/" in model else model
@@ -428,7 +439,7 @@ _SAMPLING_KEYS = ("n", "max_tokens", "temperature", "top_p", "top_k", "max_seq_l
                   "seed")
 
 
-def _sample(original: Any) -> Callable[..., Any]:
+def _sample(original: Method) -> Method:
     call_name = original.__name__
 
     async def sample(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -448,14 +459,16 @@ def _sample(original: Any) -> Callable[..., Any]:
     return sample
 
 
-def _samples_drawn(session: ProgramRecording, original: Any, sampler: Any, args: tuple, kwargs: dict, out: Any,
-                   deployment: str, sent: tuple[str | None, int], call_name: str) -> None:
+def _samples_drawn(session: ProgramRecording, original: Method, sampler: object, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], out: Any, deployment: str, sent: tuple[str | None, int],
+                   call_name: str) -> None:
     given = _arguments(original, sampler, args, kwargs)
     extra = given.pop("kwargs", {}) or {}
     given.update(extra)
-    completions = [{"full_tokens": c.full_tokens, "prompt_len": c.prompt_len, "text": getattr(c, "text", None),
-                    "finish_reason": getattr(c, "finish_reason", None)}
-                   for c in (out.completions if hasattr(out, "completions") else out or [])]
+    completions: list[SampledSequence] = [
+        {"full_tokens": c.full_tokens, "prompt_len": c.prompt_len, "text": getattr(c, "text", None),
+         "finish_reason": getattr(c, "finish_reason", None)}
+        for c in (out.completions if hasattr(out, "completions") else out or [])]
     prompt = ({"messages": given["messages"]} if "messages" in given
               else {"prompt_token_ids": [int(t) for t in given.get("prompt_token_ids") or []]})
     sampling = {k: given[k] for k in _SAMPLING_KEYS
@@ -464,7 +477,7 @@ def _samples_drawn(session: ProgramRecording, original: Any, sampler: Any, args:
                           completions=completions, sampling=sampling)
 
 
-def _promote_checkpoint(original: Any) -> Callable[..., Any]:
+def _promote_checkpoint(original: Method) -> Method:
     def promote_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -497,7 +510,7 @@ def _job_of(checkpoint_name: str) -> str | None:
 
 # -- the cookbook's checkpoint manager, W&B -------------------------------------------------------
 
-def _checkpoints_save(original: Any) -> Callable[..., Any]:
+def _checkpoints_save(original: Method) -> Method:
     def save(self: Any, *args: Any, **kwargs: Any) -> Any:
         consumed = _arguments(original, self, args, kwargs).get("data_consumed")
         token = _data_cursor.set({"data_consumed": consumed} if consumed is not None else None)
@@ -508,7 +521,7 @@ def _checkpoints_save(original: Any) -> Callable[..., Any]:
     return save
 
 
-def _checkpoints_resume(original: Any) -> Callable[..., Any]:
+def _checkpoints_resume(original: Method) -> Method:
     def resume(self: Any, *args: Any, **kwargs: Any) -> Any:
         info = original(self, *args, **kwargs)
         session = program.active()
@@ -519,7 +532,7 @@ def _checkpoints_resume(original: Any) -> Callable[..., Any]:
     return resume
 
 
-def _wandb_log(original: Any) -> Callable[..., Any]:
+def _wandb_log(original: Method) -> Method:
     def log(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(self, *args, **kwargs)
         session = program.active()
@@ -534,7 +547,7 @@ def _wandb_log(original: Any) -> Callable[..., Any]:
 
 # -- which module gets which wrappers ------------------------------------------------------------
 
-def _client_module(module: Any) -> None:
+def _client_module(module: ModuleType) -> None:
     service = getattr(module, "FiretitanServiceClient", None)
     if isinstance(service, type):
         _wrap(service, "create_training_client", _create_training_client)
@@ -553,40 +566,40 @@ def _client_module(module: Any) -> None:
         _wrap(client, "save_weights_for_sampler_ext", _save_weights_for_sampler)
 
 
-def _sampling_module(module: Any) -> None:
+def _sampling_module(module: ModuleType) -> None:
     sampler = getattr(module, "DeploymentSampler", None)
     if isinstance(sampler, type):
         for name in ("sample_with_tokens", "sample_with_prompt_tokens", "sample_with_prompt_tokens_result"):
             _wrap(sampler, name, _sample)
 
 
-def _deployment_module(module: Any) -> None:
+def _deployment_module(module: ModuleType) -> None:
     manager = getattr(module, "DeploymentManager", None)
     if isinstance(manager, type):
         _wrap(manager, "hotload_and_wait", _hotload_and_wait)
 
 
-def _fireworks_client_module(module: Any) -> None:
+def _fireworks_client_module(module: ModuleType) -> None:
     client = getattr(module, "FireworksClient", None)
     if isinstance(client, type):
         _wrap(client, "promote_checkpoint", _promote_checkpoint)
 
 
-def _cookbook_checkpoints_module(module: Any) -> None:
+def _cookbook_checkpoints_module(module: ModuleType) -> None:
     manager = getattr(module, "TrainingCheckpoints", None)
     if isinstance(manager, type):
         _wrap(manager, "save", _checkpoints_save)
         _wrap(manager, "resume", _checkpoints_resume)
 
 
-def _wandb_run_module(module: Any) -> None:
+def _wandb_run_module(module: ModuleType) -> None:
     for name in ("Run", "NoopRun"):  # W&B online or offline; disabled (WANDB_MODE=disabled)
         run = getattr(module, name, None)
         if isinstance(run, type):
             _wrap(run, "log", _wandb_log)
 
 
-PATCHES: dict[str, Callable[[Any], None]] = {
+PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "fireworks.training.sdk.client": _client_module,
     "fireworks.training.sdk.sampling": _sampling_module,
     "fireworks.training.sdk.deployment": _deployment_module,
@@ -602,7 +615,7 @@ from firetitan_track.recording import tinker_patches  # noqa: E402  (it wraps wi
 PATCHES.update(tinker_patches.PATCHES)
 
 
-def patch_module(name: str, module: Any) -> None:
+def patch_module(name: str, module: ModuleType) -> None:
     """Wrap what ``module`` (just imported, or already there) holds of the recorded classes."""
     patch = PATCHES.get(name)
     if patch is None:

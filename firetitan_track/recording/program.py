@@ -29,7 +29,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypedDict, TypeVar
 
 from firetitan_track.events import (CallFailed, Event, MetricsLogged, NewEvent, ProgramStarted, RecordedEvent,
                                     RecordingDegraded, RunResumed, SamplesDrawn, StateLoaded, StateSaved,
@@ -41,7 +41,10 @@ from firetitan_track.recording.provenance import SampleIndex, SampleRef, version
 from firetitan_track.redact import redact_text
 from firetitan_track.tracking import CallRecorder, Recorder, error_text, numeric
 
-__all__ = ["ProgramRecording", "PendingStep", "active", "configure"]
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
+
+__all__ = ["ProgramRecording", "PendingStep", "SampledSequence", "active", "configure"]
 
 WRITE_EVERY_S = 0.5  # the longest a queued fact waits to be written
 _MAX_QUEUED = 100_000  # facts kept while the ledger does not take them; older ones are dropped
@@ -61,6 +64,15 @@ class PendingStep:
     optimizer: dict[str, object] = field(default_factory=dict)
     matched: list[SampleRef] = field(default_factory=list)  # the samples its datums came from
     offsets: list[int] = field(default_factory=list)
+
+
+class SampledSequence(TypedDict):
+    """One sequence a sampling call drew, as a wrapper hands it to ``samples_drawn``."""
+
+    full_tokens: list[int]  # the prompt and the completion
+    prompt_len: int
+    text: str | None
+    finish_reason: str | None
 
 
 class _ProgramRecorder(Recorder):
@@ -299,7 +311,7 @@ class ProgramRecording:
                 pending.offsets.append(published.get(ref.deployment, 0) - ref.version_at_send)
 
     def step_completed(self, pending: PendingStep, response: object) -> None:
-        provenance: dict[str, Any] = {"datums": pending.datums, "matched": len(pending.matched)}
+        provenance: dict[str, Json] = {"datums": pending.datums, "matched": len(pending.matched)}
         if pending.matched:
             provenance["samples_digest"] = self.blob([[ref.event_id, ref.index] for ref in pending.matched])
         offsets = version_offsets(pending.offsets)
@@ -314,7 +326,7 @@ class ProgramRecording:
                                 step=self.rec.step if step is None else step))
 
     def samples_drawn(self, *, deployment: str, sent: tuple[str | None, int], call: str, prompt: object,
-                      completions: list[dict[str, Any]], sampling: dict[str, Any],
+                      completions: list[SampledSequence], sampling: dict[str, Json],
                       returned: tuple[str | None, int] | None = None) -> None:
         """One sampling call. ``completions``: each sampled sequence as ``full_tokens`` (prompt and
         completion), ``prompt_len``, ``text`` and ``finish_reason``; ``returned``: the snapshot and

@@ -41,7 +41,7 @@ def sequence_digest(tokens: Sequence[int]) -> str:
     return hashlib.sha256(packed.tobytes()).hexdigest()
 
 
-def _ints(value: Any) -> list[int] | None:
+def _ints(value: object) -> list[int] | None:
     """Token ids from a TensorData (either SDK release), a tensor or array, or a list."""
     data = getattr(value, "data", value)
     if hasattr(data, "tolist"):
@@ -54,7 +54,7 @@ def _ints(value: Any) -> list[int] | None:
         return None
 
 
-def datum_sequence(datum: Any) -> list[int] | None:
+def datum_sequence(datum: Any) -> list[int] | None:  # an SDK Datum: its class differs by release
     """The sequence a next-token datum trains on (see the module docstring); None for a datum
     of another layout."""
     try:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from firetitan_track.blobs import json_digest
 from firetitan_track.errors import UserError
@@ -34,13 +34,46 @@ from firetitan_track.projections.run_state import fold
 from firetitan_track.redact import redact_text
 from firetitan_track.tracking import Recorder, code_version
 
-__all__ = ["ProgramRun", "begin", "end", "describe_program", "program_code_fields", "NotARecordedRun"]
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from firetitan_track.code_identity import PutBlob
+    from firetitan_track.events import CodeIdentity
+
+__all__ = ["ProgramRun", "ProgramSpec", "ProgramCode", "begin", "end", "describe_program", "program_code_fields",
+           "NotARecordedRun"]
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai"  # what the SDK and the cookbook use when none is given
 
 
 class NotARecordedRun(UserError):
     """The run id names a run the runner started; a program cannot record into it."""
+
+
+class ProgramSpec(TypedDict):
+    """What RunStarted's spec says of a recorded program, under its ``program`` key."""
+
+    command: list[str]
+    cwd: str
+    python: str | None
+    entry: dict[str, str]  # the entry script's path and sha256, its module, or its -c code's sha256
+    sdk: dict[str, str]  # {distribution: release}
+    backend: str
+
+
+class ProgramCode(TypedDict):
+    """RunStarted's code fields for a recorded program (``program_code_fields``)."""
+
+    code_version: str
+    entry: dict[str, str]
+    code: NotRequired[CodeIdentity]
+
+
+class _StartedFields(TypedDict, total=False):
+    """What a caller of ``begin`` adds to ProgramStarted."""
+
+    pid: int | None
+    metrics_file: str | None
 
 
 @dataclass
@@ -50,7 +83,7 @@ class ProgramRun:
 
 
 def begin(ledger: Ledger, run_id: str, *, command: list[str], cwd: str, started_by: str,
-          interpreter: str | None = None, **started: Any) -> ProgramRun:
+          interpreter: str | None = None, **started: Unpack[_StartedFields]) -> ProgramRun:
     """Start (or continue) ``run_id`` for a program; ``started`` adds to ProgramStarted."""
     rec = Recorder(ledger, run_id, interleave=True)
     attempt = 1
@@ -127,8 +160,8 @@ def _signal_name(number: int) -> str:
 
 # -- what RunStarted says of a program -------------------------------------------------------------
 
-def describe_program(command: list[str], cwd: str, entry: dict[str, Any],
-                     interpreter: str | None = None) -> dict[str, Any]:
+def describe_program(command: list[str], cwd: str, entry: dict[str, str],
+                     interpreter: str | None = None) -> dict[str, ProgramSpec]:
     """RunStarted's spec for a recorded program: ``{"program": {...}}``; ``entry`` is
     program_code_fields' (the entry script and its digest, read once)."""
     python = interpreter or python_of(command)
@@ -143,14 +176,14 @@ def describe_program(command: list[str], cwd: str, entry: dict[str, Any],
 
 
 def program_code_fields(command: list[str], cwd: str, python: str | None = None, *,
-                        put_blob: Any = None) -> dict[str, Any]:
+                        put_blob: PutBlob | None = None) -> ProgramCode:
     """RunStarted's code fields for a recorded program, built here and nowhere else:
     ``code_version``, the recorder's release; ``entry``, the program's entry script (or
     module, or ``-c`` code) with its sha256; and with ``put_blob`` (a ledger's, which stores
     the uncommitted diff) ``code``, the shared code identity (firetitan_track.code_identity)
     of the entry script's repository, or of ``cwd`` when the entry is no file."""
     entry = _entry(command, cwd, python or python_of(command))
-    fields: dict[str, Any] = {"code_version": code_version(), "entry": entry}
+    fields: ProgramCode = {"code_version": code_version(), "entry": entry}
     if put_blob is not None:
         from firetitan_track.code_identity import code_identity
 
@@ -198,7 +231,7 @@ def python_of(command: list[str]) -> str | None:
     return parts[0] if parts and _PYTHON.match(os.path.basename(parts[0])) else None
 
 
-def _entry(command: list[str], cwd: str, python: str | None) -> dict[str, Any]:
+def _entry(command: list[str], cwd: str, python: str | None) -> dict[str, str]:
     args = list(command)
     via_python = python is not None and bool(args) and _PYTHON.match(os.path.basename(shutil.which(args[0]) or args[0]))
     if via_python:

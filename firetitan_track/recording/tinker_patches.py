@@ -40,20 +40,42 @@ import functools
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 from firetitan_track import sdk_adapter
 from firetitan_track.events import ProvisionRequested, SnapshotRequested, TrainerProvisioned
 from firetitan_track.recording import program
-from firetitan_track.recording.patches import (ObservedFuture, _arguments, _client_state, _data_cursor,
+from firetitan_track.recording.patches import (Method, ObservedFuture, _arguments, _client_state, _data_cursor,
                                                _forward_backward, _load_state, _optim_step, _quietly, _save_state,
                                                _session, _wrap)
-from firetitan_track.recording.program import ProgramRecording
+from firetitan_track.recording.program import ProgramRecording, SampledSequence
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from firetitan_track.blobs import Json
+    from firetitan_track.tracking import PendingSync
 
 __all__ = ["PATCHES"]
 
-_origin: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("firetitan_tinker_origin",
-                                                                                default=None)
+# As in patches.py, Any stays where a value is the SDK's own (a wrapped method's arguments and
+# result, the clients, what a future resolves to): this module imports no tinker, and passes them on.
+
+
+class _Origin(TypedDict, total=False):
+    """What a creation call knows of the client its coroutine builds (``kind``: "training" or "sampler")."""
+
+    kind: str
+    created: bool  # a training client: provisioned by this call
+    state: str  # a training client from a state: its path
+    with_optimizer: bool
+    snapshot: SnapshotRequested | None  # a sampler on an ephemeral snapshot: its intent
+    deployment: str | None  # a sampler: the training run (or base model) it serves
+    t0: float  # when the ephemeral snapshot's sync began (time.perf_counter)
+    sync: PendingSync | None  # a sampler on a saved snapshot: its sync
+
+
+_origin: contextvars.ContextVar[_Origin | None] = contextvars.ContextVar("firetitan_tinker_origin", default=None)
 EPHEMERAL = "ephemeral"  # the name of a snapshot save_weights_and_get_sampling_client saves
 
 
@@ -67,7 +89,7 @@ class _Served:
     version: int
 
 
-def _begun(original: Any, origin: dict[str, Any], self: Any, args: tuple, kwargs: dict) -> Any:
+def _begun(original: Method, origin: _Origin, self: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The program's creation call, with ``origin`` for the client its coroutine builds."""
     token = _origin.set(origin)
     try:
@@ -78,7 +100,7 @@ def _begun(original: Any, origin: dict[str, Any], self: Any, args: tuple, kwargs
 
 # -- training clients --------------------------------------------------------------------------
 
-def _create_lora_training_client(original: Any) -> Callable[..., Any]:
+def _create_lora_training_client(original: Method) -> Method:
     def create_lora_training_client(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -91,8 +113,8 @@ def _create_lora_training_client(original: Any) -> Callable[..., Any]:
     return create_lora_training_client
 
 
-def _create_training_client_from_state(with_optimizer: bool) -> Callable[[Any], Callable[..., Any]]:
-    def make(original: Any) -> Callable[..., Any]:
+def _create_training_client_from_state(with_optimizer: bool) -> Callable[[Method], Method]:
+    def make(original: Method) -> Method:
         def create_training_client_from_state(self: Any, *args: Any, **kwargs: Any) -> Any:
             session = _session()
             if session is None:
@@ -101,13 +123,13 @@ def _create_training_client_from_state(with_optimizer: bool) -> Callable[[Any], 
             # the base model is the state's, known once it is loaded (TrainerProvisioned names it)
             session.safely("create_training_client_from_state", lambda: session.now(ProvisionRequested(
                 role="policy", base_model=path, shape=None, lora_rank=0, base_url=sdk_adapter.tinker_base_url(self))))
-            origin = {"kind": "training", "created": True, "state": path, "with_optimizer": with_optimizer}
+            origin: _Origin = {"kind": "training", "created": True, "state": path, "with_optimizer": with_optimizer}
             return _begun(original, origin, self, args, kwargs)
         return create_training_client_from_state
     return make
 
 
-def _training_client_init(original: Any) -> Callable[..., Any]:
+def _training_client_init(original: Method) -> Method:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         origin, session = _origin.get(), program.active()
@@ -116,7 +138,7 @@ def _training_client_init(original: Any) -> Callable[..., Any]:
     return __init__
 
 
-def _trainer_made(session: ProgramRecording, client: Any, origin: dict[str, Any]) -> None:
+def _trainer_made(session: ProgramRecording, client: object, origin: _Origin) -> None:
     run_id = sdk_adapter.tinker_training_run(client)
     base_model, lora_rank = sdk_adapter.tinker_model(client)
     _client_state(client).trainer_job_id = run_id
@@ -127,7 +149,7 @@ def _trainer_made(session: ProgramRecording, client: Any, origin: dict[str, Any]
         session.state_loaded(origin["state"], with_optimizer=origin["with_optimizer"], trainer_job_id=run_id)
 
 
-def _save_weights_for_sampler(original: Any) -> Callable[..., Any]:
+def _save_weights_for_sampler(original: Method) -> Method:
     def save_weights_for_sampler(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -151,38 +173,38 @@ def _snapshot_requested(session: ProgramRecording, name: str) -> SnapshotRequest
 
 # -- sampling clients ----------------------------------------------------------------------------
 
-def _save_weights_and_get_sampling_client(original: Any) -> Callable[..., Any]:
+def _save_weights_and_get_sampling_client(original: Method) -> Method:
     def save_weights_and_get_sampling_client(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
             return original(self, *args, **kwargs)
         intent = session.safely("save_weights_and_get_sampling_client",
                                 lambda: _snapshot_requested(session, EPHEMERAL))
-        origin = {"kind": "sampler", "snapshot": intent, "deployment": sdk_adapter.tinker_training_run(self),
+        origin: _Origin = {"kind": "sampler", "snapshot": intent, "deployment": sdk_adapter.tinker_training_run(self),
                   "t0": time.perf_counter()}
         return _begun(original, origin, self, args, kwargs)
     return save_weights_and_get_sampling_client
 
 
-def _create_sampling_client(original: Any) -> Callable[..., Any]:
+def _create_sampling_client(original: Method) -> Method:
     def create_sampling_client(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
             return original(self, *args, **kwargs)
         given = _arguments(original, self, args, kwargs)
         path = given.get("model_path")
-        origin: dict[str, Any] = {"kind": "sampler"}
+        origin: _Origin = {"kind": "sampler"}
         if path:
             deployment = sdk_adapter.tinker_run_of_path(str(path))
-            origin.update(deployment=deployment, sync=session.safely("create_sampling_client", lambda: (
-                session.calls.sync_requested(deployment_id=deployment, snapshot_path=str(path)))))
+            origin.update({"deployment": deployment, "sync": session.safely("create_sampling_client", lambda: (
+                session.calls.sync_requested(deployment_id=deployment, snapshot_path=str(path))))})
         else:
-            origin.update(deployment=str(given.get("base_model")))
+            origin.update({"deployment": str(given.get("base_model"))})
         return _begun(original, origin, self, args, kwargs)
     return create_sampling_client
 
 
-def _sampling_client_init(original: Any) -> Callable[..., Any]:
+def _sampling_client_init(original: Method) -> Method:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         origin, session = _origin.get(), program.active()
@@ -191,7 +213,7 @@ def _sampling_client_init(original: Any) -> Callable[..., Any]:
     return __init__
 
 
-def _sampler_made(session: ProgramRecording, client: Any, origin: dict[str, Any]) -> None:
+def _sampler_made(session: ProgramRecording, client: object, origin: _Origin) -> None:
     deployment = origin["deployment"]
     sync = origin.get("sync")
     if origin.get("snapshot") is not None:  # an ephemeral snapshot, saved and served by this client
@@ -208,14 +230,14 @@ def _sampler_made(session: ProgramRecording, client: Any, origin: dict[str, Any]
 _SERVED = "_firetitan_record_served"
 
 
-def _served(client: Any) -> _Served:
+def _served(client: object) -> _Served:
     """What a sampling client serves; one the recorder did not see made (an unpickled copy in a
     worker) is named by its sampling session, with no snapshot known."""
     found = getattr(client, "__dict__", {}).get(_SERVED)
     return found or _Served(sdk_adapter.tinker_sampling_session(client), None, 0)
 
 
-def _sample(original: Any) -> Callable[..., Any]:
+def _sample(original: Method) -> Method:
     def sample(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
         if session is None:
@@ -228,7 +250,7 @@ def _sample(original: Any) -> Callable[..., Any]:
     return sample
 
 
-def _compute_logprobs(original: Any) -> Callable[..., Any]:
+def _compute_logprobs(original: Method) -> Method:
     """Scoring through a sampling client (an NLL eval): no samples, but the sampler is used."""
     def compute_logprobs(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = _session()
@@ -241,11 +263,12 @@ def _compute_logprobs(original: Any) -> Callable[..., Any]:
 
 def _samples_drawn(session: ProgramRecording, served: _Served, given: dict[str, Any], out: Any) -> None:
     prompt = [int(t) for t in given["prompt"].to_ints()]
-    completions = [{"full_tokens": prompt + [int(t) for t in seq.tokens], "prompt_len": len(prompt), "text": None,
-                    "finish_reason": str(getattr(seq, "stop_reason", None))} for seq in out.sequences]
+    completions: list[SampledSequence] = [
+        {"full_tokens": prompt + [int(t) for t in seq.tokens], "prompt_len": len(prompt), "text": None,
+         "finish_reason": str(getattr(seq, "stop_reason", None))} for seq in out.sequences]
     params = given.get("sampling_params")
     fields = params.model_dump(exclude_none=True) if hasattr(params, "model_dump") else {}
-    sampling = {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool, list))}
+    sampling: dict[str, Json] = {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool, list))}
     sampling["n"] = int(given.get("num_samples") or len(completions))
     published = session.calls.published.get(served.deployment, served.version)
     session.samples_drawn(deployment=served.deployment, sent=(served.snapshot_path, served.version), call="sample",
@@ -255,7 +278,7 @@ def _samples_drawn(session: ProgramRecording, served: _Served, given: dict[str, 
 
 # -- tinker-cookbook: its checkpoints' loop state, its metrics -----------------------------------
 
-def _save_checkpoint_async(original: Any) -> Callable[..., Any]:
+def _save_checkpoint_async(original: Method) -> Method:
     signature = inspect.signature(original)
 
     async def save_checkpoint_async(*args: Any, **kwargs: Any) -> Any:
@@ -271,7 +294,7 @@ def _save_checkpoint_async(original: Any) -> Callable[..., Any]:
     return save_checkpoint_async
 
 
-def _json_logger_log_metrics(original: Any) -> Callable[..., Any]:
+def _json_logger_log_metrics(original: Method) -> Method:
     def log_metrics(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(self, *args, **kwargs)
         session = program.active()
@@ -285,7 +308,7 @@ def _json_logger_log_metrics(original: Any) -> Callable[..., Any]:
 
 # -- which module gets which wrappers -----------------------------------------------------------
 
-def _service_client_module(module: Any) -> None:
+def _service_client_module(module: ModuleType) -> None:
     service = getattr(module, "ServiceClient", None)
     if isinstance(service, type):
         _wrap(service, "create_lora_training_client", _create_lora_training_client)
@@ -294,7 +317,7 @@ def _service_client_module(module: Any) -> None:
         _wrap(service, "create_sampling_client", _create_sampling_client)
 
 
-def _training_client_module(module: Any) -> None:
+def _training_client_module(module: ModuleType) -> None:
     client = getattr(module, "TrainingClient", None)
     if isinstance(client, type):
         _wrap(client, "__init__", _training_client_init)
@@ -309,7 +332,7 @@ def _training_client_module(module: Any) -> None:
         _wrap(client, "create_sampling_client", _create_sampling_client)
 
 
-def _sampling_client_module(module: Any) -> None:
+def _sampling_client_module(module: ModuleType) -> None:
     client = getattr(module, "SamplingClient", None)
     if isinstance(client, type):
         _wrap(client, "__init__", _sampling_client_init)
@@ -317,7 +340,7 @@ def _sampling_client_module(module: Any) -> None:
         _wrap(client, "compute_logprobs", _compute_logprobs)
 
 
-def _cookbook_checkpoint_module(module: Any) -> None:
+def _cookbook_checkpoint_module(module: ModuleType) -> None:
     save = getattr(module, "save_checkpoint_async", None)
     if callable(save) and not getattr(save, "__firetitan_recorded__", False):
         wrapper = functools.wraps(save)(_save_checkpoint_async(save))
@@ -325,13 +348,13 @@ def _cookbook_checkpoint_module(module: Any) -> None:
         module.save_checkpoint_async = wrapper
 
 
-def _cookbook_ml_log_module(module: Any) -> None:
+def _cookbook_ml_log_module(module: ModuleType) -> None:
     logger = getattr(module, "JsonLogger", None)
     if isinstance(logger, type):
         _wrap(logger, "log_metrics", _json_logger_log_metrics)
 
 
-PATCHES: dict[str, Callable[[Any], None]] = {
+PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "tinker.lib.public_interfaces.service_client": _service_client_module,
     "tinker.lib.public_interfaces.training_client": _training_client_module,
     "tinker.lib.public_interfaces.sampling_client": _sampling_client_module,

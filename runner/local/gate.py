@@ -22,7 +22,8 @@ import hmac
 import logging
 import time
 import traceback
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.datastructures import Headers
@@ -30,6 +31,9 @@ from starlette.datastructures import Headers
 from firetitan_track.redact import redact_text, secret_values
 
 from .wire import error_response
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEALTH_PATH = "/local/v1/healthz"  # open without a token: `local up` and the runner probe it, it tells nothing
 
@@ -54,32 +58,40 @@ def _credentials(headers: Headers) -> list[str]:
     return found
 
 
+@dataclass
+class _Sent:
+    """What a request's response has sent so far, for its log line."""
+
+    status: int | None = None
+    error: bytearray = field(default_factory=bytearray)  # the start of an error body
+
+
 class RequestGate:
     """Pure ASGI middleware (streams pass through untouched)."""
 
-    def __init__(self, app: Any, *, token: str | None = None, log_requests: bool = False):
+    def __init__(self, app: ASGIApp, *, token: str | None = None, log_requests: bool = False):
         self.app = app
         self.token = token
         self.log_requests = log_requests
         if log_requests:
             requests_log.setLevel(logging.INFO)
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
         headers = Headers(scope=scope)
         credentials = _credentials(headers)
-        sent: dict[str, Any] = {"status": None, "error": bytearray()}
+        sent = _Sent()
 
-        async def recording_send(message: dict) -> None:
+        async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                sent["status"] = message["status"]
-            elif message["type"] == "http.response.body" and (sent["status"] or 0) >= 400:
-                room = _MESSAGE_BYTES - len(sent["error"])
+                sent.status = message["status"]
+            elif message["type"] == "http.response.body" and (sent.status or 0) >= 400:
+                room = _MESSAGE_BYTES - len(sent.error)
                 if room > 0:
-                    sent["error"] += message.get("body", b"")[:room]
+                    sent.error += message.get("body", b"")[:room]
             await send(message)
 
         if self.token is not None and scope["path"] != HEALTH_PATH and not self._authorized(credentials):
@@ -90,7 +102,7 @@ class RequestGate:
             try:
                 await self.app(scope, receive, recording_send)
             except Exception as exc:
-                if sent["status"] is not None:
+                if sent.status is not None:
                     raise  # the response is under way; nothing sound can be sent any more
                 message = self._mask(f"internal error: {type(exc).__name__}: {exc}", credentials)
                 requests_log.error("%s %s failed:\n%s", scope["method"], scope["path"],
@@ -105,13 +117,13 @@ class RequestGate:
     def _authorized(self, credentials: list[str]) -> bool:
         return any(hmac.compare_digest(value.encode(), self.token.encode()) for value in credentials)
 
-    def _log(self, scope: dict, sent: dict, elapsed_s: float, credentials: list[str]) -> None:
-        status = sent["status"] or 0
+    def _log(self, scope: Scope, sent: _Sent, elapsed_s: float, credentials: list[str]) -> None:
+        status = sent.status or 0
         if status < 400 and not self.log_requests:
             return
         line = f"{scope['method']} {scope['path']} -> {status} in {1e3 * elapsed_s:.1f} ms"
         if status >= 400:
-            line = f"refused {line}: {_error_message(bytes(sent['error']))}"
+            line = f"refused {line}: {_error_message(bytes(sent.error))}"
             requests_log.warning("%s", self._mask(line, credentials))
         else:
             requests_log.info("%s", line)

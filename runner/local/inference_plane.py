@@ -28,7 +28,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.requests import Request
@@ -39,6 +40,13 @@ from . import catalogue, load_engine
 from .state import ServiceState, now_rfc3339, serving_base_model
 from .wire import ApiError, check_token_ids, field, json_body, json_response
 
+if TYPE_CHECKING:  # the engine (torch) and transformers load with the first deployment
+    from collections.abc import AsyncIterator
+
+    from transformers import PreTrainedTokenizerBase
+
+    from .sampler import GenRequest, GenResult, Sampler
+
 log = logging.getLogger("runner.local.inference_plane")
 
 MAX_BATCH = 64
@@ -48,7 +56,7 @@ MAX_TOP_LOGPROBS = 20
 BATCH_GATHER_S = 0.05
 
 
-def _engine():
+def _engine() -> ModuleType:
     return load_engine()
 
 
@@ -67,9 +75,9 @@ def _decode_thread_setup(device: str) -> None:
 
 @dataclass
 class _Job:
-    request: Any                      # engine GenRequest
+    request: GenRequest
     arrived: float
-    future: asyncio.Future
+    future: asyncio.Future[GenResult]
     started: float = 0.0
     batch_size: int = 0
 
@@ -130,7 +138,7 @@ class DeploymentRuntime:
         self.base_model = base_model
         self.device = device
         self.seed = seed
-        self.sampler: Any = None
+        self.sampler: Sampler | None = None
         self.identity: str | None = None
         self.loading_state: dict = {"stage": "idle"}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deploy-{deployment_id}",
@@ -160,7 +168,7 @@ class DeploymentRuntime:
         self.identity = identity
         self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
 
-    async def generate(self, request: Any) -> tuple[Any, _Job]:
+    async def generate(self, request: GenRequest) -> tuple[GenResult, _Job]:
         job = _Job(request, time.monotonic(), asyncio.get_running_loop().create_future())
         self.in_flight += 1
         self._load_peak = max(self._load_peak, float(self.in_flight))
@@ -207,14 +215,14 @@ class DeploymentRuntime:
                     job.future.set_result(result)
 
     @staticmethod
-    def _generate_isolating(sampler: Any, requests: list) -> list:
+    def _generate_isolating(sampler: Sampler, requests: list[GenRequest]) -> list[GenResult | Exception]:
         """Generate a batch; if it fails, retry one by one so one bad request fails alone."""
         try:
             return list(sampler.generate(requests))
         except Exception as exc:
             if len(requests) == 1:
                 return [exc]
-        results: list = []
+        results: list[GenResult | Exception] = []
         for request in requests:
             try:
                 results.append(sampler.generate([request])[0])
@@ -233,13 +241,13 @@ class InferencePlane:
         self.state = state
         self.device = device
         self.runtimes: dict[str, DeploymentRuntime] = {}
-        self._tokenizers: dict[str, Any] = {}
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._token_texts: dict[tuple[str, int], str] = {}
         self._longest_tokens: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def tokenizer(self, card: catalogue.ModelCard):
+    def tokenizer(self, card: catalogue.ModelCard) -> PreTrainedTokenizerBase:
         """The tokenizer of the model a deployment serves (a checkpoint's own, else the shipped one)."""
         tokenizer = self._tokenizers.get(card.tokenizer_dir)
         if tokenizer is None:
@@ -370,7 +378,7 @@ class InferencePlane:
             longest = self._longest_tokens[card.tokenizer_dir] = max(map(len, vocab), default=1) or 1
         return longest
 
-    def _gen_request(self, body: dict, card: catalogue.ModelCard) -> tuple[Any, list[int], int]:
+    def _gen_request(self, body: dict, card: catalogue.ModelCard) -> tuple[GenRequest, list[int], int]:
         """The engine request a completions body asks for, its prompt ids, and how many of
         them to echo. Every field is checked before use; the prompt is checked against the
         context before it is tokenized, so an oversized one costs nothing."""
@@ -496,14 +504,14 @@ class InferencePlane:
             metrics["generation-duration"] = f"{completion.finished_at - completion.first_token_at:.6f}"
         return metrics
 
-    def _token_text(self, tokenizer: Any, token_id: int) -> str:
+    def _token_text(self, tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
         key = (tokenizer.name_or_path, token_id)
         text = self._token_texts.get(key)
         if text is None:
             text = self._token_texts[key] = tokenizer.decode([token_id])
         return text
 
-    def _entry(self, tokenizer: Any, token_id: int, logprob: float, sampling_logprob: float | None,
+    def _entry(self, tokenizer: PreTrainedTokenizerBase, token_id: int, logprob: float, sampling_logprob: float | None,
                top: list[tuple[int, float]] | None) -> dict:
         entry = {"token": self._token_text(tokenizer, token_id), "token_id": token_id, "logprob": logprob,
                  "sampling_logprob": sampling_logprob}
@@ -512,7 +520,7 @@ class InferencePlane:
                                      for t, lp in top]
         return entry
 
-    def _token_entries(self, completion: Completion, tokenizer: Any) -> list[dict]:
+    def _token_entries(self, completion: Completion, tokenizer: PreTrainedTokenizerBase) -> list[dict]:
         """``logprobs.content``: one entry per token of ``raw_output.completion_token_ids``
         (echoed prompt tokens, then generated ones), built in O(tokens) on the event loop.
 
@@ -536,7 +544,7 @@ class InferencePlane:
             entries.append(self._entry(tokenizer, token_id, logprob, sampling_logprob, top))
         return entries
 
-    def _choice(self, completion: Completion, tokenizer: Any, index: int = 0) -> dict:
+    def _choice(self, completion: Completion, tokenizer: PreTrainedTokenizerBase, index: int = 0) -> dict:
         return {
             "index": index,
             "text": tokenizer.decode(completion.output_ids),
@@ -546,7 +554,8 @@ class InferencePlane:
                            "completion_token_ids": completion.output_ids},
         }
 
-    def _completion_body(self, completions: list[Completion], model: str, metrics: dict, tokenizer: Any) -> dict:
+    def _completion_body(self, completions: list[Completion], model: str, metrics: dict,
+                         tokenizer: PreTrainedTokenizerBase) -> dict:
         completion_tokens = sum(len(c.token_ids) for c in completions)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -559,7 +568,8 @@ class InferencePlane:
             "perf_metrics": metrics,
         }
 
-    def _sse(self, completion: Completion, model: str, metrics: dict, tokenizer: Any):
+    def _sse(self, completion: Completion, model: str, metrics: dict,
+             tokenizer: PreTrainedTokenizerBase) -> AsyncIterator[bytes]:
         """The SSE stream: ``data: {chunk}`` with the generated text and its token
         logprobs, then the final chunk with finish_reason, raw_output, usage and
         perf_metrics, then ``data: [DONE]``.
@@ -573,12 +583,12 @@ class InferencePlane:
         entries = self._token_entries(completion, tokenizer)
         text = tokenizer.decode(completion.output_ids)
 
-        def chunk(choice: dict, **extra: Any) -> bytes:
+        def chunk(choice: dict, **extra: object) -> bytes:
             body = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
                     "choices": [choice], **extra}
             return b"data: " + orjson.dumps(body) + b"\n\n"
 
-        async def events():
+        async def events() -> AsyncIterator[bytes]:
             if entries:
                 yield chunk({"index": 0, "text": text, "logprobs": {"content": entries}, "finish_reason": None})
             yield chunk(

@@ -27,9 +27,12 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .catalogue import EngineError
+
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
 
 # The state dir's well-known files, named here once for the server, the supervisor and the CLI.
 DEFAULT_STATE_DIR = Path(".firetitan/local")
@@ -94,7 +97,7 @@ def now_rfc3339() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -111,7 +114,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def read_json(path: Path) -> Any | None:
+def read_json(path: Path) -> Json:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

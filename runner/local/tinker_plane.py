@@ -45,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from starlette.requests import Request
@@ -61,9 +61,14 @@ from .tinker_proto import (EncodedSequence, WireError, decode_forward_backward, 
 from .trainer_plane import LONG_POLL_S, RESULT_TTL_S, TrainerRuntime, lora_settings
 from .wire import PROTOBUF, ApiError, encode_tensor, field, json_body, json_response, read_body, result_response
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the engine and transformers: imported where a request first needs them
+    from transformers import PreTrainedTokenizerBase
+
+    from firetitan_track.blobs import Json
+
     from .control_plane import ControlPlane
-    from .trainer_plane import TrainerPlane
+    from .engine import ForwardResult, LoraSettings, Trainer
+    from .trainer_plane import TrainerPlane, Work
 
 log = logging.getLogger("runner.local.tinker")
 
@@ -90,7 +95,7 @@ TINKER_PATH_RE = re.compile(r"^tinker://([^/]+)/(weights|sampler_weights)/([^/]+
 KINDS = {"weights": "state", "sampler_weights": "sampler"}
 
 
-def served_model(name: Any) -> tuple[str, catalogue.ModelCard]:
+def served_model(name: Json) -> tuple[str, catalogue.ModelCard]:
     """(catalogue name, card) for a model name a Tinker request carries; a 400 naming what is served."""
     if not isinstance(name, str) or not name:
         raise ApiError(400, "base_model must be a model name")
@@ -219,7 +224,7 @@ class TinkerPlane:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def _session(self, session_id: Any) -> _Session:
+    def _session(self, session_id: Json) -> _Session:
         session = self.sessions.get(session_id) if isinstance(session_id, str) else None
         if session is None:
             raise ApiError(404, f"unknown session {session_id!r} (sessions last as long as the service; "
@@ -316,7 +321,7 @@ class TinkerPlane:
 
     # -- training runs --------------------------------------------------------------------
 
-    def _runtime(self, model_id: Any) -> TrainerRuntime:
+    def _runtime(self, model_id: Json) -> TrainerRuntime:
         if not isinstance(model_id, str) or not model_id:
             raise ApiError(400, "missing model_id")
         runtime = self.trainers.runtimes.get(job_for_run(model_id))
@@ -325,8 +330,8 @@ class TinkerPlane:
                                 "restarted, or its session finished)")
         return runtime
 
-    def _new_run(self, session: _Session, model_seq_id: Any, base_model: str, model_name: str, lora: Any,
-                 user_metadata: dict | None) -> tuple[str, TrainerRuntime]:
+    def _new_run(self, session: _Session, model_seq_id: Json, base_model: str, model_name: str,
+                 lora: LoraSettings | None, user_metadata: dict | None) -> tuple[str, TrainerRuntime]:
         if isinstance(model_seq_id, bool) or not isinstance(model_seq_id, int) or not 0 <= model_seq_id < 10**9:
             raise ApiError(400, "model_seq_id must be a non-negative integer")
         model_id = f"{session.session_id}:train:{model_seq_id}"
@@ -342,7 +347,7 @@ class TinkerPlane:
         return model_id, runtime
 
     @staticmethod
-    def _lora(config: Any, job_id: str) -> Any:
+    def _lora(config: Json, job_id: str) -> LoraSettings | None:
         if config is None:
             return None
         if not isinstance(config, dict):
@@ -359,7 +364,7 @@ class TinkerPlane:
             raise ApiError(400, str(exc)) from None
 
     @staticmethod
-    def _check_optimizer(config: Any) -> None:
+    def _check_optimizer(config: Json) -> None:
         if config is None:
             return
         if not isinstance(config, dict) or config.get("type", "adamw") != "adamw":
@@ -374,15 +379,15 @@ class TinkerPlane:
                 if now - at > RESULT_TTL_S:
                     del self._trainer_requests[old]
 
-    def _future(self, runtime: TrainerRuntime, op: str, work: Callable[[Any], dict], model_id: str, *,
-                sequenced: Any = None) -> Response:
+    def _future(self, runtime: TrainerRuntime, op: str, work: Work, model_id: str, *,
+                sequenced: int | None = None) -> Response:
         """Queue ``work``: in seq_id order when ``sequenced`` is the request's seq_id, else at once."""
         request_id = runtime.submit(op, work, model_id=model_id if sequenced is not None else None, seq_id=sequenced)
         self._track(runtime, request_id)
         self._last_request[runtime.spec.job_id] = now_rfc3339()
         return json_response({"request_id": request_id, "model_id": model_id})
 
-    async def _sequenced(self, body: dict, op: str, build: Callable[[TrainerRuntime, dict], Callable[[Any], dict]]):
+    async def _sequenced(self, body: dict, op: str, build: Callable[[TrainerRuntime, dict], Work]) -> Response:
         """Check now (a 4xx, which still uses up the request's seq_id), queue in seq_id order."""
         model_id, seq_id = body.get("model_id"), body.get("seq_id")
         runtime = self._runtime(model_id)
@@ -407,7 +412,7 @@ class TinkerPlane:
         lora = self._lora(body.get("lora_config"), job_for_run(f"{session.session_id}:train:{model_seq_id}"))
         model_id, runtime = self._new_run(session, model_seq_id, base_model, body["base_model"], lora, metadata)
 
-        def work(trainer: Any) -> dict:  # the engine is built (first use) before this runs
+        def work(trainer: Trainer) -> dict:  # the engine is built (first use) before this runs
             return {"type": "create_model", "model_id": model_id}
         return self._future(runtime, "create_model", work, model_id)
 
@@ -472,7 +477,7 @@ class TinkerPlane:
                                 f"got {content_type or 'no Content-Type'}")
         op = "forward" if forward_only else "forward_backward"
 
-        def build(runtime: TrainerRuntime, body: dict):
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             examples = self._examples(runtime, data, loss_fn)
             checked = self._loss_config(config)
             if forward_only:
@@ -483,13 +488,13 @@ class TinkerPlane:
     async def optim_step(self, request: Request) -> Response:
         body = await json_body(request)
 
-        def build(runtime: TrainerRuntime, body: dict):
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             if body.get("optimizer_params") is not None:
                 raise ApiError(400, "optimizer_params (a non-Adam optimizer step) is not available locally: "
                                     "the local trainer runs AdamW (send adam_params)")
             params = load_engine().adam_hyperparams(field(body, "adam_params", dict))
 
-            def work(trainer: Any) -> dict:
+            def work(trainer: Trainer) -> dict:
                 metrics = trainer.optim_step(params)
                 return {"type": "optim_step", "metrics": {key: float(value) for key, value in metrics.items()}}
             return work
@@ -497,7 +502,7 @@ class TinkerPlane:
 
     # states and snapshots ---------------------------------------------------------------
 
-    def _saved(self, path: Any, family: str) -> tuple[dict, str, dict]:
+    def _saved(self, path: Json, family: str) -> tuple[dict, str, dict]:
         """(checkpoint row, its job id, the job record) named by a tinker:// path."""
         if not isinstance(path, str):
             raise ApiError(400, "path must be a tinker:// path")
@@ -518,10 +523,10 @@ class TinkerPlane:
                                 f"training run {run_id!r}")
         return row, job_id, job
 
-    def _save_state_work(self, runtime: TrainerRuntime, model_id: str, name: str, metadata: dict | None):
+    def _save_state_work(self, runtime: TrainerRuntime, model_id: str, name: str, metadata: dict | None) -> Work:
         job_id, state = runtime.spec.job_id, self.state
 
-        def work(trainer: Any) -> dict:
+        def work(trainer: Trainer) -> dict:
             path = trainer.save_state(name)
             state.checkpoints.add(job_id, {
                 "id": name, "family": "state", "kind": "state", "path": str(path), "ref": state_ref(job_id, name),
@@ -533,17 +538,17 @@ class TinkerPlane:
     async def save_weights(self, request: Request) -> Response:
         body = await json_body(request)
 
-        def build(runtime: TrainerRuntime, body: dict):
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             name = check_name(field(body, "path", str), "checkpoint")
             metadata = _metadata(body)
             return self._save_state_work(runtime, body["model_id"], name, metadata)
         return await self._sequenced(body, "save_weights", build)
 
     def _snapshot_work(self, runtime: TrainerRuntime, model_id: str, name: str, metadata: dict | None,
-                       then: Callable[[dict], dict]):
+                       then: Callable[[dict], dict]) -> Work:
         job_id, state = runtime.spec.job_id, self.state
 
-        def work(trainer: Any) -> dict:
+        def work(trainer: Trainer) -> dict:
             saved = trainer.save_sampler_snapshot(name, "base")  # LoRA: the adapter alone
             row = {"id": name, "family": "sampler", "kind": saved["kind"], "path": saved["path"],
                    "base_path": saved.get("base_path"), "tinker_path": tinker_path(model_id, "sampler", name),
@@ -556,7 +561,7 @@ class TinkerPlane:
     async def save_weights_for_sampler(self, request: Request) -> Response:
         body = await json_body(request)
 
-        def build(runtime: TrainerRuntime, body: dict):
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             model_id = body["model_id"]
             metadata = _metadata(body)
             kind = field(body, "kind", str, required=False, default="snapshot")
@@ -601,8 +606,8 @@ class TinkerPlane:
         optimizer = field(body, "optimizer", bool, required=False, default=False)
         path = row["path"]
         if body.get("session_id") is None:  # onto an existing model, in its request order
-            def build(runtime: TrainerRuntime, body: dict):
-                def work(trainer: Any) -> dict:
+            def build(runtime: TrainerRuntime, body: dict) -> Work:
+                def work(trainer: Trainer) -> dict:
                     trainer.load_state(path, with_optimizer=optimizer)
                     return {"type": "load_weights", "path": body["path"], "model_id": body["model_id"]}
                 return work
@@ -633,7 +638,7 @@ class TinkerPlane:
         metadata = _metadata(body)
         model_id, runtime = self._new_run(session, body.get("model_seq_id"), base_model, model_name, lora, metadata)
 
-        def work(trainer: Any) -> dict:
+        def work(trainer: Trainer) -> dict:
             trainer.load_state(path, with_optimizer=optimizer)
             return {"type": "load_weights", "path": body["path"], "model_id": model_id}
         return self._future(runtime, "load_weights", work, model_id)
@@ -707,14 +712,14 @@ class TinkerPlane:
 
     # -- sampling -------------------------------------------------------------------------
 
-    def _sampler(self, sampler_id: Any) -> _Sampler:
+    def _sampler(self, sampler_id: Json) -> _Sampler:
         sampler = self.samplers.get(sampler_id) if isinstance(sampler_id, str) else None
         if sampler is None:
             raise ApiError(404, f"unknown sampling session {sampler_id!r} (the service may have restarted, or its "
                                 "session finished)")
         return sampler
 
-    def _new_sampler(self, sampler_id: str, session_id: str, model_path: Any, base_model: Any) -> _Sampler:
+    def _new_sampler(self, sampler_id: str, session_id: str, model_path: Json, base_model: Json) -> _Sampler:
         if model_path is not None:
             row, _, job = self._saved(model_path, "sampler")
             served = job["trainingConfig"]["baseModel"]
@@ -826,9 +831,9 @@ class TinkerPlane:
                     top_p=float(top_p), top_k=max(top_k, 0),
                     seed=None if seed is None else (seed + i) % 2**63, stop=list(stop)) for i in range(num_samples)]
 
-    _tokenizers: dict[str, Any] = {}
+    _tokenizers: dict[str, PreTrainedTokenizerBase] = {}
 
-    def _tokenizer(self, card: catalogue.ModelCard) -> Any:
+    def _tokenizer(self, card: catalogue.ModelCard) -> PreTrainedTokenizerBase:
         if card.tokenizer_dir not in self._tokenizers:
             from transformers import AutoTokenizer
             self._tokenizers[card.tokenizer_dir] = AutoTokenizer.from_pretrained(card.tokenizer_dir)
@@ -1101,13 +1106,13 @@ def _topk_arg(body: dict, name: str) -> int:
     return k
 
 
-def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def _metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Tinker metric names carry their reduction ("loss:sum"), which the client's chunk merger reads."""
     return {(key if key.count(":") == 1 else f"{key.replace(':', '_')}:mean"): float(value)
             for key, value in metrics.items()}
 
 
-def _fb_payload(result: Any) -> dict:
+def _fb_payload(result: ForwardResult) -> dict:
     """A forward(_backward) result, encoded when it is retrieved: protobuf, or JSON for a client that asks for it."""
     logprobs = [t.numpy() for t in result.logprobs]
     metrics = _metrics(result.metrics)

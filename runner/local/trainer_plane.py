@@ -26,9 +26,10 @@ import traceback
 import uuid
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, TypeAlias
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from . import catalogue, load_engine
@@ -36,6 +37,11 @@ from .catalogue import EngineError
 from .state import ServiceState, check_name, now_rfc3339, read_json, split_state_ref, state_ref
 from .wire import (ApiError, datum_tokens, decode_tensor, dense_columns, encode_floats, field, json_body,
                    json_response, result_response)
+
+if TYPE_CHECKING:  # the engine imports torch: the control plane and the CLI load this module without it
+    from firetitan_track.blobs import Json
+
+    from .engine import Batch, ForwardResult, LoraSettings, Trainer
 
 log = logging.getLogger("runner.local.trainer")
 
@@ -48,6 +54,9 @@ SEQUENCE_GAP_TIMEOUT_S = 60.0
 RESULT_TTL_S = 600.0
 
 _engine = load_engine
+
+# What a trainer's worker thread runs: the engine's Trainer in, the call's result payload out.
+Work: TypeAlias = "Callable[[Trainer], dict]"
 
 
 @dataclass
@@ -65,7 +74,7 @@ class TrainerSpec:
 class _Pending:
     request_id: str
     op: str
-    fn: Callable[[Any], dict]
+    fn: Work
     buffered_at: float = 0.0
 
 
@@ -90,8 +99,8 @@ class TrainerRuntime:
         card = catalogue.resolve(spec.base_model)
         self.vocab_size = int(card.config["vocab_size"])
         self.max_context = int(card.max_context_length)
-        self.engine_trainer: Any = None
-        self.lora: Any = None  # the policy model's engine.LoraSettings, from its create_model
+        self.engine_trainer: Trainer | None = None
+        self.lora: LoraSettings | None = None  # the policy model's, from its create_model
         self._engine_error: str | None = None
         self._work: queue.Queue[_Pending | None] = queue.Queue()
         self._held: list[_Pending] | None = None  # work kept back until the loop's next turn
@@ -125,7 +134,7 @@ class TrainerRuntime:
     def drop_model(self, model_id: str) -> None:
         self._models.pop(model_id, None)
 
-    def submit(self, op: str, fn: Callable[[Any], dict], *, model_id: str | None = None,
+    def submit(self, op: str, fn: Work, *, model_id: str | None = None,
                seq_id: int | None = None, after_response: bool = False) -> str:
         """Queue ``fn(engine_trainer)``; returns the request id the client polls.
 
@@ -162,7 +171,7 @@ class TrainerRuntime:
         self._enqueue(pending)
         return pending.request_id
 
-    def skip_seq(self, model_id: str | None, seq_id: Any) -> None:
+    def skip_seq(self, model_id: str | None, seq_id: Json) -> None:
         """A request we rejected with a 4xx still used up its seq_id: let later ones run."""
         seq = self._models.get(model_id) if model_id else None
         if seq is None or type(seq_id) is not int or seq_id in seq.request_ids or seq_id < seq.next_seq:
@@ -173,7 +182,7 @@ class TrainerRuntime:
         else:
             seq.waiting[seq_id] = _Pending("", "skipped", lambda engine: {})
 
-    def _new_pending(self, op: str, fn: Callable[[Any], dict]) -> _Pending:
+    def _new_pending(self, op: str, fn: Work) -> _Pending:
         request_id = f"{self.spec.job_id}-r{next(self._request_counter)}-{uuid.uuid4().hex[:6]}"
         self._futures[request_id] = self.loop.create_future()
         self._prune()
@@ -247,7 +256,7 @@ class TrainerRuntime:
                 return None
         return future.result()
 
-    async def run(self, op: str, fn: Callable[[Any], dict], timeout: float = 600.0) -> dict:
+    async def run(self, op: str, fn: Work, timeout: float = 600.0) -> dict:
         """Run ``fn`` on the worker (in order with queued work) and await its payload."""
         request_id = self.submit(op, fn)
         payload = await self.wait(request_id, timeout)
@@ -259,7 +268,7 @@ class TrainerRuntime:
 
     # -- worker thread ------------------------------------------------------------
 
-    def _ensure_engine(self) -> Any:
+    def _ensure_engine(self) -> Trainer:
         if self.engine_trainer is None and self._engine_error is None:
             spec = self.spec
             lora = None
@@ -298,7 +307,7 @@ class TrainerRuntime:
                 break
         self.engine_trainer = None
 
-    def configure_lora(self, trainer: Any, lora: Any) -> Any:
+    def configure_lora(self, trainer: Trainer, lora: LoraSettings | None) -> Trainer:
         """On the worker: the engine for the policy model's LoRA settings. An engine built
         before them (a reference's create_model came first) is rebuilt while untrained."""
         self.lora = lora
@@ -317,7 +326,7 @@ class TrainerRuntime:
 
 # -- request decoding -------------------------------------------------------------
 
-def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[Any, str, dict | None]:
+def decode_examples(runtime: TrainerRuntime, fb_input: Json) -> tuple[Batch, str, dict | None]:
     """(an engine Batch, loss_fn, loss_fn_config) from a forward(_backward)_input: decoded
     here, checked against the model by the engine's own rules (a 400 at once) and padded
     into tensors, so the worker goes straight to the model."""
@@ -350,7 +359,7 @@ def decode_examples(runtime: TrainerRuntime, fb_input: Any) -> tuple[Any, str, d
     return engine.prepare_batch(examples, loss_fn, runtime.vocab_size, runtime.max_context), loss_fn, config
 
 
-def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def _metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Metric names carry their reduction ("loss:sum"): the SDK splits on ':' to
     combine chunked results, so a bare name would crash it. Bare names get ':mean'."""
     out = {}
@@ -360,7 +369,7 @@ def _metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def forward_payload(result: Any) -> dict:
+def forward_payload(result: ForwardResult) -> dict:
     """A forward(_backward) result, encoded when it is retrieved (``wire.result_response``):
     as protobuf for a client that accepts it, as the SDK does for this result (it then reads
     each datum's logprobs straight from the bytes instead of parsing and validating JSON
@@ -420,37 +429,37 @@ class TrainerPlane:
 
     # -- session endpoints (answered directly) --------------------------------------
 
-    async def healthz(self, request: Request):
+    async def healthz(self, request: Request) -> Response:
         self.runtime(request)
         return json_response({"status": "ok"})
 
-    async def client_config(self, request: Request):
+    async def client_config(self, request: Request) -> Response:
         self.runtime(request)
         return json_response({"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": True})
 
-    async def create_session(self, request: Request):
+    async def create_session(self, request: Request) -> Response:
         self.runtime(request)
         await json_body(request, required=False)
         return json_response({"type": "create_session", "session_id": f"session-{uuid.uuid4().hex[:12]}"})
 
-    async def session_heartbeat(self, request: Request):
+    async def session_heartbeat(self, request: Request) -> Response:
         self.runtime(request)
         return json_response({"type": "session_heartbeat"})
 
-    async def telemetry(self, request: Request):
+    async def telemetry(self, request: Request) -> Response:
         # Accepted and dropped: the local service keeps no client telemetry.
         return json_response({"status": "accepted"})
 
-    async def get_server_capabilities(self, request: Request):
+    async def get_server_capabilities(self, request: Request) -> Response:
         self.runtime(request)
         return json_response({"supported_models": [{"model_name": name} for name in catalogue.BASE_MODELS]})
 
-    async def list_checkpoints(self, request: Request):
+    async def list_checkpoints(self, request: Request) -> Response:
         runtime = self.runtime(request)
         names = [row["id"] for row in self.state.checkpoints.list(runtime.spec.job_id) if row["family"] == "state"]
         return json_response({"checkpoints": sorted(names)})
 
-    async def get_info(self, request: Request):
+    async def get_info(self, request: Request) -> Response:
         runtime = self.runtime(request)
         body = await json_body(request)
         model_id = field(body, "model_id", str)
@@ -464,7 +473,7 @@ class TrainerPlane:
                            "tokenizer_id": card.tokenizer_dir},
         })
 
-    async def retrieve_future(self, request: Request):
+    async def retrieve_future(self, request: Request) -> Response:
         runtime = self.runtime(request)
         body = await json_body(request)
         request_id = field(body, "request_id", str)
@@ -475,8 +484,8 @@ class TrainerPlane:
 
     # -- queued operations --------------------------------------------------------------
 
-    async def _queued(self, request: Request, op: str, build: Callable[[TrainerRuntime, dict], Callable[[Any], dict]],
-                      *, sequenced: bool = True):
+    async def _queued(self, request: Request, op: str, build: Callable[[TrainerRuntime, dict], Work],
+                      *, sequenced: bool = True) -> Response:
         """Validate synchronously (a 4xx now), then queue the work in seq_id order."""
         runtime = self.runtime(request)
         body = await json_body(request)
@@ -502,7 +511,7 @@ class TrainerPlane:
         request_id = runtime.submit(op, work, model_id=model_id, seq_id=seq_id, after_response=True)
         return json_response({"request_id": request_id, "model_id": model_id})
 
-    async def create_model(self, request: Request):
+    async def create_model(self, request: Request) -> Response:
         runtime = self.runtime(request)
         body = await json_body(request)
         base_model = field(body, "base_model", str)
@@ -521,7 +530,7 @@ class TrainerPlane:
             runtime.lora = lora  # so the engine's first build already has them
         model_id = runtime.new_model_id()
 
-        def work(trainer: Any) -> dict:
+        def work(trainer: Trainer) -> dict:
             # The engine is built (first use) before this runs; the model is the trainer's.
             if lora is not None:
                 runtime.configure_lora(trainer, lora)
@@ -530,27 +539,27 @@ class TrainerPlane:
         request_id = runtime.submit("create_model", work)
         return json_response({"request_id": request_id, "model_id": model_id})
 
-    async def unload_model(self, request: Request):
+    async def unload_model(self, request: Request) -> Response:
         runtime = self.runtime(request)
         body = await json_body(request)
         model_id = field(body, "model_id", str)
 
-        def work(trainer: Any) -> dict:
+        def work(trainer: Trainer) -> dict:
             return {"type": "unload_model", "model_id": model_id}
 
         request_id = runtime.submit("unload_model", work)
         runtime.drop_model(model_id)
         return json_response({"request_id": request_id, "model_id": model_id})
 
-    async def forward(self, request: Request):
-        def build(runtime: TrainerRuntime, body: dict):
+    async def forward(self, request: Request) -> Response:
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             batch, loss_fn, config = decode_examples(runtime, body.get("forward_input"))
             base_only = runtime.is_base_only(body["model_id"])
             return lambda trainer: forward_payload(trainer.forward(batch, loss_fn, config, base_only=base_only))
         return await self._queued(request, "forward", build)
 
-    async def forward_backward(self, request: Request):
-        def build(runtime: TrainerRuntime, body: dict):
+    async def forward_backward(self, request: Request) -> Response:
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             if runtime.spec.forward_only:
                 raise ApiError(400, f"trainer {runtime.spec.job_id} is forward-only (a frozen reference); "
                                     "forward_backward is not available")
@@ -558,22 +567,22 @@ class TrainerPlane:
             return lambda trainer: forward_payload(trainer.forward_backward(batch, loss_fn, config))
         return await self._queued(request, "forward_backward", build)
 
-    async def optim_step(self, request: Request):
-        def build(runtime: TrainerRuntime, body: dict):
+    async def optim_step(self, request: Request) -> Response:
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             if runtime.spec.forward_only:
                 raise ApiError(400, f"trainer {runtime.spec.job_id} is forward-only; optim_step is not available")
             # Validated here, by the engine's own rules, so a bad value is a 400 at once.
             params = _engine().adam_hyperparams(field(body, "adam_params", dict))
             normalization = _engine().grad_normalization(body.get("grad_accumulation_normalization"))
 
-            def work(trainer: Any) -> dict:
+            def work(trainer: Trainer) -> dict:
                 metrics = trainer.optim_step(params, grad_accumulation_normalization=normalization)
                 return {"type": "optim_step", "metrics": {key: float(value) for key, value in metrics.items()}}
             return work
         return await self._queued(request, "optim_step", build)
 
-    async def save_weights_for_sampler(self, request: Request):
-        def build(runtime: TrainerRuntime, body: dict):
+    async def save_weights_for_sampler(self, request: Request) -> Response:
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             name = check_name(field(body, "path", str), "sampler snapshot")
             kind = body.get("checkpoint_type") or "base"
             if not isinstance(kind, str):
@@ -582,7 +591,7 @@ class TrainerPlane:
             job_id = runtime.spec.job_id
             state = self.state
 
-            def work(trainer: Any) -> dict:
+            def work(trainer: Trainer) -> dict:
                 saved = trainer.save_sampler_snapshot(name, kind)
                 state.checkpoints.add(job_id, {
                     "id": name, "family": "sampler", "kind": saved["kind"], "path": saved["path"],
@@ -592,14 +601,14 @@ class TrainerPlane:
             return work
         return await self._queued(request, "save_weights_for_sampler", build)
 
-    async def save_weights(self, request: Request):
-        def build(runtime: TrainerRuntime, body: dict):
+    async def save_weights(self, request: Request) -> Response:
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             name = check_name(field(body, "path", str), "checkpoint")
             job_id = runtime.spec.job_id
             state = self.state
             ref = state_ref(job_id, name)
 
-            def work(trainer: Any) -> dict:
+            def work(trainer: Trainer) -> dict:
                 path = trainer.save_state(name)
                 state.checkpoints.add(job_id, {
                     "id": name, "family": "state", "kind": "state", "path": str(path), "ref": ref,
@@ -616,19 +625,19 @@ class TrainerPlane:
             raise ApiError(404, f"no saved state {name!r} on trainer job {source_job!r}")
         return row
 
-    async def load_weights(self, request: Request):
-        def build(runtime: TrainerRuntime, body: dict):
+    async def load_weights(self, request: Request) -> Response:
+        def build(runtime: TrainerRuntime, body: dict) -> Work:
             ref = field(body, "path", str)
             with_optimizer = bool(body.get("optimizer", False))
             path = self.saved_state(ref, runtime.spec.job_id)["path"]
 
-            def work(trainer: Any) -> dict:
+            def work(trainer: Trainer) -> dict:
                 trainer.load_state(path, with_optimizer=with_optimizer)
                 return {"type": "load_weights", "path": ref}
             return work
         return await self._queued(request, "load_weights", build)
 
-    async def weights_info(self, request: Request):
+    async def weights_info(self, request: Request) -> Response:
         """What a saved state needs to be trained on: the SDK's create_training_client_from_state."""
         runtime = self.runtime(request)
         row = self.saved_state(field(await json_body(request), "tinker_path", str), runtime.spec.job_id)
@@ -640,16 +649,16 @@ class TrainerPlane:
             "lora_rank": rank or None, "train_unembed": lora.get("train_unembed"),
             "train_mlp": lora.get("train_mlp"), "train_attn": lora.get("train_attn")})
 
-    async def weights_digest(self, request: Request):
+    async def weights_digest(self, request: Request) -> Response:
         """Debug: a digest of the trainer's current weights (compare with a deployment's)."""
         runtime = self.runtime(request)
         return json_response(await runtime.run("weights_digest", lambda trainer: _engine().weights_digest(trainer.effective_weights())))
 
-    async def optimizer_info(self, request: Request):
+    async def optimizer_info(self, request: Request) -> Response:
         """Debug: what the trainer trains and what its optimizer holds (LoRA: adapters only)."""
         runtime = self.runtime(request)
 
-        def describe(trainer: Any) -> dict:
+        def describe(trainer: Trainer) -> dict:
             params = list(trainer.model.parameters())
             held = [p for group in (trainer.optimizer.param_groups if trainer.optimizer else []) for p in group["params"]]
             return {"parameters": sum(p.numel() for p in params),
@@ -686,7 +695,7 @@ class TrainerPlane:
         return [Route(base + path, handler, methods=methods) for path, handler, methods in table]
 
 
-def lora_settings(config: Any, job_rank: int, job_id: str) -> Any:
+def lora_settings(config: Json, job_rank: int, job_id: str) -> LoraSettings | None:
     """engine.LoraSettings from create_model's ``lora_config``, checked against the job's rank."""
     if config is not None and not isinstance(config, dict):
         raise ApiError(400, "lora_config must be an object")

@@ -10,11 +10,16 @@ would otherwise trip over (vocabulary, context length, shapes), so bad input is 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar, overload
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+
+if TYPE_CHECKING:
+    import torch
+
+    from firetitan_track.blobs import Json
 
 _GRPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
                 412: "FAILED_PRECONDITION", 413: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
@@ -29,7 +34,7 @@ class ApiError(Exception):
         self.message = message
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     # orjson: several times faster than the stdlib on the tensor-heavy bodies.
     return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
 
@@ -91,7 +96,21 @@ async def json_body(request: Request, *, required: bool = True) -> dict:
     return body
 
 
-def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: bool = True, default: Any = None) -> Any:
+T = TypeVar("T")
+
+
+# the value is the ``kind`` asked for (None only when absent, not required and no default given)
+@overload
+def field(body: dict, name: str, kind: type[T]) -> T: ...
+@overload
+def field(body: dict, name: str, kind: type[T], *, required: bool, default: T) -> T: ...
+@overload
+def field(body: dict, name: str, kind: type[T], *, required: bool) -> T | None: ...
+
+
+def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: bool = True,
+          default: object = None) -> object:
+    """``body[name]``, checked to be a ``kind``; ``default`` when it is absent and not ``required``."""
     value = body.get(name)
     if value is None:
         if required:
@@ -106,7 +125,7 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: boo
 
 # -- tensors -------------------------------------------------------------------
 
-def decode_tensor(obj: Any, name: str):
+def decode_tensor(obj: Json, name: str) -> torch.Tensor:
     """A wire tensor as a torch tensor (dense), validated."""
     import torch
 
@@ -137,7 +156,7 @@ def decode_tensor(obj: Any, name: str):
         raise ApiError(400, f"loss_fn_inputs[{name!r}] is not a valid tensor: {exc}") from None
 
 
-def encode_tensor(tensor) -> dict:
+def encode_tensor(tensor: torch.Tensor) -> dict:
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
@@ -154,7 +173,7 @@ def encode_floats(values: list[float]) -> dict:
 
 # -- datums --------------------------------------------------------------------
 
-def datum_tokens(datum: Any, index: int) -> list[int]:
+def datum_tokens(datum: Json, index: int) -> list[int]:
     """The flat token list of one datum's model_input (its shape only: the engine's
     check_examples holds the rules about vocabulary and context)."""
     if not isinstance(datum, dict):
@@ -174,7 +193,7 @@ def datum_tokens(datum: Any, index: int) -> list[int]:
     return tokens
 
 
-def dense_columns(data: Any) -> tuple[list[list], dict[str, Any]] | None:
+def dense_columns(data: Json) -> tuple[list[list[int]], dict[str, torch.Tensor]] | None:
     """The usual forward(_backward) ``data`` read as whole-batch columns: (each datum's token
     list, {loss input name: [B, L] tensor}), when every datum is one encoded_text chunk of the
     same length L and carries the same dense loss inputs, each L values of one dtype.
@@ -189,7 +208,7 @@ def dense_columns(data: Any) -> tuple[list[list], dict[str, Any]] | None:
     first_inputs = data[0].get("loss_fn_inputs")
     if not isinstance(first_inputs, dict):
         return None
-    dtypes: dict[str, Any] = {}
+    dtypes: dict[str, str] = {}
     for name, obj in first_inputs.items():
         dtype = obj.get("dtype") if isinstance(obj, dict) else None
         if dtype not in ("float32", "int64"):
