@@ -34,6 +34,8 @@ def discover() -> dict[str, Recipe]:
     return {kind: found[kind] for kind in listed}
 
 
+# a key's (type, default) is Any: its type a typing form (int, float | None, a Literal) that the
+# spec's coercion reads, its default a value of that type
 def settings_keys(recipes: dict[str, Recipe]) -> dict[str, tuple[Any, Any]]:
     """Every recipe's keys of [recipe] -> (type, default), in the recipes' order. A key that
     two recipes declare must mean one thing: the same type and default in both."""

@@ -45,11 +45,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import torch
 
-from firetitan_track.events import SamplesDrawn
+from firetitan_track.events import RecordedEvent, SamplesDrawn
 from firetitan_track.recording.provenance import sequence_digest, version_offsets
 from runner.recipes import grpo
 from runner.recipes.base import Recipe, StepContext, optim_metrics, visible_text, weighted_datum, weights_of
@@ -57,6 +57,8 @@ from runner.recipes.grpo import NO_COMPLETION, group_advantages
 from runner.tasks import Example, grade
 
 if TYPE_CHECKING:
+    from fireworks.training.sdk import Datum, DeploymentSampler, SampledCompletion
+
     from runner.spec import KeyCheck
 
 __all__ = ["RECIPE", "Settings", "MAX_OFFPOLICY_VERSIONS", "train_step", "publish", "sampled_from"]
@@ -87,6 +89,18 @@ def sampled_from(batch: int, max_offpolicy: int) -> int:
     return max(0, batch - 1 - max_offpolicy)
 
 
+class Rollout(TypedDict):
+    """One recorded rollout (a row of SamplesDrawn's completions blob)."""
+
+    prompt: int  # its prompt's index in the batch
+    text: str
+    finish_reason: str
+    prompt_len: int
+    tokens: list[int]  # prompt and completion
+    sampling_logprobs: list[float | None]  # the sampler's, one per completion token
+    reward: float
+
+
 @dataclass
 class Batch:
     """One step's admitted rollouts, as recorded."""
@@ -94,11 +108,11 @@ class Batch:
     step: int  # the step that trains on them
     version: int  # the weight version they were sampled from
     event_id: str | None  # their SamplesDrawn (None where nothing is recorded)
-    rollouts: list[dict[str, Any]]  # per rollout: prompt (index in the batch), text, reward, tokens, logprobs
+    rollouts: list[Rollout]
     samples_digest: str | None = None  # the blob of [event id, index] of those with a completion (provenance)
 
 
-def _trainable(rollouts: list[dict[str, Any]]) -> list[int]:
+def _trainable(rollouts: list[Rollout]) -> list[int]:
     """The rollouts with a completion: the ones a step trains on."""
     return [n for n, x in enumerate(rollouts) if len(x["tokens"]) > x["prompt_len"]]
 
@@ -145,6 +159,7 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
         pipe.ready[s] = ctx.run_async(_sample_batch(ctx, s, batch))
         due.remove(s)
 
+    # the step's metrics, then the batches sampled meanwhile (one gather, so one list of both: Any)
     async def train_while_sampling() -> list[Any]:
         training = asyncio.get_running_loop().run_in_executor(None, _train, ctx, pipe.ready.pop(s))
         return await asyncio.gather(training, *(_sample_batch(ctx, b, ctx.batch_of(b)) for b in due))
@@ -171,7 +186,8 @@ def _seed(run_seed: int, batch: int, prompt: int, completion: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1  # the service takes 63 bits
 
 
-async def _sample_one(sampler: Any, example: Example, *, seed: int, settings: Settings) -> Any:
+async def _sample_one(sampler: DeploymentSampler, example: Example, *, seed: int,
+                      settings: Settings) -> SampledCompletion:
     """One rollout: n=1 with its own seed (n>1 in one call would share the seed)."""
     out = await sampler.sample_with_tokens(messages=example.chat(), n=1, max_tokens=settings.max_tokens,
                                            temperature=settings.temperature, logprobs=True, seed=seed)
@@ -186,7 +202,7 @@ async def _sample_batch(ctx: StepContext, step: int, examples: list[Example]) ->
     assert version is not None and sampler is not None
     outs = await asyncio.gather(*(_sample_one(sampler, ex, seed=_seed(seed, step, i, j), settings=r)
                                   for i, ex in enumerate(examples) for j in range(g)))
-    rollouts = []
+    rollouts: list[Rollout] = []
     for n, c in enumerate(outs):
         ex = examples[n // g]
         tokens = [int(t) for t in c.full_tokens]
@@ -214,7 +230,7 @@ async def _sample_batch(ctx: StepContext, step: int, examples: list[Example]) ->
 # -- resume ------------------------------------------------------------------------------------
 
 
-def _recorded_batches(ctx: StepContext, *, resumed_at: int) -> dict[int, Any]:
+def _recorded_batches(ctx: StepContext, *, resumed_at: int) -> dict[int, RecordedEvent]:
     """Batch -> the SamplesDrawn of its rollouts, for every batch after ``resumed_at`` sampled
     from a version the run's history holds (<= ``resumed_at``): the authoritative record,
     else the latest a crashed attempt left."""
@@ -224,7 +240,7 @@ def _recorded_batches(ctx: StepContext, *, resumed_at: int) -> dict[int, Any]:
 
     events = ctx.rec.ledger.read(ctx.rec.run_id)
     kept = {ev.version for ev in authoritative(events)}
-    found: dict[int, Any] = {}
+    found: dict[int, RecordedEvent] = {}
     for ev in events:
         drawn = ev.fact
         if not isinstance(drawn, SamplesDrawn) or drawn.batch is None or drawn.batch <= resumed_at \
@@ -236,17 +252,17 @@ def _recorded_batches(ctx: StepContext, *, resumed_at: int) -> dict[int, Any]:
     return found
 
 
-def _replay(ctx: StepContext, ev: Any) -> Batch:
+def _replay(ctx: StepContext, ev: RecordedEvent) -> Batch:
     """A recorded batch, trained as recorded; re-recorded when a resume superseded its record."""
     rec = ctx.rec
     from firetitan_track.projections.run_state import superseded_versions
 
-    event_id, drawn = ev.event_id, ev.fact
+    event_id, drawn = ev.event_id, cast(SamplesDrawn, ev.fact)  # only SamplesDrawn are collected
     if ev.version in superseded_versions(rec.ledger.read(rec.run_id)):
         again = drawn.replace(replayed_from=ev.event_id if drawn.replayed_from is None else drawn.replayed_from)
         event_id = rec.record(again).event_id
     return _admitted(ctx, Batch(drawn.batch, drawn.version_at_send, event_id,
-                                rec.ledger.get_json(drawn.completions_digest)))
+                                cast("list[Rollout]", rec.ledger.get_json(drawn.completions_digest))))
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -291,7 +307,7 @@ def _train(ctx: StepContext, batch: Batch) -> dict[str, float]:
     eps = r.clip_epsilon
     measured: dict[str, float] = {}
 
-    def objective(_data: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def objective(_data: list[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         pg = torch.zeros(())
         weight_sum = clipped = 0.0
         for a, lp, lq, m in zip(advantages, logprobs, sampler_lp, masks):

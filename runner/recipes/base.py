@@ -15,19 +15,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
-from firetitan_track.tracking import TrackedService
+from firetitan_track.tracking import Recorder, TrackedService, TrackedTrainingClient
 from runner.tasks import Example, load_jsonl, train_batch
 from runner.tasks.preference import Pair, load_pairs, pair_batch
 
 if TYPE_CHECKING:  # the spec module reads the registry of recipes: recipes import nothing of it to run
+    from fireworks.training.sdk import (AdamParams, Datum, DeploymentSampler, FiretitanTrainingClient,
+                                        OptimStepResponse, SamplingConcurrencyController)
+    from transformers import PreTrainedTokenizerBase
+
     from runner.spec import KeyCheck, Spec
 
 __all__ = ["Recipe", "RecipeSettings", "TrainingData", "EXAMPLES", "PAIRS", "StepContext", "weighted_datum",
            "masked_datum", "visible_text", "answer_datum", "chunks", "optim_metrics", "step_on_pairs"]
+
+# Any is left where a value's class is each recipe's own: the items it trains on (Examples or
+# Pairs, as its TrainingData says; a Callable over list[Example] is no Callable over a wider
+# list), its settings (its own RecipeSettings subclass, read field by field), what it keeps in
+# ``memo``, and ``step_record`` (StepCompleted's keyword fields, each of its own type).
+
+T = TypeVar("T")
+E = TypeVar("E")  # what a preference objective takes per pair besides its two datums
 
 
 @dataclass
@@ -36,19 +48,19 @@ class StepContext:
 
     spec: Spec
     tracked: TrackedService
-    policy: Any  # the tracked training client
-    reference: Any  # a frozen reference client, when the recipe asked for one
-    tokenizer: Any
-    adam: Any  # the SDK's AdamParams for every optim_step
+    policy: TrackedTrainingClient  # the tracked training client
+    reference: FiretitanTrainingClient | None  # a frozen reference client, when the recipe asked for one
+    tokenizer: PreTrainedTokenizerBase
+    adam: AdamParams  # the SDK's AdamParams for every optim_step
     loop: asyncio.AbstractEventLoop
-    new_controller: Callable[[], Any]  # a fresh concurrency controller per sync
+    new_controller: Callable[[], SamplingConcurrencyController]  # a fresh concurrency controller per sync
     step: int = 0  # the step being trained (begin_step)
     last_snapshot: str | None = None
-    controller: Any = field(default=None)
+    controller: SamplingConcurrencyController | None = field(default=None)
     memo: dict[str, Any] = field(default_factory=dict)  # what a recipe keeps across the steps of one attempt
-    rec: Any = None  # the run's Recorder (None where nothing is recorded: a benchmark's bare loop)
+    rec: Recorder | None = None  # the run's Recorder (None where nothing is recorded: a benchmark's bare loop)
     batch_of: Callable[[int], list[Any]] | None = None  # the training batch of any step (a pure function of it)
-    sampler: Any = None  # the sampler of the last sync
+    sampler: DeploymentSampler | None = None  # the sampler of the last sync
     serves: int | None = None  # the step whose trained weights the deployment serves (None: not known)
     step_record: dict[str, Any] = field(default_factory=dict)  # extra StepCompleted fields of this step
 
@@ -69,10 +81,10 @@ class StepContext:
             self.rec.step = step
         self.step_record = {}
 
-    def run_async(self, coro: Any) -> Any:
+    def run_async(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
 
-    def sync_policy(self, name: str, *, trained_through: int | None = None) -> Any:
+    def sync_policy(self, name: str, *, trained_through: int | None = None) -> DeploymentSampler:
         """Snapshot the policy and hot-load it onto the deployment; return its sampler.
         ``trained_through``: the last step whose optimizer step the weights hold (default:
         this step), so an eval of the same weights reuses the sync instead of publishing again."""
@@ -126,10 +138,11 @@ EXAMPLES = TrainingData(load_jsonl, Example.from_json, train_batch)  # prompt an
 PAIRS = TrainingData(load_pairs, Pair.from_json, pair_batch)  # prompt, chosen and rejected answer
 
 # a multi-turn recipe's eval: (ctx, sampler, prompt index, example, sampling) -> one record per episode
-PlayEval = Callable[[StepContext, Any, int, Example, dict[str, Any]], Any]
+PlayEval = Callable[[StepContext, "DeploymentSampler", int, Example, dict[str, Any]],
+                    Awaitable[list[dict[str, Any]]]]
 # a check that raises ``bad(key, why)`` where a sequence of the run's cannot fit the model's
 # context: (spec, bad, context, tokenizer, eval set)
-CheckContext = Callable[["Spec", "KeyCheck", int, Any, Sequence[Example]], None]
+CheckContext = Callable[["Spec", "KeyCheck", int, "PreTrainedTokenizerBase", Sequence[Example]], None]
 
 
 @dataclass(frozen=True)
@@ -153,19 +166,19 @@ class Recipe:
         """It plays a built-in multi-turn task (and only such a recipe plays one)."""
         return self.play_eval is not None
 
-    def read_settings(self, values: Mapping[str, Any]) -> Any:
+    def read_settings(self, values: Mapping[str, object]) -> RecipeSettings:
         """Its settings out of a [recipe] table's values (every recipe's keys)."""
         return self.settings(**{f.name: values[f.name] for f in dataclasses.fields(self.settings)})
 
 
-def weighted_datum(tokens: Sequence[int], first_learned: int) -> Any:
+def weighted_datum(tokens: Sequence[int], first_learned: int) -> Datum:
     """A next-token datum over ``tokens``: targets are the tokens shifted by one, weighted
     1 from the target at index ``first_learned`` on (the prompt before it is context)."""
     learned = [False] * first_learned + [True] * (len(tokens) - first_learned)
     return masked_datum(tokens, learned)
 
 
-def masked_datum(tokens: Sequence[int], learned: Sequence[bool]) -> Any:
+def masked_datum(tokens: Sequence[int], learned: Sequence[bool]) -> Datum:
     """A next-token datum over ``tokens`` weighted 1 on the tokens ``learned`` marks (the
     first token, with nothing before it, is never a target)."""
     from fireworks.training.sdk import Datum, ModelInput, TensorData
@@ -178,37 +191,37 @@ def masked_datum(tokens: Sequence[int], learned: Sequence[bool]) -> Any:
     )
 
 
-def prompt_tokens(tokenizer: Any, example: Example) -> list[int]:
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
     """The example's chat, rendered with the generation prompt, as token ids."""
     return list(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
                                               return_dict=False))
 
 
-def answer_datum(tokenizer: Any, example: Example, answer: str | None = None) -> Any:
+def answer_datum(tokenizer: PreTrainedTokenizerBase, example: Example, answer: str | None = None) -> Datum:
     """Prompt (chat template) + answer + end-of-turn, weighted on the answer only."""
     prompt = prompt_tokens(tokenizer, example)
     completion = tokenizer.encode(example.answer if answer is None else answer, add_special_tokens=False)
     return weighted_datum(prompt + completion + [tokenizer.convert_tokens_to_ids("<|im_end|>")], len(prompt))
 
 
-def visible_text(tokenizer: Any, text: str) -> str:
+def visible_text(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
     """A completion as a reader sees it: special tokens (the end-of-turn marker) removed."""
     for special in tokenizer.all_special_tokens:
         text = text.replace(special, "")
     return text
 
 
-def weights_of(datum: Any) -> torch.Tensor:
+def weights_of(datum: Datum) -> torch.Tensor:
     return datum.loss_fn_inputs["weights"].to_torch()
 
 
-def chunks(items: list[Any], parts: int) -> list[list[Any]]:
+def chunks(items: list[T], parts: int) -> list[list[T]]:
     """``items`` in ``parts`` consecutive micro-batches (the last takes the remainder)."""
     per = len(items) // parts
     return [items[i * per:(i + 1) * per] if i < parts - 1 else items[i * per:] for i in range(parts)]
 
 
-def optim_metrics(result: Any) -> dict[str, float]:
+def optim_metrics(result: OptimStepResponse) -> dict[str, float]:
     """The optimizer step's numeric metrics, under ``optim/``."""
     return {f"optim/{k}": float(v) for k, v in (getattr(result, "metrics", None) or {}).items()
             if isinstance(v, (int, float))}
@@ -216,11 +229,12 @@ def optim_metrics(result: Any) -> dict[str, float]:
 
 # (chosen logprobs, rejected logprobs, chosen datums, rejected datums, per-pair extras)
 #   -> (loss, {metric: tensor}); the metrics include "loss"
-PairLoss = Callable[[list[torch.Tensor], list[torch.Tensor], list[Any], list[Any], list[Any]],
+PairLoss = Callable[[list[torch.Tensor], list[torch.Tensor], list["Datum"], list["Datum"], list[E]],
                     tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def step_on_pairs(ctx: StepContext, pairs: list[tuple[tuple[Any, Any], Any]], pair_loss: PairLoss) -> dict[str, float]:
+def step_on_pairs(ctx: StepContext, pairs: list[tuple[tuple[Datum, Datum], E]],
+                  pair_loss: PairLoss[E]) -> dict[str, float]:
     """One optimizer step over preference pairs ``((chosen, rejected), extra)``, accumulated
     over the micro-batches through ``forward_backward_custom``; each micro-batch's mean
     loss and metrics weigh by its share of the pairs."""
@@ -230,7 +244,7 @@ def step_on_pairs(ctx: StepContext, pairs: list[tuple[tuple[Any, Any], Any]], pa
         extras = [e for _, e in part]
         share = len(part) / len(pairs)
 
-        def objective(datums: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        def objective(datums: list[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
             loss, stats = pair_loss(logprobs[0::2], logprobs[1::2], datums[0::2], datums[1::2], extras)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + share * float(v.detach())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from runner.recipes.base import PAIRS, Recipe, RecipeSettings, StepContext, answ
 from runner.tasks.preference import Pair
 
 if TYPE_CHECKING:
+    from fireworks.training.sdk import Datum, FiretitanTrainingClient
+    from transformers import PreTrainedTokenizerBase
+
     from runner.spec import KeyCheck
 
 __all__ = ["RECIPE", "Settings", "train_step", "pair_data", "sequence_logprob"]
@@ -44,12 +47,12 @@ class Settings(RecipeSettings):
         return True
 
 
-def pair_data(tokenizer: Any, pair: Pair) -> tuple[Any, Any]:
+def pair_data(tokenizer: PreTrainedTokenizerBase, pair: Pair) -> tuple[Datum, Datum]:
     """The chosen and the rejected datum: the same prompt, each weighted on its answer only."""
     return answer_datum(tokenizer, pair.prompt, pair.chosen), answer_datum(tokenizer, pair.prompt, pair.rejected)
 
 
-def sequence_logprob(logprobs: torch.Tensor, datum: Any) -> torch.Tensor:
+def sequence_logprob(logprobs: torch.Tensor, datum: Datum) -> torch.Tensor:
     """log p(answer | prompt): the per-token log-probabilities summed over the answer."""
     return (logprobs * weights_of(datum)).sum()
 
@@ -61,7 +64,7 @@ class ReferenceCache:
         self._values: dict[str, tuple[float, float]] = {}
 
     @staticmethod
-    def key(chosen: Any, rejected: Any) -> str:
+    def key(chosen: Datum, rejected: Datum) -> str:
         h = hashlib.sha256()
         for d in (chosen, rejected):
             h.update(repr(d.model_input.to_ints()).encode())
@@ -69,7 +72,7 @@ class ReferenceCache:
             h.update(b"|")
         return h.hexdigest()
 
-    def lookup(self, reference: Any, data: list[tuple[Any, Any]]) -> list[tuple[float, float]]:
+    def lookup(self, reference: FiretitanTrainingClient, data: list[tuple[Datum, Datum]]) -> list[tuple[float, float]]:
         keys = [self.key(c, r) for c, r in data]
         missing = {k: (c, r) for k, (c, r) in zip(keys, data) if k not in self._values}
         # one forward per pair, all in flight at once: a pair's values never depend on its neighbours
@@ -99,7 +102,7 @@ def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
     data = [pair_data(ctx.tokenizer, p) for p in batch]
     refs = _cache(ctx).lookup(ctx.reference, data)
 
-    def pair_loss(lp_c: list[torch.Tensor], lp_r: list[torch.Tensor], d_c: list[Any], d_r: list[Any],
+    def pair_loss(lp_c: list[torch.Tensor], lp_r: list[torch.Tensor], d_c: list[Datum], d_r: list[Datum],
                   ref: list[tuple[float, float]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pi_c = torch.stack([sequence_logprob(lp, d) for lp, d in zip(lp_c, d_c)])
         pi_r = torch.stack([sequence_logprob(lp, d) for lp, d in zip(lp_r, d_r)])

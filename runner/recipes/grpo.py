@@ -9,7 +9,7 @@ rollouts, so the ledger shows which weights produced every rollout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +18,8 @@ from runner.recipes.base import (Recipe, RecipeSettings, StepContext, optim_metr
 from runner.tasks import Example, grade
 
 if TYPE_CHECKING:
+    from fireworks.training.sdk import Datum, SampledCompletion
+
     from runner.spec import KeyCheck
 
 
@@ -62,7 +64,7 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     sampler = ctx.sync_policy(f"rollout-{ctx.step}", trained_through=ctx.step - 1)
     settings: Settings = ctx.settings
 
-    async def rollouts() -> list[list[Any]]:
+    async def rollouts() -> list[list[SampledCompletion]]:
         import asyncio
 
         return await asyncio.gather(*(sampler.sample_with_tokens(
@@ -87,7 +89,7 @@ def train_step(ctx: StepContext, batch: list[Example]) -> dict[str, float]:
     return {"reward": sum(rewards) / len(rewards), **policy_gradient(ctx, data, masks, advantages)}
 
 
-def policy_gradient(ctx: StepContext, data: list[Any], masks: list[torch.Tensor],
+def policy_gradient(ctx: StepContext, data: list[Datum], masks: list[torch.Tensor],
                     advantages: list[float | torch.Tensor]) -> dict[str, float]:
     """One optimizer step on ``-advantage * log-prob`` over each datum's masked tokens (an
     advantage per sequence, or per token: a tensor the datum's length), plus the KL penalty
@@ -98,7 +100,7 @@ def policy_gradient(ctx: StepContext, data: list[Any], masks: list[torch.Tensor]
         ref_logprobs = [o["logprobs"].to_torch() for o in ctx.reference.forward(data, "cross_entropy").result().loss_fn_outputs]
     n_tokens = float(sum(m.sum() for m in masks)) or 1.0
 
-    def objective(_data: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def objective(_data: list[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         pg = sum(-(a * lp * m).sum() for a, lp, m in zip(advantages, logprobs, masks)) / n_tokens
         kl = torch.zeros(())
         if ref_logprobs is not None:

@@ -10,7 +10,7 @@ of an answer (for ``margin`` and ``accuracy``) is ``beta * avg``, as ORPO report
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from runner.recipes import dpo
 from runner.recipes.base import PAIRS, Recipe, StepContext, step_on_pairs, weights_of
 from runner.recipes.dpo import pair_data, sequence_logprob
 from runner.tasks.preference import Pair
+
+if TYPE_CHECKING:
+    from fireworks.training.sdk import Datum
 
 __all__ = ["RECIPE", "Settings", "train_step"]
 
@@ -31,7 +34,7 @@ class Settings(dpo.Settings):
         return False
 
 
-def _mean_logprob(logprobs: torch.Tensor, datum: Any) -> torch.Tensor:
+def _mean_logprob(logprobs: torch.Tensor, datum: Datum) -> torch.Tensor:
     return sequence_logprob(logprobs, datum) / weights_of(datum).sum().clamp(min=1.0)
 
 
@@ -46,8 +49,8 @@ def train_step(ctx: StepContext, batch: list[Pair]) -> dict[str, float]:
     beta = ctx.settings.beta
     data = [pair_data(ctx.tokenizer, p) for p in batch]
 
-    def pair_loss(lp_c: list[torch.Tensor], lp_r: list[torch.Tensor], d_c: list[Any], d_r: list[Any],
-                  _: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def pair_loss(lp_c: list[torch.Tensor], lp_r: list[torch.Tensor], d_c: list[Datum], d_r: list[Datum],
+                  _: list[None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         avg_c = torch.stack([_mean_logprob(lp, d) for lp, d in zip(lp_c, d_c)])
         avg_r = torch.stack([_mean_logprob(lp, d) for lp, d in zip(lp_r, d_r)])
         nll = -avg_c.mean()

@@ -17,6 +17,10 @@ from typing import Any, Callable, Iterator
 
 from firetitan_track.errors import UserError
 
+# A JSON object written out is dict[str, object] (Json's lists are invariant: a list[dict[str, str]]
+# is no list[Json]). One read back (a JSONL line, a recorded example) is dict[str, Any]: its
+# fields are read by key once checked, not narrowed level by level from Json.
+
 __all__ = ["Example", "Task", "TASKS", "Reply", "DataError", "load_jsonl", "jsonl_objects", "prompt_messages", "eval_prompts",
            "train_batch", "eval_examples", "grade", "seed_of", "MAX_LINE_BYTES", "DEFAULT_EVAL_COUNT"]
 
@@ -39,7 +43,7 @@ class Example:
     def chat(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"messages": self.chat(), "answer": self.answer}
 
     @classmethod
@@ -113,15 +117,15 @@ TASKS: dict[str, Task] = {
 }
 
 
-def _key(*parts: Any) -> int:
+def _key(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
-def _rng(*parts: Any) -> random.Random:
+def _rng(*parts: object) -> random.Random:
     return random.Random(_key(*parts))
 
 
-def seed_of(*parts: Any) -> int:
+def seed_of(*parts: object) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (a sampling request's, say)."""
     return _key(*parts) >> 1
 

@@ -39,11 +39,11 @@ class Pair:
         """The prompt with the chosen answer, as the SFT datum builders take it."""
         return Example(self.messages, self.chosen)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"messages": self.chat(), "chosen": self.chosen, "rejected": self.rejected}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "Pair":
+    def from_json(cls, obj: dict[str, Any]) -> "Pair":  # JSON read back by key (as runner.tasks)
         return cls(tuple((m["role"], m["content"]) for m in obj["messages"]), obj["chosen"], obj["rejected"])
 
 

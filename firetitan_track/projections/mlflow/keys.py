@@ -8,6 +8,9 @@ from typing import Any
 
 from firetitan_track.events import RecordedEvent
 
+# flatten's leaves are Any: they are the input's own values (a spec's, a metrics payload's), whatever
+# their types, and its callers narrow them.
+
 # MLflow's log_batch limits (mlflow.utils.validation)
 MAX_METRICS_PER_CALL = 1000
 MAX_PARAMS_PER_CALL = 100
@@ -47,7 +50,7 @@ def is_identifier(key: str) -> bool:
     return key in IDENTIFIER_KEYS or key.rsplit(".", 1)[-1] in IDENTIFIER_LEAVES
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(obj: object, prefix: str = "") -> dict[str, Any]:
     """Nested dicts to dotted keys: {"optim": {"lr": 1}} -> {"optim.lr": 1}."""
     if not isinstance(obj, dict):
         return {prefix: obj}
@@ -69,12 +72,12 @@ def mlflow_key(name: str) -> str:
     return _BAD_KEY_CHARS.sub("_", name)[:MAX_KEY_LENGTH]
 
 
-def param_value(value: Any) -> str:
+def param_value(value: object) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:MAX_PARAM_VALUE]
 
 
-def numbers(values: Any, prefix: str) -> dict[str, float]:
+def numbers(values: object, prefix: str) -> dict[str, float]:
     """The numeric leaves of a metrics payload, under ``prefix/``."""
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         return {prefix: float(values)}

@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from firetitan_track.events import (EvalScored, EvalStarted, MetricsLogged, ModelPromoted, RecordedEvent, RunStarted,
                                      SamplesRecorded, SnapshotSaved, StepCompleted, TrajectoriesRecorded, WeightsSynced,
@@ -29,7 +29,11 @@ from firetitan_track.projections.mlflow.keys import (MAX_DATASET_DIGEST, MAX_MET
 from firetitan_track.redact import redact, redact_bytes
 
 if TYPE_CHECKING:  # mlflow is imported where it is used: the core installs without it
+    from mlflow import MlflowClient
     from mlflow.entities import Metric
+
+    from firetitan_track.blobs import Json
+    from firetitan_track.code_identity import CodeIdentity
 
 
 @dataclass
@@ -41,7 +45,7 @@ class RunExport:
     LoggedModels so far (snapshot path -> model id), which it extends with those it creates.
     """
 
-    client: Any  # mlflow's MlflowClient (imported where it is used)
+    client: MlflowClient
     experiment_id: str
     ledger: Ledger
     models: dict[str, str]
@@ -219,7 +223,7 @@ class RunExport:
             for path, folder in files:
                 self.client.log_artifact(self.ml_run, str(path), folder)
 
-    def _code_files(self, tmp: str, code: dict[str, Any] | None) -> list[tuple[Path, str | None]]:
+    def _code_files(self, tmp: str, code: CodeIdentity | None) -> list[tuple[Path, str | None]]:
         """``code/identity.json`` (RunStarted.code) and ``code/diff.patch`` (the uncommitted diff)."""
         if not code:
             return []
@@ -233,7 +237,7 @@ class RunExport:
             files.append((patch, "code"))
         return files
 
-    def _blob(self, digest: str) -> Any:
+    def _blob(self, digest: str) -> Json:
         return redact(self.ledger.get_json(digest))
 
 
@@ -266,7 +270,7 @@ class _ProgramMetrics:
         return out
 
 
-def _write_json(folder: str, name: str, obj: Any) -> Path:
+def _write_json(folder: str, name: str, obj: object) -> Path:
     path = Path(folder) / name
     path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
     return path

@@ -28,11 +28,15 @@ import re
 import time
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING
 
 from firetitan_track.ledger import NotFound
 from firetitan_track.projections.mlflow.keys import TAG_PARENT, TAG_RUN, TAG_SWEEP_PARENT, quote
 from firetitan_track.projections.mlflow.store import resolve_tracking_uri, store_exists
+
+if TYPE_CHECKING:  # mlflow is imported where it is used
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 WORKFLOW = "workflowType=machine_learning"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI's saved views: one experiment tag each
@@ -67,7 +71,7 @@ def sweep_view(sweep_id: str, swept: list[str], created_ms: int) -> tuple[str, s
     one chart, the swept params against the score, and what the trials differ in."""
     section = f"firetitan-sweep-{sweep_id}"
 
-    def chart(uuid: str, type: str, **fields: Any) -> dict[str, Any]:
+    def chart(uuid: str, type: str, **fields: object) -> dict[str, object]:
         return {"uuid": f"{section}-{uuid}", "type": type, "metricSectionId": section, "isGenerated": False,
                 "deleted": False, "runsCountToCompare": 100, **fields}  # (fields may name another section)
 
@@ -145,8 +149,9 @@ def link(tracking_uri: str, experiment: str, base_url: str, *, sweep_id: str | N
     return experiment_link(base_url, exp_id)
 
 
-def _search_all(client: Any, experiment_id: str, query: str) -> list[Any]:
-    runs, token = [], None
+def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
+    runs: list[Run] = []
+    token: str | None = None
     while True:
         page = client.search_runs([experiment_id], query, page_token=token)
         runs += list(page)
@@ -155,7 +160,7 @@ def _search_all(client: Any, experiment_id: str, query: str) -> list[Any]:
             return runs
 
 
-def _natural(name: str) -> list[Any]:
+def _natural(name: str) -> list[int | str]:
     """``sw-t10`` after ``sw-t9``: trial run ids end in their trial number."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
