@@ -395,7 +395,7 @@ _lock = threading.Lock()
 
 def configure(*, run_id: str, ledger_url: str, attempt: int, record_dir: str | None) -> ProgramRecording | None:
     """Start this process's recording now (``autolog``), rather than from the environment."""
-    global _session, _disabled
+    global _session
     with _lock:
         if _session is None:
             try:
