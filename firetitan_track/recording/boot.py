@@ -49,7 +49,7 @@ ENV_BEGINNER = "FIRETITAN_RECORD_BEGINNER"  # the pid of the process that begins
 METRICS_FILE_ENV = "COOKBOOK_METRICS_FILE"  # where the cookbook appends the metrics it logs
 BOOT_MODULE = "_firetitan_record_boot"  # this module, as the recorder finds it again
 
-# The modules whose classes the recorder wraps (patches.PATCHES says how).
+# The modules whose classes the recorder wraps (patches.WRAPS says how).
 WATCHED = (
     "fireworks.training.sdk.client",
     "fireworks.training.sdk.sampling",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeAlias, TypeVar
 
 from firetitan_track import sdk_adapter
@@ -42,11 +43,9 @@ from firetitan_track.recording.provenance import datum_sequence, sequence_digest
 from firetitan_track.tracking import close_and_confirm, error_text, numeric
 
 if TYPE_CHECKING:
-    from types import ModuleType
-
     from firetitan_track.blobs import Json
 
-__all__ = ["patch_module", "unpatch_all", "ObservedFuture", "PATCHES"]
+__all__ = ["patch_module", "unpatch_all", "ObservedFuture", "WRAPS"]
 
 # Any stays where a value is the SDK's own: a wrapped method's arguments and result, the objects
 # it is called on, its futures and what they resolve to. Their classes differ between fireworks-ai
@@ -76,7 +75,8 @@ def _state(obj: object, make: Callable[[], T]) -> T:
         return make()
 
 
-def _wrap(cls: type, name: str, make: Callable[[Method], Method]) -> None:
+def _wrap(cls: type | ModuleType, name: str, make: Callable[[Method], Method]) -> None:
+    """``cls.name`` (a class's method, or a module's function) replaced by ``make(original)``."""
     original = cls.__dict__.get(name)
     if original is None or getattr(original, "__firetitan_recorded__", False):
         return
@@ -547,81 +547,61 @@ def _wandb_log(original: Method) -> Method:
 
 # -- which module gets which wrappers ------------------------------------------------------------
 
-def _client_module(module: ModuleType) -> None:
-    service = getattr(module, "FiretitanServiceClient", None)
-    if isinstance(service, type):
-        _wrap(service, "create_training_client", _create_training_client)
-        _wrap(service, "create_reference_client", _create_reference_client)
-        _wrap(service, "create_inference_deployment_sampler", _create_inference_deployment_sampler)
-        _wrap(service, "close", _close)
-    client = getattr(module, "FiretitanTrainingClient", None)
-    if isinstance(client, type):
-        _wrap(client, "forward_backward", _forward_backward)
-        _wrap(client, "forward_backward_custom", _forward_backward)
-        _wrap(client, "optim_step", _optim_step)
-        _wrap(client, "save_state", _save_state)
-        _wrap(client, "load_state", _load_state(with_optimizer=False))
-        _wrap(client, "load_state_with_optimizer", _load_state(with_optimizer=True))
-        _wrap(client, "save_weights_for_sampler", _save_weights_for_sampler)
-        _wrap(client, "save_weights_for_sampler_ext", _save_weights_for_sampler)
+# module -> what in it is wrapped (a class by its name; MODULE: the module's own functions) ->
+# method -> the wrapper's maker. A name a release lacks is left alone.
+MODULE = ""
+Wraps = dict[str, dict[str, dict[str, Callable[[Method], Method]]]]
 
+_WANDB_LOG = {"log": _wandb_log}  # W&B online or offline (Run); disabled, WANDB_MODE=disabled (NoopRun)
 
-def _sampling_module(module: ModuleType) -> None:
-    sampler = getattr(module, "DeploymentSampler", None)
-    if isinstance(sampler, type):
-        for name in ("sample_with_tokens", "sample_with_prompt_tokens", "sample_with_prompt_tokens_result"):
-            _wrap(sampler, name, _sample)
-
-
-def _deployment_module(module: ModuleType) -> None:
-    manager = getattr(module, "DeploymentManager", None)
-    if isinstance(manager, type):
-        _wrap(manager, "hotload_and_wait", _hotload_and_wait)
-
-
-def _fireworks_client_module(module: ModuleType) -> None:
-    client = getattr(module, "FireworksClient", None)
-    if isinstance(client, type):
-        _wrap(client, "promote_checkpoint", _promote_checkpoint)
-
-
-def _cookbook_checkpoints_module(module: ModuleType) -> None:
-    manager = getattr(module, "TrainingCheckpoints", None)
-    if isinstance(manager, type):
-        _wrap(manager, "save", _checkpoints_save)
-        _wrap(manager, "resume", _checkpoints_resume)
-
-
-def _wandb_run_module(module: ModuleType) -> None:
-    for name in ("Run", "NoopRun"):  # W&B online or offline; disabled (WANDB_MODE=disabled)
-        run = getattr(module, name, None)
-        if isinstance(run, type):
-            _wrap(run, "log", _wandb_log)
-
-
-PATCHES: dict[str, Callable[[ModuleType], None]] = {
-    "fireworks.training.sdk.client": _client_module,
-    "fireworks.training.sdk.sampling": _sampling_module,
-    "fireworks.training.sdk.deployment": _deployment_module,
-    "fireworks.training.sdk.fireworks_client": _fireworks_client_module,
-    "training.utils.checkpoints": _cookbook_checkpoints_module,
-    "wandb.sdk.wandb_run": _wandb_run_module,
-    "wandb.sdk.lib.noop_run": _wandb_run_module,
+WRAPS: Wraps = {
+    "fireworks.training.sdk.client": {
+        "FiretitanServiceClient": {
+            "create_training_client": _create_training_client,
+            "create_reference_client": _create_reference_client,
+            "create_inference_deployment_sampler": _create_inference_deployment_sampler,
+            "close": _close,
+        },
+        "FiretitanTrainingClient": {
+            "forward_backward": _forward_backward,
+            "forward_backward_custom": _forward_backward,
+            "optim_step": _optim_step,
+            "save_state": _save_state,
+            "load_state": _load_state(with_optimizer=False),
+            "load_state_with_optimizer": _load_state(with_optimizer=True),
+            "save_weights_for_sampler": _save_weights_for_sampler,
+            "save_weights_for_sampler_ext": _save_weights_for_sampler,
+        },
+    },
+    "fireworks.training.sdk.sampling": {
+        "DeploymentSampler": dict.fromkeys(
+            ("sample_with_tokens", "sample_with_prompt_tokens", "sample_with_prompt_tokens_result"), _sample),
+    },
+    "fireworks.training.sdk.deployment": {"DeploymentManager": {"hotload_and_wait": _hotload_and_wait}},
+    "fireworks.training.sdk.fireworks_client": {"FireworksClient": {"promote_checkpoint": _promote_checkpoint}},
+    "training.utils.checkpoints": {"TrainingCheckpoints": {"save": _checkpoints_save,
+                                                           "resume": _checkpoints_resume}},
+    "wandb.sdk.wandb_run": {"Run": _WANDB_LOG, "NoopRun": _WANDB_LOG},
+    "wandb.sdk.lib.noop_run": {"Run": _WANDB_LOG, "NoopRun": _WANDB_LOG},
 }
 
 
 from firetitan_track.recording import tinker_patches  # noqa: E402  (it wraps with the helpers above)
 
-PATCHES.update(tinker_patches.PATCHES)
+WRAPS.update(tinker_patches.WRAPS)
 
 
 def patch_module(name: str, module: ModuleType) -> None:
     """Wrap what ``module`` (just imported, or already there) holds of the recorded classes."""
-    patch = PATCHES.get(name)
-    if patch is None:
+    wraps = WRAPS.get(name)
+    if wraps is None:
         return
     try:
-        patch(module)
+        for owner_name, methods in wraps.items():
+            owner = module if owner_name == MODULE else getattr(module, owner_name, None)
+            if isinstance(owner, (type, ModuleType)):
+                for method, make in methods.items():
+                    _wrap(owner, method, make)
     except Exception as exc:  # a release whose classes look different: those calls go unrecorded
         from firetitan_track.recording import boot
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -47,16 +46,14 @@ from firetitan_track.events import ProvisionRequested, SnapshotRequested, Traine
 from firetitan_track.recording import program
 from firetitan_track.recording.patches import (Method, ObservedFuture, _arguments, _client_state, _data_cursor,
                                                _forward_backward, _load_state, _optim_step, _quietly, _save_state,
-                                               _session, _wrap)
+                                               _session, Wraps)
 from firetitan_track.recording.program import ProgramRecording, SampledSequence
 
 if TYPE_CHECKING:
-    from types import ModuleType
-
     from firetitan_track.blobs import Json
     from firetitan_track.tracking import PendingSync
 
-__all__ = ["PATCHES"]
+__all__ = ["WRAPS"]
 
 # As in patches.py, Any stays where a value is the SDK's own (a wrapped method's arguments and
 # result, the clients, what a future resolves to): this module imports no tinker, and passes them on.
@@ -306,58 +303,35 @@ def _json_logger_log_metrics(original: Method) -> Method:
     return log_metrics
 
 
-# -- which module gets which wrappers -----------------------------------------------------------
+# -- which module gets which wrappers (patches.WRAPS's form) -------------------------------------
 
-def _service_client_module(module: ModuleType) -> None:
-    service = getattr(module, "ServiceClient", None)
-    if isinstance(service, type):
-        _wrap(service, "create_lora_training_client", _create_lora_training_client)
-        _wrap(service, "create_training_client_from_state", _create_training_client_from_state(False))
-        _wrap(service, "create_training_client_from_state_with_optimizer", _create_training_client_from_state(True))
-        _wrap(service, "create_sampling_client", _create_sampling_client)
-
-
-def _training_client_module(module: ModuleType) -> None:
-    client = getattr(module, "TrainingClient", None)
-    if isinstance(client, type):
-        _wrap(client, "__init__", _training_client_init)
-        _wrap(client, "forward_backward", _forward_backward)
-        _wrap(client, "forward_backward_custom", _forward_backward)
-        _wrap(client, "optim_step", _optim_step)
-        _wrap(client, "save_state", _save_state)
-        _wrap(client, "load_state", _load_state(with_optimizer=False))
-        _wrap(client, "load_state_with_optimizer", _load_state(with_optimizer=True))
-        _wrap(client, "save_weights_for_sampler", _save_weights_for_sampler)
-        _wrap(client, "save_weights_and_get_sampling_client", _save_weights_and_get_sampling_client)
-        _wrap(client, "create_sampling_client", _create_sampling_client)
-
-
-def _sampling_client_module(module: ModuleType) -> None:
-    client = getattr(module, "SamplingClient", None)
-    if isinstance(client, type):
-        _wrap(client, "__init__", _sampling_client_init)
-        _wrap(client, "sample", _sample)
-        _wrap(client, "compute_logprobs", _compute_logprobs)
-
-
-def _cookbook_checkpoint_module(module: ModuleType) -> None:
-    save = getattr(module, "save_checkpoint_async", None)
-    if callable(save) and not getattr(save, "__firetitan_recorded__", False):
-        wrapper = functools.wraps(save)(_save_checkpoint_async(save))
-        wrapper.__firetitan_recorded__ = True  # type: ignore[attr-defined]
-        module.save_checkpoint_async = wrapper
-
-
-def _cookbook_ml_log_module(module: ModuleType) -> None:
-    logger = getattr(module, "JsonLogger", None)
-    if isinstance(logger, type):
-        _wrap(logger, "log_metrics", _json_logger_log_metrics)
-
-
-PATCHES: dict[str, Callable[[ModuleType], None]] = {
-    "tinker.lib.public_interfaces.service_client": _service_client_module,
-    "tinker.lib.public_interfaces.training_client": _training_client_module,
-    "tinker.lib.public_interfaces.sampling_client": _sampling_client_module,
-    "tinker_cookbook.checkpoint_utils": _cookbook_checkpoint_module,
-    "tinker_cookbook.utils.ml_log": _cookbook_ml_log_module,
+WRAPS: Wraps = {
+    "tinker.lib.public_interfaces.service_client": {
+        "ServiceClient": {
+            "create_lora_training_client": _create_lora_training_client,
+            "create_training_client_from_state": _create_training_client_from_state(False),
+            "create_training_client_from_state_with_optimizer": _create_training_client_from_state(True),
+            "create_sampling_client": _create_sampling_client,
+        },
+    },
+    "tinker.lib.public_interfaces.training_client": {
+        "TrainingClient": {
+            "__init__": _training_client_init,
+            "forward_backward": _forward_backward,
+            "forward_backward_custom": _forward_backward,
+            "optim_step": _optim_step,
+            "save_state": _save_state,
+            "load_state": _load_state(with_optimizer=False),
+            "load_state_with_optimizer": _load_state(with_optimizer=True),
+            "save_weights_for_sampler": _save_weights_for_sampler,
+            "save_weights_and_get_sampling_client": _save_weights_and_get_sampling_client,
+            "create_sampling_client": _create_sampling_client,
+        },
+    },
+    "tinker.lib.public_interfaces.sampling_client": {
+        "SamplingClient": {"__init__": _sampling_client_init, "sample": _sample, "compute_logprobs": _compute_logprobs},
+    },
+    # tinker-cookbook: its checkpoint function (a module's own, "": patches.MODULE) and its metrics logger
+    "tinker_cookbook.checkpoint_utils": {"": {"save_checkpoint_async": _save_checkpoint_async}},
+    "tinker_cookbook.utils.ml_log": {"JsonLogger": {"log_metrics": _json_logger_log_metrics}},
 }

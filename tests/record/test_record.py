@@ -295,7 +295,7 @@ def test_unknown_calls_pass_through_and_a_failing_recorder_never_breaks_the_call
 
     from firetitan_track.recording import boot, patches
 
-    assert set(patches.PATCHES) == set(boot.WATCHED)  # every module the import hook watches is patched
+    assert set(patches.WRAPS) == set(boot.WATCHED)  # every module the import hook watches is patched
     before = dict(vars(sdk_client.FiretitanTrainingClient))
     patches.patch_module("fireworks.training.sdk.client", sdk_client)
     try:
