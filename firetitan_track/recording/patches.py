@@ -141,6 +141,31 @@ def _quietly(call: Callable[[], T]) -> T:
         _inside.reset(token)
 
 
+def _recording(body: Callable[..., Any]) -> Callable[[Method], Method]:
+    """The wrapper maker for ``body(session, original, self, /, *args, **kwargs)``, what a call
+    records: with no recording, or inside another recorded call, the wrapper is ``original``
+    untouched. The body takes the call's own parameters after ``/`` (``name``, ``data``...) bound
+    as the wrapper always bound them; an async body makes an async wrapper."""
+    if inspect.iscoroutinefunction(body):
+        def make_async(original: Method) -> Method:
+            async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+                session = _session()
+                if session is None:
+                    return await original(self, *args, **kwargs)
+                return await body(session, original, self, *args, **kwargs)
+            return wrapper
+        return make_async
+
+    def make(original: Method) -> Method:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            session = _session()
+            if session is None:
+                return original(self, *args, **kwargs)
+            return body(session, original, self, *args, **kwargs)
+        return wrapper
+    return make
+
+
 class ObservedFuture:
     """An SDK future whose result (or failure) is recorded when the program takes it. It
     passes for the future it wraps: its class (``isinstance``), attributes and methods."""
@@ -199,27 +224,26 @@ class ObservedFuture:
 
 # -- FiretitanServiceClient ------------------------------------------------------------------
 
-def _create_training_client(original: Method) -> Method:
-    def create_training_client(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        config = sdk_adapter.managed_config(self)
-        if session is None or config is None:
-            return original(self, *args, **kwargs)
-        lora_rank = config.lora_rank
-        if getattr(config, "max_lora_rank", None) is not None:  # one model per call, at the rank asked
-            lora_rank = _arguments(original, self, args, kwargs).get("lora_rank", lora_rank)
-        reused = config.trainer_job_id if sdk_adapter.managed_handle(self) is None else sdk_adapter.trainer_job_id(self)
+@_recording
+def _create_training_client(session: ProgramRecording, original: Method, self: Any, /,
+                            *args: Any, **kwargs: Any) -> Any:
+    config = sdk_adapter.managed_config(self)
+    if config is None:
+        return original(self, *args, **kwargs)
+    lora_rank = config.lora_rank
+    if getattr(config, "max_lora_rank", None) is not None:  # one model per call, at the rank asked
+        lora_rank = _arguments(original, self, args, kwargs).get("lora_rank", lora_rank)
+    reused = config.trainer_job_id if sdk_adapter.managed_handle(self) is None else sdk_adapter.trainer_job_id(self)
 
-        def record(call: Callable[[], Any]) -> Any:
-            return session.calls.provision_policy(
-                self, call, base_model=config.base_model, shape=config.training_shape_id, lora_rank=lora_rank,
-                deployment_id=getattr(config, "deployment_id", None), reused_trainer=reused,
-                base_url=sdk_adapter.managed_base_url(self), sdk=sdk_adapter.sdk_versions())
+    def record(call: Callable[[], Any]) -> Any:
+        return session.calls.provision_policy(
+            self, call, base_model=config.base_model, shape=config.training_shape_id, lora_rank=lora_rank,
+            deployment_id=getattr(config, "deployment_id", None), reused_trainer=reused,
+            base_url=sdk_adapter.managed_base_url(self), sdk=sdk_adapter.sdk_versions())
 
-        client = _recorded(session, "create_training_client", lambda: original(self, *args, **kwargs), record)
-        session.safely("create_training_client", lambda: _adopt(session, client, self))
-        return client
-    return create_training_client
+    client = _recorded(session, "create_training_client", lambda: original(self, *args, **kwargs), record)
+    session.safely("create_training_client", lambda: _adopt(session, client, self))
+    return client
 
 
 def _adopt(session: ProgramRecording, client: object, service: object) -> None:
@@ -229,43 +253,36 @@ def _adopt(session: ProgramRecording, client: object, service: object) -> None:
     session.metrics.reads_file = session.provisioned_here = True
 
 
-def _create_reference_client(original: Method) -> Method:
-    def create_reference_client(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        config = sdk_adapter.managed_config(self)
-        if session is None or config is None:
-            return original(self, *args, **kwargs)
-        return _recorded(session, "create_reference_client", lambda: original(self, *args, **kwargs),
-                         lambda call: session.calls.provision_reference(
-                             self, call, base_model=config.base_model,
-                             shape=getattr(config, "reference_training_shape_id", None)))
-    return create_reference_client
+@_recording
+def _create_reference_client(session: ProgramRecording, original: Method, self: Any, /,
+                             *args: Any, **kwargs: Any) -> Any:
+    config = sdk_adapter.managed_config(self)
+    if config is None:
+        return original(self, *args, **kwargs)
+    return _recorded(session, "create_reference_client", lambda: original(self, *args, **kwargs),
+                     lambda call: session.calls.provision_reference(
+                         self, call, base_model=config.base_model,
+                         shape=getattr(config, "reference_training_shape_id", None)))
 
 
-def _create_inference_deployment_sampler(original: Method) -> Method:
-    def create_inference_deployment_sampler(self: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, config, *args, **kwargs)
-        return _recorded(session, "create_inference_deployment_sampler",
-                         lambda: original(self, config, *args, **kwargs),
-                         lambda call: session.calls.provision_teacher(
-                             call, model=getattr(config, "base_model", ""),
-                             deployment=getattr(config, "deployment_id", None), creates=None))
-    return create_inference_deployment_sampler
+@_recording
+def _create_inference_deployment_sampler(session: ProgramRecording, original: Method, self: Any, /,
+                                         config: Any, *args: Any, **kwargs: Any) -> Any:
+    return _recorded(session, "create_inference_deployment_sampler",
+                     lambda: original(self, config, *args, **kwargs),
+                     lambda call: session.calls.provision_teacher(
+                         call, model=getattr(config, "base_model", ""),
+                         deployment=getattr(config, "deployment_id", None), creates=None))
 
 
-def _close(original: Method) -> Method:
-    def close(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if (session is None or sdk_adapter.managed_handle(self) is None
-                or self.__dict__.get("_firetitan_closed")):
-            return original(self, *args, **kwargs)
-        self.__dict__["_firetitan_closed"] = True
-        session.safely("reading the metrics file", session.metrics.poll)  # logged while the deployment served
-        return _recorded(session, "close", lambda: original(self, *args, **kwargs),
-                         lambda call: close_and_confirm(session.rec, self, call))
-    return close
+@_recording
+def _close(session: ProgramRecording, original: Method, self: Any, /, *args: Any, **kwargs: Any) -> Any:
+    if sdk_adapter.managed_handle(self) is None or self.__dict__.get("_firetitan_closed"):
+        return original(self, *args, **kwargs)
+    self.__dict__["_firetitan_closed"] = True
+    session.safely("reading the metrics file", session.metrics.poll)  # logged while the deployment served
+    return _recorded(session, "close", lambda: original(self, *args, **kwargs),
+                     lambda call: close_and_confirm(session.rec, self, call))
 
 
 # -- FiretitanTrainingClient -----------------------------------------------------------------
@@ -284,18 +301,15 @@ def _client_state(client: object) -> _ClientState:
     return _state(client, lambda: _ClientState(None))
 
 
-def _forward_backward(original: Method) -> Method:
-    def forward_backward(self: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, data, *args, **kwargs)
-        pending = session.safely("forward_backward", lambda: _micro_batch(session, self, data))
-        future = _quietly(lambda: original(self, data, *args, **kwargs))
-        if pending is None:
-            return future
-        return ObservedFuture(future, session,
-                              lambda out: pending.forward_backward.append(numeric(getattr(out, "metrics", None))))
-    return forward_backward
+@_recording
+def _forward_backward(session: ProgramRecording, original: Method, self: Any, /,
+                      data: Any, *args: Any, **kwargs: Any) -> Any:
+    pending = session.safely("forward_backward", lambda: _micro_batch(session, self, data))
+    future = _quietly(lambda: original(self, data, *args, **kwargs))
+    if pending is None:
+        return future
+    return ObservedFuture(future, session,
+                          lambda out: pending.forward_backward.append(numeric(getattr(out, "metrics", None))))
 
 
 def _micro_batch(session: ProgramRecording, client: object, data: Iterable[Any]) -> PendingStep:
@@ -315,26 +329,22 @@ def _micro_batch(session: ProgramRecording, client: object, data: Iterable[Any])
     return pending
 
 
-def _optim_step(original: Method) -> Method:
-    def optim_step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, *args, **kwargs)
-        # the optimizer's params: the first argument, or the tinker client's optim_params / adam_params
-        params = args[0] if args else kwargs.get("optim_params", kwargs.get("adam_params"))
-        pending = session.safely("optim_step", lambda: _step_requested(session, self, params))
-        try:
-            future = _quietly(lambda: original(self, *args, **kwargs))
-        except Exception as exc:
-            if pending is not None:
-                session.safely("optim_step", lambda: session.call_failed("optim_step", StepRequested, exc,
-                                                                         pending.step))
-            raise
-        if pending is None:
-            return future
-        return ObservedFuture(future, session, lambda out: session.step_completed(pending, out),
-                              lambda exc: session.call_failed("optim_step", StepRequested, exc, pending.step))
-    return optim_step
+@_recording
+def _optim_step(session: ProgramRecording, original: Method, self: Any, /, *args: Any, **kwargs: Any) -> Any:
+    # the optimizer's params: the first argument, or the tinker client's optim_params / adam_params
+    params = args[0] if args else kwargs.get("optim_params", kwargs.get("adam_params"))
+    pending = session.safely("optim_step", lambda: _step_requested(session, self, params))
+    try:
+        future = _quietly(lambda: original(self, *args, **kwargs))
+    except Exception as exc:
+        if pending is not None:
+            session.safely("optim_step", lambda: session.call_failed("optim_step", StepRequested, exc,
+                                                                     pending.step))
+        raise
+    if pending is None:
+        return future
+    return ObservedFuture(future, session, lambda out: session.step_completed(pending, out),
+                          lambda exc: session.call_failed("optim_step", StepRequested, exc, pending.step))
 
 
 def _step_requested(session: ProgramRecording, client: object, params: object) -> PendingStep:
@@ -347,25 +357,22 @@ def _step_requested(session: ProgramRecording, client: object, params: object) -
     return pending
 
 
-def _save_state(original: Method) -> Method:
-    def save_state(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, name, *args, **kwargs)
-        state = _client_state(self)
-        intent = session.safely("save_state", lambda: _state_save_requested(session, name))
-        try:
-            future = _quietly(lambda: original(self, name, *args, **kwargs))
-        except Exception as exc:
-            session.safely("save_state", lambda: session.call_failed("save_state", StateSaveRequested, exc))
-            raise
-        if intent is None:
-            return future
-        return ObservedFuture(
-            future, session,
-            lambda out: session.calls.state_saved(intent, path=out.path, trainer_job_id=state.trainer_job_id),
-            lambda exc: session.call_failed("save_state", StateSaveRequested, exc))
-    return save_state
+@_recording
+def _save_state(session: ProgramRecording, original: Method, self: Any, /,
+                name: str, *args: Any, **kwargs: Any) -> Any:
+    state = _client_state(self)
+    intent = session.safely("save_state", lambda: _state_save_requested(session, name))
+    try:
+        future = _quietly(lambda: original(self, name, *args, **kwargs))
+    except Exception as exc:
+        session.safely("save_state", lambda: session.call_failed("save_state", StateSaveRequested, exc))
+        raise
+    if intent is None:
+        return future
+    return ObservedFuture(
+        future, session,
+        lambda out: session.calls.state_saved(intent, path=out.path, trainer_job_id=state.trainer_job_id),
+        lambda exc: session.call_failed("save_state", StateSaveRequested, exc))
 
 
 def _state_save_requested(session: ProgramRecording, name: str) -> StateSaveRequested:
@@ -374,59 +381,48 @@ def _state_save_requested(session: ProgramRecording, name: str) -> StateSaveRequ
 
 
 def _load_state(with_optimizer: bool) -> Callable[[Method], Method]:
-    def make(original: Method) -> Method:
-        def load(self: Any, path: str, *args: Any, **kwargs: Any) -> Any:
-            session = _session()
-            if session is None:
-                return original(self, path, *args, **kwargs)
-            future = _quietly(lambda: original(self, path, *args, **kwargs))
-            job = _client_state(self).trainer_job_id
-            return ObservedFuture(future, session,
-                                  lambda out: session.state_loaded(path, with_optimizer=with_optimizer,
-                                                                   trainer_job_id=job))
-        return load
-    return make
+    @_recording
+    def load(session: ProgramRecording, original: Method, self: Any, /, path: str, *args: Any, **kwargs: Any) -> Any:
+        future = _quietly(lambda: original(self, path, *args, **kwargs))
+        job = _client_state(self).trainer_job_id
+        return ObservedFuture(future, session,
+                              lambda out: session.state_loaded(path, with_optimizer=with_optimizer,
+                                                               trainer_job_id=job))
+    return load
 
 
-def _save_weights_for_sampler(original: Method) -> Method:
-    def save_weights_for_sampler(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, name, *args, **kwargs)
-        state = _client_state(self)
-        requested = _arguments(original, self, (name, *args), kwargs).get("checkpoint_type")
-        kind = sdk_adapter.next_snapshot_kind(self, requested)
-        returned: list[Any] = []
+@_recording
+def _save_weights_for_sampler(session: ProgramRecording, original: Method, self: Any, /,
+                              name: str, *args: Any, **kwargs: Any) -> Any:
+    state = _client_state(self)
+    requested = _arguments(original, self, (name, *args), kwargs).get("checkpoint_type")
+    kind = sdk_adapter.next_snapshot_kind(self, requested)
+    returned: list[Any] = []
 
-        def call() -> Any:
-            out = original(self, name, *args, **kwargs)
-            returned.append(out)
-            return out if hasattr(out, "path") else out.result()  # _ext answers at once; the other a future
+    def call() -> Any:
+        out = original(self, name, *args, **kwargs)
+        returned.append(out)
+        return out if hasattr(out, "path") else out.result()  # _ext answers at once; the other a future
 
-        def record(tracked: Callable[[], Any]) -> Any:
-            return session.calls.snapshot(tracked, name=name, kind=kind, base_path=state.base_path)
+    def record(tracked: Callable[[], Any]) -> Any:
+        return session.calls.snapshot(tracked, name=name, kind=kind, base_path=state.base_path)
 
-        saved = _recorded(session, "save_weights_for_sampler", call, record)
-        if kind == "base":
-            state.base_path = getattr(saved, "path", None)
-        return returned[0]
-    return save_weights_for_sampler
+    saved = _recorded(session, "save_weights_for_sampler", call, record)
+    if kind == "base":
+        state.base_path = getattr(saved, "path", None)
+    return returned[0]
 
 
 # -- weight syncs, sampling, promotion ----------------------------------------------------------
 
-def _hotload_and_wait(original: Method) -> Method:
-    def hotload_and_wait(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, *args, **kwargs)
-        given = _arguments(original, self, args, kwargs)
-        session.synced_here = True
-        session.safely("reading the metrics file", session.metrics.poll)  # what was logged before this sync
-        return _recorded(session, "hotload_and_wait", lambda: original(self, *args, **kwargs),
-                         lambda call: session.calls.sync(call, deployment_id=given.get("deployment_id"),
-                                                         snapshot_path=str(given.get("snapshot_identity"))))
-    return hotload_and_wait
+@_recording
+def _hotload_and_wait(session: ProgramRecording, original: Method, self: Any, /, *args: Any, **kwargs: Any) -> Any:
+    given = _arguments(original, self, args, kwargs)
+    session.synced_here = True
+    session.safely("reading the metrics file", session.metrics.poll)  # what was logged before this sync
+    return _recorded(session, "hotload_and_wait", lambda: original(self, *args, **kwargs),
+                     lambda call: session.calls.sync(call, deployment_id=given.get("deployment_id"),
+                                                     snapshot_path=str(given.get("snapshot_identity"))))
 
 
 def _deployment_of(sampler: object) -> str:
@@ -439,24 +435,18 @@ _SAMPLING_KEYS = ("n", "max_tokens", "temperature", "top_p", "top_k", "max_seq_l
                   "seed")
 
 
-def _sample(original: Method) -> Method:
-    call_name = original.__name__
-
-    async def sample(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return await original(self, *args, **kwargs)
-        deployment = _deployment_of(self)
-        sent = session.safely("recording samples", lambda: session.deployment_state(deployment)) or (None, 0)
-        token = _inside.set(True)
-        try:
-            out = await original(self, *args, **kwargs)
-        finally:
-            _inside.reset(token)
-        session.safely("recording samples", lambda: _samples_drawn(session, original, self, args, kwargs, out,
-                                                                   deployment, sent, call_name))
-        return out
-    return sample
+@_recording
+async def _sample(session: ProgramRecording, original: Method, self: Any, /, *args: Any, **kwargs: Any) -> Any:
+    deployment = _deployment_of(self)
+    sent = session.safely("recording samples", lambda: session.deployment_state(deployment)) or (None, 0)
+    token = _inside.set(True)
+    try:
+        out = await original(self, *args, **kwargs)
+    finally:
+        _inside.reset(token)
+    session.safely("recording samples", lambda: _samples_drawn(session, original, self, args, kwargs, out,
+                                                               deployment, sent, original.__name__))
+    return out
 
 
 def _samples_drawn(session: ProgramRecording, original: Method, sampler: object, args: tuple[Any, ...],
@@ -477,29 +467,25 @@ def _samples_drawn(session: ProgramRecording, original: Method, sampler: object,
                           completions=completions, sampling=sampling)
 
 
-def _promote_checkpoint(original: Method) -> Method:
-    def promote_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, *args, **kwargs)
-        given = _arguments(original, self, args, kwargs)
-        ref = str(given.get("name") or given.get("checkpoint_id") or "")
-        snapshot, model_id = ref.rstrip("/").rsplit("/", 1)[-1], given.get("output_model_id")
-        requested = session.safely("promote_checkpoint", lambda: session.now(PromotionRequested(
-            snapshot_path=snapshot, model_id=model_id, eval_id=None, score=None,
-            trainer_job_id=given.get("job_id") or _job_of(ref), checkpoint_id=snapshot)))
-        request_id = requested.event_id if requested is not None else None
-        try:
-            model = original(self, *args, **kwargs)
-        except Exception as exc:
-            session.safely("promote_checkpoint", lambda: session.now(PromotionFailed(
-                request_id=request_id, snapshot_path=snapshot, model_id=model_id, error=error_text(exc))))
-            raise
-        session.safely("promote_checkpoint", lambda: session.now(ModelPromoted(
-            request_id=request_id, snapshot_path=snapshot, model_id=model_id,
-            model=model.get("name") if isinstance(model, dict) else None)))
-        return model
-    return promote_checkpoint
+@_recording
+def _promote_checkpoint(session: ProgramRecording, original: Method, self: Any, /, *args: Any, **kwargs: Any) -> Any:
+    given = _arguments(original, self, args, kwargs)
+    ref = str(given.get("name") or given.get("checkpoint_id") or "")
+    snapshot, model_id = ref.rstrip("/").rsplit("/", 1)[-1], given.get("output_model_id")
+    requested = session.safely("promote_checkpoint", lambda: session.now(PromotionRequested(
+        snapshot_path=snapshot, model_id=model_id, eval_id=None, score=None,
+        trainer_job_id=given.get("job_id") or _job_of(ref), checkpoint_id=snapshot)))
+    request_id = requested.event_id if requested is not None else None
+    try:
+        model = original(self, *args, **kwargs)
+    except Exception as exc:
+        session.safely("promote_checkpoint", lambda: session.now(PromotionFailed(
+            request_id=request_id, snapshot_path=snapshot, model_id=model_id, error=error_text(exc))))
+        raise
+    session.safely("promote_checkpoint", lambda: session.now(ModelPromoted(
+        request_id=request_id, snapshot_path=snapshot, model_id=model_id,
+        model=model.get("name") if isinstance(model, dict) else None)))
+    return model
 
 
 def _job_of(checkpoint_name: str) -> str | None:

@@ -45,8 +45,8 @@ from firetitan_track import sdk_adapter
 from firetitan_track.events import ProvisionRequested, SnapshotRequested, TrainerProvisioned
 from firetitan_track.recording import program
 from firetitan_track.recording.patches import (Method, ObservedFuture, _arguments, _client_state, _data_cursor,
-                                               _forward_backward, _load_state, _optim_step, _quietly, _save_state,
-                                               _session, Wraps)
+                                               _forward_backward, _load_state, _optim_step, _quietly, _recording,
+                                               _save_state, Wraps)
 from firetitan_track.recording.program import ProgramRecording, SampledSequence
 
 if TYPE_CHECKING:
@@ -97,33 +97,27 @@ def _begun(original: Method, origin: _Origin, self: object, args: tuple[Any, ...
 
 # -- training clients --------------------------------------------------------------------------
 
-def _create_lora_training_client(original: Method) -> Method:
-    def create_lora_training_client(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, *args, **kwargs)
-        given = _arguments(original, self, args, kwargs)
-        session.safely("create_lora_training_client", lambda: session.now(ProvisionRequested(
-            role="policy", base_model=str(given.get("base_model")), shape=None,
-            lora_rank=int(given.get("rank") or 0), base_url=sdk_adapter.tinker_base_url(self))))
-        return _begun(original, {"kind": "training", "created": True}, self, args, kwargs)
-    return create_lora_training_client
+@_recording
+def _create_lora_training_client(session: ProgramRecording, original: Method, self: Any, /,
+                                 *args: Any, **kwargs: Any) -> Any:
+    given = _arguments(original, self, args, kwargs)
+    session.safely("create_lora_training_client", lambda: session.now(ProvisionRequested(
+        role="policy", base_model=str(given.get("base_model")), shape=None,
+        lora_rank=int(given.get("rank") or 0), base_url=sdk_adapter.tinker_base_url(self))))
+    return _begun(original, {"kind": "training", "created": True}, self, args, kwargs)
 
 
 def _create_training_client_from_state(with_optimizer: bool) -> Callable[[Method], Method]:
-    def make(original: Method) -> Method:
-        def create_training_client_from_state(self: Any, *args: Any, **kwargs: Any) -> Any:
-            session = _session()
-            if session is None:
-                return original(self, *args, **kwargs)
-            path = str(_arguments(original, self, args, kwargs).get("path"))
-            # the base model is the state's, known once it is loaded (TrainerProvisioned names it)
-            session.safely("create_training_client_from_state", lambda: session.now(ProvisionRequested(
-                role="policy", base_model=path, shape=None, lora_rank=0, base_url=sdk_adapter.tinker_base_url(self))))
-            origin: _Origin = {"kind": "training", "created": True, "state": path, "with_optimizer": with_optimizer}
-            return _begun(original, origin, self, args, kwargs)
-        return create_training_client_from_state
-    return make
+    @_recording
+    def create_training_client_from_state(session: ProgramRecording, original: Method, self: Any, /,
+                                          *args: Any, **kwargs: Any) -> Any:
+        path = str(_arguments(original, self, args, kwargs).get("path"))
+        # the base model is the state's, known once it is loaded (TrainerProvisioned names it)
+        session.safely("create_training_client_from_state", lambda: session.now(ProvisionRequested(
+            role="policy", base_model=path, shape=None, lora_rank=0, base_url=sdk_adapter.tinker_base_url(self))))
+        origin: _Origin = {"kind": "training", "created": True, "state": path, "with_optimizer": with_optimizer}
+        return _begun(original, origin, self, args, kwargs)
+    return create_training_client_from_state
 
 
 def _training_client_init(original: Method) -> Method:
@@ -146,21 +140,17 @@ def _trainer_made(session: ProgramRecording, client: object, origin: _Origin) ->
         session.state_loaded(origin["state"], with_optimizer=origin["with_optimizer"], trainer_job_id=run_id)
 
 
-def _save_weights_for_sampler(original: Method) -> Method:
-    def save_weights_for_sampler(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, *args, **kwargs)
-        name = str(_arguments(original, self, args, kwargs).get("name"))
-        intent = session.safely("save_weights_for_sampler", lambda: _snapshot_requested(session, name))
-        future = _quietly(lambda: original(self, *args, **kwargs))
-        if intent is None:
-            return future
-        return ObservedFuture(future, session,
-                              lambda out: session.calls.snapshot_saved(intent, path=out.path, kind="base",
-                                                                       base_path=None),
-                              lambda exc: session.call_failed("save_weights_for_sampler", SnapshotRequested, exc))
-    return save_weights_for_sampler
+@_recording
+def _save_weights_for_sampler(session: ProgramRecording, original: Method, self: Any, /,
+                              *args: Any, **kwargs: Any) -> Any:
+    name = str(_arguments(original, self, args, kwargs).get("name"))
+    intent = session.safely("save_weights_for_sampler", lambda: _snapshot_requested(session, name))
+    future = _quietly(lambda: original(self, *args, **kwargs))
+    if intent is None:
+        return future
+    return ObservedFuture(future, session,
+                          lambda out: session.calls.snapshot_saved(intent, path=out.path, kind="base", base_path=None),
+                          lambda exc: session.call_failed("save_weights_for_sampler", SnapshotRequested, exc))
 
 
 def _snapshot_requested(session: ProgramRecording, name: str) -> SnapshotRequested:
@@ -170,35 +160,28 @@ def _snapshot_requested(session: ProgramRecording, name: str) -> SnapshotRequest
 
 # -- sampling clients ----------------------------------------------------------------------------
 
-def _save_weights_and_get_sampling_client(original: Method) -> Method:
-    def save_weights_and_get_sampling_client(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, *args, **kwargs)
-        intent = session.safely("save_weights_and_get_sampling_client",
-                                lambda: _snapshot_requested(session, EPHEMERAL))
-        origin: _Origin = {"kind": "sampler", "snapshot": intent, "deployment": sdk_adapter.tinker_training_run(self),
-                  "t0": time.perf_counter()}
-        return _begun(original, origin, self, args, kwargs)
-    return save_weights_and_get_sampling_client
+@_recording
+def _save_weights_and_get_sampling_client(session: ProgramRecording, original: Method, self: Any, /,
+                                          *args: Any, **kwargs: Any) -> Any:
+    intent = session.safely("save_weights_and_get_sampling_client", lambda: _snapshot_requested(session, EPHEMERAL))
+    origin: _Origin = {"kind": "sampler", "snapshot": intent, "deployment": sdk_adapter.tinker_training_run(self),
+                       "t0": time.perf_counter()}
+    return _begun(original, origin, self, args, kwargs)
 
 
-def _create_sampling_client(original: Method) -> Method:
-    def create_sampling_client(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, *args, **kwargs)
-        given = _arguments(original, self, args, kwargs)
-        path = given.get("model_path")
-        origin: _Origin = {"kind": "sampler"}
-        if path:
-            deployment = sdk_adapter.tinker_run_of_path(str(path))
-            origin.update({"deployment": deployment, "sync": session.safely("create_sampling_client", lambda: (
-                session.calls.sync_requested(deployment_id=deployment, snapshot_path=str(path))))})
-        else:
-            origin.update({"deployment": str(given.get("base_model"))})
-        return _begun(original, origin, self, args, kwargs)
-    return create_sampling_client
+@_recording
+def _create_sampling_client(session: ProgramRecording, original: Method, self: Any, /,
+                            *args: Any, **kwargs: Any) -> Any:
+    given = _arguments(original, self, args, kwargs)
+    path = given.get("model_path")
+    origin: _Origin = {"kind": "sampler"}
+    if path:
+        deployment = sdk_adapter.tinker_run_of_path(str(path))
+        origin.update({"deployment": deployment, "sync": session.safely("create_sampling_client", lambda: (
+            session.calls.sync_requested(deployment_id=deployment, snapshot_path=str(path))))})
+    else:
+        origin.update({"deployment": str(given.get("base_model"))})
+    return _begun(original, origin, self, args, kwargs)
 
 
 def _sampling_client_init(original: Method) -> Method:
@@ -234,28 +217,21 @@ def _served(client: object) -> _Served:
     return found or _Served(sdk_adapter.tinker_sampling_session(client), None, 0)
 
 
-def _sample(original: Method) -> Method:
-    def sample(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is None:
-            return original(self, *args, **kwargs)
-        served = _served(self)
-        session.last_sampler = (served.deployment, served.snapshot_path)
-        given = _arguments(original, self, args, kwargs)
-        future = _quietly(lambda: original(self, *args, **kwargs))
-        return ObservedFuture(future, session, lambda out: _samples_drawn(session, served, given, out))
-    return sample
+@_recording
+def _sample(session: ProgramRecording, original: Method, self: Any, /, *args: Any, **kwargs: Any) -> Any:
+    served = _served(self)
+    session.last_sampler = (served.deployment, served.snapshot_path)
+    given = _arguments(original, self, args, kwargs)
+    future = _quietly(lambda: original(self, *args, **kwargs))
+    return ObservedFuture(future, session, lambda out: _samples_drawn(session, served, given, out))
 
 
-def _compute_logprobs(original: Method) -> Method:
+@_recording
+def _compute_logprobs(session: ProgramRecording, original: Method, self: Any, /, *args: Any, **kwargs: Any) -> Any:
     """Scoring through a sampling client (an NLL eval): no samples, but the sampler is used."""
-    def compute_logprobs(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = _session()
-        if session is not None:
-            served = _served(self)
-            session.last_sampler = (served.deployment, served.snapshot_path)
-        return original(self, *args, **kwargs)
-    return compute_logprobs
+    served = _served(self)
+    session.last_sampler = (served.deployment, served.snapshot_path)
+    return original(self, *args, **kwargs)
 
 
 def _samples_drawn(session: ProgramRecording, served: _Served, given: dict[str, Any], out: Any) -> None:
