@@ -518,17 +518,28 @@ def _checkpoints_resume(original: Method) -> Method:
     return resume
 
 
-def _wandb_log(original: Method) -> Method:
-    def log(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
-        session = program.active()
-        if session is not None:
-            given = _arguments(original, self, args, kwargs)
-            given.update(given.pop("kwargs", None) or {})  # NoopRun.log(data, *args, **kwargs)
-            step = given.get("step", (given.get("args") or (None,))[0])
-            session.safely("recording wandb.log", lambda: session.metrics.from_call(given.get("data"), step, "wandb"))
-        return out
-    return log
+def _logged_metrics(what: str, source: str,
+                    read: Callable[[dict[str, Any]], tuple[object, object]]) -> Callable[[Method], Method]:
+    """A metrics logger's call (``what``: W&B's log, the cookbook's log_metrics): once it returns,
+    the metrics and step ``read`` takes from its bound arguments are the program's own, from ``source``."""
+    def make(original: Method) -> Method:
+        def log(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(self, *args, **kwargs)
+            session = program.active()
+            if session is not None:
+                given = _arguments(original, self, args, kwargs)
+                session.safely(f"recording {what}", lambda: session.metrics.from_call(*read(given), source))
+            return out
+        return log
+    return make
+
+
+def _wandb_data(given: dict[str, Any]) -> tuple[object, object]:
+    given.update(given.pop("kwargs", None) or {})  # NoopRun.log(data, *args, **kwargs)
+    return given.get("data"), given.get("step", (given.get("args") or (None,))[0])
+
+
+_wandb_log = _logged_metrics("wandb.log", "wandb", _wandb_data)
 
 
 # -- which module gets which wrappers ------------------------------------------------------------

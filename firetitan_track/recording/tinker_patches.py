@@ -45,8 +45,8 @@ from firetitan_track import sdk_adapter
 from firetitan_track.events import ProvisionRequested, SnapshotRequested, TrainerProvisioned
 from firetitan_track.recording import program
 from firetitan_track.recording.patches import (Method, ObservedFuture, _arguments, _client_state, _data_cursor,
-                                               _forward_backward, _load_state, _optim_step, _quietly, _recording,
-                                               _save_state, Wraps)
+                                               _forward_backward, _load_state, _logged_metrics, _optim_step, _quietly,
+                                               _recording, _save_state, Wraps)
 from firetitan_track.recording.program import ProgramRecording, SampledSequence
 
 if TYPE_CHECKING:
@@ -120,13 +120,17 @@ def _create_training_client_from_state(with_optimizer: bool) -> Callable[[Method
     return create_training_client_from_state
 
 
-def _training_client_init(original: Method) -> Method:
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        origin, session = _origin.get(), program.active()
-        if origin is not None and origin["kind"] == "training" and session is not None:
-            session.safely("recording a tinker training client", lambda: _trainer_made(session, self, origin))
-    return __init__
+def _client_init(kind: str, made: Callable[[ProgramRecording, object, _Origin], None]) -> Callable[[Method], Method]:
+    """A tinker client's ``__init__``: a client of ``kind`` built where the program asked for one
+    (its origin set by the call that asked) is recorded by ``made`` once it is built."""
+    def make(original: Method) -> Method:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            origin, session = _origin.get(), program.active()
+            if origin is not None and origin["kind"] == kind and session is not None:
+                session.safely(f"recording a tinker {kind} client", lambda: made(session, self, origin))
+        return __init__
+    return make
 
 
 def _trainer_made(session: ProgramRecording, client: object, origin: _Origin) -> None:
@@ -182,15 +186,6 @@ def _create_sampling_client(session: ProgramRecording, original: Method, self: A
     else:
         origin.update({"deployment": str(given.get("base_model"))})
     return _begun(original, origin, self, args, kwargs)
-
-
-def _sampling_client_init(original: Method) -> Method:
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        origin, session = _origin.get(), program.active()
-        if origin is not None and origin["kind"] == "sampler" and session is not None:
-            session.safely("recording a tinker sampling client", lambda: _sampler_made(session, self, origin))
-    return __init__
 
 
 def _sampler_made(session: ProgramRecording, client: object, origin: _Origin) -> None:
@@ -267,16 +262,8 @@ def _save_checkpoint_async(original: Method) -> Method:
     return save_checkpoint_async
 
 
-def _json_logger_log_metrics(original: Method) -> Method:
-    def log_metrics(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
-        session = program.active()
-        if session is not None:
-            given = _arguments(original, self, args, kwargs)
-            session.safely("recording log_metrics", lambda: session.metrics.from_call(
-                given.get("metrics"), given.get("step"), "metrics_file"))
-        return out
-    return log_metrics
+_json_logger_log_metrics = _logged_metrics("log_metrics", "metrics_file",
+                                           lambda given: (given.get("metrics"), given.get("step")))
 
 
 # -- which module gets which wrappers (patches.WRAPS's form) -------------------------------------
@@ -292,7 +279,7 @@ WRAPS: Wraps = {
     },
     "tinker.lib.public_interfaces.training_client": {
         "TrainingClient": {
-            "__init__": _training_client_init,
+            "__init__": _client_init("training", _trainer_made),
             "forward_backward": _forward_backward,
             "forward_backward_custom": _forward_backward,
             "optim_step": _optim_step,
@@ -305,7 +292,7 @@ WRAPS: Wraps = {
         },
     },
     "tinker.lib.public_interfaces.sampling_client": {
-        "SamplingClient": {"__init__": _sampling_client_init, "sample": _sample, "compute_logprobs": _compute_logprobs},
+        "SamplingClient": {"__init__": _client_init("sampler", _sampler_made), "sample": _sample, "compute_logprobs": _compute_logprobs},
     },
     # tinker-cookbook: its checkpoint function (a module's own, "": patches.MODULE) and its metrics logger
     "tinker_cookbook.checkpoint_utils": {"": {"save_checkpoint_async": _save_checkpoint_async}},
