@@ -34,6 +34,8 @@ from .trainer_plane import TrainerSpec
 from .wire import ApiError, field, json_body, json_response
 
 if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
+
     from .inference_plane import InferencePlane
     from .trainer_plane import TrainerPlane
 
@@ -154,7 +156,7 @@ class ControlPlane:
 
     async def list_accounts(self, request: Request) -> Response:
         # Any API key is accepted locally and resolves to the single local account.
-        return json_response({"accounts": [self._account_record()], "totalSize": 1})
+        return _listing("accounts", [self._account_record()])
 
     async def get_account(self, request: Request) -> Response:
         self._account(request)
@@ -207,7 +209,7 @@ class ControlPlane:
         shapes = [{"name": shape_name(s.shape_id), "baseModel": s.base_model,
                    "latestVersion": f"{shape_name(s.shape_id)}/versions/{s.latest_version}"}
                   for s in catalogue.TRAINING_SHAPES.values()]
-        return json_response({"trainingShapes": shapes, "totalSize": len(shapes)})
+        return _listing("trainingShapes", shapes)
 
     async def get_shape(self, request: Request) -> Response:
         shape = self._shape(request)
@@ -223,7 +225,7 @@ class ControlPlane:
         page_size = request.query_params.get("pageSize")
         if page_size and page_size.isdigit() and int(page_size) > 0:
             versions = versions[: int(page_size)]
-        return json_response({"trainingShapeVersions": versions, "totalSize": len(versions)})
+        return _listing("trainingShapeVersions", versions)
 
     async def get_shape_version(self, request: Request) -> Response:
         shape = self._shape(request)
@@ -325,7 +327,7 @@ class ControlPlane:
     async def list_jobs(self, request: Request) -> Response:
         self._account(request)
         jobs = [public(job) for job in self.state.jobs.all()]
-        return json_response({"rlorTrainerJobs": jobs, "totalSize": len(jobs)})
+        return _listing("rlorTrainerJobs", jobs)
 
     async def job(self, request: Request) -> Response:
         """GET / DELETE .../rlorTrainerJobs/{job} and POST .../rlorTrainerJobs/{job}:resume."""
@@ -374,7 +376,7 @@ class ControlPlane:
                 "promotable": row["family"] == "sampler",
                 "step": row.get("step"),
             })
-        return json_response({"checkpoints": rows, "totalSize": len(rows)})
+        return _listing("checkpoints", rows)
 
     # -- checkpoint promotion ---------------------------------------------------------
 
@@ -450,7 +452,7 @@ class ControlPlane:
         models = [{"name": name, "kind": "HF_BASE_MODEL", "state": "READY"} for name in names]
         if account == ACCOUNT_ID:
             models += [public(m) for m in self.state.models.all()]
-        return json_response({"models": models, "totalSize": len(models)})
+        return _listing("models", models)
 
     # -- deployments ------------------------------------------------------------------
 
@@ -523,7 +525,7 @@ class ControlPlane:
     async def list_deployments(self, request: Request) -> Response:
         self._account(request)
         records = [public(r) for r in self.state.deployments.all()]
-        return json_response({"deployments": records, "totalSize": len(records)})
+        return _listing("deployments", records)
 
     async def deployment(self, request: Request) -> Response:
         """GET / PATCH / DELETE .../deployments/{id}."""
@@ -588,3 +590,9 @@ class ControlPlane:
             Route(a + "/deployments", self.list_deployments, methods=["GET"]),
             Route(a + "/deployments/{deployment}", self.deployment, methods=["GET", "PATCH", "DELETE"]),
         ]
+
+
+def _listing(key: str, items: list[Json]) -> Response:
+    """A list call's answer, as the managed API pages it: the items under their collection's
+    name, and how many there are (one page holds them all)."""
+    return json_response({key: items, "totalSize": len(items)})
