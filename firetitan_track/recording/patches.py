@@ -551,6 +551,16 @@ Wraps = dict[str, dict[str, dict[str, Callable[[Method], Method]]]]
 
 _WANDB_LOG = {"log": _wandb_log}  # W&B online or offline (Run); disabled, WANDB_MODE=disabled (NoopRun)
 
+# a training client's steps and states, named and wrapped alike in fireworks-ai and tinker
+TRAINING_CALLS = {
+    "forward_backward": _forward_backward,
+    "forward_backward_custom": _forward_backward,
+    "optim_step": _optim_step,
+    "save_state": _save_state,
+    "load_state": _load_state(with_optimizer=False),
+    "load_state_with_optimizer": _load_state(with_optimizer=True),
+}
+
 WRAPS: Wraps = {
     "fireworks.training.sdk.client": {
         "FiretitanServiceClient": {
@@ -560,12 +570,7 @@ WRAPS: Wraps = {
             "close": _close,
         },
         "FiretitanTrainingClient": {
-            "forward_backward": _forward_backward,
-            "forward_backward_custom": _forward_backward,
-            "optim_step": _optim_step,
-            "save_state": _save_state,
-            "load_state": _load_state(with_optimizer=False),
-            "load_state_with_optimizer": _load_state(with_optimizer=True),
+            **TRAINING_CALLS,
             "save_weights_for_sampler": _save_weights_for_sampler,
             "save_weights_for_sampler_ext": _save_weights_for_sampler,
         },

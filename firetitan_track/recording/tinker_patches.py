@@ -44,9 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, TypedDict
 from firetitan_track import sdk_adapter
 from firetitan_track.events import ProvisionRequested, SnapshotRequested, TrainerProvisioned
 from firetitan_track.recording import program
-from firetitan_track.recording.patches import (Method, ObservedFuture, _arguments, _client_state, _data_cursor,
-                                               _forward_backward, _load_state, _logged_metrics, _optim_step, _quietly,
-                                               _recording, _save_state, Wraps)
+from firetitan_track.recording.patches import (TRAINING_CALLS, Method, ObservedFuture, Wraps, _arguments,
+                                               _client_state, _data_cursor, _logged_metrics, _quietly, _recording)
 from firetitan_track.recording.program import ProgramRecording, SampledSequence
 
 if TYPE_CHECKING:
@@ -280,12 +279,7 @@ WRAPS: Wraps = {
     "tinker.lib.public_interfaces.training_client": {
         "TrainingClient": {
             "__init__": _client_init("training", _trainer_made),
-            "forward_backward": _forward_backward,
-            "forward_backward_custom": _forward_backward,
-            "optim_step": _optim_step,
-            "save_state": _save_state,
-            "load_state": _load_state(with_optimizer=False),
-            "load_state_with_optimizer": _load_state(with_optimizer=True),
+            **TRAINING_CALLS,
             "save_weights_for_sampler": _save_weights_for_sampler,
             "save_weights_and_get_sampling_client": _save_weights_and_get_sampling_client,
             "create_sampling_client": _create_sampling_client,
