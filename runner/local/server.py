@@ -205,8 +205,6 @@ def serve(state_dir: Path, port: int = 0, device: str = "cpu", log_level: str = 
     info["token_required"] = token is not None
     app = build_app(state_dir, device, info, token=token, log_requests=log_requests)
 
-    # http="auto" (uvicorn's default) parses with httptools, which the [local] extra installs: 0.8 ms
-    # less of the event loop's CPU per train step than h11 (benchmarks/local_service.py's step)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=75,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
