@@ -17,9 +17,12 @@ Prints one JSON object:
   from launching ``firetitan-track resume`` to the next StepCompleted being
   durable (process start, imports, reconnect to the live trainer, state load,
   one step).
-  ``resume_in_process_s`` is the part after the RunResumed event.
+  ``resume_in_process_s`` is the part after the RunResumed event. With ``--resume-rounds N``
+  (N > 1) the same run is resumed N times, each resumed process SIGKILLed once its first step
+  is durable, and the medians are reported with every round's figure.
 
-Usage: ``python benchmarks/tracking_overhead.py [--rounds N] [--steps N] [--skip-resume]``.
+Usage: ``python benchmarks/tracking_overhead.py [--rounds N] [--steps N] [--skip-resume | --only-resume]
+[--resume-rounds N]``.
 """
 
 from __future__ import annotations
@@ -142,7 +145,7 @@ def overhead(info, rounds: int, steps: int, tmp: Path, lora_rank: int = 0) -> di
             "loop_steps": steps}
 
 
-def resume_latency(info, tmp: Path) -> dict:
+def resume_latency(info, tmp: Path, rounds: int = 1) -> dict:
     from firetitan_track import Ledger
 
     ledger_url = f"sqlite:///{tmp / 'resume-ledger.db'}"
@@ -154,46 +157,69 @@ def resume_latency(info, tmp: Path) -> dict:
         "save_every = 25", "save_every = 1"))
     harness = REPO / "tests" / "runner" / "crash_harness.py"
     env = {**os.environ, "CRASH_AT": "event:StepCompleted:12"}
-    subprocess.run([sys.executable, str(harness), "--ledger", ledger_url, "run", str(spec), "--run-id", "r",
-                    "--quiet"], env=env, cwd=REPO, capture_output=True)
-    env.pop("CRASH_AT")
-    launched = time.time()
-    proc = subprocess.Popen([sys.executable, str(harness), "--ledger", ledger_url, "resume", "r", "--quiet"],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    crashed = subprocess.run([sys.executable, str(harness), "--ledger", ledger_url, "run", str(spec), "--run-id", "r",
+                              "--quiet"], env=env, cwd=REPO, capture_output=True, text=True)
+    if crashed.returncode != -9:
+        raise RuntimeError(f"the run to resume was not SIGKILLed (exit {crashed.returncode}): {crashed.stderr[-2000:]}")
     ledger = Ledger.open(ledger_url)
-    resumed_at = first_step_at = None
-    while first_step_at is None and proc.poll() is None:
-        resumed_at = None  # each poll reads the stream from the start
-        for ev in ledger.read("r"):
-            if ev.type == "RunResumed":
-                resumed_at = ev.recorded_at
-            elif ev.type == "StepCompleted" and resumed_at is not None:
-                first_step_at = ev.recorded_at
+    total, in_process = [], []
+    for r in range(rounds):
+        # every round but the last is SIGKILLed once its first step and state are durable: the next
+        # resumes after a crash again
+        env["CRASH_AT"] = "event:StateSaved:1"
+        if r == rounds - 1:
+            env.pop("CRASH_AT")
+        seen = ledger.stream_version("r")  # the version this round's first event gets
+        launched = time.time()
+        proc = subprocess.Popen([sys.executable, str(harness), "--ledger", ledger_url, "resume", "r", "--quiet"],
+                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        resumed_at = first_step_at = None
+        while first_step_at is None:
+            exited = proc.poll() is not None  # read once more after it exits: it may die right after its step
+            resumed_at = None  # each poll reads this round's events from the start
+            for ev in ledger.read("r", from_version=seen):
+                if ev.type == "RunResumed":
+                    resumed_at = ev.recorded_at
+                elif ev.type == "StepCompleted" and resumed_at is not None:
+                    first_step_at = ev.recorded_at
+                    break
+            if exited:
                 break
-        time.sleep(0.01)
-    proc.wait()
-    if first_step_at is None:
-        raise RuntimeError("resume never completed a step")
-    return {"resume_to_next_step_s": round(first_step_at - launched, 3),
-            "resume_in_process_s": round(first_step_at - resumed_at, 3)}
+            time.sleep(0.01)
+        proc.wait()
+        if first_step_at is None:
+            raise RuntimeError("resume never completed a step")
+        total.append(first_step_at - launched)
+        in_process.append(first_step_at - resumed_at)
+    result = {"resume_to_next_step_s": round(statistics.median(total), 3),
+              "resume_in_process_s": round(statistics.median(in_process), 3)}
+    if rounds > 1:
+        result.update({"resume_to_next_step_rounds_s": [round(x, 3) for x in total],
+                       "resume_in_process_rounds_s": [round(x, 3) for x in in_process]})
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--skip-resume", action="store_true", help="Leave out the resume-latency figures.")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--skip-resume", action="store_true", help="Leave out the resume-latency figures.")
+    only.add_argument("--only-resume", action="store_true", help="Only the resume-latency figures.")
+    parser.add_argument("--resume-rounds", type=int, default=1, help="Resume the crashed run this many times.")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
 
     from runner.local.supervisor import local_service
 
     with tempfile.TemporaryDirectory() as tmp, local_service() as info:
-        result = overhead(info, args.rounds, args.steps, Path(tmp))
-        lora = overhead(info, args.rounds, args.steps, Path(tmp), lora_rank=LORA_RANK)
-        result.update({f"lora_{k}": v for k, v in lora.items() if k != "loop_steps"})
+        result: dict = {}
+        if not args.only_resume:
+            result = overhead(info, args.rounds, args.steps, Path(tmp))
+            lora = overhead(info, args.rounds, args.steps, Path(tmp), lora_rank=LORA_RANK)
+            result.update({f"lora_{k}": v for k, v in lora.items() if k != "loop_steps"})
         if not args.skip_resume:
-            result.update(resume_latency(info, Path(tmp)))
+            result.update(resume_latency(info, Path(tmp), args.resume_rounds))
     print(json.dumps(result))
 
 

@@ -30,6 +30,7 @@ import click
 from firetitan_track.cli import absolute_uri, ledger_url, user_errors
 from firetitan_track.extras import MissingExtra, install_line, missing, require
 from firetitan_track.redact import guard_output, redact_text
+from runner.startup import lasting_imports
 
 # command name -> ("module:attribute", the extra it needs beyond the core, or None)
 COMMANDS: dict[str, tuple[str, str | None]] = {
@@ -165,7 +166,8 @@ def _finish(result: Any) -> None:
 def run(ctx: click.Context, spec_path: str, run_id: str | None, steps: int | None, overrides: tuple[str, ...],
         export_mlflow: str | None, quiet: bool) -> None:
     """Run the research loop described by SPEC (a TOML file)."""
-    from runner.loop import run_spec
+    with lasting_imports():  # the loop imports torch (runner.startup)
+        from runner.loop import run_spec
     from runner.spec import load_spec, parse_overrides
 
     with _reporting():
@@ -184,7 +186,8 @@ def run(ctx: click.Context, spec_path: str, run_id: str | None, steps: int | Non
 @click.pass_context
 def resume(ctx: click.Context, run_id: str, export_mlflow: str | None, quiet: bool) -> None:
     """Continue RUN_ID from its last saved state, as its ledger records it."""
-    from runner.loop import resume_run
+    with lasting_imports():
+        from runner.loop import resume_run
 
     with _reporting():
         result = resume_run(run_id, ledger_url=ledger_url(ctx), export_mlflow=_tracking_uri(export_mlflow),
@@ -199,7 +202,8 @@ def resume(ctx: click.Context, run_id: str, export_mlflow: str | None, quiet: bo
 @click.pass_context
 def rerun(ctx: click.Context, run_id: str, new_run_id: str | None, quiet: bool) -> None:
     """Start a new run from RUN_ID's recorded spec and prompt sets, linked to it."""
-    from runner.loop import rerun as do_rerun
+    with lasting_imports():
+        from runner.loop import rerun as do_rerun
 
     with _reporting():
         result = do_rerun(run_id, ledger_url=ledger_url(ctx), new_run_id=new_run_id, progress=not quiet)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import math
 import os
 import re
@@ -46,6 +47,7 @@ from runner.provision import Endpoint, api_key, connect, endpoint
 from runner.recipes import RECIPES, Recipe, StepContext
 from runner.recipes.base import visible_text
 from runner.spec import BackendSection, ConcurrencySection, Spec
+from runner.startup import gc_paused
 from runner.tasks import DataError, Example, eval_prompts, grade
 from runner.tasks.preference import Pair
 
@@ -311,7 +313,10 @@ class Attempt:
         self.loop = asyncio.new_event_loop()
         self.stop = StopSignals()
         try:
-            self.train(self.set_up())
+            with gc_paused():  # connecting imports the SDK and transformers (runner.startup)
+                start = self.set_up()
+                gc.freeze()  # what was set up lives through the attempt: the collector's passes skip it
+            self.train(start)
             return self.close()
         except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run
             outcome = self.end(exc)
@@ -324,6 +329,7 @@ class Attempt:
                          f"`firetitan-track resume {self.rec.run_id}`")
             raise
         finally:
+            gc.unfreeze()  # and see it again from here on, whatever of it is garbage by now included
             self.stop.restore()
             if self.watch is not None:
                 self.watch.stop()
