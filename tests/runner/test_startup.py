@@ -21,6 +21,7 @@ def test_an_attempt_trains_with_its_set_up_frozen_and_hands_the_collector_back(l
     def on_eval(step: int, score: float) -> None:
         during.append((gc.isenabled(), gc.get_freeze_count()))
 
+    gc.unfreeze()  # what an earlier test's `run` command froze in this process (its attempt never began)
     assert gc.isenabled() and gc.get_freeze_count() == 0
     assert run_spec(spec, ledger_url=ledger_url, run_id="gc", progress=False, on_eval=on_eval).status == "completed"
     assert during and all(enabled and frozen > 0 for enabled, frozen in during)  # collecting, set-up skipped
