@@ -65,7 +65,8 @@ def resolve_upstream(ledger: Ledger, ours: ModelSection, bad: KeyCheck) -> Upstr
             "step": state.step, "trainer_job_id": state.trainer_job_id}
 
 
-def load_upstream(policy: TrackedTrainingClient, reference: FiretitanTrainingClient | None, upstream: Upstream, *, shared_reference: bool) -> None:
+def load_upstream(policy: TrackedTrainingClient, reference: FiretitanTrainingClient | None,
+                  upstream: Upstream, *, shared_reference: bool) -> None:
     """Load the upstream's weights into the policy (and into a separate frozen reference,
     so a DPO run after SFT measures itself against where it started)."""
     def load(client: TrackedTrainingClient | FiretitanTrainingClient) -> None:

@@ -148,8 +148,8 @@ def connect(model: ModelSection, cleanup: CleanupSection, where: Endpoint, st: R
     return session
 
 
-def _retire_partial(service: FiretitanServiceClient, model: ModelSection, cleanup: CleanupSection, where: Endpoint, api_key: str,
-                    rec: Recorder, reused_trainer: str | None, existing_deployment: str | None,
+def _retire_partial(service: FiretitanServiceClient, model: ModelSection, cleanup: CleanupSection, where: Endpoint,
+                    api_key: str, rec: Recorder, reused_trainer: str | None, existing_deployment: str | None,
                     cause: BaseException) -> None:
     """What a failed provisioning made before it failed, recorded and cleaned up under the spec's
     policy. The SDK names the trainer job on its config before creating it; a deployment that
