@@ -118,6 +118,12 @@ def _one_of(values: tuple[str, ...]) -> Kind:
     return Kind("one of " + ", ".join(map(repr, values)), lambda v: isinstance(v, str) and v in values)
 
 
+# Any stays where it is meant: an annotation (a type form) is no one Python type, ``optional()``
+# is a default that must fit any field, and a payload's values are whatever the event's fields
+# hold (``Any`` as a field's annotation is the JSON kind "any value"). Values only inspected or
+# passed on are ``object``.
+
+
 def _kind_of(annotation: Any) -> Kind:
     """The JSON kind a field's annotation names: str, int, float, bool, Any, dict[str, X],
     list[X], X | None, a str-valued Enum (one of its values), or Annotated[..., Kind] for one
@@ -208,7 +214,7 @@ class Event:
     extra: dict[str, Any] = field(default_factory=dict)
     _given: frozenset[str] = field(default=frozenset(), init=False, repr=False)  # optional fields given
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         cls._doc = " ".join((cls.__dict__.get("__doc__") or "").split())
         cls.type_name = cls.__name__
@@ -238,7 +244,7 @@ class Event:
         data.update(self.extra)
         return data
 
-    def replace(self: E, **changes: Any) -> E:
+    def replace(self: E, **changes: object) -> E:
         """This event with ``changes``; an optional field left out stays left out (where
         ``dataclasses.replace`` would give it as None)."""
         return type(self).from_payload({**self.payload(), **changes})
@@ -798,7 +804,7 @@ def first_of(events: Iterable[RecordedEvent], cls: type[E]) -> E | None:
     return next((ev.fact for ev in events if isinstance(ev.fact, cls)), None)
 
 
-def new_event(event: Event | str, event_id: str | None = None, **data: Any) -> NewEvent:
+def new_event(event: Event | str, event_id: str | None = None, **data: object) -> NewEvent:
     """The NewEvent that appends ``event``, checked against its type now. A type's name and its
     fields as keywords also work (a test writing a payload by hand)."""
     if isinstance(event, Event):
@@ -823,7 +829,7 @@ def validate(ev: NewEvent) -> None:
         raise InvalidEvent(f"{ev.type}: {problem}")
 
 
-def payload_problem(et: EventType, data: Any) -> str | None:
+def payload_problem(et: EventType, data: object) -> str | None:
     """What is wrong with ``data`` as a payload of ``et`` at its current version, or None.
 
     The one check of a payload against the catalogue: appends, imports and reads apply it,
@@ -842,17 +848,17 @@ def payload_problem(et: EventType, data: Any) -> str | None:
     return None
 
 
-def _json_kind(value: Any) -> str:
+def _json_kind(value: object) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _shown(value: Any) -> str:
+def _shown(value: object) -> str:
     text = repr(value)
     return f"{_json_kind(value)} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def blob_references(type: str, data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+def blob_references(type: str, data: Mapping[str, object]) -> Iterator[tuple[str, str]]:
     """(field, digest) for every field of ``type`` that names a stored blob (EventType.blobs:
     dotted paths into the payload, ``*`` standing for every value of an object)."""
     et = CATALOGUE.get(type)
@@ -869,7 +875,7 @@ def blob_references(type: str, data: Mapping[str, Any]) -> Iterator[tuple[str, s
         yield from ((where, value) for where, value in nodes if is_digest(value))
 
 
-def digest_references(data: Any) -> Iterator[tuple[str, str]]:
+def digest_references(data: object) -> Iterator[tuple[str, str]]:
     """(field, digest) for every ``*_digest`` field anywhere in a payload and every digest under a
     ``prompt_sets`` map: the digests whose blob, when stored, must still hash to them."""
     stack = [data]

@@ -15,9 +15,12 @@ bundle is untrusted until checked.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from firetitan_track.errors import UserError
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 __all__ = ["RUN_ID_RULE", "SWEEP_STREAM_PREFIX", "UnsafeId", "is_run_id", "is_stream_id", "run_id_problem",
            "check_run_id", "file_name", "sweep_stream"]
@@ -36,17 +39,17 @@ class UnsafeId(UserError, ValueError):
     """A stored id that breaks the rule where it was about to become part of a path."""
 
 
-def is_run_id(value: Any) -> bool:
+def is_run_id(value: object) -> TypeIs[str]:
     return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 
-def is_stream_id(value: Any) -> bool:
+def is_stream_id(value: object) -> TypeIs[str]:
     """A run id, or a sweep's stream (``sweep:`` + a run id)."""
     return is_run_id(value) or (isinstance(value, str) and value.startswith(SWEEP_STREAM_PREFIX)
                                 and is_run_id(value[len(SWEEP_STREAM_PREFIX):]))
 
 
-def run_id_problem(value: Any, secrets: Sequence[str] = ()) -> str | None:
+def run_id_problem(value: object, secrets: Sequence[str] = ()) -> str | None:
     """Why ``value`` cannot be a stream id (None when it can). ``secrets``: values (from
     ``redact.secret_values``) no id may contain, since ids are shown and exported unredacted."""
     if not is_stream_id(value):
@@ -68,7 +71,7 @@ def check_run_id(run_id: str) -> None:
                         "another key): run ids are shown, stored and exported as they are; choose another")
 
 
-def file_name(value: Any, suffix: str = "") -> str:
+def file_name(value: object, suffix: str = "") -> str:
     """``value + suffix`` as one plain file name, for a stored id about to become part of a
     path; UnsafeId when the id does not follow the rule (``../../x``, ``/tmp/x``)."""
     if not is_run_id(value):
@@ -76,7 +79,7 @@ def file_name(value: Any, suffix: str = "") -> str:
     return f"{value}{suffix}"
 
 
-def _shown(value: Any) -> str:
+def _shown(value: object) -> str:
     """``value`` as a message may show it: repr escapes control characters (an ANSI escape in
     an id must not repaint the terminal that prints the error), and a long one is cut."""
     text = repr(value)

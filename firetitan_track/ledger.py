@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row, RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from firetitan_track import blobs as blob_store
@@ -471,7 +471,7 @@ class Ledger:
     def put_blob(self, data: bytes, media_type: str = "application/octet-stream") -> str:
         return blob_store.put_blob(self._store, data, media_type)
 
-    def put_json(self, obj: Any) -> str:
+    def put_json(self, obj: object) -> str:
         where = _non_finite(obj)  # a blob is part of the record too: only finite numbers
         if where is not None:
             raise InvalidEvent(f"a JSON blob: {where} is {_non_finite_value(obj, where)}, not a finite number; "
@@ -503,7 +503,7 @@ class Ledger:
                               f"{found[1][:16]}...); give more characters")
         return found[0]
 
-    def get_json(self, digest: str) -> Any:
+    def get_json(self, digest: str) -> Any:  # Json; Any as each caller knows the shape it stored (a spec, a prompt set)
         data = self.get_blob(digest)
         try:
             return json.loads(data)
@@ -613,7 +613,7 @@ def _prepare(ev: NewEvent, secrets: list[str]) -> _Pending:
     return _Pending(ev.event_id, ev.type, version, data_json)
 
 
-def _non_finite(node: Any, path: str = "") -> str | None:
+def _non_finite(node: object, path: str = "") -> str | None:
     """The dotted path of the first non-finite float in a JSON-like value, or None."""
     if isinstance(node, float) and not math.isfinite(node):
         return path or "the payload"
@@ -670,7 +670,7 @@ def _decoded(type: str, schema_version: int, data_json: str) -> tuple[int, dict[
     return upcast(type, schema_version, data)
 
 
-def _refused(event_type: str, version: int, data: Any) -> str | None:
+def _refused(event_type: str, version: int, data: object) -> str | None:
     """What its event type refuses in a decoded payload (None: readable). An unknown type or a
     schema version ahead of this code is not judged here (``import`` refuses both)."""
     current = CATALOGUE.get(event_type)
@@ -718,6 +718,10 @@ def _recorded_from_rows(rows: list[dict[str, Any]], positions: list[int]) -> lis
         recorded.append(RecordedEvent(r["run_id"], r["version"], position, r["event_id"], r["type"],
                                       version, data, r["recorded_at"], r["hash"]))
     return recorded
+
+
+# The rows the checks below read by attribute are a database Row or a bundle's RowView (a row
+# carried as a dict, its columns set as attributes): Any, as neither type declares the columns.
 
 
 def check_chain(run_id: str, rows: Iterable[Any]) -> Problem | None:
@@ -794,7 +798,7 @@ def _check_blobs(conn: Connection, references: dict[str, tuple[str, int, str, bo
 # -- signed heads ----------------------------------------------------------------------
 
 
-def _head(row: Any) -> SignedHead:
+def _head(row: RowMapping) -> SignedHead:
     return SignedHead(row["run_id"], row["version"], row["hash"], row["signed_at"], row["public_key"],
                       row["signature"])
 
@@ -812,7 +816,7 @@ def _newest_heads(conn: Connection, run_id: str) -> list[SignedHead]:
     return [_head(r) for r in conn.execute(stmt).mappings()]
 
 
-def _check_read(run_id: str, first: int, before: Any, rows: Sequence[Any], newest: list[SignedHead]) -> None:
+def _check_read(run_id: str, first: int, before: Row | None, rows: Sequence[Row], newest: list[SignedHead]) -> None:
     """What ``read`` returns: its rows chain on from version ``first`` (``before`` is the row at
     ``first - 1``, None from 0), and the run's newest signed head verifies and is reached with
     the same hash."""

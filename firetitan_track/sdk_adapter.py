@@ -20,10 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import httpx
+    from fireworks.training.sdk import AdamParams
+    from fireworks.training.sdk.fireworks_client import FireworksClient
 
-# The SDK's own objects (services, clients, handles, configs, AdamParams) are Any here: this
-# module imports no SDK at import time, and the two releases it serves differ in their classes.
-# A function that only looks an attribute up takes ``object``.
+# The SDK's own objects (services, clients, handles, configs) are ``object`` here where a function
+# only looks an attribute up, and Any where it hands back what it found (a provisioning config, a
+# handle, the raw deployment record): the two releases it serves differ in those classes, and the
+# caller reads them attribute by attribute. Only the types of this project's pin (1.2.30) are
+# named, under TYPE_CHECKING: the control plane's REST client, and AdamParams.
 
 __all__ = ["sdk_versions", "managed_config", "managed_handle", "managed_base_url", "trainer_job_id",
            "deployment_id", "reference_job_id", "deployment_reattached", "deployment_record", "next_snapshot_kind", "rest_get",
@@ -115,7 +119,7 @@ def deployment_record(handle: object, deployment_id: str) -> dict[str, Any] | No
     return record
 
 
-def rest_get(manager: Any, path: str, *, timeout: float = 30) -> httpx.Response:
+def rest_get(manager: FireworksClient, path: str, *, timeout: float = 30) -> httpx.Response:
     """GET ``path`` on the control plane with the manager's auth headers: the SDK has no
     public call for some reads (a model by id). Returns the httpx response."""
     return manager._get(path, timeout=timeout)
@@ -137,7 +141,7 @@ def next_snapshot_kind(client: object, requested: str | None) -> str | None:
         return requested
 
 
-def adam_params(params: object) -> Any:
+def adam_params(params: object) -> AdamParams:
     """The installed SDK's AdamParams from any AdamParams-like object or dict.
 
     The seed passes Thinking Machines' ``tinker.AdamParams``, which fireworks-ai 1.2.30's

@@ -116,11 +116,11 @@ class SignedHead:
         except (SigningError, InvalidSignature, ValueError):
             return False
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, str | int | float]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Any) -> SignedHead:
+    def from_dict(cls, d: object) -> SignedHead:
         """From a stored or bundled row; ValueError when it is not one."""
         types = {"run_id": str, "version": int, "hash": str, "signed_at": float, "public_key": str, "signature": str}
         if not isinstance(d, Mapping):

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, Mapping, Protocol, Sequence, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, Mapping, Protocol, Sequence, TypedDict, TypeVar, overload
 
 from firetitan_track import sdk_adapter
 from firetitan_track.events import (CallFailed, CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned, EvalScored, EvalStarted, Event,
@@ -38,6 +38,10 @@ from firetitan_track.ledger import Ledger
 from firetitan_track.redact import redact_text
 
 if TYPE_CHECKING:
+    import tinker
+    from fireworks.training.sdk import (APIFuture, DeploymentSampler, FiretitanServiceClient, FiretitanTrainingClient,
+                                        ForwardBackwardOutput, SampledCompletion)
+
     from firetitan_track.blobs import Json
 
 __all__ = ["Recorder", "CallRecorder", "TrackedService", "TrackedTrainingClient", "EvalResult", "track",
@@ -46,8 +50,12 @@ __all__ = ["Recorder", "CallRecorder", "TrackedService", "TrackedTrainingClient"
 
 adam_params = sdk_adapter.adam_params  # the seed's tinker.AdamParams, as the installed SDK takes it
 
-# The SDK's services, clients, samplers, futures and handles are Any here, as in sdk_adapter: the
-# SDK is not imported at import time, and what passes through to it is its business.
+# The SDK is imported here only for its types (under TYPE_CHECKING): the wrappers name the SDK's
+# public classes they wrap. Any stays where a value is the SDK's business and differs with how the
+# wrapper is used: arguments forwarded to the SDK as given, attributes passed through
+# (``__getattr__``), optim_step's untyped future, a sampler that is the SDK's or a TrackedSampler
+# (a researcher's own loop), and the cleanup handles (the SDK's or one built for a failed
+# provisioning, read by duck typing).
 
 T = TypeVar("T")
 
@@ -401,7 +409,7 @@ class TrackedTrainingClient:
     caller records its steps itself, with the data cursor.
     """
 
-    def __init__(self, client: Any, calls: CallRecorder, *, lora_rank: int, trainer_job_id: str | None = None,
+    def __init__(self, client: FiretitanTrainingClient, calls: CallRecorder, *, lora_rank: int, trainer_job_id: str | None = None,
                  auto_steps: bool = False):
         self._client = client
         self._job_id = trainer_job_id
@@ -416,14 +424,14 @@ class TrackedTrainingClient:
         return getattr(self._client, name)
 
     @property
-    def raw(self) -> Any:
+    def raw(self) -> FiretitanTrainingClient:
         return self._client
 
-    def forward_backward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward_backward(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:
         self._micro_batches += 1
         return self._client.forward_backward(*args, **kwargs)
 
-    def forward_backward_custom(self, *args: Any, **kwargs: Any) -> Any:
+    def forward_backward_custom(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:
         self._micro_batches += 1
         return self._client.forward_backward_custom(*args, **kwargs)
 
@@ -469,7 +477,7 @@ class TrackedSampler:
     """A deployment sampler in a researcher's own loop: its samples are kept until
     ``TrackedService.log_score`` ties them, with their prompts, to a score."""
 
-    def __init__(self, sampler: Any, pending: list[OwnSample]):
+    def __init__(self, sampler: DeploymentSampler, pending: list[OwnSample]):
         self._sampler = sampler
         self._pending = pending
 
@@ -477,7 +485,7 @@ class TrackedSampler:
         return getattr(self._sampler, name)
 
     async def sample_with_tokens(self, messages: list[dict[str, str]], n: int = 1, max_tokens: int = 1024,
-                                 temperature: float = 1.0, **kwargs: Any) -> Any:
+                                 temperature: float = 1.0, **kwargs: Any) -> list[SampledCompletion]:
         outs = await self._sampler.sample_with_tokens(messages=messages, n=n, max_tokens=max_tokens,
                                                       temperature=temperature, **kwargs)
         self._pending.append({"messages": messages, "sampling": {"n": n, "max_tokens": max_tokens,
@@ -490,7 +498,7 @@ class TrackedSampler:
 class TrackedService:
     """A FiretitanServiceClient whose provisioning, syncs, evals and cleanup are recorded."""
 
-    def __init__(self, service: Any, recorder: Recorder, *, base_model: str, shape: str | None,
+    def __init__(self, service: FiretitanServiceClient, recorder: Recorder, *, base_model: str, shape: str | None,
                  lora_rank: int, deployment_id: str | None, reused_trainer_job_id: str | None = None,
                  reused_deployment_id: str | None = None, base_url: str | None = None, auto_steps: bool = False,
                  owns_reattached: bool = False):
@@ -514,7 +522,7 @@ class TrackedService:
         return getattr(self._service, name)
 
     @property
-    def raw(self) -> Any:
+    def raw(self) -> FiretitanServiceClient:
         return self._service
 
     # -- provisioning ------------------------------------------------------------
@@ -528,7 +536,7 @@ class TrackedService:
         return TrackedTrainingClient(client, self._calls, lora_rank=self._lora_rank,
                                      trainer_job_id=self._service.trainer_job_id, auto_steps=self._auto_steps)
 
-    def create_reference_client(self, *args: Any, **kwargs: Any) -> Any:
+    def create_reference_client(self, *args: Any, **kwargs: Any) -> FiretitanTrainingClient:
         return self._calls.provision_reference(
             self._service, lambda: self._service.create_reference_client(*args, **kwargs),
             base_model=self._base_model, shape=self._shape)
@@ -543,7 +551,7 @@ class TrackedService:
                                    deployment_id=self._service.deployment_id, snapshot_path=model_path)
         return self._own_loop(sampler)
 
-    def _own_loop(self, sampler: Any) -> Any:
+    def _own_loop(self, sampler: DeploymentSampler) -> Any:
         return TrackedSampler(sampler, self._pending) if self._auto_steps else sampler
 
     @property
@@ -697,7 +705,7 @@ def close_and_confirm(rec: Recorder, service: object, close: Callable[[], object
                                   error="; ".join(errors) or None))
 
 
-def clean_up(handle: Any, wanted: Cleanup) -> tuple[Cleanup, list[str]]:
+def clean_up(handle: object, wanted: Cleanup) -> tuple[Cleanup, list[str]]:
     """Apply the cleanup policy ``wanted`` to the resources ``handle`` names (as the SDK's
     handle does: trainer_manager + trainer_endpoint.job_id, deployment_manager + deployment)
     and confirm each action with the service, as ``close`` does; for resources no SDK handle
@@ -808,8 +816,19 @@ def _clean_reattached(handle: Any, wanted: Cleanup, done: Cleanup) -> Cleanup:
     return done
 
 
-def track(service: Any, *, run_id: str | None = None, ledger_url: str | None = None, spec: dict | None = None,
-          seed: int = 0, backend: str = "fireworks") -> Any:
+@overload
+def track(service: tinker.ServiceClient, *, run_id: str | None = None, ledger_url: str | None = None,
+          spec: dict | None = None, seed: int = 0, backend: str = "fireworks") -> tinker.ServiceClient: ...
+
+
+@overload
+def track(service: FiretitanServiceClient, *, run_id: str | None = None, ledger_url: str | None = None,
+          spec: dict | None = None, seed: int = 0, backend: str = "fireworks") -> TrackedService: ...
+
+
+def track(service: tinker.ServiceClient | FiretitanServiceClient, *, run_id: str | None = None,
+          ledger_url: str | None = None, spec: dict | None = None, seed: int = 0,
+          backend: str = "fireworks") -> tinker.ServiceClient | TrackedService:
     """Record a researcher's own loop: wrap the service, start (or continue) a ledger run.
 
     A ``tinker.ServiceClient`` is recorded as a program is (``autolog``: the tinker client's

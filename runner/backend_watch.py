@@ -22,7 +22,10 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 __all__ = ["BackendLost", "BackendWatch", "DEFAULT_WINDOW_S", "unreachable"]
 
@@ -105,7 +108,7 @@ class BackendWatch:
                 self.lost = BackendLost(self.base_url, time.monotonic() - self._last_answer, why)
         return self.lost
 
-    def _raise(self, signum: int, frame: Any) -> None:
+    def _raise(self, signum: int, frame: FrameType | None) -> None:
         if self.lost is not None:
             raise self.lost
 

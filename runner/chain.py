@@ -11,13 +11,18 @@ new run's optimizer starts fresh, as a new training phase does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from firetitan_track.errors import UserError
 from firetitan_track.events import StateSaved, Upstream
 from firetitan_track.ledger import Ledger
 from firetitan_track.projections.run_state import authoritative, fold
 from runner.spec import KeyCheck, ModelSection
+
+if TYPE_CHECKING:
+    from fireworks.training.sdk import FiretitanTrainingClient
+
+    from firetitan_track.tracking import TrackedTrainingClient
 
 __all__ = ["ChainError", "resolve_upstream", "load_upstream"]
 
@@ -60,11 +65,12 @@ def resolve_upstream(ledger: Ledger, ours: ModelSection, bad: KeyCheck) -> Upstr
             "step": state.step, "trainer_job_id": state.trainer_job_id}
 
 
-def load_upstream(policy: Any, reference: Any, upstream: Upstream, *, shared_reference: bool) -> None:
+def load_upstream(policy: TrackedTrainingClient, reference: FiretitanTrainingClient | None,
+                  upstream: Upstream, *, shared_reference: bool) -> None:
     """Load the upstream's weights into the policy (and into a separate frozen reference,
     so a DPO run after SFT measures itself against where it started)."""
-    def load(client: Any) -> None:
-        raw = getattr(client, "raw", client)
+    def load(client: TrackedTrainingClient | FiretitanTrainingClient) -> None:
+        raw: FiretitanTrainingClient = getattr(client, "raw", client)
         path = raw.resolve_checkpoint_path(upstream["state_path"], source_job_id=upstream["trainer_job_id"])
         raw.load_state(path).result()
 

@@ -23,7 +23,7 @@ import contextlib
 import importlib
 import os
 import sys
-from typing import Any, Iterator, NoReturn
+from typing import TYPE_CHECKING, Iterator, NoReturn
 
 import click
 
@@ -31,6 +31,9 @@ from firetitan_track.cli import absolute_uri, ledger_url, user_errors
 from firetitan_track.extras import MissingExtra, install_line, missing, require
 from firetitan_track.redact import guard_output, redact_text
 from runner.startup import lasting_imports
+
+if TYPE_CHECKING:
+    from runner.loop import RunResult  # the loop imports torch: for its type only
 
 # command name -> ("module:attribute", the extra it needs beyond the core, or None)
 COMMANDS: dict[str, tuple[str, str | None]] = {
@@ -149,7 +152,7 @@ def _exit_now(error: click.ClickException) -> NoReturn:
     os._exit(error.exit_code)
 
 
-def _finish(result: Any) -> None:
+def _finish(result: RunResult) -> None:
     score = "-" if result.last_score is None else f"{result.last_score:.3f}"
     click.echo(f"run {result.run_id}: {result.status} at step {result.final_step}, last eval score {score}")
 

@@ -13,7 +13,10 @@ import asyncio
 import os
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 __all__ = ["Terminated", "RunInterrupted", "StopSignals", "root_cause", "close_loop", "is_interrupt"]
 
@@ -62,7 +65,7 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         redelivered, self._redelivery = self._redelivery is not None, None
         if self.finished:  # nothing left to stop: the run completed, its cleanup is done
             self.after_finish = signum
@@ -108,7 +111,7 @@ _WRITE_CODE = (f"{os.sep}sqlalchemy{os.sep}", f"{os.sep}psycopg{os.sep}", f"fire
                f"firetitan_track{os.sep}store.py", f"firetitan_track{os.sep}blobs.py")
 
 
-def _writing(frame: Any) -> bool:
+def _writing(frame: FrameType | None) -> bool:
     """Whether ``frame`` (where a signal landed) is inside the ledger's database code."""
     while frame is not None:
         name = frame.f_code.co_filename
@@ -122,7 +125,7 @@ def close_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Close the run's event loop. A Ctrl-C or SIGTERM that landed inside a task leaves the
     task's siblings pending; running them out would raise the interrupt a second time, past
     the cleanup already recorded, so they are cancelled and that echo is dropped."""
-    async def drain(tasks: set[asyncio.Task[Any]]) -> None:
+    async def drain(tasks: set[asyncio.Task[object]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     try:

@@ -26,15 +26,15 @@ import re
 import signal
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from firetitan_track import ConcurrencyError, Ledger
 from firetitan_track.errors import UserError
 from firetitan_track.projections.run_state import FINISHED, RunState, continue_command, fold, to_supersede
 from firetitan_track.redact import redact, redact_text
 from firetitan_track.tracking import Recorder, TrackedService, adam_params, code_version, error_text
-from firetitan_track.events import (Event, InvalidEvent, RunCompleted, RunFailed, RunResumed, RunStarted,
-                                    StepCompleted, TrialPruned, Upstream, first_of)
+from firetitan_track.events import (CodeIdentity, Event, InvalidEvent, RunCompleted, RunFailed, RunResumed,
+                                    RunStarted, StepCompleted, TrialPruned, Upstream, first_of)
 from firetitan_track.ids import check_run_id
 from firetitan_track.ledger import StoreFailure
 from runner.backend_watch import BackendLost, BackendWatch
@@ -50,6 +50,14 @@ from runner.spec import BackendSection, ConcurrencySection, Spec
 from runner.startup import gc_paused
 from runner.tasks import DataError, Example, eval_prompts, grade
 from runner.tasks.preference import Pair
+
+if TYPE_CHECKING:
+    from fireworks.training.sdk import SamplingConcurrencyController
+
+    from firetitan_track.projections.mlflow import LiveExporter
+
+# Any stays for what the recipes leave open (a batch's items: Examples or Pairs, as the recipe's
+# TrainingData says) and a sweep trial's params (spec values, each key's own type).
 
 __all__ = ["RunResult", "RunError", "RunInterrupted", "run_spec", "resume_run", "rerun"]
 
@@ -274,7 +282,7 @@ def _refuse_recorded_program(st: RunState, what: str) -> None:
                        f"{continue_command(st)}")
 
 
-def _code_identity(ledger: Ledger, backend: BackendSection) -> dict[str, Any]:
+def _code_identity(ledger: Ledger, backend: BackendSection) -> CodeIdentity:
     """The code this run executes (RunStarted.code): the runner's and the ledger's source
     folders (the project's checkout, or the installed packages), and the device the embedded
     local service trains on (unknown for a service the spec only names by URL)."""
@@ -598,7 +606,7 @@ def _batches(inputs: Inputs) -> Callable[[int], tuple[list[Any], dict[str, int]]
                                    digits=spec.task.digits)
 
 
-def _controller(c: ConcurrencySection) -> Any:
+def _controller(c: ConcurrencySection) -> SamplingConcurrencyController:
     from fireworks.training.sdk.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
 
     if c.mode == "fixed":
@@ -606,7 +614,7 @@ def _controller(c: ConcurrencySection) -> Any:
     return AdaptiveConcurrencyController(initial_window=c.initial, max_window=c.max)
 
 
-def _start_exporter(rec: Recorder, tracking_uri: str | None) -> Any:
+def _start_exporter(rec: Recorder, tracking_uri: str | None) -> LiveExporter | None:
     if not tracking_uri:
         return None
     from firetitan_track.projections.mlflow import LiveExporter
@@ -637,7 +645,7 @@ class Progress:
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
 

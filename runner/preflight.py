@@ -11,10 +11,16 @@ calls, so the same check works against the local service and the managed API.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from firetitan_track.errors import first_line
 from runner.spec import MAX_EVAL_COMPLETIONS, MAX_EVAL_COUNT, KeyCheck, Spec, SpecError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from runner.tasks import Example
+    from runner.tasks.preference import Pair
 
 __all__ = ["check_against_service", "check_sizes", "check_context", "load_tokenizer"]
 
@@ -22,7 +28,7 @@ _MODEL_NAME = re.compile(r"accounts/[^/]+/models/[^/]+")
 
 
 def check_against_service(spec: Spec, *, base_url: str | None, api_key: str, tokenizer_path: str,
-                          eval_set: Sequence[Any], train_data: Sequence[Any] | None) -> None:
+                          eval_set: Sequence[Example], train_data: Sequence[Example | Pair] | None) -> None:
     """Raise SpecError naming the key the service refuses, or a prompt too long for it."""
     from fireworks.training.sdk import FireworksClient
 
@@ -65,7 +71,7 @@ def check_against_service(spec: Spec, *, base_url: str | None, api_key: str, tok
     check_context(spec, profile.max_supported_context_length, tokenizer_path, eval_set, train_data)
 
 
-def check_sizes(spec: Spec, eval_set: Sequence[Any]) -> None:
+def check_sizes(spec: Spec, eval_set: Sequence[Example]) -> None:
     """The bounds that depend on the prompts read (a whole JSONL prompt file, eval.count = 0)."""
     if len(eval_set) > MAX_EVAL_COUNT:
         raise SpecError(f"{spec.source}: eval.prompts: {len(eval_set)} prompts; an eval takes at most "
@@ -77,8 +83,8 @@ def check_sizes(spec: Spec, eval_set: Sequence[Any]) -> None:
                         "completions are stored as one blob)")
 
 
-def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Sequence[Any],
-                  train_data: Sequence[Any] | None) -> None:
+def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Sequence[Example],
+                  train_data: Sequence[Example | Pair] | None) -> None:
     """Every eval prompt plus its sampled tokens, and every JSONL training example, fits
     ``context`` tokens. Built-in training data is short by construction."""
     from runner.recipes import RECIPES
@@ -104,9 +110,9 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
         if train_data is None and prompt + rollouts > context:  # built-in rollouts are prompts like these
             raise SpecError(f"{spec.source}: recipe.max_tokens: a prompt of the task takes {prompt + rollouts} "
                             f"tokens with recipe.max_tokens, more than the model's context of {context}")
-    for i, example in enumerate(train_data or ()):
-        answer = len(tokenizer.encode(example.answer, add_special_tokens=False)) + 1
-        n = _chat_len(tokenizer, example) + max(answer, new_tokens)
+    for i, item in enumerate(train_data or ()):
+        answer = len(tokenizer.encode(item.answer, add_special_tokens=False)) + 1
+        n = _chat_len(tokenizer, item) + max(answer, new_tokens)
         if n > context:
             raise SpecError(f"{spec.source}: task.data: example {i + 1} takes {n} tokens, more than the "
                             f"model's context of {context}")
@@ -118,7 +124,7 @@ def _check_new_tokens(bad: KeyCheck, key: str, tokens: int, context: int) -> Non
                        "(as the service reports it)")
 
 
-def load_tokenizer(path: str, *, named: bool, bad: KeyCheck) -> Any:
+def load_tokenizer(path: str, *, named: bool, bad: KeyCheck) -> PreTrainedTokenizerBase:
     """The run's tokenizer; one that cannot be loaded is a SpecError naming model.tokenizer
     (``named``: the spec names it) or the backend that serves it, not the chained tracebacks
     transformers raises for a missing folder or an unknown name."""
@@ -133,6 +139,6 @@ def load_tokenizer(path: str, *, named: bool, bad: KeyCheck) -> Any:
             from None
 
 
-def _chat_len(tokenizer: Any, example: Any) -> int:
+def _chat_len(tokenizer: PreTrainedTokenizerBase, example: Example | Pair) -> int:
     return len(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
                                              return_dict=False))

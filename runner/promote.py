@@ -13,7 +13,7 @@ promoting a snapshot again to the same model id changes nothing.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,9 +21,12 @@ from firetitan_track import Ledger, sdk_adapter
 from firetitan_track.errors import UserError
 from firetitan_track.events import (ModelPromoted, PromotionFailed, PromotionRequested, Reconnected, RecordedEvent,
                                     SnapshotSaved, TrainerProvisioned)
-from firetitan_track.projections.audit import eval_rows
+from firetitan_track.projections.audit import EvalRow, eval_rows
 from firetitan_track.projections.run_state import authoritative, fold
 from firetitan_track.tracking import Recorder, error_text
+
+if TYPE_CHECKING:
+    from firetitan_track.blobs import Json
 
 __all__ = ["Promotion", "PromotionError", "promote", "promotions", "resolve_pending", "promote_command"]
 
@@ -42,7 +45,7 @@ class Promotion:
     score: float | None
     already: bool = False  # promoted before: nothing was asked of the service this time
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Json]:
         return asdict(self)
 
 
@@ -81,7 +84,10 @@ def _snapshot_jobs(events: list[RecordedEvent]) -> dict[str, str | None]:
 
 
 class _Service:
-    """The control plane the run trained on (the local service is started if it is not up)."""
+    """The control plane the run trained on (the local service is started if it is not up).
+
+    Its answers stay ``dict[str, Any]``: the service's JSON as the SDK hands it over, read
+    field by field."""
 
     def __init__(self, spec_dict: dict[str, Any], run_id: str):
         from fireworks.training.sdk import TrainerJobManager
@@ -122,7 +128,7 @@ class _Service:
 # -- promotion --------------------------------------------------------------------------------
 
 
-def resolve_pending(rec: Recorder, events: list[RecordedEvent], service: Any = None,
+def resolve_pending(rec: Recorder, events: list[RecordedEvent], service: _Service | None = None,
                     spec_dict: dict[str, Any] | None = None) -> int:
     """Settle every promotion whose outcome was never recorded: ModelPromoted when the
     service has the model from that checkpoint, PromotionFailed otherwise. Returns how many."""
@@ -146,7 +152,7 @@ def resolve_pending(rec: Recorder, events: list[RecordedEvent], service: Any = N
 
 
 def promote(run_id: str, *, ledger_url: str, model_id: str, snapshot: str | None = None, best: bool = False,
-            force: bool = False, service: Any = None) -> Promotion:
+            force: bool = False, service: _Service | None = None) -> Promotion:
     """Promote a snapshot of ``run_id`` to ``model_id`` and record it in the run's stream."""
     from fireworks.training.sdk.fireworks_client import validate_output_model_id
 
@@ -199,7 +205,7 @@ def promote(run_id: str, *, ledger_url: str, model_id: str, snapshot: str | None
         return Promotion(run_id, path, model_id, resource, eval_id, score)
 
 
-def _choose(run_id: str, events: list[RecordedEvent], snapshot: str | None, best: bool) -> tuple[str, Any]:
+def _choose(run_id: str, events: list[RecordedEvent], snapshot: str | None, best: bool) -> tuple[str, EvalRow | None]:
     """The snapshot to promote and the eval that justifies it (None: never evaluated)."""
     scored = [r for r in eval_rows(events) if r.score is not None]
     if best:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from firetitan_track.events import (CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned,
                                     TrainerProvisioned)
@@ -19,6 +19,9 @@ from firetitan_track.ledger import StoreFailure
 from firetitan_track.projections.run_state import RunState
 from firetitan_track.tracking import Recorder, TrackedService, error_text
 from runner.spec import BackendSection, CleanupSection, KeyCheck, ModelSection
+
+if TYPE_CHECKING:
+    from fireworks.training.sdk import FiretitanServiceClient
 
 __all__ = ["Endpoint", "Session", "api_key", "endpoint", "served_tokenizer", "shape_ref", "connect"]
 
@@ -145,8 +148,8 @@ def connect(model: ModelSection, cleanup: CleanupSection, where: Endpoint, st: R
     return session
 
 
-def _retire_partial(service: Any, model: ModelSection, cleanup: CleanupSection, where: Endpoint, api_key: str,
-                    rec: Recorder, reused_trainer: str | None, existing_deployment: str | None,
+def _retire_partial(service: FiretitanServiceClient, model: ModelSection, cleanup: CleanupSection, where: Endpoint,
+                    api_key: str, rec: Recorder, reused_trainer: str | None, existing_deployment: str | None,
                     cause: BaseException) -> None:
     """What a failed provisioning made before it failed, recorded and cleaned up under the spec's
     policy. The SDK names the trainer job on its config before creating it; a deployment that

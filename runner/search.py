@@ -17,9 +17,17 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from firetitan_track.errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.distributions import BaseDistribution
+    from optuna.storages import RDBStorage
+
+# A searched value (``choices``, a grid point's values) is Any: a spec key's value read as TOML,
+# whichever type that key takes.
 
 __all__ = ["SweepError", "Dist", "SEARCHES", "DISTRIBUTIONS", "parse_params", "parse_grid", "grid_size",
            "open_study", "storage", "sampler_for", "pruner_for", "MEDIAN_STARTUP_TRIALS"]
@@ -56,7 +64,7 @@ class Dist:
         """Values that must all be valid for the spec key (checked before anything runs)."""
         return list(self.choices) if self.kind == "choice" else [self.low, self.high]
 
-    def optuna(self) -> Any:
+    def optuna(self) -> BaseDistribution:
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         if self.kind == "choice":
@@ -66,7 +74,7 @@ class Dist:
         return FloatDistribution(float(self.low), float(self.high), log=self.kind == "log")  # type: ignore[arg-type]
 
 
-def _value_text(v: Any) -> str:
+def _value_text(v: object) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
@@ -146,7 +154,7 @@ def grid_points(space: dict[str, Dist]) -> list[dict[str, Any]]:
 # -- Optuna ---------------------------------------------------------------------------------------
 
 
-def sampler_for(search: str, space: dict[str, Dist], seed: int) -> Any:
+def sampler_for(search: str, space: dict[str, Dist], seed: int) -> optuna.samplers.BaseSampler:
     import optuna
 
     if search == "grid":
@@ -156,7 +164,7 @@ def sampler_for(search: str, space: dict[str, Dist], seed: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def pruner_for(prune: str) -> Any:
+def pruner_for(prune: str) -> optuna.pruners.BasePruner:
     import optuna
 
     if prune == "median":
@@ -164,7 +172,8 @@ def pruner_for(prune: str) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def open_study(ledger_url: str, sweep_id: str, search: str, space: dict[str, Dist], seed: int, prune: str) -> Any:
+def open_study(ledger_url: str, sweep_id: str, search: str, space: dict[str, Dist], seed: int,
+               prune: str) -> optuna.Study:
     """The sweep's Optuna study in the ledger's database (created by the first worker, joined by the rest)."""
     import optuna
 
@@ -174,7 +183,7 @@ def open_study(ledger_url: str, sweep_id: str, search: str, space: dict[str, Dis
                                load_if_exists=True)
 
 
-def storage(ledger_url: str) -> Any:
+def storage(ledger_url: str) -> RDBStorage:
     """Optuna's RDB storage on the ledger's database."""
     from optuna.storages import RDBStorage
 

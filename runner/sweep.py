@@ -25,14 +25,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypedDict
 
 import click
 
 from firetitan_track import ConcurrencyError, Ledger, new_event
 from firetitan_track.cli import ledger_url, user_errors
 from firetitan_track.errors import UserError
-from firetitan_track.events import SweepStarted, TrialAssigned, sweep_trials
+from firetitan_track.events import RecordedEvent, SweepStarted, TrialAssigned, sweep_trials
 from firetitan_track.extras import require
 from firetitan_track.ids import sweep_stream
 from firetitan_track.projections.run_state import FINISHED, fold
@@ -40,6 +40,17 @@ from firetitan_track.lease import Lease, LeaseHeld, acquire, try_acquire
 from runner.search import (DISTRIBUTIONS, PRUNERS, SEARCHES, Dist, SweepError, grid_size, open_study,
                            parse_grid, parse_params, sampler_for)
 from runner.spec import Spec
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    import optuna
+    from optuna.distributions import BaseDistribution
+
+    from firetitan_track.projections.mlflow import LiveExporter
+
+# A spec as a dict (``Spec.to_dict``, or the one a sweep stored) stays ``dict[str, Any]``: its
+# values are whatever each spec key holds.
 
 __all__ = ["Trial", "TrialOutcome", "SweepError", "SweepPlan", "plan_sweep", "record_sweep", "work",
            "run_sweep", "trial_run_id", "default_sweep_id", "sweep"]
@@ -67,6 +78,15 @@ class TrialOutcome:
     error: str | None = None
 
 
+class SweepDefinition(TypedDict):
+    """What SweepStarted records of the search, and another worker must match to join."""
+
+    search: str
+    space: dict[str, str]  # spec key -> its distribution as the command line spells it
+    n_trials: int
+    prune: str
+
+
 @dataclass(frozen=True)
 class SweepPlan:
     """What defines a sweep: the same command with the same --sweep-id must give the same plan."""
@@ -79,12 +99,12 @@ class SweepPlan:
     overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
-    def definition(self) -> dict[str, Any]:
+    def definition(self) -> SweepDefinition:
         """The recorded fields that must match when another worker joins."""
         return {"search": self.search, "space": {k: d.text() for k, d in self.space.items()},
                 "n_trials": self.n_trials, "prune": self.prune}
 
-    def distributions(self) -> dict[str, Any]:
+    def distributions(self) -> dict[str, BaseDistribution]:
         return {k: d.optuna() for k, d in self.space.items()}
 
 
@@ -92,7 +112,7 @@ def trial_run_id(sweep_id: str, trial: int) -> str:
     return f"{sweep_id}-t{trial}"
 
 
-def _canonical(obj: Any) -> str:
+def _canonical(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
@@ -126,7 +146,7 @@ def shared_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def default_sweep_id(spec: Spec, definition: dict[str, Any]) -> str:
+def default_sweep_id(spec: Spec, definition: SweepDefinition) -> str:
     """The same spec and search give the same id, so repeating a sweep command resumes it, on
     any machine: the machine-local settings do not count."""
     from firetitan_track.blobs import json_digest
@@ -206,14 +226,14 @@ def record_sweep(ledger: Ledger, spec: Spec, plan: SweepPlan) -> None:
               "n_trials": len(recorded.trials) if recorded.n_trials is None else recorded.n_trials,
               "prune": "none" if recorded.prune is None else recorded.prune}
     differ = _spec_differences(ledger, recorded.spec_digest, spec)
-    differ += [(k, theirs[k], mine[k]) for k in mine if _canonical(mine[k]) != _canonical(theirs[k])]
+    differ += [(k, theirs[k], ours) for k, ours in mine.items() if _canonical(ours) != _canonical(theirs[k])]
     if differ:
         raise SweepError(f"sweep {plan.sweep_id} was started with another spec or search: "
                          + "; ".join(f"{key} is {_shown(a)} in the sweep, {_shown(b)} here" for key, a, b in differ)
                          + ". Use another --sweep-id (or none, to derive one from the spec and search)")
 
 
-def _spec_differences(ledger: Ledger, recorded_digest: str, spec: Spec) -> list[tuple[str, Any, Any]]:
+def _spec_differences(ledger: Ledger, recorded_digest: str, spec: Spec) -> list[tuple[str, object, object]]:
     """(key, the sweep's value, this worker's value) for each spec key that differs, machine-local
     settings left out; compared through the spec the sweep stored (redacted, like this one)."""
     from firetitan_track import NotFound
@@ -230,7 +250,7 @@ def _spec_differences(ledger: Ledger, recorded_digest: str, spec: Spec) -> list[
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def _shown(value: Any) -> str:
+def _shown(value: object) -> str:
     return "unset" if value is None else json.dumps(value) if not isinstance(value, str) else repr(value)
 
 
@@ -271,7 +291,7 @@ def work(spec: Spec, plan: SweepPlan, *, ledger_url: str, steps: int | None = No
     return outcomes
 
 
-def _next_job(ledger: Ledger, study: Any, plan: SweepPlan, tried: set[int]) -> tuple[_Job | None, bool]:
+def _next_job(ledger: Ledger, study: optuna.Study, plan: SweepPlan, tried: set[int]) -> tuple[_Job | None, bool]:
     """The next trial to run (with its lease taken), and whether other workers hold unfinished ones."""
     stream = sweep_stream(plan.sweep_id)
     held_elsewhere = False
@@ -329,7 +349,7 @@ class _sweep_lock:
             self.lease.release()
 
 
-def _trials(events: list[Any]) -> list[Trial]:
+def _trials(events: list[RecordedEvent]) -> list[Trial]:
     numbers = {ev.fact.trial: ev.fact.optuna_trial for ev in events if isinstance(ev.fact, TrialAssigned)}
     return [Trial(t["trial"], t["run_id"], t["params"], numbers.get(t["trial"])) for t in sweep_trials(events)]
 
@@ -346,7 +366,7 @@ def trial_spec(spec: Spec, trial: Trial) -> Spec:
     return spec.with_overrides(params)
 
 
-def _run_job(spec: Spec, plan: SweepPlan, job: _Job, study: Any, *, ledger_url: str, steps: int | None,
+def _run_job(spec: Spec, plan: SweepPlan, job: _Job, study: optuna.Study, *, ledger_url: str, steps: int | None,
              progress: bool) -> TrialOutcome:
     """Bring one trial to its end (start it or resume it), then tell the study."""
     import runner.loop as loop
@@ -375,7 +395,7 @@ def _run_job(spec: Spec, plan: SweepPlan, job: _Job, study: Any, *, ledger_url: 
                         result.final_step, result.last_score)
 
 
-def _pruning(study: Any, t: Trial) -> Callable[[int, float], str | None] | None:
+def _pruning(study: optuna.Study, t: Trial) -> Callable[[int, float], str | None] | None:
     """The loop's eval hook: report the score to the study; a reason to stop when the median rule prunes."""
     if t.optuna_trial is None:
         return None
@@ -396,7 +416,7 @@ def _pruning(study: Any, t: Trial) -> Callable[[int, float], str | None] | None:
     return on_eval
 
 
-def running_trial(study: Any, number: int) -> tuple[Any, set[int]] | None:
+def running_trial(study: optuna.Study, number: int) -> tuple[optuna.trial.Trial, set[int]] | None:
     """The study's running trial ``number`` as an ``optuna.trial.Trial`` that reports to it,
     and the steps already reported on it; None when the trial is no longer running.
 
@@ -415,7 +435,7 @@ def running_trial(study: Any, number: int) -> tuple[Any, set[int]] | None:
     return optuna.trial.Trial(study, match[0]._trial_id), set(match[0].intermediate_values)
 
 
-def _tell(study: Any, t: Trial, status: str, score: float | None) -> None:
+def _tell(study: optuna.Study, t: Trial, status: str, score: float | None) -> None:
     import optuna
 
     if t.optuna_trial is None or status not in FINISHED:
@@ -428,7 +448,7 @@ def _tell(study: Any, t: Trial, status: str, score: float | None) -> None:
         pass  # told meanwhile by another worker
 
 
-def _settle_study(ledger: Ledger, study: Any, plan: SweepPlan) -> None:
+def _settle_study(ledger: Ledger, study: optuna.Study, plan: SweepPlan) -> None:
     """Tell the study about trials the ledger shows finished but a worker died before telling
     (the ledger is the source of truth)."""
     import optuna
@@ -527,7 +547,7 @@ def _run_workers(spec: Spec, plan: SweepPlan, *, ledger_url: str, workers: int, 
 CLEANUP_WAIT_S = 120.0  # a worker stopped by Ctrl-C applies its run's cleanup before it exits
 
 
-def _worker(spec: Spec, plan: SweepPlan, ledger_url: str, steps: int | None, send: Any) -> None:
+def _worker(spec: Spec, plan: SweepPlan, ledger_url: str, steps: int | None, send: Connection) -> None:
     """One worker process: ``work`` with each outcome sent to the parent as it comes."""
     from firetitan_track.redact import guard_output
 
@@ -555,7 +575,8 @@ def _exit_reason(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def _start_export(ledger_url: str, tracking_uri: str | None, experiment: str | None, plan: SweepPlan) -> Any:
+def _start_export(ledger_url: str, tracking_uri: str | None, experiment: str | None,
+                  plan: SweepPlan) -> LiveExporter | None:
     if not tracking_uri:
         return None
     from firetitan_track.projections.mlflow import DEFAULT_EXPERIMENT, LiveExporter
