@@ -185,6 +185,9 @@ def promote(run_id: str, *, ledger_url: str, model_id: str, snapshot: str | None
                                      f"{done.snapshot_path!r} of run {run_id}; choose another id")
 
         job_id = _snapshot_jobs(events)[path]
+        if job_id is None:  # a record whose snapshot no provisioning precedes (a partial or edited ledger)
+            raise PromotionError(f"run {run_id}'s record names no trainer job before snapshot {path!r}, so the "
+                                 "service cannot be asked for its checkpoint")
         service = service or _Service(st.spec or {}, run_id)
         name = service.checkpoint_name(job_id, path)
         eval_id, score = (row.eval_id, row.score) if row is not None else (None, None)

@@ -156,3 +156,22 @@ def test_a_crash_between_request_and_outcome_is_settled_by_the_next_promote_or_r
     version = Ledger.open(url).stream_version("up")
     again = inproc(url, "promote", "up", "--best", "--model-id", "up-late")
     assert again.returncode == 0 and Ledger.open(url).stream_version("up") == version
+
+
+def test_a_snapshot_no_recorded_trainer_saved_is_refused_before_the_service_is_asked(trained, tmp_path):
+    """A ledger is untrusted: a record whose snapshots no provisioning precedes (a partial or
+    edited one) names no trainer job, so promote says so instead of asking the service for
+    the checkpoints of job None."""
+    from firetitan_track.events import new_event
+
+    url, _ = trained
+    # the finished run's record without its provisioning (nor the promotions other tests made of it)
+    kept = [new_event(ev.fact) for ev in _events(url, "up")
+            if ev.type not in ("TrainerProvisioned", "Reconnected", "ModelPromoted")
+            and not ev.type.startswith("Promotion")]
+    partial = f"sqlite:///{tmp_path}/partial.db"
+    Ledger.open(partial).append("up", kept, expected_version=0)
+    path = next(ev.data["path"] for ev in _events(partial, "up") if ev.type == "SnapshotSaved")
+    refused = inproc(partial, "promote", "up", "--snapshot", path, "--model-id", "up-orphan", "--force")
+    assert refused.returncode == 1 and "names no trainer job before snapshot" in refused.stderr, refused.stderr
+    assert not [ev for ev in _events(partial, "up") if ev.type.startswith("Promotion")]
