@@ -218,6 +218,9 @@ class Ledger:
         self._sql = _AppendSQL.for_dialect(store.engine.dialect)
         self._duplicate_errors = (IntegrityError, store.engine.dialect.loaded_dbapi.IntegrityError)
         self._key: SigningKey | None | bool = False  # False: not looked for yet
+        # run -> (version, hash) of the last event this ledger appended to it (PostgreSQL): the
+        # head its next append goes after, without reading it (store.py's opening)
+        self._written: dict[str, tuple[int, str]] = {}
 
     def signing_key(self, *, create: bool = True) -> SigningKey | None:
         """The key this ledger's appends sign heads with (signing.py says where it lives);
@@ -278,15 +281,22 @@ class Ledger:
         key = (self.signing_key() if should_sign(last_version, pending[-1].type, expected_version, SIGNED_AFTER)
                else None)
         sql = self._sql
+        # the head this ledger wrote last, when this append goes right after it (taken out: it
+        # stands again only once this append has committed)
+        written = self._written.pop(run_id, None)
+        known = written[1] if written is not None and written[0] == expected_version - 1 else None
         try:
             with self._store.append_transaction(begun_by_head=True) as conn:
-                head = self._store.read_head(conn, sql.head, run_id)  # (and the lease's fence)
-                actual, prev_hash = (head[0] + 1, head[1]) if head else (0, GENESIS_HASH)
-                if actual != expected_version:
-                    stored = _already_stored(conn, run_id, expected_version, pending)
-                    if stored is None:
-                        raise ConcurrencyError(run_id, expected_version, actual)
-                    return stored
+                if known is not None:  # PostgreSQL only: the insert's pipeline begins, and fences
+                    prev_hash = known
+                else:
+                    head = self._store.read_head(conn, sql.head, run_id)  # (and the lease's fence)
+                    actual, prev_hash = (head[0] + 1, head[1]) if head else (0, GENESIS_HASH)
+                    if actual != expected_version:
+                        stored = _already_stored(conn, run_id, expected_version, pending)
+                        if stored is None:
+                            raise ConcurrencyError(run_id, expected_version, actual)
+                        return stored
                 rows = _chain(run_id, expected_version, prev_hash, pending, time.time())
                 # a head is signed only with its events: in the same transaction
                 signed = key.sign(run_id, last_version, rows[-1]["hash"]).to_dict() if key is not None else None
@@ -294,7 +304,8 @@ class Ledger:
                     positions = self._store.insert_and_commit(
                         conn, sql.insert, rows, sql.positions,
                         {"run_id": run_id, "first": expected_version, "end": expected_version + len(rows)},
-                        also=[(sql.signed_head, signed)] if signed else [])
+                        also=[(sql.signed_head, signed)] if signed else [],
+                        begins_for=run_id if known is not None else None)
                 else:
                     cursor = conn.connection.cursor()
                     if len(rows) == 1:
@@ -317,6 +328,8 @@ class Ledger:
         except DBAPIError as e:
             raise StoreFailure(f"cannot write to the ledger at {self.url}: {first_line(e)}; nothing of this "
                                "write was stored (check the disk has space and the file is writable)") from None
+        if not self._store.is_sqlite:
+            self._written[run_id] = (last_version, rows[-1]["hash"])
         return _recorded_from_rows(rows, positions)
 
     def _after_conflict(self, run_id: str, expected_version: int, pending: list[_Pending]) -> list[RecordedEvent]:

@@ -25,7 +25,11 @@ once, never skipping one that committed late:
   index: the loser's insert waits for the winner's commit and fails, as a
   ConcurrencyError. An append is two round trips, pipelined: BEGIN, the head read and
   the lease check (below); then the insert, its positions read back, COMMIT and the
-  notification (below). Rows written before the column existed hold 0: they sort
+  notification (below). A writer's next append to a stream goes right after the head it
+  committed itself, so it skips the read and takes one round trip: its transaction
+  begins after that commit (its xid comes after the head's), a head another writer
+  appended meanwhile fails it on the unique index, and its lease check is a statement
+  that fails unless the lease is held, so the COMMIT pipelined after it never runs. Rows written before the column existed hold 0: they sort
   first, in position order, which was their commit order (a commit-order lock
   serialized appends then).
 
@@ -59,7 +63,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -71,6 +75,9 @@ from sqlalchemy.pool import StaticPool
 from firetitan_track.errors import UserError, first_line
 from firetitan_track.extras import MissingExtra
 from firetitan_track.urls import absolute_url
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = [
     "LedgerError",
@@ -218,6 +225,10 @@ signed_heads = sa.Table(
 # Appends notify this channel once they commit (PostgreSQL); CommitWatch listens on it.
 COMMIT_CHANNEL = "firetitan_ledger"
 _FENCE_SQL = "SELECT token FROM run_leases WHERE run_id = %(run_id)s FOR SHARE"
+# the same check where nothing can wait for its answer (a pipeline that commits): it fails,
+# dividing by zero, unless the row holds this process's token, and the commit after it with it
+_FENCE_OR_FAIL_SQL = ("SELECT 1 / (SELECT count(*) FROM (SELECT 1 FROM run_leases WHERE run_id = %(run_id)s"
+                      " AND token = %(token)s FOR SHARE) AS held)")
 # a transaction of its own, its commit not waiting for the WAL flush (set_config(..., true): this transaction only)
 _NOTIFY_SQL = f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{COMMIT_CHANNEL}', '')"
 
@@ -376,14 +387,33 @@ class Store:
             conn.exec_driver_sql(f"SELECT pg_notify('{COMMIT_CHANNEL}', '')")
 
     def insert_and_commit(self, conn: Connection, insert: str, rows: list[dict], positions: str,
-                          positions_params: dict, also: list[tuple[str, dict]] = ()) -> list[int]:
+                          positions_params: dict, also: list[tuple[str, dict]] = (),
+                          begins_for: str | None = None) -> list[int]:
         """PostgreSQL: insert ``rows``, read back their positions (``positions``, in version order),
         run each ``also`` statement in the same transaction, commit, then notify followers from a
         transaction of its own: all pipelined, in one round trip (see the module's opening).
         Returns the positions. The transaction is over when this returns (the caller's
-        transaction block then has nothing left to commit)."""
+        transaction block then has nothing left to commit).
+
+        ``begins_for``: the run whose head this writer committed itself, so it was not read: the
+        pipeline begins the transaction too, and checks the run's lease first (LeaseLost, with
+        nothing written, unless this process holds it)."""
+        import psycopg
+
         driver = conn.connection.driver_connection
+        token = self._fences.get(begins_for) if begins_for is not None else None
+        try:
+            return self._insert_pipeline(driver, insert, rows, positions, positions_params, also, begins_for, token)
+        except psycopg.errors.DivisionByZero:  # the fence's: another writer holds the lease now
+            raise LeaseLost(begins_for or "", f" (this process held token {token})") from None
+
+    def _insert_pipeline(self, driver: psycopg.Connection, insert: str, rows: list[dict], positions: str, positions_params: dict,
+                         also: Sequence[tuple[str, dict]], begins_for: str | None, token: int | None) -> list[int]:
         with driver.pipeline():
+            if begins_for is not None:
+                driver.execute("BEGIN")
+                if token is not None:  # first: it locks the lease row, giving the transaction its xid
+                    driver.execute(_FENCE_OR_FAIL_SQL, {"run_id": begins_for, "token": token})
             # executemany(returning=True) would wait for the inserts' results before going on
             driver.cursor().executemany(insert, rows)
             read_back = driver.execute(positions, positions_params)

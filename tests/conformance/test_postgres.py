@@ -141,6 +141,38 @@ class TestPostgresLedger(LedgerConformance):
         finally:
             engine.dispose()
 
+    def test_an_append_right_after_its_own_still_fences_and_races_without_reading_the_head(
+            self, ledger_url: str) -> None:
+        """A writer's next append goes right after the head it committed itself, so it does not
+        read it (one round trip: store.py's opening). The lease is still checked before its
+        commit, and a head another writer appended meanwhile still refuses it on the unique
+        index: nothing written, the chain intact."""
+        one, other = Ledger.open(ledger_url), Ledger.open(ledger_url)
+        try:
+            with one.engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO run_leases VALUES ('r', 1, 'test', 1e12)")
+            one.fence("r", 1)
+            one.append("r", [run_started()], 0)
+            with one.engine.begin() as conn:  # taken over
+                conn.exec_driver_sql("UPDATE run_leases SET token = 2 WHERE run_id = 'r'")
+            with pytest.raises(LeaseLost, match=r"this process held token 1\)"):  # the pipeline's own check
+                one.append("r", [step(1)], 1)
+            assert one.stream_version("r") == 1
+            one.fence("r", 2)
+            one.append("r", [step(1)], 1)  # (after a failure it reads the head again)
+            one.append("r", [step(2)], 2)  # right after its own
+            other.append("r", [step(3)], 3)
+            mine = step(3, mine=1.0)
+            with pytest.raises(ConcurrencyError):
+                one.append("r", [mine], 3)  # its last head is stale: 3 is another writer's
+            stored = one.read("r")
+            assert [e.version for e in stored] == [0, 1, 2, 3] and mine.event_id not in {e.event_id for e in stored}
+            assert one.verify("r") == []
+            assert [e.event_id for e in one.append("r", [step(4)], 4)] != []  # and goes on after reading it
+        finally:
+            one.close()
+            other.close()
+
     def test_an_append_gives_its_connection_back_as_the_pool_lent_it(self, ledger_url: str) -> None:
         """An append sends its own BEGIN (with its first reads, store.read_head), the driver in
         autocommit meanwhile. Whatever the append's outcome, the connection goes back to the
