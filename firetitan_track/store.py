@@ -29,9 +29,9 @@ once, never skipping one that committed late:
   committed itself, so it skips the read and takes one round trip: its transaction
   begins after that commit (its xid comes after the head's), a head another writer
   appended meanwhile fails it on the unique index, and its lease check is a statement
-  that fails unless the lease is held, so the COMMIT pipelined after it never runs. Rows written before the column existed hold 0: they sort
-  first, in position order, which was their commit order (a commit-order lock
-  serialized appends then).
+  that fails unless the lease is held, so the COMMIT pipelined after it never runs.
+  Rows written before the column existed hold 0: they sort first, in position order,
+  which was their commit order (a commit-order lock serialized appends then).
 
 Followers wake on commit rather than polling: on PostgreSQL an append, once committed,
 sends a ``NOTIFY`` on :data:`COMMIT_CHANNEL` from a transaction of its own (in its last
@@ -63,7 +63,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -75,9 +75,6 @@ from sqlalchemy.pool import StaticPool
 from firetitan_track.errors import UserError, first_line
 from firetitan_track.extras import MissingExtra
 from firetitan_track.urls import absolute_url
-
-if TYPE_CHECKING:
-    import psycopg
 
 __all__ = [
     "LedgerError",
@@ -403,27 +400,23 @@ class Store:
         driver = conn.connection.driver_connection
         token = self._fences.get(begins_for) if begins_for is not None else None
         try:
-            return self._insert_pipeline(driver, insert, rows, positions, positions_params, also, begins_for, token)
+            with driver.pipeline():
+                if begins_for is not None:
+                    driver.execute("BEGIN")
+                    if token is not None:  # first: it locks the lease row, giving the transaction its xid
+                        driver.execute(_FENCE_OR_FAIL_SQL, {"run_id": begins_for, "token": token})
+                # executemany(returning=True) would wait for the inserts' results before going on
+                driver.cursor().executemany(insert, rows)
+                read_back = driver.execute(positions, positions_params)
+                for statement, params in also:
+                    driver.execute(statement, params)
+                # COMMIT as a statement: driver.commit() would wait for it (a sync) and the next
+                # statement would wait for a BEGIN. The server runs the notification after the
+                # commit, in an implicit transaction of its own that ends at the pipeline's sync.
+                driver.execute("COMMIT")
+                driver.execute(_NOTIFY_SQL)
         except psycopg.errors.DivisionByZero:  # the fence's: another writer holds the lease now
             raise LeaseLost(begins_for or "", f" (this process held token {token})") from None
-
-    def _insert_pipeline(self, driver: psycopg.Connection, insert: str, rows: list[dict], positions: str, positions_params: dict,
-                         also: Sequence[tuple[str, dict]], begins_for: str | None, token: int | None) -> list[int]:
-        with driver.pipeline():
-            if begins_for is not None:
-                driver.execute("BEGIN")
-                if token is not None:  # first: it locks the lease row, giving the transaction its xid
-                    driver.execute(_FENCE_OR_FAIL_SQL, {"run_id": begins_for, "token": token})
-            # executemany(returning=True) would wait for the inserts' results before going on
-            driver.cursor().executemany(insert, rows)
-            read_back = driver.execute(positions, positions_params)
-            for statement, params in also:
-                driver.execute(statement, params)
-            # COMMIT as a statement: driver.commit() would wait for it (a sync) and the next
-            # statement would wait for a BEGIN. The server runs the notification after the
-            # commit, in an implicit transaction of its own that ends at the pipeline's sync.
-            driver.execute("COMMIT")
-            driver.execute(_NOTIFY_SQL)
         return [r[0] for r in read_back.fetchall()]
 
     def insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
