@@ -30,7 +30,7 @@ import click
 from firetitan_track.cli import absolute_uri, ledger_url, user_errors
 from firetitan_track.extras import MissingExtra, install_line, missing, require
 from firetitan_track.redact import guard_output, redact_text
-from runner.startup import lasting_imports
+from runner.startup import lasting
 
 if TYPE_CHECKING:
     from runner.loop import RunResult  # the loop imports torch: for its type only
@@ -169,7 +169,7 @@ def _finish(result: RunResult) -> None:
 def run(ctx: click.Context, spec_path: str, run_id: str | None, steps: int | None, overrides: tuple[str, ...],
         export_mlflow: str | None, quiet: bool) -> None:
     """Run the research loop described by SPEC (a TOML file)."""
-    with lasting_imports():  # the loop imports torch (runner.startup)
+    with lasting():  # the loop imports torch (runner.startup)
         from runner.loop import run_spec
     from runner.spec import load_spec, parse_overrides
 
@@ -189,7 +189,7 @@ def run(ctx: click.Context, spec_path: str, run_id: str | None, steps: int | Non
 @click.pass_context
 def resume(ctx: click.Context, run_id: str, export_mlflow: str | None, quiet: bool) -> None:
     """Continue RUN_ID from its last saved state, as its ledger records it."""
-    with lasting_imports():
+    with lasting():
         from runner.loop import resume_run
 
     with _reporting():
@@ -205,7 +205,7 @@ def resume(ctx: click.Context, run_id: str, export_mlflow: str | None, quiet: bo
 @click.pass_context
 def rerun(ctx: click.Context, run_id: str, new_run_id: str | None, quiet: bool) -> None:
     """Start a new run from RUN_ID's recorded spec and prompt sets, linked to it."""
-    with lasting_imports():
+    with lasting():
         from runner.loop import rerun as do_rerun
 
     with _reporting():

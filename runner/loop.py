@@ -47,7 +47,7 @@ from runner.provision import Endpoint, api_key, connect, endpoint
 from runner.recipes import RECIPES, Recipe, StepContext
 from runner.recipes.base import visible_text
 from runner.spec import BackendSection, ConcurrencySection, Spec
-from runner.startup import gc_paused
+from runner.startup import lasting
 from runner.tasks import DataError, Example, eval_prompts, grade
 from runner.tasks.preference import Pair
 
@@ -321,9 +321,10 @@ class Attempt:
         self.loop = asyncio.new_event_loop()
         self.stop = StopSignals()
         try:
-            with gc_paused():  # connecting imports the SDK and transformers (runner.startup)
+            # connecting imports the SDK and transformers, and what is set up lives through the
+            # attempt: the collector's passes skip it (runner.startup)
+            with lasting():
                 start = self.set_up()
-                gc.freeze()  # what was set up lives through the attempt: the collector's passes skip it
             self.train(start)
             return self.close()
         except BaseException as exc:  # exceptions, Ctrl-C and SIGTERM all clean up and leave a resumable run

@@ -8,7 +8,7 @@ before its first step on this project's 2-core test machine (gc.callbacks; see
 benchmarks/tracking_overhead.py's ``resume_to_next_step_s``).
 
 So the start-up runs with the collector held off (``gc_paused``), and what it leaves is
-frozen (gc.freeze): the command's imports (``lasting_imports``), then whatever the attempt
+frozen (gc.freeze), both by ``lasting``: the command's imports, then whatever the attempt
 has set up (runner.loop.Attempt.run). The attempt unfreezes everything when it ends, and
 the collector then sees it all again as usual: only the moment a piece of garbage made
 during the start-up is collected moves (to the attempt's end at the latest), never what
@@ -21,7 +21,7 @@ import contextlib
 import gc
 from typing import Iterator
 
-__all__ = ["gc_paused", "lasting_imports"]
+__all__ = ["gc_paused", "lasting"]
 
 
 @contextlib.contextmanager
@@ -37,8 +37,9 @@ def gc_paused() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def lasting_imports() -> Iterator[None]:
-    """Imports made with the collector held off, and frozen once made (module doc)."""
+def lasting() -> Iterator[None]:
+    """What the block makes (imports, a set-up) lives long: it is made with the collector held
+    off, and frozen once made (module doc); a block that raises freezes nothing."""
     with gc_paused():
         yield
         gc.freeze()
