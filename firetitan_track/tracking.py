@@ -27,13 +27,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, Mapping, Protocol, Sequence, TypedDict, TypeVar, overload
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Generic, Mapping, Protocol, Sequence, TypedDict, TypeVar,
+                    overload)
 
 from firetitan_track import sdk_adapter
-from firetitan_track.events import (CallFailed, CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned, EvalScored, EvalStarted, Event,
-                                    NewEvent, ProvisionRequested, Reconnected, RecordedEvent, ReferenceProvisioned,
-                                    RunStarted, SamplesRecorded, SnapshotRequested, SnapshotSaved, StateSaved, StateSaveRequested,
-                                    StepCompleted, SyncRequested, TrainerProvisioned, WeightsSynced, new_event)
+from firetitan_track.events import (CallFailed, CleanupAction, CleanupApplied, CleanupOutcome, DeploymentProvisioned,
+                                    EvalScored, EvalStarted, Event, NewEvent, ProvisionRequested, Reconnected,
+                                    RecordedEvent, ReferenceProvisioned, RunStarted, SamplesRecorded,
+                                    SnapshotRequested, SnapshotSaved, StateSaved, StateSaveRequested, StepCompleted,
+                                    SyncRequested, TrainerProvisioned, WeightsSynced, new_event)
 from firetitan_track.ledger import Ledger
 from firetitan_track.redact import redact_text
 
@@ -409,8 +411,8 @@ class TrackedTrainingClient:
     caller records its steps itself, with the data cursor.
     """
 
-    def __init__(self, client: FiretitanTrainingClient, calls: CallRecorder, *, lora_rank: int, trainer_job_id: str | None = None,
-                 auto_steps: bool = False):
+    def __init__(self, client: FiretitanTrainingClient, calls: CallRecorder, *, lora_rank: int,
+                 trainer_job_id: str | None = None, auto_steps: bool = False):
         self._client = client
         self._job_id = trainer_job_id
         self._calls = calls

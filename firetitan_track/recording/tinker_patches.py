@@ -286,7 +286,8 @@ WRAPS: Wraps = {
         },
     },
     "tinker.lib.public_interfaces.sampling_client": {
-        "SamplingClient": {"__init__": _client_init("sampler", _sampler_made), "sample": _sample, "compute_logprobs": _compute_logprobs},
+        "SamplingClient": {"__init__": _client_init("sampler", _sampler_made), "sample": _sample,
+                           "compute_logprobs": _compute_logprobs},
     },
     # tinker-cookbook: its checkpoint function (a module's own, "": patches.MODULE) and its metrics logger
     "tinker_cookbook.checkpoint_utils": {"": {"save_checkpoint_async": _save_checkpoint_async}},

@@ -6,8 +6,9 @@ one MLflow run is in run_export.py.
 
 Progress is kept in two places. The follower's cursor (``Ledger.follow``) is a ledger
 checkpoint (``mlflow:<tracking uri>#<experiment>``), so ``export`` resumes where
-it stopped (a position kept by an older exporter still reads, see FollowCursor). Each MLflow run also carries ``ledger_events``: how much of its
-ledger stream it already shows, written last, so a crash mid-export only
+it stopped (a position kept by an older exporter still reads, see FollowCursor). Each
+MLflow run also carries ``ledger_events``: how much of its ledger stream it already
+shows, written last, so a crash mid-export only
 repeats idempotent writes, and a follower of a few runs needs no checkpoint.
 
 Superseded steps. MLflow's metric history is append-only and has no delete
