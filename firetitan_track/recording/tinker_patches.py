@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypedDict
 from firetitan_track import sdk_adapter
 from firetitan_track.events import ProvisionRequested, SnapshotRequested, TrainerProvisioned
 from firetitan_track.recording import program
-from firetitan_track.recording.patches import (TRAINING_CALLS, Method, ObservedFuture, Wraps, _arguments,
+from firetitan_track.recording.patches import (MODULE, TRAINING_CALLS, Method, ObservedFuture, Wraps, _arguments,
                                                _client_state, _data_cursor, _logged_metrics, _quietly, _recording)
 from firetitan_track.recording.program import ProgramRecording, SampledSequence
 
@@ -289,7 +289,7 @@ WRAPS: Wraps = {
         "SamplingClient": {"__init__": _client_init("sampler", _sampler_made), "sample": _sample,
                            "compute_logprobs": _compute_logprobs},
     },
-    # tinker-cookbook: its checkpoint function (a module's own, "": patches.MODULE) and its metrics logger
-    "tinker_cookbook.checkpoint_utils": {"": {"save_checkpoint_async": _save_checkpoint_async}},
+    # tinker-cookbook: its checkpoint function (the module's own) and its metrics logger
+    "tinker_cookbook.checkpoint_utils": {MODULE: {"save_checkpoint_async": _save_checkpoint_async}},
     "tinker_cookbook.utils.ml_log": {"JsonLogger": {"log_metrics": _json_logger_log_metrics}},
 }
