@@ -34,8 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-from firetitan_track.ledger import Ledger
 from firetitan_track.errors import UserError
+from firetitan_track.ledger import Ledger
 from firetitan_track.processes import pid_alive
 from firetitan_track.store import LeaseLost
 
