@@ -22,6 +22,7 @@ works on the store underneath (``Ledger.store``) through a narrow interface of i
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -183,6 +184,24 @@ _POSITIONS = (sa.select(event_table.c.position)
                      event_table.c.version < sa.bindparam("end"))
               .order_by(event_table.c.version))
 _ROW_KEYS = ("run_id", "version", "event_id", "type", "schema_version", "data", "recorded_at", "hash")
+
+
+@functools.lru_cache(maxsize=None)
+def _follow_statement(sqlite: bool, filtered: bool) -> sa.Select:
+    """``Ledger.follow``'s query, built once per kind: a follower runs it on every commit, and
+    building and keying a statement cost more client time than running it. Parameters:
+    ``xid`` and ``position`` (the cursor), ``limit``, and with ``filtered`` the ``run_ids``."""
+    xid, position = event_table.c.xid, event_table.c.position
+    if sqlite:
+        stmt = sa.select(*_COLUMNS, xid).where(position > sa.bindparam("position")).order_by(position)
+    else:
+        stmt = (sa.select(*_COLUMNS, xid)
+                .where(sa.tuple_(xid, position) > sa.tuple_(sa.bindparam("xid"), sa.bindparam("position")),
+                       xid < FOLLOW_HORIZON)
+                .order_by(xid, position))
+    if filtered:
+        stmt = stmt.where(event_table.c.run_id.in_(sa.bindparam("run_ids", expanding=True)))
+    return stmt.limit(sa.bindparam("limit"))
 
 
 @dataclass(frozen=True)
@@ -424,19 +443,12 @@ class Ledger:
         written since all follow it (read again, never skipped).
         """
         cursor = _as_cursor(after)
-        xid = event_table.c.xid
-        if self._store.is_sqlite:
-            stmt = (sa.select(*_COLUMNS, xid).where(event_table.c.position > cursor.position)
-                    .order_by(event_table.c.position))
-        else:
-            stmt = (sa.select(*_COLUMNS, xid)
-                    .where(sa.tuple_(xid, event_table.c.position) > sa.tuple_(cursor.xid, cursor.position),
-                           xid < FOLLOW_HORIZON)
-                    .order_by(xid, event_table.c.position))
+        params: dict[str, Any] = {"xid": cursor.xid, "position": cursor.position, "limit": limit}
         if run_ids is not None:
-            stmt = stmt.where(event_table.c.run_id.in_(list(run_ids)))
-        with self._reading(), self.engine.connect() as conn:
-            rows = conn.execute(stmt.limit(limit)).all()
+            params["run_ids"] = list(run_ids)
+        stmt = _follow_statement(self._store.is_sqlite, run_ids is not None)
+        with self._reading(), self._store.one_statement() as conn:
+            rows = conn.execute(stmt, params).all()
         if rows:
             cursor = FollowCursor(rows[-1].xid, rows[-1].position)
         return Followed([_from_row(r[:-1]) for r in rows], cursor)

@@ -352,6 +352,23 @@ class Store:
                 if driver.info.transaction_status == TransactionStatus.IDLE:
                     driver.autocommit = False  # as the pool lends it (a broken one is discarded)
 
+    @contextlib.contextmanager
+    def one_statement(self) -> Iterator[Connection]:
+        """A connection for a read that is one statement. On PostgreSQL it runs in autocommit:
+        the statement is its own transaction with its own snapshot, as it would be inside one
+        at read committed, without the BEGIN and ROLLBACK round trips around it (a follower
+        woken by every commit reads once per commit)."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                yield conn
+                return
+            driver = conn.connection.driver_connection
+            driver.autocommit = True
+            try:
+                yield conn
+            finally:
+                driver.autocommit = False  # as the pool lends it (its rollback on return is a no-op now)
+
     def read_head(self, conn: Connection, head_sql: str, run_id: str) -> tuple | None:
         """The row ``head_sql`` reads, the head of the stream an append to ``run_id`` goes after.
         For a fenced run on PostgreSQL (a SQLite lease is a file lock) the lease token is checked

@@ -173,6 +173,30 @@ class TestPostgresLedger(LedgerConformance):
             one.close()
             other.close()
 
+    def test_a_follow_is_one_statement_with_no_transaction_around_it(self, ledger_url: str) -> None:
+        """A follower reads on every commit it is woken for: its read is one statement in
+        autocommit (its own snapshot), with no BEGIN before it and no ROLLBACK after, and the
+        connection goes back to the pool as it was lent."""
+        one = Ledger(Store(sa.create_engine(_parse(ledger_url), pool_size=1, max_overflow=0), "one connection"))
+        try:
+            one.append("r", [run_started(), step(1)], 0)
+            seen: list[tuple[str, str]] = []
+
+            def after_execute(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+                seen.append((statement.split()[0], conn.connection.driver_connection.info.transaction_status.name))
+
+            sa.event.listen(one.engine, "after_cursor_execute", after_execute)
+            followed = one.follow(0)
+            assert [e.version for e in followed] == [0, 1]
+            assert one.follow(followed.cursor, run_ids=["r", "other"]).cursor == followed.cursor
+            sa.event.remove(one.engine, "after_cursor_execute", after_execute)
+            # a statement run inside a transaction leaves the connection INTRANS until it ends
+            assert seen == [("SELECT", "IDLE"), ("SELECT", "IDLE")]
+            with one.engine.connect() as conn:
+                assert conn.connection.driver_connection.autocommit is False
+        finally:
+            one.close()
+
     def test_an_append_gives_its_connection_back_as_the_pool_lent_it(self, ledger_url: str) -> None:
         """An append sends its own BEGIN (with its first reads, store.read_head), the driver in
         autocommit meanwhile. Whatever the append's outcome, the connection goes back to the
