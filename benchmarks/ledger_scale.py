@@ -9,15 +9,24 @@ pool (one thread per pooled connection), through the runner's own event writer
 as the runner does; every 25 steps a snapshot, a weight sync, an eval and a state save,
 each intent and outcome its own append) while holding the runner's own run lease (a
 fenced row, renewed by its thread, checked by every append). A follower process reads
-everything through ``follow()``, woken by the ledger's commit watch (LISTEN/NOTIFY). N
-rises until the p99 append latency passes the goal.
+everything through ``follow()``, woken by the ledger's commit watch (LISTEN/NOTIFY).
+
+Beside them one more run writes as a real run does, in a process of its own with one
+thread and one connection (the probe run): it appends every 10 ms through the same
+Recorder and lease, and its latency is what a run sees of the ledger under that load.
+The simulated runs' own latency is reported too, but it is not the ledger's: 128 runs
+share one process's interpreter lock there, where each real run's writer has its own
+(on its own machine). N rises until a level is not held.
 
 Prints one JSON object:
 
-- ``pg_runs``: the most runs held with the p99 append latency within ``--goal-ms`` (50);
-- ``pg_append_p99_ms`` (and p50): append latency at that load, as the writer sees it
-  (the Recorder call in its thread); ``sim_queue_p99_ms``: how long a write waited for a
-  free thread of the simulator's pool (the simulator's own cost, not the ledger's);
+- ``pg_runs``: the most runs held: the probe run's p99 append latency within ``--goal-ms``
+  (50), and the load truly offered, every simulated write sent within the goal of its time
+  (``sim_queue_p99_ms``, how long a write waited for a free thread of the simulator's pool:
+  past the goal the simulator, not the ledger, is the limit, and the level is not held);
+- ``pg_append_p99_ms`` (and p50): the probe run's append latency at that load (its Recorder
+  call); ``sim_append_p99_ms`` (and p50): the simulated runs' (their Recorder calls in
+  their threads, the interpreter lock's waits included);
 - ``pg_lost_or_duplicated``: over every level, events the follower missed or saw twice,
   plus events it saw out of their stream's version order (0: every committed event once,
   each stream in order);
@@ -33,9 +42,10 @@ Prints one JSON object:
   under each server setting a team might change (``synchronous_commit=off``, group
   commit through ``commit_delay``), each applied to the writers' sessions only.
 
-The machine is shared: a figure is one run's, on whatever else the CPUs were doing.
+The machine is shared and its load drifts from one moment to the next: each level is measured
+in ``--passes`` passes (3), and the median pass decides (each pass's figures are kept).
 
-Usage: ``python benchmarks/ledger_scale.py [--url URL] [--levels 64,128,256,512,1024] [--variants]``
+Usage: ``python benchmarks/ledger_scale.py [--url URL] [--levels 64,128,256,512,1024] [--passes 3] [--variants]``
 (default URL: $FIRETITAN_TEST_POSTGRES_URL). Runs in a schema of its own, dropped after.
 """
 
@@ -203,6 +213,37 @@ def writer_process(url: str, run_ids: list[str], pool: int, start_at: float, war
     out.put((writes.latencies, writes.queued, sum(appended), cpu))
 
 
+PROBE_EVERY_S = 0.01
+
+
+def probe_process(url: str, run_id: str, start_at: float, warm_s: float, duration_s: float, out: mp.Queue) -> None:
+    """One run's writer as a real run has it: a process of its own, one thread, one connection,
+    the runner's Recorder and lease. It appends one event every ``PROBE_EVERY_S`` (an eval's
+    burst, kept up for the whole window, so that its p99 rests on some 1,000 appends) while the
+    simulated runs carry the load; what it sees is what a run sees of the ledger."""
+    from firetitan_track.lease import acquire
+    from firetitan_track.tracking import Recorder
+
+    ledger = _ledger(url, 1)
+    lease = acquire(ledger, run_id)
+    rec = Recorder(ledger, run_id, version=0)
+    rec.record(events.RunStarted(spec={"run": {"name": run_id}}, spec_digest="cd" * 32, code_version="bench",
+                                 seed=0, backend="local"))
+    latencies, step = [], 0
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    measure_from, end = start_at + warm_s, start_at + warm_s + duration_s
+    while (now := time.monotonic()) < end:
+        step += 1
+        rec.record(events.SyncRequested(step=step, deployment_id=f"dep-{run_id}",
+                                        snapshot_path=f"snapshots/{run_id}/eval-{step}"))
+        if now >= measure_from:
+            latencies.append(time.monotonic() - now)
+        time.sleep(PROBE_EVERY_S)
+    lease.release()
+    ledger.close()
+    out.put((latencies, rec.version))
+
+
 def follower_process(url: str, after: tuple[int, int], done: mp.Event, out: mp.Queue) -> None:
     """Follows every stream begun after the cursor ``after``: woken by the commit watch, never
     busy-polling."""
@@ -282,6 +323,10 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
     after = _end_cursor(url)
     follower = ctx.Process(target=follower_process, args=(url, after, done, follow_out))
     follower.start()
+    probe_out = ctx.Queue()
+    probe = ctx.Process(target=probe_process, args=(writer_url or url, f"bench-{tag}-probe", start_at, warm_s,
+                                                    duration_s, probe_out))
+    probe.start()
     for p in procs:
         p.start()
     waits: collections.Counter = collections.Counter()
@@ -303,7 +348,7 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     sampling.set()
-                    for p in procs + [follower]:
+                    for p in procs + [follower, probe]:
                         p.terminate()
                     raise SystemExit(f"a simulator process failed (exit {dead[0]}); its traceback is above")
         latencies += lat
@@ -316,6 +361,13 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
     sampler.join()
     for p in procs:
         p.join()
+    try:
+        run_latencies, probe_appended = probe_out.get(timeout=60)
+    except queue.Empty:
+        follower.terminate()
+        raise SystemExit(f"the probe run failed (exit {probe.exitcode}); its traceback is above") from None
+    probe.join()
+    appended += probe_appended
     done.set()
     unique, duplicated, disorder, delays, follow_cpu = follow_out.get()
     follower.join()
@@ -323,7 +375,9 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
     capacity = wall * (os.cpu_count() or 1)
     samples = sum(waits.values()) or 1
     return {"runs": runs, "appends": len(latencies), "appended_events": appended, "stored_events": stored,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _p(latencies, 0.99),
+            "run_p50_ms": 1000 * statistics.median(run_latencies), "run_p99_ms": 1000 * _p(run_latencies, 0.99),
+            "run_appends": len(run_latencies),
+            "sim_p50_ms": 1000 * statistics.median(latencies), "sim_p99_ms": 1000 * _p(latencies, 0.99),
             "sim_queue_p99_ms": 1000 * _p(queued, 0.99),
             "follow_latency_p50_ms": 1000 * statistics.median(delays) if delays else None,
             "follow_latency_p99_ms": 1000 * _p(delays, 0.99),
@@ -334,6 +388,23 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
                           # the follower ran the whole level, warm-up included: an upper bound
                           "follower": round(follow_cpu / capacity, 3)},
             "pg_waits": {k: round(v / samples, 3) for k, v in waits.most_common(6)}}
+
+
+def _median_pass(passes: list[dict]) -> dict:
+    """A level measured in several passes (the machine's load drifts between them): the pass
+    whose probe-run p99 is the median, its simulator queue p99 the median of every pass's, and
+    each pass's figures beside it. Lost or duplicated events count over every pass."""
+    chosen = dict(sorted(passes, key=lambda lv: lv["run_p99_ms"])[len(passes) // 2])
+    chosen["sim_queue_p99_ms"] = statistics.median(lv["sim_queue_p99_ms"] for lv in passes)
+    chosen["lost_or_duplicated"] = sum(lv["lost_or_duplicated"] for lv in passes)
+    chosen["passes"] = [{key: round(lv[key], 2) for key in ("run_p99_ms", "sim_p99_ms", "sim_queue_p99_ms")}
+                        for lv in passes]
+    return chosen
+
+
+def _holds(level: dict, goal_ms: float) -> bool:
+    """The probe run's p99 within the goal, and the load offered on time (see the opening)."""
+    return level["run_p99_ms"] <= goal_ms and level["sim_queue_p99_ms"] <= goal_ms
 
 
 def _end_cursor(url: str, count_after: tuple[int, int] | None = None):  # type: ignore[no-untyped-def]
@@ -427,6 +498,8 @@ def main() -> None:
     ap.add_argument("--warm-s", type=float, default=3.0)
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
     ap.add_argument("--goal-ms", type=float, default=50.0)
+    ap.add_argument("--passes", type=int, default=3,
+                    help="measure each level this many times; the median pass decides (the load drifts)")
     ap.add_argument("--variants", action="store_true",
                     help="measure the first level that missed the goal again under each server setting")
     args = ap.parse_args()
@@ -448,28 +521,37 @@ def main() -> None:
         upgrade_schema(url)
         levels, held, missed = [], None, None
         for runs in (int(n) for n in args.levels.split(",")):
-            level = one_level(url, runs, args.processes, args.pool, args.warm_s, args.seconds)
+            passes = []
+            for _ in range(args.passes):
+                passes.append(one_level(url, runs, args.processes, args.pool, args.warm_s, args.seconds))
+                print(json.dumps(passes[-1]), file=sys.stderr, flush=True)
+            level = _median_pass(passes)
             levels.append(level)
-            print(json.dumps(level), file=sys.stderr, flush=True)
-            if level["p99_ms"] > args.goal_ms:
+            if not _holds(level, args.goal_ms):
                 missed = runs
                 break
             held = level
         variants = {}
         if args.variants and missed is not None:
             for name, options in VARIANTS.items():
-                level = one_level(url, missed, args.processes, args.pool, args.warm_s, args.seconds,
-                                  writer_url=_with_options(url, options))
-                variants[name] = {"runs": missed, "p99_ms": round(level["p99_ms"], 2),
-                                  "p50_ms": round(level["p50_ms"], 2), "cpu_share": level["cpu_share"],
-                                  "pg_waits": level["pg_waits"]}
+                level = _median_pass([one_level(url, missed, args.processes, args.pool, args.warm_s, args.seconds,
+                                                writer_url=_with_options(url, options))
+                                      for _ in range(args.passes)])
+                variants[name] = {"runs": missed, "p99_ms": round(level["run_p99_ms"], 2),
+                                  "p50_ms": round(level["run_p50_ms"], 2),
+                                  "sim_p99_ms": round(level["sim_p99_ms"], 2),
+                                  "sim_queue_p99_ms": round(level["sim_queue_p99_ms"], 2),
+                                  "cpu_share": level["cpu_share"],
+                                  "pg_waits": level["pg_waits"], "passes": level["passes"]}
                 print(json.dumps({name: level}), file=sys.stderr, flush=True)
         sqlite_p99, sqlite_idle = sqlite_follow()
         measured = levels + list(variants.values())
         result = {
             "pg_runs": held["runs"] if held else 0,
-            "pg_append_p99_ms": round(held["p99_ms"], 2) if held else None,
-            "pg_append_p50_ms": round(held["p50_ms"], 2) if held else None,
+            "pg_append_p99_ms": round(held["run_p99_ms"], 2) if held else None,
+            "pg_append_p50_ms": round(held["run_p50_ms"], 2) if held else None,
+            "sim_append_p99_ms": round(held["sim_p99_ms"], 2) if held else None,
+            "sim_append_p50_ms": round(held["sim_p50_ms"], 2) if held else None,
             "sim_queue_p99_ms": round(held["sim_queue_p99_ms"], 2) if held else None,
             "pg_lost_or_duplicated": sum(lv.get("lost_or_duplicated", 0) for lv in levels),
             "follow_latency_p99_ms": round(held["follow_latency_p99_ms"], 1) if held else None,
