@@ -362,12 +362,15 @@ class Store:
             if self.is_sqlite:
                 yield conn
                 return
+            from psycopg.pq import TransactionStatus
+
             driver = conn.connection.driver_connection
             driver.autocommit = True
             try:
                 yield conn
             finally:
-                driver.autocommit = False  # as the pool lends it (its rollback on return is a no-op now)
+                if driver.info.transaction_status == TransactionStatus.IDLE:
+                    driver.autocommit = False  # as the pool lends it (a broken one is discarded)
 
     def read_head(self, conn: Connection, head_sql: str, run_id: str) -> tuple | None:
         """The row ``head_sql`` reads, the head of the stream an append to ``run_id`` goes after.

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from firetitan_track import ConcurrencyError, Ledger, SchemaOutOfDate
 from firetitan_track.bundle import StreamStore, import_streams
-from firetitan_track.ledger import FollowCursor, Followed
+from firetitan_track.ledger import FollowCursor, Followed, StoreFailure
 from firetitan_track.store import LeaseLost, Store, _parse, upgrade_schema
 from firetitan_track.store import events as event_table
 from tests.conformance.base import LedgerConformance, run_started, step
@@ -194,6 +194,24 @@ class TestPostgresLedger(LedgerConformance):
             assert seen == [("SELECT", "IDLE"), ("SELECT", "IDLE")]
             with one.engine.connect() as conn:
                 assert conn.connection.driver_connection.autocommit is False
+        finally:
+            one.close()
+
+    def test_a_follow_whose_connection_dies_says_the_ledger_cannot_be_read(self, ledger_url: str,
+                                                                          postgres_admin: sa.Engine) -> None:
+        """The server ends the follower's connection (a restart, an administrator): the read
+        fails as a StoreFailure naming the ledger, not as the driver's complaint about a
+        connection it could not put back out of autocommit, and the next read reconnects."""
+        one = Ledger(Store(sa.create_engine(_parse(ledger_url), pool_size=1, max_overflow=0), "one connection"))
+        try:
+            one.append("r", [run_started()], 0)
+            with one.engine.connect() as conn:
+                backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with postgres_admin.begin() as conn:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": backend})
+            with pytest.raises(StoreFailure, match="cannot read the ledger at one connection"):
+                one.follow(0)
+            assert [e.version for e in one.follow(0)] == [0]
         finally:
             one.close()
 
