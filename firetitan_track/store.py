@@ -341,16 +341,9 @@ class Store:
                 with conn.begin():
                     yield conn
                 return
-            from psycopg.pq import TransactionStatus
-
-            driver = conn.connection.driver_connection
-            driver.autocommit = True
-            try:
-                with conn.begin():  # (its commit or rollback ends the BEGIN read_head sent)
-                    yield conn
-            finally:
-                if driver.info.transaction_status == TransactionStatus.IDLE:
-                    driver.autocommit = False  # as the pool lends it (a broken one is discarded)
+            # (the block's commit or rollback ends the BEGIN read_head sent)
+            with _driver_autocommit(conn), conn.begin():
+                yield conn
 
     @contextlib.contextmanager
     def one_statement(self) -> Iterator[Connection]:
@@ -362,15 +355,8 @@ class Store:
             if self.is_sqlite:
                 yield conn
                 return
-            from psycopg.pq import TransactionStatus
-
-            driver = conn.connection.driver_connection
-            driver.autocommit = True
-            try:
+            with _driver_autocommit(conn):
                 yield conn
-            finally:
-                if driver.info.transaction_status == TransactionStatus.IDLE:
-                    driver.autocommit = False  # as the pool lends it (a broken one is discarded)
 
     def read_head(self, conn: Connection, head_sql: str, run_id: str) -> tuple | None:
         """The row ``head_sql`` reads, the head of the stream an append to ``run_id`` goes after.
@@ -568,6 +554,22 @@ class _NotifyWatch(CommitWatch):
 
     def close(self) -> None:
         self._conn.close()
+
+
+@contextlib.contextmanager
+def _driver_autocommit(conn: Connection) -> Iterator[None]:
+    """PostgreSQL's driver in autocommit for the block (it sends no BEGIN of its own), and out
+    of it again afterwards, as the pool lends it. A connection the block left broken is not
+    touched: setting the mode would fail over the block's own error, and the pool discards it."""
+    from psycopg.pq import TransactionStatus
+
+    driver = conn.connection.driver_connection
+    driver.autocommit = True
+    try:
+        yield
+    finally:
+        if driver.info.transaction_status == TransactionStatus.IDLE:
+            driver.autocommit = False
 
 
 def commit_watch(store: Store) -> CommitWatch:
