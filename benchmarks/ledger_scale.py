@@ -154,6 +154,11 @@ class _Writes:
         await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
 
+def _run_started(run_id: str):  # type: ignore[no-untyped-def]
+    return events.RunStarted(spec={"run": {"name": run_id}}, spec_digest="cd" * 32, code_version="bench", seed=0,
+                             backend="local")
+
+
 def _step(step: int):  # type: ignore[no-untyped-def]
     return events.StepCompleted(step=step, data_cursor={"step": step}, micro_batches=1, metrics={"loss": 1.0 / step},
                                 optimizer={"learning_rate": 1e-3})
@@ -166,8 +171,7 @@ async def _one_run(ledger, writes: _Writes, run_id: str, t0: float, end: float) 
     loop = asyncio.get_running_loop()
     lease = await loop.run_in_executor(writes.executor, acquire, ledger, run_id)
     rec = Recorder(ledger, run_id, version=0)
-    await writes.record(rec, events.RunStarted(spec={"run": {"name": run_id}}, spec_digest="cd" * 32,
-                                               code_version="bench", seed=0, backend="local"))
+    await writes.record(rec, _run_started(run_id))
     step, due = 0, t0
     while True:
         due += 1 / STEPS_PER_S
@@ -226,7 +230,7 @@ PROBE_EVERY_S = 0.01
 def probe_process(url: str, run_id: str, start_at: float, warm_s: float, duration_s: float, out: mp.Queue) -> None:
     """One run's writer as a real run has it: a process of its own, one thread, one connection,
     the runner's Recorder and lease. It appends one event every ``PROBE_EVERY_S`` (an eval's
-    burst, kept up for the whole window, so that its p99 rests on some 1,000 appends) while the
+    burst, kept up for the whole window, so that its p99 rests on several hundred appends) while the
     simulated runs carry the load; what it sees is what a run sees of the ledger."""
     from firetitan_track.lease import acquire
     from firetitan_track.tracking import Recorder
@@ -234,8 +238,7 @@ def probe_process(url: str, run_id: str, start_at: float, warm_s: float, duratio
     ledger = _ledger(url, 1)
     lease = acquire(ledger, run_id)
     rec = Recorder(ledger, run_id, version=0)
-    rec.record(events.RunStarted(spec={"run": {"name": run_id}}, spec_digest="cd" * 32, code_version="bench",
-                                 seed=0, backend="local"))
+    rec.record(_run_started(run_id))
     latencies, step = [], 0
     time.sleep(max(0.0, start_at - time.monotonic()))
     measure_from, end = start_at + warm_s, start_at + warm_s + duration_s
@@ -384,7 +387,8 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
     unique, duplicated, disorder, delays, follow_cpu = follow_out.get()
     follower.join()
     stored = _end_cursor(url, count_after=after)
-    capacity = wall * (os.cpu_count() or 1)
+    cpus = os.cpu_count() or 1
+    capacity = wall * cpus
     samples = sum(waits.values()) or 1
     return {"runs": runs, "appends": len(latencies), "appended_events": appended, "stored_events": stored,
             "run_p50_ms": 1000 * statistics.median(run_latencies), "run_p99_ms": 1000 * _p(run_latencies, 0.99),
@@ -397,7 +401,7 @@ def one_level(url: str, runs: int, processes: int, pool: int, warm_s: float, dur
             "followed_unique": unique, "followed_duplicated": duplicated, "followed_out_of_order": disorder,
             # acknowledged or stored but never followed, or followed twice, or out of order
             "lost_or_duplicated": abs(appended - unique) + abs(stored - unique) + duplicated + disorder,
-            "cpu_share": {"simulator": round(sim_cpu / capacity, 3), "postgres": round(pg_cpu / (pg_wall * (os.cpu_count() or 1)), 3),
+            "cpu_share": {"simulator": round(sim_cpu / capacity, 3), "postgres": round(pg_cpu / (pg_wall * cpus), 3),
                           # the follower ran the whole level, warm-up included: an upper bound
                           "follower": round(follow_cpu / capacity, 3)},
             "pg_waits": {k: round(v / samples, 3) for k, v in waits.most_common(6)}}

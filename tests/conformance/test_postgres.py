@@ -20,6 +20,11 @@ from tests.helpers import needs_postgres
 pytestmark = needs_postgres
 
 
+def _one_connection(ledger_url: str) -> Ledger:
+    """A ledger whose pool holds one connection: each use gets the one the last gave back."""
+    return Ledger(Store(sa.create_engine(_parse(ledger_url), pool_size=1, max_overflow=0), "one connection"))
+
+
 class TestPostgresLedger(LedgerConformance):
     @pytest.fixture
     def ledger_url(self, empty_schema_url: str) -> str:
@@ -177,7 +182,7 @@ class TestPostgresLedger(LedgerConformance):
         """A follower reads on every commit it is woken for: its read is one statement in
         autocommit (its own snapshot), with no BEGIN before it and no ROLLBACK after, and the
         connection goes back to the pool as it was lent."""
-        one = Ledger(Store(sa.create_engine(_parse(ledger_url), pool_size=1, max_overflow=0), "one connection"))
+        one = _one_connection(ledger_url)
         try:
             one.append("r", [run_started(), step(1)], 0)
             seen: list[tuple[str, str]] = []
@@ -202,7 +207,7 @@ class TestPostgresLedger(LedgerConformance):
         """The server ends the follower's connection (a restart, an administrator): the read
         fails as a StoreFailure naming the ledger, not as the driver's complaint about a
         connection it could not put back out of autocommit, and the next read reconnects."""
-        one = Ledger(Store(sa.create_engine(_parse(ledger_url), pool_size=1, max_overflow=0), "one connection"))
+        one = _one_connection(ledger_url)
         try:
             one.append("r", [run_started()], 0)
             with one.engine.connect() as conn:
@@ -219,7 +224,7 @@ class TestPostgresLedger(LedgerConformance):
         """An append sends its own BEGIN (with its first reads, store.read_head), the driver in
         autocommit meanwhile. Whatever the append's outcome, the connection goes back to the
         pool out of autocommit, so a later transaction through it is still one transaction."""
-        one = Ledger(Store(sa.create_engine(_parse(ledger_url), pool_size=1, max_overflow=0), "one connection"))
+        one = _one_connection(ledger_url)
         try:
             with one.engine.begin() as conn:
                 conn.exec_driver_sql("INSERT INTO run_leases VALUES ('r', 1, 'test', 1e12)")
