@@ -42,7 +42,7 @@ from runner.interrupts import RunInterrupted, StopSignals, Terminated, close_loo
 from runner.chain import load_upstream, resolve_upstream
 from firetitan_track.lease import Lease, LeaseLost, acquire
 from runner.promote import resolve_pending
-from runner.preflight import check_against_service, load_tokenizer
+from runner.preflight import check_against_service
 from runner.provision import Endpoint, api_key, connect, endpoint
 from runner.recipes import RECIPES, Recipe, StepContext
 from runner.recipes.base import visible_text
@@ -50,6 +50,7 @@ from runner.spec import BackendSection, ConcurrencySection, Spec
 from runner.startup import lasting
 from runner.tasks import DataError, Example, eval_prompts, grade
 from runner.tasks.preference import Pair
+from runner.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from fireworks.training.sdk import SamplingConcurrencyController
@@ -321,8 +322,9 @@ class Attempt:
         self.loop = asyncio.new_event_loop()
         self.stop = StopSignals()
         try:
-            # connecting imports the SDK and transformers, and what is set up lives through the
-            # attempt: the collector's passes skip it (runner.startup)
+            # connecting imports the SDK (and transformers, for a tokenizer other than the local
+            # service's own: runner.tokenizer), and what is set up lives through the attempt: the
+            # collector's passes skip it (runner.startup)
             with lasting():
                 start = self.set_up()
             self.train(start)

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Sequence
 
 from firetitan_track.errors import first_line
 from runner.spec import MAX_EVAL_COMPLETIONS, MAX_EVAL_COUNT, KeyCheck, Spec, SpecError
+from runner.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from runner.tasks import Example
     from runner.tasks.preference import Pair
 
-__all__ = ["check_against_service", "check_sizes", "check_context", "load_tokenizer"]
+__all__ = ["check_against_service", "check_sizes", "check_context"]
 
 _MODEL_NAME = re.compile(r"accounts/[^/]+/models/[^/]+")
 
@@ -124,21 +123,6 @@ def _check_new_tokens(bad: KeyCheck, key: str, tokens: int, context: int) -> Non
                        "(as the service reports it)")
 
 
-def load_tokenizer(path: str, *, named: bool, bad: KeyCheck) -> PreTrainedTokenizerBase:
-    """The run's tokenizer; one that cannot be loaded is a SpecError naming model.tokenizer
-    (``named``: the spec names it) or the backend that serves it, not the chained tracebacks
-    transformers raises for a missing folder or an unknown name."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise bad("model.tokenizer" if named else "backend",
-                  f"cannot load a tokenizer from {path!r} ({type(exc).__name__}: {first_line(exc)}); give a "
-                  "folder holding tokenizer files, or leave model.tokenizer empty for the local service's own") \
-            from None
-
-
-def _chat_len(tokenizer: PreTrainedTokenizerBase, example: Example | Pair) -> int:
+def _chat_len(tokenizer: Tokenizer, example: Example | Pair) -> int:
     return len(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
                                              return_dict=False))

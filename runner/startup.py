@@ -1,6 +1,7 @@
 """A run's start-up without the cyclic garbage collector's passes over what it loads.
 
-Starting (or resuming) a run imports torch, the fireworks SDK and transformers: some
+Starting (or resuming) a run imports torch and the fireworks SDK (transformers too, when this
+was measured; now only for a tokenizer other than the local service's own): some
 290,000 objects the collector tracks, walked again and again as they pile up (five full
 passes and hundreds of younger ones). The passes find almost nothing to free (a module's
 objects live as long as the process) and took 0.45-0.6 s of a resume's 2.5-2.7 s of CPU

@@ -26,9 +26,9 @@ from runner.tasks.preference import Pair, load_pairs, pair_batch
 if TYPE_CHECKING:  # the spec module reads the registry of recipes: recipes import nothing of it to run
     from fireworks.training.sdk import (AdamParams, Datum, DeploymentSampler, FiretitanTrainingClient,
                                         OptimStepResponse, SamplingConcurrencyController)
-    from transformers import PreTrainedTokenizerBase
 
     from runner.spec import KeyCheck, Spec
+    from runner.tokenizer import Tokenizer
 
 __all__ = ["Recipe", "RecipeSettings", "TrainingData", "EXAMPLES", "PAIRS", "StepContext", "weighted_datum",
            "masked_datum", "visible_text", "answer_datum", "chunks", "optim_metrics", "step_on_pairs"]
@@ -50,7 +50,7 @@ class StepContext:
     tracked: TrackedService
     policy: TrackedTrainingClient  # the tracked training client
     reference: FiretitanTrainingClient | None  # a frozen reference client, when the recipe asked for one
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Tokenizer
     adam: AdamParams  # the SDK's AdamParams for every optim_step
     loop: asyncio.AbstractEventLoop
     new_controller: Callable[[], SamplingConcurrencyController]  # a fresh concurrency controller per sync
@@ -142,7 +142,7 @@ PlayEval = Callable[[StepContext, "DeploymentSampler", int, Example, dict[str, A
                     Awaitable[list[dict[str, Any]]]]
 # a check that raises ``bad(key, why)`` where a sequence of the run's cannot fit the model's
 # context: (spec, bad, context, tokenizer, eval set)
-CheckContext = Callable[["Spec", "KeyCheck", int, "PreTrainedTokenizerBase", Sequence[Example]], None]
+CheckContext = Callable[["Spec", "KeyCheck", int, "Tokenizer", Sequence[Example]], None]
 
 
 @dataclass(frozen=True)
@@ -191,20 +191,20 @@ def masked_datum(tokens: Sequence[int], learned: Sequence[bool]) -> Datum:
     )
 
 
-def prompt_tokens(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+def prompt_tokens(tokenizer: Tokenizer, example: Example) -> list[int]:
     """The example's chat, rendered with the generation prompt, as token ids."""
     return list(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
                                               return_dict=False))
 
 
-def answer_datum(tokenizer: PreTrainedTokenizerBase, example: Example, answer: str | None = None) -> Datum:
+def answer_datum(tokenizer: Tokenizer, example: Example, answer: str | None = None) -> Datum:
     """Prompt (chat template) + answer + end-of-turn, weighted on the answer only."""
     prompt = prompt_tokens(tokenizer, example)
     completion = tokenizer.encode(example.answer if answer is None else answer, add_special_tokens=False)
     return weighted_datum(prompt + completion + [tokenizer.convert_tokens_to_ids("<|im_end|>")], len(prompt))
 
 
-def visible_text(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+def visible_text(tokenizer: Tokenizer, text: str) -> str:
     """A completion as a reader sees it: special tokens (the end-of-turn marker) removed."""
     for special in tokenizer.all_special_tokens:
         text = text.replace(special, "")

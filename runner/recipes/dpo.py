@@ -28,9 +28,9 @@ from runner.tasks.preference import Pair
 
 if TYPE_CHECKING:
     from fireworks.training.sdk import Datum, FiretitanTrainingClient
-    from transformers import PreTrainedTokenizerBase
 
     from runner.spec import KeyCheck
+    from runner.tokenizer import Tokenizer
 
 __all__ = ["RECIPE", "Settings", "train_step", "pair_data", "sequence_logprob"]
 
@@ -47,7 +47,7 @@ class Settings(RecipeSettings):
         return True
 
 
-def pair_data(tokenizer: PreTrainedTokenizerBase, pair: Pair) -> tuple[Datum, Datum]:
+def pair_data(tokenizer: Tokenizer, pair: Pair) -> tuple[Datum, Datum]:
     """The chosen and the rejected datum: the same prompt, each weighted on its answer only."""
     return answer_datum(tokenizer, pair.prompt, pair.chosen), answer_datum(tokenizer, pair.prompt, pair.rejected)
 

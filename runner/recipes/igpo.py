@@ -36,9 +36,9 @@ from runner.tasks import TASKS, Example, seed_of
 
 if TYPE_CHECKING:
     from fireworks.training.sdk import DeploymentSampler
-    from transformers import PreTrainedTokenizerBase
 
     from runner.spec import KeyCheck, Spec
+    from runner.tokenizer import Tokenizer
 
 # Any is left in an eval's sampling settings and its per-episode records, as tracking's evaluate
 # hands and takes them (dict[str, Any] there), and in a turn's record (text, reply, span, seed).
@@ -74,11 +74,11 @@ class Episode:
     solved: bool = False
 
 
-def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
+def _eos(tokenizer: Tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def reply_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def reply_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
     """What follows the model's end-of-turn token when the environment answers ``text``:
     the chat template's own rendering of a user turn, then the assistant's generation prompt."""
     rendered = list(tokenizer.apply_chat_template([{"role": "assistant", "content": ""},
@@ -87,7 +87,7 @@ def reply_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return rendered[rendered.index(_eos(tokenizer)) + 1:]
 
 
-async def play(sampler: DeploymentSampler, tokenizer: PreTrainedTokenizerBase, example: Example, *, task: str,
+async def play(sampler: DeploymentSampler, tokenizer: Tokenizer, example: Example, *, task: str,
                turns: int, max_tokens: int, temperature: float, seed: tuple[object, ...] | None) -> Episode:
     """Play one episode of ``task`` through the deployment's ``sampler``: at most ``turns``
     turns of at most ``max_tokens`` tokens each, until the environment says it is solved.
@@ -238,7 +238,7 @@ def _record(ctx: StepContext, batch: list[Example], episodes: list[Episode], sco
                                         turns=sum(len(ep.turns) for ep in episodes)), defer=True)
 
 
-def episode_budget(task: str, turns: int, tokenizer: PreTrainedTokenizerBase, example: Example, new_tokens: int) -> int:
+def episode_budget(task: str, turns: int, tokenizer: Tokenizer, example: Example, new_tokens: int) -> int:
     """The most tokens an episode of ``example`` can hold with at most ``turns`` turns of
     ``new_tokens`` each: the prompt, every turn closed by its end-of-turn token and the longest
     reply of ``task``, then the answer scored after the last reply."""
@@ -247,7 +247,7 @@ def episode_budget(task: str, turns: int, tokenizer: PreTrainedTokenizerBase, ex
     return len(prompt_tokens(tokenizer, example)) + turns * (new_tokens + 1 + longest_reply) + answer
 
 
-def check_episodes(spec: Spec, bad: KeyCheck, context: int, tokenizer: PreTrainedTokenizerBase,
+def check_episodes(spec: Spec, bad: KeyCheck, context: int, tokenizer: Tokenizer,
                    eval_set: Sequence[Example]) -> None:
     """An episode grows by a turn and a reply at a time: the longest one, of an eval prompt (the
     task's training prompts are of the same form), must fit ``context`` (runner.preflight)."""

@@ -13,8 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 # Each is loaded only where it is used: MLflow with --export-mlflow, optuna by sweeps, peft and
-# the web stack inside the local service, transformers when the run's tokenizer loads,
-# alembic when a ledger is migrated.
+# the web stack inside the local service, transformers when the run's tokenizer is another than
+# the local service's own (runner.tokenizer), alembic when a ledger is migrated.
 NOT_BEFORE_THE_RUN = ("mlflow", "optuna", "peft", "transformers", "uvicorn", "starlette", "alembic",
                       "safetensors", "pandas", "scipy")
 
