@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml requirements.lock
 	# torch first, pinned: the machine holds this CPU build on disk; a looser pin pulls CUDA.
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -c requirements.lock -e '.[all,test]'
+	# The package's own modules, compiled once. An editable install leaves them as source (pip
+	# compiles only what it copies), and where PYTHONDONTWRITEBYTECODE is set, as on this project's
+	# machines, every process compiled them again: some 50 ms of each run's start.
+	$(PY) -m compileall -q firetitan_track runner
 	touch $(STAMP)
 
 # Two workers (one per core here; TEST_WORKERS=N for another machine): each file runs whole on one
