@@ -22,6 +22,13 @@ Prints one JSON object:
   holds for the same model after one step (measured here, not computed).
   Target: <= 0.05.
 
+Beside each train ratio, where the step's time over its baseline goes, as CPU ms per step
+measured over the same steps: ``sdk_client_cpu_ms_per_step`` (this process during an SDK step:
+the SDK building and sending its requests and reading their results; the baseline's model is
+idle then), ``service_cpu_ms_per_step`` (the service's: HTTP, decoding the datums, the engine's
+model work), ``baseline_cpu_ms_per_step`` (the baseline's model work) and
+``service_cpu_over_baseline_ms`` (the service's minus the baseline's); ``lora_`` for LoRA.
+
 Also printed: ``torch_threads`` (intra-op threads of this process; the service, started from
 it, inherits ``OMP_NUM_THREADS``) and ``load_avg_1m`` before and after each part. On a shared
 2-core machine, two intra-op threads per process spin-wait on each other whenever anything
@@ -37,6 +44,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import statistics
 import sys
@@ -121,22 +129,58 @@ class RawTorchLoop:
                    for t in state.values() if isinstance(t, self.torch.Tensor))
 
 
-def time_interleaved(sdk_step, raw_step, rounds: int, steps_per_round: int) -> tuple[float, float, int]:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds all threads of process ``pid`` have run, to the nanosecond (the scheduler's
+    own count, /proc/PID/task/*/schedstat; Linux)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile
+            pass
+    return total / 1e9
+
+
+def time_interleaved(sdk_step, raw_step, rounds: int, steps_per_round: int, service_pid: int) -> dict[str, float]:
     """Median ms of each step. The two alternate step by step, so a shared machine's
     load, which drifts over seconds, hits both alike; which goes first alternates by round,
-    so neither always follows the other (whose threads may still be winding down)."""
+    so neither always follows the other (whose threads may still be winding down).
+
+    Beside the wall times, the CPU each side spends per step (means over the same steps, read
+    outside the timed span): this process's during an SDK step is the SDK client's own (the
+    baseline's model sits idle then), the service's during it is its HTTP handling and the
+    engine's model work; the baseline's is its model work alone."""
     for _ in range(3):  # warm-up: allocator, autograd graph, connections
         sdk_step()
         raw_step()
     times: dict[str, list[float]] = {"sdk": [], "raw": []}
+    cpu = {"sdk_client": 0.0, "service": 0.0, "raw": 0.0}
     for r in range(rounds):
         order = (("sdk", sdk_step), ("raw", raw_step))
         for _ in range(steps_per_round):
             for key, step in order if r % 2 == 0 else order[::-1]:
+                own, served = time.process_time(), process_cpu_s(service_pid)
                 start = time.perf_counter()
                 step()
                 times[key].append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times["sdk"]), 1e3 * statistics.median(times["raw"]), len(times["sdk"])
+                own, served = time.process_time() - own, process_cpu_s(service_pid) - served
+                if key == "sdk":
+                    cpu["sdk_client"] += own
+                    cpu["service"] += served
+                else:
+                    cpu["raw"] += own
+    steps = len(times["sdk"])
+    return {"sdk_ms": 1e3 * statistics.median(times["sdk"]), "raw_ms": 1e3 * statistics.median(times["raw"]),
+            "steps": steps, **{f"{key}_cpu_ms": 1e3 * value / steps for key, value in cpu.items()}}
+
+
+def cpu_figures(m: dict[str, float], prefix: str) -> dict[str, float]:
+    """Where an SDK step's time over the baseline's goes, in CPU ms per step: the SDK client's
+    own, and the service's beyond the baseline's model work (HTTP, decoding, the engine)."""
+    return {f"{prefix}sdk_client_cpu_ms_per_step": round(m["sdk_client_cpu_ms"], 2),
+            f"{prefix}service_cpu_ms_per_step": round(m["service_cpu_ms"], 2),
+            f"{prefix}baseline_cpu_ms_per_step": round(m["raw_cpu_ms"], 2),
+            f"{prefix}service_cpu_over_baseline_ms": round(m["service_cpu_ms"] - m["raw_cpu_ms"], 2)}
 
 
 def sdk_train_step(service, datums):
@@ -157,10 +201,10 @@ def bench_training(info, device: str, rounds: int, steps_per_round: int) -> dict
         sequences = make_batch(259)
         sdk_step = sdk_train_step(service, sdk_datums(sequences))
         raw = RawTorchLoop(info.base_model, device, sequences)
-        sdk_ms, raw_ms, steps = time_interleaved(sdk_step, raw.step, rounds, steps_per_round)
-        return {"train_step_ratio_vs_raw_torch": round(sdk_ms / raw_ms, 3),
-                "sdk_train_step_ms": round(sdk_ms, 2), "raw_torch_train_step_ms": round(raw_ms, 2),
-                "train_steps_measured": steps}
+        m = time_interleaved(sdk_step, raw.step, rounds, steps_per_round, info.pid)
+        return {"train_step_ratio_vs_raw_torch": round(m["sdk_ms"] / m["raw_ms"], 3),
+                "sdk_train_step_ms": round(m["sdk_ms"], 2), "raw_torch_train_step_ms": round(m["raw_ms"], 2),
+                "train_steps_measured": m["steps"], **cpu_figures(m, "")}
     finally:
         service.close()
 
@@ -174,15 +218,15 @@ def bench_lora(info, device: str, rounds: int, steps_per_round: int) -> dict:
         sequences = make_batch(259, seed=1)
         sdk_step = sdk_train_step(service, sdk_datums(sequences))
         raw = RawTorchLoop(LORA_MODEL, device, sequences, lora_rank=LORA_RANK)
-        sdk_ms, raw_ms, steps = time_interleaved(sdk_step, raw.step, rounds, steps_per_round)
+        m = time_interleaved(sdk_step, raw.step, rounds, steps_per_round, info.pid)
         # What the service's LoRA trainer holds, against a full-parameter AdamW on the same model.
         held = httpx.get(f"{info.base_url}/training/v1/rlorTrainerJobs/local/{service.trainer_job_id}"
                          "/api/v1/local/optimizer", timeout=60).json()
         full = RawTorchLoop(LORA_MODEL, device, sequences[:2])
         full.step()
-        return {"lora_train_step_ratio_vs_raw_peft": round(sdk_ms / raw_ms, 3),
-                "lora_sdk_train_step_ms": round(sdk_ms, 2), "raw_peft_train_step_ms": round(raw_ms, 2),
-                "lora_train_steps_measured": steps,
+        return {"lora_train_step_ratio_vs_raw_peft": round(m["sdk_ms"] / m["raw_ms"], 3),
+                "lora_sdk_train_step_ms": round(m["sdk_ms"], 2), "raw_peft_train_step_ms": round(m["raw_ms"], 2),
+                "lora_train_steps_measured": m["steps"], **cpu_figures(m, "lora_"),
                 "lora_optimizer_state_fraction": round(held["optimizer_state_bytes"] / full.optimizer_state_bytes(), 4),
                 "lora_optimizer_state_bytes": held["optimizer_state_bytes"],
                 "full_optimizer_state_bytes": full.optimizer_state_bytes(),
@@ -253,11 +297,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("fireworks").setLevel(logging.ERROR)
 
-    from runner.local.supervisor import local_service
-
-    import os
-
     import torch
+
+    from runner.local.supervisor import local_service
 
     with local_service(device=args.device) as info:
         result = {"device": args.device, "base_model": info.base_model, "batch": [BATCH, SEQ_LEN],
