@@ -181,8 +181,9 @@ async def _one_run(ledger, writes: _Writes, run_id: str, t0: float, end: float) 
         if time.monotonic() >= end:
             break
         step += 1
-        if not rec._pending and step % EVAL_EVERY:
-            # a deferred step that opens a batch writes nothing: no thread needed
+        if step % EVAL_EVERY and rec.defers_now():
+            # a deferred step that waits writes nothing: no thread needed (a real run records
+            # on its own thread; the hand-off is the simulator's, and 9 steps in 10 wait)
             rec.record(_step(step), defer=True)
         else:
             await writes.record(rec, _step(step), defer=True)

@@ -126,12 +126,19 @@ class Recorder:
         one chosen before (a fact other records name before it is written)."""
         new = new_event(event, event_id=event_id)
         with self.lock:
+            wait = defer and self.defers_now()
             if not self._pending:
                 self._pending_since = time.monotonic()
             self._pending.append(new)
-            if defer and time.monotonic() - self._pending_since < self.max_delay_s:
-                return None
-            return self.flush()[-1]
+            return None if wait else self.flush()[-1]
+
+    def defers_now(self) -> bool:
+        """Whether an event recorded now with ``defer=True`` waits (``record`` returns None)
+        rather than being written with what waits before it: nothing waits yet, or what
+        waits has waited less than ``max_delay_s``."""
+        with self.lock:
+            waited = time.monotonic() - self._pending_since if self._pending else 0.0
+            return waited < self.max_delay_s
 
     def flush(self) -> list[RecordedEvent]:
         with self.lock:

@@ -119,3 +119,36 @@ def test_recorder_recognises_its_own_events_committed_before_an_interrupt(ledger
     other.record(RunCompleted(final_step=1, final_snapshot=None))
     with pytest.raises(ConcurrencyError):
         rec.record(RunCompleted(final_step=1, final_snapshot=None))
+
+
+def test_a_deferred_event_waits_at_most_max_delay_and_defers_now_says_so_first(ledger_url):
+    """``defer=True`` holds an event back until ``max_delay_s`` has passed since the first
+    one waiting, then writes all that wait in one append; ``defers_now`` tells beforehand
+    which of the two a record call will do (the ledger_scale simulator relies on it)."""
+    import time
+
+    from firetitan_track.events import StepCompleted
+    from firetitan_track.tracking import Recorder
+
+    def step(n: int) -> StepCompleted:
+        return StepCompleted(step=n, data_cursor=None, micro_batches=1, metrics={}, optimizer={})
+
+    ledger = Ledger.open(ledger_url)
+    waits = Recorder(ledger, "long", version=0, max_delay_s=60.0)
+    for n in (1, 2):
+        assert waits.defers_now()
+        assert waits.record(step(n), defer=True) is None
+    assert ledger.stream_version("long") == 0  # nothing written yet
+    assert waits.flush()[-1].version == 1
+
+    short = Recorder(ledger, "short", version=0, max_delay_s=0.05)
+    assert short.defers_now() and short.record(step(1), defer=True) is None
+    time.sleep(0.1)
+    assert not short.defers_now()
+    written = short.record(step(2), defer=True)
+    assert written is not None and written.version == 1  # both, in one append
+    assert [ev.data["step"] for ev in ledger.read("short")] == [1, 2]
+
+    at_once = Recorder(ledger, "zero", version=0, max_delay_s=0.0)
+    assert not at_once.defers_now()
+    assert at_once.record(step(1), defer=True).version == 0
