@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from firetitan_track.errors import first_line
 from runner.spec import MAX_EVAL_COMPLETIONS, MAX_EVAL_COUNT, KeyCheck, Spec, SpecError
-from runner.tokenizer import Tokenizer, load_tokenizer
+from runner.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from runner.tasks import Example
@@ -87,6 +87,7 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
     """Every eval prompt plus its sampled tokens, and every JSONL training example, fits
     ``context`` tokens. Built-in training data is short by construction."""
     from runner.recipes import RECIPES
+    from runner.recipes.base import prompt_tokens
 
     # a bad tokenizer is named however long the context
     tokenizer = load_tokenizer(tokenizer_path, named=bool(spec.model.tokenizer), bad=spec.bad)
@@ -101,7 +102,7 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
     _check_new_tokens(spec.bad, "recipe.max_tokens", rollouts, context)
     new_tokens = max(spec.sampling.max_tokens, rollouts)
     for i, example in enumerate(eval_set):
-        prompt = _chat_len(tokenizer, example)
+        prompt = len(prompt_tokens(tokenizer, example))
         n = prompt + spec.sampling.max_tokens
         if n > context:
             raise SpecError(f"{spec.source}: eval.prompts: prompt {i + 1} takes {n} tokens with "
@@ -111,7 +112,7 @@ def check_context(spec: Spec, context: int, tokenizer_path: str, eval_set: Seque
                             f"tokens with recipe.max_tokens, more than the model's context of {context}")
     for i, item in enumerate(train_data or ()):
         answer = len(tokenizer.encode(item.answer, add_special_tokens=False)) + 1
-        n = _chat_len(tokenizer, item) + max(answer, new_tokens)
+        n = len(prompt_tokens(tokenizer, item)) + max(answer, new_tokens)
         if n > context:
             raise SpecError(f"{spec.source}: task.data: example {i + 1} takes {n} tokens, more than the "
                             f"model's context of {context}")
@@ -121,8 +122,3 @@ def _check_new_tokens(bad: KeyCheck, key: str, tokens: int, context: int) -> Non
     if tokens >= context:  # not even an empty prompt leaves room
         raise bad(key, f"{tokens} new tokens do not fit the model's context of {context} tokens "
                        "(as the service reports it)")
-
-
-def _chat_len(tokenizer: Tokenizer, example: Example | Pair) -> int:
-    return len(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
-                                             return_dict=False))

@@ -191,8 +191,8 @@ def masked_datum(tokens: Sequence[int], learned: Sequence[bool]) -> Datum:
     )
 
 
-def prompt_tokens(tokenizer: Tokenizer, example: Example) -> list[int]:
-    """The example's chat, rendered with the generation prompt, as token ids."""
+def prompt_tokens(tokenizer: Tokenizer, example: Example | Pair) -> list[int]:
+    """The example's (or the pair's) chat, rendered with the generation prompt, as token ids."""
     return list(tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True,
                                               return_dict=False))
 
